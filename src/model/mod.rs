@@ -1,0 +1,1 @@
+//! Architectures and their forward graphs. (in progress)
