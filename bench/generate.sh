@@ -5,9 +5,10 @@
 #   MODEL=path N=128 ROUNDS=5 THREADS=$(nproc) bench/generate.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --bin grit --example bare_decode >&2
-GRIT=target/release/grit
-BARE=target/release/examples/bare_decode
+[ -n "${NO_BUILD:-}" ] || cargo build --release --bin grit --example bare_decode >&2
+T=${CARGO_TARGET_DIR:-target}
+GRIT=$T/release/grit
+BARE=$T/release/examples/bare_decode
 MODEL=${MODEL:-$($GRIT fetch --model-only | awk '/^model/ {print $2}')}
 PROMPT=${PROMPT:-"Once upon a time, in a small village by the sea, there lived an old fisherman who"}
 N=${N:-128}
