@@ -18,6 +18,7 @@ pub mod gguf;
 pub mod infer;
 pub mod llama;
 pub mod model;
+pub mod train;
 
 /// grit's version, as recorded in exported adapters and reports.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,193 @@
+//! Checkpoints: the adapter tensors, optimizer moments and loop state of a step, written
+//! atomically as a folder `step-N` (`tensors.safetensors` + `state.json`): everything goes
+//! into a temporary sibling folder first, which is renamed into place once complete.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, TensorView};
+
+/// Why a checkpoint could not be written or read; names the path.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{p}: {msg}", p = .0.display(), msg = .1)]
+    Io(PathBuf, String),
+    #[error("{p}: not a grit checkpoint: {msg}", p = .0.display(), msg = .1)]
+    Invalid(PathBuf, String),
+}
+
+/// A named f32 tensor (row-major shape, as safetensors stores it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// One checkpoint: tensors plus a JSON document of loop state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    pub step: usize,
+    pub tensors: Vec<NamedTensor>,
+    pub state: serde_json::Value,
+}
+
+const TENSORS: &str = "tensors.safetensors";
+const STATE: &str = "state.json";
+
+fn io(p: &Path, e: impl ToString) -> CheckpointError {
+    CheckpointError::Io(p.into(), e.to_string())
+}
+
+/// The folder of step `step` under `dir` (`dir/step-N`).
+pub fn step_dir(dir: &Path, step: usize) -> PathBuf {
+    dir.join(format!("step-{step}"))
+}
+
+impl Checkpoint {
+    /// Writes `dir/step-N` atomically (temporary folder, fsync, rename).
+    pub fn save(&self, dir: &Path) -> Result<PathBuf, CheckpointError> {
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        let final_dir = step_dir(dir, self.step);
+        let tmp = dir.join(format!(".step-{}.tmp-{}", self.step, std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+        let res = self.write_into(&tmp).and_then(|()| {
+            if final_dir.exists() {
+                std::fs::remove_dir_all(&final_dir).map_err(|e| io(&final_dir, e))?;
+            }
+            std::fs::rename(&tmp, &final_dir).map_err(|e| io(&final_dir, e))?;
+            // Make the rename itself durable.
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+            Ok(())
+        });
+        if res.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        res.map(|()| final_dir)
+    }
+
+    fn write_into(&self, tmp: &Path) -> Result<(), CheckpointError> {
+        let bytes: Vec<Vec<u8>> = self.tensors.iter().map(|t| t.data.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+        let mut views = Vec::with_capacity(self.tensors.len());
+        for (t, b) in self.tensors.iter().zip(&bytes) {
+            let v = TensorView::new(Dtype::F32, t.shape.clone(), b).map_err(|e| io(tmp, format!("tensor {}: {e}", t.name)))?;
+            views.push((t.name.clone(), v));
+        }
+        let mut meta = std::collections::HashMap::new();
+        meta.insert("format".to_string(), "grit-checkpoint".to_string());
+        let st_path = tmp.join(TENSORS);
+        safetensors::serialize_to_file(views, &Some(meta), &st_path).map_err(|e| io(&st_path, e))?;
+        let state_path = tmp.join(STATE);
+        let doc = serde_json::json!({"step": self.step, "state": self.state});
+        std::fs::write(&state_path, serde_json::to_vec_pretty(&doc).unwrap_or_default()).map_err(|e| io(&state_path, e))?;
+        for f in [&st_path, &state_path] {
+            std::fs::File::open(f).and_then(|h| h.sync_all()).map_err(|e| io(f, e))?;
+        }
+        Ok(())
+    }
+
+    /// Reads a checkpoint folder written by [`Checkpoint::save`].
+    pub fn load(dir: &Path) -> Result<Self, CheckpointError> {
+        let state_path = dir.join(STATE);
+        let text = std::fs::read(&state_path).map_err(|e| io(&state_path, e))?;
+        let doc: serde_json::Value =
+            serde_json::from_slice(&text).map_err(|e| CheckpointError::Invalid(state_path.clone(), e.to_string()))?;
+        let step = doc["step"]
+            .as_u64()
+            .ok_or_else(|| CheckpointError::Invalid(state_path.clone(), "field 'step' missing".into()))? as usize;
+        let st_path = dir.join(TENSORS);
+        let raw = std::fs::read(&st_path).map_err(|e| io(&st_path, e))?;
+        let st = safetensors::SafeTensors::deserialize(&raw).map_err(|e| CheckpointError::Invalid(st_path.clone(), e.to_string()))?;
+        let mut by_name = BTreeMap::new();
+        for (name, view) in st.tensors() {
+            if view.dtype() != Dtype::F32 {
+                return Err(CheckpointError::Invalid(st_path.clone(), format!("tensor {name} is {:?}, expected F32", view.dtype())));
+            }
+            let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            by_name.insert(name.clone(), NamedTensor { name, shape: view.shape().to_vec(), data });
+        }
+        Ok(Checkpoint { step, tensors: by_name.into_values().collect(), state: doc["state"].clone() })
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<&NamedTensor> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+}
+
+/// The checkpoint steps present under `dir`, ascending (temporary folders ignored).
+pub fn list_steps(dir: &Path) -> Vec<usize> {
+    let mut steps: Vec<usize> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("step-")).and_then(|s| s.parse().ok()))
+                .collect()
+        })
+        .unwrap_or_default();
+    steps.sort_unstable();
+    steps
+}
+
+/// Deletes the oldest checkpoints so that at most `keep` remain.
+pub fn prune(dir: &Path, keep: usize) -> Result<(), CheckpointError> {
+    let steps = list_steps(dir);
+    if steps.len() > keep {
+        for s in &steps[..steps.len() - keep] {
+            let d = step_dir(dir, *s);
+            std::fs::remove_dir_all(&d).map_err(|e| io(&d, e))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(step: usize) -> Checkpoint {
+        Checkpoint {
+            step,
+            tensors: vec![
+                NamedTensor { name: "a".into(), shape: vec![2, 3], data: vec![1.0, -2.0, 3.5, 0.0, f32::MIN_POSITIVE, 7.0] },
+                NamedTensor { name: "b".into(), shape: vec![1], data: vec![0.25] },
+            ],
+            state: serde_json::json!({"rng": 42, "data": {"epoch": 1, "index": 3}}),
+        }
+    }
+
+    #[test]
+    fn save_load_round_trip_is_exact_and_atomic() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = sample(5);
+        let p = c.save(dir.path()).unwrap();
+        assert_eq!(p, step_dir(dir.path(), 5));
+        let back = Checkpoint::load(&p).unwrap();
+        assert_eq!(back, c);
+        // No temporary folders remain.
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn prune_keeps_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        for s in [2, 4, 6, 8] {
+            sample(s).save(dir.path()).unwrap();
+        }
+        std::fs::create_dir_all(dir.path().join(".step-10.tmp-1")).unwrap();
+        prune(dir.path(), 2).unwrap();
+        assert_eq!(list_steps(dir.path()), vec![6, 8]);
+    }
+
+    #[test]
+    fn load_names_the_bad_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(STATE), b"{not json").unwrap();
+        let err = Checkpoint::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("state.json") && err.contains("not a grit checkpoint"), "{err}");
+    }
+}

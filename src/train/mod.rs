@@ -1,0 +1,5 @@
+//! Training: configuration, schedules, the loop, checkpoints, metrics.
+pub mod checkpoint;
+pub mod config;
+pub mod metrics;
+pub mod schedule;
