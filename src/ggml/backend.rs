@@ -1,0 +1,311 @@
+//! Compute backends, buffer types and graph execution. The device is chosen here and only here.
+
+use std::collections::HashSet;
+use std::ffi::CStr;
+use std::fmt;
+use std::ptr::NonNull;
+
+use llama_cpp_sys_2 as sys;
+
+use super::context::{as_bytes, from_bytes_f32, tensor_read, tensor_write, Graph, Tensor, Type};
+use super::GgmlError;
+
+/// Which device runs the graphs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    /// The GPU when this binary was built with a GPU feature and one is present, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    /// A GPU (error if there is none).
+    Gpu,
+}
+
+/// How to set up a [`Backend`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BackendOptions {
+    pub device: Device,
+    /// CPU threads; 0 = every available core.
+    pub n_threads: usize,
+}
+
+/// A ggml buffer type (where tensor data lives). Buffer types are static objects in ggml.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct BufferType(NonNull<sys::ggml_backend_buffer_type>);
+
+impl BufferType {
+    pub(crate) fn raw(self) -> sys::ggml_backend_buffer_type_t {
+        self.0.as_ptr()
+    }
+    /// Plain host memory of the CPU backend (not the CPU_REPACK type, whose tensors support
+    /// only mul_mat).
+    pub fn cpu() -> Self {
+        // SAFETY: returns a pointer to a static buffer type.
+        BufferType(NonNull::new(unsafe { sys::ggml_backend_cpu_buffer_type() }).expect("no CPU buffer type"))
+    }
+    pub fn name(self) -> String {
+        // SAFETY: static buffer type; the name is a static NUL-terminated string.
+        unsafe { cstr(sys::ggml_backend_buft_name(self.raw())) }
+    }
+}
+
+impl fmt::Debug for BufferType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+/// # Safety
+/// `p` is null or a NUL-terminated string valid for the call.
+unsafe fn cstr(p: *const std::ffi::c_char) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    // SAFETY: non-null and NUL-terminated per the function's contract.
+    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}
+
+/// The compute backend(s) and the scheduler that allocates and runs graphs on them.
+///
+/// On the CPU there is one backend. With a GPU, the GPU backend comes first and the CPU
+/// backend second; ggml's scheduler runs each op on the first backend that supports it
+/// (so ops a GPU lacks, e.g. Metal's `out_prod`, fall back to the CPU).
+pub struct Backend {
+    /// Primary first; the CPU backend is always last (ggml's scheduler requires it).
+    backends: Vec<NonNull<sys::ggml_backend>>,
+    is_gpu: bool,
+    n_threads: usize,
+    sched: Option<NonNull<sys::ggml_backend_sched>>,
+    sched_size: usize,
+}
+
+// SAFETY: ggml backends and schedulers have no thread affinity (llama.cpp drives them from
+// whichever thread decodes); a Computation borrows the Backend, so it cannot move while one
+// is in use.
+unsafe impl Send for Backend {}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Some(s) = self.sched.take() {
+            // SAFETY: created by ggml_backend_sched_new, freed once, before its backends.
+            unsafe { sys::ggml_backend_sched_free(s.as_ptr()) };
+        }
+        for b in self.backends.drain(..) {
+            // SAFETY: each backend was initialised by this struct and is freed once.
+            unsafe { sys::ggml_backend_free(b.as_ptr()) };
+        }
+    }
+}
+
+impl fmt::Debug for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Backend").field("name", &self.name()).field("n_threads", &self.n_threads).finish()
+    }
+}
+
+impl Backend {
+    /// The CPU backend with `n_threads` threads (0 = all cores).
+    pub fn cpu(n_threads: usize) -> Result<Self, GgmlError> {
+        Self::new(BackendOptions { device: Device::Cpu, n_threads })
+    }
+
+    /// Sets up the backend `opts` asks for.
+    pub fn new(opts: BackendOptions) -> Result<Self, GgmlError> {
+        // llama.cpp's backend init registers the compiled-in devices and installs grit's log hook.
+        let _ = crate::llama::backend();
+        let n_threads = if opts.n_threads > 0 {
+            opts.n_threads
+        } else {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        };
+        let gpu_compiled = cfg!(any(feature = "cuda", feature = "vulkan", feature = "metal"));
+        let want_gpu = match opts.device {
+            Device::Cpu => false,
+            Device::Gpu => true,
+            Device::Auto => gpu_compiled,
+        };
+        let mut backends = Vec::new();
+        let mut is_gpu = false;
+        if want_gpu {
+            // SAFETY: queries ggml's device registry; returns null when there is no GPU.
+            let dev = unsafe { sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_GPU) };
+            if dev.is_null() {
+                if opts.device == Device::Gpu {
+                    return Err(GgmlError::NoDevice("GPU"));
+                }
+            } else {
+                // SAFETY: dev is a registered device; null params select defaults.
+                let b = unsafe { sys::ggml_backend_dev_init(dev, std::ptr::null()) };
+                // SAFETY: dev is a registered device; its name is a static string.
+                let name = unsafe { cstr(sys::ggml_backend_dev_name(dev)) };
+                backends.push(NonNull::new(b).ok_or(GgmlError::BackendInit(name))?);
+                is_gpu = true;
+            }
+        }
+        // SAFETY: creates a CPU backend (null on failure).
+        let cpu = NonNull::new(unsafe { sys::ggml_backend_cpu_init() }).ok_or_else(|| GgmlError::BackendInit("CPU".into()))?;
+        // SAFETY: cpu is a CPU backend, as ggml_backend_cpu_set_n_threads requires.
+        unsafe { sys::ggml_backend_cpu_set_n_threads(cpu.as_ptr(), n_threads as i32) };
+        backends.push(cpu);
+        Ok(Backend { backends, is_gpu, n_threads, sched: None, sched_size: 0 })
+    }
+
+    /// `CPU`, `CUDA0`, ... (the primary backend).
+    pub fn name(&self) -> String {
+        // SAFETY: live backend; static name string.
+        unsafe { cstr(sys::ggml_backend_name(self.backends[0].as_ptr())) }
+    }
+    pub fn is_gpu(&self) -> bool {
+        self.is_gpu
+    }
+    pub fn n_threads(&self) -> usize {
+        self.n_threads
+    }
+    /// Changes the CPU thread count.
+    pub fn set_n_threads(&mut self, n: usize) {
+        self.n_threads = n.max(1);
+        let cpu = *self.backends.last().expect("the CPU backend is always present");
+        // SAFETY: the last backend is the CPU backend.
+        unsafe { sys::ggml_backend_cpu_set_n_threads(cpu.as_ptr(), self.n_threads as i32) };
+    }
+
+    /// Where frozen base weights go: plain CPU memory on the CPU (not CPU_REPACK), the
+    /// device's default buffer type on a GPU.
+    pub fn weight_buffer_type(&self) -> BufferType {
+        self.param_buffer_type()
+    }
+    /// Where trainable parameters and optimizer state go.
+    pub fn param_buffer_type(&self) -> BufferType {
+        if !self.is_gpu {
+            return BufferType::cpu();
+        }
+        // SAFETY: live backend; returns its static default buffer type.
+        let b = unsafe { sys::ggml_backend_get_default_buffer_type(self.backends[0].as_ptr()) };
+        BufferType(NonNull::new(b).expect("backend without a buffer type"))
+    }
+
+    fn ensure_sched(&mut self, graph_size: usize) -> NonNull<sys::ggml_backend_sched> {
+        // The scheduler's hash set must hold every node and leaf: up to 2 × graph size.
+        let need = (2 * graph_size).next_power_of_two().max(4096);
+        if let Some(s) = self.sched {
+            if self.sched_size >= need {
+                return s;
+            }
+            // SAFETY: no Computation borrows the scheduler (we hold &mut self); freed once.
+            unsafe { sys::ggml_backend_sched_free(s.as_ptr()) };
+            self.sched = None;
+        }
+        let mut raw: Vec<sys::ggml_backend_t> = self.backends.iter().map(|b| b.as_ptr()).collect();
+        // SAFETY: live backends with the CPU last; null bufts = each backend's default buffer
+        // type; not parallel; op_offload off (weights already live on the primary device).
+        let s = unsafe { sys::ggml_backend_sched_new(raw.as_mut_ptr(), std::ptr::null_mut(), raw.len() as i32, need, false, false) };
+        let s = NonNull::new(s).expect("ggml_backend_sched_new returned null");
+        self.sched = Some(s);
+        self.sched_size = need;
+        s
+    }
+
+    /// Allocates `graph`'s tensors in the scheduler's compute buffer and returns the
+    /// [`Computation`] that sets inputs, runs the graph and reads outputs. The computation
+    /// borrows the backend: allocating another graph ends it.
+    pub fn compute<'s, 'a>(&'s mut self, graph: &'s Graph<'a>) -> Result<Computation<'s, 'a>, GgmlError> {
+        let sched = self.ensure_sched(graph.size());
+        // SAFETY: live scheduler (exclusively borrowed via &mut self) and a live graph whose
+        // tensors all outlive 'a; reset drops the previous allocation, which no Computation
+        // can still use (it would hold &mut self).
+        let ok = unsafe {
+            sys::ggml_backend_sched_reset(sched.as_ptr());
+            sys::ggml_backend_sched_alloc_graph(sched.as_ptr(), graph.raw())
+        };
+        if !ok {
+            let bytes = self
+                .backends
+                .iter()
+                // SAFETY: live scheduler and backends.
+                .map(|b| unsafe { sys::ggml_backend_sched_get_buffer_size(sched.as_ptr(), b.as_ptr()) })
+                .sum();
+            return Err(GgmlError::Alloc { what: format!("a graph of {} nodes", graph.n_nodes()), buffer_type: self.name(), bytes });
+        }
+        Ok(Computation { sched, backend_name: self.name(), graph, members: graph.members(), _backend: std::marker::PhantomData })
+    }
+
+    /// Bytes of the compute buffers the scheduler holds (all backends).
+    pub fn compute_buffer_bytes(&self) -> usize {
+        let Some(s) = self.sched else { return 0 };
+        self.backends
+            .iter()
+            // SAFETY: live scheduler and backends.
+            .map(|b| unsafe { sys::ggml_backend_sched_get_buffer_size(s.as_ptr(), b.as_ptr()) })
+            .sum()
+    }
+}
+
+/// An allocated graph: write inputs, [`run`](Computation::run), read outputs. Every tensor
+/// passed in must belong to the graph (checked), so its data is live.
+pub struct Computation<'s, 'a> {
+    sched: NonNull<sys::ggml_backend_sched>,
+    backend_name: String,
+    graph: &'s Graph<'a>,
+    members: HashSet<usize>,
+    _backend: std::marker::PhantomData<&'s mut Backend>,
+}
+
+impl<'s, 'a> Computation<'s, 'a> {
+    fn check(&self, t: Tensor<'a>) -> Result<(), GgmlError> {
+        if !self.members.contains(&(t.raw() as usize)) {
+            return Err(GgmlError::Foreign(t.name()));
+        }
+        Ok(())
+    }
+
+    /// Writes raw bytes into the whole of `t` (an input, a parameter, ...).
+    pub fn write_bytes(&mut self, t: Tensor<'a>, data: &[u8]) -> Result<(), GgmlError> {
+        self.check(t)?;
+        // SAFETY: t belongs to the graph: its data lies in the scheduler's live allocation
+        // (borrowed for 's) or in a persistent buffer owned by a context that outlives 'a.
+        unsafe { tensor_write(t, data) }
+    }
+    pub fn write_f32(&mut self, t: Tensor<'a>, data: &[f32]) -> Result<(), GgmlError> {
+        t.expect_type(Type::F32)?;
+        self.write_bytes(t, as_bytes(data))
+    }
+    pub fn write_i32(&mut self, t: Tensor<'a>, data: &[i32]) -> Result<(), GgmlError> {
+        t.expect_type(Type::I32)?;
+        self.write_bytes(t, as_bytes(data))
+    }
+    /// Reads the whole of `t` as raw bytes. Mark outputs with [`Tensor::set_output`] before
+    /// allocation, or their memory may have been reused by later nodes.
+    pub fn read_bytes(&self, t: Tensor<'a>) -> Result<Vec<u8>, GgmlError> {
+        self.check(t)?;
+        // SAFETY: as in write_bytes.
+        unsafe { tensor_read(t) }
+    }
+    pub fn read_f32(&self, t: Tensor<'a>) -> Result<Vec<f32>, GgmlError> {
+        t.expect_type(Type::F32)?;
+        Ok(from_bytes_f32(&self.read_bytes(t)?))
+    }
+
+    /// Runs the graph (again). Inputs marked with [`Tensor::set_input`] and persistent
+    /// tensors keep their values between runs; other nodes are recomputed.
+    pub fn run(&mut self) -> Result<(), GgmlError> {
+        // SAFETY: the scheduler holds this graph's allocation (made in Backend::compute and
+        // not reset since: the backend is mutably borrowed for 's).
+        let status = unsafe { sys::ggml_backend_sched_graph_compute(self.sched.as_ptr(), self.graph.raw()) };
+        if status != sys::GGML_STATUS_SUCCESS {
+            return Err(GgmlError::Compute(status));
+        }
+        Ok(())
+    }
+
+    /// Zeroes the gradient accumulators and sets the loss gradient to 1 (ggml_graph_reset),
+    /// for graphs with a backward pass.
+    pub fn reset_grads(&mut self) {
+        // SAFETY: allocated graph with gradients (ggml asserts the grads exist).
+        unsafe { sys::ggml_graph_reset(self.graph.raw()) }
+    }
+
+    /// The backend the graph runs on.
+    pub fn backend_name(&self) -> &str {
+        &self.backend_name
+    }
+}

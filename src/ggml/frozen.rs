@@ -1,0 +1,115 @@
+//! The backward of frozen matmuls, rewritten for speed.
+//!
+//! ggml's autodiff hard-codes the input gradient of `y = mul_mat(W, x)` as
+//! `out_prod(W, transpose(∂L/∂y))`. For a frozen quantized `W` that kernel dequantizes each
+//! weight row once per token and is ~24× slower than a plain matmul. After
+//! [`Graph::build_backward_expand`], [`rebuild_frozen_backward`] turns every such node into
+//! `mul_mat(Wᵀ, ∂L/∂y)` with `Wᵀ` [d_out, d_in] either a persistent transposed compute copy
+//! (Q8_0/F16/F32, made once at load) or a transient one: `W` dequantized and transposed inside
+//! the backward pass.
+//!
+//! The transient copy must exist only in the backward part of the graph, right before the
+//! node that reads it, or the allocator would keep every layer's copy alive at once. Node
+//! order is ggml's, so the graph is rebuilt: the old graph's nodes are re-added in their
+//! original order, and each rewritten node pulls its new sources in just before itself.
+
+use std::collections::HashMap;
+
+use llama_cpp_sys_2 as sys;
+
+use super::context::{Context, Graph, Tensor, Type};
+
+/// How ∂L/∂x = Wᵀ·∂L/∂y is computed for one frozen weight.
+#[derive(Debug, Clone, Copy)]
+pub enum FrozenGrad<'a> {
+    /// A persistent transposed copy Wᵀ, ggml shape [d_out, d_in].
+    Transposed(Tensor<'a>),
+    /// Dequantize W and transpose it into this type inside the backward pass (one at a time).
+    Transient(Type),
+}
+
+/// Frozen weights of a graph and how their input gradients are computed, keyed by the
+/// tensor that the forward's `mul_mat` reads.
+#[derive(Debug, Default)]
+pub struct FrozenMap<'a> {
+    map: HashMap<usize, FrozenGrad<'a>>,
+}
+
+impl<'a> FrozenMap<'a> {
+    pub fn new() -> Self {
+        Self { map: HashMap::new() }
+    }
+    pub fn insert(&mut self, w: Tensor<'a>, how: FrozenGrad<'a>) {
+        if let FrozenGrad::Transposed(t) = how {
+            let (ne_w, ne_t) = (w.ne(), t.ne());
+            assert!(ne_w[0] == ne_t[1] && ne_w[1] == ne_t[0] && ne_w[2] == 1 && ne_t[2] == 1, "transposed copy {t:?} does not match {w:?}");
+        }
+        self.map.insert(w.raw() as usize, how);
+    }
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// What [`rebuild_frozen_backward`] changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RewriteStats {
+    /// OUT_PROD nodes turned into MUL_MAT with a persistent transposed copy.
+    pub persistent: usize,
+    /// OUT_PROD nodes turned into MUL_MAT with a transient dequantized copy.
+    pub transient: usize,
+}
+
+/// Rewrites the frozen-weight input gradients of `graph` (which must already hold its
+/// backward pass) and returns a new graph with the same nodes in the same order, the new
+/// sources inserted right before their consumers, plus `extra` outputs appended.
+///
+/// Gradient bookkeeping of the old graph (`grad`, `grad_acc`, `ggml_graph_reset`) does not
+/// carry over: read the gradient tensors you need from the old graph first, and set the
+/// loss gradient (the old graph's `grad_acc(loss)`) to 1 yourself.
+pub fn rebuild_frozen_backward<'a>(ctx: &'a Context, graph: &Graph<'a>, frozen: &FrozenMap<'a>, extra: &[Tensor<'a>]) -> (Graph<'a>, RewriteStats) {
+    let mut stats = RewriteStats::default();
+    // Room for the old nodes, the new sources (≤ 2 per rewrite) and the extras.
+    let size = graph.size().max(graph.n_nodes() + 2 * frozen.len() * 8 + extra.len() + 16);
+    let mut out = ctx.new_graph(size, false);
+    for i in 0..graph.n_nodes() {
+        let node = graph.node(i);
+        if node.op() == sys::GGML_OP_OUT_PROD {
+            let (src0, src1) = (node.src(0), node.src(1));
+            if let (Some(w), Some(dy_t)) = (src0, src1) {
+                if let Some(how) = frozen.map.get(&(w.raw() as usize)) {
+                    if dy_t.op() == sys::GGML_OP_TRANSPOSE {
+                        let dy = dy_t.src(0).expect("transpose view has a source"); // ∂L/∂y [d_out, T]
+                        let wt = match *how {
+                            FrozenGrad::Transposed(t) => {
+                                stats.persistent += 1;
+                                t
+                            }
+                            FrozenGrad::Transient(ty) => {
+                                stats.transient += 1;
+                                let deq = ctx.cast(w, Type::F32); // [d_in, d_out]
+                                let ne = w.ne();
+                                let dst = ctx.new_tensor(ty, &[ne[1], ne[0]]); // [d_out, d_in]
+                                ctx.cpy(ctx.transpose(deq), dst)
+                            }
+                        };
+                        // SAFETY: `node` is an OUT_PROD node of a graph in `ctx` whose result
+                        // is F32 [d_in, T]; MUL_MAT(wt [d_out, d_in], dy [d_out, T]) has exactly
+                        // that type and shape, so rewriting op and sources in place keeps every
+                        // consumer valid. No computation holds the graph while it is rebuilt.
+                        unsafe { node.rewrite_as_mul_mat(wt, dy) };
+                        assert_eq!(node.ne()[0], wt.ne()[1]);
+                    }
+                }
+            }
+        }
+        out.build_forward_expand(node);
+    }
+    for &t in extra {
+        out.build_forward_expand(t);
+    }
+    (out, stats)
+}

@@ -1,0 +1,250 @@
+//! Writing GGUF files (test models, LoRA adapters) and converting to and from ggml's block
+//! formats. Reading stays in `crate::gguf`.
+
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+
+use llama_cpp_sys_2 as sys;
+
+use super::context::{Capacity, Context, Type};
+use super::GgmlError;
+
+/// Converts F32 rows of `n_per_row` elements to type `ty` (any F32/F16/BF16 or quantized type
+/// ggml can quantize without an importance matrix).
+pub fn quantize(ty: Type, data: &[f32], n_per_row: usize) -> Result<Vec<u8>, GgmlError> {
+    let err = |why: String| GgmlError::Quantize { ty: ty.name(), why };
+    if ty == Type::F32 {
+        return Ok(data.iter().flat_map(|x| x.to_le_bytes()).collect());
+    }
+    if n_per_row == 0 || !data.len().is_multiple_of(n_per_row) {
+        return Err(err(format!("{} values are not whole rows of {n_per_row}", data.len())));
+    }
+    let row = ty.row_size(n_per_row).ok_or_else(|| err(format!("rows of {n_per_row} are not a multiple of the block size {}", ty.block_size())))?;
+    // SAFETY: pure query of a valid type id (checked by row_size above).
+    if unsafe { sys::ggml_quantize_requires_imatrix(ty.0 as sys::ggml_type) } {
+        return Err(err("this type needs an importance matrix".into()));
+    }
+    let nrows = data.len() / n_per_row;
+    let mut out = vec![0u8; nrows * row];
+    // SAFETY: src holds nrows × n_per_row floats, dst holds nrows rows of `row` bytes (the
+    // size ggml writes for this type); no imatrix, which the type does not require.
+    let written = unsafe {
+        sys::ggml_quantize_chunk(ty.0 as sys::ggml_type, data.as_ptr(), out.as_mut_ptr().cast(), 0, nrows as i64, n_per_row as i64, std::ptr::null())
+    };
+    if written != out.len() {
+        return Err(err(format!("ggml wrote {written} bytes, expected {}", out.len())));
+    }
+    Ok(out)
+}
+
+/// Converts `n` elements stored as `ty` back to F32.
+pub fn dequantize(ty: Type, data: &[u8], n: usize) -> Result<Vec<f32>, GgmlError> {
+    let err = |why: String| GgmlError::Quantize { ty: ty.name(), why };
+    let bytes = ty.row_size(n).ok_or_else(|| err(format!("{n} elements are not whole blocks")))?;
+    if data.len() != bytes {
+        return Err(err(format!("{n} elements take {bytes} bytes, got {}", data.len())));
+    }
+    if ty == Type::F32 {
+        return Ok(super::context::from_bytes_f32(data));
+    }
+    if !ty.can_dequantize() {
+        return Err(err("ggml has no conversion to f32 for it".into()));
+    }
+    let mut out = vec![0f32; n];
+    // SAFETY: can_dequantize checked the traits entry and its to_float function; data holds
+    // exactly n elements of `ty`, out holds n floats.
+    unsafe {
+        let traits = &*sys::ggml_get_type_traits(ty.0 as sys::ggml_type);
+        let f = traits.to_float.expect("checked by can_dequantize");
+        f(data.as_ptr().cast(), out.as_mut_ptr(), n as i64);
+    }
+    Ok(out)
+}
+
+/// Builds a GGUF file in memory (metadata and tensors) and writes it.
+pub struct GgufWriter {
+    ctx: NonNull<sys::gguf_context>,
+    /// Tensor data, referenced by pointer from `ctx` until the file is written.
+    data: Vec<Vec<u8>>,
+}
+
+impl Drop for GgufWriter {
+    fn drop(&mut self) {
+        // SAFETY: created by gguf_init_empty, freed once (it does not own `data`).
+        unsafe { sys::gguf_free(self.ctx.as_ptr()) };
+    }
+}
+
+impl Default for GgufWriter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn key(k: &str) -> CString {
+    CString::new(k).expect("GGUF keys contain no NUL byte")
+}
+
+impl GgufWriter {
+    pub fn new() -> Self {
+        // SAFETY: allocates an empty GGUF context.
+        let ctx = unsafe { sys::gguf_init_empty() };
+        GgufWriter { ctx: NonNull::new(ctx).expect("gguf_init_empty returned null"), data: Vec::new() }
+    }
+    fn raw(&self) -> *mut sys::gguf_context {
+        self.ctx.as_ptr()
+    }
+
+    pub fn set_str(&mut self, k: &str, v: &str) {
+        let (k, v) = (key(k), CString::new(v.replace('\0', "")).unwrap_or_default());
+        // SAFETY: live context; NUL-terminated strings copied by gguf.
+        unsafe { sys::gguf_set_val_str(self.raw(), k.as_ptr(), v.as_ptr()) }
+    }
+    pub fn set_u32(&mut self, k: &str, v: u32) {
+        let k = key(k);
+        // SAFETY: live context; key copied by gguf.
+        unsafe { sys::gguf_set_val_u32(self.raw(), k.as_ptr(), v) }
+    }
+    pub fn set_i32(&mut self, k: &str, v: i32) {
+        let k = key(k);
+        // SAFETY: live context; key copied by gguf.
+        unsafe { sys::gguf_set_val_i32(self.raw(), k.as_ptr(), v) }
+    }
+    pub fn set_f32(&mut self, k: &str, v: f32) {
+        let k = key(k);
+        // SAFETY: live context; key copied by gguf.
+        unsafe { sys::gguf_set_val_f32(self.raw(), k.as_ptr(), v) }
+    }
+    pub fn set_bool(&mut self, k: &str, v: bool) {
+        let k = key(k);
+        // SAFETY: live context; key copied by gguf.
+        unsafe { sys::gguf_set_val_bool(self.raw(), k.as_ptr(), v) }
+    }
+    /// Removes a key if present.
+    pub fn remove_key(&mut self, k: &str) {
+        let k = key(k);
+        // SAFETY: live context; returns -1 when the key is absent.
+        unsafe { sys::gguf_remove_key(self.raw(), k.as_ptr()) };
+    }
+
+    /// Copies every metadata key of the GGUF file `path` for which `keep(key)` holds
+    /// (e.g. the `tokenizer.` keys of a model), overwriting keys of the same name.
+    pub fn copy_keys_from(&mut self, path: &Path, keep: impl Fn(&str) -> bool) -> Result<usize, GgmlError> {
+        let gerr = |msg: String| GgmlError::Gguf { path: path.to_path_buf(), msg };
+        // Validate (exists, magic, header) with grit's reader first, for a precise error.
+        drop(crate::gguf::GgufFile::open(path).map_err(|e| gerr(e.to_string()))?);
+        let cpath = CString::new(path.to_string_lossy().as_bytes()).map_err(|_| gerr("path contains a NUL byte".into()))?;
+        let params = sys::gguf_init_params { no_alloc: true, ctx: std::ptr::null_mut() };
+        // SAFETY: NUL-terminated path; metadata only (no_alloc, null ctx out-pointer).
+        let src = unsafe { sys::gguf_init_from_file(cpath.as_ptr(), params) };
+        let src = NonNull::new(src).ok_or_else(|| gerr("ggml could not parse it".into()))?;
+        // Copy everything into a scratch context, drop what is not wanted, then merge.
+        // SAFETY: all contexts live for the block; gguf_set_kv deep-copies keys and values;
+        // key ids stay in range because keys are removed by name after collecting them.
+        let n = unsafe {
+            let tmp = sys::gguf_init_empty();
+            sys::gguf_set_kv(tmp, src.as_ptr());
+            let keys: Vec<CString> = (0..sys::gguf_get_n_kv(tmp))
+                .map(|i| std::ffi::CStr::from_ptr(sys::gguf_get_key(tmp, i)).to_owned())
+                .collect();
+            let mut kept = 0;
+            for k in &keys {
+                if keep(&k.to_string_lossy()) {
+                    kept += 1;
+                } else {
+                    sys::gguf_remove_key(tmp, k.as_ptr());
+                }
+            }
+            sys::gguf_set_kv(self.raw(), tmp);
+            sys::gguf_free(tmp);
+            sys::gguf_free(src.as_ptr());
+            kept
+        };
+        Ok(n)
+    }
+
+    /// Adds a tensor named `name` of type `ty` and shape `ne` (ggml order) with its stored
+    /// bytes `data` (already in `ty`'s format).
+    pub fn add_tensor(&mut self, name: &str, ty: Type, ne: &[i64], data: Vec<u8>) -> Result<(), GgmlError> {
+        let bad = |msg: String| GgmlError::Gguf { path: PathBuf::from("<gguf writer>"), msg };
+        if name.len() >= 64 {
+            return Err(bad(format!("tensor name '{name}' is longer than GGUF's 63 bytes")));
+        }
+        let cname = key(name);
+        // SAFETY: live context; returns -1 when absent.
+        if unsafe { sys::gguf_find_tensor(self.raw(), cname.as_ptr()) } >= 0 {
+            return Err(bad(format!("duplicate tensor '{name}'")));
+        }
+        let rows: i64 = ne.iter().skip(1).product();
+        let row = ty.row_size(ne.first().copied().unwrap_or(0).max(0) as usize).ok_or_else(|| bad(format!("tensor '{name}': ne[0] of {ne:?} is not a multiple of {ty}'s block size")))?;
+        if data.len() != row * rows as usize {
+            return Err(GgmlError::Size { tensor: name.into(), expected: row * rows as usize, got: data.len() });
+        }
+        // A throwaway metadata context describes the tensor; gguf copies the struct.
+        let meta = Context::new(Capacity::tensors(1))?;
+        let t = meta.new_tensor(ty, ne);
+        t.set_name(name);
+        // SAFETY: live contexts; gguf copies the tensor struct (its data pointer is null) and
+        // then takes a pointer to `data`, whose heap allocation stays put inside self.data
+        // until the writer is dropped.
+        unsafe {
+            sys::gguf_add_tensor(self.raw(), t.raw());
+            sys::gguf_set_tensor_data(self.raw(), cname.as_ptr(), data.as_ptr().cast());
+        }
+        self.data.push(data);
+        Ok(())
+    }
+
+    /// Adds an F32 tensor.
+    pub fn add_f32(&mut self, name: &str, ne: &[i64], data: &[f32]) -> Result<(), GgmlError> {
+        self.add_tensor(name, Type::F32, ne, data.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
+
+    /// Writes the file.
+    pub fn write(&self, path: &Path) -> Result<(), GgmlError> {
+        let gerr = |msg: String| GgmlError::Gguf { path: path.to_path_buf(), msg };
+        let cpath = CString::new(path.to_string_lossy().as_bytes()).map_err(|_| gerr("path contains a NUL byte".into()))?;
+        // SAFETY: live context whose tensor data pointers point into self.data.
+        let ok = unsafe { sys::gguf_write_to_file(self.raw(), cpath.as_ptr(), false) };
+        if !ok {
+            return Err(gerr("cannot write the GGUF file".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantize_round_trip() {
+        let x: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
+        for ty in [Type::F16, Type::Q8_0, Type::Q4_0, Type::Q4_1] {
+            let q = quantize(ty, &x, 32).unwrap();
+            let y = dequantize(ty, &q, 64).unwrap();
+            let err = x.iter().zip(&y).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err < 0.15, "{ty}: max error {err}");
+        }
+        assert!(quantize(Type::Q4_K, &x, 64).is_err());
+    }
+
+    #[test]
+    fn writes_a_readable_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.gguf");
+        let mut w = GgufWriter::new();
+        w.set_str("general.architecture", "llama");
+        w.set_f32("x.alpha", 2.5);
+        w.add_f32("a.weight", &[4, 2], &[1., 2., 3., 4., 5., 6., 7., 8.]).unwrap();
+        assert!(w.add_f32("a.weight", &[1], &[0.]).is_err());
+        assert!(w.add_f32("b", &[3], &[0.]).is_err());
+        w.write(&path).unwrap();
+        let f = crate::gguf::GgufFile::open(&path).unwrap();
+        assert_eq!(f.get_str("general.architecture").unwrap(), "llama");
+        assert_eq!(f.get_f64("x.alpha").unwrap(), 2.5);
+        let t = f.tensor("a.weight").unwrap();
+        assert_eq!(t.ne, [4, 2, 1, 1]);
+    }
+}

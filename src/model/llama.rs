@@ -1,0 +1,372 @@
+//! The LLaMA / Qwen2 training forward graph with LoRA, mirroring llama.cpp's llama graph
+//! (src/models/llama.cpp, src/models/qwen2.cpp) with non-flash attention and no KV cache.
+
+use crate::ggml::{Capacity, Computation, Context, Graph, Tensor};
+
+use super::hparams::LlamaHparams;
+use super::lora::{LoraSet, Target};
+use super::weights::{Layer, Weights};
+use super::ModelError;
+
+/// Which rows' logits the graph produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outputs {
+    /// Every token (parity tests, evaluation of whole windows).
+    All,
+    /// `n` rows chosen at run time by [`Batch::rows`] (the trained tokens).
+    Rows(usize),
+}
+
+/// The LoRA input and rank-space activation of one adapted module: `x` [d_in, n_tokens] and
+/// `u = A·x` [r, n_tokens] (before the scale). GRIT reads these and ∂L/∂u.
+#[derive(Debug, Clone, Copy)]
+pub struct LoraTap<'g> {
+    pub layer: usize,
+    pub target: Target,
+    pub x: Tensor<'g>,
+    pub u: Tensor<'g>,
+}
+
+/// The per-step inputs of a [`TrainGraph`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    /// Token ids [n_tokens].
+    pub tokens: Vec<i32>,
+    /// RoPE positions [n_tokens] (restart at 0 for each packed sequence).
+    pub positions: Vec<i32>,
+    /// Additive attention mask, n_tokens × n_tokens, row j = query token j, column i = key
+    /// token i: 0 where j may attend to i, −∞ elsewhere (ggml shape [n_kv, n_tokens]).
+    pub mask: Vec<f32>,
+    /// Rows (token indices) whose logits are produced, for `Outputs::Rows`.
+    pub rows: Vec<i32>,
+    /// The target token of each row (the next token), for the loss.
+    pub labels: Vec<i32>,
+}
+
+/// The causal mask of one sequence of `n` tokens (see [`Batch::mask`]).
+pub fn causal_mask(n: usize) -> Vec<f32> {
+    let mut m = vec![f32::NEG_INFINITY; n * n];
+    for j in 0..n {
+        m[j * n..j * n + j + 1].fill(0.0);
+    }
+    m
+}
+
+impl Batch {
+    /// One causal sequence: positions 0..n, logits for `rows`, which predict `labels`.
+    pub fn causal(tokens: &[i32], rows: &[i32], labels: &[i32]) -> Result<Self, ModelError> {
+        let n = tokens.len();
+        let b = Batch {
+            tokens: tokens.to_vec(),
+            positions: (0..n as i32).collect(),
+            mask: causal_mask(n),
+            rows: rows.to_vec(),
+            labels: labels.to_vec(),
+        };
+        b.validate(None)?;
+        Ok(b)
+    }
+
+    pub fn n_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+    pub fn n_rows(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Checks lengths and index ranges (token and label ids against `n_vocab` when given).
+    pub fn validate(&self, n_vocab: Option<usize>) -> Result<(), ModelError> {
+        let n = self.tokens.len();
+        let err = |m: String| Err(ModelError::Batch(m));
+        if n == 0 {
+            return err("no tokens".into());
+        }
+        if self.positions.len() != n {
+            return err(format!("{} positions for {n} tokens", self.positions.len()));
+        }
+        if self.mask.len() != n * n {
+            return err(format!("mask has {} values, expected {n}×{n}", self.mask.len()));
+        }
+        if let Some(j) = (0..n).find(|&j| self.mask[j * n..(j + 1) * n].iter().all(|&x| x == f32::NEG_INFINITY)) {
+            return err(format!("mask row {j} masks every token (its softmax would be undefined)"));
+        }
+        if !self.labels.is_empty() && self.labels.len() != self.rows.len() {
+            return err(format!("{} labels for {} rows", self.labels.len(), self.rows.len()));
+        }
+        if let Some(r) = self.rows.iter().find(|&&r| r < 0 || r as usize >= n) {
+            return err(format!("row {r} is outside the {n} tokens"));
+        }
+        if let Some(v) = n_vocab {
+            if let Some(t) = self.tokens.iter().chain(&self.labels).find(|&&t| t < 0 || t as usize >= v) {
+                return err(format!("token id {t} is outside the vocabulary of {v}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// One-hot rows of `labels` over `n_vocab` classes ([n_vocab, n_rows] in ggml order).
+    pub fn one_hot(&self, n_vocab: usize) -> Vec<f32> {
+        let mut y = vec![0.0; n_vocab * self.labels.len()];
+        for (r, &t) in self.labels.iter().enumerate() {
+            y[r * n_vocab + t as usize] = 1.0;
+        }
+        y
+    }
+}
+
+/// The training forward graph: inputs, logits of the selected rows, the loss, LoRA taps.
+pub struct TrainGraph<'g> {
+    pub graph: Graph<'g>,
+    pub n_tokens: usize,
+    pub outputs: Outputs,
+    pub n_vocab: usize,
+    /// I32 [n_tokens].
+    pub tokens: Tensor<'g>,
+    /// I32 [n_tokens].
+    pub positions: Tensor<'g>,
+    /// F32 [n_tokens (kv), n_tokens].
+    pub mask: Tensor<'g>,
+    /// I32 [n_rows] (with `Outputs::Rows`).
+    pub rows: Option<Tensor<'g>>,
+    /// F32 one-hot [n_vocab, n_rows] (with a loss).
+    pub labels: Option<Tensor<'g>>,
+    /// F32 [n_vocab, n_rows] (n_rows = n_tokens with `Outputs::All`).
+    pub logits: Tensor<'g>,
+    /// F32 [1]: mean cross entropy over the rows.
+    pub loss: Option<Tensor<'g>>,
+    /// One per adapted module, in graph order.
+    pub taps: Vec<LoraTap<'g>>,
+}
+
+/// Tensor objects one layer needs (ops incl. LoRA on all 7 targets, with margin).
+const TENSORS_PER_LAYER: usize = 96;
+
+impl<'g> TrainGraph<'g> {
+    /// Context capacity for the graph of `weights` (with room for a backward pass when
+    /// `backward`).
+    pub fn capacity(weights: &Weights, lora: Option<&LoraSet>, backward: bool) -> Capacity {
+        let lora_ops = lora.map_or(0, |l| 4 * l.modules().len());
+        let forward = TENSORS_PER_LAYER * weights.hparams.n_layer + lora_ops + 64;
+        let n = if backward { 6 * forward } else { forward };
+        Capacity::graph(n, n, backward)
+    }
+
+    /// Builds the graph in `ctx` for `n_tokens` tokens. With `with_loss`, adds the labels
+    /// input and the mean cross-entropy loss (marked as the graph's loss).
+    pub fn build(ctx: &'g Context, weights: &'g Weights, lora: Option<&'g LoraSet>, n_tokens: usize, outputs: Outputs, with_loss: bool) -> Self {
+        assert!(n_tokens > 0, "TrainGraph::build with no tokens");
+        let hp = &weights.hparams;
+        let cap = ctx.capacity();
+        let mut graph = ctx.new_graph(cap.graph_nodes, cap.grads);
+
+        let tokens = ctx.new_i32("tokens", n_tokens).set_input();
+        let positions = ctx.new_i32("positions", n_tokens).set_input();
+        let mask = ctx.new_f32("kq_mask", &[n_tokens as i64, n_tokens as i64]).set_input();
+        let rows = match outputs {
+            Outputs::All => None,
+            Outputs::Rows(n) => {
+                assert!(n > 0, "Outputs::Rows(0)");
+                Some(ctx.new_i32("out_rows", n).set_input())
+            }
+        };
+
+        let model = Llama::new(weights, lora);
+        let mut taps = Vec::new();
+        let x = model.forward(ctx, tokens, positions, mask, &mut taps); // [n_embd, n_tokens]
+        let x = match rows {
+            Some(r) => ctx.get_rows(x, r), // [n_embd, n_rows]
+            None => x,
+        };
+        let logits = model.head(ctx, x).set_name("logits").set_output(); // [n_vocab, n_rows]
+        graph.build_forward_expand(logits);
+
+        let (labels, loss) = if with_loss {
+            let n_rows = logits.ne()[1];
+            let labels = ctx.new_f32("labels", &[hp.n_vocab as i64, n_rows]).set_input();
+            let loss = ctx.cross_entropy_loss(logits, labels).set_name("loss").set_output().set_loss(); // [1]
+            graph.build_forward_expand(loss);
+            (Some(labels), Some(loss))
+        } else {
+            (None, None)
+        };
+        TrainGraph { graph, n_tokens, outputs, n_vocab: hp.n_vocab, tokens, positions, mask, rows, labels, logits, loss, taps }
+    }
+
+    /// Writes a batch into the graph's inputs (after [`Backend::compute`](crate::ggml::Backend::compute)).
+    pub fn set_inputs(&self, run: &mut Computation<'_, 'g>, batch: &Batch) -> Result<(), ModelError> {
+        batch.validate(Some(self.n_vocab))?;
+        if batch.n_tokens() != self.n_tokens {
+            return Err(ModelError::Batch(format!("{} tokens for a graph built for {}", batch.n_tokens(), self.n_tokens)));
+        }
+        run.write_i32(self.tokens, &batch.tokens)?;
+        run.write_i32(self.positions, &batch.positions)?;
+        run.write_f32(self.mask, &batch.mask)?;
+        if let Some(rows) = self.rows {
+            if batch.n_rows() != rows.ne()[0] as usize {
+                return Err(ModelError::Batch(format!("{} rows for a graph built for {}", batch.n_rows(), rows.ne()[0])));
+            }
+            run.write_i32(rows, &batch.rows)?;
+        }
+        if let Some(labels) = self.labels {
+            let n_rows = labels.ne()[1] as usize;
+            if batch.labels.len() != n_rows {
+                return Err(ModelError::Batch(format!("{} labels for a graph with {n_rows} output rows", batch.labels.len())));
+            }
+            run.write_f32(labels, &batch.one_hot(self.n_vocab))?;
+        }
+        Ok(())
+    }
+}
+
+/// The model as the forward sees it: frozen weights, optional adapters.
+struct Llama<'w> {
+    hp: &'w LlamaHparams,
+    tok_embd: Tensor<'w>,
+    layers: Vec<Layer<Tensor<'w>>>,
+    output_norm: Tensor<'w>,
+    output: Tensor<'w>,
+    output_b: Option<Tensor<'w>>,
+    rope_freqs: Option<Tensor<'w>>,
+    lora: Option<&'w LoraSet>,
+}
+
+impl<'w> Llama<'w> {
+    fn new(w: &'w Weights, lora: Option<&'w LoraSet>) -> Self {
+        Llama {
+            hp: &w.hparams,
+            tok_embd: w.tok_embd(),
+            layers: (0..w.hparams.n_layer).map(|i| w.layer(i)).collect(),
+            output_norm: w.output_norm(),
+            output: w.output(),
+            output_b: w.output_b(),
+            rope_freqs: w.rope_freqs(),
+            lora,
+        }
+    }
+
+    /// The transformer: token ids → final hidden states [n_embd, n_tokens] (before the norm).
+    fn forward<'g>(&self, ctx: &'g Context, tokens: Tensor<'g>, pos: Tensor<'g>, mask: Tensor<'g>, taps: &mut Vec<LoraTap<'g>>) -> Tensor<'g>
+    where
+        'w: 'g,
+    {
+        let mut x = ctx.get_rows(self.tok_embd, tokens); // [n_embd, n_tokens]
+        for (il, l) in self.layers.iter().enumerate() {
+            // self-attention block
+            let h = self.norm(ctx, x, l.attn_norm); // [n_embd, n_tokens]
+            let q = self.linear(ctx, il, Target::AttnQ, l.attn_q, l.attn_q_b, h, taps); // [n_embd_q, n_tokens]
+            let k = self.linear(ctx, il, Target::AttnK, l.attn_k, l.attn_k_b, h, taps); // [n_embd_kv, n_tokens]
+            let v = self.linear(ctx, il, Target::AttnV, l.attn_v, l.attn_v_b, h, taps); // [n_embd_kv, n_tokens]
+            let a = self.attention(ctx, q, k, v, pos, mask); // [n_embd_q, n_tokens]
+            let o = self.linear(ctx, il, Target::AttnOutput, l.attn_output, l.attn_output_b, a, taps); // [n_embd, n_tokens]
+            x = ctx.add(o, x);
+
+            // feed-forward block: down(silu(gate(h)) ⊙ up(h))
+            let h = self.norm(ctx, x, l.ffn_norm); // [n_embd, n_tokens]
+            let gate = self.linear(ctx, il, Target::FfnGate, l.ffn_gate, l.ffn_gate_b, h, taps); // [n_ff, n_tokens]
+            let up = self.linear(ctx, il, Target::FfnUp, l.ffn_up, l.ffn_up_b, h, taps); // [n_ff, n_tokens]
+            let g = ctx.swiglu_split(gate, up); // [n_ff, n_tokens]
+            let y = self.linear(ctx, il, Target::FfnDown, l.ffn_down, l.ffn_down_b, g, taps); // [n_embd, n_tokens]
+            x = ctx.add(y, x);
+        }
+        x
+    }
+
+    /// Final norm and output projection: hidden [n_embd, n] → logits [n_vocab, n].
+    fn head<'g>(&self, ctx: &'g Context, x: Tensor<'g>) -> Tensor<'g>
+    where
+        'w: 'g,
+    {
+        let h = self.norm(ctx, x, self.output_norm); // [n_embd, n]
+        let logits = ctx.mul_mat(self.output, h); // [n_vocab, n]
+        match self.output_b {
+            Some(b) => ctx.add(logits, b),
+            None => logits,
+        }
+    }
+
+    /// RMSNorm with a learned gain: w ⊙ x / rms(x).
+    fn norm<'g>(&self, ctx: &'g Context, x: Tensor<'g>, w: Tensor<'g>) -> Tensor<'g> {
+        ctx.mul(ctx.rms_norm(x, self.hp.rms_eps), w)
+    }
+
+    /// A frozen linear map with its LoRA term and bias: W0·x + B·(s·(A·x)) + b.
+    #[allow(clippy::too_many_arguments)]
+    fn linear<'g>(
+        &self,
+        ctx: &'g Context,
+        il: usize,
+        target: Target,
+        w: Tensor<'g>,
+        bias: Option<Tensor<'g>>,
+        x: Tensor<'g>,
+        taps: &mut Vec<LoraTap<'g>>,
+    ) -> Tensor<'g>
+    where
+        'w: 'g,
+    {
+        let mut y = ctx.mul_mat(w, x); // W0·x [d_out, n_tokens]
+        if let Some(lora) = self.lora {
+            if let Some(m) = lora.get(il, target) {
+                let u = ctx.mul_mat(lora.a(m), x).set_name(&format!("blk.{il}.{target}.lora_u")); // u = A·x [r, n_tokens]
+                let su = ctx.scale(u, m.scale); // s·u
+                y = ctx.add(y, ctx.mul_mat(lora.b(m), su)); // + B·(s·u) [d_out, n_tokens]
+                taps.push(LoraTap { layer: il, target, x, u });
+            }
+        }
+        match bias {
+            Some(b) => ctx.add(y, b),
+            None => y,
+        }
+    }
+
+    /// Causal multi-head attention with GQA (llama.cpp's build_attn_mha, non-flash path):
+    /// softmax(scale · K·Q + mask) applied to V, per head. q [n_embd_q, n], k/v [n_embd_kv, n].
+    fn attention<'g>(&self, ctx: &'g Context, q: Tensor<'g>, k: Tensor<'g>, v: Tensor<'g>, pos: Tensor<'g>, mask: Tensor<'g>) -> Tensor<'g>
+    where
+        'w: 'g,
+    {
+        let hp = self.hp;
+        let n = q.ne()[1];
+        let (hd, nh, nkv) = (hp.head_dim as i64, hp.n_head as i64, hp.n_head_kv as i64);
+
+        let q = ctx.reshape_3d(q, hd, nh, n); // [head_dim, n_head, n_tokens]
+        let k = ctx.reshape_3d(k, hd, nkv, n); // [head_dim, n_head_kv, n_tokens]
+        let v = ctx.reshape_3d(v, hd, nkv, n); // [head_dim, n_head_kv, n_tokens]
+        let q = ctx.rope_ext(q, pos, self.rope_freqs, &hp.rope);
+        let k = ctx.rope_ext(k, pos, self.rope_freqs, &hp.rope);
+
+        let q = ctx.permute(q, [0, 2, 1, 3]); // [head_dim, n_tokens, n_head]
+        let k = ctx.permute(k, [0, 2, 1, 3]); // [head_dim, n_kv, n_head_kv]
+        let kq = ctx.mul_mat(k, q); // [n_kv, n_tokens, n_head]  (query heads share kv heads in groups)
+        ctx.mul_mat_prec_f32(kq);
+        let p = ctx.soft_max_ext(kq, Some(mask), hp.attn_scale, 0.0); // [n_kv, n_tokens, n_head]
+
+        let vt = ctx.cont(ctx.transpose(ctx.permute(v, [0, 2, 1, 3]))); // [n_kv, head_dim, n_head_kv]
+        let o = ctx.mul_mat(vt, p); // [head_dim, n_tokens, n_head]
+        let o = ctx.permute(o, [0, 2, 1, 3]); // [head_dim, n_head, n_tokens]
+        ctx.cont_2d(o, hd * nh, n) // [n_embd_q, n_tokens]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causal_mask_shape() {
+        let m = causal_mask(3);
+        let inf = f32::NEG_INFINITY;
+        assert_eq!(m, vec![0.0, inf, inf, 0.0, 0.0, inf, 0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn batch_validation() {
+        let b = Batch::causal(&[1, 2, 3], &[0, 1], &[2, 3]).unwrap();
+        assert!(b.validate(Some(4)).is_ok());
+        assert!(b.validate(Some(3)).unwrap_err().to_string().contains("token id 3"));
+        assert!(Batch::causal(&[1, 2], &[2], &[1]).is_err());
+        assert!(Batch::causal(&[1, 2], &[0, 1], &[1]).is_err());
+        let y = b.one_hot(4);
+        assert_eq!(y, vec![0., 0., 1., 0., 0., 0., 0., 1.]);
+    }
+}

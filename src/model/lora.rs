@@ -1,0 +1,390 @@
+//! LoRA adapter parameters: per target module an A [d_in, r] and a B [r, d_out] (ggml shapes,
+//! llama.cpp's adapter layout) and a scale s, so that the module computes W0·x + s·B·(A·x).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use crate::ggml::{Backend, Capacity, Context, GgufWriter, Tensor, TensorId};
+
+use super::weights::{Layer, Weights};
+use super::ModelError;
+
+/// A linear module LoRA can adapt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    AttnQ,
+    AttnK,
+    AttnV,
+    AttnOutput,
+    FfnGate,
+    FfnUp,
+    FfnDown,
+}
+
+impl Target {
+    /// Every target, in graph order (also grit's default set).
+    pub const ALL: [Target; 7] = [Target::AttnQ, Target::AttnK, Target::AttnV, Target::AttnOutput, Target::FfnGate, Target::FfnUp, Target::FfnDown];
+
+    /// The GGUF tensor stem (`attn_q`, ..., `ffn_down`), also the `--targets` spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::AttnQ => "attn_q",
+            Target::AttnK => "attn_k",
+            Target::AttnV => "attn_v",
+            Target::AttnOutput => "attn_output",
+            Target::FfnGate => "ffn_gate",
+            Target::FfnUp => "ffn_up",
+            Target::FfnDown => "ffn_down",
+        }
+    }
+
+    /// Parses a target name; PEFT's names (q_proj, ..., down_proj) are accepted too.
+    pub fn parse(s: &str) -> Result<Self, ModelError> {
+        Ok(match s.trim() {
+            "attn_q" | "q_proj" => Target::AttnQ,
+            "attn_k" | "k_proj" => Target::AttnK,
+            "attn_v" | "v_proj" => Target::AttnV,
+            "attn_output" | "o_proj" => Target::AttnOutput,
+            "ffn_gate" | "gate_proj" => Target::FfnGate,
+            "ffn_up" | "up_proj" => Target::FfnUp,
+            "ffn_down" | "down_proj" => Target::FfnDown,
+            other => {
+                return Err(ModelError::Lora(format!(
+                    "unknown target module '{other}' (expected one of attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down)"
+                )))
+            }
+        })
+    }
+
+    /// The frozen weight this target adapts in a layer.
+    pub fn weight<T: Copy>(self, l: &Layer<T>) -> T {
+        match self {
+            Target::AttnQ => l.attn_q,
+            Target::AttnK => l.attn_k,
+            Target::AttnV => l.attn_v,
+            Target::AttnOutput => l.attn_output,
+            Target::FfnGate => l.ffn_gate,
+            Target::FfnUp => l.ffn_up,
+            Target::FfnDown => l.ffn_down,
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A uniform LoRA configuration (same rank and alpha for every adapted module).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    pub targets: Vec<Target>,
+    pub rank: usize,
+    pub alpha: f32,
+    /// rsLoRA: scale alpha/√r instead of alpha/r.
+    pub rslora: bool,
+    /// Layers to adapt (None = all).
+    pub layers: Option<Vec<usize>>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig { targets: Target::ALL.to_vec(), rank: 16, alpha: 32.0, rslora: false, layers: None }
+    }
+}
+
+impl LoraConfig {
+    /// The scale of a module of rank `r`: alpha/r, or alpha/√r with rsLoRA.
+    pub fn scale(&self, r: usize) -> f32 {
+        if self.rslora {
+            self.alpha / (r as f32).sqrt()
+        } else {
+            self.alpha / r as f32
+        }
+    }
+}
+
+/// One adapted module.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraModule {
+    pub layer: usize,
+    pub target: Target,
+    pub rank: usize,
+    pub d_in: usize,
+    pub d_out: usize,
+    pub scale: f32,
+    a: TensorId,
+    b: TensorId,
+}
+
+impl LoraModule {
+    /// The adapted base tensor's name, e.g. `blk.3.attn_q.weight`.
+    pub fn base_name(&self) -> String {
+        format!("blk.{}.{}.weight", self.layer, self.target.name())
+    }
+    /// Trainable parameters (r·(d_in + d_out)).
+    pub fn n_params(&self) -> usize {
+        self.rank * (self.d_in + self.d_out)
+    }
+}
+
+/// How an exported adapter file carries the scales.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AdapterScale {
+    /// Write `adapter.lora.alpha = alpha`; llama.cpp then scales each pair by alpha/r
+    /// (r = that pair's rank). Every module's scale must equal alpha/r (checked).
+    Alpha(f32),
+    /// Multiply each B by its scale and write alpha = 0 (llama.cpp scale 1): exact for any
+    /// per-module scales (rsLoRA, mixed ranks).
+    FoldIntoB,
+}
+
+/// The trainable LoRA parameters of a model, in a backend buffer (F32).
+pub struct LoraSet {
+    ctx: Context,
+    modules: Vec<LoraModule>,
+    index: HashMap<(usize, Target), usize>,
+}
+
+impl std::fmt::Debug for LoraSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoraSet").field("modules", &self.modules.len()).field("params", &self.n_params()).finish()
+    }
+}
+
+impl LoraSet {
+    /// Adapters for `cfg` over `weights` (A and B allocated, zero; call [`LoraSet::init`]).
+    pub fn new(weights: &Weights, cfg: &LoraConfig, backend: &Backend) -> Result<Self, ModelError> {
+        if cfg.rank == 0 {
+            return Err(ModelError::Lora("rank must be at least 1".into()));
+        }
+        if cfg.targets.is_empty() {
+            return Err(ModelError::Lora("no target modules".into()));
+        }
+        if !(cfg.alpha.is_finite()) {
+            return Err(ModelError::Lora(format!("alpha {} is not a finite number", cfg.alpha)));
+        }
+        let n_layer = weights.hparams.n_layer;
+        let layers: Vec<usize> = match &cfg.layers {
+            Some(l) => {
+                if let Some(&bad) = l.iter().find(|&&i| i >= n_layer) {
+                    return Err(ModelError::Lora(format!("layer {bad} does not exist (the model has {n_layer})")));
+                }
+                l.clone()
+            }
+            None => (0..n_layer).collect(),
+        };
+        let mut specs = Vec::new();
+        for &layer in &layers {
+            for &target in &cfg.targets {
+                specs.push((layer, target, cfg.rank, cfg.scale(cfg.rank)));
+            }
+        }
+        Self::with_modules(weights, &specs, backend)
+    }
+
+    /// Adapters with a rank and scale per module: `(layer, target, rank, scale)`.
+    pub fn with_modules(weights: &Weights, specs: &[(usize, Target, usize, f32)], backend: &Backend) -> Result<Self, ModelError> {
+        let ctx = Context::new(Capacity::tensors(2 * specs.len().max(1)))?;
+        let mut modules = Vec::with_capacity(specs.len());
+        let mut index = HashMap::new();
+        for &(layer, target, rank, scale) in specs {
+            if layer >= weights.hparams.n_layer {
+                return Err(ModelError::Lora(format!("layer {layer} does not exist (the model has {})", weights.hparams.n_layer)));
+            }
+            if rank == 0 {
+                return Err(ModelError::Lora(format!("blk.{layer}.{target}: rank must be at least 1")));
+            }
+            if index.contains_key(&(layer, target)) {
+                return Err(ModelError::Lora(format!("blk.{layer}.{target} is listed twice")));
+            }
+            let w = target.weight(&weights.layer(layer));
+            let (d_in, d_out) = (w.ne()[0] as usize, w.ne()[1] as usize);
+            let base = format!("blk.{layer}.{}.weight", target.name());
+            let a = ctx.new_f32(&format!("{base}.lora_a"), &[d_in as i64, rank as i64]); // A: [d_in, r]
+            let b = ctx.new_f32(&format!("{base}.lora_b"), &[rank as i64, d_out as i64]); // B: [r, d_out]
+            index.insert((layer, target), modules.len());
+            modules.push(LoraModule { layer, target, rank, d_in, d_out, scale, a: a.id(), b: b.id() });
+        }
+        ctx.allocate(backend.param_buffer_type())?;
+        let set = LoraSet { ctx, modules, index };
+        for m in &set.modules {
+            set.ctx.write_f32(set.a(m), &vec![0.0; m.d_in * m.rank])?;
+            set.ctx.write_f32(set.b(m), &vec![0.0; m.rank * m.d_out])?;
+        }
+        Ok(set)
+    }
+
+    pub fn modules(&self) -> &[LoraModule] {
+        &self.modules
+    }
+    /// The module adapting `target` in `layer`, if any.
+    pub fn get(&self, layer: usize, target: Target) -> Option<&LoraModule> {
+        self.index.get(&(layer, target)).map(|&i| &self.modules[i])
+    }
+    /// A [d_in, r].
+    pub fn a(&self, m: &LoraModule) -> Tensor<'_> {
+        self.ctx.tensor(m.a)
+    }
+    /// B [r, d_out].
+    pub fn b(&self, m: &LoraModule) -> Tensor<'_> {
+        self.ctx.tensor(m.b)
+    }
+    /// Total trainable parameters.
+    pub fn n_params(&self) -> usize {
+        self.modules.iter().map(LoraModule::n_params).sum()
+    }
+    /// Changes module `i`'s scale.
+    pub fn set_scale(&mut self, i: usize, scale: f32) {
+        self.modules[i].scale = scale;
+    }
+
+    /// Marks every A and B as a trainable parameter of the graphs they are used in.
+    pub fn mark_params(&self) {
+        for m in &self.modules {
+            self.a(m).set_param();
+            self.b(m).set_param();
+        }
+    }
+
+    /// PEFT's initialisation: A ~ U(−1/√d_in, 1/√d_in) (kaiming_uniform with a = √5), B = 0,
+    /// so the adapted model starts equal to the base. Deterministic in `seed`.
+    pub fn init(&self, seed: u64) -> Result<(), ModelError> {
+        let mut rng = Rng::new(seed);
+        for m in &self.modules {
+            let bound = 1.0 / (m.d_in as f32).sqrt();
+            let a: Vec<f32> = (0..m.d_in * m.rank).map(|_| bound * (2.0 * rng.uniform() - 1.0)).collect();
+            self.ctx.write_f32(self.a(m), &a)?;
+            self.ctx.write_f32(self.b(m), &vec![0.0; m.rank * m.d_out])?;
+        }
+        Ok(())
+    }
+
+    /// Fills A and B with N(0, std_a²) and N(0, std_b²) values (tests: a non-zero adapter).
+    pub fn randomize(&self, seed: u64, std_a: f32, std_b: f32) -> Result<(), ModelError> {
+        let mut rng = Rng::new(seed);
+        for m in &self.modules {
+            let a: Vec<f32> = (0..m.d_in * m.rank).map(|_| std_a * rng.normal()).collect();
+            let b: Vec<f32> = (0..m.rank * m.d_out).map(|_| std_b * rng.normal()).collect();
+            self.ctx.write_f32(self.a(m), &a)?;
+            self.ctx.write_f32(self.b(m), &b)?;
+        }
+        Ok(())
+    }
+
+    /// A of module `i`, row-major over ggml's layout (d_in fastest).
+    pub fn read_a(&self, i: usize) -> Result<Vec<f32>, ModelError> {
+        Ok(self.ctx.read_f32(self.a(&self.modules[i]))?)
+    }
+    pub fn read_b(&self, i: usize) -> Result<Vec<f32>, ModelError> {
+        Ok(self.ctx.read_f32(self.b(&self.modules[i]))?)
+    }
+    pub fn write_a(&self, i: usize, data: &[f32]) -> Result<(), ModelError> {
+        Ok(self.ctx.write_f32(self.a(&self.modules[i]), data)?)
+    }
+    pub fn write_b(&self, i: usize, data: &[f32]) -> Result<(), ModelError> {
+        Ok(self.ctx.write_f32(self.b(&self.modules[i]), data)?)
+    }
+
+    /// Writes the adapter in llama.cpp's GGUF LoRA format (`general.type = adapter`,
+    /// `adapter.type = lora`, tensors `<base>.lora_a` [d_in, r] and `<base>.lora_b` [r, d_out],
+    /// F32) for a base model of architecture `arch`.
+    pub fn write_gguf(&self, path: &Path, arch: &str, scale: AdapterScale) -> Result<(), ModelError> {
+        let mut w = GgufWriter::new();
+        w.set_str("general.architecture", arch);
+        w.set_str("general.type", "adapter");
+        w.set_str("general.name", "grit LoRA adapter");
+        w.set_str("adapter.type", "lora");
+        let alpha = match scale {
+            AdapterScale::Alpha(alpha) => {
+                for m in &self.modules {
+                    let s = alpha / m.rank as f32;
+                    if (s - m.scale).abs() > 1e-6 * m.scale.abs().max(1.0) {
+                        return Err(ModelError::Lora(format!(
+                            "{}: scale {} is not alpha/r = {alpha}/{} (use AdapterScale::FoldIntoB)",
+                            m.base_name(),
+                            m.scale,
+                            m.rank
+                        )));
+                    }
+                }
+                alpha
+            }
+            AdapterScale::FoldIntoB => 0.0,
+        };
+        w.set_f32("adapter.lora.alpha", alpha);
+        for (i, m) in self.modules.iter().enumerate() {
+            let base = m.base_name();
+            let mut b = self.read_b(i)?;
+            if scale == AdapterScale::FoldIntoB {
+                b.iter_mut().for_each(|x| *x *= m.scale);
+            }
+            w.add_f32(&format!("{base}.lora_a"), &[m.d_in as i64, m.rank as i64], &self.read_a(i)?)?;
+            w.add_f32(&format!("{base}.lora_b"), &[m.rank as i64, m.d_out as i64], &b)?;
+        }
+        w.write(path)?;
+        Ok(())
+    }
+}
+
+/// A small deterministic generator (SplitMix64) for initialisation and test data.
+#[derive(Debug, Clone)]
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    pub(crate) fn new(seed: u64) -> Self {
+        Rng(seed ^ 0x6a09_e667_f3bc_c909)
+    }
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub(crate) fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    /// Standard normal (Box–Muller).
+    pub(crate) fn normal(&mut self) -> f32 {
+        let u1 = ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        let u2 = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse() {
+        assert_eq!(Target::parse("q_proj").unwrap(), Target::AttnQ);
+        assert_eq!(Target::parse("ffn_down").unwrap(), Target::FfnDown);
+        assert!(Target::parse("lm_head").unwrap_err().to_string().contains("lm_head"));
+        for t in Target::ALL {
+            assert_eq!(Target::parse(t.name()).unwrap(), t);
+        }
+    }
+
+    #[test]
+    fn scales() {
+        let c = LoraConfig::default();
+        assert_eq!(c.scale(16), 2.0);
+        let c = LoraConfig { rslora: true, ..c };
+        assert_eq!(c.scale(16), 8.0);
+    }
+
+    #[test]
+    fn rng_is_deterministic_and_sane() {
+        let mut a = Rng::new(7);
+        let mut b = Rng::new(7);
+        let xs: Vec<f32> = (0..10000).map(|_| a.normal()).collect();
+        assert!(xs.iter().zip((0..10000).map(|_| b.normal())).all(|(x, y)| *x == y));
+        let mean = xs.iter().sum::<f32>() / xs.len() as f32;
+        let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / xs.len() as f32;
+        assert!(mean.abs() < 0.05 && (var - 1.0).abs() < 0.05, "mean {mean} var {var}");
+    }
+}

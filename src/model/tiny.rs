@@ -1,0 +1,149 @@
+//! Tiny random models written as GGUF files, loadable by llama.cpp and by grit: the subject
+//! of parity tests and gradient checks. The tokenizer (and so the vocabulary) is copied from a
+//! real model, because llama.cpp needs one to load a model.
+
+use std::path::Path;
+
+use crate::ggml::{quantize, GgufWriter, Type};
+use crate::gguf::{GgufFile, Value};
+
+use super::hparams::Arch;
+use super::lora::Rng;
+use super::ModelError;
+
+/// The shape and contents of a tiny model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TinySpec {
+    pub arch: Arch,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub n_ff: usize,
+    pub n_ctx: usize,
+    /// Type of the 2-D matrices (token embeddings included); norms and biases stay F32.
+    /// Quantized types need every matrix row (n_embd, n_head × head_dim, n_ff) to be a
+    /// multiple of the block size (256 for K-quants).
+    pub weight_type: Type,
+    /// Use the token embeddings as output projection (no `output.weight`).
+    pub tied_output: bool,
+    /// q/k/v biases (always written for qwen2).
+    pub qkv_bias: bool,
+    /// Write LLaMA 3 style `rope_freqs.weight` frequency factors (llama only).
+    pub rope_freqs: bool,
+    pub rope_freq_base: f32,
+    pub rms_eps: f32,
+    pub seed: u64,
+}
+
+impl Default for TinySpec {
+    fn default() -> Self {
+        TinySpec {
+            arch: Arch::Llama,
+            n_embd: 64,
+            n_layer: 2,
+            n_head: 4,
+            n_head_kv: 2,
+            n_ff: 128,
+            n_ctx: 512,
+            weight_type: Type::F32,
+            tied_output: true,
+            qkv_bias: false,
+            rope_freqs: false,
+            rope_freq_base: 10000.0,
+            rms_eps: 1e-5,
+            seed: 0,
+        }
+    }
+}
+
+/// Writes a random model of `spec` to `path`, with the tokenizer of the GGUF model
+/// `tokenizer_from` (every `tokenizer.*` key). Returns the vocabulary size.
+pub fn write_tiny_model(path: &Path, spec: &TinySpec, tokenizer_from: &Path) -> Result<usize, ModelError> {
+    let bad = |m: String| ModelError::Tiny(m);
+    if spec.n_head == 0 || spec.n_head_kv == 0 || !spec.n_head.is_multiple_of(spec.n_head_kv) || !spec.n_embd.is_multiple_of(spec.n_head) {
+        return Err(bad(format!("{} heads / {} kv heads / n_embd {} do not fit together", spec.n_head, spec.n_head_kv, spec.n_embd)));
+    }
+    let head_dim = spec.n_embd / spec.n_head;
+    if !head_dim.is_multiple_of(2) {
+        return Err(bad(format!("head size {head_dim} must be even for RoPE")));
+    }
+    for (what, n) in [("n_embd", spec.n_embd), ("n_ff", spec.n_ff)] {
+        if spec.weight_type.row_size(n).is_none() {
+            return Err(bad(format!("{what} = {n} is not a multiple of {}'s block size {}", spec.weight_type, spec.weight_type.block_size())));
+        }
+    }
+    let src = GgufFile::open(tokenizer_from)?;
+    let n_vocab = match src.get("tokenizer.ggml.tokens") {
+        Some(Value::Array { len, .. }) if len > 0 => len,
+        _ => return Err(ModelError::Gguf(crate::gguf::GgufError::MissingKey(tokenizer_from.into(), "tokenizer.ggml.tokens".into()))),
+    };
+    drop(src);
+
+    let arch = spec.arch.name();
+    let mut w = GgufWriter::new();
+    w.copy_keys_from(tokenizer_from, |k| k.starts_with("tokenizer."))?;
+    w.set_str("general.architecture", arch);
+    w.set_str("general.name", "grit tiny test model");
+    let k = |s: &str| format!("{arch}.{s}");
+    w.set_u32(&k("context_length"), spec.n_ctx as u32);
+    w.set_u32(&k("embedding_length"), spec.n_embd as u32);
+    w.set_u32(&k("block_count"), spec.n_layer as u32);
+    w.set_u32(&k("feed_forward_length"), spec.n_ff as u32);
+    w.set_u32(&k("attention.head_count"), spec.n_head as u32);
+    w.set_u32(&k("attention.head_count_kv"), spec.n_head_kv as u32);
+    w.set_u32(&k("rope.dimension_count"), head_dim as u32);
+    w.set_u32(&k("vocab_size"), n_vocab as u32);
+    w.set_f32(&k("rope.freq_base"), spec.rope_freq_base);
+    w.set_f32(&k("attention.layer_norm_rms_epsilon"), spec.rms_eps);
+
+    let mut rng = Rng::new(spec.seed);
+    let mut normal = |n: usize, std: f32, mean: f32| -> Vec<f32> { (0..n).map(|_| mean + std * rng.normal()).collect() };
+    let e = spec.n_embd;
+    let (q, kv, ff, v) = (e, spec.n_head_kv * head_dim, spec.n_ff, n_vocab);
+    // Matrices: N(0, 1/d_in), so activations stay O(1); embeddings N(0, 0.5²).
+    let mut matrix = |w: &mut GgufWriter, name: &str, d_in: usize, d_out: usize, std: f32| -> Result<(), ModelError> {
+        let x = normal(d_in * d_out, std, 0.0);
+        let data = quantize(spec.weight_type, &x, d_in)?;
+        w.add_tensor(name, spec.weight_type, &[d_in as i64, d_out as i64], data)?;
+        Ok(())
+    };
+    matrix(&mut w, "token_embd.weight", e, v, 0.5)?;
+    if !spec.tied_output {
+        matrix(&mut w, "output.weight", e, v, 0.5)?;
+    }
+    for i in 0..spec.n_layer {
+        let n = |t: &str| format!("blk.{i}.{t}");
+        matrix(&mut w, &n("attn_q.weight"), e, q, 1.0 / (e as f32).sqrt())?;
+        matrix(&mut w, &n("attn_k.weight"), e, kv, 1.0 / (e as f32).sqrt())?;
+        matrix(&mut w, &n("attn_v.weight"), e, kv, 1.0 / (e as f32).sqrt())?;
+        matrix(&mut w, &n("attn_output.weight"), q, e, 1.0 / (q as f32).sqrt())?;
+        matrix(&mut w, &n("ffn_gate.weight"), e, ff, 1.0 / (e as f32).sqrt())?;
+        matrix(&mut w, &n("ffn_up.weight"), e, ff, 1.0 / (e as f32).sqrt())?;
+        matrix(&mut w, &n("ffn_down.weight"), ff, e, 1.0 / (ff as f32).sqrt())?;
+    }
+    // Vectors (F32): norm gains near 1, biases small.
+    let mut normal = |n: usize, std: f32, mean: f32| -> Vec<f32> { (0..n).map(|_| mean + std * rng.normal()).collect() };
+    w.add_f32("output_norm.weight", &[e as i64], &normal(e, 0.1, 1.0))?;
+    for i in 0..spec.n_layer {
+        let n = |t: &str| format!("blk.{i}.{t}");
+        w.add_f32(&n("attn_norm.weight"), &[e as i64], &normal(e, 0.1, 1.0))?;
+        w.add_f32(&n("ffn_norm.weight"), &[e as i64], &normal(e, 0.1, 1.0))?;
+        if spec.qkv_bias || spec.arch == Arch::Qwen2 {
+            w.add_f32(&n("attn_q.bias"), &[q as i64], &normal(q, 0.2, 0.0))?;
+            w.add_f32(&n("attn_k.bias"), &[kv as i64], &normal(kv, 0.2, 0.0))?;
+            w.add_f32(&n("attn_v.bias"), &[kv as i64], &normal(kv, 0.2, 0.0))?;
+        }
+    }
+    if spec.rope_freqs {
+        if spec.arch != Arch::Llama {
+            return Err(bad("rope frequency factors are used by the llama architecture only".into()));
+        }
+        // LLaMA 3 style: 1 for high frequencies, growing to 8 for the lowest.
+        let half = head_dim / 2;
+        let f: Vec<f32> = (0..half).map(|i| 1.0 + 7.0 * (i as f32 / (half - 1).max(1) as f32).powi(2)).collect();
+        w.add_f32("rope_freqs.weight", &[half as i64], &f)?;
+    }
+    w.write(path)?;
+    Ok(n_vocab)
+}

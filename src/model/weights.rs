@@ -1,0 +1,337 @@
+//! Frozen base weights, loaded from a GGUF file into a backend buffer as stored (quantized
+//! tensors stay quantized).
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+
+use crate::ggml::{dequantize, Backend, Capacity, Context, Tensor, TensorId, Type};
+use crate::gguf::{GgufFile, TensorInfo};
+
+use super::hparams::{Arch, LlamaHparams};
+use super::ModelError;
+
+/// One transformer block's tensors (`T` = [`Tensor`] to build graphs, [`TensorId`] to store).
+#[derive(Debug, Clone, Copy)]
+pub struct Layer<T> {
+    pub attn_norm: T,
+    pub attn_q: T,
+    pub attn_k: T,
+    pub attn_v: T,
+    pub attn_output: T,
+    pub attn_q_b: Option<T>,
+    pub attn_k_b: Option<T>,
+    pub attn_v_b: Option<T>,
+    pub attn_output_b: Option<T>,
+    pub ffn_norm: T,
+    pub ffn_gate: T,
+    pub ffn_up: T,
+    pub ffn_down: T,
+    pub ffn_gate_b: Option<T>,
+    pub ffn_up_b: Option<T>,
+    pub ffn_down_b: Option<T>,
+}
+
+impl<T: Copy> Layer<T> {
+    pub fn map<U>(&self, f: impl Fn(T) -> U) -> Layer<U> {
+        Layer {
+            attn_norm: f(self.attn_norm),
+            attn_q: f(self.attn_q),
+            attn_k: f(self.attn_k),
+            attn_v: f(self.attn_v),
+            attn_output: f(self.attn_output),
+            attn_q_b: self.attn_q_b.map(&f),
+            attn_k_b: self.attn_k_b.map(&f),
+            attn_v_b: self.attn_v_b.map(&f),
+            attn_output_b: self.attn_output_b.map(&f),
+            ffn_norm: f(self.ffn_norm),
+            ffn_gate: f(self.ffn_gate),
+            ffn_up: f(self.ffn_up),
+            ffn_down: f(self.ffn_down),
+            ffn_gate_b: self.ffn_gate_b.map(&f),
+            ffn_up_b: self.ffn_up_b.map(&f),
+            ffn_down_b: self.ffn_down_b.map(&f),
+        }
+    }
+}
+
+/// The frozen weights of a LLaMA-family model, in a backend buffer (as stored in the file;
+/// 1-D norm/bias tensors are converted to F32 if stored otherwise).
+pub struct Weights {
+    pub hparams: LlamaHparams,
+    /// The GGUF file the weights came from.
+    pub source: std::path::PathBuf,
+    ctx: Context,
+    tok_embd: TensorId,
+    output_norm: TensorId,
+    /// `output.weight`, or `token_embd.weight` when the output is tied.
+    output: TensorId,
+    output_b: Option<TensorId>,
+    rope_freqs: Option<TensorId>,
+    layers: Vec<Layer<TensorId>>,
+    bytes: usize,
+}
+
+impl std::fmt::Debug for Weights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Weights").field("source", &self.source).field("hparams", &self.hparams).field("bytes", &self.bytes).finish()
+    }
+}
+
+/// What the loader wants of one tensor.
+struct Want {
+    name: String,
+    shape: Vec<i64>,
+    required: bool,
+}
+
+impl Weights {
+    /// Reads hyper-parameters, checks every tensor's presence, shape and type, and loads the
+    /// tensors into `backend`'s weight buffer type.
+    pub fn load(file: &GgufFile, backend: &Backend) -> Result<Self, ModelError> {
+        let hp = LlamaHparams::from_gguf(file)?;
+        let fname = file.path().display().to_string();
+        let (e, q, kv, ff, v) = (hp.n_embd as i64, hp.n_embd_q() as i64, hp.n_embd_kv() as i64, hp.n_ff as i64, hp.n_vocab as i64);
+
+        for i in 0..hp.n_layer {
+            for (t, why) in [
+                ("attn_qkv", "fused attn_qkv weights are not supported; grit needs separate attn_q/attn_k/attn_v"),
+                ("ffn_gate_inp", "mixture-of-experts layers need a mul_mat_id backward, which ggml lacks"),
+            ] {
+                if file.tensor(&format!("blk.{i}.{t}.weight")).is_some() {
+                    return Err(ModelError::UnsupportedArch { arch: hp.arch.name().into(), missing: why.into() });
+                }
+            }
+        }
+
+        let mut wants = vec![
+            Want { name: "token_embd.weight".into(), shape: vec![e, v], required: true },
+            Want { name: "output_norm.weight".into(), shape: vec![e], required: true },
+            Want { name: "output.weight".into(), shape: vec![e, v], required: false },
+            Want { name: "output.bias".into(), shape: vec![v], required: false },
+        ];
+        // llama.cpp uses rope frequency factors (LLaMA 3) for the llama graph only.
+        if hp.arch == Arch::Llama {
+            wants.push(Want { name: "rope_freqs.weight".into(), shape: vec![hp.rope.n_dims as i64 / 2], required: false });
+        }
+        for i in 0..hp.n_layer {
+            let w = |t: &str, shape: Vec<i64>, required: bool| Want { name: format!("blk.{i}.{t}"), shape, required };
+            wants.extend([
+                w("attn_norm.weight", vec![e], true),
+                w("attn_q.weight", vec![e, q], true),
+                w("attn_k.weight", vec![e, kv], true),
+                w("attn_v.weight", vec![e, kv], true),
+                w("attn_output.weight", vec![q, e], true),
+                w("attn_q.bias", vec![q], false),
+                w("attn_k.bias", vec![kv], false),
+                w("attn_v.bias", vec![kv], false),
+                w("attn_output.bias", vec![e], false),
+                w("ffn_norm.weight", vec![e], true),
+                w("ffn_gate.weight", vec![e, ff], true),
+                w("ffn_up.weight", vec![e, ff], true),
+                w("ffn_down.weight", vec![ff, e], true),
+                w("ffn_gate.bias", vec![ff], false),
+                w("ffn_up.bias", vec![ff], false),
+                w("ffn_down.bias", vec![e], false),
+            ]);
+        }
+
+        // Check everything before allocating anything.
+        let mut found: Vec<(&Want, &TensorInfo)> = Vec::new();
+        for want in &wants {
+            let Some(info) = file.tensor(&want.name) else {
+                if want.required {
+                    return Err(ModelError::MissingTensor { file: fname, tensor: want.name.clone() });
+                }
+                continue;
+            };
+            let mut expected = [1i64; 4];
+            expected[..want.shape.len()].copy_from_slice(&want.shape);
+            if info.ne != expected {
+                return Err(ModelError::Shape { file: fname, tensor: want.name.clone(), expected: want.shape.clone(), got: info.ne.to_vec() });
+            }
+            let ty = Type(info.ggml_type);
+            if !ty.can_dequantize() || ty.row_size(info.ne[0] as usize).is_none() {
+                return Err(ModelError::TensorType { file: fname, tensor: want.name.clone(), ty: ty.name() });
+            }
+            found.push((want, info));
+        }
+
+        let ctx = Context::new(Capacity::tensors(found.len()))?;
+        let mut ids = std::collections::HashMap::new();
+        for (want, info) in &found {
+            // Vectors (norms, biases) are used by elementwise ops: keep them F32.
+            let ty = if want.shape.len() == 1 { Type::F32 } else { Type(info.ggml_type) };
+            let t = ctx.new_tensor(ty, &want.shape);
+            t.set_name(&want.name);
+            ids.insert(want.name.clone(), t.id());
+        }
+        let bytes = ctx.allocate(backend.weight_buffer_type())?;
+
+        // Read tensor data in file order into the buffer (a reused staging vector).
+        let io = |err| ModelError::Io { file: fname.clone(), err };
+        let mut f = File::open(file.path()).map_err(io)?;
+        let base = file.data_offset();
+        found.sort_by_key(|(_, info)| info.offset);
+        let mut buf = Vec::new();
+        for (want, info) in &found {
+            buf.resize(info.size as usize, 0);
+            f.seek(SeekFrom::Start(base + info.offset)).map_err(io)?;
+            f.read_exact(&mut buf).map_err(io)?;
+            let t = ctx.tensor(ids[&want.name]);
+            if t.ty() == Type(info.ggml_type) {
+                ctx.write_bytes(t, &buf)?;
+            } else {
+                let x = dequantize(Type(info.ggml_type), &buf, info.n_elements() as usize)?;
+                ctx.write_f32(t, &x)?;
+            }
+        }
+
+        let id = |name: &str| ids.get(name).copied();
+        let req = |name: String| ids[&name];
+        let layers = (0..hp.n_layer)
+            .map(|i| {
+                let n = |t: &str| format!("blk.{i}.{t}");
+                Layer {
+                    attn_norm: req(n("attn_norm.weight")),
+                    attn_q: req(n("attn_q.weight")),
+                    attn_k: req(n("attn_k.weight")),
+                    attn_v: req(n("attn_v.weight")),
+                    attn_output: req(n("attn_output.weight")),
+                    attn_q_b: id(&n("attn_q.bias")),
+                    attn_k_b: id(&n("attn_k.bias")),
+                    attn_v_b: id(&n("attn_v.bias")),
+                    attn_output_b: id(&n("attn_output.bias")),
+                    ffn_norm: req(n("ffn_norm.weight")),
+                    ffn_gate: req(n("ffn_gate.weight")),
+                    ffn_up: req(n("ffn_up.weight")),
+                    ffn_down: req(n("ffn_down.weight")),
+                    ffn_gate_b: id(&n("ffn_gate.bias")),
+                    ffn_up_b: id(&n("ffn_up.bias")),
+                    ffn_down_b: id(&n("ffn_down.bias")),
+                }
+            })
+            .collect();
+        let tok_embd = req("token_embd.weight".into());
+        Ok(Weights {
+            source: file.path().to_path_buf(),
+            tok_embd,
+            output_norm: req("output_norm.weight".into()),
+            output: id("output.weight").unwrap_or(tok_embd),
+            output_b: id("output.bias"),
+            rope_freqs: id("rope_freqs.weight"),
+            layers,
+            bytes,
+            hparams: hp,
+            ctx,
+        })
+    }
+
+    /// Token embeddings [n_embd, n_vocab].
+    pub fn tok_embd(&self) -> Tensor<'_> {
+        self.ctx.tensor(self.tok_embd)
+    }
+    /// Final norm weight [n_embd].
+    pub fn output_norm(&self) -> Tensor<'_> {
+        self.ctx.tensor(self.output_norm)
+    }
+    /// Output projection [n_embd, n_vocab] (the token embeddings when tied).
+    pub fn output(&self) -> Tensor<'_> {
+        self.ctx.tensor(self.output)
+    }
+    pub fn output_b(&self) -> Option<Tensor<'_>> {
+        self.output_b.map(|id| self.ctx.tensor(id))
+    }
+    /// Whether the output projection is the token embedding matrix.
+    pub fn tied_output(&self) -> bool {
+        self.output == self.tok_embd
+    }
+    /// RoPE frequency factors [head_dim / 2] (LLaMA 3), if the model has them.
+    pub fn rope_freqs(&self) -> Option<Tensor<'_>> {
+        self.rope_freqs.map(|id| self.ctx.tensor(id))
+    }
+    /// Block `i`'s tensors.
+    pub fn layer(&self, i: usize) -> Layer<Tensor<'_>> {
+        self.layers[i].map(|id| self.ctx.tensor(id))
+    }
+    /// A loaded tensor by its GGUF name.
+    pub fn get(&self, name: &str) -> Option<Tensor<'_>> {
+        self.ctx.get(name)
+    }
+    /// Bytes of backend memory the weights occupy.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+    /// The weight a [`TensorId`] (from one of this struct's tensors) names.
+    pub fn tensor(&self, id: TensorId) -> Tensor<'_> {
+        self.ctx.tensor(id)
+    }
+    /// Reads a weight back (as stored) — for tests and tools.
+    pub fn read_bytes(&self, t: Tensor<'_>) -> Result<Vec<u8>, ModelError> {
+        Ok(self.ctx.read_bytes(t)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ggml::GgufWriter;
+
+    /// A minimal llama GGUF (no tokenizer: enough for grit's loader, not for llama.cpp).
+    fn write(path: &std::path::Path, arch: &str, skip: &str, bad_shape: &str) {
+        let mut w = GgufWriter::new();
+        w.set_str("general.architecture", arch);
+        let k = |s: &str| format!("{arch}.{s}");
+        for (key, v) in [("context_length", 64), ("embedding_length", 8), ("block_count", 1), ("feed_forward_length", 16), ("attention.head_count", 2)] {
+            w.set_u32(&k(key), v);
+        }
+        w.set_f32(&k("attention.layer_norm_rms_epsilon"), 1e-5);
+        let mut t = |name: &str, ne: &[i64]| {
+            if name == skip {
+                return;
+            }
+            let ne: Vec<i64> = if name == bad_shape { ne.iter().map(|d| d + 1).collect() } else { ne.to_vec() };
+            let n: i64 = ne.iter().product();
+            w.add_f32(name, &ne, &vec![0.5; n as usize]).unwrap();
+        };
+        t("token_embd.weight", &[8, 10]);
+        t("output_norm.weight", &[8]);
+        for n in ["attn_norm", "ffn_norm"] {
+            t(&format!("blk.0.{n}.weight"), &[8]);
+        }
+        for n in ["attn_q", "attn_k", "attn_v", "attn_output"] {
+            t(&format!("blk.0.{n}.weight"), &[8, 8]);
+        }
+        t("blk.0.ffn_gate.weight", &[8, 16]);
+        t("blk.0.ffn_up.weight", &[8, 16]);
+        t("blk.0.ffn_down.weight", &[16, 8]);
+        w.write(path).unwrap();
+    }
+
+    fn load(arch: &str, skip: &str, bad_shape: &str) -> Result<Weights, ModelError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.gguf");
+        write(&p, arch, skip, bad_shape);
+        Weights::load(&GgufFile::open(&p).unwrap(), &Backend::cpu(1).unwrap())
+    }
+
+    #[test]
+    fn loads_a_complete_model() {
+        let w = load("llama", "", "").unwrap();
+        assert_eq!(w.hparams.n_vocab, 10);
+        assert_eq!(w.hparams.head_dim, 4);
+        assert!(w.tied_output());
+        assert!(w.layer(0).attn_q_b.is_none());
+        let bytes = w.read_bytes(w.layer(0).ffn_down).unwrap();
+        assert_eq!(bytes.len(), 16 * 8 * 4);
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let e = load("llama", "blk.0.ffn_down.weight", "").unwrap_err().to_string();
+        assert!(e.contains("missing tensor 'blk.0.ffn_down.weight'"), "{e}");
+        let e = load("llama", "", "blk.0.attn_k.weight").unwrap_err().to_string();
+        assert!(e.contains("blk.0.attn_k.weight") && e.contains("shape"), "{e}");
+        let e = load("gemma3", "", "").unwrap_err().to_string();
+        assert!(e.contains("gemma3") && e.contains("GEGLU"), "{e}");
+    }
+}
