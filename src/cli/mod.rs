@@ -8,6 +8,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::fetch;
+use crate::train::config::TrainConfig;
+use crate::train::run::{RunOptions, TrainError};
+
+pub mod train;
 use crate::gguf::GgufFile;
 use crate::infer::{ContextOptions, LoadOptions, Model, SampleOptions, Session};
 
@@ -29,7 +33,7 @@ pub enum Command {
     /// Chat with the model through its chat template (interactive, or one shot with --message).
     Chat(ChatArgs),
     /// Fine-tune LoRA/GRIT adapters on a frozen quantized base model.
-    Train(PassThrough),
+    Train(Box<train::TrainArgs>),
     /// Evaluate a model and adapters: perplexity, accuracy, drift.
     Eval(PassThrough),
     /// Convert adapters: GGUF ↔ PEFT safetensors.
@@ -199,7 +203,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Chat(a) => chat(a),
         Command::Info(a) => info(a),
         Command::Fetch(a) => fetch_cmd(a),
-        Command::Train(_) => not_yet("train", 3),
+        Command::Train(a) => train_cmd(*a),
         Command::Eval(_) => not_yet("eval", 7),
         Command::Export(_) => not_yet("export", 5),
         Command::Merge(_) => not_yet("merge", 5),
@@ -207,6 +211,43 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect(_) => not_yet("inspect", 5),
         Command::Report(_) => not_yet("report", 7),
     }
+}
+
+fn train_cmd(a: train::TrainArgs) -> Result<()> {
+    // Precedence: defaults < the resumed run's config.toml or --config FILE < flags.
+    let (base, out, resume) = match (&a.resume, &a.out) {
+        (Some(dir), out) => {
+            if out.as_ref().is_some_and(|o| o != dir) {
+                bail!("--resume {} and --out {} disagree: a resumed run writes into its own folder", dir.display(), out.as_ref().map(|o| o.display().to_string()).unwrap_or_default());
+            }
+            let saved = dir.join("config.toml");
+            if !saved.is_file() {
+                return Err(TrainError::NothingToResume(dir.clone()).into());
+            }
+            (TrainConfig::from_toml_file(&saved)?, dir.clone(), true)
+        }
+        (None, Some(out)) => {
+            let base = match &a.config {
+                Some(f) => TrainConfig::from_toml_file(f)?,
+                None => TrainConfig::default(),
+            };
+            (base, out.clone(), false)
+        }
+        (None, None) if a.dry_run => {
+            let base = match &a.config {
+                Some(f) => TrainConfig::from_toml_file(f)?,
+                None => TrainConfig::default(),
+            };
+            (base, PathBuf::from("."), false)
+        }
+        (None, None) => bail!("pass --out DIR (where the adapter, metrics and checkpoints go)"),
+    };
+    let cfg = a.apply(base);
+    let stop_after = std::env::var("GRIT_STOP_AFTER_STEP").ok().and_then(|v| v.parse().ok());
+    let opts = RunOptions { out, overwrite: a.overwrite, resume, dry_run: a.dry_run, stop_after };
+    let s = crate::train::run::train(cfg, opts)?;
+    println!("{}", serde_json::to_string_pretty(&s)?);
+    Ok(())
 }
 
 fn not_yet(cmd: &str, issue: u32) -> Result<()> {

@@ -73,6 +73,19 @@ impl Model {
         Ok(Model { path: path.into(), inner })
     }
 
+    /// Loads only the vocabulary and chat template (no weights): for tokenizing training data.
+    pub fn load_vocab_only(path: &Path) -> Result<Self, InferError> {
+        GgufFile::open(path)?;
+        let backend = crate::llama::backend();
+        crate::llama::clear_log_errors();
+        let params = LlamaModelParams::default().with_vocab_only(true);
+        let inner = LlamaModel::load_from_file(backend, path, &params).map_err(|e| InferError::Load {
+            path: path.into(),
+            msg: crate::llama::last_log_error().unwrap_or_else(|| e.to_string()),
+        })?;
+        Ok(Model { path: path.into(), inner })
+    }
+
     /// Loads a LoRA adapter (GGUF) for this model.
     pub fn load_adapter(&mut self, path: &Path) -> Result<LlamaLoraAdapter, InferError> {
         let gguf = GgufFile::open(path).map_err(InferError::Gguf)?;

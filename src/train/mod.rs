@@ -3,3 +3,6 @@ pub mod checkpoint;
 pub mod config;
 pub mod metrics;
 pub mod schedule;
+pub mod copies;
+pub mod engine;
+pub mod run;

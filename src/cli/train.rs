@@ -1,0 +1,178 @@
+//! `grit train` flags. Every flag is optional here so that the precedence
+//! defaults < `--config FILE` < flags can be applied; the documented defaults live in
+//! [`TrainConfig::default`](crate::train::config::TrainConfig).
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::train::config::{LrSchedule, Method, TrainConfig, WeightCopies};
+
+#[derive(Debug, Args, Default)]
+pub struct TrainArgs {
+    /// Training method: lora (baseline) or grit.
+    #[arg(long, value_enum)]
+    pub method: Option<Method>,
+    /// Base model (GGUF). Default: SmolLM2-135M-Instruct Q4_1, fetched on first use.
+    #[arg(short, long, value_name = "M.gguf")]
+    pub model: Option<PathBuf>,
+    /// Training data: JSONL (messages / prompt+completion / alpaca / text) or plain .txt.
+    #[arg(long, value_name = "FILE")]
+    pub data: Option<PathBuf>,
+    /// Evaluation data (any supported format).
+    #[arg(long, value_name = "FILE")]
+    pub eval_data: Option<PathBuf>,
+    /// Hold out this fraction of the training examples for evaluation (when no --eval-data).
+    #[arg(long, value_name = "FRACTION")]
+    pub eval_split: Option<f64>,
+    /// Output folder: adapter.gguf, metrics.jsonl, summary.json, config.toml, checkpoints/.
+    #[arg(short, long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Allow writing into a non-empty --out (its previous run is replaced).
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Continue the run in DIR from its latest checkpoint.
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
+    /// A TOML file with any training options (flags override it).
+    #[arg(long, value_name = "grit.toml")]
+    pub config: Option<PathBuf>,
+    /// Print token counts, masked fraction and truncations, then exit.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Modules to adapt, comma-separated [default: attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down].
+    #[arg(long, value_delimiter = ',')]
+    pub targets: Option<Vec<String>>,
+    /// LoRA rank r [default: 16].
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// LoRA alpha; the scale is alpha/r (or alpha/√r with --rslora) [default: 32].
+    #[arg(long)]
+    pub alpha: Option<f32>,
+    /// Use the rsLoRA scale alpha/√r.
+    #[arg(long)]
+    pub rslora: bool,
+    /// Dropout on the adapter input [default: 0].
+    #[arg(long)]
+    pub dropout: Option<f32>,
+
+    /// Peak learning rate [default: 2e-4].
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// Schedule after warmup [default: cosine].
+    #[arg(long, value_enum)]
+    pub lr_schedule: Option<LrSchedule>,
+    /// Linear warmup steps [default: 10].
+    #[arg(long)]
+    pub warmup: Option<usize>,
+    /// AdamW decoupled weight decay [default: 0].
+    #[arg(long)]
+    pub weight_decay: Option<f32>,
+    /// Clip the global gradient norm to this (0 = off) [default: 1.0].
+    #[arg(long)]
+    pub max_grad_norm: Option<f32>,
+    /// AdamW β1 [default: 0.9].
+    #[arg(long)]
+    pub adam_beta1: Option<f32>,
+    /// AdamW β2 [default: 0.999].
+    #[arg(long)]
+    pub adam_beta2: Option<f32>,
+    /// AdamW ε [default: 1e-8].
+    #[arg(long)]
+    pub adam_eps: Option<f32>,
+
+    /// Sequences per micro-batch [default: 1].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step [default: 1].
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Tokens per sequence (longer examples are truncated and reported) [default: 256].
+    #[arg(long)]
+    pub max_seq_len: Option<usize>,
+    /// Optimizer steps to run.
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Passes over the training data (when --steps is not given) [default: 1].
+    #[arg(long)]
+    pub epochs: Option<f64>,
+    /// Evaluate every N steps (and at step 0 and at the end) [default: 20].
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Evaluate on at most this many tokens of the eval set [default: 8192].
+    #[arg(long)]
+    pub eval_tokens: Option<usize>,
+    /// Worker threads (0 = all cores).
+    #[arg(short, long)]
+    pub threads: Option<usize>,
+    /// Random seed (adapter init, shuffling, dropout) [default: 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Save a checkpoint every N steps into OUT/checkpoints/step-N (0 = none).
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// Keep only the newest K checkpoints [default: all].
+    #[arg(long)]
+    pub keep_checkpoints: Option<usize>,
+    /// Compute copies of the frozen weights for the backward pass [default: q8_0].
+    #[arg(long, value_enum)]
+    pub weight_copies: Option<WeightCopies>,
+    /// Train on prompt tokens too (no masking).
+    #[arg(long)]
+    pub train_on_prompt: bool,
+    /// Skip malformed data rows (counted) instead of stopping at the first.
+    #[arg(long)]
+    pub skip_bad_rows: bool,
+}
+
+impl TrainArgs {
+    /// Applies every flag that was given on top of `base`.
+    pub fn apply(&self, mut c: TrainConfig) -> TrainConfig {
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f.clone() { c.$f = v; } )* };
+        }
+        set!(method, eval_split, targets, rank, alpha, dropout, lr, lr_schedule, warmup, weight_decay, max_grad_norm);
+        set!(adam_beta1, adam_beta2, adam_eps, batch_size, grad_accum, max_seq_len, eval_every, eval_tokens, threads, seed);
+        set!(save_every, weight_copies);
+        if self.model.is_some() {
+            c.model = self.model.clone();
+        }
+        if self.data.is_some() {
+            c.data = self.data.clone();
+        }
+        if self.eval_data.is_some() {
+            c.eval_data = self.eval_data.clone();
+        }
+        if self.steps.is_some() {
+            c.steps = self.steps;
+        }
+        if self.epochs.is_some() {
+            c.epochs = self.epochs;
+        }
+        if self.keep_checkpoints.is_some() {
+            c.keep_checkpoints = self.keep_checkpoints;
+        }
+        c.rslora |= self.rslora;
+        c.train_on_prompt |= self.train_on_prompt;
+        c.skip_bad_rows |= self.skip_bad_rows;
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_config_which_overrides_defaults() {
+        let base: TrainConfig = toml::from_str("rank = 8\nlr = 1e-3\nseed = 5").unwrap();
+        let args = TrainArgs { rank: Some(4), rslora: true, ..Default::default() };
+        let c = args.apply(base);
+        assert_eq!(c.rank, 4);
+        assert_eq!(c.lr, 1e-3);
+        assert_eq!(c.seed, 5);
+        assert!(c.rslora);
+        assert_eq!(c.alpha, 32.0);
+    }
+}

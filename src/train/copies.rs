@@ -1,0 +1,103 @@
+//! Compute copies of the frozen weights for the backward pass (`--weight-copies`).
+//!
+//! The input gradient of `y = W·x` is `Wᵀ·∂L/∂y`. With a copy mode, every frozen matmul
+//! weight gets a persistent transposed copy `Wᵀ` ([d_out, d_in] in ggml order) in Q8_0, F16 or
+//! F32, made once at start-up on the host (dequantize, transpose, convert). With `none`, only
+//! the quantized weights stay resident and the backward dequantizes one layer's weight at a
+//! time (transient F16 copy).
+
+use crate::ggml::{dequantize, quantize, Backend, Capacity, Context, FrozenGrad, FrozenMap, Tensor, TensorId, Type};
+use crate::model::{ModelError, Weights};
+
+use super::config::WeightCopies;
+
+/// The persistent transposed copies, keyed by the frozen weight they mirror.
+pub struct FrozenCopies {
+    mode: WeightCopies,
+    ctx: Option<Context>,
+    /// (frozen weight, its transposed copy in `ctx`).
+    pairs: Vec<(TensorId, TensorId)>,
+    /// Frozen weights without a copy (transient mode).
+    transient: Vec<TensorId>,
+    bytes: usize,
+}
+
+/// Every frozen matmul weight of the model: the 7 linear maps of each layer and the output.
+pub fn frozen_matmul_weights(w: &Weights) -> Vec<Tensor<'_>> {
+    let mut v = Vec::new();
+    for i in 0..w.hparams.n_layer {
+        let l = w.layer(i);
+        v.extend([l.attn_q, l.attn_k, l.attn_v, l.attn_output, l.ffn_gate, l.ffn_up, l.ffn_down]);
+    }
+    v.push(w.output());
+    v
+}
+
+impl FrozenCopies {
+    pub fn build(weights: &Weights, mode: WeightCopies, backend: &Backend) -> Result<Self, ModelError> {
+        let frozen = frozen_matmul_weights(weights);
+        if mode == WeightCopies::None {
+            return Ok(FrozenCopies { mode, ctx: None, pairs: Vec::new(), transient: frozen.iter().map(|t| t.id()).collect(), bytes: 0 });
+        }
+        let ctx = Context::new(Capacity::tensors(frozen.len() + 8))?;
+        let mut planned = Vec::new();
+        for &w in &frozen {
+            let ne = w.ne();
+            let (d_in, d_out) = (ne[0], ne[1]);
+            // Q8_0 needs rows (here: d_out values) in whole blocks of 32; fall back to F16.
+            let ty = match mode {
+                WeightCopies::Q8_0 if d_out % 32 == 0 => Type::Q8_0,
+                WeightCopies::Q8_0 | WeightCopies::F16 => Type::F16,
+                _ => Type::F32,
+            };
+            let t = ctx.new_tensor(ty, &[d_out, d_in]);
+            t.set_name(&format!("{}.T", w.name()));
+            planned.push((w, t, ty));
+        }
+        let bytes = ctx.allocate(backend.weight_buffer_type())?;
+        let mut pairs = Vec::new();
+        for (w, t, ty) in planned {
+            let ne = w.ne();
+            let (d_in, d_out) = (ne[0] as usize, ne[1] as usize);
+            let raw = weights.read_bytes(w)?;
+            let x = dequantize(w.ty(), &raw, d_in * d_out)?; // row-major [d_out][d_in]
+            let mut xt = vec![0f32; x.len()]; // [d_in][d_out]
+            const BLK: usize = 64;
+            for ob in (0..d_out).step_by(BLK) {
+                for ib in (0..d_in).step_by(BLK) {
+                    for o in ob..(ob + BLK).min(d_out) {
+                        for i in ib..(ib + BLK).min(d_in) {
+                            xt[i * d_out + o] = x[o * d_in + i];
+                        }
+                    }
+                }
+            }
+            let bytes = quantize(ty, &xt, d_out)?;
+            ctx.write_bytes(t, &bytes)?;
+            pairs.push((w.id(), t.id()));
+        }
+        Ok(FrozenCopies { mode, ctx: Some(ctx), pairs, transient: Vec::new(), bytes })
+    }
+
+    /// How each frozen weight's input gradient is computed, for the graph rewrite.
+    pub fn map<'a>(&'a self, weights: &'a Weights) -> FrozenMap<'a> {
+        let mut m = FrozenMap::new();
+        if let Some(ctx) = &self.ctx {
+            for &(w, t) in &self.pairs {
+                m.insert(weights.tensor(w), FrozenGrad::Transposed(ctx.tensor(t)));
+            }
+        }
+        for &w in &self.transient {
+            m.insert(weights.tensor(w), FrozenGrad::Transient(Type::F16));
+        }
+        m
+    }
+
+    pub fn mode(&self) -> WeightCopies {
+        self.mode
+    }
+    /// Bytes the copies occupy.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}

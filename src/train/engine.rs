@@ -1,0 +1,213 @@
+//! The compute core of a training step, all in ggml graphs on the chosen backend:
+//! - the *micro-step graph*: forward with LoRA, loss over the trained rows, ggml's backward
+//!   with the frozen-matmul input gradients rewritten ([`crate::ggml::rebuild_frozen_backward`]),
+//!   and each parameter's gradient added into a persistent accumulator;
+//! - the *optimizer graph*: mean over micro-batches, global-norm clipping computed in the graph,
+//!   and ggml's AdamW step, writing parameters and moments in place.
+//!
+//! Only scalars (loss, gradient norm) come back to the host each step.
+
+use crate::ggml::{Backend, Capacity, Context, Graph, Tensor, TensorId};
+use crate::model::{Batch, LoraSet, ModelError, Outputs, TrainGraph, Weights};
+
+use super::copies::FrozenCopies;
+
+/// Adam moments and gradient accumulators of every LoRA parameter (F32, persistent).
+pub struct OptState {
+    ctx: Context,
+    /// Per module: (m_a, v_a, acc_a, m_b, v_b, acc_b).
+    slots: Vec<[TensorId; 6]>,
+    bytes: usize,
+}
+
+/// Names of the optimizer-state tensors of module `base` in checkpoints.
+pub const SLOT_NAMES: [&str; 6] = ["adam_m_a", "adam_v_a", "grad_acc_a", "adam_m_b", "adam_v_b", "grad_acc_b"];
+
+impl OptState {
+    pub fn new(lora: &LoraSet, backend: &Backend) -> Result<Self, ModelError> {
+        let ctx = Context::new(Capacity::tensors(6 * lora.modules().len() + 8))?;
+        let mut slots = Vec::new();
+        for m in lora.modules() {
+            let a = [m.d_in as i64, m.rank as i64];
+            let b = [m.rank as i64, m.d_out as i64];
+            let base = m.base_name();
+            let mk = |k: usize, ne: &[i64]| ctx.new_f32(&format!("{base}.{}", SLOT_NAMES[k]), ne).id();
+            slots.push([mk(0, &a), mk(1, &a), mk(2, &a), mk(3, &b), mk(4, &b), mk(5, &b)]);
+        }
+        let bytes = ctx.allocate(backend.param_buffer_type())?;
+        let s = OptState { ctx, slots, bytes };
+        s.zero_all()?;
+        Ok(s)
+    }
+
+    pub fn tensor(&self, module: usize, slot: usize) -> Tensor<'_> {
+        self.ctx.tensor(self.slots[module][slot])
+    }
+    pub fn read(&self, module: usize, slot: usize) -> Result<Vec<f32>, ModelError> {
+        Ok(self.ctx.read_f32(self.tensor(module, slot))?)
+    }
+    pub fn write(&self, module: usize, slot: usize, data: &[f32]) -> Result<(), ModelError> {
+        Ok(self.ctx.write_f32(self.tensor(module, slot), data)?)
+    }
+    /// Zeroes every moment and accumulator (a fresh optimizer).
+    pub fn zero_all(&self) -> Result<(), ModelError> {
+        for s in &self.slots {
+            for &id in s {
+                self.ctx.zero(self.ctx.tensor(id))?;
+            }
+        }
+        Ok(())
+    }
+    /// Zeroes the gradient accumulators (after an optimizer step).
+    pub fn zero_grads(&self) -> Result<(), ModelError> {
+        for s in &self.slots {
+            self.ctx.zero(self.ctx.tensor(s[2]))?;
+            self.ctx.zero(self.ctx.tensor(s[5]))?;
+        }
+        Ok(())
+    }
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// The micro-step graph for batches of one shape (tokens, trained rows).
+pub struct StepGraph<'g> {
+    pub train: TrainGraph<'g>,
+    /// The graph actually run (backward rewritten, accumulation appended).
+    pub graph: Graph<'g>,
+    /// ∂L/∂L, set to 1 before each run.
+    pub loss_grad: Tensor<'g>,
+    /// Frozen-matmul backward nodes rewritten (persistent copies, transient copies).
+    pub rewritten: (usize, usize),
+}
+
+/// Context capacity for a step graph.
+pub fn step_capacity(weights: &Weights, lora: &LoraSet) -> Capacity {
+    let base = TrainGraph::capacity(weights, Some(lora), true);
+    // Accumulation adds 2 ops per parameter; transient copies 3 tensors per frozen weight.
+    let extra = 4 * 2 * lora.modules().len() + 4 * (7 * weights.hparams.n_layer + 1) + 64;
+    Capacity::graph(base.graph_nodes + extra, base.graph_nodes + extra, true)
+}
+
+impl<'g> StepGraph<'g> {
+    /// Builds forward + backward for `n_tokens` tokens and `n_rows` trained rows.
+    pub fn build(
+        ctx: &'g Context,
+        weights: &'g Weights,
+        lora: &'g LoraSet,
+        copies: &'g FrozenCopies,
+        opt: &'g OptState,
+        n_tokens: usize,
+        n_rows: usize,
+    ) -> Self {
+        lora.mark_params();
+        let mut train = TrainGraph::build(ctx, weights, Some(lora), n_tokens, Outputs::Rows(n_rows), true);
+        let loss = train.loss.expect("training graph has a loss");
+        train.graph.build_backward_expand(ctx);
+        let loss_grad = train.graph.grad_acc(loss).expect("the loss has a gradient accumulator").set_input();
+        // Accumulate each parameter's gradient into its persistent slot: acc ← acc + ∂L/∂θ.
+        let mut extra = vec![loss];
+        for (i, m) in lora.modules().iter().enumerate() {
+            for (param, slot) in [(lora.a(m), 2usize), (lora.b(m), 5usize)] {
+                let g = train.graph.grad(param).unwrap_or_else(|| panic!("no gradient for {}", param.name()));
+                let acc = opt.tensor(i, slot);
+                extra.push(ctx.cpy(ctx.add(acc, g), acc));
+            }
+        }
+        let map = copies.map(weights);
+        let (graph, stats) = crate::ggml::rebuild_frozen_backward(ctx, &train.graph, &map, &extra);
+        StepGraph { train, graph, loss_grad, rewritten: (stats.persistent, stats.transient) }
+    }
+}
+
+/// Hyper-parameters of one optimizer step.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step count for the bias corrections.
+    pub t: u64,
+}
+
+impl AdamStep {
+    /// The 7 values of ggml's `opt_step_adamw` parameter tensor.
+    pub fn params(&self) -> [f32; 7] {
+        let b1h = 1.0 / (1.0 - (self.beta1 as f64).powi(self.t as i32));
+        let b2h = 1.0 / (1.0 - (self.beta2 as f64).powi(self.t as i32));
+        [self.lr, self.beta1, self.beta2, self.eps, self.weight_decay, b1h as f32, b2h as f32]
+    }
+}
+
+/// The optimizer graph: g = acc / n_micro, norm = ‖g‖₂ over all parameters,
+/// g ← g · min(1, max_norm / norm), AdamW.
+pub struct OptGraph<'g> {
+    pub graph: Graph<'g>,
+    /// F32 [7]: AdamW parameters.
+    pub adamw: Tensor<'g>,
+    /// F32 [1]: max_norm (clipping; unused when clipping is off).
+    pub max_norm: Tensor<'g>,
+    /// F32 [1]: the global gradient norm before clipping.
+    pub norm: Tensor<'g>,
+    pub clip: bool,
+}
+
+pub fn opt_capacity(lora: &LoraSet) -> Capacity {
+    let n = 16 * 2 * lora.modules().len() + 64;
+    Capacity::graph(n, n, false)
+}
+
+impl<'g> OptGraph<'g> {
+    /// `max_grad_norm` = 0 turns clipping off; otherwise it is baked into the graph (and also
+    /// fed as the `max_norm` input each step).
+    pub fn build(ctx: &'g Context, lora: &'g LoraSet, opt: &'g OptState, n_micro: usize, max_grad_norm: f32) -> Self {
+        let clip = max_grad_norm > 0.0;
+        let cap = ctx.capacity();
+        let mut graph = ctx.new_graph(cap.graph_nodes, false);
+        let adamw = ctx.new_f32("adamw_params", &[7]).set_input();
+        let max_norm = ctx.new_f32("max_grad_norm", &[1]).set_input();
+        let inv = 1.0 / n_micro as f32;
+        let mut grads = Vec::new();
+        let mut sumsq: Option<Tensor<'g>> = None;
+        for (i, m) in lora.modules().iter().enumerate() {
+            for (param, k) in [(lora.a(m), 0usize), (lora.b(m), 3usize)] {
+                let acc = opt.tensor(i, k + 2);
+                let g = if n_micro == 1 { acc } else { ctx.scale(acc, inv) };
+                let s = ctx.sum(ctx.sqr(g)); // [1]
+                sumsq = Some(match sumsq {
+                    Some(t) => ctx.add(t, s),
+                    None => s,
+                });
+                grads.push((param, g, opt.tensor(i, k), opt.tensor(i, k + 1)));
+            }
+        }
+        let norm = ctx.sqrt(sumsq.expect("at least one parameter")).set_name("grad_norm").set_output(); // [1]
+        // factor = max_norm / max(norm, max_norm) = min(1, max_norm / norm)
+        let factor = clip.then(|| ctx.div(max_norm, ctx.clamp(norm, max_grad_norm, f32::MAX))); // [1]
+        graph.build_forward_expand(norm);
+        for (param, g, m, v) in grads {
+            let g = match factor {
+                Some(f) => ctx.mul(g, f),
+                None => g,
+            };
+            graph.build_forward_expand(ctx.opt_step_adamw(param, g, m, v, adamw));
+        }
+        OptGraph { graph, adamw, max_norm, norm, clip }
+    }
+}
+
+/// One forward-only evaluation graph (loss over the trained rows).
+pub fn eval_capacity(weights: &Weights, lora: &LoraSet) -> Capacity {
+    TrainGraph::capacity(weights, Some(lora), false)
+}
+
+/// Runs the eval graph over `batch`; returns the mean loss over its rows.
+pub fn eval_batch(backend: &mut Backend, g: &TrainGraph<'_>, batch: &Batch) -> Result<f32, ModelError> {
+    let mut run = backend.compute(&g.graph)?;
+    g.set_inputs(&mut run, batch)?;
+    run.run()?;
+    Ok(run.read_f32(g.loss.expect("eval graph has a loss"))?[0])
+}

@@ -1,0 +1,557 @@
+//! `grit train`: data → graphs → steps → checkpoints, metrics, adapter and summary.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::data::{self, DataConfig, Dataset, Sequence};
+use crate::ggml::{Backend, BackendOptions, Context, Device};
+use crate::gguf::GgufFile;
+use crate::model::{AdapterScale, Arch, Batch, LoraConfig, LoraSet, ModelError, Outputs, Target, TrainGraph, Weights};
+
+use super::checkpoint::{self, Checkpoint, NamedTensor};
+use super::config::{ConfigError, Method, TrainConfig};
+use super::copies::FrozenCopies;
+use super::engine::{self, AdamStep, OptGraph, OptState, StepGraph, SLOT_NAMES};
+use super::metrics::MetricsWriter;
+use super::schedule::lr_at;
+
+/// Why training stopped early. Messages name the file, flag or step.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Data(#[from] data::DataError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Ggml(#[from] crate::ggml::GgmlError),
+    #[error(transparent)]
+    Infer(#[from] crate::infer::InferError),
+    #[error(transparent)]
+    Gguf(#[from] crate::gguf::GgufError),
+    #[error(transparent)]
+    Fetch(#[from] crate::fetch::FetchError),
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+    #[error("{p}: {msg}", p = .0.display(), msg = .1)]
+    Io(PathBuf, String),
+    #[error("{p}: the output folder is not empty; pass --overwrite to replace its run or --resume {p} to continue it", p = .0.display())]
+    OutNotEmpty(PathBuf),
+    #[error("no training data: pass --data FILE (JSONL or .txt)")]
+    NoData,
+    #[error("`--method grit` is not implemented yet (tracked in issue 4); use --method lora")]
+    GritNotYet,
+    #[error("training needs about {need_mib} MiB but only {avail_mib} MiB are available; {hint}")]
+    Memory { need_mib: u64, avail_mib: u64, hint: String },
+    #[error("the loss became {loss} at step {step}; lower --lr or check the data")]
+    NonFinite { step: usize, loss: f32 },
+    #[error("{p}: no checkpoint to resume from (the run saves them with --save-every N or on Ctrl-C)", p = .0.display())]
+    NothingToResume(PathBuf),
+    #[error("interrupted at step {step}; checkpoint saved in {p}; continue with --resume {out}", p = .dir.display(), out = .out.display())]
+    Interrupted { step: usize, dir: PathBuf, out: PathBuf },
+}
+
+fn io(p: &Path, e: impl ToString) -> TrainError {
+    TrainError::Io(p.into(), e.to_string())
+}
+
+/// How `grit train` was asked to run (beyond the configuration).
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub out: PathBuf,
+    pub overwrite: bool,
+    /// Continue the run in `out` from its latest checkpoint.
+    pub resume: bool,
+    pub dry_run: bool,
+    /// Stop (as if interrupted, checkpoint included) after this step — for tests of resume.
+    pub stop_after: Option<usize>,
+}
+
+/// What a finished run reports (also written as `summary.json`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    pub method: Method,
+    pub base_model: String,
+    pub targets: Vec<String>,
+    pub rank_per_module: std::collections::BTreeMap<String, usize>,
+    pub trainable_params: usize,
+    pub steps: usize,
+    pub train_loss: Option<f32>,
+    pub eval_loss: Option<f32>,
+    pub eval_loss_initial: Option<f32>,
+    pub tokens_per_s: f64,
+    pub peak_rss_bytes: u64,
+    pub wall_s: f64,
+    pub weight_copies: super::config::WeightCopies,
+}
+
+/// Peak resident memory of this process (VmHWM), bytes.
+pub fn peak_rss_bytes() -> u64 {
+    proc_status_kib("VmHWM:") * 1024
+}
+/// Current resident memory (VmRSS), bytes.
+pub fn rss_bytes() -> u64 {
+    proc_status_kib("VmRSS:") * 1024
+}
+fn proc_status_kib(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+/// MemAvailable from /proc/meminfo, bytes (None where unknown).
+pub fn mem_available_bytes() -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|k| k * 1024)
+}
+
+/// Turns `seqs` into one graph batch: each sequence padded to `seq_len`, placed one after the
+/// other, with a block-diagonal causal mask (per sequence and per packed example) and the
+/// trained rows and their labels.
+pub fn make_batch(seqs: &[Sequence], seq_len: usize, pad: i32) -> Batch {
+    let n = seqs.len() * seq_len;
+    let mut b = Batch { tokens: Vec::with_capacity(n), positions: Vec::with_capacity(n), mask: vec![f32::NEG_INFINITY; n * n], rows: Vec::new(), labels: Vec::new() };
+    for (k, s) in seqs.iter().enumerate() {
+        let mut s = s.clone();
+        s.pad_to(seq_len, pad);
+        let off = k * seq_len;
+        let m = data::causal_segment_mask(&s);
+        for q in 0..seq_len {
+            b.mask[(off + q) * n + off..(off + q) * n + off + seq_len].copy_from_slice(&m[q * seq_len..(q + 1) * seq_len]);
+        }
+        b.tokens.extend_from_slice(&s.tokens);
+        b.positions.extend_from_slice(&s.pos);
+        for (i, &w) in s.loss_mask.iter().enumerate() {
+            if w > 0.0 {
+                b.rows.push((off + i) as i32);
+                b.labels.push(s.labels[i]);
+            }
+        }
+    }
+    b
+}
+
+fn is_empty_dir(p: &Path) -> bool {
+    std::fs::read_dir(p).map(|mut d| d.next().is_none()).unwrap_or(true)
+}
+
+/// Writes `bytes` to `path` atomically (temporary sibling + rename).
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+    crate::fetch::write_atomic(path, bytes).map_err(|e| io(path, e))
+}
+
+/// Runs a training job as configured.
+pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainError> {
+    cfg.validate()?;
+    if cfg.method == Method::Grit {
+        return Err(TrainError::GritNotYet);
+    }
+    let data_path = cfg.data.clone().ok_or(TrainError::NoData)?;
+    let model_path = match &cfg.model {
+        Some(p) => p.clone(),
+        None => crate::fetch::ensure_default_model()?,
+    };
+    cfg.model = Some(model_path.clone());
+
+    // Model file, architecture, tokenizer (vocab only: the weights are loaded by grit).
+    let file = GgufFile::open(&model_path)?;
+    Arch::parse(&file.architecture()?)?; // refuse untrainable architectures before loading data
+    let tok = crate::infer::Model::load_vocab_only(&model_path)?;
+
+    // Data.
+    let dcfg = DataConfig { max_seq_len: cfg.max_seq_len, train_on_prompt: cfg.train_on_prompt, skip_bad_rows: cfg.skip_bad_rows, seed: cfg.seed, pack: true };
+    let train_ds = data::load_file(&data_path, &tok, &dcfg)?;
+    let (train_ds, eval_ds): (Dataset, Option<Dataset>) = match (&cfg.eval_data, cfg.eval_split > 0.0) {
+        (Some(p), _) => (train_ds, Some(data::load_file(p, &tok, &dcfg)?)),
+        (None, true) => {
+            let (t, e) = data::split_eval(train_ds, cfg.eval_split, cfg.seed)?;
+            (t, Some(e))
+        }
+        (None, false) => (train_ds, None),
+    };
+    if opts.dry_run {
+        println!("training data\n{}", train_ds.stats);
+        if let Some(e) = &eval_ds {
+            println!("evaluation data\n{}", e.stats);
+        }
+        std::process::exit(0);
+    }
+
+    // Output folder.
+    let out = opts.out.clone();
+    if opts.resume {
+        if !out.join("config.toml").is_file() {
+            return Err(TrainError::NothingToResume(out));
+        }
+    } else if out.exists() && !is_empty_dir(&out) {
+        if !opts.overwrite {
+            return Err(TrainError::OutNotEmpty(out));
+        }
+        for f in ["adapter.gguf", "metrics.jsonl", "summary.json", "config.toml"] {
+            let _ = std::fs::remove_file(out.join(f));
+        }
+        let _ = std::fs::remove_dir_all(out.join("checkpoints"));
+    }
+    std::fs::create_dir_all(&out).map_err(|e| io(&out, e))?;
+    write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
+    let ckpt_dir = out.join("checkpoints");
+
+    // Backend, frozen weights, adapters, optimizer state.
+    let mut backend = Backend::new(BackendOptions { device: Device::Auto, n_threads: cfg.threads })?;
+    let weights = Weights::load(&file, &backend)?;
+    drop(file);
+    let targets = cfg.targets.iter().map(|t| Target::parse(t)).collect::<Result<Vec<_>, _>>()?;
+    let lcfg = LoraConfig { targets, rank: cfg.rank, alpha: cfg.alpha, rslora: cfg.rslora, layers: None };
+    let lora = LoraSet::new(&weights, &lcfg, &backend)?;
+    lora.init(cfg.seed)?;
+    lora.mark_params();
+    let opt = OptState::new(&lora, &backend)?;
+    let copies = FrozenCopies::build(&weights, cfg.weight_copies, &backend)?;
+
+    let mut batcher = data::Batcher::new(&train_ds, cfg.batch_size)?;
+    let total_steps = cfg.steps.unwrap_or_else(|| {
+        let epochs = cfg.epochs.unwrap_or(1.0);
+        ((epochs * batcher.batches_per_epoch() as f64) / cfg.grad_accum as f64).ceil().max(1.0) as usize
+    });
+    let eval_seqs: Vec<Sequence> = eval_ds.as_ref().map(data::pack).unwrap_or_default();
+    let pad = tok_eos(&train_ds);
+
+    // Resume: parameters, optimizer state, data position, step.
+    let mut start_step = 0usize;
+    let mut elapsed_before = 0.0f64;
+    let mut eval_initial: Option<f32> = None;
+    let mut metrics = if opts.resume {
+        let step = *checkpoint::list_steps(&ckpt_dir).last().ok_or_else(|| TrainError::NothingToResume(out.clone()))?;
+        let ck = Checkpoint::load(&checkpoint::step_dir(&ckpt_dir, step))?;
+        restore(&ck, &lora, &opt)?;
+        let pos: data::DataPosition = serde_json::from_value(ck.state["data"].clone())
+            .map_err(|e| TrainError::Io(checkpoint::step_dir(&ckpt_dir, step), format!("state.json: field 'data': {e}")))?;
+        batcher.restore(pos)?;
+        start_step = step;
+        elapsed_before = ck.state["elapsed_s"].as_f64().unwrap_or(0.0);
+        eval_initial = ck.state["eval_loss_initial"].as_f64().map(|x| x as f32);
+        eprintln!("grit: resuming {} from step {step}", out.display());
+        MetricsWriter::resume(&out.join("metrics.jsonl"), step).map_err(|e| io(&out.join("metrics.jsonl"), e))?
+    } else {
+        MetricsWriter::create(&out.join("metrics.jsonl")).map_err(|e| io(&out.join("metrics.jsonl"), e))?
+    };
+
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        // A second handler registration (tests running several trainings) is harmless to skip.
+        let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+    }
+
+    eprintln!(
+        "grit: {} · {} modules · {} trainable parameters · {} steps · {} sequences/epoch · weight copies {:?} ({} MiB) · backend {} ({} threads)",
+        weights.hparams.arch.name(),
+        lora.modules().len(),
+        lora.n_params(),
+        total_steps,
+        batcher.sequences_per_epoch(),
+        copies.mode(),
+        copies.bytes() >> 20,
+        backend.name(),
+        backend.n_threads()
+    );
+
+    let t_start = Instant::now();
+    let mut last_eval: Option<f32> = None;
+    let evaluate = |backend: &mut Backend, step: usize, metrics: &mut MetricsWriter| -> Result<Option<f32>, TrainError> {
+        if eval_seqs.is_empty() {
+            return Ok(None);
+        }
+        let (loss, tokens) = run_eval(backend, &weights, &lora, &eval_seqs, cfg.max_seq_len, pad, cfg.eval_tokens)?;
+        metrics.write(&serde_json::json!({"step": step, "eval_loss": loss, "eval_tokens": tokens})).map_err(|e| io(metrics.path(), e))?;
+        Ok(Some(loss))
+    };
+    if start_step == 0 {
+        last_eval = evaluate(&mut backend, 0, &mut metrics)?;
+        eval_initial = last_eval;
+        if let Some(l) = last_eval {
+            eprintln!("grit: step 0 eval loss {l:.4}");
+        }
+    }
+
+    let bar = ProgressBar::new(total_steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:24}] {msg} · ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_position(start_step as u64);
+
+    let opt_ctx = Context::new(engine::opt_capacity(&lora))?;
+    let opt_graph = OptGraph::build(&opt_ctx, &lora, &opt, cfg.grad_accum, cfg.max_grad_norm);
+
+    let mut step = start_step;
+    let mut losses: Vec<f32> = Vec::new();
+    let mut tok_rates: Vec<f64> = Vec::new();
+    let mut pending: Option<Batch> = None;
+    let mut memory_checked = false;
+    // The step being accumulated: micro-batches done, loss sum, tokens, start time.
+    let (mut micro, mut loss_sum, mut tokens, mut t0) = (0usize, 0f32, 0usize, Instant::now());
+    'shapes: while step < total_steps {
+        // The step graph is rebuilt only when the batch shape (tokens, trained rows) changes.
+        let first = pending.take().unwrap_or_else(|| make_batch(&batcher.next_batch(), cfg.max_seq_len, pad));
+        let key = (first.n_tokens(), first.n_rows());
+        let ctx = Context::new(engine::step_capacity(&weights, &lora))?;
+        let sg = StepGraph::build(&ctx, &weights, &lora, &copies, &opt, key.0, key.1);
+        if !memory_checked {
+            memory_checked = true;
+            eprintln!(
+                "grit: step graph: {} nodes; frozen backward rewritten: {} with persistent copies, {} transient",
+                sg.graph.n_nodes(),
+                sg.rewritten.0,
+                sg.rewritten.1
+            );
+            drop(backend.compute(&sg.graph)?);
+            check_memory(&weights, &copies, &lora, &opt, backend.compute_buffer_bytes())?;
+        }
+        let mut next = Some(first);
+        loop {
+            let batch = next.take().unwrap_or_else(|| make_batch(&batcher.next_batch(), cfg.max_seq_len, pad));
+            if (batch.n_tokens(), batch.n_rows()) != key {
+                pending = Some(batch);
+                continue 'shapes;
+            }
+            {
+                let mut run = backend.compute(&sg.graph)?;
+                sg.train.set_inputs(&mut run, &batch)?;
+                run.write_f32(sg.loss_grad, &[1.0])?;
+                run.run()?;
+                let l = run.read_f32(sg.train.loss.expect("loss"))?[0];
+                if !l.is_finite() {
+                    return Err(TrainError::NonFinite { step: step + 1, loss: l });
+                }
+                loss_sum += l;
+                tokens += batch.tokens.len();
+                micro += 1;
+            }
+            if micro < cfg.grad_accum {
+                continue;
+            }
+
+            // Optimizer step: mean gradient, clipping, AdamW (one graph).
+            let loss = loss_sum / cfg.grad_accum as f32;
+            let lr = lr_at(cfg.lr_schedule, cfg.lr, cfg.warmup, step, total_steps);
+            let adam = AdamStep { lr, beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_eps, weight_decay: cfg.weight_decay, t: step as u64 + 1 };
+            let grad_norm = {
+                let mut run = backend.compute(&opt_graph.graph)?;
+                run.write_f32(opt_graph.adamw, &adam.params())?;
+                run.write_f32(opt_graph.max_norm, &[cfg.max_grad_norm])?;
+                run.run()?;
+                run.read_f32(opt_graph.norm)?[0]
+            };
+            opt.zero_grads()?;
+            step += 1;
+            let dt = t0.elapsed().as_secs_f64();
+            let tps = tokens as f64 / dt;
+            losses.push(loss);
+            tok_rates.push(tps);
+            let elapsed = elapsed_before + t_start.elapsed().as_secs_f64();
+            metrics
+                .write(&serde_json::json!({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tps, "elapsed_s": elapsed}))
+                .map_err(|e| io(metrics.path(), e))?;
+            bar.set_message(format!("loss {loss:.4} · lr {lr:.2e} · {tps:.0} tok/s · {} MiB", rss_bytes() >> 20));
+            bar.set_position(step as u64);
+
+            let is_last = step == total_steps;
+            if (cfg.eval_every > 0 && step % cfg.eval_every == 0) || is_last {
+                last_eval = evaluate(&mut backend, step, &mut metrics)?;
+                if let Some(l) = last_eval {
+                    bar.println(format!("step {step}: eval loss {l:.4}"));
+                }
+            }
+            let stop_here = opts.stop_after == Some(step) && !is_last;
+            let ctrl_c = interrupted.load(Ordering::SeqCst) && !is_last;
+            if (cfg.save_every > 0 && step % cfg.save_every == 0 && !is_last) || stop_here || ctrl_c {
+                let state = serde_json::json!({
+                    "data": batcher.position(),
+                    "elapsed_s": elapsed,
+                    "eval_loss_initial": eval_initial,
+                    "total_steps": total_steps,
+                });
+                let dir = snapshot(step, &lora, &opt, state).save(&ckpt_dir)?;
+                if let Some(k) = cfg.keep_checkpoints {
+                    checkpoint::prune(&ckpt_dir, k)?;
+                }
+                if stop_here || ctrl_c {
+                    bar.abandon();
+                    return Err(TrainError::Interrupted { step, dir, out });
+                }
+            }
+            (micro, loss_sum, tokens, t0) = (0, 0.0, 0, Instant::now());
+            if is_last {
+                break 'shapes;
+            }
+        }
+    }
+    bar.finish_and_clear();
+
+    // Adapter, summary.
+    let scale = if cfg.rslora { AdapterScale::FoldIntoB } else { AdapterScale::Alpha(cfg.alpha) };
+    let adapter = out.join("adapter.gguf");
+    let tmp = out.join(".adapter.gguf.tmp");
+    lora.write_gguf(&tmp, weights.hparams.arch.name(), scale)?;
+    std::fs::rename(&tmp, &adapter).map_err(|e| io(&adapter, e))?;
+
+    let tail = &losses[losses.len().saturating_sub(10)..];
+    let mut rates = tok_rates.clone();
+    rates.sort_by(f64::total_cmp);
+    let summary = Summary {
+        method: cfg.method,
+        base_model: model_path.display().to_string(),
+        targets: cfg.targets.clone(),
+        rank_per_module: lora.modules().iter().map(|m| (m.base_name(), m.rank)).collect(),
+        trainable_params: lora.n_params(),
+        steps: step,
+        train_loss: (!tail.is_empty()).then(|| tail.iter().sum::<f32>() / tail.len() as f32),
+        eval_loss: last_eval,
+        eval_loss_initial: eval_initial,
+        tokens_per_s: rates.get(rates.len() / 2).copied().unwrap_or(0.0),
+        peak_rss_bytes: peak_rss_bytes(),
+        wall_s: elapsed_before + t_start.elapsed().as_secs_f64(),
+        weight_copies: cfg.weight_copies,
+    };
+    let js = serde_json::to_vec_pretty(&summary).map_err(|e| io(&out, e))?;
+    write_atomic(&out.join("summary.json"), &js)?;
+    Ok(summary)
+}
+
+fn tok_eos(ds: &Dataset) -> i32 {
+    ds.eos
+}
+
+/// Refuses to start when the run would not fit in available memory.
+fn check_memory(weights: &Weights, copies: &FrozenCopies, lora: &LoraSet, opt: &OptState, compute: usize) -> Result<(), TrainError> {
+    let need = (weights.bytes() + copies.bytes() + 4 * lora.n_params() + opt.bytes() + compute) as u64;
+    let Some(avail) = mem_available_bytes() else { return Ok(()) };
+    // What is already resident counts as available to us.
+    let avail = avail + rss_bytes();
+    if need > avail {
+        let hint = if copies.bytes() > 0 {
+            "lower --max-seq-len or --batch-size, or use --weight-copies none".to_string()
+        } else {
+            "lower --max-seq-len or --batch-size".to_string()
+        };
+        return Err(TrainError::Memory { need_mib: need >> 20, avail_mib: avail >> 20, hint });
+    }
+    Ok(())
+}
+
+/// Mean loss over the eval sequences (weighted by trained rows), reading at most
+/// `max_tokens` tokens (at least one sequence).
+fn run_eval(
+    backend: &mut Backend,
+    weights: &Weights,
+    lora: &LoraSet,
+    seqs: &[Sequence],
+    seq_len: usize,
+    pad: i32,
+    max_tokens: usize,
+) -> Result<(f32, usize), TrainError> {
+    let mut total = 0f64;
+    let mut rows = 0usize;
+    let mut tokens = 0usize;
+    let mut batches = Vec::new();
+    for s in seqs {
+        if tokens > 0 && tokens + s.len() > max_tokens {
+            break;
+        }
+        let batch = make_batch(std::slice::from_ref(s), seq_len, pad);
+        if batch.n_rows() > 0 {
+            tokens += s.len();
+            batches.push(batch);
+        }
+    }
+    // One graph per run of batches with the same number of trained rows.
+    let mut i = 0;
+    while i < batches.len() {
+        let n_rows = batches[i].n_rows();
+        let ctx = Context::new(engine::eval_capacity(weights, lora))?;
+        let g = TrainGraph::build(&ctx, weights, Some(lora), batches[i].n_tokens(), Outputs::Rows(n_rows), true);
+        while i < batches.len() && batches[i].n_rows() == n_rows {
+            let l = engine::eval_batch(backend, &g, &batches[i])?;
+            total += l as f64 * n_rows as f64;
+            rows += n_rows;
+            i += 1;
+        }
+    }
+    Ok(((total / rows.max(1) as f64) as f32, tokens))
+}
+
+/// A checkpoint of the current parameters and optimizer state.
+fn snapshot(step: usize, lora: &LoraSet, opt: &OptState, state: serde_json::Value) -> Checkpoint {
+    let mut tensors = Vec::new();
+    for (i, m) in lora.modules().iter().enumerate() {
+        let base = m.base_name();
+        let a_shape = vec![m.rank, m.d_in];
+        let b_shape = vec![m.d_out, m.rank];
+        tensors.push(NamedTensor { name: format!("{base}.lora_a"), shape: a_shape.clone(), data: lora.read_a(i).unwrap_or_default() });
+        tensors.push(NamedTensor { name: format!("{base}.lora_b"), shape: b_shape.clone(), data: lora.read_b(i).unwrap_or_default() });
+        for (k, name) in SLOT_NAMES.iter().enumerate() {
+            let shape = if k < 3 { a_shape.clone() } else { b_shape.clone() };
+            tensors.push(NamedTensor { name: format!("{base}.{name}"), shape, data: opt.read(i, k).unwrap_or_default() });
+        }
+    }
+    Checkpoint { step, tensors, state }
+}
+
+/// Restores parameters and optimizer state from a checkpoint (shapes are checked).
+fn restore(ck: &Checkpoint, lora: &LoraSet, opt: &OptState) -> Result<(), TrainError> {
+    let get = |name: String, len: usize| -> Result<&Vec<f32>, TrainError> {
+        let t = ck.tensor(&name).ok_or_else(|| TrainError::Io(PathBuf::from(format!("checkpoint step-{}", ck.step)), format!("tensor '{name}' is missing")))?;
+        if t.data.len() != len {
+            return Err(TrainError::Io(
+                PathBuf::from(format!("checkpoint step-{}", ck.step)),
+                format!("tensor '{name}' has {} values, this run needs {len} (different --rank/--targets?)", t.data.len()),
+            ));
+        }
+        Ok(&t.data)
+    };
+    for (i, m) in lora.modules().iter().enumerate() {
+        let base = m.base_name();
+        let (na, nb) = (m.rank * m.d_in, m.rank * m.d_out);
+        lora.write_a(i, get(format!("{base}.lora_a"), na)?)?;
+        lora.write_b(i, get(format!("{base}.lora_b"), nb)?)?;
+        for (k, name) in SLOT_NAMES.iter().enumerate() {
+            let n = if k < 3 { na } else { nb };
+            opt.write(i, k, get(format!("{base}.{name}"), n)?)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_are_block_diagonal_with_trained_rows() {
+        let s = Sequence { tokens: vec![5, 6, 7], labels: vec![6, 7, 2], loss_mask: vec![1.0, 1.0, 0.0], segment: vec![0, 0, 0], pos: vec![0, 1, 2] };
+        let t = Sequence { tokens: vec![8, 9], labels: vec![9, 2], loss_mask: vec![1.0, 0.0], segment: vec![0, 0], pos: vec![0, 1] };
+        let b = make_batch(&[s, t], 4, 0);
+        assert_eq!(b.tokens, vec![5, 6, 7, 0, 8, 9, 0, 0]);
+        assert_eq!(b.positions, vec![0, 1, 2, 0, 0, 1, 0, 1]);
+        assert_eq!(b.rows, vec![0, 1, 4]);
+        assert_eq!(b.labels, vec![6, 7, 9]);
+        let n = 8;
+        let ok = |q: usize, k: usize| b.mask[q * n + k] == 0.0;
+        assert!(ok(2, 0) && !ok(0, 2), "causal inside the first sequence");
+        assert!(!ok(4, 2) && !ok(4, 3), "the second sequence cannot see the first");
+        assert!(ok(5, 4) && ok(3, 3) && !ok(3, 2), "padding is its own segment");
+        b.validate(Some(10)).unwrap();
+    }
+}
