@@ -14,6 +14,7 @@ pub mod cli;
 pub mod data;
 pub mod fetch;
 pub mod ggml;
+pub mod grit;
 pub mod gguf;
 pub mod infer;
 pub mod llama;

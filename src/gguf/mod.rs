@@ -135,7 +135,7 @@ impl GgufFile {
         }
         let cpath = CString::new(path.to_string_lossy().as_bytes())
             .map_err(|_| GgufError::Io(path.clone(), std::io::Error::other("path contains a NUL byte")))?;
-        crate::llama::init_logging(false);
+        crate::llama::ensure_logging();
         crate::llama::clear_log_errors();
         let params = sys::gguf_init_params { no_alloc: true, ctx: std::ptr::null_mut() };
         // SAFETY: valid NUL-terminated path; no_alloc with a null ctx pointer reads metadata only.

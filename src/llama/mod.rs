@@ -69,6 +69,11 @@ pub fn init_logging(verbose: bool) {
     });
 }
 
+/// Installs the log handler (if not yet) without changing the verbosity.
+pub fn ensure_logging() {
+    init_logging(VERBOSE.load(Ordering::Relaxed));
+}
+
 /// Clears the captured llama.cpp error lines (call before an operation whose errors you report).
 pub fn clear_log_errors() {
     if let Ok(mut recent) = RECENT.lock() {

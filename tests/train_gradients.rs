@@ -1,0 +1,200 @@
+//! Gradient checks of the training engine on tiny random models: the LoRA gradients that a
+//! training step accumulates (forward, ggml backward with the frozen-matmul input gradients
+//! rewritten, accumulation) against central finite differences of the loss, for F32, Q4_0,
+//! Q4_1, Q8_0 and Q4_K base weights in every `--weight-copies` mode; and the rewritten
+//! backward against ggml's stock autodiff on an F32 model.
+
+use std::io::{Read, Seek, SeekFrom};
+
+use grit::ggml::{dequantize, Backend, Context, GgufWriter, Type};
+use grit::gguf::GgufFile;
+use grit::model::{write_tiny_model, Batch, LoraConfig, LoraSet, Outputs, TinySpec, TrainGraph, Weights};
+use grit::train::config::WeightCopies;
+use grit::train::copies::FrozenCopies;
+use grit::train::engine::{self, OptState, StepGraph};
+
+fn tokenizer_source() -> std::path::PathBuf {
+    grit::fetch::ensure_default_model().expect("default model (tokenizer source)")
+}
+
+fn tiny(dir: &std::path::Path, ty: Type, seed: u64) -> std::path::PathBuf {
+    let path = dir.join(format!("tiny-{}.gguf", ty.name()));
+    // n_embd 256 so that K-quants (blocks of 256) fit every matrix row.
+    let spec = TinySpec { n_embd: 256, n_layer: 2, n_head: 4, n_head_kv: 2, n_ff: 512, weight_type: ty, tied_output: false, seed, ..TinySpec::default() };
+    write_tiny_model(&path, &spec, &tokenizer_source()).unwrap();
+    path
+}
+
+/// The F32 twin of a GGUF model: every tensor dequantized, metadata copied. Its loss is a
+/// smooth function of the adapter, so finite differences on it are clean.
+fn f32_twin(path: &std::path::Path) -> std::path::PathBuf {
+    let g = GgufFile::open(path).unwrap();
+    let mut w = GgufWriter::new();
+    w.copy_keys_from(path, |_| true).unwrap();
+    let mut f = std::fs::File::open(path).unwrap();
+    for t in g.tensors() {
+        let mut raw = vec![0u8; t.size as usize];
+        f.seek(SeekFrom::Start(g.data_offset() + t.offset)).unwrap();
+        f.read_exact(&mut raw).unwrap();
+        let x = dequantize(Type(t.ggml_type), &raw, t.n_elements() as usize).unwrap();
+        let dims = t.ne.iter().rposition(|&d| d > 1).map_or(1, |i| i + 1);
+        w.add_f32(&t.name, &t.ne[..dims], &x).unwrap();
+    }
+    let out = path.with_extension("f32.gguf");
+    w.write(&out).unwrap();
+    out
+}
+
+fn batch() -> Batch {
+    let tokens: Vec<i32> = (0..24).map(|i| (i * 997 + 13) % 5000).collect();
+    let rows: Vec<i32> = (3..23).collect();
+    let labels: Vec<i32> = rows.iter().map(|&r| tokens[r as usize + 1]).collect();
+    Batch::causal(&tokens, &rows, &labels).unwrap()
+}
+
+/// The loss of a forward-only graph at the adapter's current values.
+fn loss(backend: &mut Backend, weights: &Weights, lora: &LoraSet, b: &Batch) -> f64 {
+    let ctx = Context::new(engine::eval_capacity(weights, lora)).unwrap();
+    let g = TrainGraph::build(&ctx, weights, Some(lora), b.n_tokens(), Outputs::Rows(b.n_rows()), true);
+    engine::eval_batch(backend, &g, b).unwrap() as f64
+}
+
+/// Runs one training micro-step; returns the accumulated gradients (A and B per module).
+fn step_grads(backend: &mut Backend, weights: &Weights, lora: &LoraSet, copies: &FrozenCopies, opt: &OptState, b: &Batch) -> Vec<(Vec<f32>, Vec<f32>)> {
+    opt.zero_grads().unwrap();
+    let ctx = Context::new(engine::step_capacity(weights, lora)).unwrap();
+    let sg = StepGraph::build(&ctx, weights, lora, copies, opt, b.n_tokens(), b.n_rows());
+    let expect = if copies.bytes() > 0 { (sg.rewritten.0, 0) } else { (0, sg.rewritten.1) };
+    assert!(expect.0 + expect.1 > 0, "no frozen backward was rewritten");
+    let mut run = backend.compute(&sg.graph).unwrap();
+    sg.train.set_inputs(&mut run, b).unwrap();
+    run.write_f32(sg.loss_grad, &[1.0]).unwrap();
+    run.run().unwrap();
+    drop(run);
+    (0..lora.modules().len()).map(|i| (opt.read(i, 2).unwrap(), opt.read(i, 5).unwrap())).collect()
+}
+
+/// Worst relative error of the largest gradient entries of layer 0's modules (whose
+/// gradients pass through every frozen backward of the model) against central finite
+/// differences. The gradient comes from a training step on the `ty` model with copy mode
+/// `mode`; the finite differences from its F32 twin (same weights, dequantized), because the
+/// quantized forward rounds activations to 8 bits and is not smooth at the scale of `eps`.
+fn check(ty: Type, mode: WeightCopies, eps: f32) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny(dir.path(), ty, 7);
+    let twin = if ty == Type::F32 { path.clone() } else { f32_twin(&path) };
+    let mut backend = Backend::cpu(0).unwrap();
+    let cfg = LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() };
+    let weights = Weights::load(&GgufFile::open(&path).unwrap(), &backend).unwrap();
+    let lora = LoraSet::new(&weights, &cfg, &backend).unwrap();
+    lora.randomize(3, 0.05, 0.05).unwrap();
+    lora.mark_params();
+    let opt = OptState::new(&lora, &backend).unwrap();
+    let copies = FrozenCopies::build(&weights, mode, &backend).unwrap();
+    let b = batch();
+    let grads = step_grads(&mut backend, &weights, &lora, &copies, &opt, &b);
+
+    let tw = Weights::load(&GgufFile::open(&twin).unwrap(), &backend).unwrap();
+    let tl = LoraSet::new(&tw, &cfg, &backend).unwrap();
+    tl.randomize(3, 0.05, 0.05).unwrap();
+
+    let mut worst = 0f64;
+    for (i, m) in lora.modules().iter().enumerate().filter(|(_, m)| m.layer == 0) {
+        assert_eq!(tl.modules()[i].base_name(), m.base_name());
+        for which in 0..2 {
+            let g = if which == 0 { &grads[i].0 } else { &grads[i].1 };
+            let mut order: Vec<usize> = (0..g.len()).collect();
+            order.sort_by(|&x, &y| g[y].abs().total_cmp(&g[x].abs()));
+            let mut values = if which == 0 { tl.read_a(i).unwrap() } else { tl.read_b(i).unwrap() };
+            for &k in order.iter().take(2) {
+                let v = values[k];
+                let mut eval_at = |x: f32, values: &mut Vec<f32>| {
+                    values[k] = x;
+                    if which == 0 { tl.write_a(i, values).unwrap() } else { tl.write_b(i, values).unwrap() }
+                    loss(&mut backend, &tw, &tl, &b)
+                };
+                let lp = eval_at(v + eps, &mut values);
+                let lm = eval_at(v - eps, &mut values);
+                eval_at(v, &mut values);
+                let fd = (lp - lm) / (2.0 * eps as f64);
+                let rel = (fd - g[k] as f64).abs() / (g[k] as f64).abs().max(1e-4);
+                worst = worst.max(rel);
+            }
+        }
+    }
+    println!("{:>5} base, copies {:?}: worst relative error {worst:.2e}", ty.name(), mode);
+    worst
+}
+
+#[test]
+fn lora_gradients_match_finite_differences_for_every_base_type_and_copy_mode() {
+    // Bounds: F32 bases are limited by f32 finite differences (~1e-3). Quantized bases add
+    // ggml's 8-bit quantization of activations inside quantized matmuls (the computed loss is
+    // piecewise constant at a fine scale; the analytic gradient is that of the smooth model),
+    // and Q8_0/F16 backward copies add their own rounding of Wᵀ.
+    let mut failures = Vec::new();
+    for ty in [Type::F32, Type::Q4_0, Type::Q4_1, Type::Q8_0, Type::Q4_K] {
+        for mode in [WeightCopies::None, WeightCopies::Q8_0, WeightCopies::F16, WeightCopies::F32] {
+            let bound = match (ty, mode) {
+                (Type::F32, WeightCopies::F32 | WeightCopies::F16 | WeightCopies::None) => 5e-3,
+                (Type::F32, _) => 3e-2, // Q8_0 rounding of Wᵀ
+                _ => 1e-1,              // 8-bit activations in the quantized forward (measured 3–6 %)
+            };
+            let worst = check(ty, mode, 1e-2);
+            if !(worst < bound) {
+                failures.push(format!("{} / {mode:?}: {worst:.3e} ≥ {bound:.0e}", ty.name()));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "gradient check failed: {failures:?}");
+}
+
+/// The rewritten backward against ggml's stock autodiff (out_prod through the frozen weight,
+/// which the CPU backend computes exactly for quantized weights, just slowly), on the same
+/// model: an F32 copy must agree to float rounding, the F16/Q8_0 copies to their precision.
+#[test]
+fn rewritten_backward_equals_stock_autodiff() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut failures = Vec::new();
+    for ty in [Type::F32, Type::Q4_0, Type::Q4_1, Type::Q8_0, Type::Q4_K] {
+        let path = tiny(dir.path(), ty, 5);
+        let mut backend = Backend::cpu(0).unwrap();
+        let weights = Weights::load(&GgufFile::open(&path).unwrap(), &backend).unwrap();
+        let lora = LoraSet::new(&weights, &LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() }, &backend).unwrap();
+        lora.randomize(9, 0.05, 0.05).unwrap();
+        lora.mark_params();
+        let opt = OptState::new(&lora, &backend).unwrap();
+        let b = batch();
+
+        let ctx = Context::new(engine::step_capacity(&weights, &lora)).unwrap();
+        let mut g = TrainGraph::build(&ctx, &weights, Some(&lora), b.n_tokens(), Outputs::Rows(b.n_rows()), true);
+        g.graph.build_backward_expand(&ctx);
+        let mut run = backend.compute(&g.graph).unwrap();
+        g.set_inputs(&mut run, &b).unwrap();
+        run.reset_grads();
+        run.run().unwrap();
+        let stock: Vec<(Vec<f32>, Vec<f32>)> = lora
+            .modules()
+            .iter()
+            .map(|m| (run.read_f32(g.graph.grad(lora.a(m)).unwrap()).unwrap(), run.read_f32(g.graph.grad(lora.b(m)).unwrap()).unwrap()))
+            .collect();
+        drop(run);
+
+        for (mode, bound) in [(WeightCopies::F32, 1e-5f32), (WeightCopies::F16, 5e-3), (WeightCopies::None, 5e-3), (WeightCopies::Q8_0, 3e-2)] {
+            let copies = FrozenCopies::build(&weights, mode, &backend).unwrap();
+            let ours = step_grads(&mut backend, &weights, &lora, &copies, &opt, &b);
+            // Per module and factor: ‖ours − stock‖ / ‖stock‖.
+            let rel = |s: &[f32], o: &[f32]| {
+                let d: f64 = s.iter().zip(o).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+                let n: f64 = s.iter().map(|x| (*x as f64).powi(2)).sum();
+                (d / n.max(1e-30)).sqrt() as f32
+            };
+            let worst = stock.iter().zip(&ours).map(|(s, o)| rel(&s.0, &o.0).max(rel(&s.1, &o.1))).fold(0f32, f32::max);
+            println!("{:>5} base, copies {mode:?}: worst relative difference to stock autodiff {worst:.2e}", ty.name());
+            if !(worst < bound) {
+                failures.push(format!("{} / {mode:?}: {worst:.2e} ≥ {bound:.0e}", ty.name()));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "rewritten backward differs from stock autodiff: {failures:?}");
+}
