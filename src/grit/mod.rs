@@ -16,9 +16,9 @@
 //!   the regularizer ramp; the reference's loss-std damping ([`Schedule`]).
 //!
 //! # How a trainer uses it (one optimizer step t, 1-based)
-//! Building the micro-step graph (shapes in ggml order, ne[0] first):
+//! Building the micro-step graph (shapes in ggml order, `ne[0]` first):
 //! 1. `lora.mark_params()`, `TrainGraph::build(..)` as for LoRA (taps: u [r, n_tokens]).
-//! 2. `RegGraph::build(ctx, lora)`; mark `reg.loss` (F32 [1]) as a second loss
+//! 2. `RegGraph::build(ctx, lora)`; mark `reg.loss` (F32 `[1]`) as a second loss
 //!    (`set_loss`) and `build_forward_expand` it (skip when λ_K = λ_R = 0).
 //! 3. `graph.build_backward_expand(ctx)`.
 //! 4. `StatsGraph::build(ctx, &graph, &taps, lora)`; pass `stats.outputs()` (F32 [r, r]
@@ -42,7 +42,8 @@
 //! - after the step: `schedule.record_loss(loss)`; if `schedule.invert_due(t)`:
 //!   `p[i] = Preconditioner::for_module(&kfac.modules[i], cfg, schedule.lambda_abs)`, then
 //!   `schedule.on_inversion(t, cfg)`; if `schedule.reproject_due(t, cfg)`: for each module
-//!   `Cut::plan(&kfac.modules[i], cfg, t, initial_rank)`, then with A = `lora.read_a(i)`
+//!   `Cut::plan(&kfac.modules[i], cfg, t, initial_rank)` (None: no statistics yet;
+//!   `cut.is_noop()`: nothing changes, `cut.report` is still worth logging), then with A = `lora.read_a(i)`
 //!   (r×d_in), B = `lora.read_b(i)` (d_out×r) and the Adam moments (same layouts):
 //!   `cut.apply_a`, `cut.apply_b`, `cut.apply_moments_a/b`, `cut.apply_stats(&mut
 //!   kfac.modules[i])`; rebuild the LoRA set with `LoraSet::with_modules` (rank

@@ -1,0 +1,385 @@
+//! Fisher-guided reprojection with dynamic rank (GRIT.md §5), on host copies of A and B.
+//!
+//! Per module, from its statistics:
+//! 1. eigh(Σ_a) = V_a·diag(λ_1 ≥ … ≥ λ_r)·V_aᵀ;
+//! 2. k = the fewest leading directions holding a share τ (`rank_energy`) of Σλ, clamped to
+//!    [rank_min, min(r, rank_max)] ([`rank_by_energy`]); before `rank_start`, k = r;
+//! 3. B's basis: the top-k eigenvectors V_g,k of Σ_g (two-sided, default) or V_a,k;
+//! 4. the cut, written as A_new = Lᵀ·A and B_new = B·W:
+//!    - hard (default): L = V_a,k (r×k), W = V_g,k·(V_g,kᵀ·V_a,k) (r×k), so A_new is k×d_in,
+//!      B_new is d_out×k and B_new·A_new = B·P_g·P_a·A, the reference's product
+//!      (P = V·Vᵀ), with tensors that really shrink;
+//!    - soft (the reference): L = P_a, W = P_g (r×r): A ← P_a·A, B ← B·P_g, shapes kept,
+//!      and P_a, P_g are kept for the λ_R regularizer;
+//!    - k = r (nothing to cut, e.g. before `rank_start`): L = W = I, nothing changes
+//!      ([`Cut::is_noop`]; a hard cut would only rotate the rank coordinates).
+//!
+//! The scale s of the module is not touched: the trainer keeps the module's current scale
+//! (that of its initial rank) when it rebuilds the LoRA set, so the function does not jump.
+//!
+//! # Everything else follows from u' = Lᵀ·u and g' = Wᵀ·g
+//! With A_new = Lᵀ·A the new rank-space activation is u' = A_new·x = Lᵀ·u; with B_new = B·W
+//! the new g' = s·B_newᵀ·δ = Wᵀ·(s·Bᵀ·δ) = Wᵀ·g (same x and δ). Hence
+//! - statistics: Σ_a' = Lᵀ·Σ_a·L, Σ_g' = Wᵀ·Σ_g·W ([`Cut::apply_stats`]). For a hard cut
+//!   Σ_a' = diag(λ_1..λ_k) and, one-sided, Σ_g' = V_a,kᵀ·Σ_g·V_a,k as GRIT.md states;
+//!   two-sided, W = P_g·V_a,k, so Σ_g' = V_a,kᵀ·P_g·Σ_g·P_g·V_a,k: the spec's
+//!   V_a,kᵀ·Σ_g·V_a,k without the part of Σ_g outside the kept V_g,k (which the new B can no
+//!   longer produce). Counts and update numbers carry over (the EMA continues).
+//! - gradients: ∂L/∂A_new = Σ_t g'_t·x_tᵀ = Wᵀ·∂L/∂A and ∂L/∂B_new = Σ_t δ_t·(s·u'_t)ᵀ =
+//!   ∂L/∂B·L.
+//!
+//! # Adam moments of a reprojected module ([`Cut::apply_moments_a`], [`Cut::apply_moments_b`])
+//! - First moments are linear averages of past gradients, so they transform like the
+//!   gradients: m_A' = Wᵀ·m_A, m_B' = m_B·L. This is exactly the average the new
+//!   parameters would hold for the same gradient history.
+//! - Second moments average squared coordinates and are not linear. If the rank-space
+//!   coordinates of a gradient are uncorrelated, `E[(Wᵀg)_j²] = Σ_i W_ij²·E[g_i²]`, so
+//!   v_A' = (W∘W)ᵀ·v_A and v_B' = v_B·(L∘L) (∘: elementwise square). This keeps v ≥ 0 and at
+//!   the scale of the gradients. Resetting v instead would be harmful: ggml's AdamW applies
+//!   one global bias correction 1/(1 − β2^t), so a zeroed v after one step is corrected by
+//!   ≈ 1 instead of 1/(1 − β2), and the first update after a cut would be up to
+//!   1/√(1 − β2) ≈ 31× too large (β2 = 0.999).
+//! - Gradient accumulators hold no history across steps: zero them.
+//!
+//! # Layouts
+//! A is row-major r×d_in and B row-major d_out×r: the memory of ggml's A [d_in, r] and
+//! B [r, d_out], as `LoraSet::read_a/read_b` return them and `write_a/write_b` take them; the
+//! Adam moments of A and B (OptState slots) have the same layouts.
+
+use serde::Serialize;
+
+use super::config::{GritConfig, RankCut};
+use super::linalg;
+use super::stats::ModuleKfac;
+
+/// The fewest k with (λ_1 + … + λ_k) ≥ τ·(λ_1 + … + λ_n), clamped to [lo, hi] (lo is lowered
+/// to hi if it exceeds it). Eigenvalues must be descending; negative ones (rounding) count
+/// as 0. A spectrum with no energy gives hi.
+pub fn rank_by_energy(values: &[f64], tau: f64, lo: usize, hi: usize) -> usize {
+    let hi = hi.min(values.len()).max(1);
+    let lo = lo.clamp(1, hi);
+    let pos: Vec<f64> = values.iter().map(|&v| if v.is_finite() && v > 0.0 { v } else { 0.0 }).collect();
+    let total: f64 = pos.iter().sum();
+    if total <= 0.0 {
+        return hi;
+    }
+    let mut cum = 0.0;
+    let mut k = pos.len();
+    for (j, &v) in pos.iter().enumerate() {
+        cum += v;
+        if cum >= tau * total {
+            k = j + 1;
+            break;
+        }
+    }
+    k.clamp(lo, hi)
+}
+
+/// Share of the (non-negative) spectrum held by the first k eigenvalues (1 for no energy).
+pub fn captured_energy(values: &[f64], k: usize) -> f64 {
+    let pos = |v: &f64| if v.is_finite() && *v > 0.0 { *v } else { 0.0 };
+    let total: f64 = values.iter().map(pos).sum();
+    if total <= 0.0 {
+        return 1.0;
+    }
+    values.iter().take(k).map(pos).sum::<f64>() / total
+}
+
+/// exp(H(p)) with p = λ/Σλ over the positive eigenvalues: between 1 (one direction) and n
+/// (a flat spectrum). 0 for no energy.
+pub fn effective_rank(values: &[f64]) -> f64 {
+    let pos: Vec<f64> = values.iter().copied().filter(|v| v.is_finite() && *v > 0.0).collect();
+    let total: f64 = pos.iter().sum();
+    if total <= 0.0 {
+        return 0.0;
+    }
+    let h: f64 = pos.iter().map(|v| v / total).map(|p| -p * p.ln()).sum();
+    h.exp()
+}
+
+/// What one module's reprojection did (a `metrics.jsonl` row holds these per module).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReprojectReport {
+    /// The adapted base tensor, e.g. `blk.3.attn_q.weight`.
+    pub module: String,
+    pub rank_before: usize,
+    /// The module's rank after the cut (k for hard cuts; unchanged r for soft ones).
+    pub rank_after: usize,
+    /// Directions kept (k).
+    pub kept: usize,
+    /// Share of Σ_a's energy in the kept directions.
+    pub energy: f64,
+    /// exp(H(λ/Σλ)) of Σ_a's spectrum (before the cut).
+    pub eff_rank: f64,
+    /// Share of Σ_g's energy in B's kept basis (= that of V_a,k when one-sided).
+    pub energy_g: f64,
+    /// Σ_a's eigenvalues, descending (before the cut).
+    pub eigenvalues: Vec<f64>,
+}
+
+/// A planned reprojection of one module: A_new = Lᵀ·A, B_new = B·W (see the module docs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cut {
+    pub kind: RankCut,
+    /// Rank before.
+    pub r: usize,
+    /// Directions kept.
+    pub k: usize,
+    /// r×n row-major, n = the new rank (k hard, r soft).
+    pub l: Vec<f64>,
+    /// r×n row-major.
+    pub w: Vec<f64>,
+    /// P_a, P_g to keep for the λ_R term (soft cuts; None after a hard cut).
+    pub proj_a: Option<Vec<f64>>,
+    pub proj_g: Option<Vec<f64>>,
+    pub report: ReprojectReport,
+}
+
+impl Cut {
+    /// Plans the reprojection of module `m` at optimizer step `step` (1-based count of
+    /// completed steps). `initial_rank` bounds the rank when `cfg.rank_max` is None. Returns
+    /// None for a module without statistics (no update yet, or Σ_a with no energy).
+    pub fn plan(m: &ModuleKfac, cfg: &GritConfig, step: usize, initial_rank: usize) -> Option<Cut> {
+        let r = m.rank;
+        let energy = linalg::trace(&m.sigma_a, r);
+        if m.updates == 0 || energy.is_nan() || energy <= 0.0 {
+            return None;
+        }
+        let ea = linalg::eigh(&m.sigma_a, r);
+        let k = if step >= cfg.rank_start {
+            let hi = r.min(cfg.rank_max.unwrap_or(initial_rank));
+            rank_by_energy(&ea.values, cfg.rank_energy, cfg.rank_min, hi)
+        } else {
+            r
+        };
+        let va = ea.top(k); // r×k
+        let (vg, energy_g) = if cfg.two_sided {
+            let eg = linalg::eigh(&m.sigma_g, r);
+            (eg.top(k), captured_energy(&eg.values, k))
+        } else {
+            let captured = linalg::trace(&linalg::congruence(&m.sigma_g, &va, r, k), k);
+            let total = linalg::trace(&m.sigma_g, r);
+            (va.clone(), if total > 0.0 { captured / total } else { 1.0 })
+        };
+        let proj = |v: &[f64]| linalg::matmul(v, &linalg::transpose(v, r, k), r, k, r);
+        let (p_a, p_g) = (proj(&va), proj(&vg));
+        let (l, w, n, proj_a, proj_g) = match cfg.rank_cut {
+            // Nothing is cut (k = r, where P_g = P_a = I): keep A and B as they are rather
+            // than rotating them into the eigenbasis, which changes neither the function nor
+            // the parameter count, and would only perturb Adam's per-coordinate v.
+            _ if k == r => (linalg::identity(r), linalg::identity(r), r, None, None),
+            RankCut::Hard => {
+                let w = if cfg.two_sided { linalg::matmul(&p_g, &va, r, r, k) } else { va.clone() };
+                (va, w, k, None, None)
+            }
+            RankCut::Soft => (p_a.clone(), p_g.clone(), r, Some(p_a), Some(p_g)),
+        };
+        let report = ReprojectReport {
+            module: m.name.clone(),
+            rank_before: r,
+            rank_after: n,
+            kept: k,
+            energy: captured_energy(&ea.values, k),
+            eff_rank: effective_rank(&ea.values),
+            energy_g,
+            eigenvalues: ea.values.clone(),
+        };
+        Some(Cut { kind: cfg.rank_cut, r, k, l, w, proj_a, proj_g, report })
+    }
+
+    /// The module's rank after the cut (the shapes of the new A and B).
+    pub fn new_rank(&self) -> usize {
+        self.l.len() / self.r
+    }
+
+    /// Whether the cut keeps every direction (k = r): A, B, moments and statistics stay as
+    /// they are (L = W = I), so the trainer can skip rebuilding the module. The report is
+    /// still meaningful.
+    pub fn is_noop(&self) -> bool {
+        self.k == self.r
+    }
+
+    /// A_new = Lᵀ·A: A r×d_in → n×d_in (row-major, f32).
+    pub fn apply_a(&self, a: &[f32], d_in: usize) -> Vec<f32> {
+        left_t(&self.l, self.r, self.new_rank(), a, d_in)
+    }
+    /// B_new = B·W: B d_out×r → d_out×n (row-major, f32).
+    pub fn apply_b(&self, b: &[f32], d_out: usize) -> Vec<f32> {
+        right(b, d_out, &self.w, self.r, self.new_rank())
+    }
+    /// Adam moments of A (r×d_in each): m' = Wᵀ·m, v' = (W∘W)ᵀ·v.
+    pub fn apply_moments_a(&self, m: &[f32], v: &[f32], d_in: usize) -> (Vec<f32>, Vec<f32>) {
+        let n = self.new_rank();
+        let w2: Vec<f64> = self.w.iter().map(|x| x * x).collect();
+        (left_t(&self.w, self.r, n, m, d_in), left_t(&w2, self.r, n, v, d_in))
+    }
+    /// Adam moments of B (d_out×r each): m' = m·L, v' = v·(L∘L).
+    pub fn apply_moments_b(&self, m: &[f32], v: &[f32], d_out: usize) -> (Vec<f32>, Vec<f32>) {
+        let n = self.new_rank();
+        let l2: Vec<f64> = self.l.iter().map(|x| x * x).collect();
+        (right(m, d_out, &self.l, self.r, n), right(v, d_out, &l2, self.r, n))
+    }
+    /// Rotates the module's statistics into the new coordinates: Σ_a' = Lᵀ·Σ_a·L,
+    /// Σ_g' = Wᵀ·Σ_g·W; stores P_a, P_g (soft) or clears them (hard).
+    pub fn apply_stats(&self, m: &mut ModuleKfac) {
+        assert_eq!(m.rank, self.r, "Cut::apply_stats: module has rank {}, the cut was planned for {}", m.rank, self.r);
+        let n = self.new_rank();
+        let sa = linalg::congruence(&m.sigma_a, &self.l, self.r, n);
+        let sg = linalg::congruence(&m.sigma_g, &self.w, self.r, n);
+        m.set_factors(n, sa, sg);
+        m.proj_a = self.proj_a.clone();
+        m.proj_g = self.proj_g.clone();
+    }
+}
+
+/// Mᵀ·X for M r×n (f64) and X r×cols (f32) → n×cols (f32).
+fn left_t(mat: &[f64], r: usize, n: usize, x: &[f32], cols: usize) -> Vec<f32> {
+    assert_eq!(x.len(), r * cols, "left_t: {} values, expected {r}×{cols}", x.len());
+    let xf: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    linalg::matmul_tn(mat, &xf, r, n, cols).into_iter().map(|v| v as f32).collect()
+}
+
+/// X·M for X rows×r (f32) and M r×n (f64) → rows×n (f32).
+fn right(x: &[f32], rows: usize, mat: &[f64], r: usize, n: usize) -> Vec<f32> {
+    assert_eq!(x.len(), rows * r, "right: {} values, expected {rows}×{r}", x.len());
+    let xf: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    linalg::matmul(&xf, mat, rows, r, n).into_iter().map(|v| v as f32).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grit::config::KfacStats;
+    use crate::grit::stats::KfacState;
+
+    #[test]
+    fn energy_rule_and_spectrum_measures() {
+        let v = [4.0, 3.0, 2.0, 1.0]; // cumulative shares 0.4, 0.7, 0.9, 1.0
+        assert_eq!(rank_by_energy(&v, 0.4, 1, 4), 1);
+        assert_eq!(rank_by_energy(&v, 0.41, 1, 4), 2);
+        assert_eq!(rank_by_energy(&v, 0.7, 1, 4), 2);
+        assert_eq!(rank_by_energy(&v, 0.9, 1, 4), 3);
+        assert_eq!(rank_by_energy(&v, 0.95, 1, 4), 4);
+        assert_eq!(rank_by_energy(&v, 0.4, 3, 4), 3); // clamped up to rank_min
+        assert_eq!(rank_by_energy(&v, 1.0, 1, 2), 2); // clamped down to rank_max
+        assert_eq!(rank_by_energy(&v, 0.5, 8, 3), 3); // rank_min above the bound
+        assert_eq!(rank_by_energy(&[0.0; 3], 0.9, 1, 3), 3);
+        assert_eq!(rank_by_energy(&[1.0, -1e-18, -1e-17], 0.999, 1, 3), 1);
+        assert!((captured_energy(&v, 2) - 0.7).abs() < 1e-15);
+        assert!((effective_rank(&[1.0; 8]) - 8.0).abs() < 1e-12);
+        assert!((effective_rank(&[5.0, 0.0, 0.0]) - 1.0).abs() < 1e-15);
+        assert_eq!(effective_rank(&[0.0, 0.0]), 0.0);
+    }
+
+    fn rnd(seed: u64, n: usize) -> Vec<f64> {
+        let mut s = seed ^ 0x9e3779b97f4a7c15;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// A module with statistics from synthetic u and g samples (t tokens), plus A and B.
+    fn setup(r: usize, d_in: usize, d_out: usize, t: usize) -> (ModuleKfac, Vec<f32>, Vec<f32>, Vec<f64>, Vec<f64>) {
+        // u = A·x with x random, g random with a decaying spectrum.
+        let a: Vec<f32> = rnd(1, r * d_in).iter().enumerate().map(|(i, &v)| (v * (1.0 / (1.0 + (i / d_in) as f64))) as f32).collect();
+        let b: Vec<f32> = rnd(2, d_out * r).iter().map(|&v| v as f32).collect();
+        let x = rnd(3, d_in * t); // d_in×t
+        let af: Vec<f64> = a.iter().map(|&v| v as f64).collect();
+        let u = linalg::matmul(&af, &x, r, d_in, t); // r×t
+        let g: Vec<f64> = rnd(4, r * t).iter().enumerate().map(|(i, &v)| v / (1.0 + (i / t) as f64)).collect();
+        let gram = |v: &[f64]| linalg::matmul(v, &linalg::transpose(v, r, t), r, t, r).iter().map(|x| x / t as f64).collect::<Vec<_>>();
+        let mut st = KfacState::with_modules([("blk.0.attn_q.weight".to_string(), r)], KfacStats::Ema, 0.95);
+        let (sa, sg) = (gram(&u), gram(&g));
+        st.accumulate(0, &sa.iter().map(|&v| v as f32).collect::<Vec<_>>(), &sg.iter().map(|&v| v as f32).collect::<Vec<_>>(), t, 1.0);
+        st.commit();
+        (st.modules.remove(0), a, b, u, g)
+    }
+
+    #[test]
+    fn hard_cut_equals_the_projected_product_and_rotates_everything_consistently() {
+        let (r, d_in, d_out, t) = (8, 12, 10, 40);
+        for two_sided in [true, false] {
+            let (m, a, b, u, g) = setup(r, d_in, d_out, t);
+            let cfg = GritConfig { rank_energy: 0.8, rank_min: 2, two_sided, ..GritConfig::default() };
+            let cut = Cut::plan(&m, &cfg, 100, r).unwrap();
+            let k = cut.k;
+            let ea = linalg::eigh(&m.sigma_a, r);
+            assert_eq!(k, rank_by_energy(&ea.values, 0.8, 2, r));
+            assert!(k < r, "the test spectrum should be cut (k = {k})");
+            assert_eq!(cut.new_rank(), k);
+            let (an, bn) = (cut.apply_a(&a, d_in), cut.apply_b(&b, d_out));
+            assert_eq!((an.len(), bn.len()), (k * d_in, d_out * k));
+            // B_new·A_new = B·P_g·P_a·A (f64 host), to float tolerance.
+            let va = ea.top(k);
+            let vg = if two_sided { linalg::eigh(&m.sigma_g, r).top(k) } else { va.clone() };
+            let p = |v: &[f64]| linalg::matmul(v, &linalg::transpose(v, r, k), r, k, r);
+            let af: Vec<f64> = a.iter().map(|&v| v as f64).collect();
+            let bf: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+            let want = linalg::matmul(&linalg::matmul(&linalg::matmul(&bf, &p(&vg), d_out, r, r), &p(&va), d_out, r, r), &af, d_out, r, d_in);
+            let got = linalg::matmul(&bn.iter().map(|&v| v as f64).collect::<Vec<_>>(), &an.iter().map(|&v| v as f64).collect::<Vec<_>>(), d_out, k, d_in);
+            let scale = linalg::max_abs(&want);
+            let err = linalg::max_abs(&want.iter().zip(&got).map(|(x, y)| x - y).collect::<Vec<_>>());
+            assert!(err <= 1e-6 * scale, "two_sided {two_sided}: |B'A' − B·P_g·P_a·A| = {err:e} (scale {scale:e})");
+            // The soft cut gives the same product with the shapes kept.
+            let soft = Cut::plan(&m, &GritConfig { rank_cut: RankCut::Soft, ..cfg.clone() }, 100, r).unwrap();
+            assert_eq!(soft.new_rank(), r);
+            let (asf, bsf) = (soft.apply_a(&a, d_in), soft.apply_b(&b, d_out));
+            let got_s = linalg::matmul(&bsf.iter().map(|&v| v as f64).collect::<Vec<_>>(), &asf.iter().map(|&v| v as f64).collect::<Vec<_>>(), d_out, r, d_in);
+            let err_s = linalg::max_abs(&want.iter().zip(&got_s).map(|(x, y)| x - y).collect::<Vec<_>>());
+            assert!(err_s <= 1e-6 * scale);
+            // Rotated statistics = statistics of the rotated samples u' = Lᵀu, g' = Wᵀg.
+            let mut m2 = m.clone();
+            cut.apply_stats(&mut m2);
+            assert_eq!(m2.rank, k);
+            let u2 = linalg::matmul_tn(&cut.l, &u, r, k, t);
+            let g2 = linalg::matmul_tn(&cut.w, &g, r, k, t);
+            let gram = |v: &[f64]| linalg::matmul(v, &linalg::transpose(v, k, t), k, t, k).iter().map(|x| x / t as f64).collect::<Vec<_>>();
+            for (s, want) in [(&m2.sigma_a, gram(&u2)), (&m2.sigma_g, gram(&g2))] {
+                let e = linalg::max_abs(&s.iter().zip(&want).map(|(x, y)| x - y).collect::<Vec<_>>());
+                assert!(e <= 1e-6 * linalg::max_abs(&want), "rotated Σ differs by {e:e}");
+            }
+            // Σ_a' is diagonal with the kept eigenvalues.
+            for i in 0..k {
+                assert!((m2.sigma_a[i * k + i] - ea.values[i]).abs() <= 1e-6 * ea.values[0]);
+            }
+            if !two_sided {
+                // One-sided: Σ_g' = V_a,kᵀ·Σ_g·V_a,k exactly as GRIT.md states.
+                let spec = linalg::congruence(&m.sigma_g, &va, r, k);
+                assert!(linalg::max_abs(&spec.iter().zip(&m2.sigma_g).map(|(x, y)| x - y).collect::<Vec<_>>()) < 1e-12);
+            }
+            // Moments: first moments transform like the gradients; second stay non-negative.
+            let ga: Vec<f32> = rnd(7, r * d_in).iter().map(|&v| v as f32).collect();
+            let v2: Vec<f32> = ga.iter().map(|x| x * x).collect();
+            let (ma, va2) = cut.apply_moments_a(&ga, &v2, d_in);
+            assert_eq!(ma, left_t(&cut.w, r, k, &ga, d_in));
+            assert!(va2.iter().all(|&x| x >= 0.0) && va2.len() == k * d_in);
+            let gb: Vec<f32> = rnd(8, d_out * r).iter().map(|&v| v as f32).collect();
+            let (mb, vb) = cut.apply_moments_b(&gb, &gb.iter().map(|x| x * x).collect::<Vec<_>>(), d_out);
+            assert_eq!(mb, right(&gb, d_out, &cut.l, r, k));
+            assert!(vb.iter().all(|&x| x >= 0.0) && vb.len() == d_out * k);
+        }
+    }
+
+    #[test]
+    fn no_cut_before_rank_start_and_none_without_statistics() {
+        let (m, a, b, _, _) = setup(6, 9, 7, 30);
+        let cfg = GritConfig { rank_energy: 0.5, rank_min: 1, rank_start: 50, two_sided: false, ..GritConfig::default() };
+        let cut = Cut::plan(&m, &cfg, 49, 6).unwrap();
+        assert_eq!(cut.new_rank(), 6);
+        assert!(cut.is_noop() && cut.l == linalg::identity(6) && cut.w == linalg::identity(6));
+        assert!(cut.report.energy == 1.0 && cut.report.eff_rank > 1.0 && cut.report.eff_rank < 6.0);
+        // k = r: nothing changes, the product is unchanged.
+        let (an, bn) = (cut.apply_a(&a, 9), cut.apply_b(&b, 7));
+        let prod = |b: &[f32], a: &[f32], k| linalg::matmul(&b.iter().map(|&v| v as f64).collect::<Vec<_>>(), &a.iter().map(|&v| v as f64).collect::<Vec<_>>(), 7, k, 9);
+        let (p0, p1) = (prod(&b, &a, 6), prod(&bn, &an, 6));
+        assert!(linalg::max_abs(&p0.iter().zip(&p1).map(|(x, y)| x - y).collect::<Vec<_>>()) < 1e-5);
+        assert!(Cut::plan(&m, &cfg, 50, 6).unwrap().new_rank() < 6);
+        // rank_max caps from rank_start on.
+        let capped = Cut::plan(&m, &GritConfig { rank_energy: 1.0, rank_max: Some(3), ..cfg.clone() }, 50, 6).unwrap();
+        assert_eq!(capped.new_rank(), 3);
+        assert!(Cut::plan(&ModuleKfac::new("x".into(), 4), &cfg, 100, 4).is_none());
+    }
+}
