@@ -244,7 +244,7 @@ fn train_cmd(a: train::TrainArgs) -> Result<()> {
     };
     let cfg = a.apply(base);
     let stop_after = std::env::var("GRIT_STOP_AFTER_STEP").ok().and_then(|v| v.parse().ok());
-    let opts = RunOptions { out, overwrite: a.overwrite, resume, dry_run: a.dry_run, stop_after };
+    let opts = RunOptions { out, overwrite: a.overwrite, resume, dry_run: a.dry_run, stop_after, dump_tokens: a.dump_tokens.clone(), profile: a.profile };
     let s = crate::train::run::train(cfg, opts)?;
     println!("{}", serde_json::to_string_pretty(&s)?);
     Ok(())

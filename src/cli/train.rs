@@ -40,6 +40,13 @@ pub struct TrainArgs {
     /// Print token counts, masked fraction and truncations, then exit.
     #[arg(long)]
     pub dry_run: bool,
+    /// Time every graph node and print where a step's time goes (slows training a little).
+    #[arg(long)]
+    pub profile: bool,
+    /// Write the token ids this run trains on (its first --steps batches) to FILE as JSON
+    /// (`{"sequences":[{"tokens","labels","loss_mask"}]}`), e.g. for bench/peft_lora.py.
+    #[arg(long, value_name = "FILE")]
+    pub dump_tokens: Option<PathBuf>,
 
     /// Modules to adapt, comma-separated [default: attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down].
     #[arg(long, value_delimiter = ',')]
@@ -115,7 +122,7 @@ pub struct TrainArgs {
     /// Keep only the newest K checkpoints [default: all].
     #[arg(long)]
     pub keep_checkpoints: Option<usize>,
-    /// Compute copies of the frozen weights for the backward pass [default: q8_0].
+    /// Compute copies of the frozen weights for the backward pass [default: f16].
     #[arg(long, value_enum)]
     pub weight_copies: Option<WeightCopies>,
     /// Train on prompt tokens too (no masking).

@@ -71,6 +71,8 @@ unsafe fn cstr(p: *const std::ffi::c_char) -> String {
 /// backend second; ggml's scheduler runs each op on the first backend that supports it
 /// (so ops a GPU lacks, e.g. Metal's `out_prod`, fall back to the CPU).
 pub struct Backend {
+    /// Per-node timing, when profiling.
+    recorder: Option<Box<super::profile::Recorder>>,
     /// Primary first; the CPU backend is always last (ggml's scheduler requires it).
     backends: Vec<NonNull<sys::ggml_backend>>,
     is_gpu: bool,
@@ -147,7 +149,7 @@ impl Backend {
         // SAFETY: cpu is a CPU backend, as ggml_backend_cpu_set_n_threads requires.
         unsafe { sys::ggml_backend_cpu_set_n_threads(cpu.as_ptr(), n_threads as i32) };
         backends.push(cpu);
-        Ok(Backend { backends, is_gpu, n_threads, sched: None, sched_size: 0 })
+        Ok(Backend { recorder: None, backends, is_gpu, n_threads, sched: None, sched_size: 0 })
     }
 
     /// `CPU`, `CUDA0`, ... (the primary backend).
@@ -184,6 +186,28 @@ impl Backend {
         BufferType(NonNull::new(b).expect("backend without a buffer type"))
     }
 
+    /// Starts timing every node of every computation, charging it to the category that
+    /// `categorize` names (see [`super::profile`]).
+    pub fn start_profile(&mut self, categorize: fn(&super::profile::NodeInfo) -> String) {
+        self.recorder = Some(Box::new(super::profile::Recorder::new(categorize)));
+        if let Some(s) = self.sched {
+            self.install_callback(s);
+        }
+    }
+    /// What profiling has recorded so far.
+    pub fn profile(&self) -> Option<&super::profile::Profile> {
+        self.recorder.as_ref().map(|r| &r.profile)
+    }
+
+    fn install_callback(&mut self, s: NonNull<sys::ggml_backend_sched>) {
+        if let Some(r) = self.recorder.as_mut() {
+            let user = (&mut **r) as *mut super::profile::Recorder as *mut std::ffi::c_void;
+            // SAFETY: the recorder is boxed (stable address) and owned by self, which also owns
+            // the scheduler; the callback only runs inside graph computations of this backend.
+            unsafe { sys::ggml_backend_sched_set_eval_callback(s.as_ptr(), Some(super::profile::eval_callback), user) };
+        }
+    }
+
     fn ensure_sched(&mut self, graph_size: usize) -> NonNull<sys::ggml_backend_sched> {
         // The scheduler's hash set must hold every node and leaf: up to 2 × graph size.
         let need = (2 * graph_size).next_power_of_two().max(4096);
@@ -200,6 +224,7 @@ impl Backend {
         // type; not parallel; op_offload off (weights already live on the primary device).
         let s = unsafe { sys::ggml_backend_sched_new(raw.as_mut_ptr(), std::ptr::null_mut(), raw.len() as i32, need, false, false) };
         let s = NonNull::new(s).expect("ggml_backend_sched_new returned null");
+        self.install_callback(s);
         self.sched = Some(s);
         self.sched_size = need;
         s
@@ -226,7 +251,8 @@ impl Backend {
                 .sum();
             return Err(GgmlError::Alloc { what: format!("a graph of {} nodes", graph.n_nodes()), buffer_type: self.name(), bytes });
         }
-        Ok(Computation { sched, backend_name: self.name(), graph, members: graph.members(), _backend: std::marker::PhantomData })
+        let recorder = self.recorder.as_mut().map_or(std::ptr::null_mut(), |r| (&mut **r) as *mut super::profile::Recorder);
+        Ok(Computation { sched, backend_name: self.name(), graph, members: graph.members(), recorder, _backend: std::marker::PhantomData })
     }
 
     /// Bytes of the compute buffers the scheduler holds (all backends).
@@ -247,6 +273,8 @@ pub struct Computation<'s, 'a> {
     backend_name: String,
     graph: &'s Graph<'a>,
     members: HashSet<usize>,
+    /// The backend's profiler, restarted at each run (null when not profiling).
+    recorder: *mut super::profile::Recorder,
     _backend: std::marker::PhantomData<&'s mut Backend>,
 }
 
@@ -288,6 +316,10 @@ impl<'s, 'a> Computation<'s, 'a> {
     /// Runs the graph (again). Inputs marked with [`Tensor::set_input`] and persistent
     /// tensors keep their values between runs; other nodes are recomputed.
     pub fn run(&mut self) -> Result<(), GgmlError> {
+        // SAFETY: the recorder (if any) is owned by the backend this computation borrows.
+        if let Some(r) = unsafe { self.recorder.as_mut() } {
+            r.restart();
+        }
         // SAFETY: the scheduler holds this graph's allocation (made in Backend::compute and
         // not reset since: the backend is mutably borrowed for 's).
         let status = unsafe { sys::ggml_backend_sched_graph_compute(self.sched.as_ptr(), self.graph.raw()) };

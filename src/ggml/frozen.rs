@@ -54,6 +54,19 @@ impl<'a> FrozenMap<'a> {
     }
 }
 
+/// A contiguous transpose of `t`: the source of a transpose view when that is contiguous,
+/// else a copy.
+fn transposed<'a>(ctx: &'a Context, t: Tensor<'a>) -> Tensor<'a> {
+    if t.op() == sys::GGML_OP_TRANSPOSE {
+        if let Some(src) = t.src(0) {
+            if src.is_contiguous() {
+                return src;
+            }
+        }
+    }
+    ctx.cont(ctx.transpose(t))
+}
+
 /// What [`rebuild_frozen_backward`] changed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RewriteStats {
@@ -61,6 +74,8 @@ pub struct RewriteStats {
     pub persistent: usize,
     /// OUT_PROD nodes turned into MUL_MAT with a transient dequantized copy.
     pub transient: usize,
+    /// Other 2-D OUT_PROD nodes (LoRA weight gradients) turned into MUL_MAT.
+    pub out_prods: usize,
 }
 
 /// Rewrites the frozen-weight input gradients of `graph` (which must already hold its
@@ -75,6 +90,9 @@ pub fn rebuild_frozen_backward<'a>(ctx: &'a Context, graph: &Graph<'a>, frozen: 
     // Room for the old nodes, the new sources (≤ 2 per rewrite) and the extras.
     let size = graph.size().max(graph.n_nodes() + 2 * frozen.len() * 8 + extra.len() + 16);
     let mut out = ctx.new_graph(size, false);
+    // Transposed copies made for the out_prod rewrite, shared by nodes with the same source
+    // (q/k/v and gate/up read the same activations).
+    let mut transposes: HashMap<usize, Tensor<'a>> = HashMap::new();
     for i in 0..graph.n_nodes() {
         let node = graph.node(i);
         if node.op() == sys::GGML_OP_OUT_PROD {
@@ -103,6 +121,22 @@ pub fn rebuild_frozen_backward<'a>(ctx: &'a Context, graph: &Graph<'a>, frozen: 
                         unsafe { node.rewrite_as_mul_mat(wt, dy) };
                         assert_eq!(node.ne()[0], wt.ne()[1]);
                     }
+                }
+            }
+        }
+        if node.op() == sys::GGML_OP_OUT_PROD {
+            // A 2-D outer-product sum out_prod(a [n, k], b [p, k]) = Σ_k a[:, k]·b[:, k]ᵀ [n, p]
+            // (the weight gradients of the LoRA matmuls) equals mul_mat(aᵀ, bᵀ); ggml's matmul
+            // kernels run it several times faster than its out_prod loop.
+            if let (Some(a), Some(b)) = (node.src(0), node.src(1)) {
+                let flat = |t: Tensor<'a>| t.ne()[2] == 1 && t.ne()[3] == 1 && t.ty() == Type::F32;
+                if flat(a) && flat(b) && flat(node) {
+                    let mut tr = |t: Tensor<'a>| *transposes.entry(t.raw() as usize).or_insert_with(|| transposed(ctx, t));
+                    let at = tr(a); // [k, n]
+                    let bt = tr(b); // [k, p]
+                    // SAFETY: as above: MUL_MAT(aᵀ [k, n], bᵀ [k, p]) is F32 [n, p] like the node.
+                    unsafe { node.rewrite_as_mul_mat(at, bt) };
+                    stats.out_prods += 1;
                 }
             }
         }

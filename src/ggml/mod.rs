@@ -42,6 +42,7 @@ mod context;
 mod extra;
 mod frozen;
 mod gguf_write;
+pub mod profile;
 
 pub use backend::{Backend, BackendOptions, BufferType, Computation, Device};
 pub use context::{Capacity, Context, Graph, RopeMode, RopeParams, Tensor, TensorId, Type};

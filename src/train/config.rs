@@ -39,6 +39,9 @@ pub enum WeightCopies {
     F16,
     /// Transposed F32 copies (4 bytes per weight; exact, for checks).
     F32,
+    /// No rewrite: ggml's stock autodiff (out_prod through the quantized weight). Very slow;
+    /// only for measuring what the rewrite gains.
+    Stock,
 }
 
 /// Everything that defines a training run. Field defaults are the documented flag defaults.
@@ -124,7 +127,7 @@ impl Default for TrainConfig {
             seed: 0,
             save_every: 0,
             keep_checkpoints: None,
-            weight_copies: WeightCopies::Q8_0,
+            weight_copies: WeightCopies::F16,
             train_on_prompt: false,
             skip_bad_rows: false,
         }

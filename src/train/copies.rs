@@ -36,6 +36,9 @@ pub fn frozen_matmul_weights(w: &Weights) -> Vec<Tensor<'_>> {
 impl FrozenCopies {
     pub fn build(weights: &Weights, mode: WeightCopies, backend: &Backend) -> Result<Self, ModelError> {
         let frozen = frozen_matmul_weights(weights);
+        if mode == WeightCopies::Stock {
+            return Ok(FrozenCopies { mode, ctx: None, pairs: Vec::new(), transient: Vec::new(), bytes: 0 });
+        }
         if mode == WeightCopies::None {
             return Ok(FrozenCopies { mode, ctx: None, pairs: Vec::new(), transient: frozen.iter().map(|t| t.id()).collect(), bytes: 0 });
         }

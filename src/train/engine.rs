@@ -211,3 +211,26 @@ pub fn eval_batch(backend: &mut Backend, g: &TrainGraph<'_>, batch: &Batch) -> R
     run.run()?;
     Ok(run.read_f32(g.loss.expect("eval graph has a loss"))?[0])
 }
+
+/// Names the part of a training step a graph node belongs to, for `grit train --profile`.
+pub fn categorize(n: &crate::ggml::profile::NodeInfo) -> String {
+    let frozen = |s: &str| s.ends_with(".weight") && !s.contains("lora") && !s.contains("norm");
+    let output = |s: &str| s.starts_with("token_embd.weight") || s.starts_with("output.weight");
+    let lora = |s: &str| s.contains("lora");
+    let (s0, s1) = (n.src0_name.as_str(), n.src1_name.as_str());
+    match n.op.as_str() {
+        "MUL_MAT" if s0.ends_with(".T") && output(s0) => "output layer: backward".into(),
+        "MUL_MAT" if s0.ends_with(".T") => "frozen matmuls: backward (copies)".into(),
+        "MUL_MAT" if output(s0) => "output layer: forward".into(),
+        "MUL_MAT" if frozen(s0) => "frozen matmuls: forward".into(),
+        "MUL_MAT" if n.name.is_empty() || s0.contains("(copy") => "frozen matmuls: backward (transient)".into(),
+        "MUL_MAT" | "OUT_PROD" if lora(s0) || lora(s1) || lora(&n.name) => "LoRA matmuls".into(),
+        "OUT_PROD" if frozen(s0) || output(s0) => "frozen matmuls: backward (stock out_prod)".into(),
+        "MUL_MAT" | "OUT_PROD" => "attention matmuls (+LoRA grads)".into(),
+        "SOFT_MAX" | "SOFT_MAX_BACK" => "attention softmax".into(),
+        "CROSS_ENTROPY_LOSS" | "CROSS_ENTROPY_LOSS_BACK" => "loss".into(),
+        "OPT_STEP_ADAMW" | "SQRT" | "CLAMP" | "DIV" => "optimizer".into(),
+        "CPY" if frozen(s0) || output(s0) => "transient dequantization".into(),
+        op => format!("other: {}", op.to_lowercase()),
+    }
+}

@@ -70,6 +70,10 @@ pub struct RunOptions {
     pub dry_run: bool,
     /// Stop (as if interrupted, checkpoint included) after this step — for tests of resume.
     pub stop_after: Option<usize>,
+    /// Write the sequences the run will train on to this JSON file first.
+    pub dump_tokens: Option<PathBuf>,
+    /// Time every node of the training steps and print the breakdown at the end.
+    pub profile: bool,
 }
 
 /// What a finished run reports (also written as `summary.json`).
@@ -224,6 +228,16 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
         ((epochs * batcher.batches_per_epoch() as f64) / cfg.grad_accum as f64).ceil().max(1.0) as usize
     });
     let eval_seqs: Vec<Sequence> = eval_ds.as_ref().map(data::pack).unwrap_or_default();
+    if let Some(path) = &opts.dump_tokens {
+        let mut b = batcher.clone();
+        let n = total_steps * cfg.grad_accum;
+        let seqs: Vec<serde_json::Value> = (0..n)
+            .flat_map(|_| b.next_batch())
+            .map(|s| serde_json::json!({"tokens": s.tokens, "labels": s.labels, "loss_mask": s.loss_mask}))
+            .collect();
+        let doc = serde_json::json!({"sequences": seqs, "seq_len": cfg.max_seq_len});
+        write_atomic(path, doc.to_string().as_bytes())?;
+    }
     let pad = tok_eos(&train_ds);
 
     // Resume: parameters, optimizer state, data position, step.
@@ -295,6 +309,9 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
     let opt_ctx = Context::new(engine::opt_capacity(&lora))?;
     let opt_graph = OptGraph::build(&opt_ctx, &lora, &opt, cfg.grad_accum, cfg.max_grad_norm);
 
+    if opts.profile {
+        backend.start_profile(engine::categorize);
+    }
     let mut step = start_step;
     let mut losses: Vec<f32> = Vec::new();
     let mut tok_rates: Vec<f64> = Vec::new();
@@ -399,6 +416,10 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
         }
     }
     bar.finish_and_clear();
+    if let Some(p) = backend.profile() {
+        let n = (step - start_step).max(1) as f64;
+        eprintln!("where the time of {} steps went (per step: {:.3} s; evaluation included):\n{}", step - start_step, p.total_s / n, p.table());
+    }
 
     // Adapter, summary.
     let scale = if cfg.rslora { AdapterScale::FoldIntoB } else { AdapterScale::Alpha(cfg.alpha) };

@@ -1,0 +1,159 @@
+//! `grit train` end to end through the binary, on a tiny random model (fast): outputs,
+//! bit-for-bit determinism, resume after SIGKILL and after Ctrl-C, refusing a non-empty
+//! --out, and clear errors for bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use grit::ggml::Type;
+use grit::model::{write_tiny_model, TinySpec};
+
+fn grit() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_grit"))
+}
+
+fn plays() -> PathBuf {
+    grit::fetch::ensure_shakespeare().expect("shakespeare plays")
+}
+
+fn tiny_model(dir: &Path) -> PathBuf {
+    let path = dir.join("tiny.gguf");
+    let spec = TinySpec { n_embd: 128, n_layer: 2, n_head: 4, n_head_kv: 2, n_ff: 256, weight_type: Type::Q4_1, seed: 1, ..TinySpec::default() };
+    write_tiny_model(&path, &spec, &grit::fetch::ensure_default_model().unwrap()).unwrap();
+    path
+}
+
+fn train_args(model: &Path, out: &Path) -> Vec<String> {
+    let p = plays();
+    [
+        "train", "--model", model.to_str().unwrap(), "--data", p.join("hamlet.txt").to_str().unwrap(),
+        "--eval-data", p.join("macbeth.txt").to_str().unwrap(), "--eval-tokens", "512", "--eval-every", "4",
+        "--steps", "12", "--save-every", "4", "--max-seq-len", "64", "--threads", "2", "--out", out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn ok(o: Output) -> Output {
+    assert!(o.status.success(), "grit failed: {}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
+/// metrics.jsonl rows without the timing fields (which differ between runs).
+fn rows(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            o.remove("tokens_per_s");
+            o.remove("elapsed_s");
+            v
+        })
+        .collect()
+}
+
+fn last_step(out: &Path) -> u64 {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("loss").is_some())
+        .filter_map(|v| v["step"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
+fn run_until(model: &Path, out: &Path, step: u64, signal: i32) {
+    let mut child = grit().args(train_args(model, out)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let t0 = Instant::now();
+    while last_step(out) < step {
+        assert!(t0.elapsed() < Duration::from_secs(300), "training never reached step {step}");
+        assert!(child.try_wait().unwrap().is_none(), "training ended before step {step}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, signal) };
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the run was meant to be stopped");
+}
+
+#[test]
+fn outputs_determinism_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+
+    // Uninterrupted reference run.
+    let a = dir.path().join("a");
+    ok(grit().args(train_args(&model, &a)).output().unwrap());
+    for f in ["adapter.gguf", "metrics.jsonl", "summary.json", "config.toml"] {
+        assert!(a.join(f).is_file(), "{f} missing");
+    }
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(a.join("summary.json")).unwrap()).unwrap();
+    for k in ["method", "base_model", "targets", "rank_per_module", "trainable_params", "steps", "train_loss", "eval_loss", "peak_rss_bytes", "wall_s"] {
+        assert!(summary.get(k).is_some(), "summary.json lacks {k}");
+    }
+    assert_eq!(summary["steps"], 12);
+    assert_eq!(summary["rank_per_module"].as_object().unwrap().len(), 2 * 7);
+    let ra = rows(&a);
+    let train_rows = ra.iter().filter(|r| r.get("loss").is_some()).count();
+    let eval_rows: Vec<_> = ra.iter().filter(|r| r.get("eval_loss").is_some()).map(|r| r["step"].as_u64().unwrap()).collect();
+    assert_eq!(train_rows, 12);
+    assert_eq!(eval_rows, vec![0, 4, 8, 12]);
+    for r in ra.iter().filter(|r| r.get("loss").is_some()) {
+        for k in ["step", "loss", "lr", "grad_norm", "tokens"] {
+            assert!(r.get(k).is_some(), "metrics row lacks {k}: {r}");
+        }
+    }
+    // The checkpoints at 4 and 8 (not at the last step: the adapter is the final state).
+    assert!(a.join("checkpoints/step-4").is_dir() && a.join("checkpoints/step-8").is_dir());
+
+    // Same seed, same data: the same losses, bit for bit.
+    let a2 = dir.path().join("a2");
+    ok(grit().args(train_args(&model, &a2)).output().unwrap());
+    assert_eq!(rows(&a2), ra, "two identical runs differ");
+
+    // A non-empty --out is refused.
+    let o = grit().args(train_args(&model, &a)).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--overwrite"), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // Killed with SIGKILL between checkpoints, then resumed: the same rows as uninterrupted.
+    let b = dir.path().join("b");
+    run_until(&model, &b, 6, libc::SIGKILL);
+    ok(grit().args(["train", "--resume", b.to_str().unwrap()]).output().unwrap());
+    assert_eq!(rows(&b), ra, "resume after SIGKILL differs from the uninterrupted run");
+
+    // Ctrl-C: a checkpoint is saved at the current step and the run resumes from it.
+    let c = dir.path().join("c");
+    run_until(&model, &c, 5, libc::SIGINT);
+    let steps = grit::train::checkpoint::list_steps(&c.join("checkpoints"));
+    assert!(steps.iter().any(|&s| s >= 5), "Ctrl-C saved no checkpoint: {steps:?}");
+    ok(grit().args(["train", "--resume", c.to_str().unwrap()]).output().unwrap());
+    assert_eq!(rows(&c), ra, "resume after Ctrl-C differs from the uninterrupted run");
+}
+
+#[test]
+fn bad_input_gets_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"text\": \"fine\"}\n{\"messages\": [{\"role\": \"user\"}]}\n").unwrap();
+    let out = dir.path().join("o");
+    let o = grit().args(["train", "--model", model.to_str().unwrap(), "--data", bad.to_str().unwrap(), "--out", out.to_str().unwrap(), "--steps", "1"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("bad.jsonl:2") && err.contains("content"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    let o = grit().args(["train", "--model", model.to_str().unwrap(), "--data", bad.to_str().unwrap(), "--out", out.to_str().unwrap(), "--rank", "0"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--rank"));
+
+    let o = grit().args(["train", "--data", bad.to_str().unwrap(), "--dry-run", "--skip-bad-rows", "--model", model.to_str().unwrap()]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.to_lowercase().contains("skipped"), "{text}");
+}
