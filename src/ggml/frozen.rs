@@ -33,11 +33,18 @@ pub enum FrozenGrad<'a> {
 #[derive(Debug, Default)]
 pub struct FrozenMap<'a> {
     map: HashMap<usize, FrozenGrad<'a>>,
+    /// Faster-to-multiply copies of frozen weights (same shape) for the forward pass.
+    forward: HashMap<usize, Tensor<'a>>,
 }
 
 impl<'a> FrozenMap<'a> {
     pub fn new() -> Self {
-        Self { map: HashMap::new() }
+        Self { map: HashMap::new(), forward: HashMap::new() }
+    }
+    /// Uses `copy` (same shape as `w`, another type) wherever the forward multiplies by `w`.
+    pub fn insert_forward(&mut self, w: Tensor<'a>, copy: Tensor<'a>) {
+        assert_eq!(w.ne(), copy.ne(), "forward copy {copy:?} does not match {w:?}");
+        self.forward.insert(w.raw() as usize, copy);
     }
     pub fn insert(&mut self, w: Tensor<'a>, how: FrozenGrad<'a>) {
         if let FrozenGrad::Transposed(t) = how {
@@ -76,6 +83,8 @@ pub struct RewriteStats {
     pub transient: usize,
     /// Other 2-D OUT_PROD nodes (LoRA weight gradients) turned into MUL_MAT.
     pub out_prods: usize,
+    /// Forward MUL_MAT nodes switched to a faster copy of their weight.
+    pub forward: usize,
 }
 
 /// Rewrites the frozen-weight input gradients of `graph` (which must already hold its
@@ -95,6 +104,16 @@ pub fn rebuild_frozen_backward<'a>(ctx: &'a Context, graph: &Graph<'a>, frozen: 
     let mut transposes: HashMap<usize, Tensor<'a>> = HashMap::new();
     for i in 0..graph.n_nodes() {
         let node = graph.node(i);
+        if node.op() == sys::GGML_OP_MUL_MAT {
+            if let (Some(w), Some(x)) = (node.src(0), node.src(1)) {
+                if let Some(&copy) = frozen.forward.get(&(w.raw() as usize)) {
+                    // SAFETY: the copy has w's shape, so MUL_MAT(copy, x) has the node's
+                    // type and shape; the graph is not allocated while rebuilt.
+                    unsafe { node.rewrite_as_mul_mat(copy, x) };
+                    stats.forward += 1;
+                }
+            }
+        }
         if node.op() == sys::GGML_OP_OUT_PROD {
             let (src0, src1) = (node.src(0), node.src(1));
             if let (Some(w), Some(dy_t)) = (src0, src1) {

@@ -214,7 +214,7 @@ pub fn eval_batch(backend: &mut Backend, g: &TrainGraph<'_>, batch: &Batch) -> R
 
 /// Names the part of a training step a graph node belongs to, for `grit train --profile`.
 pub fn categorize(n: &crate::ggml::profile::NodeInfo) -> String {
-    let frozen = |s: &str| s.ends_with(".weight") && !s.contains("lora") && !s.contains("norm");
+    let frozen = |s: &str| (s.ends_with(".weight") || s.ends_with(".weight.q8")) && !s.contains("lora") && !s.contains("norm");
     let output = |s: &str| s.starts_with("token_embd.weight") || s.starts_with("output.weight");
     let lora = |s: &str| s.contains("lora");
     let (s0, s1) = (n.src0_name.as_str(), n.src1_name.as_str());
