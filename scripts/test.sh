@@ -8,4 +8,4 @@ bash scripts/install-deps.sh
 cargo build --release --bins --examples
 # Fetch (and verify) the default model and the demo data once, before the tests use them.
 target/release/grit fetch
-cargo test --release -- --test-threads=1
+cargo test --release --no-fail-fast -- --test-threads=1

@@ -233,7 +233,7 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
         let n = total_steps * cfg.grad_accum;
         let seqs: Vec<serde_json::Value> = (0..n)
             .flat_map(|_| b.next_batch())
-            .map(|s| serde_json::json!({"tokens": s.tokens, "labels": s.labels, "loss_mask": s.loss_mask}))
+            .map(|s| serde_json::json!({"tokens": s.tokens, "labels": s.labels, "loss_mask": s.loss_mask, "segment": s.segment, "pos": s.pos}))
             .collect();
         let doc = serde_json::json!({"sequences": seqs, "seq_len": cfg.max_seq_len});
         write_atomic(path, doc.to_string().as_bytes())?;
