@@ -356,7 +356,7 @@ fn statistics_and_regularizer_survive_the_frozen_backward_rewrite() {
     lora.randomize(12, 0.1, 0.1).unwrap();
     lora.mark_params();
     // F32 transposed copies: the rewrite is then exact up to summation order.
-    let copies = FrozenCopies::build(&weights, WeightCopies::F32, &backend).unwrap();
+    let copies = FrozenCopies::build(&weights, WeightCopies::F32, false, &backend).unwrap();
     let b = masked_batch();
     let (w, _) = token_weights(b.n_tokens(), &b.rows);
     let mut kfac = KfacState::new(&lora, KfacStats::Ema, 0.95);

@@ -90,7 +90,7 @@ fn check(ty: Type, mode: WeightCopies, eps: f32) -> f64 {
     lora.randomize(3, 0.05, 0.05).unwrap();
     lora.mark_params();
     let opt = OptState::new(&lora, &backend).unwrap();
-    let copies = FrozenCopies::build(&weights, mode, &backend).unwrap();
+    let copies = FrozenCopies::build(&weights, mode, false, &backend).unwrap();
     let b = batch();
     let grads = step_grads(&mut backend, &weights, &lora, &copies, &opt, &b);
 
@@ -181,7 +181,7 @@ fn rewritten_backward_equals_stock_autodiff() {
         drop(run);
 
         for (mode, bound) in [(WeightCopies::F32, 1e-5f32), (WeightCopies::F16, 5e-3), (WeightCopies::None, 5e-3), (WeightCopies::Q8_0, 3e-2)] {
-            let copies = FrozenCopies::build(&weights, mode, &backend).unwrap();
+            let copies = FrozenCopies::build(&weights, mode, false, &backend).unwrap();
             let ours = step_grads(&mut backend, &weights, &lora, &copies, &opt, &b);
             // Per module and factor: ‖ours − stock‖ / ‖stock‖.
             let rel = |s: &[f32], o: &[f32]| {

@@ -125,6 +125,11 @@ pub struct TrainArgs {
     /// Compute copies of the frozen weights for the backward pass [default: f16].
     #[arg(long, value_enum)]
     pub weight_copies: Option<WeightCopies>,
+    /// Also run the forward on Q8_0 copies of weights whose type has no fast matmul kernel
+    /// (Q4_1, K-quants): ~10 % faster steps on Q4_1, but the adapter then trains against
+    /// requantized weights, not the stored ones it will be served with.
+    #[arg(long)]
+    pub forward_copy: bool,
     /// Train on prompt tokens too (no masking).
     #[arg(long)]
     pub train_on_prompt: bool,
@@ -161,6 +166,7 @@ impl TrainArgs {
             c.keep_checkpoints = self.keep_checkpoints;
         }
         c.rslora |= self.rslora;
+        c.forward_copy |= self.forward_copy;
         c.train_on_prompt |= self.train_on_prompt;
         c.skip_bad_rows |= self.skip_bad_rows;
         c

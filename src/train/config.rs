@@ -88,6 +88,9 @@ pub struct TrainConfig {
     /// None = keep all checkpoints.
     pub keep_checkpoints: Option<usize>,
     pub weight_copies: WeightCopies,
+    /// Multiply the forward by Q8_0 copies of weights whose type has no fast kernel (Q4_1,
+    /// K-quants): faster steps, but the adapter trains against requantized weights.
+    pub forward_copy: bool,
     pub train_on_prompt: bool,
     pub skip_bad_rows: bool,
 }
@@ -128,6 +131,7 @@ impl Default for TrainConfig {
             save_every: 0,
             keep_checkpoints: None,
             weight_copies: WeightCopies::F16,
+            forward_copy: false,
             train_on_prompt: false,
             skip_bad_rows: false,
         }

@@ -42,7 +42,9 @@ fn needs_forward_copy(t: Type) -> bool {
 }
 
 impl FrozenCopies {
-    pub fn build(weights: &Weights, mode: WeightCopies, backend: &Backend) -> Result<Self, ModelError> {
+    /// `forward_copy`: also give weights whose type has no fast matmul kernel a Q8_0 copy for the
+    /// forward pass (faster, but the adapter then trains against requantized weights).
+    pub fn build(weights: &Weights, mode: WeightCopies, forward_copy: bool, backend: &Backend) -> Result<Self, ModelError> {
         let frozen = frozen_matmul_weights(weights);
         if mode == WeightCopies::Stock {
             return Ok(FrozenCopies { mode, ctx: None, pairs: Vec::new(), transient: Vec::new(), forward: Vec::new(), bytes: 0 });
@@ -54,7 +56,7 @@ impl FrozenCopies {
         let mut planned = Vec::new();
         let mut fwd_planned = Vec::new();
         for &w in &frozen {
-            if needs_forward_copy(w.ty()) && w.ne()[0] % 32 == 0 {
+            if forward_copy && needs_forward_copy(w.ty()) && w.ne()[0] % 32 == 0 {
                 let t = ctx.new_tensor(Type::Q8_0, &[w.ne()[0], w.ne()[1]]);
                 t.set_name(&format!("{}.q8", w.name()));
                 fwd_planned.push((w, t));

@@ -220,7 +220,7 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
     lora.init(cfg.seed)?;
     lora.mark_params();
     let opt = OptState::new(&lora, &backend)?;
-    let copies = FrozenCopies::build(&weights, cfg.weight_copies, &backend)?;
+    let copies = FrozenCopies::build(&weights, cfg.weight_copies, cfg.forward_copy, &backend)?;
 
     let mut batcher = data::Batcher::new(&train_ds, cfg.batch_size)?;
     let total_steps = cfg.steps.unwrap_or_else(|| {
