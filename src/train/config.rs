@@ -90,6 +90,8 @@ pub struct TrainConfig {
     pub weight_copies: WeightCopies,
     pub train_on_prompt: bool,
     pub skip_bad_rows: bool,
+    /// GRIT's hyper-parameters (`[grit]` in a config file; used with `method = "grit"`).
+    pub grit: crate::grit::GritConfig,
 }
 
 /// The default LoRA targets: every linear layer of a LLaMA block.
@@ -130,6 +132,7 @@ impl Default for TrainConfig {
             weight_copies: WeightCopies::F16,
             train_on_prompt: false,
             skip_bad_rows: false,
+            grit: crate::grit::GritConfig::default(),
         }
     }
 }
@@ -219,6 +222,9 @@ impl TrainConfig {
         }
         if self.targets.is_empty() {
             return Err(bad("--targets", "needs at least one module"));
+        }
+        if self.method == Method::Grit {
+            self.grit.validate().map_err(|e| ConfigError::Field { field: "GRIT setting", msg: e.to_string() })?;
         }
         for t in &self.targets {
             if !DEFAULT_TARGETS.contains(&t.as_str()) {
