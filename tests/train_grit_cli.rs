@@ -70,6 +70,9 @@ fn grit_cuts_ranks_exports_and_resumes_across_cuts() {
     let events = |kind: &str| ra.iter().filter(|r| r["event"] == kind).cloned().collect::<Vec<_>>();
     let inv = events("invert");
     let rep = events("reproject");
+    for r in inv.iter().chain(&rep) {
+        println!("{r}");
+    }
     assert!(inv.len() >= 3, "inversion rows: {inv:?}");
     assert!(inv.iter().all(|r| r.get("damping").is_some()));
     assert!(rep.len() >= 2, "reprojection rows: {rep:?}");
@@ -84,6 +87,7 @@ fn grit_cuts_ranks_exports_and_resumes_across_cuts() {
     assert!(ra.iter().filter_map(|r| r["loss"].as_f64()).all(f64::is_finite));
 
     let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(a.join("summary.json")).unwrap()).unwrap();
+    println!("summary: {s}");
     let (p0, p1) = (s["trainable_params_initial"].as_u64().unwrap(), s["trainable_params_final"].as_u64().unwrap());
     assert!(p1 < p0, "no parameter reduction: {p0} → {p1}");
     let ranks: BTreeSet<u64> = s["rank_per_module"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).collect();
