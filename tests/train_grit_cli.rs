@@ -115,3 +115,31 @@ fn grit_cuts_ranks_exports_and_resumes_across_cuts() {
         assert_eq!(rows(&b), ra, "resume from step {stop} differs from the uninterrupted run");
     }
 }
+
+/// Soft cuts (the reference: shapes kept, λ_R active) with gradient accumulation, the
+/// reference pairing and absolute damping: the run completes, reprojects without changing
+/// the parameter count, and reports its events.
+#[test]
+fn grit_soft_cut_with_accumulation_and_reference_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let out = dir.path().join("soft");
+    let mut args = train_args(&model, &out);
+    let steps = args.iter().position(|a| a == "--steps").unwrap();
+    args[steps + 1] = "5".into();
+    let ev = args.iter().position(|a| a == "--eval-every").unwrap();
+    args[ev + 1] = "0".into();
+    args.extend(
+        ["--rank-cut", "soft", "--grad-accum", "2", "--kfac-pairing", "reference", "--damping", "absolute", "--lambda-r", "1e-2"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    ok(grit().args(&args).output().unwrap());
+    let r = rows(&out);
+    assert!(r.iter().any(|x| x["event"] == "reproject" && x["step"] == 4), "no reprojection at step 4");
+    assert!(r.iter().filter(|x| x["event"] == "invert").count() >= 2);
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(s["trainable_params_final"], s["trainable_params_initial"], "a soft cut keeps the shapes");
+    assert!(s["rank_per_module"].as_object().unwrap().values().all(|v| v == 8));
+    assert!(r.iter().filter_map(|x| x["loss"].as_f64()).all(f64::is_finite));
+}
