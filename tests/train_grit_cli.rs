@@ -96,7 +96,7 @@ fn grit_cuts_ranks_exports_and_resumes_across_cuts() {
     assert!(s["drift_per_module"].as_object().unwrap().len() == 14 && s["drift_total"].as_f64().unwrap() > 0.0);
 
     // The adapter keeps each module's rank; llama.cpp loads and generates with it.
-    let f = grit::gguf::GgufFile::open(&a.join("adapter.gguf")).unwrap();
+    let f = grit::gguf::GgufFile::open(a.join("adapter.gguf")).unwrap();
     let adapter_ranks: BTreeSet<i64> = f.tensors().iter().filter(|t| t.name.ends_with(".lora_a")).map(|t| t.ne[1]).collect();
     assert!(adapter_ranks.len() >= 2, "adapter ranks {adapter_ranks:?}");
     let o = ok(grit()
