@@ -70,7 +70,7 @@ fn grit_cuts_ranks_exports_and_resumes_across_cuts() {
     let events = |kind: &str| ra.iter().filter(|r| r["event"] == kind).cloned().collect::<Vec<_>>();
     let inv = events("invert");
     let rep = events("reproject");
-    for r in inv.iter().chain(&rep) {
+    for r in inv.iter().chain(&rep).chain(ra.iter().filter(|r| r.get("loss").is_some() || r.get("eval_loss").is_some())) {
         println!("{r}");
     }
     assert!(inv.len() >= 3, "inversion rows: {inv:?}");
