@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use crate::grit::{Damping, KfacStats, Pairing, RankCut};
 use crate::train::config::{LrSchedule, Method, TrainConfig, WeightCopies};
 
 #[derive(Debug, Args, Default)]
@@ -136,6 +137,74 @@ pub struct TrainArgs {
     /// Skip malformed data rows (counted) instead of stopping at the first.
     #[arg(long)]
     pub skip_bad_rows: bool,
+
+    // ---- GRIT (--method grit; defaults in GritConfig / GRIT.md)
+    /// GRIT: collect the K-FAC factors Σ_a, Σ_g every N steps [default: 5].
+    #[arg(long, help_heading = "GRIT")]
+    pub kfac_every: Option<usize>,
+    /// GRIT: exponential moving average or running mean of the factors [default: ema].
+    #[arg(long, value_enum, help_heading = "GRIT")]
+    pub kfac_stats: Option<KfacStats>,
+    /// GRIT: EMA factor β [default: 0.95].
+    #[arg(long, help_heading = "GRIT")]
+    pub kfac_beta: Option<f64>,
+    /// GRIT: recompute the damped inverses every N steps (adaptive) [default: 10].
+    #[arg(long, help_heading = "GRIT")]
+    pub invert_every: Option<usize>,
+    /// GRIT: damping relative to each factor's scale or absolute [default: relative].
+    #[arg(long, value_enum, help_heading = "GRIT")]
+    pub damping: Option<Damping>,
+    /// GRIT: λ_rel of relative damping [default: 0.1].
+    #[arg(long, help_heading = "GRIT")]
+    pub damping_rel: Option<f64>,
+    /// GRIT: λ of absolute damping (or the floor of relative) [default: 1e-3 absolute, 0 relative].
+    #[arg(long, help_heading = "GRIT")]
+    pub damping_abs: Option<f64>,
+    /// GRIT: keep absolute damping fixed (no loss-std rule).
+    #[arg(long, help_heading = "GRIT")]
+    pub no_damping_adaptive: bool,
+    /// GRIT: which factor preconditions which gradient [default: textbook].
+    #[arg(long, value_enum, help_heading = "GRIT")]
+    pub kfac_pairing: Option<Pairing>,
+    /// GRIT: no preconditioning during the first N steps [default: 0].
+    #[arg(long, help_heading = "GRIT")]
+    pub ng_warmup: Option<usize>,
+    /// GRIT: λ_K of the curvature regularizer [default: 1e-5].
+    #[arg(long, help_heading = "GRIT")]
+    pub lambda_k: Option<f64>,
+    /// GRIT: λ_R of the projection regularizer (soft cuts) [default: 1e-4].
+    #[arg(long, help_heading = "GRIT")]
+    pub lambda_r: Option<f64>,
+    /// GRIT: ramp the regularizers in over N steps [default: 30].
+    #[arg(long, help_heading = "GRIT")]
+    pub reg_warmup: Option<usize>,
+    /// GRIT: reproject every N steps (adaptive) [default: 30].
+    #[arg(long, help_heading = "GRIT")]
+    pub reproject_every: Option<usize>,
+    /// GRIT: no reprojection before step N [default: 30].
+    #[arg(long, help_heading = "GRIT")]
+    pub reproject_warmup: Option<usize>,
+    /// GRIT: ranks may change from step N on [default: 30].
+    #[arg(long, help_heading = "GRIT")]
+    pub rank_start: Option<usize>,
+    /// GRIT: smallest rank of a module [default: 4].
+    #[arg(long, help_heading = "GRIT")]
+    pub rank_min: Option<usize>,
+    /// GRIT: largest rank of a module [default: --rank].
+    #[arg(long, help_heading = "GRIT")]
+    pub rank_max: Option<usize>,
+    /// GRIT: keep the fewest directions holding this share of Σ_a's energy [default: 0.9].
+    #[arg(long, help_heading = "GRIT")]
+    pub rank_energy: Option<f64>,
+    /// GRIT: hard (tensors shrink) or soft (project in place) rank cuts [default: hard].
+    #[arg(long, value_enum, help_heading = "GRIT")]
+    pub rank_cut: Option<RankCut>,
+    /// GRIT: B's basis from Σ_a instead of Σ_g.
+    #[arg(long, help_heading = "GRIT")]
+    pub one_sided: bool,
+    /// GRIT: fixed event intervals (no adaptation from the loss trend).
+    #[arg(long, help_heading = "GRIT")]
+    pub fixed_intervals: bool,
 }
 
 impl TrainArgs {
@@ -165,6 +234,26 @@ impl TrainArgs {
         if self.keep_checkpoints.is_some() {
             c.keep_checkpoints = self.keep_checkpoints;
         }
+        macro_rules! set_grit {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { c.grit.$f = v; } )* };
+        }
+        set_grit!(kfac_every, kfac_stats, kfac_beta, invert_every, damping, damping_rel, kfac_pairing, ng_warmup, lambda_k, lambda_r);
+        set_grit!(reg_warmup, reproject_every, reproject_warmup, rank_start, rank_min, rank_energy, rank_cut);
+        if self.damping_abs.is_some() {
+            c.grit.damping_abs = self.damping_abs;
+        }
+        if self.rank_max.is_some() {
+            c.grit.rank_max = self.rank_max;
+        }
+        if self.no_damping_adaptive {
+            c.grit.damping_adaptive = false;
+        }
+        if self.one_sided {
+            c.grit.two_sided = false;
+        }
+        if self.fixed_intervals {
+            c.grit.adaptive_intervals = false;
+        }
         c.rslora |= self.rslora;
         c.forward_copy |= self.forward_copy;
         c.train_on_prompt |= self.train_on_prompt;
@@ -187,5 +276,11 @@ mod tests {
         assert_eq!(c.seed, 5);
         assert!(c.rslora);
         assert_eq!(c.alpha, 32.0);
+        let base: TrainConfig = toml::from_str("method = \"grit\"\n[grit]\nrank_energy = 0.8\nkfac_every = 3").unwrap();
+        let args = TrainArgs { kfac_every: Some(1), rank_cut: Some(RankCut::Soft), one_sided: true, ..Default::default() };
+        let c = args.apply(base);
+        assert_eq!((c.grit.kfac_every, c.grit.rank_energy, c.grit.rank_cut, c.grit.two_sided), (1, 0.8, RankCut::Soft, false));
+        let back: TrainConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
     }
 }

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// How the K-FAC factors accumulate over steps (GRIT.md §2, `--kfac-stats`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum KfacStats {
     /// Exponential moving average Σ ← β·Σ + (1 − β)·Σ_step (grit's default: A changes at
@@ -15,7 +15,7 @@ pub enum KfacStats {
 }
 
 /// How the damping λ added to a factor is chosen (GRIT.md §3, `--damping`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Damping {
     /// λ = λ_rel · tr(Σ)/r + λ_abs, per factor: follows each factor's scale (Σ_g is ~1e-11 to
@@ -27,7 +27,7 @@ pub enum Damping {
 }
 
 /// Which factor preconditions which gradient (GRIT.md §3, `--kfac-pairing`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Pairing {
     /// Textbook K-FAC: ∇B ← ∇B·(Σ_a + λI)⁻¹, ∇A ← (Σ_g + λI)⁻¹·∇A.
@@ -38,7 +38,7 @@ pub enum Pairing {
 }
 
 /// Whether a reprojection changes the tensor shapes (GRIT.md §5, `--rank-cut`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum RankCut {
     /// A ← V_a,kᵀ·A (k×d_in), B ← B·V_g,k·(V_g,kᵀ·V_a,k) (d_out×k): the rank really shrinks.

@@ -93,6 +93,8 @@ pub struct TrainConfig {
     pub forward_copy: bool,
     pub train_on_prompt: bool,
     pub skip_bad_rows: bool,
+    /// GRIT's hyper-parameters (`[grit]` in a config file; used with `method = "grit"`).
+    pub grit: crate::grit::GritConfig,
 }
 
 /// The default LoRA targets: every linear layer of a LLaMA block.
@@ -134,6 +136,7 @@ impl Default for TrainConfig {
             forward_copy: false,
             train_on_prompt: false,
             skip_bad_rows: false,
+            grit: crate::grit::GritConfig::default(),
         }
     }
 }
@@ -223,6 +226,9 @@ impl TrainConfig {
         }
         if self.targets.is_empty() {
             return Err(bad("--targets", "needs at least one module"));
+        }
+        if self.method == Method::Grit {
+            self.grit.validate().map_err(|e| ConfigError::Field { field: "GRIT setting", msg: e.to_string() })?;
         }
         for t in &self.targets {
             if !DEFAULT_TARGETS.contains(&t.as_str()) {

@@ -80,6 +80,10 @@ pub struct StepGraph<'g> {
     pub loss_grad: Tensor<'g>,
     /// Frozen-matmul backward nodes rewritten (persistent copies, transient copies).
     pub rewritten: (usize, usize),
+    /// GRIT: the regularizer loss (None for LoRA, or when λ_K = λ_R = 0) and its ∂/∂ seed.
+    pub reg: Option<(crate::grit::RegGraph<'g>, Tensor<'g>)>,
+    /// GRIT: the K-FAC statistic nodes.
+    pub stats: Option<crate::grit::StatsGraph<'g>>,
 }
 
 /// Context capacity for a step graph.
@@ -87,6 +91,8 @@ pub fn step_capacity(weights: &Weights, lora: &LoraSet) -> Capacity {
     let base = TrainGraph::capacity(weights, Some(lora), true);
     // Accumulation adds 2 ops per parameter; transient copies 3 tensors per frozen weight.
     let extra = 4 * 2 * lora.modules().len() + 4 * (7 * weights.hparams.n_layer + 1) + 64;
+    // GRIT: regularizer and statistics nodes (and their gradients).
+    let extra = extra + 2 * (crate::grit::RegGraph::TENSORS_PER_MODULE + crate::grit::StatsGraph::TENSORS_PER_MODULE + 4) * lora.modules().len();
     Capacity::graph(base.graph_nodes + extra, base.graph_nodes + extra, true)
 }
 
@@ -101,13 +107,46 @@ impl<'g> StepGraph<'g> {
         n_tokens: usize,
         n_rows: usize,
     ) -> Self {
+        Self::build_with(ctx, weights, lora, copies, opt, n_tokens, n_rows, None)
+    }
+
+    /// [`StepGraph::build`], plus GRIT's regularizer (when `grit` has λ_K or λ_R > 0) and
+    /// K-FAC statistic nodes when `grit` is given.
+    #[allow(clippy::too_many_arguments)]
+    pub fn build_with(
+        ctx: &'g Context,
+        weights: &'g Weights,
+        lora: &'g LoraSet,
+        copies: &'g FrozenCopies,
+        opt: &'g OptState,
+        n_tokens: usize,
+        n_rows: usize,
+        grit: Option<&crate::grit::GritConfig>,
+    ) -> Self {
         lora.mark_params();
         let mut train = TrainGraph::build(ctx, weights, Some(lora), n_tokens, Outputs::Rows(n_rows), true);
         let loss = train.loss.expect("training graph has a loss");
+        let reg = grit.filter(|g| g.lambda_k > 0.0 || g.lambda_r > 0.0).map(|_| {
+            let reg = crate::grit::RegGraph::build(ctx, lora);
+            reg.loss.set_loss();
+            train.graph.build_forward_expand(reg.loss);
+            reg
+        });
         train.graph.build_backward_expand(ctx);
         let loss_grad = train.graph.grad_acc(loss).expect("the loss has a gradient accumulator").set_input();
+        let reg = reg.map(|r| {
+            let seed = train.graph.grad_acc(r.loss).expect("the regularizer has a gradient accumulator").set_input();
+            (r, seed)
+        });
+        let stats = grit.map(|_| crate::grit::StatsGraph::build(ctx, &train.graph, &train.taps, lora));
         // Accumulate each parameter's gradient into its persistent slot: acc ← acc + ∂L/∂θ.
         let mut extra = vec![loss];
+        if let Some((r, _)) = &reg {
+            extra.push(r.loss);
+        }
+        if let Some(s) = &stats {
+            extra.extend(s.outputs());
+        }
         for (i, m) in lora.modules().iter().enumerate() {
             for (param, slot) in [(lora.a(m), 2usize), (lora.b(m), 5usize)] {
                 let g = train.graph.grad(param).unwrap_or_else(|| panic!("no gradient for {}", param.name()));
@@ -116,8 +155,8 @@ impl<'g> StepGraph<'g> {
             }
         }
         let map = copies.map(weights);
-        let (graph, stats) = crate::ggml::rebuild_frozen_backward(ctx, &train.graph, &map, &extra);
-        StepGraph { train, graph, loss_grad, rewritten: (stats.persistent, stats.transient) }
+        let (graph, rw) = crate::ggml::rebuild_frozen_backward(ctx, &train.graph, &map, &extra);
+        StepGraph { train, graph, loss_grad, rewritten: (rw.persistent, rw.transient), reg, stats }
     }
 }
 
@@ -153,10 +192,12 @@ pub struct OptGraph<'g> {
     /// F32 [1]: the global gradient norm before clipping.
     pub norm: Tensor<'g>,
     pub clip: bool,
+    /// GRIT: the per-module preconditioner inputs (applied before the norm).
+    pub precond: Option<crate::grit::PrecondInputs<'g>>,
 }
 
 pub fn opt_capacity(lora: &LoraSet) -> Capacity {
-    let n = 16 * 2 * lora.modules().len() + 64;
+    let n = (16 * 2 + 2 * crate::grit::PrecondInputs::TENSORS_PER_MODULE) * lora.modules().len() + 64;
     Capacity::graph(n, n, false)
 }
 
@@ -164,6 +205,12 @@ impl<'g> OptGraph<'g> {
     /// `max_grad_norm` = 0 turns clipping off; otherwise it is baked into the graph (and also
     /// fed as the `max_norm` input each step).
     pub fn build(ctx: &'g Context, lora: &'g LoraSet, opt: &'g OptState, n_micro: usize, max_grad_norm: f32) -> Self {
+        Self::build_with(ctx, lora, opt, n_micro, max_grad_norm, false)
+    }
+
+    /// With `precondition`, each module's mean gradients are preconditioned (GRIT) before the
+    /// norm, the clipping and AdamW.
+    pub fn build_with(ctx: &'g Context, lora: &'g LoraSet, opt: &'g OptState, n_micro: usize, max_grad_norm: f32, precondition: bool) -> Self {
         let clip = max_grad_norm > 0.0;
         let cap = ctx.capacity();
         let mut graph = ctx.new_graph(cap.graph_nodes, false);
@@ -172,10 +219,22 @@ impl<'g> OptGraph<'g> {
         let inv = 1.0 / n_micro as f32;
         let mut grads = Vec::new();
         let mut sumsq: Option<Tensor<'g>> = None;
+        let precond = precondition.then(|| crate::grit::PrecondInputs::new(ctx, lora));
         for (i, m) in lora.modules().iter().enumerate() {
-            for (param, k) in [(lora.a(m), 0usize), (lora.b(m), 3usize)] {
+            let mean = |k: usize| {
                 let acc = opt.tensor(i, k + 2);
-                let g = if n_micro == 1 { acc } else { ctx.scale(acc, inv) };
+                if n_micro == 1 {
+                    acc
+                } else {
+                    ctx.scale(acc, inv)
+                }
+            };
+            let (ga, gb) = (mean(0), mean(3));
+            let (ga, gb) = match &precond {
+                Some(p) => crate::grit::precondition::precondition(ctx, ga, gb, p.modules[i].0, p.modules[i].1),
+                None => (ga, gb),
+            };
+            for (param, k, g) in [(lora.a(m), 0usize, ga), (lora.b(m), 3usize, gb)] {
                 let s = ctx.sum(ctx.sqr(g)); // [1]
                 sumsq = Some(match sumsq {
                     Some(t) => ctx.add(t, s),
@@ -195,7 +254,7 @@ impl<'g> OptGraph<'g> {
             };
             graph.build_forward_expand(ctx.opt_step_adamw(param, g, m, v, adamw));
         }
-        OptGraph { graph, adamw, max_norm, norm, clip }
+        OptGraph { graph, adamw, max_norm, norm, clip, precond }
     }
 }
 

@@ -5,4 +5,5 @@ pub mod metrics;
 pub mod schedule;
 pub mod copies;
 pub mod engine;
+pub mod grit_run;
 pub mod run;

@@ -16,6 +16,7 @@ use super::checkpoint::{self, Checkpoint, NamedTensor};
 use super::config::{ConfigError, Method, TrainConfig};
 use super::copies::FrozenCopies;
 use super::engine::{self, AdamStep, OptGraph, OptState, StepGraph, SLOT_NAMES};
+use super::grit_run::{self, GritCheckpoint, GritRun};
 use super::metrics::MetricsWriter;
 use super::schedule::lr_at;
 
@@ -44,8 +45,6 @@ pub enum TrainError {
     OutNotEmpty(PathBuf),
     #[error("no training data: pass --data FILE (JSONL or .txt)")]
     NoData,
-    #[error("`--method grit` is not implemented yet (tracked in issue 4); use --method lora")]
-    GritNotYet,
     #[error("training needs about {need_mib} MiB but only {avail_mib} MiB are available; {hint}")]
     Memory { need_mib: u64, avail_mib: u64, hint: String },
     #[error("the loss became {loss} at step {step}; lower --lr or check the data")]
@@ -92,6 +91,18 @@ pub struct Summary {
     pub peak_rss_bytes: u64,
     pub wall_s: f64,
     pub weight_copies: super::config::WeightCopies,
+    /// GRIT: Σ_m r_m·(d_in + d_out) at the start and at the end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trainable_params_initial: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trainable_params_final: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inversions: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reprojections: Option<usize>,
+    /// ‖s·B·A‖_F per module (every method) and its total (√ of the sum of squares).
+    pub drift_per_module: std::collections::BTreeMap<String, f64>,
+    pub drift_total: f64,
 }
 
 /// Peak resident memory of this process (VmHWM), bytes.
@@ -157,9 +168,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
 /// Runs a training job as configured.
 pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainError> {
     cfg.validate()?;
-    if cfg.method == Method::Grit {
-        return Err(TrainError::GritNotYet);
-    }
+    let is_grit = cfg.method == Method::Grit;
     let data_path = cfg.data.clone().ok_or(TrainError::NoData)?;
     let model_path = match &cfg.model {
         Some(p) => p.clone(),
@@ -210,16 +219,41 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
     write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
     let ckpt_dir = out.join("checkpoints");
 
+    // The checkpoint to resume from (its shapes decide the adapters' ranks).
+    let resume_ck = if opts.resume {
+        let step = *checkpoint::list_steps(&ckpt_dir).last().ok_or_else(|| TrainError::NothingToResume(out.clone()))?;
+        Some(Checkpoint::load(&checkpoint::step_dir(&ckpt_dir, step))?)
+    } else {
+        None
+    };
+    let grit_ck: Option<GritCheckpoint> = match (&resume_ck, is_grit) {
+        (Some(ck), true) => Some(
+            serde_json::from_value(ck.state["grit"].clone())
+                .map_err(|e| TrainError::Io(checkpoint::step_dir(&ckpt_dir, ck.step), format!("state.json: field 'grit': {e}")))?,
+        ),
+        _ => None,
+    };
+
     // Backend, frozen weights, adapters, optimizer state.
     let mut backend = Backend::new(BackendOptions { device: Device::Auto, n_threads: cfg.threads })?;
     let weights = Weights::load(&file, &backend)?;
     drop(file);
     let targets = cfg.targets.iter().map(|t| Target::parse(t)).collect::<Result<Vec<_>, _>>()?;
     let lcfg = LoraConfig { targets, rank: cfg.rank, alpha: cfg.alpha, rslora: cfg.rslora, layers: None };
-    let lora = LoraSet::new(&weights, &lcfg, &backend)?;
+    let mut lora = LoraSet::new(&weights, &lcfg, &backend)?;
     lora.init(cfg.seed)?;
+    let mut grit: Option<GritRun> = is_grit.then(|| GritRun::new(&cfg.grit, &lora, cfg.rank));
+    if let Some(gck) = grit_ck {
+        // The checkpoint's per-module ranks; every scale stays that of the initial rank.
+        if gck.ranks.len() != lora.modules().len() {
+            return Err(TrainError::Io(ckpt_dir.clone(), format!("the checkpoint has {} modules, this run {}", gck.ranks.len(), lora.modules().len())));
+        }
+        let specs: Vec<_> = lora.modules().iter().zip(&gck.ranks).map(|(m, &r)| (m.layer, m.target, r, m.scale)).collect();
+        lora = LoraSet::with_modules(&weights, &specs, &backend)?;
+        grit = Some(GritRun::from_checkpoint(&cfg.grit, gck, cfg.rank));
+    }
     lora.mark_params();
-    let opt = OptState::new(&lora, &backend)?;
+    let mut opt = OptState::new(&lora, &backend)?;
     let copies = FrozenCopies::build(&weights, cfg.weight_copies, cfg.forward_copy, &backend)?;
 
     let mut batcher = data::Batcher::new(&train_ds, cfg.batch_size)?;
@@ -244,9 +278,8 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
     let mut start_step = 0usize;
     let mut elapsed_before = 0.0f64;
     let mut eval_initial: Option<f32> = None;
-    let mut metrics = if opts.resume {
-        let step = *checkpoint::list_steps(&ckpt_dir).last().ok_or_else(|| TrainError::NothingToResume(out.clone()))?;
-        let ck = Checkpoint::load(&checkpoint::step_dir(&ckpt_dir, step))?;
+    let mut metrics = if let Some(ck) = resume_ck {
+        let step = ck.step;
         restore(&ck, &lora, &opt)?;
         let pos: data::DataPosition = serde_json::from_value(ck.state["data"].clone())
             .map_err(|e| TrainError::Io(checkpoint::step_dir(&ckpt_dir, step), format!("state.json: field 'data': {e}")))?;
@@ -282,16 +315,16 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
 
     let t_start = Instant::now();
     let mut last_eval: Option<f32> = None;
-    let evaluate = |backend: &mut Backend, step: usize, metrics: &mut MetricsWriter| -> Result<Option<f32>, TrainError> {
+    let evaluate = |backend: &mut Backend, lora: &LoraSet, step: usize, metrics: &mut MetricsWriter| -> Result<Option<f32>, TrainError> {
         if eval_seqs.is_empty() {
             return Ok(None);
         }
-        let (loss, tokens) = run_eval(backend, &weights, &lora, &eval_seqs, cfg.max_seq_len, pad, cfg.eval_tokens)?;
+        let (loss, tokens) = run_eval(backend, &weights, lora, &eval_seqs, cfg.max_seq_len, pad, cfg.eval_tokens)?;
         metrics.write(&serde_json::json!({"step": step, "eval_loss": loss, "eval_tokens": tokens})).map_err(|e| io(metrics.path(), e))?;
         Ok(Some(loss))
     };
     if start_step == 0 {
-        last_eval = evaluate(&mut backend, 0, &mut metrics)?;
+        last_eval = evaluate(&mut backend, &lora, 0, &mut metrics)?;
         eval_initial = last_eval;
         if let Some(l) = last_eval {
             eprintln!("grit: step 0 eval loss {l:.4}");
@@ -306,9 +339,6 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
     );
     bar.set_position(start_step as u64);
 
-    let opt_ctx = Context::new(engine::opt_capacity(&lora))?;
-    let opt_graph = OptGraph::build(&opt_ctx, &lora, &opt, cfg.grad_accum, cfg.max_grad_norm);
-
     if opts.profile {
         backend.start_profile(engine::categorize);
     }
@@ -319,12 +349,21 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
     let mut memory_checked = false;
     // The step being accumulated: micro-batches done, loss sum, tokens, start time.
     let (mut micro, mut loss_sum, mut tokens, mut t0) = (0usize, 0f32, 0usize, Instant::now());
+    // GRIT: adapters and optimizer state with new shapes, swapped in at the next shape epoch.
+    let mut replacement: Option<grit_run::Replacement> = None;
     'shapes: while step < total_steps {
+        if let Some((l, o)) = replacement.take() {
+            lora = l;
+            opt = o;
+            lora.mark_params();
+        }
+        let opt_ctx = Context::new(engine::opt_capacity(&lora))?;
+        let opt_graph = OptGraph::build_with(&opt_ctx, &lora, &opt, cfg.grad_accum, cfg.max_grad_norm, is_grit);
         // The step graph is rebuilt only when the batch shape (tokens, trained rows) changes.
         let first = pending.take().unwrap_or_else(|| make_batch(&batcher.next_batch(), cfg.max_seq_len, pad));
         let key = (first.n_tokens(), first.n_rows());
         let ctx = Context::new(engine::step_capacity(&weights, &lora))?;
-        let sg = StepGraph::build(&ctx, &weights, &lora, &copies, &opt, key.0, key.1);
+        let sg = StepGraph::build_with(&ctx, &weights, &lora, &copies, &opt, key.0, key.1, is_grit.then_some(&cfg.grit));
         if !memory_checked {
             memory_checked = true;
             eprintln!(
@@ -347,7 +386,22 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
                 let mut run = backend.compute(&sg.graph)?;
                 sg.train.set_inputs(&mut run, &batch)?;
                 run.write_f32(sg.loss_grad, &[1.0])?;
+                let mut n_counted = 0;
+                if let (Some(st), Some(g)) = (&sg.stats, &grit) {
+                    let (w, n) = crate::grit::stats::token_weights(batch.n_tokens(), &batch.rows);
+                    n_counted = n;
+                    st.set_weights(&mut run, &w)?;
+                    if let Some((reg, seed)) = &sg.reg {
+                        reg.set(&mut run, crate::grit::schedule::reg_ramp(step + 1, g.cfg.reg_warmup), &g.coeffs)?;
+                        run.write_f32(*seed, &[1.0])?;
+                    }
+                }
                 run.run()?;
+                if let (Some(st), Some(g)) = (&sg.stats, &mut grit) {
+                    if g.schedule.kfac_due(step + 1, &g.cfg) {
+                        g.accumulate(&st.read(&run)?, n_counted);
+                    }
+                }
                 let l = run.read_f32(sg.train.loss.expect("loss"))?[0];
                 if !l.is_finite() {
                     return Err(TrainError::NonFinite { step: step + 1, loss: l });
@@ -364,8 +418,16 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
             let loss = loss_sum / cfg.grad_accum as f32;
             let lr = lr_at(cfg.lr_schedule, cfg.lr, cfg.warmup, step, total_steps);
             let adam = AdamStep { lr, beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_eps, weight_decay: cfg.weight_decay, t: step as u64 + 1 };
+            if let Some(g) = &mut grit {
+                if g.schedule.kfac_due(step + 1, &g.cfg) {
+                    g.commit();
+                }
+            }
             let grad_norm = {
                 let mut run = backend.compute(&opt_graph.graph)?;
+                if let (Some(pi), Some(g)) = (&opt_graph.precond, &grit) {
+                    pi.set(&mut run, &g.step_precond(step + 1))?;
+                }
                 run.write_f32(opt_graph.adamw, &adam.params())?;
                 run.write_f32(opt_graph.max_norm, &[cfg.max_grad_norm])?;
                 run.run()?;
@@ -384,9 +446,28 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
             bar.set_message(format!("loss {loss:.4} · lr {lr:.2e} · {tps:.0} tok/s · {} MiB", rss_bytes() >> 20));
             bar.set_position(step as u64);
 
+            // GRIT events after the step: inversion, reprojection (new shapes: swapped in below).
+            if let Some(g) = &mut grit {
+                g.schedule.record_loss(loss as f64);
+                if g.schedule.invert_due(step) {
+                    let row = g.invert(step);
+                    metrics.write(&row).map_err(|e| io(metrics.path(), e))?;
+                }
+                if g.schedule.reproject_due(step, &g.cfg) {
+                    let (row, new) = g.reproject(step, &weights, &lora, &opt, &backend)?;
+                    bar.println(format!("step {step}: reprojection: {} modules cut, {} trainable parameters", row["modules_cut"], row["trainable_params"]));
+                    metrics.write(&row).map_err(|e| io(metrics.path(), e))?;
+                    replacement = new;
+                }
+            }
+            let (cur_lora, cur_opt) = match &replacement {
+                Some((l, o)) => (l, o),
+                None => (&lora, &opt),
+            };
+
             let is_last = step == total_steps;
             if (cfg.eval_every > 0 && step % cfg.eval_every == 0) || is_last {
-                last_eval = evaluate(&mut backend, step, &mut metrics)?;
+                last_eval = evaluate(&mut backend, cur_lora, step, &mut metrics)?;
                 if let Some(l) = last_eval {
                     bar.println(format!("step {step}: eval loss {l:.4}"));
                 }
@@ -394,13 +475,16 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
             let stop_here = opts.stop_after == Some(step) && !is_last;
             let ctrl_c = interrupted.load(Ordering::SeqCst) && !is_last;
             if (cfg.save_every > 0 && step % cfg.save_every == 0 && !is_last) || stop_here || ctrl_c {
-                let state = serde_json::json!({
+                let mut state = serde_json::json!({
                     "data": batcher.position(),
                     "elapsed_s": elapsed,
                     "eval_loss_initial": eval_initial,
                     "total_steps": total_steps,
                 });
-                let dir = snapshot(step, &lora, &opt, state).save(&ckpt_dir)?;
+                if let Some(g) = &grit {
+                    state["grit"] = serde_json::to_value(g.checkpoint(cur_lora)).map_err(|e| io(&ckpt_dir, e))?;
+                }
+                let dir = snapshot(step, cur_lora, cur_opt, state).save(&ckpt_dir)?;
                 if let Some(k) = cfg.keep_checkpoints {
                     checkpoint::prune(&ckpt_dir, k)?;
                 }
@@ -413,6 +497,9 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
             if is_last {
                 break 'shapes;
             }
+            if replacement.is_some() {
+                continue 'shapes;
+            }
         }
     }
     bar.finish_and_clear();
@@ -421,13 +508,25 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
         eprintln!("where the time of {} steps went (per step: {:.3} s; evaluation included):\n{}", step - start_step, p.total_s / n, p.table());
     }
 
-    // Adapter, summary.
-    let scale = if cfg.rslora { AdapterScale::FoldIntoB } else { AdapterScale::Alpha(cfg.alpha) };
+    if let Some((l, o)) = replacement.take() {
+        lora = l;
+        opt = o;
+    }
+    drop(opt);
+
+    // Adapter, summary. GRIT's scales are those of the initial rank (not alpha/r of the
+    // current rank), so they are folded into B.
+    let scale = if cfg.rslora || is_grit { AdapterScale::FoldIntoB } else { AdapterScale::Alpha(cfg.alpha) };
     let adapter = out.join("adapter.gguf");
     let tmp = out.join(".adapter.gguf.tmp");
     lora.write_gguf(&tmp, weights.hparams.arch.name(), scale)?;
     std::fs::rename(&tmp, &adapter).map_err(|e| io(&adapter, e))?;
 
+    let mut drift_per_module = std::collections::BTreeMap::new();
+    for (i, m) in lora.modules().iter().enumerate() {
+        drift_per_module.insert(m.base_name(), grit_run::drift(&lora, i)?);
+    }
+    let drift_total = drift_per_module.values().map(|d| d * d).sum::<f64>().sqrt();
     let tail = &losses[losses.len().saturating_sub(10)..];
     let mut rates = tok_rates.clone();
     rates.sort_by(f64::total_cmp);
@@ -445,6 +544,12 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
         peak_rss_bytes: peak_rss_bytes(),
         wall_s: elapsed_before + t_start.elapsed().as_secs_f64(),
         weight_copies: cfg.weight_copies,
+        trainable_params_initial: grit.as_ref().map(|g| g.params_initial),
+        trainable_params_final: grit.as_ref().map(|_| lora.n_params()),
+        inversions: grit.as_ref().map(|g| g.schedule.inversions),
+        reprojections: grit.as_ref().map(|g| g.schedule.reprojections),
+        drift_per_module,
+        drift_total,
     };
     let js = serde_json::to_vec_pretty(&summary).map_err(|e| io(&out, e))?;
     write_atomic(&out.join("summary.json"), &js)?;
