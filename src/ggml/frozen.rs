@@ -102,6 +102,22 @@ pub fn rebuild_frozen_backward<'a>(ctx: &'a Context, graph: &Graph<'a>, frozen: 
     // Transposed copies made for the out_prod rewrite, shared by nodes with the same source
     // (q/k/v and gate/up read the same activations).
     let mut transposes: HashMap<usize, Tensor<'a>> = HashMap::new();
+    // Each extra output is added right after the last old node it depends on, not at the end:
+    // a gradient accumulation or statistic then runs as soon as its inputs exist, so those
+    // inputs are freed early instead of all staying alive until the end of the graph (which
+    // raises peak memory and, with hundreds of small tensors, exhausts ggml's allocator).
+    let index: HashMap<usize, usize> = (0..graph.n_nodes()).map(|i| (graph.node(i).raw() as usize, i)).collect();
+    let mut due: HashMap<usize, Vec<Tensor<'a>>> = HashMap::new();
+    let mut first = Vec::new();
+    for &t in extra {
+        match last_dependency(t, &index) {
+            Some(i) => due.entry(i).or_default().push(t),
+            None => first.push(t),
+        }
+    }
+    for t in first {
+        out.build_forward_expand(t);
+    }
     for i in 0..graph.n_nodes() {
         let node = graph.node(i);
         if node.op() == sys::GGML_OP_MUL_MAT {
@@ -160,9 +176,32 @@ pub fn rebuild_frozen_backward<'a>(ctx: &'a Context, graph: &Graph<'a>, frozen: 
             }
         }
         out.build_forward_expand(node);
-    }
-    for &t in extra {
-        out.build_forward_expand(t);
+        for t in due.remove(&i).unwrap_or_default() {
+            out.build_forward_expand(t);
+        }
     }
     (out, stats)
+}
+
+/// The highest index (in the old graph) of the nodes `t` depends on, looking through tensors
+/// that are not old nodes (new ops, views, leafs); None when it depends on none.
+fn last_dependency(t: Tensor<'_>, index: &HashMap<usize, usize>) -> Option<usize> {
+    let mut best = None;
+    let mut seen = std::collections::HashSet::new();
+    let mut stack = vec![t];
+    while let Some(x) = stack.pop() {
+        if !seen.insert(x.raw() as usize) {
+            continue;
+        }
+        if let Some(&i) = index.get(&(x.raw() as usize)) {
+            best = best.max(Some(i));
+            continue;
+        }
+        for k in 0..10 {
+            if let Some(s) = x.src(k) {
+                stack.push(s);
+            }
+        }
+    }
+    best
 }

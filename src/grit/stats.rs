@@ -43,8 +43,12 @@ pub type FactorPair = (Vec<f32>, Vec<f32>);
 pub fn weighted_gram<'g>(ctx: &'g Context, v: Tensor<'g>, w: Tensor<'g>) -> Tensor<'g> {
     let (ne, nw) = (v.ne(), w.ne());
     assert!(ne[2] == 1 && ne[3] == 1 && nw[0] == ne[1] && w.is_vector(), "weighted_gram: v {v:?} with weights {w:?}");
-    let vt = ctx.cont(ctx.transpose(v)); // [n, r]
-    let vtw = ctx.mul(vt, w); // [n, r]: row t scaled by w_t (w broadcast over ne[1])
+    // The two [n, r] temporaries are kept for the whole graph (marked as outputs): freed one
+    // by one between the backward's large tensors, hundreds of these small blocks exhaust
+    // ggml's allocator free list ("out of free blocks") on a 30-layer model. They cost
+    // 2·n·r·4 bytes per module (13 MB for 210 modules at r = 16, n = 256).
+    let vt = ctx.cont(ctx.transpose(v)).set_output(); // [n, r]
+    let vtw = ctx.mul(vt, w).set_output(); // [n, r]: row t scaled by w_t (w broadcast over ne[1])
     ctx.mul_mat(vt, vtw) // [r, r]: Σ_t v[i, t]·w_t·v[j, t]
 }
 
