@@ -455,7 +455,7 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
                 }
                 if g.schedule.reproject_due(step, &g.cfg) {
                     let (row, new) = g.reproject(step, &weights, &lora, &opt, &backend)?;
-                    bar.println(format!("step {step}: reprojection: {} modules cut, {} trainable parameters", row["modules_cut"], row["trainable_params"]));
+                    log_line(&bar, format!("step {step}: reprojection: {} modules cut, {} trainable parameters", row["modules_cut"], row["trainable_params"]));
                     metrics.write(&row).map_err(|e| io(metrics.path(), e))?;
                     replacement = new;
                 }
@@ -469,7 +469,7 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
             if (cfg.eval_every > 0 && step % cfg.eval_every == 0) || is_last {
                 last_eval = evaluate(&mut backend, cur_lora, step, &mut metrics)?;
                 if let Some(l) = last_eval {
-                    bar.println(format!("step {step}: eval loss {l:.4}"));
+                    log_line(&bar, format!("step {step}: eval loss {l:.4}"));
                 }
             }
             let stop_here = opts.stop_after == Some(step) && !is_last;
@@ -554,6 +554,16 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
     let js = serde_json::to_vec_pretty(&summary).map_err(|e| io(&out, e))?;
     write_atomic(&out.join("summary.json"), &js)?;
     Ok(summary)
+}
+
+/// A log line above the progress bar, or plainly on stderr when the bar is hidden (not a
+/// terminal), so logs keep the evaluations.
+fn log_line(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        eprintln!("grit: {line}");
+    } else {
+        bar.println(line);
+    }
 }
 
 fn tok_eos(ds: &Dataset) -> i32 {
