@@ -86,6 +86,10 @@ def background_load(t0, t1, wall_s):
     return max(0.0, ((t1[0] - t0[0]) - (t1[1] - t0[1])) / hz / wall_s)
 
 
+GRIT_TO_HF = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj",
+              "ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj"}
+
+
 def parse_args(argv):
     default_model = os.path.join(
         os.environ.get("GRIT_HOME", os.path.expanduser("~/.cache/grit")),
@@ -106,7 +110,8 @@ def parse_args(argv):
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default: 16)")
     p.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha; scale alpha/rank (default: 32)")
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                   help="comma-separated module names to adapt (default: all 7)")
+                   help="comma-separated modules to adapt, HF names or grit's (attn_q, ..., ffn_down); "
+                   "default: all 7")
     p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate, constant (default: 2e-4)")
     p.add_argument("--warmup-steps", type=int, default=2, help="untimed warm-up steps (default: 2)")
     p.add_argument("--measure-steps", type=int, default=10, help="timed steps (default: 10)")
@@ -123,7 +128,8 @@ def parse_args(argv):
         p.error("--threads must be at least 1")
     if a.warmup_steps < 0 or a.measure_steps < 1:
         p.error("--warmup-steps must be >= 0 and --measure-steps >= 1")
-    a.targets = [t.strip() for t in a.targets.split(",") if t.strip()]
+    # grit's (llama.cpp's) module names are accepted too: attn_q -> q_proj, ...
+    a.targets = [GRIT_TO_HF.get(t.strip(), t.strip()) for t in a.targets.split(",") if t.strip()]
     if not a.targets:
         p.error("--targets is empty")
     if not os.path.isfile(a.model):
