@@ -4,26 +4,10 @@
 //! a cut reproducing the uninterrupted run.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
-use grit::ggml::Type;
-use grit::model::{write_tiny_model, TinySpec};
-
-fn grit() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_grit"))
-}
-
-fn plays() -> PathBuf {
-    grit::fetch::ensure_shakespeare().expect("shakespeare plays")
-}
-
-fn tiny_model(dir: &Path) -> PathBuf {
-    let path = dir.join("tiny.gguf");
-    let spec = TinySpec { n_embd: 128, n_layer: 2, n_head: 4, n_head_kv: 2, n_ff: 256, weight_type: Type::Q4_1, seed: 1, ..TinySpec::default() };
-    write_tiny_model(&path, &spec, &grit::fetch::ensure_default_model().unwrap()).unwrap();
-    path
-}
+mod common;
+use common::{grit, ok, plays, rows, tiny_model};
 
 fn train_args(model: &Path, out: &Path) -> Vec<String> {
     let p = plays();
@@ -37,26 +21,6 @@ fn train_args(model: &Path, out: &Path) -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect()
-}
-
-fn ok(o: Output) -> Output {
-    assert!(o.status.success(), "grit failed: {}", String::from_utf8_lossy(&o.stderr));
-    o
-}
-
-/// metrics.jsonl rows without the timing fields (which differ between runs).
-fn rows(out: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let o = v.as_object_mut().unwrap();
-            o.remove("tokens_per_s");
-            o.remove("elapsed_s");
-            v
-        })
-        .collect()
 }
 
 #[test]

@@ -151,14 +151,7 @@ fn content(obj: &Map<String, Value>, key: &str, path: &str) -> Result<String, Ro
 
 /// A list of `{role, content}` messages at `key`.
 fn messages(obj: &Map<String, Value>, key: &str) -> Result<Vec<ChatMessage>, RowError> {
-    let list = match obj.get(key) {
-        None => return Err(RowError::field(key, "is missing")),
-        Some(Value::Array(a)) => a,
-        Some(v) => return Err(RowError::field(key, not_a("an array", v))),
-    };
-    if list.is_empty() {
-        return Err(RowError::field(key, "is empty"));
-    }
+    let list = non_empty_array(obj, key)?;
     let mut out = Vec::with_capacity(list.len());
     for (i, m) in list.iter().enumerate() {
         let path = format!("{key}[{i}]");
@@ -175,17 +168,20 @@ fn messages(obj: &Map<String, Value>, key: &str) -> Result<Vec<ChatMessage>, Row
     Ok(out)
 }
 
+/// The non-empty array at `key`; errors name the field.
+fn non_empty_array<'v>(obj: &'v Map<String, Value>, key: &str) -> Result<&'v Vec<Value>, RowError> {
+    match obj.get(key) {
+        None => Err(RowError::field(key, "is missing")),
+        Some(Value::Array(a)) if a.is_empty() => Err(RowError::field(key, "is empty")),
+        Some(Value::Array(a)) => Ok(a),
+        Some(v) => Err(RowError::field(key, not_a("an array", v))),
+    }
+}
+
 /// ShareGPT `conversations: [{from, value}]`, roles mapped to system/user/assistant.
 fn sharegpt(obj: &Map<String, Value>) -> Result<Vec<ChatMessage>, RowError> {
     let key = "conversations";
-    let list = match obj.get(key) {
-        Some(Value::Array(a)) => a,
-        Some(v) => return Err(RowError::field(key, not_a("an array", v))),
-        None => return Err(RowError::field(key, "is missing")),
-    };
-    if list.is_empty() {
-        return Err(RowError::field(key, "is empty"));
-    }
+    let list = non_empty_array(obj, key)?;
     let mut out = Vec::with_capacity(list.len());
     for (i, m) in list.iter().enumerate() {
         let path = format!("{key}[{i}]");
