@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::grit::{Damping, KfacStats, Pairing, RankCut};
+use crate::grit::{Damping, FactorNorm, KfacStats, Pairing, RankCut};
 use crate::train::config::{LrSchedule, Method, TrainConfig, WeightCopies};
 
 #[derive(Debug, Args, Default)]
@@ -166,6 +166,9 @@ pub struct TrainArgs {
     /// GRIT: which factor preconditions which gradient [default: textbook].
     #[arg(long, value_enum, help_heading = "GRIT")]
     pub kfac_pairing: Option<Pairing>,
+    /// GRIT: scale each K-FAC factor to unit mean eigenvalue before damping (trace) or use it as collected [default: trace].
+    #[arg(long, value_enum, help_heading = "GRIT")]
+    pub factor_norm: Option<FactorNorm>,
     /// GRIT: no preconditioning during the first N steps [default: 0].
     #[arg(long, help_heading = "GRIT")]
     pub ng_warmup: Option<usize>,
@@ -237,7 +240,7 @@ impl TrainArgs {
         macro_rules! set_grit {
             ($($f:ident),*) => { $( if let Some(v) = self.$f { c.grit.$f = v; } )* };
         }
-        set_grit!(kfac_every, kfac_stats, kfac_beta, invert_every, damping, damping_rel, kfac_pairing, ng_warmup, lambda_k, lambda_r);
+        set_grit!(kfac_every, kfac_stats, kfac_beta, invert_every, damping, damping_rel, kfac_pairing, factor_norm, ng_warmup, lambda_k, lambda_r);
         set_grit!(reg_warmup, reproject_every, reproject_warmup, rank_start, rank_min, rank_energy, rank_cut);
         if self.damping_abs.is_some() {
             c.grit.damping_abs = self.damping_abs;

@@ -37,6 +37,21 @@ pub enum Pairing {
     Reference,
 }
 
+/// Whether each K-FAC factor is scaled to unit mean eigenvalue before damping and inversion
+/// (`--factor-norm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FactorNorm {
+    /// Σ ← Σ / (tr(Σ)/r) (grit's default): the preconditioner changes the gradient's
+    /// direction and per-direction scale, not its overall size. Unnormalized, Σ_g ~1e-10
+    /// makes ∇A ×1e10 larger than ∇B; global clipping then shrinks ∇B below AdamW's ε and
+    /// B stops learning.
+    #[default]
+    Trace,
+    /// The factors as collected (textbook K-FAC / the reference).
+    None,
+}
+
 /// Whether a reprojection changes the tensor shapes (GRIT.md §5, `--rank-cut`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -75,6 +90,8 @@ pub struct GritConfig {
     /// 1e-6, 0.01), as the reference does.
     pub damping_adaptive: bool,
     pub kfac_pairing: Pairing,
+    /// Scale each factor to unit mean eigenvalue before damping (see [`FactorNorm`]).
+    pub factor_norm: FactorNorm,
     /// No preconditioning during the first this many steps (reference 0, or 300 on long runs).
     pub ng_warmup: usize,
 
@@ -124,6 +141,7 @@ impl Default for GritConfig {
             damping_abs: None,
             damping_adaptive: true,
             kfac_pairing: Pairing::Textbook,
+            factor_norm: FactorNorm::Trace,
             ng_warmup: 0,
             lambda_k: 1e-5,
             lambda_r: 1e-4,

@@ -35,7 +35,7 @@ use serde::Serialize;
 use crate::ggml::{Computation, Context, GgmlError, Tensor};
 use crate::model::LoraSet;
 
-use super::config::{Damping, GritConfig, Pairing};
+use super::config::{Damping, FactorNorm, GritConfig, Pairing};
 use super::linalg;
 use super::stats::ModuleKfac;
 
@@ -49,6 +49,18 @@ pub fn damping(sigma: &[f64], r: usize, mode: Damping, lambda_rel: f64, lambda_a
             let t = if t.is_finite() && t > 0.0 { t } else { 0.0 };
             lambda_rel * t / r as f64 + lambda_abs
         }
+    }
+}
+
+/// Σ / (tr(Σ)/r): the factor with unit mean eigenvalue (`--factor-norm trace`). A factor
+/// with no positive finite trace (Σ_g while B is still 0) is returned as it is, and the
+/// inversion falls back to the identity for it.
+pub fn normalize_trace(sigma: &[f64], r: usize) -> Vec<f64> {
+    let m = linalg::trace(sigma, r) / r as f64;
+    if m.is_finite() && m > 0.0 {
+        sigma.iter().map(|x| x / m).collect()
+    } else {
+        sigma.to_vec()
     }
 }
 
@@ -110,10 +122,17 @@ impl Preconditioner {
         Preconditioner { rank: r, left_a, right_b, inv_a, inv_g }
     }
 
-    /// For a module's statistics with the configured pairing and damping; `lambda_abs` is
-    /// the current λ_abs (the config's, or the schedule's adaptive one in absolute mode).
+    /// For a module's statistics with the configured normalization, pairing and damping;
+    /// `lambda_abs` is the current λ_abs (the config's, or the schedule's adaptive one in
+    /// absolute mode).
     pub fn for_module(m: &ModuleKfac, cfg: &GritConfig, lambda_abs: f64) -> Self {
-        Self::new(&m.sigma_a, &m.sigma_g, m.rank, cfg.kfac_pairing, cfg.damping, cfg.damping_rel, lambda_abs)
+        match cfg.factor_norm {
+            FactorNorm::None => Self::new(&m.sigma_a, &m.sigma_g, m.rank, cfg.kfac_pairing, cfg.damping, cfg.damping_rel, lambda_abs),
+            FactorNorm::Trace => {
+                let (sa, sg) = (normalize_trace(&m.sigma_a, m.rank), normalize_trace(&m.sigma_g, m.rank));
+                Self::new(&sa, &sg, m.rank, cfg.kfac_pairing, cfg.damping, cfg.damping_rel, lambda_abs)
+            }
+        }
     }
 
     /// `left_a` as uploaded (F32, r×r).
@@ -236,6 +255,26 @@ mod tests {
                 assert!(t.inv_g.lambda < 1e-9 && t.left_a[0] > 1e6);
             }
         }
+        // Trace normalization: unit mean eigenvalue, so Σ_g of scale 1e-10 and Σ_a of
+        // scale 1 give preconditioners of the same size (mean eigenvalue of the inverse
+        // between 1/(1 + λ) and 1/λ), and the inverse is invariant to the factor's scale.
+        let n = normalize_trace(&sg, r);
+        assert!((linalg::trace(&n, r) - r as f64).abs() < 1e-9);
+        let cfg = GritConfig::default();
+        let module = |a: Vec<f64>, g: Vec<f64>| {
+            let mut m = ModuleKfac::new("m".into(), r);
+            (m.sigma_a, m.sigma_g) = (a, g);
+            m
+        };
+        let m1 = module(sa.clone(), sg.clone());
+        let m2 = module(sa.iter().map(|x| x * 1e6).collect(), sg.iter().map(|x| x * 1e-6).collect());
+        let (p1, p2) = (Preconditioner::for_module(&m1, &cfg, 0.0), Preconditioner::for_module(&m2, &cfg, 0.0));
+        for (x, y) in p1.left_a.iter().zip(&p2.left_a).chain(p1.right_b.iter().zip(&p2.right_b)) {
+            assert!((x - y).abs() <= 1e-9 * x.abs().max(1.0), "{x} vs {y}");
+        }
+        let mean_eig = linalg::trace(&p1.left_a, r) / r as f64;
+        assert!(mean_eig > 1.0 / 1.1 - 1e-9 && mean_eig < 10.0, "{mean_eig}");
+        assert!(normalize_trace(&vec![0.0; r * r], r).iter().all(|&x| x == 0.0));
         // A zero factor with λ = 0 falls back to the identity.
         let z = Preconditioner::new(&sa, &vec![0.0; r * r], r, Pairing::Textbook, Damping::Relative, 0.1, 0.0);
         assert!(z.inv_g.fallback.is_some() && z.left_a == linalg::identity(r) && z.inv_a.fallback.is_none());

@@ -136,6 +136,70 @@ pub struct TrainGraph<'g> {
     pub loss: Option<Tensor<'g>>,
     /// One per adapted module, in graph order.
     pub taps: Vec<LoraTap<'g>>,
+    /// LoRA dropout masks (built with [`TrainGraph::build_with_dropout`]): F32 [d_in, n_tokens]
+    /// inputs, each 0 or 1/(1 − p), one per distinct adapter input of a layer.
+    pub dropout: Vec<DropoutMask<'g>>,
+}
+
+/// One LoRA dropout mask input: the adapter input it multiplies (`blk.3.attn_in`).
+#[derive(Debug, Clone, Copy)]
+pub struct DropoutMask<'g> {
+    pub layer: usize,
+    /// Which input of the layer: the attention input (q, k, v), the attention output
+    /// (attn_output), the feed-forward input (gate, up) or the down projection's input.
+    pub input: DropoutInput,
+    /// F32 [d_in, n_tokens].
+    pub mask: Tensor<'g>,
+}
+
+/// The distinct adapter inputs of a layer (modules reading the same activation share one
+/// mask, as they share the activation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropoutInput {
+    AttnIn,
+    AttnOut,
+    FfnIn,
+    FfnDownIn,
+}
+
+impl DropoutInput {
+    pub fn name(self) -> &'static str {
+        match self {
+            DropoutInput::AttnIn => "attn_in",
+            DropoutInput::AttnOut => "attn_out",
+            DropoutInput::FfnIn => "ffn_in",
+            DropoutInput::FfnDownIn => "ffn_down_in",
+        }
+    }
+
+    fn of(t: Target) -> Self {
+        match t {
+            Target::AttnQ | Target::AttnK | Target::AttnV => DropoutInput::AttnIn,
+            Target::AttnOutput => DropoutInput::AttnOut,
+            Target::FfnGate | Target::FfnUp => DropoutInput::FfnIn,
+            Target::FfnDown => DropoutInput::FfnDownIn,
+        }
+    }
+}
+
+/// Fills LoRA dropout masks: each entry is kept with probability 1 − p and then scaled by
+/// 1/(1 − p) (inverted dropout, so the expected adapter input is unchanged), drawn from a
+/// SplitMix64 stream of (`seed`, `step`, `micro`, mask index), so a resumed run draws the
+/// same masks without storing generator state.
+pub fn dropout_mask(len: usize, p: f32, seed: u64, step: u64, micro: u64, index: u64) -> Vec<f32> {
+    let mut rng = crate::data::SplitMix64::stream(seed ^ 0xD0D0_0000_0000_0000, step.wrapping_mul(1 << 20) ^ micro, index);
+    let keep = 1.0 / (1.0 - p);
+    // Keep when a uniform 53-bit draw in [0, 1) is ≥ p.
+    (0..len)
+        .map(|_| {
+            let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+            if u >= p as f64 {
+                keep
+            } else {
+                0.0
+            }
+        })
+        .collect()
 }
 
 /// Tensor objects one layer needs (ops incl. LoRA on all 7 targets, with margin).
@@ -145,7 +209,7 @@ impl<'g> TrainGraph<'g> {
     /// Context capacity for the graph of `weights` (with room for a backward pass when
     /// `backward`).
     pub fn capacity(weights: &Weights, lora: Option<&LoraSet>, backward: bool) -> Capacity {
-        let lora_ops = lora.map_or(0, |l| 4 * l.modules().len());
+        let lora_ops = lora.map_or(0, |l| 6 * l.modules().len()); // + dropout mask and mul
         let forward = TENSORS_PER_LAYER * weights.hparams.n_layer + lora_ops + 64;
         let n = if backward { 6 * forward } else { forward };
         Capacity::graph(n, n, backward)
@@ -154,6 +218,12 @@ impl<'g> TrainGraph<'g> {
     /// Builds the graph in `ctx` for `n_tokens` tokens. With `with_loss`, adds the labels
     /// input and the mean cross-entropy loss (marked as the graph's loss).
     pub fn build(ctx: &'g Context, weights: &'g Weights, lora: Option<&'g LoraSet>, n_tokens: usize, outputs: Outputs, with_loss: bool) -> Self {
+        Self::build_with_dropout(ctx, weights, lora, n_tokens, outputs, with_loss, false)
+    }
+
+    /// [`TrainGraph::build`], with LoRA dropout mask inputs when `dropout` (the adapter
+    /// path reads mask ⊙ x, the frozen path x itself; fill the masks with [`dropout_mask`]).
+    pub fn build_with_dropout(ctx: &'g Context, weights: &'g Weights, lora: Option<&'g LoraSet>, n_tokens: usize, outputs: Outputs, with_loss: bool, dropout: bool) -> Self {
         assert!(n_tokens > 0, "TrainGraph::build with no tokens");
         let hp = &weights.hparams;
         let cap = ctx.capacity();
@@ -172,7 +242,8 @@ impl<'g> TrainGraph<'g> {
 
         let model = Llama::new(weights, lora);
         let mut taps = Vec::new();
-        let x = model.forward(ctx, tokens, positions, mask, &mut taps); // [n_embd, n_tokens]
+        let mut masks = dropout.then(Vec::new);
+        let x = model.forward(ctx, tokens, positions, mask, &mut taps, &mut masks); // [n_embd, n_tokens]
         let x = match rows {
             Some(r) => ctx.get_rows(x, r), // [n_embd, n_rows]
             None => x,
@@ -189,7 +260,16 @@ impl<'g> TrainGraph<'g> {
         } else {
             (None, None)
         };
-        TrainGraph { graph, n_tokens, outputs, n_vocab: hp.n_vocab, tokens, positions, mask, rows, labels, logits, loss, taps }
+        TrainGraph { graph, n_tokens, outputs, n_vocab: hp.n_vocab, tokens, positions, mask, rows, labels, logits, loss, taps, dropout: masks.unwrap_or_default() }
+    }
+
+    /// Fills the dropout masks (if any) for micro-batch `micro` of optimizer step `step`.
+    pub fn set_dropout(&self, run: &mut Computation<'_, 'g>, p: f32, seed: u64, step: u64, micro: u64) -> Result<(), ModelError> {
+        for (i, d) in self.dropout.iter().enumerate() {
+            let ne = d.mask.ne();
+            run.write_f32(d.mask, &dropout_mask((ne[0] * ne[1]) as usize, p, seed, step, micro, i as u64))?;
+        }
+        Ok(())
     }
 
     /// Writes a batch into the graph's inputs (after [`Backend::compute`](crate::ggml::Backend::compute)).
@@ -245,27 +325,28 @@ impl<'w> Llama<'w> {
     }
 
     /// The transformer: token ids → final hidden states [n_embd, n_tokens] (before the norm).
-    fn forward<'g>(&self, ctx: &'g Context, tokens: Tensor<'g>, pos: Tensor<'g>, mask: Tensor<'g>, taps: &mut Vec<LoraTap<'g>>) -> Tensor<'g>
+    fn forward<'g>(&self, ctx: &'g Context, tokens: Tensor<'g>, pos: Tensor<'g>, mask: Tensor<'g>, taps: &mut Vec<LoraTap<'g>>, masks: &mut Option<Vec<DropoutMask<'g>>>) -> Tensor<'g>
     where
         'w: 'g,
     {
         let mut x = ctx.get_rows(self.tok_embd, tokens); // [n_embd, n_tokens]
         for (il, l) in self.layers.iter().enumerate() {
+            let mut lin = |target: Target, w, b, x: Tensor<'g>| self.linear(ctx, il, target, w, b, x, taps, masks);
             // self-attention block
             let h = self.norm(ctx, x, l.attn_norm); // [n_embd, n_tokens]
-            let q = self.linear(ctx, il, Target::AttnQ, l.attn_q, l.attn_q_b, h, taps); // [n_embd_q, n_tokens]
-            let k = self.linear(ctx, il, Target::AttnK, l.attn_k, l.attn_k_b, h, taps); // [n_embd_kv, n_tokens]
-            let v = self.linear(ctx, il, Target::AttnV, l.attn_v, l.attn_v_b, h, taps); // [n_embd_kv, n_tokens]
+            let q = lin(Target::AttnQ, l.attn_q, l.attn_q_b, h); // [n_embd_q, n_tokens]
+            let k = lin(Target::AttnK, l.attn_k, l.attn_k_b, h); // [n_embd_kv, n_tokens]
+            let v = lin(Target::AttnV, l.attn_v, l.attn_v_b, h); // [n_embd_kv, n_tokens]
             let a = self.attention(ctx, q, k, v, pos, mask); // [n_embd_q, n_tokens]
-            let o = self.linear(ctx, il, Target::AttnOutput, l.attn_output, l.attn_output_b, a, taps); // [n_embd, n_tokens]
+            let o = lin(Target::AttnOutput, l.attn_output, l.attn_output_b, a); // [n_embd, n_tokens]
             x = ctx.add(o, x);
 
             // feed-forward block: down(silu(gate(h)) ⊙ up(h))
             let h = self.norm(ctx, x, l.ffn_norm); // [n_embd, n_tokens]
-            let gate = self.linear(ctx, il, Target::FfnGate, l.ffn_gate, l.ffn_gate_b, h, taps); // [n_ff, n_tokens]
-            let up = self.linear(ctx, il, Target::FfnUp, l.ffn_up, l.ffn_up_b, h, taps); // [n_ff, n_tokens]
+            let gate = lin(Target::FfnGate, l.ffn_gate, l.ffn_gate_b, h); // [n_ff, n_tokens]
+            let up = lin(Target::FfnUp, l.ffn_up, l.ffn_up_b, h); // [n_ff, n_tokens]
             let g = ctx.swiglu_split(gate, up); // [n_ff, n_tokens]
-            let y = self.linear(ctx, il, Target::FfnDown, l.ffn_down, l.ffn_down_b, g, taps); // [n_embd, n_tokens]
+            let y = lin(Target::FfnDown, l.ffn_down, l.ffn_down_b, g); // [n_embd, n_tokens]
             x = ctx.add(y, x);
         }
         x
@@ -300,6 +381,7 @@ impl<'w> Llama<'w> {
         bias: Option<Tensor<'g>>,
         x: Tensor<'g>,
         taps: &mut Vec<LoraTap<'g>>,
+        masks: &mut Option<Vec<DropoutMask<'g>>>,
     ) -> Tensor<'g>
     where
         'w: 'g,
@@ -307,6 +389,22 @@ impl<'w> Llama<'w> {
         let mut y = ctx.mul_mat(w, x); // W0·x [d_out, n_tokens]
         if let Some(lora) = self.lora {
             if let Some(m) = lora.get(il, target) {
+                // LoRA dropout: the adapter reads mask ⊙ x (one mask per distinct input).
+                let x = match masks {
+                    Some(ms) => {
+                        let input = DropoutInput::of(target);
+                        let mask = match ms.iter().find(|d| d.layer == il && d.input == input) {
+                            Some(d) => d.mask,
+                            None => {
+                                let t = ctx.new_f32(&format!("blk.{il}.dropout.{}", input.name()), &[x.ne()[0], x.ne()[1]]).set_input();
+                                ms.push(DropoutMask { layer: il, input, mask: t });
+                                t
+                            }
+                        };
+                        ctx.mul(x, mask) // [d_in, n_tokens]
+                    }
+                    None => x,
+                };
                 let u = ctx.mul_mat(lora.a(m), x).set_name(&format!("blk.{il}.{target}.lora_u")); // u = A·x [r, n_tokens]
                 let su = ctx.scale(u, m.scale); // s·u
                 y = ctx.add(y, ctx.mul_mat(lora.b(m), su)); // + B·(s·u) [d_out, n_tokens]

@@ -185,10 +185,6 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(bad("--dropout", format!("{} must be in [0, 1)", self.dropout)));
         }
-        if self.dropout > 0.0 {
-            // Refused rather than silently ignored until the graph has a dropout mask.
-            return Err(bad("--dropout", "LoRA dropout is not implemented yet (tracked in issue 3); use --dropout 0"));
-        }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return Err(bad("--lr", format!("{} must be > 0", self.lr)));
         }

@@ -107,11 +107,11 @@ impl<'g> StepGraph<'g> {
         n_tokens: usize,
         n_rows: usize,
     ) -> Self {
-        Self::build_with(ctx, weights, lora, copies, opt, n_tokens, n_rows, None)
+        Self::build_with(ctx, weights, lora, copies, opt, n_tokens, n_rows, None, false)
     }
 
     /// [`StepGraph::build`], plus GRIT's regularizer (when `grit` has λ_K or λ_R > 0) and
-    /// K-FAC statistic nodes when `grit` is given.
+    /// K-FAC statistic nodes when `grit` is given, and LoRA dropout mask inputs when `dropout`.
     #[allow(clippy::too_many_arguments)]
     pub fn build_with(
         ctx: &'g Context,
@@ -122,9 +122,10 @@ impl<'g> StepGraph<'g> {
         n_tokens: usize,
         n_rows: usize,
         grit: Option<&crate::grit::GritConfig>,
+        dropout: bool,
     ) -> Self {
         lora.mark_params();
-        let mut train = TrainGraph::build(ctx, weights, Some(lora), n_tokens, Outputs::Rows(n_rows), true);
+        let mut train = TrainGraph::build_with_dropout(ctx, weights, Some(lora), n_tokens, Outputs::Rows(n_rows), true, dropout);
         let loss = train.loss.expect("training graph has a loss");
         let reg = grit.filter(|g| g.lambda_k > 0.0 || g.lambda_r > 0.0).map(|_| {
             let reg = crate::grit::RegGraph::build(ctx, lora);

@@ -363,7 +363,7 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
         let first = pending.take().unwrap_or_else(|| make_batch(&batcher.next_batch(), cfg.max_seq_len, pad));
         let key = (first.n_tokens(), first.n_rows());
         let ctx = Context::new(engine::step_capacity(&weights, &lora))?;
-        let sg = StepGraph::build_with(&ctx, &weights, &lora, &copies, &opt, key.0, key.1, is_grit.then_some(&cfg.grit));
+        let sg = StepGraph::build_with(&ctx, &weights, &lora, &copies, &opt, key.0, key.1, is_grit.then_some(&cfg.grit), cfg.dropout > 0.0);
         if !memory_checked {
             memory_checked = true;
             eprintln!(
@@ -385,6 +385,7 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
             {
                 let mut run = backend.compute(&sg.graph)?;
                 sg.train.set_inputs(&mut run, &batch)?;
+                sg.train.set_dropout(&mut run, cfg.dropout, cfg.seed, step as u64 + 1, micro as u64)?;
                 run.write_f32(sg.loss_grad, &[1.0])?;
                 let mut n_counted = 0;
                 if let (Some(st), Some(g)) = (&sg.stats, &grit) {
