@@ -762,6 +762,11 @@ impl<'a> Tensor<'a> {
     pub(crate) fn op(self) -> u32 {
         self.info().op
     }
+    /// The tensor whose memory this view uses (None: not a view).
+    pub(crate) fn view_source(self) -> Option<Tensor<'a>> {
+        let p = self.info().view_src;
+        (!p.is_null()).then(|| self.with_ptr(p))
+    }
     pub(crate) fn flags(self) -> i32 {
         self.info().flags
     }

@@ -68,4 +68,23 @@ impl<'a> Tensor<'a> {
             t.src[1] = b.raw();
         }
     }
+
+    /// Turns this node into `add(a, b)` in place (same contract as
+    /// [`Tensor::rewrite_as_mul_mat`]: the node must have `a`'s F32 type and shape, equal to
+    /// `b`'s).
+    ///
+    /// # Safety
+    /// As for [`Tensor::rewrite_as_mul_mat`].
+    pub(crate) unsafe fn rewrite_as_add(self, a: Tensor<'a>, b: Tensor<'a>) {
+        assert!(a.ne() == self.ne() && b.ne() == self.ne(), "rewrite as add: {a:?} + {b:?} does not give {self:?}");
+        // SAFETY: the caller guarantees exclusivity; fields of a live tensor are plain data.
+        unsafe {
+            let t = &mut *self.raw();
+            t.op = sys::GGML_OP_ADD;
+            t.op_params = [0; 16];
+            t.src = [std::ptr::null_mut(); 10];
+            t.src[0] = a.raw();
+            t.src[1] = b.raw();
+        }
+    }
 }

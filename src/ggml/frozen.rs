@@ -74,6 +74,15 @@ fn transposed<'a>(ctx: &'a Context, t: Tensor<'a>) -> Tensor<'a> {
     ctx.cont(ctx.transpose(t))
 }
 
+/// Bytes of a transient dequantized F32 copy above which it is made in chunks.
+pub(crate) const TRANSIENT_CHUNK_BYTES: i64 = 8 << 20;
+
+/// Number of row chunks for a transient copy of a [d_in, d_out] weight.
+pub fn transient_chunks(d_in: i64, d_out: i64) -> i64 {
+    let bytes = d_in * d_out * 4;
+    ((bytes + TRANSIENT_CHUNK_BYTES - 1) / TRANSIENT_CHUNK_BYTES).clamp(1, d_out)
+}
+
 /// What [`rebuild_frozen_backward`] changed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RewriteStats {
@@ -97,7 +106,7 @@ pub struct RewriteStats {
 pub fn rebuild_frozen_backward<'a>(ctx: &'a Context, graph: &Graph<'a>, frozen: &FrozenMap<'a>, extra: &[Tensor<'a>]) -> (Graph<'a>, RewriteStats) {
     let mut stats = RewriteStats::default();
     // Room for the old nodes, the new sources (≤ 2 per rewrite) and the extras.
-    let size = graph.size().max(graph.n_nodes() + 2 * frozen.len() * 8 + extra.len() + 16);
+    let size = graph.size().max(graph.n_nodes() + 2 * frozen.len() * 8 + 128 + extra.len() + 16);
     let mut out = ctx.new_graph(size, false);
     // Transposed copies made for the out_prod rewrite, shared by nodes with the same source
     // (q/k/v and gate/up read the same activations).
@@ -136,25 +145,56 @@ pub fn rebuild_frozen_backward<'a>(ctx: &'a Context, graph: &Graph<'a>, frozen: 
                 if let Some(how) = frozen.map.get(&(w.raw() as usize)) {
                     if dy_t.op() == sys::GGML_OP_TRANSPOSE {
                         let dy = dy_t.src(0).expect("transpose view has a source"); // ∂L/∂y [d_out, T]
-                        let wt = match *how {
+                        match *how {
                             FrozenGrad::Transposed(t) => {
                                 stats.persistent += 1;
-                                t
+                                // SAFETY: `node` is an OUT_PROD node of a graph in `ctx` whose
+                                // result is F32 [d_in, T]; MUL_MAT(wt [d_out, d_in], dy [d_out, T])
+                                // has exactly that type and shape, so rewriting op and sources in
+                                // place keeps every consumer valid. No computation holds the
+                                // graph while it is rebuilt.
+                                unsafe { node.rewrite_as_mul_mat(t, dy) };
                             }
                             FrozenGrad::Transient(ty) => {
                                 stats.transient += 1;
-                                let deq = ctx.cast(w, Type::F32); // [d_in, d_out]
-                                let ne = w.ne();
-                                let dst = ctx.new_tensor(ty, &[ne[1], ne[0]]); // [d_out, d_in]
-                                ctx.cpy(ctx.transpose(deq), dst)
+                                // Large weights (the output layer: 576 × 49152 here) are done
+                                // in chunks of output rows, ∂L/∂x = Σ_c W_cᵀ·∂L/∂y_c, so only
+                                // one chunk's dequantized copy is alive at a time.
+                                let (d_in, d_out) = (w.ne()[0], w.ne()[1]);
+                                let n_chunks = transient_chunks(d_in, d_out);
+                                let rows = (d_out + n_chunks - 1) / n_chunks;
+                                let mut parts = Vec::new();
+                                let mut r0 = 0;
+                                while r0 < d_out {
+                                    let n = rows.min(d_out - r0);
+                                    let (wc, dyc) = if n == d_out {
+                                        (w, dy)
+                                    } else {
+                                        // Rows r0..r0+n of W [d_in, d_out] (whole quantized rows)
+                                        // and of ∂L/∂y [d_out, T] (a strided view).
+                                        (ctx.view_2d(w, d_in, n, w.nb()[1], r0 as usize * w.nb()[1]), ctx.view_2d(dy, n, dy.ne()[1], dy.nb()[1], r0 as usize * dy.nb()[0]))
+                                    };
+                                    let deq = ctx.cast(wc, Type::F32); // [d_in, n]
+                                    // A cast, not a cpy into a new tensor: that tensor would be a graph
+                                    // leaf, and ggml-alloc allocates leafs up front, keeping
+                                    // every layer's copy alive at once.
+                                    let wt = ctx.cast(ctx.transpose(deq), ty); // [n, d_in]
+                                    parts.push((wt, dyc));
+                                    r0 += n;
+                                }
+                                let (last_w, last_dy) = parts.pop().expect("at least one chunk");
+                                let acc = parts.into_iter().map(|(a, b)| ctx.mul_mat(a, b)).reduce(|acc, p| ctx.add(acc, p));
+                                // SAFETY: as above; with chunks the node becomes
+                                // ADD(Σ earlier chunks, last chunk), F32 [d_in, T] as well.
+                                unsafe {
+                                    match acc {
+                                        None => node.rewrite_as_mul_mat(last_w, last_dy),
+                                        Some(acc) => node.rewrite_as_add(acc, ctx.mul_mat(last_w, last_dy)),
+                                    }
+                                }
                             }
-                        };
-                        // SAFETY: `node` is an OUT_PROD node of a graph in `ctx` whose result
-                        // is F32 [d_in, T]; MUL_MAT(wt [d_out, d_in], dy [d_out, T]) has exactly
-                        // that type and shape, so rewriting op and sources in place keeps every
-                        // consumer valid. No computation holds the graph while it is rebuilt.
-                        unsafe { node.rewrite_as_mul_mat(wt, dy) };
-                        assert_eq!(node.ne()[0], wt.ne()[1]);
+                        }
+                        assert_eq!(node.ne()[0], w.ne()[0]);
                     }
                 }
             }

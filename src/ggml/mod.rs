@@ -46,7 +46,7 @@ pub mod profile;
 
 pub use backend::{Backend, BackendOptions, BufferType, Computation, Device};
 pub use context::{Capacity, Context, Graph, RopeMode, RopeParams, Tensor, TensorId, Type};
-pub use frozen::{rebuild_frozen_backward, FrozenGrad, FrozenMap, RewriteStats};
+pub use frozen::{rebuild_frozen_backward, transient_chunks, FrozenGrad, FrozenMap, RewriteStats};
 pub use gguf_write::{dequantize, quantize, GgufWriter};
 
 use std::path::PathBuf;

@@ -95,3 +95,93 @@ impl Profile {
         out
     }
 }
+
+/// The largest set of intermediate tensors alive at once while a graph runs, as ggml's
+/// allocator sees it (approximately: a node's memory is taken when it runs and given back
+/// after its last consumer; views use their source's memory; inputs, outputs and tensors
+/// with data of their own are not counted). For `grit train --profile`: where the compute
+/// buffer goes.
+#[derive(Debug, Clone, Default)]
+pub struct PeakMemory {
+    pub bytes: usize,
+    /// Index of the node at which the peak occurs.
+    pub at_node: usize,
+    /// The live tensors at the peak: (name, op, bytes), largest first.
+    pub live: Vec<(String, String, usize)>,
+    /// Inputs and outputs (alive all along).
+    pub pinned_bytes: usize,
+}
+
+fn view_root<'a>(t: super::Tensor<'a>) -> super::Tensor<'a> {
+    let mut r = t;
+    while let Some(v) = r.view_source() {
+        r = v;
+    }
+    r
+}
+
+pub fn peak_memory<'a>(graph: &super::Graph<'a>) -> PeakMemory {
+    use std::collections::{HashMap, HashSet};
+    let n = graph.n_nodes();
+    let root = view_root;
+    let pinned = |t: super::Tensor<'a>| (t.op() == sys::GGML_OP_NONE) || (t.flags() & (sys::GGML_TENSOR_FLAG_INPUT | sys::GGML_TENSOR_FLAG_OUTPUT) as i32) != 0;
+    // Remaining consumers of each (root) tensor.
+    let mut uses: HashMap<usize, usize> = HashMap::new();
+    for i in 0..n {
+        let node = graph.node(i);
+        let mut seen = HashSet::new();
+        for k in 0..10 {
+            if let Some(s) = node.src(k) {
+                let r = root(s);
+                if r.raw() != root(node).raw() && seen.insert(r.raw() as usize) {
+                    *uses.entry(r.raw() as usize).or_default() += 1;
+                }
+            }
+        }
+    }
+    let mut live: HashMap<usize, super::Tensor<'a>> = HashMap::new();
+    let (mut cur, mut best) = (0usize, PeakMemory::default());
+    let mut pinned_set = HashSet::new();
+    for i in 0..n {
+        let node = graph.node(i);
+        let r = root(node);
+        if pinned(r) {
+            if pinned_set.insert(r.raw() as usize) && r.op() != sys::GGML_OP_NONE {
+                best.pinned_bytes += r.n_bytes();
+            }
+        } else if !live.contains_key(&(r.raw() as usize)) {
+            live.insert(r.raw() as usize, r);
+            cur += r.n_bytes();
+        }
+        if cur > best.bytes {
+            best.bytes = cur;
+            best.at_node = i;
+            let mut v: Vec<_> = live.values().map(|t| (t.name(), op_name(t.op()), t.n_bytes())).collect();
+            v.sort_by(|a, b| b.2.cmp(&a.2));
+            best.live = v;
+        }
+        let mut seen = HashSet::new();
+        for k in 0..10 {
+            if let Some(s) = node.src(k) {
+                let sr = root(s);
+                if sr.raw() == r.raw() || !seen.insert(sr.raw() as usize) {
+                    continue;
+                }
+                if let Some(u) = uses.get_mut(&(sr.raw() as usize)) {
+                    *u -= 1;
+                    if *u == 0 {
+                        if let Some(t) = live.remove(&(sr.raw() as usize)) {
+                            cur -= t.n_bytes();
+                        }
+                    }
+                }
+            }
+        }
+    }
+    best
+}
+
+fn op_name(op: u32) -> String {
+    // SAFETY: ggml_op_name returns a static NUL-terminated string for any op value.
+    unsafe { CStr::from_ptr(sys::ggml_op_name(op)) }.to_string_lossy().into_owned()
+}

@@ -91,6 +91,12 @@ pub fn step_capacity(weights: &Weights, lora: &LoraSet) -> Capacity {
     let base = TrainGraph::capacity(weights, Some(lora), true);
     // Accumulation adds 2 ops per parameter; transient copies 3 tensors per frozen weight.
     let extra = 4 * 2 * lora.modules().len() + 4 * (7 * weights.hparams.n_layer + 1) + 64;
+    // Transient copies of large weights are made in chunks (8 tensors each).
+    let chunks: i64 = crate::train::copies::frozen_matmul_weights(weights).iter().map(|t| {
+        let ne = t.ne();
+        crate::ggml::transient_chunks(ne[0], ne[1])
+    }).sum();
+    let extra = extra + 8 * chunks as usize;
     // GRIT: regularizer and statistics nodes (and their gradients).
     let extra = extra + 2 * (crate::grit::RegGraph::TENSORS_PER_MODULE + crate::grit::StatsGraph::TENSORS_PER_MODULE + 4) * lora.modules().len();
     Capacity::graph(base.graph_nodes + extra, base.graph_nodes + extra, true)

@@ -373,7 +373,33 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
                 sg.rewritten.1
             );
             drop(backend.compute(&sg.graph)?);
-            check_memory(&weights, &copies, &lora, &opt, backend.compute_buffer_bytes())?;
+            let compute = backend.compute_buffer_bytes();
+            if opts.profile {
+                let p = crate::ggml::profile::peak_memory(&sg.graph);
+                eprintln!("grit: profile: peak of live intermediate tensors {} MiB at node {} of {} (inputs/outputs {} MiB); largest:", p.bytes >> 20, p.at_node, sg.graph.n_nodes(), p.pinned_bytes >> 20);
+                let mut by_op: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+                for (_, op, b) in &p.live {
+                    let e = by_op.entry(op.clone()).or_default();
+                    e.0 += b;
+                    e.1 += 1;
+                }
+                let mut ops: Vec<_> = by_op.into_iter().collect();
+                ops.sort_by(|a, b| b.1 .0.cmp(&a.1 .0));
+                for (op, (b, k)) in ops.iter().take(12) {
+                    eprintln!("  {op:>16}: {:>6.1} MiB in {k} tensors", *b as f64 / (1 << 20) as f64);
+                }
+                for (name, op, b) in p.live.iter().take(8) {
+                    eprintln!("  {name} ({op}): {:.1} MiB", *b as f64 / (1 << 20) as f64);
+                }
+            }
+            eprintln!(
+                "grit: memory: base weights {} MiB, weight copies {} MiB, adapters + optimizer state {} MiB, step compute buffer {} MiB",
+                weights.bytes() >> 20,
+                copies.bytes() >> 20,
+                (4 * lora.n_params() + opt.bytes()) >> 20,
+                compute >> 20
+            );
+            check_memory(&weights, &copies, &lora, &opt, compute)?;
         }
         let mut next = Some(first);
         loop {
