@@ -32,7 +32,7 @@ fn preconditioned_optimizer_step() {
     let adam = AdamStep { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, t: 1 };
 
     // One optimizer step; returns (norm, parameters after).
-    let mut step = |precond: Option<&[Preconditioner]>| -> (f32, Vec<(Vec<f32>, Vec<f32>)>) {
+    let mut step = |precond: Option<&[Preconditioner]>, graft: bool| -> (f32, Vec<(Vec<f32>, Vec<f32>)>) {
         let opt = OptState::new(&lora, &backend).unwrap();
         for i in 0..n {
             lora.write_a(i, &init[i].0).unwrap();
@@ -42,7 +42,7 @@ fn preconditioned_optimizer_step() {
         }
         lora.mark_params();
         let ctx = Context::new(engine::opt_capacity(&lora)).unwrap();
-        let g = OptGraph::build_with(&ctx, &lora, &opt, n_micro, 1e6, precond.is_some());
+        let g = OptGraph::build_grit(&ctx, &lora, &opt, n_micro, 1e6, precond.is_some(), graft);
         let mut run = backend.compute(&g.graph).unwrap();
         if let (Some(pi), Some(p)) = (&g.precond, precond) {
             pi.set(&mut run, p).unwrap();
@@ -54,9 +54,9 @@ fn preconditioned_optimizer_step() {
         drop(run);
         (norm, (0..n).map(|i| (lora.read_a(i).unwrap(), lora.read_b(i).unwrap())).collect())
     };
-    let plain = step(None);
+    let plain = step(None, false);
     let ident: Vec<Preconditioner> = (0..n).map(|_| Preconditioner::identity(r)).collect();
-    let with_identity = step(Some(&ident));
+    let with_identity = step(Some(&ident), false);
     assert_eq!(plain, with_identity, "identity preconditioning changed the step");
 
     let spd = |rnd: &mut dyn FnMut() -> f64, scale: f64| {
@@ -64,7 +64,7 @@ fn preconditioned_optimizer_step() {
         linalg::matmul(&x, &linalg::transpose(&x, r, 12), r, 12, r).into_iter().map(|v| v * scale).collect::<Vec<f64>>()
     };
     let p: Vec<Preconditioner> = (0..n).map(|_| Preconditioner::new(&spd(&mut rnd, 0.1), &spd(&mut rnd, 1e-9), r, Pairing::Textbook, Damping::Relative, 0.1, 0.0)).collect();
-    let (norm, after) = step(Some(&p));
+    let (norm, after) = step(Some(&p), false);
     let mut sq = 0f64;
     for (i, m) in lora.modules().iter().enumerate() {
         let mean = |v: &[f32]| v.iter().map(|x| x / n_micro as f32).collect::<Vec<f32>>();
@@ -76,4 +76,13 @@ fn preconditioned_optimizer_step() {
     assert!(((norm as f64 - host) / host).abs() < 1e-4, "graph norm {norm} vs host {host}");
     assert!((norm - plain.0).abs() > 1e-3 * plain.0, "preconditioning did not change the gradients");
     assert_ne!(after, plain.1);
+
+    // Grafting: each module's preconditioned ∇A and ∇B are rescaled to the raw norms, so the
+    // global norm is the raw one while the parameters move differently (Adam's first step
+    // is elementwise g/|g|: a changed direction shows up as changed signs).
+    let (g_norm, g_after) = step(Some(&p), true);
+    assert!(((g_norm - plain.0) / plain.0).abs() < 1e-5, "grafted norm {g_norm} vs raw {}", plain.0);
+    assert_ne!(g_after, plain.1, "grafting undid the preconditioning");
+    let id_graft = step(Some(&ident), true);
+    assert!((id_graft.0 - plain.0).abs() <= 1e-6 * plain.0);
 }

@@ -169,6 +169,9 @@ pub struct TrainArgs {
     /// GRIT: scale each K-FAC factor to unit mean eigenvalue before damping (trace) or use it as collected [default: trace].
     #[arg(long, value_enum, help_heading = "GRIT")]
     pub factor_norm: Option<FactorNorm>,
+    /// GRIT: keep the preconditioned gradients' own size instead of rescaling each to the raw gradient's norm (grafting).
+    #[arg(long, help_heading = "GRIT")]
+    pub no_graft: bool,
     /// GRIT: no preconditioning during the first N steps [default: 0].
     #[arg(long, help_heading = "GRIT")]
     pub ng_warmup: Option<usize>,
@@ -250,6 +253,9 @@ impl TrainArgs {
         }
         if self.no_damping_adaptive {
             c.grit.damping_adaptive = false;
+        }
+        if self.no_graft {
+            c.grit.graft = false;
         }
         if self.one_sided {
             c.grit.two_sided = false;

@@ -92,6 +92,9 @@ pub struct GritConfig {
     pub kfac_pairing: Pairing,
     /// Scale each factor to unit mean eigenvalue before damping (see [`FactorNorm`]).
     pub factor_norm: FactorNorm,
+    /// Rescale each preconditioned gradient (per module, A and B) to the raw gradient's norm:
+    /// the preconditioner sets the direction, the gradient the size (see `OptGraph::build_grit`).
+    pub graft: bool,
     /// No preconditioning during the first this many steps (reference 0, or 300 on long runs).
     pub ng_warmup: usize,
 
@@ -142,6 +145,7 @@ impl Default for GritConfig {
             damping_adaptive: true,
             kfac_pairing: Pairing::Textbook,
             factor_norm: FactorNorm::Trace,
+            graft: true,
             ng_warmup: 0,
             lambda_k: 1e-5,
             lambda_r: 1e-4,

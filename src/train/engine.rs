@@ -204,7 +204,7 @@ pub struct OptGraph<'g> {
 }
 
 pub fn opt_capacity(lora: &LoraSet) -> Capacity {
-    let n = (16 * 2 + 2 * crate::grit::PrecondInputs::TENSORS_PER_MODULE) * lora.modules().len() + 64;
+    let n = (16 * 2 + 2 * crate::grit::PrecondInputs::TENSORS_PER_MODULE + 2 * 8) * lora.modules().len() + 64;
     Capacity::graph(n, n, false)
 }
 
@@ -218,6 +218,18 @@ impl<'g> OptGraph<'g> {
     /// With `precondition`, each module's mean gradients are preconditioned (GRIT) before the
     /// norm, the clipping and AdamW.
     pub fn build_with(ctx: &'g Context, lora: &'g LoraSet, opt: &'g OptState, n_micro: usize, max_grad_norm: f32, precondition: bool) -> Self {
+        Self::build_grit(ctx, lora, opt, n_micro, max_grad_norm, precondition, false)
+    }
+
+    /// [`OptGraph::build_with`]; with `graft` as well, each preconditioned gradient is rescaled
+    /// to the Frobenius norm of the raw one (per module and per factor, A and B): the
+    /// preconditioner then sets the direction and the raw gradient the size ("grafting",
+    /// Agarwal et al. 2020). Without it, a preconditioner that changes the gradients' size
+    /// at its first use (step 11 by default) leaves AdamW's second moment, which remembers
+    /// ~1/(1 − β₂) = 1000 steps, matched to the old size: the effective learning rate jumps
+    /// or drops by that factor for hundreds of steps.
+    #[allow(clippy::too_many_arguments)]
+    pub fn build_grit(ctx: &'g Context, lora: &'g LoraSet, opt: &'g OptState, n_micro: usize, max_grad_norm: f32, precondition: bool, graft: bool) -> Self {
         let clip = max_grad_norm > 0.0;
         let cap = ctx.capacity();
         let mut graph = ctx.new_graph(cap.graph_nodes, false);
@@ -238,7 +250,20 @@ impl<'g> OptGraph<'g> {
             };
             let (ga, gb) = (mean(0), mean(3));
             let (ga, gb) = match &precond {
-                Some(p) => crate::grit::precondition::precondition(ctx, ga, gb, p.modules[i].0, p.modules[i].1),
+                Some(p) => {
+                    let (pa, pb) = crate::grit::precondition::precondition(ctx, ga, gb, p.modules[i].0, p.modules[i].1);
+                    if graft {
+                        // g' = P·g · ‖g‖ / ‖P·g‖ (0 stays 0).
+                        let graft = |raw: Tensor<'g>, pre: Tensor<'g>| {
+                            let n_raw = ctx.sqrt(ctx.sum(ctx.sqr(raw))); // [1]
+                            let n_pre = ctx.sqrt(ctx.sum(ctx.sqr(pre))); // [1]
+                            ctx.mul(pre, ctx.div(n_raw, ctx.clamp(n_pre, 1e-30, f32::MAX)))
+                        };
+                        (graft(ga, pa), graft(gb, pb))
+                    } else {
+                        (pa, pb)
+                    }
+                }
                 None => (ga, gb),
             };
             for (param, k, g) in [(lora.a(m), 0usize, ga), (lora.b(m), 3usize, gb)] {

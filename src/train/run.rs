@@ -358,7 +358,7 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
             lora.mark_params();
         }
         let opt_ctx = Context::new(engine::opt_capacity(&lora))?;
-        let opt_graph = OptGraph::build_with(&opt_ctx, &lora, &opt, cfg.grad_accum, cfg.max_grad_norm, is_grit);
+        let opt_graph = OptGraph::build_grit(&opt_ctx, &lora, &opt, cfg.grad_accum, cfg.max_grad_norm, is_grit, is_grit && cfg.grit.graft);
         // The step graph is rebuilt only when the batch shape (tokens, trained rows) changes.
         let first = pending.take().unwrap_or_else(|| make_batch(&batcher.next_batch(), cfg.max_seq_len, pad));
         let key = (first.n_tokens(), first.n_rows());
