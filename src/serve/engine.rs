@@ -37,6 +37,8 @@ pub struct Sampling {
     pub top_k: i32,
     pub seed: u32,
     pub stop: Vec<String>,
+    /// Keep going past end-of-generation tokens (benchmarks; `"ignore_eos": true`).
+    pub ignore_eos: bool,
 }
 
 /// What a generation reports to its HTTP handler.
@@ -443,7 +445,7 @@ pub fn run(model: &LlamaModel, cfg: EngineConfig, rx: Receiver<Cmd>, shared: Arc
                 };
                 let tok = sample(logits, &mut slot.sampler);
                 let mut finish: Option<&'static str> = None;
-                if vocab.is_eog(tok) {
+                if vocab.is_eog(tok) && !slot.job.sampling.ignore_eos {
                     finish = Some("stop");
                 } else {
                     slot.completion_tokens += 1;

@@ -310,6 +310,7 @@ fn gen_params(st: &AppState, m: &Map<String, Value>) -> Result<GenParams, ApiErr
             top_k: top_k as i32,
             seed,
             stop,
+            ignore_eos: opt_bool(m, "ignore_eos")?.unwrap_or(false),
         },
         max_tokens_given: mt.is_some(),
         stream,
