@@ -24,7 +24,7 @@ pub fn write_adapter(path: &Path, rank: usize, targets: &[Target], seed: u64) {
     let weights = Weights::load(&GgufFile::open(&model()).unwrap(), &backend).unwrap();
     let cfg = LoraConfig { targets: targets.to_vec(), rank, alpha: 2.0 * rank as f32, ..LoraConfig::default() };
     let lora = LoraSet::new(&weights, &cfg, &backend).unwrap();
-    lora.randomize(seed, 0.02, 0.02).unwrap();
+    lora.randomize(seed, 0.04, 0.04).unwrap();
     lora.write_gguf(path, weights.hparams.arch.name(), AdapterScale::Alpha(cfg.alpha)).unwrap();
 }
 
