@@ -340,7 +340,7 @@ fn auth_cors_queue_cancel_shutdown() {
     assert_eq!(rb.status, 200, "{}", rb.body);
     let lines = s.log_lines();
     let a_line = lines.iter().find(|l| l.contains("stream=true")).expect("A's log line");
-    assert!(a_line.contains("finish=cancelled"), "{a_line}");
+    assert!(a_line.contains("finish=cancelled") && a_line.contains(" 499 "), "{a_line}");
     // A asked for 400 tokens; everything decoded so far (A's part, B's 4, prompts) is far less.
     let m = http(&s.addr, "GET", "/metrics", None, &auth).body;
     let decoded: f64 = m.lines().find(|l| l.starts_with("grit_decode_tokens_total")).and_then(|l| l.split_whitespace().last()).unwrap().parse().unwrap();

@@ -44,8 +44,9 @@ pub struct Sampling {
 /// What a generation reports to its HTTP handler.
 #[derive(Debug)]
 pub enum Event {
-    /// Final text, in order (stop strings and incomplete UTF-8 held back).
-    Text(String),
+    /// Final text, in order (stop strings and incomplete UTF-8 held back), and the number of
+    /// tokens generated so far.
+    Text(String, usize),
     Done { finish_reason: &'static str, prompt_tokens: usize, completion_tokens: usize },
     Failed(Failure),
 }
@@ -453,8 +454,9 @@ pub fn run(model: &LlamaModel, cfg: EngineConfig, rx: Receiver<Cmd>, shared: Arc
                     vocab.token_to_piece_into(tok, &mut piece, false, None);
                     let events = &slot.job.events;
                     let mut closed = false;
+                    let n_done = slot.completion_tokens;
                     let stopped = slot.stream.push(&piece, &mut |t: &str| {
-                        if events.send(Event::Text(t.to_string())).is_err() {
+                        if events.send(Event::Text(t.to_string(), n_done)).is_err() {
                             closed = true;
                         }
                     });
@@ -471,9 +473,10 @@ pub fn run(model: &LlamaModel, cfg: EngineConfig, rx: Receiver<Cmd>, shared: Arc
                     None => slot.next = Some(tok),
                     Some(reason) => {
                         let events = &slot.job.events;
+                        let n_done = slot.completion_tokens;
                         if reason == "length" {
                             slot.stream.finish(&mut |t: &str| {
-                                let _ = events.send(Event::Text(t.to_string()));
+                                let _ = events.send(Event::Text(t.to_string(), n_done));
                             });
                         }
                         let _ = events.send(Event::Done {

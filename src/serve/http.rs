@@ -408,11 +408,13 @@ impl Drop for GenLog {
     fn drop(&mut self) {
         let secs = self.start.elapsed().as_secs_f64();
         let finish = if self.done { self.finish } else { "cancelled" };
+        // 499: the client closed the connection before the reply was complete.
+        let status = if self.done { self.status } else { 499 };
         eprintln!(
             "grit serve: POST {} {} model={} stream={} prompt={} completion={} finish={} {:.1}ms",
-            self.endpoint, self.status, self.model, self.stream, self.prompt_tokens, self.completion_tokens, finish, secs * 1e3
+            self.endpoint, status, self.model, self.stream, self.prompt_tokens, self.completion_tokens, finish, secs * 1e3
         );
-        self.st.shared.metrics.request(self.endpoint, self.status);
+        self.st.shared.metrics.request(self.endpoint, status);
         if self.done && self.status == 200 {
             self.st.shared.metrics.generation(&self.model, self.prompt_tokens, self.completion_tokens, secs);
         }
@@ -551,7 +553,10 @@ async fn full_reply(kind: Kind, p: GenParams, id: String, mut rx: mpsc::Unbounde
     let created = unix_now();
     loop {
         match rx.recv().await {
-            Some(Event::Text(t)) => text.push_str(&t),
+            Some(Event::Text(t, n)) => {
+                text.push_str(&t);
+                log.completion_tokens = n;
+            }
             Some(Event::Done { finish_reason, prompt_tokens, completion_tokens }) => {
                 log.prompt_tokens = prompt_tokens;
                 log.completion_tokens = completion_tokens;
@@ -652,7 +657,8 @@ fn stream_reply(kind: Kind, p: GenParams, id: String, rx: mpsc::UnboundedReceive
                 return None;
             }
             match s.rx.recv().await {
-                Some(Event::Text(t)) => {
+                Some(Event::Text(t, n)) => {
+                    s.log.completion_tokens = n;
                     let d = if s.kind == Kind::Chat { json!({"content": t}) } else { json!(t) };
                     let c = s.chunk(d, None);
                     s.out.push_back(c);
