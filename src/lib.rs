@@ -8,6 +8,7 @@
 //! - [`data`]: training data formats, chat templating, masking and packing.
 //! - [`ggml`]: safe wrappers over ggml (contexts, tensors, graphs, backends) for training.
 //! - [`model`]: architectures (llama, qwen2) and their forward graphs with LoRA.
+//! - [`serve`]: `grit serve`, the OpenAI-compatible server (scheduler, adapters, metrics).
 //! - [`cli`]: the `grit` command line (clap derive).
 
 pub mod cli;
@@ -19,6 +20,7 @@ pub mod gguf;
 pub mod infer;
 pub mod llama;
 pub mod model;
+pub mod serve;
 pub mod train;
 
 /// grit's version, as recorded in exported adapters and reports.

@@ -11,6 +11,7 @@ use crate::fetch;
 use crate::train::config::TrainConfig;
 use crate::train::run::{RunOptions, TrainError};
 
+pub mod serve;
 pub mod train;
 use crate::gguf::GgufFile;
 use crate::infer::{ContextOptions, LoadOptions, Model, SampleOptions, Session};
@@ -41,7 +42,7 @@ pub enum Command {
     /// Merge an adapter into its base model and write a standalone GGUF.
     Merge(PassThrough),
     /// Serve the base model and adapters over an OpenAI-compatible HTTP API.
-    Serve(PassThrough),
+    Serve(Box<serve::ServeArgs>),
     /// Show what an adapter, PEFT folder or model file contains (modules, ranks, dtypes).
     Inspect(PassThrough),
     /// Describe a model (architecture, parameters, tensor types) and this build (instruction sets, backends).
@@ -207,7 +208,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(_) => not_yet("eval", 7),
         Command::Export(_) => not_yet("export", 5),
         Command::Merge(_) => not_yet("merge", 5),
-        Command::Serve(_) => not_yet("serve", 6),
+        Command::Serve(a) => serve::run(*a),
         Command::Inspect(_) => not_yet("inspect", 5),
         Command::Report(_) => not_yet("report", 7),
     }

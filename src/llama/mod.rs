@@ -8,6 +8,8 @@ use std::sync::{Mutex, Once, OnceLock};
 
 use llama_cpp_2::llama_backend::LlamaBackend;
 
+pub mod multi;
+
 /// Whether llama.cpp's own log lines go to stderr (`-v`). Errors are always captured.
 static VERBOSE: AtomicBool = AtomicBool::new(false);
 /// The most recent error/warning lines llama.cpp or ggml logged, newest last.

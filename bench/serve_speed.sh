@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Serving speed, interleaved over ROUNDS rounds (medians):
+#  1. one stream through `grit serve` vs the bare llama-cpp-2 loop (bench/bare_decode.rs),
+#     decode tokens/s (first to last streamed token), same model, prompt, N and threads;
+#  2. one stream with a rank-16 LoRA adapter on all 7 targets vs without (same server);
+#  3. 8 concurrent streams vs one: aggregate tokens/s (all tokens / wall time).
+#   MODEL=path N=128 ROUNDS=3 THREADS=$(nproc) bench/serve_speed.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -n "${NO_BUILD:-}" ] || cargo build --release --bin grit --example bare_decode --example make_adapter >&2
+T=${CARGO_TARGET_DIR:-target}
+GRIT=$T/release/grit
+BARE=$T/release/examples/bare_decode
+MODEL=${MODEL:-$($GRIT fetch --model-only | awk '/^model/ {print $2}')}
+PROMPT="Once upon a time, in a small village by the sea, there lived an old fisherman who"
+N=${N:-128}
+ROUNDS=${ROUNDS:-3}
+THREADS=${THREADS:-$(nproc)}
+STREAMS=${STREAMS:-8}
+. bench/serve_lib.sh
+work=$(mktemp -d)
+trap 'stop_server; rm -rf "$work"' EXIT
+"$T/release/examples/make_adapter" "$MODEL" "$work/r16.gguf" 16 all 1 >/dev/null
+start_server "$work/log" --model "$MODEL" --threads "$THREADS" --ctx 2048 --parallel "$STREAMS" --adapter "r16=$work/r16.gguf"
+echo "server $URL, model $MODEL, N $N, threads $THREADS, rounds $ROUNDS" >&2
+out=$work/rows
+for r in $(seq "$ROUNDS"); do
+  printf 'bare %s\n' "$($BARE "$MODEL" "$PROMPT" "$N" "$THREADS")" >>"$out"
+  printf 'serve %s\n' "$(python3 bench/serve_client.py speed "$URL" --model base --tokens "$N")" >>"$out"
+  printf 'adapter %s\n' "$(python3 bench/serve_client.py speed "$URL" --model r16 --tokens "$N")" >>"$out"
+  printf 'multi %s\n' "$(python3 bench/serve_client.py speed "$URL" --model base --tokens "$N" --streams "$STREAMS")" >>"$out"
+done
+python3 - "$out" "$STREAMS" <<'PY'
+import json, statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    who, js = line.split(" ", 1)
+    rows.setdefault(who, []).append(json.loads(js))
+med = lambda who, k: statistics.median(r[k] for r in rows[who])
+bare = med("bare", "gen_tokens_per_s")
+serve = med("serve", "per_stream_tok_s")
+adapter = med("adapter", "per_stream_tok_s")
+single_agg = med("serve", "aggregate_tok_s")
+multi_agg = med("multi", "aggregate_tok_s")
+print(f"bare llama-cpp-2 loop        {bare:8.1f} tok/s")
+print(f"grit serve, 1 stream         {serve:8.1f} tok/s   ratio {serve/bare:.3f}  (target >= 0.9)")
+print(f"grit serve, r16 all-7 LoRA   {adapter:8.1f} tok/s   ratio {adapter/serve:.3f}  (vs no adapter; target >= 0.9)")
+print(f"1 stream aggregate           {single_agg:8.1f} tok/s   (tokens / wall, prompt and HTTP included)")
+print(f"{sys.argv[2]} streams aggregate         {multi_agg:8.1f} tok/s   ratio {multi_agg/single_agg:.3f}  (target >= 1.6)")
+PY

@@ -1,0 +1,598 @@
+//! The scheduler: one thread owns the model's contexts and the loaded adapters and decodes.
+//!
+//! Requests that use the same adapter set (the same adapters with the same scales) share a
+//! *lane*: one llama.cpp context with `parallel` sequences, decoded together in one batch per
+//! step (continuous batching: a request joins or leaves the batch at any step, prompts are
+//! prefilled in the same batch as other requests' next tokens). Requests with another adapter
+//! set get their own lane; every step visits every busy lane in turn, so they all progress. At
+//! most `max_lanes` lanes exist; when a request needs a new one and none is idle, the least
+//! loaded lane stops admitting requests until it drains, so no request waits indefinitely.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::data::LlamaTokenData;
+use llama_cpp_2::token::data_array::LlamaTokenDataArray;
+use llama_cpp_2::token::LlamaToken;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::infer::StopStream;
+use crate::llama::multi::{Adapter, Batch, Context, ContextConfig};
+
+use super::metrics::Metrics;
+
+/// Sampling parameters of one request (validated by the HTTP layer).
+#[derive(Debug, Clone)]
+pub struct Sampling {
+    pub max_tokens: usize,
+    /// 0 = greedy.
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0 = off.
+    pub top_k: i32,
+    pub seed: u32,
+    pub stop: Vec<String>,
+    /// Keep going past end-of-generation tokens (benchmarks; `"ignore_eos": true`).
+    pub ignore_eos: bool,
+}
+
+/// What a generation reports to its HTTP handler.
+#[derive(Debug)]
+pub enum Event {
+    /// Final text, in order (stop strings and incomplete UTF-8 held back), and the number of
+    /// tokens generated so far.
+    Text(String, usize),
+    Done { finish_reason: &'static str, prompt_tokens: usize, completion_tokens: usize },
+    Failed(Failure),
+}
+
+/// Why the engine could not finish a request.
+#[derive(Debug, Clone)]
+pub enum Failure {
+    /// An adapter of the request was unloaded before the request started.
+    AdapterGone(String),
+    Timeout,
+    ShuttingDown,
+    Internal(String),
+}
+
+/// One generation request.
+pub struct GenJob {
+    pub tokens: Vec<LlamaToken>,
+    /// Adapter ids and scales (sorted by id; the lane key).
+    pub adapters: Vec<(u64, f32)>,
+    /// The adapters' names, for messages.
+    pub adapter_names: Vec<String>,
+    pub sampling: Sampling,
+    pub events: mpsc::UnboundedSender<Event>,
+    /// Set when the client went away: the generation stops at the next step.
+    pub cancel: Arc<AtomicBool>,
+    pub deadline: Instant,
+}
+
+/// One embeddings request (all inputs, one adapter set).
+pub struct EmbedJob {
+    pub inputs: Vec<Vec<LlamaToken>>,
+    pub adapters: Vec<(u64, f32)>,
+    pub reply: oneshot::Sender<Result<Vec<Vec<f32>>, Failure>>,
+}
+
+/// Messages to the engine thread.
+pub enum Cmd {
+    Generate(Box<GenJob>),
+    Embed(Box<EmbedJob>),
+    /// Load an adapter file under this id; replies with its metadata or llama.cpp's error.
+    LoadAdapter { id: u64, path: std::path::PathBuf, reply: oneshot::Sender<Result<(), String>> },
+    /// Forget an adapter: free it once no running request uses it.
+    UnloadAdapter { id: u64 },
+    /// Fail every waiting and running request (end of the shutdown grace period).
+    CancelAll,
+    /// Finish: the thread returns.
+    Exit,
+}
+
+/// Engine settings.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    pub n_ctx_seq: u32,
+    pub parallel: u32,
+    pub max_lanes: usize,
+    pub n_batch: u32,
+    pub threads: i32,
+}
+
+/// State the HTTP side reads.
+pub struct Shared {
+    /// Requests submitted and not yet running (bounded by the queue size).
+    pub queued: AtomicUsize,
+    pub metrics: Arc<Metrics>,
+}
+
+struct Slot {
+    job: Box<GenJob>,
+    /// Prompt tokens already in the KV cache.
+    n_prompt_done: usize,
+    /// Next position in the sequence.
+    pos: i32,
+    /// The token to feed next (after the prompt).
+    next: Option<LlamaToken>,
+    /// Batch index of this slot's logits in the last decode.
+    logits_idx: Option<i32>,
+    sampler: Option<LlamaSampler>,
+    stream: StopStream,
+    completion_tokens: usize,
+}
+
+struct Lane<'m> {
+    key: Vec<(u64, u32)>,
+    ctx: Context<'m>,
+    batch: Batch,
+    slots: Vec<Option<Slot>>,
+    /// No new requests (another adapter set waits for a lane).
+    draining: bool,
+    last_used: Instant,
+}
+
+impl Lane<'_> {
+    fn active(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_some()).count()
+    }
+    fn free_slot(&self) -> Option<usize> {
+        self.slots.iter().position(|s| s.is_none())
+    }
+}
+
+fn lane_key(adapters: &[(u64, f32)]) -> Vec<(u64, u32)> {
+    adapters.iter().map(|(id, s)| (*id, s.to_bits())).collect()
+}
+
+fn make_sampler(s: &Sampling) -> Option<LlamaSampler> {
+    if s.temperature == 0.0 {
+        return None; // greedy: argmax over the logits
+    }
+    let mut chain = Vec::new();
+    if s.top_k > 0 {
+        chain.push(LlamaSampler::top_k(s.top_k));
+    }
+    if s.top_p < 1.0 {
+        chain.push(LlamaSampler::top_p(s.top_p, 1));
+    }
+    chain.push(LlamaSampler::temp(s.temperature));
+    chain.push(LlamaSampler::dist(s.seed));
+    Some(LlamaSampler::chain_simple(chain))
+}
+
+/// The first index of the largest logit (llama.cpp's greedy sampler picks the same).
+fn argmax(logits: &[f32]) -> LlamaToken {
+    let mut best = 0usize;
+    let mut bv = f32::NEG_INFINITY;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > bv {
+            bv = v;
+            best = i;
+        }
+    }
+    LlamaToken(best as i32)
+}
+
+fn sample(logits: &[f32], sampler: &mut Option<LlamaSampler>) -> LlamaToken {
+    match sampler {
+        None => argmax(logits),
+        Some(s) => {
+            let mut arr = LlamaTokenDataArray::from_iter(
+                logits.iter().enumerate().map(|(i, &l)| LlamaTokenData::new(LlamaToken(i as i32), l, 0.0)),
+                false,
+            );
+            arr.apply_sampler(s);
+            let tok = arr.selected_token().unwrap_or_else(|| argmax(logits));
+            s.accept(tok);
+            tok
+        }
+    }
+}
+
+/// Runs the engine until [`Cmd::Exit`] (or every sender is gone).
+pub fn run(model: &LlamaModel, cfg: EngineConfig, rx: Receiver<Cmd>, shared: Arc<Shared>) {
+    // Declared before the lanes so that they are dropped after every context.
+    let mut adapters: HashMap<u64, Adapter<'_>> = HashMap::new();
+    let mut unloading: Vec<u64> = Vec::new();
+    let mut lanes: Vec<Lane<'_>> = Vec::new();
+    let mut embed_ctx: Option<Context<'_>> = None;
+    let mut waiting: VecDeque<Box<GenJob>> = VecDeque::new();
+    let vocab = model.vocab();
+    let mut piece = Vec::with_capacity(32);
+    let metrics = shared.metrics.clone();
+
+    let fail = |job: &GenJob, f: Failure| {
+        let _ = job.events.send(Event::Failed(f));
+    };
+
+    'outer: loop {
+        // 1. Commands: block when there is nothing to do.
+        let busy = lanes.iter().any(|l| l.active() > 0);
+        let mut first = true;
+        loop {
+            let cmd = if busy || !first || !waiting.is_empty() {
+                match rx.try_recv() {
+                    Ok(c) => c,
+                    Err(_) => break,
+                }
+            } else {
+                match rx.recv_timeout(Duration::from_millis(250)) {
+                    Ok(c) => c,
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => break 'outer,
+                }
+            };
+            first = false;
+            match cmd {
+                Cmd::Generate(job) => waiting.push_back(job),
+                Cmd::Embed(job) => {
+                    let r = embed(model, &cfg, &mut embed_ctx, &adapters, &job.inputs, &job.adapters);
+                    let _ = job.reply.send(r);
+                }
+                Cmd::LoadAdapter { id, path, reply } => {
+                    let r = Adapter::load(model, &path).map_err(|e| e.to_string());
+                    let r = r.map(|a| {
+                        adapters.insert(id, a);
+                    });
+                    let _ = reply.send(r);
+                }
+                Cmd::UnloadAdapter { id } => unloading.push(id),
+                Cmd::CancelAll => {
+                    for job in waiting.drain(..) {
+                        shared.queued.fetch_sub(1, Ordering::SeqCst);
+                        fail(&job, Failure::ShuttingDown);
+                    }
+                    for lane in lanes.iter_mut() {
+                        for s in lane.slots.iter_mut() {
+                            if let Some(slot) = s.take() {
+                                fail(&slot.job, Failure::ShuttingDown);
+                            }
+                        }
+                    }
+                    for lane in lanes.iter_mut() {
+                        for i in 0..lane.slots.len() {
+                            lane.ctx.clear_seq(i as i32);
+                        }
+                    }
+                }
+                Cmd::Exit => break 'outer,
+            }
+        }
+
+        // 2. Unloads: drop lanes that use an unloading adapter once idle, then free it.
+        if !unloading.is_empty() {
+            lanes.retain(|l| !(l.active() == 0 && l.key.iter().any(|(id, _)| unloading.contains(id))));
+            if let Some(ctx) = embed_ctx.as_mut() {
+                let _ = ctx.set_adapters(&[]);
+            }
+            unloading.retain(|id| {
+                let in_use = lanes.iter().any(|l| l.key.iter().any(|(a, _)| a == id));
+                if !in_use {
+                    adapters.remove(id);
+                }
+                in_use
+            });
+        }
+
+        // 3. Admission, first come first served.
+        let mut i = 0;
+        while i < waiting.len() {
+            let job = &waiting[i];
+            if job.cancel.load(Ordering::Relaxed) || Instant::now() >= job.deadline {
+                let job = waiting.remove(i).expect("index in range");
+                shared.queued.fetch_sub(1, Ordering::SeqCst);
+                if !job.cancel.load(Ordering::Relaxed) {
+                    fail(&job, Failure::Timeout);
+                }
+                continue;
+            }
+            if let Some(gone) = job.adapters.iter().position(|(id, _)| !adapters.contains_key(id) || unloading.contains(id)) {
+                let job = waiting.remove(i).expect("index in range");
+                shared.queued.fetch_sub(1, Ordering::SeqCst);
+                fail(&job, Failure::AdapterGone(job.adapter_names.get(gone).cloned().unwrap_or_default()));
+                continue;
+            }
+            let key = lane_key(&job.adapters);
+            let lane_idx = match lanes.iter().position(|l| l.key == key && !l.draining && l.free_slot().is_some()) {
+                Some(li) => Some(li),
+                None if lanes.iter().any(|l| l.key == key && !l.draining) => None, // lane full: wait
+                None => {
+                    // A new lane: room, or evict an idle lane, or ask the least loaded to drain.
+                    if lanes.len() >= cfg.max_lanes {
+                        if let Some(idle) = lanes
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, l)| l.active() == 0)
+                            .min_by_key(|(_, l)| l.last_used)
+                            .map(|(i, _)| i)
+                        {
+                            lanes.remove(idle);
+                        } else if !lanes.iter().any(|l| l.draining) {
+                            if let Some(l) = lanes.iter_mut().min_by_key(|l| l.active()) {
+                                l.draining = true;
+                            }
+                        }
+                    }
+                    if lanes.len() < cfg.max_lanes {
+                        match new_lane(model, &cfg, &adapters, &job.adapters, key) {
+                            Ok(l) => {
+                                lanes.push(l);
+                                Some(lanes.len() - 1)
+                            }
+                            Err(e) => {
+                                let job = waiting.remove(i).expect("index in range");
+                                shared.queued.fetch_sub(1, Ordering::SeqCst);
+                                fail(&job, Failure::Internal(e));
+                                continue;
+                            }
+                        }
+                    } else {
+                        None
+                    }
+                }
+            };
+            let Some(li) = lane_idx else {
+                i += 1;
+                continue;
+            };
+            let job = waiting.remove(i).expect("index in range");
+            shared.queued.fetch_sub(1, Ordering::SeqCst);
+            let lane = &mut lanes[li];
+            let si = lane.free_slot().expect("lane has a free slot");
+            lane.ctx.clear_seq(si as i32);
+            lane.last_used = Instant::now();
+            let sampler = make_sampler(&job.sampling);
+            let stream = StopStream::new(&job.sampling.stop);
+            lane.slots[si] = Some(Slot {
+                job,
+                n_prompt_done: 0,
+                pos: 0,
+                next: None,
+                logits_idx: None,
+                sampler,
+                stream,
+                completion_tokens: 0,
+            });
+        }
+        // Drained lanes go away so the waiting adapter set gets its lane next round.
+        lanes.retain(|l| !(l.draining && l.active() == 0));
+
+        // 4. One decode step per busy lane.
+        let mut active_total = 0;
+        for lane in lanes.iter_mut() {
+            // Cancelled or timed-out requests leave first.
+            for (si, s) in lane.slots.iter_mut().enumerate() {
+                let drop_it = match s {
+                    Some(slot) if slot.job.cancel.load(Ordering::Relaxed) => true,
+                    Some(slot) if Instant::now() >= slot.job.deadline => {
+                        fail(&slot.job, Failure::Timeout);
+                        true
+                    }
+                    _ => false,
+                };
+                if drop_it {
+                    *s = None;
+                    lane.ctx.clear_seq(si as i32);
+                }
+            }
+            if lane.active() == 0 {
+                continue;
+            }
+            lane.last_used = Instant::now();
+            lane.batch.clear();
+            let cap = lane.batch.capacity();
+            // Decoding sequences first (one token each), then prompt chunks in the room left.
+            for (si, s) in lane.slots.iter_mut().enumerate() {
+                let Some(slot) = s else { continue };
+                slot.logits_idx = None;
+                if let Some(tok) = slot.next {
+                    match lane.batch.add(tok, slot.pos, si as i32, true) {
+                        Ok(idx) => slot.logits_idx = Some(idx),
+                        Err(_) => unreachable_full(),
+                    }
+                }
+            }
+            for (si, s) in lane.slots.iter_mut().enumerate() {
+                let Some(slot) = s else { continue };
+                if slot.next.is_some() {
+                    continue;
+                }
+                let n = slot.job.tokens.len();
+                while slot.n_prompt_done < n && lane.batch.len() < cap {
+                    let p = slot.n_prompt_done;
+                    let last = p + 1 == n;
+                    let idx = lane.batch.add(slot.job.tokens[p], p as i32, si as i32, last).unwrap_or(-1);
+                    if last {
+                        slot.logits_idx = Some(idx);
+                    }
+                    slot.n_prompt_done += 1;
+                }
+            }
+            if lane.batch.is_empty() {
+                continue;
+            }
+            let t0 = Instant::now();
+            if let Err(e) = lane.ctx.decode(&lane.batch) {
+                let msg = e.to_string();
+                for (si, s) in lane.slots.iter_mut().enumerate() {
+                    if let Some(slot) = s.take() {
+                        fail(&slot.job, Failure::Internal(msg.clone()));
+                        lane.ctx.clear_seq(si as i32);
+                    }
+                }
+                continue;
+            }
+            metrics.observe_decode(lane.batch.len(), t0.elapsed().as_secs_f64());
+            for (si, s) in lane.slots.iter_mut().enumerate() {
+                let Some(slot) = s else { continue };
+                let Some(idx) = slot.logits_idx else { continue };
+                if slot.next.is_some() {
+                    slot.pos += 1;
+                } else {
+                    slot.pos = slot.job.tokens.len() as i32;
+                }
+                let Some(logits) = lane.ctx.logits(idx) else {
+                    fail(&slot.job, Failure::Internal(format!("no logits for batch entry {idx}")));
+                    *s = None;
+                    lane.ctx.clear_seq(si as i32);
+                    continue;
+                };
+                let tok = sample(logits, &mut slot.sampler);
+                let mut finish: Option<&'static str> = None;
+                if vocab.is_eog(tok) && !slot.job.sampling.ignore_eos {
+                    finish = Some("stop");
+                } else {
+                    slot.completion_tokens += 1;
+                    piece.clear();
+                    vocab.token_to_piece_into(tok, &mut piece, false, None);
+                    let events = &slot.job.events;
+                    let mut closed = false;
+                    let n_done = slot.completion_tokens;
+                    let stopped = slot.stream.push(&piece, &mut |t: &str| {
+                        if events.send(Event::Text(t.to_string(), n_done)).is_err() {
+                            closed = true;
+                        }
+                    });
+                    if closed {
+                        slot.job.cancel.store(true, Ordering::Relaxed);
+                    }
+                    if stopped {
+                        finish = Some("stop");
+                    } else if slot.completion_tokens >= slot.job.sampling.max_tokens {
+                        finish = Some("length");
+                    }
+                }
+                match finish {
+                    None => slot.next = Some(tok),
+                    Some(reason) => {
+                        let events = &slot.job.events;
+                        let n_done = slot.completion_tokens;
+                        if reason == "length" {
+                            slot.stream.finish(&mut |t: &str| {
+                                let _ = events.send(Event::Text(t.to_string(), n_done));
+                            });
+                        }
+                        let _ = events.send(Event::Done {
+                            finish_reason: reason,
+                            prompt_tokens: slot.job.tokens.len(),
+                            completion_tokens: slot.completion_tokens,
+                        });
+                        *s = None;
+                        lane.ctx.clear_seq(si as i32);
+                    }
+                }
+            }
+            active_total += lane.active();
+        }
+        metrics.set_engine_state(shared.queued.load(Ordering::SeqCst), active_total, lanes.len(), adapters.len());
+    }
+    // Shutdown: fail whatever is left, then free contexts before adapters.
+    for job in waiting.drain(..) {
+        fail(&job, Failure::ShuttingDown);
+    }
+    for lane in lanes.iter_mut() {
+        for slot in lane.slots.iter_mut().filter_map(|s| s.take()) {
+            fail(&slot.job, Failure::ShuttingDown);
+        }
+    }
+    drop(lanes);
+    drop(embed_ctx);
+    drop(adapters);
+}
+
+/// A full batch here would be a scheduler bug: decoding tokens are added first and never
+/// exceed the number of sequences, which is at most the batch size.
+fn unreachable_full() {
+    debug_assert!(false, "batch overflow while adding decode tokens");
+}
+
+fn new_lane<'m>(
+    model: &'m LlamaModel,
+    cfg: &EngineConfig,
+    adapters: &HashMap<u64, Adapter<'m>>,
+    set: &[(u64, f32)],
+    key: Vec<(u64, u32)>,
+) -> Result<Lane<'m>, String> {
+    let ccfg = ContextConfig {
+        n_ctx_seq: cfg.n_ctx_seq,
+        n_seq: cfg.parallel,
+        n_batch: cfg.n_batch.max(cfg.parallel),
+        threads: cfg.threads,
+        embeddings: false,
+    };
+    let mut ctx = Context::new(model, ccfg).map_err(|e| e.to_string())?;
+    apply(&mut ctx, adapters, set)?;
+    Ok(Lane {
+        key,
+        batch: Batch::new(ccfg.n_batch as usize, cfg.parallel),
+        ctx,
+        slots: (0..cfg.parallel).map(|_| None).collect(),
+        draining: false,
+        last_used: Instant::now(),
+    })
+}
+
+fn apply<'m>(ctx: &mut Context<'m>, adapters: &HashMap<u64, Adapter<'m>>, set: &[(u64, f32)]) -> Result<(), String> {
+    let mut list = Vec::with_capacity(set.len());
+    for (id, scale) in set {
+        let a = adapters.get(id).ok_or_else(|| format!("adapter {id} is not loaded"))?;
+        list.push((a, *scale));
+    }
+    ctx.set_adapters(&list).map_err(|e| e.to_string())
+}
+
+fn embed<'m>(
+    model: &'m LlamaModel,
+    cfg: &EngineConfig,
+    ctx: &mut Option<Context<'m>>,
+    adapters: &HashMap<u64, Adapter<'m>>,
+    inputs: &[Vec<LlamaToken>],
+    set: &[(u64, f32)],
+) -> Result<Vec<Vec<f32>>, Failure> {
+    if ctx.is_none() {
+        let ccfg = ContextConfig { n_ctx_seq: cfg.n_ctx_seq, n_seq: 1, n_batch: cfg.n_ctx_seq, threads: cfg.threads, embeddings: true };
+        *ctx = Some(Context::new(model, ccfg).map_err(|e| Failure::Internal(e.to_string()))?);
+    }
+    let ctx = ctx.as_mut().expect("created above");
+    apply(ctx, adapters, set).map_err(Failure::Internal)?;
+    let mut batch = Batch::new(cfg.n_ctx_seq as usize, 1);
+    let mut out = Vec::with_capacity(inputs.len());
+    for toks in inputs {
+        ctx.clear_seq(0);
+        batch.clear();
+        for (p, &t) in toks.iter().enumerate() {
+            batch.add(t, p as i32, 0, true).map_err(|e| Failure::Internal(e.to_string()))?;
+        }
+        ctx.decode(&batch).map_err(|e| Failure::Internal(e.to_string()))?;
+        let v = ctx.embeddings_seq(0).ok_or_else(|| Failure::Internal("llama.cpp returned no pooled embedding".into()))?;
+        // Unit length, as OpenAI's embeddings are.
+        let norm = v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt().max(1e-12);
+        out.push(v.iter().map(|x| (*x as f64 / norm) as f32).collect());
+    }
+    ctx.clear_seq(0);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argmax_takes_the_first_maximum() {
+        assert_eq!(argmax(&[0.0, 3.0, 1.0, 3.0]).0, 1);
+        assert_eq!(argmax(&[-1.0]).0, 0);
+    }
+
+    #[test]
+    fn lane_key_tells_scales_apart() {
+        assert_ne!(lane_key(&[(1, 1.0)]), lane_key(&[(1, 0.5)]));
+        assert_eq!(lane_key(&[(1, 1.0), (2, 0.5)]), lane_key(&[(1, 1.0), (2, 0.5)]));
+    }
+}

@@ -1,0 +1,1025 @@
+//! The HTTP side of `grit serve`: OpenAI-compatible routes, adapter management, errors in
+//! OpenAI's JSON format, Bearer auth, CORS, body limit, one log line per request.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path as UrlPath, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::Router;
+use serde_json::{json, Map, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use super::engine::{Cmd, EmbedJob, Event, Failure, GenJob, Sampling, Shared};
+use super::{ServeConfig, ServeError};
+use crate::infer::Model;
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+pub struct AppState {
+    pub model: Arc<Model>,
+    pub base_name: String,
+    pub created: u64,
+    pub registry: RwLock<super::adapters::Registry>,
+    pub tx: Mutex<std::sync::mpsc::Sender<Cmd>>,
+    pub shared: Arc<Shared>,
+    pub n_ctx_seq: u32,
+    pub queue_cap: usize,
+    pub timeout: Duration,
+    pub adapter_dir: Option<PathBuf>,
+    pub api_key: Option<String>,
+    pub next_id: AtomicUsize,
+}
+
+type St = Arc<AppState>;
+
+impl AppState {
+    fn send(&self, cmd: Cmd) -> Result<(), ApiError> {
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        tx.send(cmd).map_err(|_| ApiError::server("the inference thread has stopped"))
+    }
+    fn registry(&self) -> std::sync::RwLockReadGuard<'_, super::adapters::Registry> {
+        self.registry.read().unwrap_or_else(|p| p.into_inner())
+    }
+    fn registry_mut(&self) -> std::sync::RwLockWriteGuard<'_, super::adapters::Registry> {
+        self.registry.write().unwrap_or_else(|p| p.into_inner())
+    }
+    fn new_id(&self, prefix: &str) -> String {
+        format!("{prefix}-{:x}{:06x}", unix_now(), self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+/// An error reply in OpenAI's format: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    kind: &'static str,
+    param: Option<String>,
+    code: Option<&'static str>,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, message: message.into(), kind, param: None, code: None, retry_after: None }
+    }
+    fn bad(param: &str, message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message);
+        e.param = Some(param.to_string());
+        e
+    }
+    fn code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+    fn not_found_model(name: &str) -> Self {
+        let mut e = Self::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("The model `{name}` does not exist (see GET /v1/models)"));
+        e.param = Some("model".into());
+        e.code("model_not_found")
+    }
+    fn server(msg: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", msg)
+    }
+    fn from_failure(f: Failure) -> Self {
+        match f {
+            Failure::AdapterGone(n) => Self::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("adapter `{n}` was unloaded before the request started")).code("model_not_found"),
+            Failure::Timeout => Self::new(StatusCode::GATEWAY_TIMEOUT, "timeout", "the request took longer than the server's --timeout").code("timeout"),
+            Failure::ShuttingDown => Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the server is shutting down").code("shutting_down"),
+            Failure::Internal(m) => Self::server(m),
+        }
+    }
+    fn body(&self) -> Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, axum::Json(self.body())).into_response();
+        if let Some(s) = self.retry_after {
+            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        r.extensions_mut().insert(LogNote(self.message.clone()));
+        r
+    }
+}
+
+/// Text added to the request's log line.
+#[derive(Clone)]
+struct LogNote(String);
+
+/// The body as JSON, with OpenAI-style errors for an oversized or malformed body.
+fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Map<String, Value>, ApiError> {
+    let bytes = body.map_err(|rej| {
+        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", "the request body is larger than the server's --body-limit").code("request_too_large")
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", format!("cannot read the request body: {}", rej.body_text()))
+        }
+    })?;
+    let v: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", format!("malformed JSON in the request body: {e}")).code("invalid_json"))?;
+    match v {
+        Value::Object(m) => Ok(m),
+        _ => Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", "the request body must be a JSON object")),
+    }
+}
+
+// Typed field access with errors that name the field.
+fn opt_f64(m: &Map<String, Value>, k: &str) -> Result<Option<f64>, ApiError> {
+    match m.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_f64().map(Some).ok_or_else(|| ApiError::bad(k, format!("`{k}` must be a number"))),
+    }
+}
+fn opt_i64(m: &Map<String, Value>, k: &str) -> Result<Option<i64>, ApiError> {
+    match m.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_i64().map(Some).ok_or_else(|| ApiError::bad(k, format!("`{k}` must be an integer"))),
+    }
+}
+fn opt_bool(m: &Map<String, Value>, k: &str) -> Result<Option<bool>, ApiError> {
+    match m.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_bool().map(Some).ok_or_else(|| ApiError::bad(k, format!("`{k}` must be true or false"))),
+    }
+}
+fn opt_str<'a>(m: &'a Map<String, Value>, k: &str) -> Result<Option<&'a str>, ApiError> {
+    match m.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_str().map(Some).ok_or_else(|| ApiError::bad(k, format!("`{k}` must be a string"))),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Requests
+
+/// What a generation request asks for, after validation.
+struct GenParams {
+    model: String,
+    adapters: Vec<(u64, f32)>,
+    adapter_names: Vec<String>,
+    sampling: Sampling,
+    max_tokens_given: bool,
+    stream: bool,
+    include_usage: bool,
+}
+
+/// Resolves `model` and `adapters` into the adapter set: `model` is the base model's name,
+/// `"base"`, or an adapter's name (applied at scale 1); `adapters` stacks more, each
+/// `{"name": .., "scale": ..}` (scale default 1).
+fn resolve_adapters(st: &AppState, m: &Map<String, Value>) -> Result<(String, Vec<(u64, f32)>, Vec<String>), ApiError> {
+    let model = opt_str(m, "model")?.unwrap_or("base").to_string();
+    let reg = st.registry();
+    let mut set: Vec<(u64, f32, String)> = Vec::new();
+    if model != "base" && model != st.base_name {
+        match reg.by_name.get(&model) {
+            Some(e) => set.push((e.id, 1.0, model.clone())),
+            None => return Err(ApiError::not_found_model(&model)),
+        }
+    }
+    match m.get("adapters") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(items)) => {
+            for (i, it) in items.iter().enumerate() {
+                let p = format!("adapters[{i}]");
+                let (name, scale) = match it {
+                    Value::String(s) => (s.as_str(), 1.0),
+                    Value::Object(o) => {
+                        let name = opt_str(o, "name").map_err(|_| ApiError::bad(&p, format!("`{p}.name` must be a string")))?
+                            .ok_or_else(|| ApiError::bad(&p, format!("`{p}` needs a \"name\"")))?;
+                        let scale = opt_f64(o, "scale").map_err(|_| ApiError::bad(&p, format!("`{p}.scale` must be a number")))?.unwrap_or(1.0);
+                        (name, scale)
+                    }
+                    _ => return Err(ApiError::bad(&p, format!("`{p}` must be {{\"name\": .., \"scale\": ..}} or a name"))),
+                };
+                if !scale.is_finite() || scale.abs() > 100.0 {
+                    return Err(ApiError::bad(&p, format!("`{p}.scale` {scale} must be a finite number in [-100, 100]")));
+                }
+                let e = reg.by_name.get(name).ok_or_else(|| {
+                    let mut e = ApiError::not_found_model(name);
+                    e.message = format!("The adapter `{name}` is not loaded (see GET /v1/models)");
+                    e.param = Some(p.clone());
+                    e
+                })?;
+                if set.iter().any(|(id, _, _)| *id == e.id) {
+                    return Err(ApiError::bad(&p, format!("adapter `{name}` is listed twice (the `model` counts)")));
+                }
+                set.push((e.id, scale as f32, name.to_string()));
+            }
+        }
+        Some(_) => return Err(ApiError::bad("adapters", "`adapters` must be a list of {\"name\": .., \"scale\": ..}")),
+    }
+    set.sort_by_key(|(id, _, _)| *id);
+    let names = set.iter().map(|(_, _, n)| n.clone()).collect();
+    Ok((model, set.into_iter().map(|(id, s, _)| (id, s)).collect(), names))
+}
+
+fn gen_params(st: &AppState, m: &Map<String, Value>) -> Result<GenParams, ApiError> {
+    let (model, adapters, adapter_names) = resolve_adapters(st, m)?;
+    if let Some(n) = opt_i64(m, "n")? {
+        if n != 1 {
+            return Err(ApiError::bad("n", format!("`n` {n}: only n = 1 is supported")));
+        }
+    }
+    for k in ["logprobs", "echo"] {
+        if let Some(v) = m.get(k) {
+            if v.as_bool() == Some(true) || v.as_i64().is_some_and(|x| x > 0) {
+                return Err(ApiError::bad(k, format!("`{k}` is not supported by grit serve")));
+            }
+        }
+    }
+    if let Some(b) = opt_i64(m, "best_of")? {
+        if b != 1 {
+            return Err(ApiError::bad("best_of", "`best_of` must be 1"));
+        }
+    }
+    let temperature = opt_f64(m, "temperature")?.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::bad("temperature", format!("`temperature` {temperature} must be between 0 and 2")));
+    }
+    let top_p = opt_f64(m, "top_p")?.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::bad("top_p", format!("`top_p` {top_p} must be in (0, 1]")));
+    }
+    let top_k = opt_i64(m, "top_k")?.unwrap_or(0);
+    if !(0..=i32::MAX as i64).contains(&top_k) {
+        return Err(ApiError::bad("top_k", format!("`top_k` {top_k} must be ≥ 0")));
+    }
+    let seed = match opt_i64(m, "seed")? {
+        Some(s) if (0..=u32::MAX as i64).contains(&s) => s as u32,
+        Some(s) => return Err(ApiError::bad("seed", format!("`seed` {s} must be between 0 and {}", u32::MAX))),
+        None => {
+            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+            t ^ (st.next_id.load(Ordering::Relaxed) as u32).wrapping_mul(2654435761)
+        }
+    };
+    let stop = match m.get("stop") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => {
+            let v: Option<Vec<String>> = a.iter().map(|x| x.as_str().map(str::to_string)).collect();
+            v.ok_or_else(|| ApiError::bad("stop", "`stop` must be a string or a list of strings"))?
+        }
+        Some(_) => return Err(ApiError::bad("stop", "`stop` must be a string or a list of strings")),
+    };
+    if stop.len() > 4 {
+        return Err(ApiError::bad("stop", "`stop` takes at most 4 strings"));
+    }
+    if stop.iter().any(|s| s.is_empty()) {
+        return Err(ApiError::bad("stop", "`stop` strings must not be empty"));
+    }
+    let mt = match opt_i64(m, "max_completion_tokens")? {
+        Some(v) => Some(("max_completion_tokens", v)),
+        None => opt_i64(m, "max_tokens")?.map(|v| ("max_tokens", v)),
+    };
+    if let Some((k, v)) = mt {
+        if v < 1 {
+            return Err(ApiError::bad(k, format!("`{k}` {v} must be at least 1")));
+        }
+    }
+    let stream = opt_bool(m, "stream")?.unwrap_or(false);
+    let include_usage = match m.get("stream_options") {
+        Some(Value::Object(o)) => opt_bool(o, "include_usage")?.unwrap_or(false),
+        None | Some(Value::Null) => false,
+        Some(_) => return Err(ApiError::bad("stream_options", "`stream_options` must be an object")),
+    };
+    Ok(GenParams {
+        model,
+        adapters,
+        adapter_names,
+        sampling: Sampling {
+            max_tokens: mt.map(|(_, v)| v as usize).unwrap_or(0),
+            temperature: temperature as f32,
+            top_p: top_p as f32,
+            top_k: top_k as i32,
+            seed,
+            stop,
+            ignore_eos: opt_bool(m, "ignore_eos")?.unwrap_or(false),
+        },
+        max_tokens_given: mt.is_some(),
+        stream,
+        include_usage,
+    })
+}
+
+/// Chat messages → (role, text) pairs; content may be a string or a list of text parts.
+fn chat_messages(m: &Map<String, Value>) -> Result<Vec<(String, String)>, ApiError> {
+    let msgs = match m.get("messages") {
+        Some(Value::Array(a)) if !a.is_empty() => a,
+        Some(Value::Array(_)) => return Err(ApiError::bad("messages", "`messages` must not be empty")),
+        None => return Err(ApiError::bad("messages", "`messages` is required")),
+        Some(_) => return Err(ApiError::bad("messages", "`messages` must be a list of {\"role\", \"content\"} objects")),
+    };
+    let mut out = Vec::with_capacity(msgs.len());
+    for (i, msg) in msgs.iter().enumerate() {
+        let p = format!("messages[{i}]");
+        let o = msg.as_object().ok_or_else(|| ApiError::bad(&p, format!("`{p}` must be an object")))?;
+        let role = o.get("role").and_then(Value::as_str).ok_or_else(|| ApiError::bad(&p, format!("`{p}.role` must be a string")))?;
+        let role = match role {
+            "system" | "user" | "assistant" | "tool" => role,
+            "developer" => "system",
+            other => return Err(ApiError::bad(&p, format!("`{p}.role` {other:?} is not one of system, developer, user, assistant, tool"))),
+        };
+        let content = match o.get("content") {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(parts)) => {
+                let mut s = String::new();
+                for (j, part) in parts.iter().enumerate() {
+                    match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
+                        (Some("text"), Some(t)) => s.push_str(t),
+                        _ => return Err(ApiError::bad(&p, format!("`{p}.content[{j}]`: only {{\"type\": \"text\", \"text\": ..}} parts are supported"))),
+                    }
+                }
+                s
+            }
+            Some(_) => return Err(ApiError::bad(&p, format!("`{p}.content` must be a string or a list of text parts"))),
+        };
+        out.push((role.to_string(), content));
+    }
+    Ok(out)
+}
+
+/// The completion prompt: a string, a one-string list, or a list of token ids.
+fn completion_prompt(st: &AppState, m: &Map<String, Value>) -> Result<Vec<llama_cpp_2::token::LlamaToken>, ApiError> {
+    let n_vocab = st.model.inner.n_vocab();
+    let from_ids = |a: &[Value]| -> Result<Vec<llama_cpp_2::token::LlamaToken>, ApiError> {
+        a.iter()
+            .map(|x| match x.as_i64() {
+                Some(t) if t >= 0 && t < n_vocab as i64 => Ok(llama_cpp_2::token::LlamaToken(t as i32)),
+                _ => Err(ApiError::bad("prompt", format!("`prompt` token ids must be integers in [0, {n_vocab})"))),
+            })
+            .collect()
+    };
+    let toks = match m.get("prompt") {
+        None | Some(Value::Null) => return Err(ApiError::bad("prompt", "`prompt` is required")),
+        Some(Value::String(s)) => st.model.tokenize(s, true),
+        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => st.model.tokenize(a[0].as_str().unwrap_or_default(), true),
+        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_number) => from_ids(a)?,
+        Some(Value::Array(a)) if a.len() == 1 && a[0].is_array() => from_ids(a[0].as_array().map(Vec::as_slice).unwrap_or_default())?,
+        Some(Value::Array(a)) if a.len() > 1 => return Err(ApiError::bad("prompt", "`prompt`: one prompt per request (n = 1)")),
+        Some(_) => return Err(ApiError::bad("prompt", "`prompt` must be a string, a list with one string, or a list of token ids")),
+    };
+    Ok(toks)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Generation
+
+/// Sets the cancel flag when dropped: the client went away (or the reply is done).
+struct CancelOnDrop(Arc<AtomicBool>);
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The request's log line and metrics, written when the reply (or stream) ends.
+struct GenLog {
+    st: St,
+    endpoint: &'static str,
+    model: String,
+    stream: bool,
+    start: Instant,
+    status: u16,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    finish: &'static str,
+    done: bool,
+}
+
+impl Drop for GenLog {
+    fn drop(&mut self) {
+        let secs = self.start.elapsed().as_secs_f64();
+        let finish = if self.done { self.finish } else { "cancelled" };
+        // 499: the client closed the connection before the reply was complete.
+        let status = if self.done { self.status } else { 499 };
+        eprintln!(
+            "grit serve: POST {} {} model={} stream={} prompt={} completion={} finish={} {:.1}ms",
+            self.endpoint, status, self.model, self.stream, self.prompt_tokens, self.completion_tokens, finish, secs * 1e3
+        );
+        self.st.shared.metrics.request(self.endpoint, status);
+        if self.done && self.status == 200 {
+            self.st.shared.metrics.generation(&self.model, self.prompt_tokens, self.completion_tokens, secs);
+        }
+    }
+}
+
+/// Marks a response whose log line the handler writes itself.
+#[derive(Clone, Copy)]
+struct SelfLogged;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+async fn chat(State(st): State<St>, body: Result<Bytes, BytesRejection>) -> Response {
+    let start = Instant::now();
+    let r = async {
+        let m = parse_body(body)?;
+        let p = gen_params(&st, &m)?;
+        let msgs = chat_messages(&m)?;
+        if !st.model.has_chat_template() {
+            return Err(ApiError::bad("messages", "this model has no chat template: use /v1/completions"));
+        }
+        let prompt = st.model.apply_chat(&msgs).map_err(|e| ApiError::bad("messages", e.to_string()))?;
+        let toks = st.model.tokenize(&prompt, true);
+        Ok((p, toks))
+    }
+    .await;
+    match r {
+        Ok((p, toks)) => generate(st, Kind::Chat, p, toks, start).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn completions(State(st): State<St>, body: Result<Bytes, BytesRejection>) -> Response {
+    let start = Instant::now();
+    let r = (|| {
+        let m = parse_body(body)?;
+        if m.get("suffix").is_some_and(|v| !v.is_null()) {
+            return Err(ApiError::bad("suffix", "`suffix` is not supported by grit serve"));
+        }
+        let p = gen_params(&st, &m)?;
+        let toks = completion_prompt(&st, &m)?;
+        Ok((p, toks))
+    })();
+    match r {
+        Ok((p, toks)) => generate(st, Kind::Completion, p, toks, start).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn context_check(st: &AppState, p: &mut GenParams, n_prompt: usize) -> Result<(), ApiError> {
+    let n_ctx = st.n_ctx_seq as usize;
+    if n_prompt == 0 {
+        return Err(ApiError::bad("prompt", "the prompt is empty"));
+    }
+    if n_prompt >= n_ctx {
+        return Err(ApiError::bad("messages", format!("This model's maximum context length is {n_ctx} tokens; the prompt has {n_prompt} tokens")).code("context_length_exceeded"));
+    }
+    if p.max_tokens_given {
+        if n_prompt + p.sampling.max_tokens > n_ctx {
+            return Err(ApiError::bad("max_tokens", format!(
+                "This model's maximum context length is {n_ctx} tokens; the prompt has {n_prompt} tokens and max_tokens asks for {} more",
+                p.sampling.max_tokens
+            ))
+            .code("context_length_exceeded"));
+        }
+    } else {
+        p.sampling.max_tokens = n_ctx - n_prompt;
+    }
+    Ok(())
+}
+
+async fn generate(st: St, kind: Kind, mut p: GenParams, toks: Vec<llama_cpp_2::token::LlamaToken>, start: Instant) -> Response {
+    if let Err(mut e) = context_check(&st, &mut p, toks.len()) {
+        if kind == Kind::Completion && e.param.as_deref() == Some("messages") {
+            e.param = Some("prompt".into());
+        }
+        return e.into_response();
+    }
+    // Bounded queue: reserve a place or answer 429.
+    let q = st.shared.queued.fetch_add(1, Ordering::SeqCst);
+    if q >= st.queue_cap {
+        st.shared.queued.fetch_sub(1, Ordering::SeqCst);
+        st.shared.metrics.queue_full();
+        let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", format!("the server is busy: {q} requests are waiting (--queue {}); retry later", st.queue_cap)).code("queue_full");
+        e.retry_after = Some(1);
+        return e.into_response();
+    }
+    let (etx, erx) = mpsc::unbounded_channel();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let n_prompt = toks.len();
+    let job = GenJob {
+        tokens: toks,
+        adapters: p.adapters.clone(),
+        adapter_names: p.adapter_names.clone(),
+        sampling: p.sampling.clone(),
+        events: etx,
+        cancel: cancel.clone(),
+        deadline: start + st.timeout,
+    };
+    if let Err(e) = st.send(Cmd::Generate(Box::new(job))) {
+        st.shared.queued.fetch_sub(1, Ordering::SeqCst);
+        return e.into_response();
+    }
+    let endpoint = if kind == Kind::Chat { "/v1/chat/completions" } else { "/v1/completions" };
+    let log = GenLog {
+        st: st.clone(),
+        endpoint,
+        model: p.model.clone(),
+        stream: p.stream,
+        start,
+        status: 200,
+        prompt_tokens: n_prompt,
+        completion_tokens: 0,
+        finish: "",
+        done: false,
+    };
+    let guard = CancelOnDrop(cancel);
+    let id = st.new_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" });
+    if p.stream {
+        stream_reply(kind, p, id, erx, guard, log)
+    } else {
+        full_reply(kind, p, id, erx, guard, log).await
+    }
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+async fn full_reply(kind: Kind, p: GenParams, id: String, mut rx: mpsc::UnboundedReceiver<Event>, guard: CancelOnDrop, mut log: GenLog) -> Response {
+    let mut text = String::new();
+    let created = unix_now();
+    loop {
+        match rx.recv().await {
+            Some(Event::Text(t, n)) => {
+                text.push_str(&t);
+                log.completion_tokens = n;
+            }
+            Some(Event::Done { finish_reason, prompt_tokens, completion_tokens }) => {
+                log.prompt_tokens = prompt_tokens;
+                log.completion_tokens = completion_tokens;
+                log.finish = finish_reason;
+                log.done = true;
+                drop(guard);
+                let choice = match kind {
+                    Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish_reason}),
+                    Kind::Completion => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason}),
+                };
+                let object = if kind == Kind::Chat { "chat.completion" } else { "text_completion" };
+                let body = json!({
+                    "id": id, "object": object, "created": created, "model": p.model,
+                    "choices": [choice], "usage": usage(prompt_tokens, completion_tokens),
+                    "system_fingerprint": format!("grit-{}", crate::VERSION),
+                });
+                let mut r = axum::Json(body).into_response();
+                r.extensions_mut().insert(SelfLogged);
+                return r;
+            }
+            Some(Event::Failed(f)) => {
+                let e = ApiError::from_failure(f);
+                log.status = e.status.as_u16();
+                log.done = true;
+                log.finish = "error";
+                let mut r = e.into_response();
+                r.extensions_mut().insert(SelfLogged);
+                return r;
+            }
+            None => {
+                let e = ApiError::server("the inference thread stopped");
+                log.status = 500;
+                log.done = true;
+                log.finish = "error";
+                let mut r = e.into_response();
+                r.extensions_mut().insert(SelfLogged);
+                return r;
+            }
+        }
+    }
+}
+
+struct StreamState {
+    kind: Kind,
+    model: String,
+    id: String,
+    created: u64,
+    include_usage: bool,
+    rx: mpsc::UnboundedReceiver<Event>,
+    /// Pending SSE frames (a final chunk may be followed by a usage chunk and [DONE]).
+    out: std::collections::VecDeque<String>,
+    sent_role: bool,
+    finished: bool,
+    _guard: CancelOnDrop,
+    log: GenLog,
+}
+
+impl StreamState {
+    fn chunk(&self, delta_or_text: Value, finish: Option<&str>) -> String {
+        let choice = match self.kind {
+            Kind::Chat => json!({"index": 0, "delta": delta_or_text, "logprobs": null, "finish_reason": finish}),
+            Kind::Completion => json!({"index": 0, "text": delta_or_text, "logprobs": null, "finish_reason": finish}),
+        };
+        let object = if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+        let mut v = json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [choice], "system_fingerprint": format!("grit-{}", crate::VERSION)});
+        if self.include_usage {
+            v["usage"] = Value::Null;
+        }
+        format!("data: {v}\n\n")
+    }
+}
+
+fn stream_reply(kind: Kind, p: GenParams, id: String, rx: mpsc::UnboundedReceiver<Event>, guard: CancelOnDrop, log: GenLog) -> Response {
+    let mut s = StreamState {
+        kind,
+        model: p.model,
+        id,
+        created: unix_now(),
+        include_usage: p.include_usage,
+        rx,
+        out: Default::default(),
+        sent_role: false,
+        finished: false,
+        _guard: guard,
+        log,
+    };
+    if kind == Kind::Chat {
+        let c = s.chunk(json!({"role": "assistant", "content": ""}), None);
+        s.out.push_back(c);
+        s.sent_role = true;
+    }
+    let stream = futures_util::stream::unfold(s, |mut s| async move {
+        loop {
+            if let Some(frame) = s.out.pop_front() {
+                return Some((Ok::<_, std::convert::Infallible>(Bytes::from(frame)), s));
+            }
+            if s.finished {
+                return None;
+            }
+            match s.rx.recv().await {
+                Some(Event::Text(t, n)) => {
+                    s.log.completion_tokens = n;
+                    let d = if s.kind == Kind::Chat { json!({"content": t}) } else { json!(t) };
+                    let c = s.chunk(d, None);
+                    s.out.push_back(c);
+                }
+                Some(Event::Done { finish_reason, prompt_tokens, completion_tokens }) => {
+                    let d = if s.kind == Kind::Chat { json!({}) } else { json!("") };
+                    let c = s.chunk(d, Some(finish_reason));
+                    s.out.push_back(c);
+                    if s.include_usage {
+                        let object = if s.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+                        let v = json!({"id": s.id, "object": object, "created": s.created, "model": s.model, "choices": [], "usage": usage(prompt_tokens, completion_tokens)});
+                        s.out.push_back(format!("data: {v}\n\n"));
+                    }
+                    s.out.push_back("data: [DONE]\n\n".into());
+                    s.log.prompt_tokens = prompt_tokens;
+                    s.log.completion_tokens = completion_tokens;
+                    s.log.finish = finish_reason;
+                    s.log.done = true;
+                    s.finished = true;
+                }
+                Some(Event::Failed(f)) => {
+                    let e = ApiError::from_failure(f);
+                    s.out.push_back(format!("data: {}\n\n", e.body()));
+                    s.out.push_back("data: [DONE]\n\n".into());
+                    s.log.status = e.status.as_u16();
+                    s.log.finish = "error";
+                    s.log.done = true;
+                    s.finished = true;
+                }
+                None => {
+                    let e = ApiError::server("the inference thread stopped");
+                    s.out.push_back(format!("data: {}\n\n", e.body()));
+                    s.log.status = 500;
+                    s.log.done = true;
+                    s.finished = true;
+                }
+            }
+        }
+    });
+    let mut r = Response::new(Body::from_stream(stream));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r.extensions_mut().insert(SelfLogged);
+    r
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embeddings
+
+fn base64(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut o = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for c in bytes.chunks(3) {
+        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        o.push(T[(n >> 18) as usize & 63] as char);
+        o.push(T[(n >> 12) as usize & 63] as char);
+        o.push(if c.len() > 1 { T[(n >> 6) as usize & 63] as char } else { '=' });
+        o.push(if c.len() > 2 { T[n as usize & 63] as char } else { '=' });
+    }
+    o
+}
+
+async fn embeddings(State(st): State<St>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let m = parse_body(body)?;
+    let (model, adapters, _) = resolve_adapters(&st, &m)?;
+    let b64 = match opt_str(&m, "encoding_format")? {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(o) => return Err(ApiError::bad("encoding_format", format!("`encoding_format` {o:?} must be \"float\" or \"base64\""))),
+    };
+    if m.get("dimensions").is_some_and(|v| !v.is_null()) {
+        return Err(ApiError::bad("dimensions", "`dimensions` is not supported: the embedding size is the model's"));
+    }
+    let n_vocab = st.model.inner.n_vocab() as i64;
+    let ids = |a: &[Value]| -> Result<Vec<llama_cpp_2::token::LlamaToken>, ApiError> {
+        a.iter()
+            .map(|x| match x.as_i64() {
+                Some(t) if (0..n_vocab).contains(&t) => Ok(llama_cpp_2::token::LlamaToken(t as i32)),
+                _ => Err(ApiError::bad("input", format!("`input` token ids must be integers in [0, {n_vocab})"))),
+            })
+            .collect()
+    };
+    let inputs: Vec<Vec<llama_cpp_2::token::LlamaToken>> = match m.get("input") {
+        Some(Value::String(s)) => vec![st.model.tokenize(s, true)],
+        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_string) => a.iter().map(|s| st.model.tokenize(s.as_str().unwrap_or_default(), true)).collect(),
+        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_number) => vec![ids(a)?],
+        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_array) => a.iter().map(|x| ids(x.as_array().map(Vec::as_slice).unwrap_or_default())).collect::<Result<_, _>>()?,
+        None | Some(Value::Null) => return Err(ApiError::bad("input", "`input` is required")),
+        _ => return Err(ApiError::bad("input", "`input` must be a string, a list of strings, or token ids")),
+    };
+    if inputs.len() > 256 {
+        return Err(ApiError::bad("input", "`input` takes at most 256 items"));
+    }
+    for (i, t) in inputs.iter().enumerate() {
+        if t.is_empty() {
+            return Err(ApiError::bad("input", format!("`input[{i}]` is empty")));
+        }
+        if t.len() > st.n_ctx_seq as usize {
+            return Err(ApiError::bad("input", format!("`input[{i}]` has {} tokens, more than the context of {}", t.len(), st.n_ctx_seq)).code("context_length_exceeded"));
+        }
+    }
+    let n_tokens: usize = inputs.iter().map(Vec::len).sum();
+    let (rtx, rrx) = oneshot::channel();
+    st.send(Cmd::Embed(Box::new(EmbedJob { inputs, adapters, reply: rtx })))?;
+    let vecs = rrx.await.map_err(|_| ApiError::server("the inference thread stopped"))?.map_err(ApiError::from_failure)?;
+    let data: Vec<Value> = vecs
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let emb = if b64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64(&bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": emb})
+        })
+        .collect();
+    Ok(axum::Json(json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})).into_response())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Models and adapters
+
+fn model_obj(st: &AppState, id: &str, parent: Option<&str>, created: u64, path: Option<&std::path::Path>) -> Value {
+    let mut v = json!({"id": id, "object": "model", "created": created, "owned_by": "grit", "parent": parent, "root": st.base_name});
+    if let Some(p) = path {
+        v["path"] = json!(p);
+    }
+    v
+}
+
+async fn list_models(State(st): State<St>) -> Response {
+    let mut data = vec![model_obj(&st, &st.base_name, None, st.created, None)];
+    for (name, e) in &st.registry().by_name {
+        data.push(model_obj(&st, name, Some(&st.base_name), e.created, Some(&e.path)));
+    }
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn get_model(State(st): State<St>, UrlPath(id): UrlPath<String>) -> Result<Response, ApiError> {
+    if id == st.base_name || id == "base" {
+        return Ok(axum::Json(model_obj(&st, &st.base_name, None, st.created, None)).into_response());
+    }
+    let reg = st.registry();
+    let e = reg.by_name.get(&id).ok_or_else(|| ApiError::not_found_model(&id))?;
+    Ok(axum::Json(model_obj(&st, &id, Some(&st.base_name), e.created, Some(&e.path))).into_response())
+}
+
+async fn load_adapter(State(st): State<St>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let m = parse_body(body)?;
+    let Some(dir) = st.adapter_dir.clone() else {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "permission_error", "loading adapters at runtime is off: start grit serve with --adapter-dir DIR").code("adapter_dir_not_set"));
+    };
+    let name = opt_str(&m, "name")?.ok_or_else(|| ApiError::bad("name", "`name` is required"))?.to_string();
+    let path = opt_str(&m, "path")?.ok_or_else(|| ApiError::bad("path", "`path` is required (relative to the adapter folder)"))?.to_string();
+    super::adapters::check_name(&name, &[st.base_name.as_str(), "base"]).map_err(|e| ApiError::bad("name", e))?;
+    if st.registry().by_name.contains_key(&name) {
+        return Err(ApiError::new(StatusCode::CONFLICT, "invalid_request_error", format!("an adapter named `{name}` is already loaded; DELETE /v1/adapters/{name} first")).code("adapter_exists"));
+    }
+    let real = super::adapters::resolve_in_dir(&dir, &path).map_err(|e| ApiError::bad("path", e))?;
+    let check = real.clone();
+    tokio::task::spawn_blocking(move || crate::gguf::GgufFile::open(&check).map(drop))
+        .await
+        .map_err(|e| ApiError::server(e.to_string()))?
+        .map_err(|e| ApiError::bad("path", format!("cannot load adapter: {e}")).code("invalid_adapter"))?;
+    let id = st.registry_mut().next_id();
+    let (rtx, rrx) = oneshot::channel();
+    st.send(Cmd::LoadAdapter { id, path: real.clone(), reply: rtx })?;
+    rrx.await
+        .map_err(|_| ApiError::server("the inference thread stopped"))?
+        .map_err(|e| ApiError::bad("path", format!("cannot load adapter: {e}")).code("invalid_adapter"))?;
+    let created = unix_now();
+    {
+        let mut reg = st.registry_mut();
+        if reg.by_name.contains_key(&name) {
+            drop(reg);
+            st.send(Cmd::UnloadAdapter { id })?;
+            return Err(ApiError::new(StatusCode::CONFLICT, "invalid_request_error", format!("an adapter named `{name}` was loaded meanwhile")).code("adapter_exists"));
+        }
+        reg.by_name.insert(name.clone(), super::adapters::AdapterEntry { id, path: real.clone(), created });
+    }
+    eprintln!("grit serve: adapter {name} ← {}", real.display());
+    let mut r = (StatusCode::CREATED, axum::Json(model_obj(&st, &name, Some(&st.base_name), created, Some(&real)))).into_response();
+    r.extensions_mut().insert(LogNote(format!("loaded {name}")));
+    Ok(r)
+}
+
+async fn unload_adapter(State(st): State<St>, UrlPath(name): UrlPath<String>) -> Result<Response, ApiError> {
+    let e = st.registry_mut().by_name.remove(&name).ok_or_else(|| {
+        let mut e = ApiError::not_found_model(&name);
+        e.message = format!("no adapter named `{name}` is loaded");
+        e.param = None;
+        e.code("adapter_not_found")
+    })?;
+    st.send(Cmd::UnloadAdapter { id: e.id })?;
+    eprintln!("grit serve: adapter {name} unloaded");
+    Ok(axum::Json(json!({"id": name, "object": "model", "deleted": true})).into_response())
+}
+
+async fn list_adapters(State(st): State<St>) -> Response {
+    let data: Vec<Value> = st.registry().by_name.iter().map(|(n, e)| model_obj(&st, n, Some(&st.base_name), e.created, Some(&e.path))).collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn health() -> Response {
+    axum::Json(json!({"status": "ok"})).into_response()
+}
+
+async fn metrics(State(st): State<St>) -> Response {
+    let body = st.shared.metrics.render();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("no route {} {}", req.method(), req.uri().path())).code("unknown_url")
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", format!("{} is not allowed on {}", req.method(), req.uri().path()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Middleware
+
+async fn auth(State(st): State<St>, req: Request, next: Next) -> Response {
+    if let Some(key) = &st.api_key {
+        if req.uri().path() != "/health" && req.method() != Method::OPTIONS {
+            let ok = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .is_some_and(|k| constant_time_eq(k.trim().as_bytes(), key.as_bytes()));
+            if !ok {
+                return ApiError::new(StatusCode::UNAUTHORIZED, "invalid_request_error", "missing or wrong API key: send `Authorization: Bearer KEY`").code("invalid_api_key").into_response();
+            }
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// One log line per request (generations write theirs when they end) and the request counter.
+async fn log_requests(State(st): State<St>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let r = next.run(req).await;
+    if r.extensions().get::<SelfLogged>().is_none() {
+        let note = r.extensions().get::<LogNote>().map(|n| format!(" — {}", n.0)).unwrap_or_default();
+        eprintln!("grit serve: {method} {path} {} {:.1}ms{note}", r.status().as_u16(), start.elapsed().as_secs_f64() * 1e3);
+        let endpoint = match path.as_str() {
+            p if p.starts_with("/v1/adapters/") => "/v1/adapters/{name}",
+            p if p.starts_with("/v1/models/") => "/v1/models/{id}",
+            "/health" | "/metrics" | "/v1/models" | "/v1/adapters" | "/v1/embeddings" | "/v1/completions" | "/v1/chat/completions" => path.as_str(),
+            _ => "other",
+        };
+        st.shared.metrics.request(endpoint, r.status().as_u16());
+    }
+    r
+}
+
+/// Binds and serves until SIGINT/SIGTERM, then lets in-flight requests finish for the grace
+/// period and cancels the rest.
+pub async fn run(st: St, cfg: &ServeConfig, tx: std::sync::mpsc::Sender<Cmd>) -> Result<(), ServeError> {
+    let mut app = Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{id}", get(get_model))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/adapters", get(list_adapters).post(load_adapter))
+        .route("/v1/adapters/{name}", delete(unload_adapter))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(cfg.body_limit))
+        .layer(middleware::from_fn_with_state(st.clone(), auth))
+        .layer(middleware::from_fn_with_state(st.clone(), log_requests))
+        .with_state(st.clone());
+    if !cfg.cors_origins.is_empty() {
+        use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+        let origin = if cfg.cors_origins.iter().any(|o| o == "*") {
+            AllowOrigin::any()
+        } else {
+            let list = cfg
+                .cors_origins
+                .iter()
+                .map(|o| HeaderValue::from_str(o).map_err(|_| ServeError::Option(format!("--cors-origin {o:?}: not a valid origin"))))
+                .collect::<Result<Vec<_>, _>>()?;
+            AllowOrigin::list(list)
+        };
+        app = app.layer(CorsLayer::new().allow_origin(origin).allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS]).allow_headers(Any).max_age(Duration::from_secs(3600)));
+    }
+    let addr = format!("{}:{}", cfg.host, cfg.port);
+    let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|source| ServeError::Bind { addr: addr.clone(), source })?;
+    let local = listener.local_addr()?;
+    eprintln!(
+        "grit serve: {} on http://{local} (context {} per request, {} parallel per adapter set, up to {} adapter sets, queue {})",
+        st.base_name, st.n_ctx_seq, cfg.parallel, cfg.max_contexts, cfg.queue
+    );
+    let grace = cfg.shutdown_grace;
+    let shutdown = async move {
+        wait_for_signal().await;
+        eprintln!("grit serve: shutting down: finishing in-flight requests (at most {:.0} s)", grace.as_secs_f64());
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            eprintln!("grit serve: grace period over: cancelling the requests still running");
+            let _ = tx.send(Cmd::CancelAll);
+        });
+    };
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    eprintln!("grit serve: stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    }
+    #[cfg(not(unix))]
+    ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+    }
+
+    #[test]
+    fn errors_have_openai_shape() {
+        let e = ApiError::bad("top_p", "`top_p` 2 must be in (0, 1]");
+        let v = e.body();
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["param"], "top_p");
+        assert!(v["error"]["message"].as_str().unwrap().contains("top_p"));
+    }
+}

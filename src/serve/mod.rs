@@ -1,0 +1,154 @@
+//! `grit serve`: an OpenAI-compatible HTTP server over llama.cpp with many LoRA adapters.
+//!
+//! - [`http`]: the axum routes (OpenAI API, adapters, health, metrics), errors, auth, logs.
+//! - [`engine`]: the scheduler thread (continuous batching per adapter set).
+//! - [`adapters`]: adapter names and the `--adapter-dir` rules.
+//! - [`metrics`]: Prometheus counters.
+
+pub mod adapters;
+pub mod engine;
+mod http;
+pub mod metrics;
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::infer::{InferError, LoadOptions, Model};
+
+/// Why the server could not start. Runtime problems are answered per request instead.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Infer(#[from] InferError),
+    #[error("{0}")]
+    Option(String),
+    #[error("--adapter {name}={}: {msg}", .path.display())]
+    Adapter { name: String, path: PathBuf, msg: String },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+    #[error("server error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Everything `grit serve` needs (the CLI fills it in).
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub model: PathBuf,
+    /// The name clients use for the base model (default: the file name without `.gguf`).
+    pub model_name: Option<String>,
+    pub gpu_layers: u32,
+    pub host: String,
+    pub port: u16,
+    pub api_key: Option<String>,
+    /// Allowed CORS origins (`*` = any); empty = no CORS headers.
+    pub cors_origins: Vec<String>,
+    /// Largest request body in bytes.
+    pub body_limit: usize,
+    /// Longest a generation may take, queueing included.
+    pub timeout: Duration,
+    /// How long shutdown waits for in-flight requests before cancelling them.
+    pub shutdown_grace: Duration,
+    /// `NAME=PATH` adapters loaded at start.
+    pub adapters: Vec<(String, PathBuf)>,
+    /// The only folder runtime loads (`POST /v1/adapters`) may read from.
+    pub adapter_dir: Option<PathBuf>,
+    /// Context length per request (prompt + completion); 0 = the model's, capped at 4096.
+    pub n_ctx: u32,
+    /// Requests decoded together per adapter set.
+    pub parallel: u32,
+    /// Adapter sets with a context at once.
+    pub max_contexts: usize,
+    /// Requests that may wait for a slot before new ones get 429.
+    pub queue: usize,
+    /// Worker threads for llama.cpp (0 = all cores).
+    pub threads: i32,
+    /// Most tokens per decode call.
+    pub n_batch: u32,
+}
+
+/// Loads the model and the start adapters, then serves until SIGINT/SIGTERM.
+pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
+    if cfg.parallel == 0 || cfg.parallel > 256 {
+        return Err(ServeError::Option(format!("--parallel {}: must be between 1 and 256", cfg.parallel)));
+    }
+    if cfg.max_contexts == 0 {
+        return Err(ServeError::Option("--max-contexts 0: at least one context is needed".into()));
+    }
+    if cfg.n_batch < 1 {
+        return Err(ServeError::Option("--batch 0: must be at least 1".into()));
+    }
+    if let Some(d) = &cfg.adapter_dir {
+        if !d.is_dir() {
+            return Err(ServeError::Option(format!("--adapter-dir {}: not a folder", d.display())));
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (name, path) in &cfg.adapters {
+        if !seen.insert(name.clone()) {
+            return Err(ServeError::Adapter { name: name.clone(), path: path.clone(), msg: "the name is used twice".into() });
+        }
+    }
+    let model = Arc::new(Model::load(&cfg.model, &LoadOptions { n_gpu_layers: cfg.gpu_layers })?);
+    let n_ctx_train = model.inner.n_ctx_train();
+    let n_ctx = if cfg.n_ctx > 0 { cfg.n_ctx } else { n_ctx_train.clamp(256, 4096) };
+    // llama.cpp rounds each sequence's context up to a multiple of 256.
+    let n_ctx_seq = n_ctx.div_ceil(256) * 256;
+    let shared = Arc::new(engine::Shared { queued: AtomicUsize::new(0), metrics: Arc::new(metrics::Metrics::default()) });
+    let ecfg = engine::EngineConfig {
+        n_ctx_seq,
+        parallel: cfg.parallel,
+        max_lanes: cfg.max_contexts,
+        n_batch: cfg.n_batch,
+        threads: crate::infer::resolve_threads(cfg.threads),
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let engine_model = model.clone();
+    let engine_shared = shared.clone();
+    let engine = std::thread::Builder::new()
+        .name("grit-engine".into())
+        .spawn(move || engine::run(&engine_model.inner, ecfg, rx, engine_shared))?;
+
+    let base_name = cfg.model_name.clone().unwrap_or_else(|| {
+        let f = cfg.model.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+        f.strip_suffix(".gguf").map(str::to_string).unwrap_or(f)
+    });
+    let mut registry = adapters::Registry::default();
+    for (name, path) in &cfg.adapters {
+        adapters::check_name(name, &[base_name.as_str(), "base"])
+            .map_err(|msg| ServeError::Adapter { name: name.clone(), path: path.clone(), msg })?;
+        crate::gguf::GgufFile::open(path).map_err(|e| ServeError::Adapter { name: name.clone(), path: path.clone(), msg: e.to_string() })?;
+        let id = registry.next_id();
+        let (rtx, rrx) = tokio::sync::oneshot::channel();
+        let _ = tx.send(engine::Cmd::LoadAdapter { id, path: path.clone(), reply: rtx });
+        match rrx.blocking_recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(msg)) => return Err(ServeError::Adapter { name: name.clone(), path: path.clone(), msg }),
+            Err(_) => return Err(ServeError::Option("the inference thread stopped".into())),
+        }
+        registry.by_name.insert(name.clone(), adapters::AdapterEntry { id, path: path.clone(), created: http::unix_now() });
+        eprintln!("grit serve: adapter {name} ← {}", path.display());
+    }
+
+    let state = Arc::new(http::AppState {
+        model: model.clone(),
+        base_name,
+        created: http::unix_now(),
+        registry: RwLock::new(registry),
+        tx: std::sync::Mutex::new(tx.clone()),
+        shared,
+        n_ctx_seq,
+        queue_cap: cfg.queue,
+        timeout: cfg.timeout,
+        adapter_dir: cfg.adapter_dir.clone(),
+        api_key: cfg.api_key.clone(),
+        next_id: AtomicUsize::new(1),
+    });
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 4);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?;
+    let res = rt.block_on(http::run(state, &cfg, tx.clone()));
+    let _ = tx.send(engine::Cmd::Exit);
+    let _ = engine.join();
+    res
+}
