@@ -8,8 +8,10 @@
 //! - [`data`]: training data formats, chat templating, masking and packing.
 //! - [`ggml`]: safe wrappers over ggml (contexts, tensors, graphs, backends) for training.
 //! - [`model`]: architectures (llama, qwen2) and their forward graphs with LoRA.
+//! - [`adapter`]: adapter files: GGUF and PEFT read/write, merge, inspect, provenance.
 //! - [`cli`]: the `grit` command line (clap derive).
 
+pub mod adapter;
 pub mod cli;
 pub mod data;
 pub mod fetch;
