@@ -168,6 +168,9 @@ pub fn write_peft(adapter: &Adapter, dir: &Path) -> Result<(), AdapterError> {
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     meta.insert(KEY_ARCH.to_string(), adapter.arch.clone());
+    if adapter.scale_folded {
+        meta.insert(super::KEY_SCALE_FOLDED.to_string(), "true".to_string());
+    }
     for (k, v) in p.pairs() {
         meta.insert(k.to_string(), v);
     }
@@ -356,7 +359,8 @@ pub fn read_peft(dir: &Path, base: Option<&Path>) -> Result<Adapter, AdapterErro
     }
     // GGUF order: by layer, then target.
     modules.sort_by_key(|m| (m.layer, m.target));
-    let adapter = Adapter { arch, modules, provenance, source: Some(dir.into()), file_alpha: None, scale_folded: false };
+    let scale_folded = meta.get(super::KEY_SCALE_FOLDED).is_some_and(|v| v == "true");
+    let adapter = Adapter { arch, modules, provenance, source: Some(dir.into()), file_alpha: None, scale_folded };
     if let Some(f) = &base_file {
         adapter.check_fits(f)?;
     }
