@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Hugging Face check of `grit export --to peft` (run by bench/hf_peft_check.sh).
 
-transformers loads the GGUF base with `gguf_file=` (dequantized to float32; it un-permutes
+transformers loads a GGUF base with `gguf_file=` (dequantized to float32; it un-permutes
 llama's attn_q/attn_k rows as it loads), `PeftModel.from_pretrained` loads the PEFT folder grit
 exported, and the logits on grit's token ids are compared with grit's own:
 
@@ -9,18 +9,22 @@ exported, and the logits on grit's token ids are compared with grit's own:
   graph.f32  grit's training graph with the same adapter
   base.f32   llama.cpp without the adapter
 
-The two engines differ on the base model already (transformers multiplies dequantized f32
-weights; ggml's Q4_1 kernels round activations to 8 bits), so the check compares
+hf_peft_check.sh runs both engines on the F32 expansion of the quantized base (`grit merge
+--scale 0 --type f32 --convert-all`: the same weight values, dequantized), because on the Q4_1
+file itself ggml rounds activations to 8 bits in its quantized matmuls and transformers does
+not, which alone moves the logits by rms ~0.2 and would hide what this check is about.
+
   d_base    = HF base   vs grit base         (engine noise, no adapter involved)
   d_adapter = HF+PEFT   vs grit + adapter    (what a user sees)
   effect    = grit + adapter vs grit base    (how much the adapter changes the logits)
   d_effect  = (HF+PEFT − HF base) vs (grit + adapter − grit base)   (the adapter's own effect)
-and passes when
-  rms(d_adapter) ≤ 1.5·rms(d_base) + 0.02,
-  rms(d_effect)  ≤ 0.10·rms(effect),
-  rms(effect)    ≥ 5·rms(d_base)          (the adapter is really applied and visible).
+
+Bounds (pass when all hold):
+  rms(d_adapter) ≤ 2·rms(d_base) + 0.01,
+  rms(d_effect)  ≤ 0.02·rms(effect),
+  rms(effect)    ≥ 20·rms(d_base)          (the adapter is really applied and visible).
 A negative control loads the same adapter with lora_B of q/k left in GGUF row order (the
-permutation forgotten) and must fail the d_effect bound.
+permutation forgotten) and must fail the d_effect bound (rms(control) > 0.1·rms(effect)).
 
 Prints a report; --json prints one JSON object instead. Exit status 1 when a bound fails.
 """
@@ -121,10 +125,10 @@ def main():
         "argmax_agreement_base": argmax_agree(hf_base, g_base),
     }
     checks = {
-        "d_adapter_rms <= 1.5*d_base_rms + 0.02": r["d_adapter_rms"] <= 1.5 * r["d_base_rms"] + 0.02,
-        "d_effect_rms <= 0.10*effect_rms": r["d_effect_rms"] <= 0.10 * r["effect_rms"],
-        "effect_rms >= 5*d_base_rms": r["effect_rms"] >= 5 * r["d_base_rms"],
-        "control (no un-permutation) fails: control_d_effect_rms > 0.10*effect_rms": r["control_d_effect_rms"] > 0.10 * r["effect_rms"],
+        "d_adapter_rms <= 2*d_base_rms + 0.01": r["d_adapter_rms"] <= 2 * r["d_base_rms"] + 0.01,
+        "d_effect_rms <= 0.02*effect_rms": r["d_effect_rms"] <= 0.02 * r["effect_rms"],
+        "effect_rms >= 20*d_base_rms": r["effect_rms"] >= 20 * r["d_base_rms"],
+        "control (no un-permutation) fails: control_d_effect_rms > 0.1*effect_rms": r["control_d_effect_rms"] > 0.1 * r["effect_rms"],
     }
     r["checks"] = checks
     r["pass"] = all(checks.values())

@@ -31,7 +31,9 @@ if [ -z "$ADAPTER" ]; then
 fi
 $GRIT inspect "$ADAPTER" | head -6
 $GRIT export "$ADAPTER" --to peft "$work/peft" --model "$MODEL"
+# The same base weights, dequantized to F32 (see hf_peft_check.py for why).
+$GRIT merge --model "$MODEL" --adapter "$ADAPTER" --scale 0 --type f32 --convert-all --out "$work/base-f32.gguf"
 echo "grit logits ..." >&2
-$LOGITS "$MODEL" "$ADAPTER" "$DATA/macbeth.txt" "$N" "$work/grit"
+$LOGITS "$work/base-f32.gguf" "$ADAPTER" "$DATA/macbeth.txt" "$N" "$work/grit"
 echo "Hugging Face PEFT ..." >&2
-$PY bench/hf_peft_check.py --model "$MODEL" --peft "$work/peft" --grit "$work/grit" --threads "$THREADS"
+$PY bench/hf_peft_check.py --model "$work/base-f32.gguf" --peft "$work/peft" --grit "$work/grit" --threads "$THREADS"

@@ -126,6 +126,16 @@ fn gguf_peft_gguf_round_trip_is_bit_exact_and_keeps_ranks() {
         }
     }
 
+    // F16 on request: values rounded to f16, per-tensor ranks kept, and llama.cpp loads it.
+    let f16 = dir.path().join("mixed-f16.gguf");
+    ok(grit().args(["export", &s(&mixed), "--to", "gguf", "--dtype", "f16", &s(&f16)]).output().unwrap());
+    let (x, y) = (Adapter::read_gguf(&mixed).unwrap(), Adapter::read_gguf(&f16).unwrap());
+    for (p, q) in x.modules.iter().zip(&y.modules) {
+        assert_eq!((p.rank, q.dtype.as_str()), (q.rank, "f16"));
+        assert!(p.b.iter().zip(&q.b).all(|(u, v)| (u - v).abs() <= 1e-3 * u.abs().max(1e-2)), "{}", p.base);
+    }
+    ok(grit().args(["generate", "--model", &s(&model), "--adapter", &s(&f16), "-p", "Hi", "-n", "2"]).output().unwrap());
+
     // inspect: the rank table of the mixed adapter, as JSON and as text.
     let o = ok(grit().args(["inspect", &s(&mixed), "--json"]).output().unwrap());
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();

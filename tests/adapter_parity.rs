@@ -104,11 +104,14 @@ fn train(model: &Path, out: &Path, extra: &[&str]) {
     ok(grit().args(&args).output().unwrap());
 }
 
-/// Bounds: llama.cpp with the adapter vs grit's graph; the merged F16 model vs grit's graph;
-/// and the adapter's effect must exceed `effect_factor` × the adapter bound's rms.
+/// Bounds: llama.cpp with the adapter vs grit's graph (max, rms); the merged F16 model vs
+/// grit's graph: max, and rms relative to the floor (the base itself stored as F16 against
+/// the base: the part of the difference that F16 storage and F16 kernels alone cause); and
+/// the adapter's effect must exceed `effect_factor` × the floor's rms.
 struct Bounds {
     adapter: (f32, f32),
-    merged: (f32, f32),
+    merged_max: f32,
+    merged_vs_floor: f32,
     effect_factor: f32,
 }
 
@@ -140,12 +143,14 @@ fn case(name: &str, model: &Path, adapter: &Path, dir: &Path, b: &Bounds) {
     println!("{name}: {N_TOKENS} tokens, logit rms {logit_rms:.3}");
     println!("  (floor) base as F16 (merge --scale 0) vs base: max {:.3e} rms {:.3e}", floor.0, floor.1);
     println!("  llama.cpp + GGUF adapter vs grit graph: max {:.3e} rms {:.3e} (bound max {:.1e} rms {:.1e})", d_adapter.0, d_adapter.1, b.adapter.0, b.adapter.1);
-    println!("  llama.cpp merged F16     vs grit graph: max {:.3e} rms {:.3e} (bound max {:.1e} rms {:.1e})", d_merged.0, d_merged.1, b.merged.0, b.merged.1);
+    println!("  llama.cpp merged F16     vs grit graph: max {:.3e} rms {:.3e}", d_merged.0, d_merged.1);
     println!("  adapter effect (llama.cpp, adapter vs none): max {:.3e} rms {:.3e}; merged vs base rms {:.3e}", effect.0, effect.1, merged_effect.1);
     assert!(d_adapter.0 <= b.adapter.0 && d_adapter.1 <= b.adapter.1, "{name}: llama.cpp with the adapter is off grit's graph: {d_adapter:?}");
-    assert!(d_merged.0 <= b.merged.0 && d_merged.1 <= b.merged.1, "{name}: the merged F16 model is off grit's graph: {d_merged:?}");
-    assert!(effect.1 >= b.effect_factor * b.adapter.1.max(b.merged.1), "{name}: the adapter barely changes the logits (rms {})", effect.1);
-    assert!(merged_effect.1 >= b.effect_factor * b.merged.1, "{name}: the merged model barely differs from the base (rms {})", merged_effect.1);
+    let merged_rms_bound = b.merged_vs_floor * floor.1 + 0.01;
+    println!("  merged bound: max {:.1e}, rms ≤ {:.2}·floor + 0.01 = {merged_rms_bound:.3e}; effect must be ≥ {}× the floor's rms", b.merged_max, b.merged_vs_floor, b.effect_factor);
+    assert!(d_merged.0 <= b.merged_max && d_merged.1 <= merged_rms_bound, "{name}: the merged F16 model is off grit's graph: {d_merged:?}");
+    assert!(effect.1 >= b.effect_factor * floor.1 && effect.1 >= 1e4 * b.adapter.1, "{name}: the adapter barely changes the logits (rms {})", effect.1);
+    assert!(merged_effect.1 >= b.effect_factor * floor.1, "{name}: the merged model barely differs from the base (rms {})", merged_effect.1);
 }
 
 #[test]
@@ -172,10 +177,11 @@ fn trained_lora_and_grit_adapters_match_llama_cpp_and_merged_f16() {
     assert_eq!(g.provenance.method.as_deref(), Some("grit"));
 
     // Measured on this machine: LoRA and GRIT adapters bit-identical through llama.cpp
-    // (max 0). Merged F16: max 0.54, rms 0.081 at logit rms ~8 and an adapter effect of rms
-    // 3.7; the same F16 rounding with the adapter at scale 0 gives the same order (printed as
-    // the floor): ggml's F16 matmul also rounds the activations to F16.
-    let b = Bounds { adapter: (1e-3, 1e-4), merged: (1.5, 0.2), effect_factor: 10.0 };
+    // (max 0). Merged F16 vs grit's graph: max 0.54 / 0.57, rms 0.081 / 0.093 (LoRA / GRIT)
+    // at logit rms 5.7, the floor (base as F16) max 0.55, rms 0.091: the whole difference is
+    // F16 storage and ggml's F16 matmul (which rounds activations to F16 too) on this small
+    // random model. Adapter effects: rms 3.7 (LoRA) and 1.5 (GRIT).
+    let b = Bounds { adapter: (1e-3, 1e-4), merged_max: 1.5, merged_vs_floor: 1.25, effect_factor: 10.0 };
     case("lora", &model, &lora.join("adapter.gguf"), dir.path(), &b);
     case("grit", &model, &grit_run.join("adapter.gguf"), dir.path(), &b);
 }

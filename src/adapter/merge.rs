@@ -45,6 +45,8 @@ impl MergeType {
 pub struct MergeReport {
     pub merged_tensors: usize,
     pub copied_tensors: usize,
+    /// Tensors not adapted but converted to the output type (`--convert-all`).
+    pub converted_tensors: usize,
     /// Type of the merged tensors (by tensor type name → count).
     pub merged_types: std::collections::BTreeMap<String, usize>,
     pub bytes: u64,
@@ -77,7 +79,8 @@ fn add_delta(w: &mut [f32], a: &[f32], b: &[f32], rank: usize, d_in: usize, k: f
 }
 
 /// Merges `adapter` at `scale` into the model `base` and writes `out` atomically.
-pub fn merge(base: &Path, adapter: &Adapter, scale: f32, ty: MergeType, out: &Path) -> Result<MergeReport, AdapterError> {
+/// With `convert_all`, every other matrix (2-D tensor) is converted to `ty` as well.
+pub fn merge(base: &Path, adapter: &Adapter, scale: f32, ty: MergeType, convert_all: bool, out: &Path) -> Result<MergeReport, AdapterError> {
     if !scale.is_finite() {
         return Err(AdapterError::Invalid(base.into(), format!("--scale {scale} is not a finite number")));
     }
@@ -97,10 +100,22 @@ pub fn merge(base: &Path, adapter: &Adapter, scale: f32, ty: MergeType, out: &Pa
     }
     w.set_str("grit.version", crate::VERSION);
     let mut file = std::fs::File::open(base).map_err(|e| io(base, e))?;
-    let mut rep = MergeReport { merged_tensors: 0, copied_tensors: 0, merged_types: Default::default(), bytes: 0 };
+    let mut rep = MergeReport { merged_tensors: 0, copied_tensors: 0, converted_tensors: 0, merged_types: Default::default(), bytes: 0 };
     for t in g.tensors() {
         let bytes = read_bytes(&mut file, &g, &t.name)?;
         let Some(m) = adapter.modules.iter().find(|m| m.base == t.name) else {
+            let (src, dst) = (Type(t.ggml_type), ty.ggml(Type(t.ggml_type)));
+            if convert_all && t.ne[1] > 1 && t.ne[2] <= 1 && src != dst {
+                if !src.can_dequantize() && src != Type::F32 {
+                    return Err(AdapterError::Dtype { path: base.into(), tensor: t.name.clone(), dtype: t.type_name() });
+                }
+                let v = crate::ggml::dequantize(src, &bytes, t.n_elements() as usize)?;
+                let q = crate::ggml::quantize(dst, &v, t.ne[0] as usize)
+                    .map_err(|e| AdapterError::Invalid(base.into(), format!("tensor '{}': {e}; choose another --type", t.name)))?;
+                w.add_tensor(&t.name, dst, &t.ne, q)?;
+                rep.converted_tensors += 1;
+                continue;
+            }
             w.add_tensor(&t.name, Type(t.ggml_type), &t.ne, bytes)?;
             rep.copied_tensors += 1;
             continue;

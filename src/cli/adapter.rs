@@ -60,6 +60,10 @@ pub struct MergeArgs {
     /// to its base type.
     #[arg(long = "type", value_enum, default_value_t = MergeType::F16)]
     pub ty: MergeType,
+    /// Convert every other matrix of the model to --type as well (e.g. `--type f32
+    /// --convert-all --scale 0` writes the base dequantized).
+    #[arg(long)]
+    pub convert_all: bool,
     /// Refuse an adapter whose recorded base model differs from --model (default: warn).
     #[arg(long)]
     pub strict: bool,
@@ -157,16 +161,17 @@ pub fn merge(a: MergeArgs) -> Result<()> {
     let ad = adapter::load_any(&a.adapter, Some(&base))?;
     provenance_check(&ad.provenance, &a.adapter, &base, a.strict)?;
     let t0 = std::time::Instant::now();
-    let rep = adapter::merge::merge(&base, &ad, a.scale, a.ty, &a.out)?;
+    let rep = adapter::merge::merge(&base, &ad, a.scale, a.ty, a.convert_all, &a.out)?;
     if a.json {
         println!("{}", serde_json::to_string(&serde_json::json!({"out": a.out, "report": rep, "seconds": t0.elapsed().as_secs_f64()}))?);
     } else {
         let types: Vec<String> = rep.merged_types.iter().map(|(k, n)| format!("{k} ×{n}")).collect();
         println!(
-            "{}: merged {} tensors ({}), copied {}, {:.1} MiB, {:.1} s",
+            "{}: merged {} tensors ({}), converted {}, copied {}, {:.1} MiB, {:.1} s",
             a.out.display(),
             rep.merged_tensors,
             types.join(", "),
+            rep.converted_tensors,
             rep.copied_tensors,
             rep.bytes as f64 / (1 << 20) as f64,
             t0.elapsed().as_secs_f64()
