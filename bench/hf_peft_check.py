@@ -24,7 +24,7 @@ Bounds (pass when all hold):
   rms(d_effect)  ≤ 0.02·rms(effect),
   rms(effect)    ≥ 20·rms(d_base)          (the adapter is really applied and visible).
 A negative control loads the same adapter with lora_B of q/k left in GGUF row order (the
-permutation forgotten) and must fail the d_effect bound (rms(control) > 0.1·rms(effect)).
+permutation forgotten) and must fail the d_effect bound (rms(control) > 0.02·rms(effect)).
 
 Prints a report; --json prints one JSON object instead. Exit status 1 when a bound fails.
 """
@@ -128,7 +128,7 @@ def main():
         "d_adapter_rms <= 2*d_base_rms + 0.01": r["d_adapter_rms"] <= 2 * r["d_base_rms"] + 0.01,
         "d_effect_rms <= 0.02*effect_rms": r["d_effect_rms"] <= 0.02 * r["effect_rms"],
         "effect_rms >= 20*d_base_rms": r["effect_rms"] >= 20 * r["d_base_rms"],
-        "control (no un-permutation) fails: control_d_effect_rms > 0.1*effect_rms": r["control_d_effect_rms"] > 0.1 * r["effect_rms"],
+        "control (no un-permutation) fails the effect bound: control_d_effect_rms > 0.02*effect_rms": r["control_d_effect_rms"] > 0.02 * r["effect_rms"],
     }
     r["checks"] = checks
     r["pass"] = all(checks.values())
@@ -140,13 +140,13 @@ def main():
         print(f"  PEFT config: r {cfg.r}, lora_alpha {cfg.lora_alpha}, {r['peft_config']['rank_pattern']} rank_pattern and "
               f"{r['peft_config']['alpha_pattern']} alpha_pattern entries, {r['peft_config']['target_modules']} target modules "
               f"({r['lora_modules_q_k']} of them q_proj/k_proj)")
-        print(f"  logit rms (grit base)                          {r['logit_rms']:.4f}")
-        print(f"  HF base   vs grit base (engine noise)      rms {r['d_base_rms']:.4f}  max {r['d_base_max']:.4f}  argmax agree {r['argmax_agreement_base']:.3f}")
-        print(f"  HF+PEFT   vs grit+adapter (llama.cpp)      rms {r['d_adapter_rms']:.4f}  max {r['d_adapter_max']:.4f}  argmax agree {r['argmax_agreement_hf_peft_vs_grit']:.3f}")
-        print(f"  HF+PEFT   vs grit+adapter (training graph) rms {r['d_adapter_graph_rms']:.4f}  (llama.cpp vs graph max {r['grit_llama_vs_graph_max']:.2e})")
-        print(f"  adapter effect in grit                     rms {r['effect_rms']:.4f}")
-        print(f"  effect HF+PEFT vs effect grit              rms {r['d_effect_rms']:.4f}  max {r['d_effect_max']:.4f}")
-        print(f"  control: q/k lora_B not un-permuted        rms {r['control_d_effect_rms']:.4f}")
+        print(f"  logit rms (grit base)                          {r['logit_rms']:.3e}")
+        print(f"  HF base   vs grit base (engine noise)      rms {r['d_base_rms']:.3e}  max {r['d_base_max']:.3e}  argmax agree {r['argmax_agreement_base']:.3f}")
+        print(f"  HF+PEFT   vs grit+adapter (llama.cpp)      rms {r['d_adapter_rms']:.3e}  max {r['d_adapter_max']:.3e}  argmax agree {r['argmax_agreement_hf_peft_vs_grit']:.3f}")
+        print(f"  HF+PEFT   vs grit+adapter (training graph) rms {r['d_adapter_graph_rms']:.3e}  (llama.cpp vs graph max {r['grit_llama_vs_graph_max']:.2e})")
+        print(f"  adapter effect in grit                     rms {r['effect_rms']:.3e}")
+        print(f"  effect HF+PEFT vs effect grit              rms {r['d_effect_rms']:.3e}  max {r['d_effect_max']:.3e}")
+        print(f"  control: q/k lora_B not un-permuted        rms {r['control_d_effect_rms']:.3e}")
         for k, ok in checks.items():
             print(f"  [{'ok' if ok else 'FAIL'}] {k}")
         print("PASS" if r["pass"] else "FAIL")
