@@ -9,8 +9,10 @@
 //! - [`ggml`]: safe wrappers over ggml (contexts, tensors, graphs, backends) for training.
 //! - [`model`]: architectures (llama, qwen2) and their forward graphs with LoRA.
 //! - [`serve`]: `grit serve`, the OpenAI-compatible server (scheduler, adapters, metrics).
+//! - [`adapter`]: adapter files: GGUF and PEFT read/write, merge, inspect, provenance.
 //! - [`cli`]: the `grit` command line (clap derive).
 
+pub mod adapter;
 pub mod cli;
 pub mod data;
 pub mod fetch;

@@ -218,7 +218,7 @@ fn failed_or_bogus_download_leaves_nothing() {
 
 #[test]
 fn unimplemented_subcommands_say_so() {
-    for cmd in ["eval", "serve", "export"] {
+    for cmd in ["eval", "serve", "report"] {
         let o = run(grit().arg(cmd));
         assert_eq!(o.status.code(), Some(1));
         assert!(stderr(&o).contains("not implemented yet"), "{cmd}: {}", stderr(&o));

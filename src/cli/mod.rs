@@ -12,6 +12,7 @@ use crate::train::config::TrainConfig;
 use crate::train::run::{RunOptions, TrainError};
 
 pub mod serve;
+pub mod adapter;
 pub mod train;
 use crate::gguf::GgufFile;
 use crate::infer::{ContextOptions, LoadOptions, Model, SampleOptions, Session};
@@ -38,13 +39,13 @@ pub enum Command {
     /// Evaluate a model and adapters: perplexity, accuracy, drift.
     Eval(PassThrough),
     /// Convert adapters: GGUF ↔ PEFT safetensors.
-    Export(PassThrough),
+    Export(adapter::ExportArgs),
     /// Merge an adapter into its base model and write a standalone GGUF.
-    Merge(PassThrough),
+    Merge(adapter::MergeArgs),
     /// Serve the base model and adapters over an OpenAI-compatible HTTP API.
     Serve(Box<serve::ServeArgs>),
     /// Show what an adapter, PEFT folder or model file contains (modules, ranks, dtypes).
-    Inspect(PassThrough),
+    Inspect(adapter::InspectArgs),
     /// Describe a model (architecture, parameters, tensor types) and this build (instruction sets, backends).
     Info(InfoArgs),
     /// Write an HTML report with plots for one or more training runs.
@@ -143,6 +144,10 @@ pub struct AdapterArgs {
     /// Scale applied to the adapter.
     #[arg(long, default_value_t = 1.0, requires = "adapter")]
     pub adapter_scale: f32,
+    /// Refuse an adapter whose recorded base model (name, sha256) differs from the model
+    /// (default: warn).
+    #[arg(long, requires = "adapter")]
+    pub strict: bool,
 }
 
 #[derive(Debug, Args)]
@@ -206,10 +211,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Fetch(a) => fetch_cmd(a),
         Command::Train(a) => train_cmd(*a),
         Command::Eval(_) => not_yet("eval", 7),
-        Command::Export(_) => not_yet("export", 5),
-        Command::Merge(_) => not_yet("merge", 5),
+        Command::Export(a) => adapter::export(a),
+        Command::Merge(a) => adapter::merge(a),
         Command::Serve(a) => serve::run(*a),
-        Command::Inspect(_) => not_yet("inspect", 5),
+        Command::Inspect(a) => adapter::inspect(a),
         Command::Report(_) => not_yet("report", 7),
     }
 }
@@ -261,7 +266,11 @@ fn load_with_adapter(
 ) -> Result<(Model, Option<llama_cpp_2::model::LlamaLoraAdapter>)> {
     let mut model = margs.load()?;
     let adapter = match &aargs.adapter {
-        Some(p) => Some(model.load_adapter(p)?),
+        Some(p) => {
+            let prov = crate::adapter::gguf_provenance(p)?;
+            adapter::provenance_check(&prov, p, &model.path, aargs.strict)?;
+            Some(model.load_adapter(p)?)
+        }
         None => None,
     };
     Ok((model, adapter))

@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::data::{self, DataConfig, Dataset, Sequence};
 use crate::ggml::{Backend, BackendOptions, Context, Device};
 use crate::gguf::GgufFile;
-use crate::model::{AdapterScale, Arch, Batch, LoraConfig, LoraSet, ModelError, Outputs, Target, TrainGraph, Weights};
+use crate::model::{Arch, Batch, LoraConfig, LoraSet, ModelError, Outputs, Target, TrainGraph, Weights};
 
 use super::checkpoint::{self, Checkpoint, NamedTensor};
 use super::config::{ConfigError, Method, TrainConfig};
@@ -543,11 +543,13 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
 
     // Adapter, summary. GRIT's scales are those of the initial rank (not alpha/r of the
     // current rank), so they are folded into B.
-    let scale = if cfg.rslora || is_grit { AdapterScale::FoldIntoB } else { AdapterScale::Alpha(cfg.alpha) };
-    let adapter = out.join("adapter.gguf");
-    let tmp = out.join(".adapter.gguf.tmp");
-    lora.write_gguf(&tmp, weights.hparams.arch.name(), scale)?;
-    std::fs::rename(&tmp, &adapter).map_err(|e| io(&adapter, e))?;
+    // The adapter file carries provenance (base name/sha256, method, hyper-parameters) and
+    // reproduces every module's scale exactly (see crate::adapter).
+    let method = if is_grit { "grit" } else { "lora" };
+    let prov = crate::adapter::Provenance::for_base(&model_path, method, Some(cfg.to_toml())).map_err(|e| io(&model_path, e))?;
+    crate::adapter::Adapter::from_lora_set(&lora, weights.hparams.arch.name(), prov)
+        .and_then(|a| a.write_gguf(&out.join("adapter.gguf"), crate::adapter::AdapterDtype::F32))
+        .map_err(|e| io(&out.join("adapter.gguf"), e))?;
 
     let mut drift_per_module = std::collections::BTreeMap::new();
     for (i, m) in lora.modules().iter().enumerate() {

@@ -1,0 +1,94 @@
+//! grit's side of the Hugging Face PEFT check (`bench/hf_peft_check.sh`): tokenizes a text
+//! with the model's llama.cpp tokenizer and writes, for the first N tokens,
+//!
+//! - `tokens.json`   the token ids;
+//! - `base.f32`      llama.cpp's logits without the adapter;
+//! - `llama.f32`     llama.cpp's logits with the GGUF adapter applied (what `grit generate` serves);
+//! - `graph.f32`     grit's training-graph logits with the same adapter;
+//!
+//! each [N × n_vocab] little-endian f32. llama.cpp runs with an F32 KV cache and flash
+//! attention off, as grit's training graph does.
+//!
+//! Usage: adapter_logits MODEL.gguf ADAPTER.gguf TEXT_FILE N OUT_DIR
+
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+
+use grit::adapter::Adapter;
+use grit::ggml::{Backend, Context};
+use grit::gguf::GgufFile;
+use grit::infer::{LoadOptions, Model};
+use grit::model::{Batch, Outputs, TrainGraph, Weights};
+use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::token::LlamaToken;
+
+fn llama_logits(model: &mut Model, adapter: Option<&Path>, tokens: &[i32], threads: i32) -> anyhow::Result<Vec<f32>> {
+    let n = tokens.len();
+    let mut lora = match adapter {
+        Some(p) => Some(model.load_adapter(p)?),
+        None => None,
+    };
+    let n_ctx = n.next_multiple_of(256) as u32;
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(n_ctx))
+        .with_n_batch(n_ctx)
+        .with_n_ubatch(n_ctx)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads)
+        .with_type_k(KvCacheType::F32)
+        .with_type_v(KvCacheType::F32)
+        .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED);
+    let mut ctx = model.inner.new_context(grit::llama::backend(), params)?;
+    if let Some(l) = lora.as_mut() {
+        ctx.lora_adapter_set(l, 1.0)?;
+    }
+    let mut batch = LlamaBatch::new(n, 1);
+    for (i, &t) in tokens.iter().enumerate() {
+        batch.add(LlamaToken(t), i as i32, &[0], true)?;
+    }
+    ctx.decode(&mut batch)?;
+    Ok((0..n).flat_map(|i| ctx.get_logits_ith(i as i32).to_vec()).collect())
+}
+
+fn write_f32(path: &Path, x: &[f32]) -> anyhow::Result<()> {
+    let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(path, bytes)?;
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() != 6 {
+        anyhow::bail!("usage: adapter_logits MODEL.gguf ADAPTER.gguf TEXT_FILE N OUT_DIR");
+    }
+    let (model_path, adapter_path, text_path) = (PathBuf::from(&args[1]), PathBuf::from(&args[2]), PathBuf::from(&args[3]));
+    let n: usize = args[4].parse()?;
+    let out = PathBuf::from(&args[5]);
+    std::fs::create_dir_all(&out)?;
+    grit::llama::init_logging(false);
+    let threads = grit::infer::resolve_threads(0);
+
+    let mut model = Model::load(&model_path, &LoadOptions { n_gpu_layers: 0 })?;
+    let text = std::fs::read_to_string(&text_path)?;
+    let toks: Vec<i32> = model.tokenize(&text, true).into_iter().map(|t| t.0).take(n).collect();
+    anyhow::ensure!(toks.len() == n, "{} has only {} tokens", text_path.display(), toks.len());
+    std::fs::write(out.join("tokens.json"), serde_json::to_vec(&toks)?)?;
+
+    write_f32(&out.join("base.f32"), &llama_logits(&mut model, None, &toks, threads)?)?;
+    write_f32(&out.join("llama.f32"), &llama_logits(&mut model, Some(&adapter_path), &toks, threads)?)?;
+
+    let file = GgufFile::open(&model_path)?;
+    let mut backend = Backend::cpu(threads as usize)?;
+    let weights = Weights::load(&file, &backend)?;
+    let adapter = Adapter::read_gguf(&adapter_path)?;
+    let lora = adapter.to_lora_set(&weights, &backend)?;
+    let ctx = Context::new(TrainGraph::capacity(&weights, Some(&lora), false))?;
+    let g = TrainGraph::build(&ctx, &weights, Some(&lora), n, Outputs::All, false);
+    let mut run = backend.compute(&g.graph)?;
+    g.set_inputs(&mut run, &Batch::causal(&toks, &[], &[])?)?;
+    run.run()?;
+    write_f32(&out.join("graph.f32"), &run.read_f32(g.logits)?)?;
+    eprintln!("adapter_logits: {n} tokens, vocab {}, written to {}", weights.hparams.n_vocab, out.display());
+    Ok(())
+}
