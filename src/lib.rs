@@ -8,10 +8,13 @@
 //! - [`data`]: training data formats, chat templating, masking and packing.
 //! - [`ggml`]: safe wrappers over ggml (contexts, tensors, graphs, backends) for training.
 //! - [`model`]: architectures (llama, qwen2) and their forward graphs with LoRA.
+//! - [`eval`]: `grit eval` (perplexity, masked loss, accuracy, drift, retention fit) on llama-cpp-2.
+//! - [`report`]: `grit report` (an HTML page of plots over training runs).
 //! - [`cli`]: the `grit` command line (clap derive).
 
 pub mod cli;
 pub mod data;
+pub mod eval;
 pub mod fetch;
 pub mod ggml;
 pub mod grit;
@@ -19,6 +22,7 @@ pub mod gguf;
 pub mod infer;
 pub mod llama;
 pub mod model;
+pub mod report;
 pub mod train;
 
 /// grit's version, as recorded in exported adapters and reports.
