@@ -23,11 +23,11 @@ GENERAL_EXAMPLES=${GENERAL_EXAMPLES:-24}
 
 bash scripts/install-deps.sh
 cargo build --release --bins
-GRIT=target/release/grit
+GRIT=${CARGO_TARGET_DIR:-target}/release/grit
 $GRIT fetch >/dev/null
 PLAYS=$($GRIT fetch | awk '/^plays/ {print $2}')
 CHAT=$($GRIT fetch | awk '/^chitchat/ {print $2}')
-$GRIT info | head -4
+$GRIT info
 
 mkdir -p runs
 cat "$PLAYS/hamlet.txt" "$PLAYS/othello.txt" "$PLAYS/lear.txt" > runs/demo-plays.txt
