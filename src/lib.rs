@@ -10,11 +10,14 @@
 //! - [`model`]: architectures (llama, qwen2) and their forward graphs with LoRA.
 //! - [`serve`]: `grit serve`, the OpenAI-compatible server (scheduler, adapters, metrics).
 //! - [`adapter`]: adapter files: GGUF and PEFT read/write, merge, inspect, provenance.
+//! - [`eval`]: `grit eval` (perplexity, masked loss, accuracy, drift, retention fit) on llama-cpp-2.
+//! - [`report`]: `grit report` (an HTML page of plots over training runs).
 //! - [`cli`]: the `grit` command line (clap derive).
 
 pub mod adapter;
 pub mod cli;
 pub mod data;
+pub mod eval;
 pub mod fetch;
 pub mod ggml;
 pub mod grit;
@@ -23,6 +26,7 @@ pub mod infer;
 pub mod llama;
 pub mod model;
 pub mod serve;
+pub mod report;
 pub mod train;
 
 /// grit's version, as recorded in exported adapters and reports.

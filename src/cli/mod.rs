@@ -13,6 +13,7 @@ use crate::train::run::{RunOptions, TrainError};
 
 pub mod serve;
 pub mod adapter;
+pub mod eval;
 pub mod train;
 use crate::gguf::GgufFile;
 use crate::infer::{ContextOptions, LoadOptions, Model, SampleOptions, Session};
@@ -37,7 +38,7 @@ pub enum Command {
     /// Fine-tune LoRA/GRIT adapters on a frozen quantized base model.
     Train(Box<train::TrainArgs>),
     /// Evaluate a model and adapters: perplexity, accuracy, drift.
-    Eval(PassThrough),
+    Eval(Box<eval::EvalArgs>),
     /// Convert adapters: GGUF ↔ PEFT safetensors.
     Export(adapter::ExportArgs),
     /// Merge an adapter into its base model and write a standalone GGUF.
@@ -49,7 +50,7 @@ pub enum Command {
     /// Describe a model (architecture, parameters, tensor types) and this build (instruction sets, backends).
     Info(InfoArgs),
     /// Write an HTML report with plots for one or more training runs.
-    Report(PassThrough),
+    Report(eval::ReportArgs),
     /// Fetch the default model and the demo data into the cache ($GRIT_HOME, default ~/.cache/grit).
     Fetch(FetchArgs),
 }
@@ -210,12 +211,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(a) => info(a),
         Command::Fetch(a) => fetch_cmd(a),
         Command::Train(a) => train_cmd(*a),
-        Command::Eval(_) => not_yet("eval", 7),
+        Command::Eval(a) => eval::eval_cmd(*a),
         Command::Export(a) => adapter::export(a),
         Command::Merge(a) => adapter::merge(a),
         Command::Serve(a) => serve::run(*a),
         Command::Inspect(a) => adapter::inspect(a),
-        Command::Report(_) => not_yet("report", 7),
+        Command::Report(a) => eval::report_cmd(a),
     }
 }
 

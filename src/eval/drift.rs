@@ -1,0 +1,191 @@
+//! Weight-space drift of an adapter: per module ‖s·B·A‖_F (the norm of the weight update the
+//! adapter adds), read from a llama.cpp LoRA GGUF; and checkpoints turned into such files.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+
+use super::EvalError;
+use crate::gguf::GgufFile;
+use crate::train::checkpoint::Checkpoint;
+
+/// One adapted module of an adapter file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModuleDrift {
+    /// The adapted base tensor, e.g. `blk.3.attn_q.weight`.
+    pub name: String,
+    pub rank: usize,
+    pub d_in: usize,
+    pub d_out: usize,
+    /// ‖s·B·A‖_F, with s the scale llama.cpp applies (alpha/r, or 1 when alpha is 0) times
+    /// the user's adapter scale.
+    pub norm: f64,
+}
+
+/// Drift of a whole adapter.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AdapterDrift {
+    pub modules: Vec<ModuleDrift>,
+}
+
+impl AdapterDrift {
+    /// √Σ ‖ΔW_m‖²_F.
+    pub fn total(&self) -> f64 {
+        self.modules.iter().map(|m| m.norm * m.norm).sum::<f64>().sqrt()
+    }
+    /// Σ r_m·(d_in + d_out).
+    pub fn params(&self) -> usize {
+        self.modules.iter().map(|m| m.rank * (m.d_in + m.d_out)).sum()
+    }
+    pub fn per_module(&self) -> BTreeMap<String, f64> {
+        self.modules.iter().map(|m| (m.name.clone(), m.norm)).collect()
+    }
+}
+
+/// ‖s·B·A‖_F for A (r × d_in, row-major) and B (d_out × r, row-major), through the r×r
+/// Gram matrices: ‖BA‖² = Σ_jk (BᵀB)_jk (AAᵀ)_kj.
+pub fn update_norm(a: &[f32], b: &[f32], r: usize, d_in: usize, d_out: usize, s: f64) -> f64 {
+    let mut ga = vec![0f64; r * r];
+    let mut gb = vec![0f64; r * r];
+    for j in 0..r {
+        for k in j..r {
+            let x: f64 = (0..d_in).map(|c| a[j * d_in + c] as f64 * a[k * d_in + c] as f64).sum();
+            ga[j * r + k] = x;
+            ga[k * r + j] = x;
+            let y: f64 = (0..d_out).map(|o| b[o * r + j] as f64 * b[o * r + k] as f64).sum();
+            gb[j * r + k] = y;
+            gb[k * r + j] = y;
+        }
+    }
+    let sq: f64 = ga.iter().zip(&gb).map(|(x, y)| x * y).sum();
+    s.abs() * sq.max(0.0).sqrt()
+}
+
+fn read_tensor(g: &GgufFile, file: &mut std::fs::File, name: &str) -> Result<(Vec<f32>, [i64; 4]), EvalError> {
+    let path = g.path().to_path_buf();
+    let t = g.tensor(name).ok_or_else(|| EvalError::Adapter(path.clone(), format!("tensor {name} is missing")))?;
+    let mut bytes = vec![0u8; t.size as usize];
+    file.seek(SeekFrom::Start(g.data_offset() + t.offset))
+        .and_then(|_| file.read_exact(&mut bytes))
+        .map_err(|e| EvalError::Adapter(path.clone(), format!("reading {name}: {e}")))?;
+    let data = crate::ggml::dequantize(crate::ggml::Type(t.ggml_type), &bytes, t.n_elements() as usize)
+        .map_err(|e| EvalError::Adapter(path.clone(), format!("{name}: {e}")))?;
+    Ok((data, t.ne))
+}
+
+/// Reads every `*.lora_a`/`*.lora_b` pair of a llama.cpp LoRA adapter and computes its drift.
+pub fn adapter_drift(path: &Path, user_scale: f32) -> Result<AdapterDrift, EvalError> {
+    let g = GgufFile::open(path)?;
+    let alpha = g.get_f64("adapter.lora.alpha").unwrap_or(0.0);
+    let mut file = std::fs::File::open(path).map_err(|e| EvalError::Adapter(path.into(), e.to_string()))?;
+    let names: Vec<String> = g.tensors().iter().filter_map(|t| t.name.strip_suffix(".lora_a").map(str::to_string)).collect();
+    if names.is_empty() {
+        return Err(EvalError::Adapter(path.into(), "no LoRA tensors (*.lora_a / *.lora_b) in this file".into()));
+    }
+    let mut modules = Vec::with_capacity(names.len());
+    for base in names {
+        let (a, ne_a) = read_tensor(&g, &mut file, &format!("{base}.lora_a"))?;
+        let (b, ne_b) = read_tensor(&g, &mut file, &format!("{base}.lora_b"))?;
+        // ggml shapes: A [d_in, r], B [r, d_out] (ne[0] is the contiguous dimension).
+        let (d_in, r, d_out) = (ne_a[0] as usize, ne_a[1] as usize, ne_b[1] as usize);
+        if ne_b[0] as usize != r {
+            return Err(EvalError::Adapter(path.into(), format!("{base}: lora_a has rank {r} but lora_b has {}", ne_b[0])));
+        }
+        let s = if alpha != 0.0 { alpha / r as f64 } else { 1.0 } * user_scale as f64;
+        modules.push(ModuleDrift { norm: update_norm(&a, &b, r, d_in, d_out, s), name: base, rank: r, d_in, d_out });
+    }
+    modules.sort_by(|x, y| module_order(&x.name).cmp(&module_order(&y.name)));
+    Ok(AdapterDrift { modules })
+}
+
+/// Sort key of `blk.L.target.weight`: (layer, target in graph order, name).
+pub fn module_order(name: &str) -> (usize, usize, String) {
+    let mut it = name.split('.');
+    let layer = match (it.next(), it.next()) {
+        (Some("blk"), Some(l)) => l.parse().unwrap_or(usize::MAX),
+        _ => usize::MAX,
+    };
+    let target = it.next().unwrap_or("");
+    let t = crate::model::Target::ALL.iter().position(|x| x.name() == target).unwrap_or(99);
+    (layer, t, name.to_string())
+}
+
+/// Writes a checkpoint's adapter (A, B of every module) as a llama.cpp LoRA GGUF with the
+/// scale `scale` folded into B (alpha 0, so llama.cpp applies it at scale 1), atomically.
+pub fn checkpoint_to_gguf(ck: &Checkpoint, arch: &str, scale: f32, out: &Path) -> Result<(), EvalError> {
+    let mut w = crate::ggml::GgufWriter::new();
+    w.set_str("general.architecture", arch);
+    w.set_str("general.type", "adapter");
+    w.set_str("general.name", &format!("grit checkpoint step {}", ck.step));
+    w.set_str("adapter.type", "lora");
+    w.set_f32("adapter.lora.alpha", 0.0);
+    let err = |m: String| EvalError::Adapter(out.into(), m);
+    let mut n = 0;
+    for t in &ck.tensors {
+        let Some(base) = t.name.strip_suffix(".lora_a") else { continue };
+        let b = ck.tensor(&format!("{base}.lora_b")).ok_or_else(|| err(format!("checkpoint step {}: {base}.lora_b is missing", ck.step)))?;
+        // Checkpoint shapes (row-major): A [r, d_in], B [d_out, r].
+        let (&[r, d_in], &[d_out, rb]) = (t.shape.as_slice(), b.shape.as_slice()) else {
+            return Err(err(format!("checkpoint step {}: {base}: unexpected shapes {:?} / {:?}", ck.step, t.shape, b.shape)));
+        };
+        if r != rb {
+            return Err(err(format!("checkpoint step {}: {base}: ranks {r} and {rb} differ", ck.step)));
+        }
+        let bs: Vec<f32> = b.data.iter().map(|x| x * scale).collect();
+        w.add_f32(&t.name, &[d_in as i64, r as i64], &t.data).map_err(|e| err(e.to_string()))?;
+        w.add_f32(&format!("{base}.lora_b"), &[r as i64, d_out as i64], &bs).map_err(|e| err(e.to_string()))?;
+        n += 1;
+    }
+    if n == 0 {
+        return Err(err(format!("checkpoint step {} holds no adapter tensors", ck.step)));
+    }
+    let tmp = out.with_extension("gguf.tmp");
+    w.write(&tmp).map_err(|e| err(e.to_string()))?;
+    std::fs::rename(&tmp, out).map_err(|e| err(e.to_string()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn update_norm_matches_the_dense_product() {
+        let (r, d_in, d_out) = (3, 5, 4);
+        let a: Vec<f32> = (0..r * d_in).map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0).collect();
+        let b: Vec<f32> = (0..d_out * r).map(|i| ((i * 5 % 13) as f32 - 6.0) / 4.0).collect();
+        let mut dense = 0f64;
+        for o in 0..d_out {
+            for c in 0..d_in {
+                let v: f64 = (0..r).map(|k| b[o * r + k] as f64 * a[k * d_in + c] as f64).sum();
+                dense += v * v;
+            }
+        }
+        let got = update_norm(&a, &b, r, d_in, d_out, 2.0);
+        assert!((got - 2.0 * dense.sqrt()).abs() < 1e-9 * got, "{got} vs {}", 2.0 * dense.sqrt());
+    }
+
+    #[test]
+    fn modules_sort_by_layer_then_target() {
+        let mut v = vec!["blk.10.attn_q.weight", "blk.2.ffn_down.weight", "blk.2.attn_q.weight"];
+        v.sort_by_key(|n| module_order(n));
+        assert_eq!(v, vec!["blk.2.attn_q.weight", "blk.2.ffn_down.weight", "blk.10.attn_q.weight"]);
+    }
+
+    #[test]
+    fn checkpoints_round_trip_through_gguf() {
+        use crate::train::checkpoint::NamedTensor;
+        let a = NamedTensor { name: "blk.0.attn_q.weight.lora_a".into(), shape: vec![2, 3], data: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0] };
+        let b = NamedTensor { name: "blk.0.attn_q.weight.lora_b".into(), shape: vec![4, 2], data: vec![0.5; 8] };
+        let ck = Checkpoint { step: 7, tensors: vec![a.clone(), b.clone()], state: serde_json::json!({}) };
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ck.gguf");
+        checkpoint_to_gguf(&ck, "llama", 2.0, &p).unwrap();
+        let d = adapter_drift(&p, 1.0).unwrap();
+        assert_eq!(d.modules.len(), 1);
+        assert_eq!((d.modules[0].rank, d.modules[0].d_in, d.modules[0].d_out), (2, 3, 4));
+        assert_eq!(d.params(), 2 * 7);
+        let want = update_norm(&a.data, &b.data, 2, 3, 4, 2.0);
+        assert!((d.total() - want).abs() < 1e-9 * want);
+    }
+}

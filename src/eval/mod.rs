@@ -1,0 +1,531 @@
+//! `grit eval`: what an adapter learned and what it forgot.
+//!
+//! Every row of the table is the base model (first) or the base with one adapter, evaluated
+//! on llama.cpp (llama-cpp-2) over the same token sequences:
+//! - **Loss / perplexity** on `--data`. Plain text follows llama.cpp's perplexity convention
+//!   ([`score::text_windows`]): the text is tokenized whole (BOS first when the model adds
+//!   one), cut into non-overlapping windows of `--ctx` tokens whose first token is replaced
+//!   by BOS, and only the second half of each window is scored. JSONL (and JSON arrays) are
+//!   read by `grit train`'s data pipeline with its masking rules (chat rows: assistant turns
+//!   and their end-of-turn token; prompt/completion: the completion; ...), so the loss is
+//!   the one training optimizes; examples are cut at `--ctx` tokens.
+//! - **Functional drift**: mean per-token KL(base ‖ adapted) over the same scored tokens,
+//!   and the perplexity change against the base; `--general G` adds the same on a
+//!   general-text set (`general_*` fields).
+//! - **Weight drift**: per module and total ‖s·B·A‖_F of the adapter, and its trainable
+//!   parameters Σ r·(d_in + d_out) ([`drift`]).
+//! - **Accuracy** on `--task T` ([`accuracy`]).
+//! - **Retention** (`--retention RUN`): every kept checkpoint of a run (and its final
+//!   adapter) as rows, with the fine-tuning tokens D seen at each, and the forgetting law of
+//!   GRIT.md §8 fitted to their loss on `--data` ([`fit`]).
+
+pub mod accuracy;
+pub mod drift;
+pub mod fit;
+pub mod score;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use llama_cpp_2::model::LlamaLoraAdapter;
+use serde::Serialize;
+
+use crate::data::{DataConfig, DataError, Tokenizer};
+use crate::gguf::GgufError;
+use crate::infer::{InferError, LoadOptions, Model};
+use accuracy::{Accuracy, TaskItem, TaskModel};
+use drift::AdapterDrift;
+use fit::LawFit;
+use score::{Acc, ScoredSeq, Scorer};
+
+/// Why an evaluation could not run. Messages name the file, row or option at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error(transparent)]
+    Infer(#[from] InferError),
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error("{}: {msg}", .0.display(), msg = .1)]
+    Adapter(PathBuf, String),
+    #[error("{0}")]
+    Llama(String),
+    #[error("{0}")]
+    Task(String),
+    #[error("{}: {msg}", .path.display())]
+    Text { path: PathBuf, msg: String },
+    #[error("retention: {0}")]
+    Retention(String),
+    #[error("invalid option {name}: {msg}")]
+    Option { name: &'static str, msg: String },
+}
+
+/// What to evaluate and how.
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    pub model: PathBuf,
+    pub gpu_layers: u32,
+    /// Adapters, one row each (after the base).
+    pub adapters: Vec<PathBuf>,
+    pub adapter_scale: f32,
+    /// Loss/perplexity set.
+    pub data: Option<PathBuf>,
+    /// General-text set for functional drift (`general_*` fields).
+    pub general: Option<PathBuf>,
+    /// Task file for accuracy.
+    pub task: Option<PathBuf>,
+    /// Context / window length in tokens.
+    pub ctx: usize,
+    /// At most this many windows or examples per set (0 = all).
+    pub max_examples: usize,
+    /// At most this many examples of the general set (0 = as `max_examples`).
+    pub general_max_examples: usize,
+    /// At most this many task rows (0 = all).
+    pub max_task_rows: usize,
+    pub max_new_tokens: usize,
+    pub stop: Vec<String>,
+    pub train_on_prompt: bool,
+    pub skip_bad_rows: bool,
+    pub threads: i32,
+    /// Progress lines on stderr.
+    pub progress: bool,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        EvalOptions {
+            model: PathBuf::new(),
+            gpu_layers: 999,
+            adapters: Vec::new(),
+            adapter_scale: 1.0,
+            data: None,
+            general: None,
+            task: None,
+            ctx: 512,
+            max_examples: 0,
+            general_max_examples: 0,
+            max_task_rows: 0,
+            max_new_tokens: 32,
+            stop: Vec::new(),
+            train_on_prompt: false,
+            skip_bad_rows: false,
+            threads: 0,
+            progress: false,
+        }
+    }
+}
+
+/// Scores of one row on one set.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SetScores {
+    pub tokens: usize,
+    pub loss: f64,
+    pub perplexity: f64,
+    /// Mean per-token KL(base ‖ this row) (0 for the base).
+    pub kl: f64,
+    /// Perplexity minus the base's perplexity.
+    pub perplexity_change: f64,
+}
+
+/// One row of the table (serialized as is by `--json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalRow {
+    pub name: String,
+    /// The adapter file (null for the base).
+    pub adapter: Option<String>,
+    /// Scored tokens of `--data` (0 without it).
+    pub tokens: usize,
+    pub loss: Option<f64>,
+    pub perplexity: Option<f64>,
+    pub kl: Option<f64>,
+    pub perplexity_change: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub general_tokens: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub general_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub general_perplexity: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub general_kl: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub general_perplexity_change: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<Accuracy>,
+    /// Adapters: √Σ‖s·B·A‖²_F, per module, and Σ r·(d_in + d_out).
+    pub drift_total: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drift_per_module: Option<BTreeMap<String, f64>>,
+    pub trainable_params: Option<usize>,
+    /// Training throughput of the run the adapter came from (its summary.json), if known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train_tokens_per_s: Option<f64>,
+    /// Retention rows: the checkpoint's step and fine-tuning tokens seen.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train_tokens: Option<u64>,
+}
+
+/// The result of an evaluation.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub rows: Vec<EvalRow>,
+    /// `--retention`: the fitted forgetting laws.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Retention>,
+}
+
+/// The forgetting-law fits of a retention evaluation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Retention {
+    pub run: String,
+    pub power_law: LawFit,
+    /// With the curvature factor (1 + γ_r·r_eff), where the run recorded effective ranks.
+    pub curvature: Option<LawFit>,
+    /// Why the curvature form was not fitted, when it was not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub curvature_note: Option<String>,
+}
+
+/// The row name of an adapter: its run folder for `RUN/adapter.gguf`, else the file stem.
+pub fn adapter_name(p: &Path) -> String {
+    let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string());
+    if stem == "adapter" {
+        if let Some(parent) = p.parent().and_then(|d| d.file_name()) {
+            return parent.to_string_lossy().into_owned();
+        }
+    }
+    stem
+}
+
+/// Whether a file is read as plain text (llama.cpp windows) rather than JSON rows: the same
+/// rule as the training data pipeline (extension, else the first character).
+fn is_plain_text(path: &Path, head: &str) -> bool {
+    let ext = path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).unwrap_or_default();
+    match ext.as_str() {
+        "txt" | "text" | "md" => true,
+        "jsonl" | "ndjson" | "json" => false,
+        _ => !matches!(head.trim_start().chars().next(), Some('{') | Some('[')),
+    }
+}
+
+/// Tokenizes a set into scored sequences (see the module docs).
+pub fn prepare_set(model: &Model, path: &Path, opts: &EvalOptions, max_examples: usize) -> Result<Vec<ScoredSeq>, EvalError> {
+    let bytes = std::fs::read(path).map_err(|e| EvalError::Text { path: path.into(), msg: e.to_string() })?;
+    let head = String::from_utf8_lossy(&bytes[..bytes.len().min(4096)]).into_owned();
+    let mut seqs = if is_plain_text(path, &head) {
+        let text = String::from_utf8(bytes).map_err(|e| EvalError::Text { path: path.into(), msg: format!("invalid UTF-8 at byte {}", e.utf8_error().valid_up_to()) })?;
+        // llama.cpp's perplexity tool: tokenize with the model's special tokens added (BOS),
+        // without parsing special-token text.
+        let tokens: Vec<i32> = model.inner.vocab().tokenize(text.as_bytes(), true, false).into_iter().map(|t| t.0).collect();
+        let w = score::text_windows(&tokens, opts.ctx, Tokenizer::bos(model));
+        if w.is_empty() {
+            return Err(EvalError::Text {
+                path: path.into(),
+                msg: format!("{} tokens is less than one window of --ctx {} tokens; lower --ctx", tokens.len(), opts.ctx),
+            });
+        }
+        w
+    } else {
+        let cfg = DataConfig { max_seq_len: opts.ctx, train_on_prompt: opts.train_on_prompt, skip_bad_rows: opts.skip_bad_rows, seed: 0, pack: false };
+        let ds = crate::data::load_file(path, model, &cfg)?;
+        ds.examples.into_iter().map(|e| ScoredSeq { targets: score::example_targets(&e.trained), tokens: e.tokens }).collect()
+    };
+    if max_examples > 0 {
+        seqs.truncate(max_examples);
+    }
+    Ok(seqs)
+}
+
+fn set_scores(accs: &[Acc]) -> Vec<SetScores> {
+    let base_ppl = accs[0].perplexity();
+    accs.iter()
+        .map(|a| SetScores { tokens: a.n, loss: a.loss(), perplexity: a.perplexity(), kl: a.mean_kl(), perplexity_change: a.perplexity() - base_ppl })
+        .collect()
+}
+
+/// Greedy generation and log-likelihoods through a [`Scorer`] with one adapter applied.
+struct LlamaTask<'a, 'm> {
+    scorer: &'a mut Scorer<'m>,
+    model: &'m Model,
+}
+
+impl TaskModel for LlamaTask<'_, '_> {
+    fn greedy(&mut self, prompt: &str, max_new: usize, stop: &[String]) -> Result<String, EvalError> {
+        let toks = Tokenizer::tokenize(self.model, prompt, true);
+        self.scorer.greedy(&toks, max_new, stop)
+    }
+    fn loglik(&mut self, prompt: &str, continuation: &str) -> Result<f64, EvalError> {
+        let ctx = Tokenizer::tokenize(self.model, prompt, true);
+        let cont = Tokenizer::tokenize(self.model, continuation, false);
+        self.scorer.loglik(&ctx, &cont)
+    }
+}
+
+/// A row source: an adapter file, with what is known about the run it came from.
+#[derive(Debug, Clone)]
+struct Source {
+    name: String,
+    path: PathBuf,
+    step: Option<usize>,
+    train_tokens: Option<u64>,
+    train_tokens_per_s: Option<f64>,
+}
+
+fn progress_line(enabled: bool, what: &str) -> impl FnMut(usize, usize) + '_ {
+    let mut last = std::time::Instant::now();
+    move |done, total| {
+        if enabled && (done == total || last.elapsed().as_secs_f64() > 5.0) {
+            last = std::time::Instant::now();
+            eprintln!("grit eval: {what}: {done}/{total}");
+        }
+    }
+}
+
+/// Evaluates the base and each source adapter (see the module docs).
+fn evaluate_sources(opts: &EvalOptions, sources: &[Source]) -> Result<Vec<EvalRow>, EvalError> {
+    if opts.ctx < 8 {
+        return Err(EvalError::Option { name: "--ctx", msg: format!("{} must be at least 8", opts.ctx) });
+    }
+    if opts.data.is_none() && opts.task.is_none() && opts.general.is_none() {
+        return Err(EvalError::Option { name: "--data", msg: "nothing to evaluate: pass --data FILE (and/or --general, --task)".into() });
+    }
+    let mut model = Model::load(&opts.model, &LoadOptions { n_gpu_layers: opts.gpu_layers })?;
+    let mut adapters: Vec<LlamaLoraAdapter> = Vec::with_capacity(sources.len());
+    let mut drifts: Vec<AdapterDrift> = Vec::with_capacity(sources.len());
+    for s in sources {
+        drifts.push(drift::adapter_drift(&s.path, opts.adapter_scale)?);
+        adapters.push(model.load_adapter(&s.path)?);
+    }
+    let model = &model;
+    let mut scorer = Scorer::new(model, opts.ctx, opts.threads)?;
+    let n_rows = sources.len() + 1;
+
+    let mut data_scores: Option<Vec<SetScores>> = None;
+    if let Some(p) = &opts.data {
+        let seqs = prepare_set(model, p, opts, opts.max_examples)?;
+        let what = format!("{} ({} sequences × {n_rows} rows)", p.display(), seqs.len());
+        let accs = score::score_all(&mut scorer, &mut adapters, opts.adapter_scale, &seqs, progress_line(opts.progress, &what))?;
+        data_scores = Some(set_scores(&accs));
+    }
+    let mut general_scores: Option<Vec<SetScores>> = None;
+    if let Some(p) = &opts.general {
+        let n = if opts.general_max_examples > 0 { opts.general_max_examples } else { opts.max_examples };
+        let seqs = prepare_set(model, p, opts, n)?;
+        let what = format!("{} ({} sequences × {n_rows} rows)", p.display(), seqs.len());
+        let accs = score::score_all(&mut scorer, &mut adapters, opts.adapter_scale, &seqs, progress_line(opts.progress, &what))?;
+        general_scores = Some(set_scores(&accs));
+    }
+    let mut accuracies: Option<Vec<Accuracy>> = None;
+    if let Some(p) = &opts.task {
+        let items: Vec<TaskItem> = accuracy::load_items(p, model, opts.max_task_rows)?;
+        let mut v = Vec::with_capacity(n_rows);
+        for r in 0..n_rows {
+            scorer.use_adapter(&mut adapters, r.checked_sub(1), opts.adapter_scale)?;
+            let what = format!("{} row {}/{n_rows}", p.display(), r + 1);
+            let mut tm = LlamaTask { scorer: &mut scorer, model };
+            v.push(accuracy::score(&mut tm, &items, opts.max_new_tokens, &opts.stop, progress_line(opts.progress, &what))?);
+        }
+        accuracies = Some(v);
+    }
+
+    let mut rows = Vec::with_capacity(n_rows);
+    for r in 0..n_rows {
+        let src = r.checked_sub(1).map(|k| &sources[k]);
+        let d = data_scores.as_ref().map(|v| v[r]);
+        let g = general_scores.as_ref().map(|v| v[r]);
+        let dr = r.checked_sub(1).map(|k| &drifts[k]);
+        rows.push(EvalRow {
+            name: src.map(|s| s.name.clone()).unwrap_or_else(|| "base".into()),
+            adapter: src.map(|s| s.path.display().to_string()),
+            tokens: d.map(|s| s.tokens).unwrap_or(0),
+            loss: d.map(|s| s.loss),
+            perplexity: d.map(|s| s.perplexity),
+            kl: d.map(|s| s.kl),
+            perplexity_change: d.map(|s| s.perplexity_change),
+            general_tokens: g.map(|s| s.tokens),
+            general_loss: g.map(|s| s.loss),
+            general_perplexity: g.map(|s| s.perplexity),
+            general_kl: g.map(|s| s.kl),
+            general_perplexity_change: g.map(|s| s.perplexity_change),
+            accuracy: accuracies.as_ref().map(|v| v[r].clone()),
+            drift_total: Some(dr.map(|d| d.total()).unwrap_or(0.0)),
+            drift_per_module: dr.map(|d| d.per_module()),
+            trainable_params: Some(dr.map(|d| d.params()).unwrap_or(0)),
+            train_tokens_per_s: src.and_then(|s| s.train_tokens_per_s),
+            step: src.and_then(|s| s.step),
+            train_tokens: src.and_then(|s| s.train_tokens).or(if src.is_none() && sources.iter().any(|s| s.train_tokens.is_some()) { Some(0) } else { None }),
+        });
+    }
+    Ok(rows)
+}
+
+/// `tokens_per_s` of the run that wrote `adapter` (its sibling summary.json), if any.
+fn run_tokens_per_s(adapter: &Path) -> Option<f64> {
+    let s = std::fs::read(adapter.parent()?.join("summary.json")).ok()?;
+    serde_json::from_slice::<serde_json::Value>(&s).ok()?["tokens_per_s"].as_f64()
+}
+
+/// `grit eval` without `--retention`: the base and each `--adapter`.
+pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport, EvalError> {
+    let sources: Vec<Source> = opts
+        .adapters
+        .iter()
+        .map(|p| Source { name: adapter_name(p), path: p.clone(), step: None, train_tokens: None, train_tokens_per_s: run_tokens_per_s(p) })
+        .collect();
+    Ok(EvalReport { rows: evaluate_sources(opts, &sources)?, retention: None })
+}
+
+/// Removes a temporary folder when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A run's metrics.jsonl rows (unparseable lines are reported).
+pub fn read_metrics(run: &Path) -> Result<Vec<serde_json::Value>, EvalError> {
+    let p = run.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&p).map_err(|e| EvalError::Retention(format!("{}: {e}", p.display())))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| EvalError::Retention(format!("{}:{}: invalid JSON: {e}", p.display(), i + 1))))
+        .collect()
+}
+
+/// Fine-tuning tokens seen through `step`: Σ `tokens` of the step rows up to it.
+pub fn tokens_through(metrics: &[serde_json::Value], step: usize) -> u64 {
+    metrics
+        .iter()
+        .filter(|r| r.get("loss").is_some() && r["step"].as_u64().is_some_and(|s| s as usize <= step))
+        .map(|r| r["tokens"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// Mean effective rank over modules at `step` (the last reprojection at or before it), or
+/// `initial` before any.
+pub fn eff_rank_at(metrics: &[serde_json::Value], step: usize, initial: f64) -> f64 {
+    metrics
+        .iter()
+        .filter(|r| r["event"] == "reproject" && r["step"].as_u64().is_some_and(|s| s as usize <= step))
+        .map(|r| crate::report::per_module(&r["eff_rank"]).1)
+        .filter(|v| !v.is_empty())
+        .map(|v| v.iter().sum::<f64>() / v.len() as f64)
+        .last()
+        .unwrap_or(initial)
+}
+
+/// `grit eval --retention RUN --data general`: every kept checkpoint of the run and its final
+/// adapter, and the forgetting law fitted to their loss on `--data`.
+pub fn retention(opts: &EvalOptions, run: &Path) -> Result<EvalReport, EvalError> {
+    if opts.data.is_none() {
+        return Err(EvalError::Option { name: "--data", msg: "--retention needs --data general.txt (the set whose loss is tracked)".into() });
+    }
+    let cfg_path = run.join("config.toml");
+    let cfg = crate::train::config::TrainConfig::from_toml_file(&cfg_path)
+        .map_err(|e| EvalError::Retention(format!("{}: not a grit run folder: {e}", run.display())))?;
+    let metrics = read_metrics(run)?;
+    let ck_dir = run.join("checkpoints");
+    let mut steps: Vec<usize> = std::fs::read_dir(&ck_dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("step-")).and_then(|n| n.parse().ok()))
+                .collect()
+        })
+        .unwrap_or_default();
+    steps.sort_unstable();
+    let final_adapter = run.join("adapter.gguf");
+    let final_step = metrics.iter().filter(|r| r.get("loss").is_some()).filter_map(|r| r["step"].as_u64()).max().map(|s| s as usize);
+    let n_points = steps.len() + usize::from(final_adapter.is_file());
+    if n_points < fit::MIN_POINTS {
+        return Err(EvalError::Retention(format!(
+            "{} has {} kept checkpoint(s){}; the forgetting-law fit needs at least {} (train with --save-every N and --keep-checkpoints K so that at least {} are kept)",
+            run.display(),
+            steps.len(),
+            if final_adapter.is_file() { " and a final adapter" } else { "" },
+            fit::MIN_POINTS,
+            fit::MIN_POINTS - usize::from(final_adapter.is_file()),
+        )));
+    }
+    let arch = crate::gguf::GgufFile::open(&opts.model)?.architecture()?;
+    let scale = cfg.scale_for_rank(cfg.rank);
+    let tmp = TempDir(std::env::temp_dir().join(format!("grit-retention-{}", std::process::id())));
+    std::fs::create_dir_all(&tmp.0).map_err(|e| EvalError::Retention(format!("{}: {e}", tmp.0.display())))?;
+    let run_name = run.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| run.display().to_string());
+    let mut sources = Vec::new();
+    for &s in &steps {
+        let dir = crate::train::checkpoint::step_dir(&ck_dir, s);
+        let ck = crate::train::checkpoint::Checkpoint::load(&dir).map_err(|e| EvalError::Retention(e.to_string()))?;
+        let path = tmp.0.join(format!("step-{s}.gguf"));
+        drift::checkpoint_to_gguf(&ck, &arch, scale, &path)?;
+        sources.push(Source { name: format!("{run_name}@{s}"), path, step: Some(s), train_tokens: Some(tokens_through(&metrics, s)), train_tokens_per_s: None });
+    }
+    if final_adapter.is_file() {
+        let s = final_step.unwrap_or(0);
+        if !steps.contains(&s) {
+            sources.push(Source { name: format!("{run_name}@{s}"), path: final_adapter, step: Some(s), train_tokens: Some(tokens_through(&metrics, s)), train_tokens_per_s: None });
+        }
+    }
+    let mut rows = evaluate_sources(opts, &sources)?;
+    // The adapter paths of checkpoints point into the temporary folder: name the checkpoint.
+    for (row, s) in rows.iter_mut().skip(1).zip(&sources) {
+        if s.path.starts_with(&tmp.0) {
+            row.adapter = s.step.map(|k| crate::train::checkpoint::step_dir(&ck_dir, k).display().to_string());
+        }
+    }
+    let l0 = rows[0].loss.unwrap_or(f64::NAN);
+    let points: Vec<(f64, f64)> = rows[1..].iter().map(|r| (r.train_tokens.unwrap_or(0) as f64, r.loss.unwrap_or(f64::NAN))).collect();
+    let power_law = fit::fit_law(l0, &points, None)?;
+    let has_ranks = metrics.iter().any(|r| r["event"] == "reproject");
+    let (curvature, curvature_note) = if !has_ranks {
+        (None, Some("the run recorded no effective ranks (no reprojection events): the curvature factor is not fitted".to_string()))
+    } else {
+        let r_eff: Vec<f64> = rows[1..].iter().map(|r| eff_rank_at(&metrics, r.step.unwrap_or(0), cfg.rank as f64)).collect();
+        match fit::fit_law(l0, &points, Some(&r_eff)) {
+            Ok(f) => (Some(f), Some("Ξ = 1 + γ_r·r_eff (mean effective rank per module at each checkpoint); ρ_align and π_proj are not recorded, α = 1 (N fixed)".into())),
+            Err(e) => (None, Some(e.to_string())),
+        }
+    };
+    Ok(EvalReport { rows, retention: Some(Retention { run: run.display().to_string(), power_law, curvature, curvature_note }) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adapter_names() {
+        assert_eq!(adapter_name(Path::new("runs/demo-grit/adapter.gguf")), "demo-grit");
+        assert_eq!(adapter_name(Path::new("x/my-lora.gguf")), "my-lora");
+    }
+
+    #[test]
+    fn plain_text_detection() {
+        assert!(is_plain_text(Path::new("a.txt"), "{"));
+        assert!(!is_plain_text(Path::new("a.jsonl"), "hello"));
+        assert!(!is_plain_text(Path::new("a"), "  {\"text\": 1}"));
+        assert!(is_plain_text(Path::new("a"), "To be"));
+    }
+
+    #[test]
+    fn tokens_and_ranks_from_metrics() {
+        let m: Vec<serde_json::Value> = [
+            r#"{"step":1,"loss":3.0,"tokens":100}"#,
+            r#"{"step":1,"eval_loss":3.1,"eval_tokens":50}"#,
+            r#"{"step":2,"loss":2.9,"tokens":120}"#,
+            r#"{"step":2,"event":"reproject","eff_rank":{"blk.0.attn_q.weight":4.0,"blk.0.attn_k.weight":6.0}}"#,
+            r#"{"step":3,"loss":2.8,"tokens":80}"#,
+        ]
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+        assert_eq!(tokens_through(&m, 2), 220);
+        assert_eq!(tokens_through(&m, 3), 300);
+        assert_eq!(eff_rank_at(&m, 1, 16.0), 16.0);
+        assert_eq!(eff_rank_at(&m, 3, 16.0), 5.0);
+    }
+}
