@@ -9,7 +9,6 @@
 //! KV view then has the same length as grit's attention, and the Q4_1 kernels are the same
 //! in both engines (tests/forward_parity.rs measured bit-identical logits there).
 
-use std::num::NonZeroU32;
 use std::path::Path;
 
 use grit::adapter::Adapter;
@@ -17,9 +16,6 @@ use grit::ggml::{Backend, Context};
 use grit::gguf::GgufFile;
 use grit::infer::{LoadOptions, Model};
 use grit::model::{Batch, Outputs, TrainGraph, Weights};
-use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
-use llama_cpp_2::llama_batch::LlamaBatch;
-use llama_cpp_2::token::LlamaToken;
 
 mod common;
 use common::{grit, ok, plays, tiny_model};
@@ -33,28 +29,7 @@ fn threads() -> i32 {
 /// llama.cpp's logits at every position, optionally with an adapter (scale 1).
 fn llama_cpp_logits(model_path: &Path, adapter: Option<&Path>, tokens: &[i32]) -> Vec<f32> {
     let mut model = Model::load(model_path, &LoadOptions { n_gpu_layers: 0 }).expect("llama.cpp loads the model");
-    let n = tokens.len();
-    let mut lora = adapter.map(|p| model.load_adapter(p).expect("llama.cpp loads the adapter"));
-    let n_ctx = n.next_multiple_of(256) as u32;
-    let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(n_ctx))
-        .with_n_batch(n_ctx)
-        .with_n_ubatch(n_ctx)
-        .with_n_threads(threads())
-        .with_n_threads_batch(threads())
-        .with_type_k(KvCacheType::F32)
-        .with_type_v(KvCacheType::F32)
-        .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED);
-    let mut ctx = model.inner.new_context(grit::llama::backend(), params).expect("llama.cpp context");
-    if let Some(l) = lora.as_mut() {
-        ctx.lora_adapter_set(l, 1.0).expect("set adapter");
-    }
-    let mut batch = LlamaBatch::new(n, 1);
-    for (i, &t) in tokens.iter().enumerate() {
-        batch.add(LlamaToken(t), i as i32, &[0], true).expect("batch add");
-    }
-    ctx.decode(&mut batch).expect("llama.cpp decode");
-    (0..n).flat_map(|i| ctx.get_logits_ith(i as i32).to_vec()).collect()
+    common::llama_cpp_logits(&mut model, adapter, tokens, threads())
 }
 
 /// grit's training-graph logits with the adapter read back from `adapter` (GGUF).

@@ -23,16 +23,13 @@
 //! mask) and checks that each exceeds the bound by a wide margin, so the bound would catch
 //! such bugs. llama.cpp runs with an F32 KV cache and flash attention off, as grit's graph.
 
-use std::num::NonZeroU32;
+mod common;
 use std::path::{Path, PathBuf};
 
 use grit::ggml::{Backend, Context, RopeMode, Type};
 use grit::gguf::GgufFile;
 use grit::infer::{LoadOptions, Model};
 use grit::model::{write_tiny_model, AdapterScale, Arch, Batch, LoraConfig, LoraSet, Outputs, TinySpec, TrainGraph, Weights};
-use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
-use llama_cpp_2::llama_batch::LlamaBatch;
-use llama_cpp_2::token::LlamaToken;
 
 const TEXT: &str = "The old lighthouse keeper climbed the spiral stairs every evening, counting the steps \
 as his father had taught him. There were one hundred and twelve of them, worn smooth in the middle \
@@ -63,28 +60,7 @@ fn tokens(model: &Model, n: usize) -> Vec<i32> {
 
 /// llama.cpp's logits at every position ([n_tokens × n_vocab]), optionally with an adapter.
 fn llama_cpp_logits(model: &mut Model, adapter: Option<&Path>, tokens: &[i32]) -> Vec<f32> {
-    let n = tokens.len();
-    let mut lora = adapter.map(|p| model.load_adapter(p).expect("llama.cpp loads the adapter"));
-    let n_ctx = n.next_multiple_of(256) as u32;
-    let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(n_ctx))
-        .with_n_batch(n_ctx)
-        .with_n_ubatch(n_ctx)
-        .with_n_threads(threads())
-        .with_n_threads_batch(threads())
-        .with_type_k(KvCacheType::F32)
-        .with_type_v(KvCacheType::F32)
-        .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED);
-    let mut ctx = model.inner.new_context(grit::llama::backend(), params).expect("llama.cpp context");
-    if let Some(l) = lora.as_mut() {
-        ctx.lora_adapter_set(l, 1.0).expect("set adapter");
-    }
-    let mut batch = LlamaBatch::new(n, 1);
-    for (i, &t) in tokens.iter().enumerate() {
-        batch.add(LlamaToken(t), i as i32, &[0], true).expect("batch add");
-    }
-    ctx.decode(&mut batch).expect("llama.cpp decode");
-    (0..n).flat_map(|i| ctx.get_logits_ith(i as i32).to_vec()).collect()
+    common::llama_cpp_logits(model, adapter, tokens, threads())
 }
 
 /// grit's training-graph logits for every row ([n_tokens × n_vocab]).

@@ -55,13 +55,6 @@ pub enum Command {
     Fetch(FetchArgs),
 }
 
-/// Arguments of a subcommand that a later release implements (accepted, then refused clearly).
-#[derive(Debug, Args)]
-pub struct PassThrough {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    pub args: Vec<String>,
-}
-
 /// Where the model comes from.
 #[derive(Debug, Args, Clone)]
 pub struct ModelArgs {
@@ -255,10 +248,6 @@ fn train_cmd(a: train::TrainArgs) -> Result<()> {
     let s = crate::train::run::train(cfg, opts)?;
     println!("{}", serde_json::to_string_pretty(&s)?);
     Ok(())
-}
-
-fn not_yet(cmd: &str, issue: u32) -> Result<()> {
-    bail!("`grit {cmd}` is not implemented yet (tracked in issue {issue})")
 }
 
 fn load_with_adapter(

@@ -26,20 +26,9 @@ use crate::llama::multi::{Adapter, Batch, Context, ContextConfig};
 
 use super::metrics::Metrics;
 
-/// Sampling parameters of one request (validated by the HTTP layer).
-#[derive(Debug, Clone)]
-pub struct Sampling {
-    pub max_tokens: usize,
-    /// 0 = greedy.
-    pub temperature: f32,
-    pub top_p: f32,
-    /// 0 = off.
-    pub top_k: i32,
-    pub seed: u32,
-    pub stop: Vec<String>,
-    /// Keep going past end-of-generation tokens (benchmarks; `"ignore_eos": true`).
-    pub ignore_eos: bool,
-}
+/// Sampling parameters of one request (validated by the HTTP layer): the same options as
+/// `grit generate`'s.
+pub type Sampling = crate::infer::SampleOptions;
 
 /// What a generation reports to its HTTP handler.
 #[derive(Debug)]
