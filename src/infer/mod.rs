@@ -158,8 +158,14 @@ impl SampleOptions {
     }
 
     fn sampler(&self) -> LlamaSampler {
+        self.random_sampler().unwrap_or_else(LlamaSampler::greedy)
+    }
+
+    /// The sampling chain (top-k, top-p, temperature, seeded draw); None for greedy
+    /// (temperature 0).
+    pub(crate) fn random_sampler(&self) -> Option<LlamaSampler> {
         if self.temperature == 0.0 {
-            return LlamaSampler::greedy();
+            return None;
         }
         let mut chain = Vec::new();
         if self.top_k > 0 {
@@ -170,7 +176,7 @@ impl SampleOptions {
         }
         chain.push(LlamaSampler::temp(self.temperature));
         chain.push(LlamaSampler::dist(self.seed));
-        LlamaSampler::chain_simple(chain)
+        Some(LlamaSampler::chain_simple(chain))
     }
 }
 

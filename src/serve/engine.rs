@@ -141,19 +141,7 @@ fn lane_key(adapters: &[(u64, f32)]) -> Vec<(u64, u32)> {
 }
 
 fn make_sampler(s: &Sampling) -> Option<LlamaSampler> {
-    if s.temperature == 0.0 {
-        return None; // greedy: argmax over the logits
-    }
-    let mut chain = Vec::new();
-    if s.top_k > 0 {
-        chain.push(LlamaSampler::top_k(s.top_k));
-    }
-    if s.top_p < 1.0 {
-        chain.push(LlamaSampler::top_p(s.top_p, 1));
-    }
-    chain.push(LlamaSampler::temp(s.temperature));
-    chain.push(LlamaSampler::dist(s.seed));
-    Some(LlamaSampler::chain_simple(chain))
+    s.random_sampler() // None: greedy, argmax over the logits
 }
 
 /// The first index of the largest logit (llama.cpp's greedy sampler picks the same).
