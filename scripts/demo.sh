@@ -48,8 +48,10 @@ $GRIT eval --data "$PLAYS/macbeth.txt" --ctx 256 --max-examples "$EVAL_WINDOWS" 
 echo "--- report"
 $GRIT report runs/demo-lora runs/demo-grit --out runs/demo-report.html
 PROMPT="MACBETH. Is this a dagger which I see before me,"
+# Sampled (temperature 0.8, top-p 0.95, fixed seed): greedy decoding of a 135M model loops.
+SAMPLE=(--max-tokens 64 --temperature 0.8 --top-p 0.95 --seed 7)
 echo "--- base model"
-$GRIT generate --prompt "$PROMPT" --max-tokens 48
+$GRIT generate --prompt "$PROMPT" "${SAMPLE[@]}"
 echo "--- with the GRIT adapter"
-$GRIT generate --prompt "$PROMPT" --max-tokens 48 --adapter runs/demo-grit/adapter.gguf
+$GRIT generate --prompt "$PROMPT" "${SAMPLE[@]}" --adapter runs/demo-grit/adapter.gguf
 echo "--- main job done in $((SECONDS - T0)) s after the build (report: runs/demo-report.html)"

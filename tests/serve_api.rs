@@ -401,3 +401,73 @@ fn concurrent_requests_batch_and_adapter_sets_interleave() {
     assert!(steps < 6.0 * 31.0 * 0.7, "no batching: {steps} decode steps for {tokens} tokens");
     assert!(m.contains("grit_contexts 2"), "two adapter sets, two contexts:\n{m}");
 }
+
+#[test]
+fn merged_adapters_are_models_of_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let a1 = dir.path().join("a1.gguf");
+    write_adapter(&a1, 4, &[Target::AttnQ, Target::AttnV, Target::FfnUp], 1);
+    // Reference: the same merge written by `grit merge`, generated from with `grit generate`.
+    let merged = dir.path().join("merged.gguf");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_grit"))
+        .args(["merge", "--type", "same", "--adapter", a1.to_str().unwrap(), "--out", merged.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "grit merge: {}", String::from_utf8_lossy(&o.stderr));
+    let n = 16;
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_grit"))
+        .args(["generate", "--json", "--threads", "1", "--ctx", "512", "-n", &n.to_string(), "--prompt", PROMPT, "--model", merged.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "grit generate: {}", String::from_utf8_lossy(&o.stderr));
+    let merged_ref = serde_json::from_slice::<Value>(&o.stdout).unwrap()["text"].as_str().unwrap().to_string();
+    let base_ref = grit_generate(PROMPT, n, None);
+    assert_ne!(merged_ref, base_ref, "the test adapter must change the greedy text");
+
+    let s = Server::start(&["--adapter", &format!("a1={}", a1.display()), "--merge-adapters", "--ctx", "512", "--parallel", "2"]);
+    let models = s.get("/v1/models").json();
+    assert_eq!(models["data"][1]["id"], "a1");
+    assert_eq!(models["data"][1]["merged"], true);
+    assert_eq!(completion_text(&s, greedy("a1", n)), merged_ref, "merged adapter through the server vs grit generate on the merged model");
+    assert_eq!(completion_text(&s, greedy("base", n)), base_ref, "the base model is still served unchanged");
+
+    // Merged adapters are not stackable and not unloadable; both say why.
+    let r = s.post("/v1/completions", &json!({"model": "base", "prompt": PROMPT, "max_tokens": 2, "adapters": [{"name": "a1"}]}));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("adapter_merged"), "{}", r.body);
+    let r = s.req("DELETE", "/v1/adapters/a1", None);
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(r.body.contains("--merge-adapters"), "{}", r.body);
+
+    // Embeddings follow the merged model too.
+    let e = |model: &str| s.post("/v1/embeddings", &json!({"model": model, "input": PROMPT})).json()["data"][0]["embedding"].clone();
+    assert_ne!(e("a1"), e("base"));
+}
+
+#[test]
+fn a_request_past_the_timeout_gets_504_and_the_server_goes_on() {
+    let mut s = Server::start(&["--ctx", "2048", "--parallel", "1", "--timeout", "0.5"]);
+    // 2000 tokens cannot be decoded in half a second on any machine this runs on.
+    let body = json!({"model": "base", "prompt": PROMPT, "max_tokens": 2000, "ignore_eos": true, "temperature": 0});
+    let t0 = Instant::now();
+    let r = s.post("/v1/completions", &body);
+    assert_eq!(r.status, 504, "{}", r.body);
+    let (kind, _, msg) = r.error();
+    assert_eq!(kind, "timeout");
+    assert_eq!(r.json()["error"]["code"], "timeout");
+    assert!(msg.contains("--timeout"), "{msg}");
+    assert!(t0.elapsed() < Duration::from_secs(30), "the timeout took {:?}", t0.elapsed());
+    // Streaming: the error arrives as an event before [DONE].
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let r = s.post("/v1/completions", &sb);
+    assert_eq!(r.status, 200);
+    let ev = r.sse();
+    assert_eq!(ev.last().map(String::as_str), Some("[DONE]"), "{ev:?}");
+    assert!(ev[ev.len() - 2].contains("\"timeout\""), "{ev:?}");
+    // A short request still succeeds afterwards.
+    let r = s.post("/v1/completions", &greedy("base", 2));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(s.log_lines().iter().any(|l| l.contains(" 504 ")), "{:?}", s.log_lines());
+    s.terminate();
+}

@@ -31,6 +31,14 @@ pub struct ServeArgs {
     /// A LoRA adapter served under a name, NAME=PATH.gguf (repeatable). Clients pick it with "model": NAME.
     #[arg(long = "adapter", value_name = "NAME=PATH")]
     pub adapters: Vec<String>,
+    /// Serve each --adapter merged into its own copy of the base model (full base speed, one
+    /// model copy in memory per adapter) instead of applying it at runtime. Merged adapters
+    /// cannot be stacked or unloaded; runtime loads (POST /v1/adapters) stay runtime adapters.
+    #[arg(long)]
+    pub merge_adapters: bool,
+    /// Type of the merged tensors with --merge-adapters (same = each keeps the base's type).
+    #[arg(long, value_enum, default_value = "same", requires = "merge_adapters")]
+    pub merge_type: crate::adapter::merge::MergeType,
     /// Allow loading adapters at runtime (POST /v1/adapters), only from files inside this folder.
     #[arg(long, value_name = "DIR")]
     pub adapter_dir: Option<PathBuf>,
@@ -84,6 +92,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         timeout: secs("--timeout", a.timeout)?,
         shutdown_grace: secs("--shutdown-grace", a.shutdown_grace)?,
         adapters,
+        merge: a.merge_adapters.then_some(a.merge_type),
         adapter_dir: a.adapter_dir,
         n_ctx: a.ctx,
         parallel: a.parallel,

@@ -10,6 +10,8 @@ pub struct AdapterEntry {
     pub path: PathBuf,
     /// Unix time it was loaded.
     pub created: u64,
+    /// `Some(i)`: merged into the engine's model `i` (`--merge-adapters`), not applied at runtime.
+    pub merged: Option<usize>,
 }
 
 /// Names of the loaded adapters.

@@ -7,6 +7,10 @@
 //! set get their own lane; every step visits every busy lane in turn, so they all progress. At
 //! most `max_lanes` lanes exist; when a request needs a new one and none is idle, the least
 //! loaded lane stops admitting requests until it drains, so no request waits indefinitely.
+//!
+//! The engine holds one or more models: index 0 is the base model (runtime adapters load
+//! against it); with `--merge-adapters` every start adapter is a merged copy of the base at its
+//! own index, and a lane belongs to one model.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -53,6 +57,8 @@ pub enum Failure {
 /// One generation request.
 pub struct GenJob {
     pub tokens: Vec<LlamaToken>,
+    /// Which model decodes it (0 = the base; others are merged adapters).
+    pub model: usize,
     /// Adapter ids and scales (sorted by id; the lane key).
     pub adapters: Vec<(u64, f32)>,
     /// The adapters' names, for messages.
@@ -67,6 +73,7 @@ pub struct GenJob {
 /// One embeddings request (all inputs, one adapter set).
 pub struct EmbedJob {
     pub inputs: Vec<Vec<LlamaToken>>,
+    pub model: usize,
     pub adapters: Vec<(u64, f32)>,
     pub reply: oneshot::Sender<Result<Vec<Vec<f32>>, Failure>>,
 }
@@ -118,7 +125,7 @@ struct Slot {
 }
 
 struct Lane<'m> {
-    key: Vec<(u64, u32)>,
+    key: LaneKey,
     ctx: Context<'m>,
     batch: Batch,
     slots: Vec<Option<Slot>>,
@@ -136,8 +143,11 @@ impl Lane<'_> {
     }
 }
 
-fn lane_key(adapters: &[(u64, f32)]) -> Vec<(u64, u32)> {
-    adapters.iter().map(|(id, s)| (*id, s.to_bits())).collect()
+/// A lane serves one model with one adapter set (ids and the scales' bits).
+type LaneKey = (usize, Vec<(u64, u32)>);
+
+fn lane_key(model: usize, adapters: &[(u64, f32)]) -> LaneKey {
+    (model, adapters.iter().map(|(id, s)| (*id, s.to_bits())).collect())
 }
 
 fn make_sampler(s: &Sampling) -> Option<LlamaSampler> {
@@ -173,13 +183,15 @@ fn sample(logits: &[f32], sampler: &mut Option<LlamaSampler>) -> LlamaToken {
     }
 }
 
-/// Runs the engine until [`Cmd::Exit`] (or every sender is gone).
-pub fn run(model: &LlamaModel, cfg: EngineConfig, rx: Receiver<Cmd>, shared: Arc<Shared>) {
+/// Runs the engine until [`Cmd::Exit`] (or every sender is gone). `models[0]` is the base
+/// model; the others (merged adapters) share its vocabulary.
+pub fn run(models: &[&LlamaModel], cfg: EngineConfig, rx: Receiver<Cmd>, shared: Arc<Shared>) {
+    let model = models[0];
     // Declared before the lanes so that they are dropped after every context.
     let mut adapters: HashMap<u64, Adapter<'_>> = HashMap::new();
     let mut unloading: Vec<u64> = Vec::new();
     let mut lanes: Vec<Lane<'_>> = Vec::new();
-    let mut embed_ctx: Option<Context<'_>> = None;
+    let mut embed_ctx: Option<(usize, Context<'_>)> = None;
     let mut waiting: VecDeque<Box<GenJob>> = VecDeque::new();
     let vocab = model.vocab();
     let mut piece = Vec::with_capacity(32);
@@ -210,7 +222,10 @@ pub fn run(model: &LlamaModel, cfg: EngineConfig, rx: Receiver<Cmd>, shared: Arc
             match cmd {
                 Cmd::Generate(job) => waiting.push_back(job),
                 Cmd::Embed(job) => {
-                    let r = embed(model, &cfg, &mut embed_ctx, &adapters, &job.inputs, &job.adapters);
+                    let r = match models.get(job.model) {
+                        Some(m) => embed(m, job.model, &cfg, &mut embed_ctx, &adapters, &job.inputs, &job.adapters),
+                        None => Err(Failure::Internal(format!("no model {}", job.model))),
+                    };
                     let _ = job.reply.send(r);
                 }
                 Cmd::LoadAdapter { id, path, reply } => {
@@ -245,12 +260,12 @@ pub fn run(model: &LlamaModel, cfg: EngineConfig, rx: Receiver<Cmd>, shared: Arc
 
         // 2. Unloads: drop lanes that use an unloading adapter once idle, then free it.
         if !unloading.is_empty() {
-            lanes.retain(|l| !(l.active() == 0 && l.key.iter().any(|(id, _)| unloading.contains(id))));
-            if let Some(ctx) = embed_ctx.as_mut() {
+            lanes.retain(|l| !(l.active() == 0 && l.key.1.iter().any(|(id, _)| unloading.contains(id))));
+            if let Some((_, ctx)) = embed_ctx.as_mut() {
                 let _ = ctx.set_adapters(&[]);
             }
             unloading.retain(|id| {
-                let in_use = lanes.iter().any(|l| l.key.iter().any(|(a, _)| a == id));
+                let in_use = lanes.iter().any(|l| l.key.1.iter().any(|(a, _)| a == id));
                 if !in_use {
                     adapters.remove(id);
                 }
@@ -276,7 +291,7 @@ pub fn run(model: &LlamaModel, cfg: EngineConfig, rx: Receiver<Cmd>, shared: Arc
                 fail(&job, Failure::AdapterGone(job.adapter_names.get(gone).cloned().unwrap_or_default()));
                 continue;
             }
-            let key = lane_key(&job.adapters);
+            let key = lane_key(job.model, &job.adapters);
             let lane_idx = match lanes.iter().position(|l| l.key == key && !l.draining && l.free_slot().is_some()) {
                 Some(li) => Some(li),
                 None if lanes.iter().any(|l| l.key == key && !l.draining) => None, // lane full: wait
@@ -298,7 +313,11 @@ pub fn run(model: &LlamaModel, cfg: EngineConfig, rx: Receiver<Cmd>, shared: Arc
                         }
                     }
                     if lanes.len() < cfg.max_lanes {
-                        match new_lane(model, &cfg, &adapters, &job.adapters, key) {
+                        let lane = match models.get(job.model) {
+                            Some(m) => new_lane(m, &cfg, &adapters, &job.adapters, key),
+                            None => Err(format!("no model {}", job.model)),
+                        };
+                        match lane {
                             Ok(l) => {
                                 lanes.push(l);
                                 Some(lanes.len() - 1)
@@ -495,7 +514,7 @@ fn new_lane<'m>(
     cfg: &EngineConfig,
     adapters: &HashMap<u64, Adapter<'m>>,
     set: &[(u64, f32)],
-    key: Vec<(u64, u32)>,
+    key: LaneKey,
 ) -> Result<Lane<'m>, String> {
     let ccfg = ContextConfig {
         n_ctx_seq: cfg.n_ctx_seq,
@@ -527,17 +546,19 @@ fn apply<'m>(ctx: &mut Context<'m>, adapters: &HashMap<u64, Adapter<'m>>, set: &
 
 fn embed<'m>(
     model: &'m LlamaModel,
+    model_idx: usize,
     cfg: &EngineConfig,
-    ctx: &mut Option<Context<'m>>,
+    ctx: &mut Option<(usize, Context<'m>)>,
     adapters: &HashMap<u64, Adapter<'m>>,
     inputs: &[Vec<LlamaToken>],
     set: &[(u64, f32)],
 ) -> Result<Vec<Vec<f32>>, Failure> {
-    if ctx.is_none() {
+    if ctx.as_ref().is_none_or(|(m, _)| *m != model_idx) {
+        *ctx = None; // free the other model's context first
         let ccfg = ContextConfig { n_ctx_seq: cfg.n_ctx_seq, n_seq: 1, n_batch: cfg.n_ctx_seq, threads: cfg.threads, embeddings: true };
-        *ctx = Some(Context::new(model, ccfg).map_err(|e| Failure::Internal(e.to_string()))?);
+        *ctx = Some((model_idx, Context::new(model, ccfg).map_err(|e| Failure::Internal(e.to_string()))?));
     }
-    let ctx = ctx.as_mut().expect("created above");
+    let (_, ctx) = ctx.as_mut().expect("created above");
     apply(ctx, adapters, set).map_err(Failure::Internal)?;
     let mut batch = Batch::new(cfg.n_ctx_seq as usize, 1);
     let mut out = Vec::with_capacity(inputs.len());
@@ -569,7 +590,8 @@ mod tests {
 
     #[test]
     fn lane_key_tells_scales_apart() {
-        assert_ne!(lane_key(&[(1, 1.0)]), lane_key(&[(1, 0.5)]));
-        assert_eq!(lane_key(&[(1, 1.0), (2, 0.5)]), lane_key(&[(1, 1.0), (2, 0.5)]));
+        assert_ne!(lane_key(0, &[(1, 1.0)]), lane_key(0, &[(1, 0.5)]));
+        assert_eq!(lane_key(0, &[(1, 1.0), (2, 0.5)]), lane_key(0, &[(1, 1.0), (2, 0.5)]));
+        assert_ne!(lane_key(0, &[]), lane_key(1, &[]));
     }
 }

@@ -172,6 +172,8 @@ fn opt_str<'a>(m: &'a Map<String, Value>, k: &str) -> Result<Option<&'a str>, Ap
 /// What a generation request asks for, after validation.
 struct GenParams {
     model: String,
+    /// Engine model index (0 = base; a merged adapter's own copy otherwise).
+    model_idx: usize,
     adapters: Vec<(u64, f32)>,
     adapter_names: Vec<String>,
     sampling: Sampling,
@@ -182,14 +184,19 @@ struct GenParams {
 
 /// Resolves `model` and `adapters` into the adapter set: `model` is the base model's name,
 /// `"base"`, or an adapter's name (applied at scale 1); `adapters` stacks more, each
-/// `{"name": .., "scale": ..}` (scale default 1).
-fn resolve_adapters(st: &AppState, m: &Map<String, Value>) -> Result<(String, Vec<(u64, f32)>, Vec<String>), ApiError> {
+/// `{"name": .., "scale": ..}` (scale default 1). A merged adapter (`--merge-adapters`) is a
+/// model of its own: it is chosen through `model` and cannot be stacked.
+fn resolve_adapters(st: &AppState, m: &Map<String, Value>) -> Result<(String, usize, Vec<(u64, f32)>, Vec<String>), ApiError> {
     let model = opt_str(m, "model")?.unwrap_or("base").to_string();
     let reg = st.registry();
     let mut set: Vec<(u64, f32, String)> = Vec::new();
+    let mut model_idx = 0;
     if model != "base" && model != st.base_name {
         match reg.by_name.get(&model) {
-            Some(e) => set.push((e.id, 1.0, model.clone())),
+            Some(e) => match e.merged {
+                Some(idx) => model_idx = idx,
+                None => set.push((e.id, 1.0, model.clone())),
+            },
             None => return Err(ApiError::not_found_model(&model)),
         }
     }
@@ -217,6 +224,10 @@ fn resolve_adapters(st: &AppState, m: &Map<String, Value>) -> Result<(String, Ve
                     e.param = Some(p.clone());
                     e
                 })?;
+                if e.merged.is_some() || model_idx != 0 {
+                    let merged = if e.merged.is_some() { name } else { model.as_str() };
+                    return Err(ApiError::bad(&p, format!("adapter `{merged}` is served merged into its own model copy (--merge-adapters) and cannot be stacked with other adapters")).code("adapter_merged"));
+                }
                 if set.iter().any(|(id, _, _)| *id == e.id) {
                     return Err(ApiError::bad(&p, format!("adapter `{name}` is listed twice (the `model` counts)")));
                 }
@@ -227,11 +238,11 @@ fn resolve_adapters(st: &AppState, m: &Map<String, Value>) -> Result<(String, Ve
     }
     set.sort_by_key(|(id, _, _)| *id);
     let names = set.iter().map(|(_, _, n)| n.clone()).collect();
-    Ok((model, set.into_iter().map(|(id, s, _)| (id, s)).collect(), names))
+    Ok((model, model_idx, set.into_iter().map(|(id, s, _)| (id, s)).collect(), names))
 }
 
 fn gen_params(st: &AppState, m: &Map<String, Value>) -> Result<GenParams, ApiError> {
-    let (model, adapters, adapter_names) = resolve_adapters(st, m)?;
+    let (model, model_idx, adapters, adapter_names) = resolve_adapters(st, m)?;
     if let Some(n) = opt_i64(m, "n")? {
         if n != 1 {
             return Err(ApiError::bad("n", format!("`n` {n}: only n = 1 is supported")));
@@ -301,6 +312,7 @@ fn gen_params(st: &AppState, m: &Map<String, Value>) -> Result<GenParams, ApiErr
     };
     Ok(GenParams {
         model,
+        model_idx,
         adapters,
         adapter_names,
         sampling: Sampling {
@@ -511,6 +523,7 @@ async fn generate(st: St, kind: Kind, mut p: GenParams, toks: Vec<llama_cpp_2::t
     let n_prompt = toks.len();
     let job = GenJob {
         tokens: toks,
+        model: p.model_idx,
         adapters: p.adapters.clone(),
         adapter_names: p.adapter_names.clone(),
         sampling: p.sampling.clone(),
@@ -724,7 +737,7 @@ fn base64(bytes: &[u8]) -> String {
 
 async fn embeddings(State(st): State<St>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let m = parse_body(body)?;
-    let (model, adapters, _) = resolve_adapters(&st, &m)?;
+    let (model, model_idx, adapters, _) = resolve_adapters(&st, &m)?;
     let b64 = match opt_str(&m, "encoding_format")? {
         None | Some("float") => false,
         Some("base64") => true,
@@ -763,7 +776,7 @@ async fn embeddings(State(st): State<St>, body: Result<Bytes, BytesRejection>) -
     }
     let n_tokens: usize = inputs.iter().map(Vec::len).sum();
     let (rtx, rrx) = oneshot::channel();
-    st.send(Cmd::Embed(Box::new(EmbedJob { inputs, adapters, reply: rtx })))?;
+    st.send(Cmd::Embed(Box::new(EmbedJob { inputs, model: model_idx, adapters, reply: rtx })))?;
     let vecs = rrx.await.map_err(|_| ApiError::server("the inference thread stopped"))?.map_err(ApiError::from_failure)?;
     let data: Vec<Value> = vecs
         .iter()
@@ -792,10 +805,16 @@ fn model_obj(st: &AppState, id: &str, parent: Option<&str>, created: u64, path: 
     v
 }
 
+fn adapter_obj(st: &AppState, id: &str, e: &super::adapters::AdapterEntry) -> Value {
+    let mut v = model_obj(st, id, Some(&st.base_name), e.created, Some(&e.path));
+    v["merged"] = json!(e.merged.is_some());
+    v
+}
+
 async fn list_models(State(st): State<St>) -> Response {
     let mut data = vec![model_obj(&st, &st.base_name, None, st.created, None)];
     for (name, e) in &st.registry().by_name {
-        data.push(model_obj(&st, name, Some(&st.base_name), e.created, Some(&e.path)));
+        data.push(adapter_obj(&st, name, e));
     }
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
@@ -806,7 +825,7 @@ async fn get_model(State(st): State<St>, UrlPath(id): UrlPath<String>) -> Result
     }
     let reg = st.registry();
     let e = reg.by_name.get(&id).ok_or_else(|| ApiError::not_found_model(&id))?;
-    Ok(axum::Json(model_obj(&st, &id, Some(&st.base_name), e.created, Some(&e.path))).into_response())
+    Ok(axum::Json(adapter_obj(&st, &id, e)).into_response())
 }
 
 async fn load_adapter(State(st): State<St>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
@@ -840,15 +859,18 @@ async fn load_adapter(State(st): State<St>, body: Result<Bytes, BytesRejection>)
             st.send(Cmd::UnloadAdapter { id })?;
             return Err(ApiError::new(StatusCode::CONFLICT, "invalid_request_error", format!("an adapter named `{name}` was loaded meanwhile")).code("adapter_exists"));
         }
-        reg.by_name.insert(name.clone(), super::adapters::AdapterEntry { id, path: real.clone(), created });
+        reg.by_name.insert(name.clone(), super::adapters::AdapterEntry { id, path: real.clone(), created, merged: None });
     }
     eprintln!("grit serve: adapter {name} ← {}", real.display());
-    let mut r = (StatusCode::CREATED, axum::Json(model_obj(&st, &name, Some(&st.base_name), created, Some(&real)))).into_response();
+    let mut r = (StatusCode::CREATED, axum::Json(adapter_obj(&st, &name, &super::adapters::AdapterEntry { id, path: real.clone(), created, merged: None }))).into_response();
     r.extensions_mut().insert(LogNote(format!("loaded {name}")));
     Ok(r)
 }
 
 async fn unload_adapter(State(st): State<St>, UrlPath(name): UrlPath<String>) -> Result<Response, ApiError> {
+    if st.registry().by_name.get(&name).is_some_and(|e| e.merged.is_some()) {
+        return Err(ApiError::new(StatusCode::CONFLICT, "invalid_request_error", format!("adapter `{name}` is served merged (--merge-adapters): its model copy stays until the server stops")).code("adapter_merged"));
+    }
     let e = st.registry_mut().by_name.remove(&name).ok_or_else(|| {
         let mut e = ApiError::not_found_model(&name);
         e.message = format!("no adapter named `{name}` is loaded");
@@ -861,7 +883,7 @@ async fn unload_adapter(State(st): State<St>, UrlPath(name): UrlPath<String>) ->
 }
 
 async fn list_adapters(State(st): State<St>) -> Response {
-    let data: Vec<Value> = st.registry().by_name.iter().map(|(n, e)| model_obj(&st, n, Some(&st.base_name), e.created, Some(&e.path))).collect();
+    let data: Vec<Value> = st.registry().by_name.iter().map(|(n, e)| adapter_obj(&st, n, e)).collect();
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 

@@ -52,6 +52,9 @@ pub struct ServeConfig {
     pub shutdown_grace: Duration,
     /// `NAME=PATH` adapters loaded at start.
     pub adapters: Vec<(String, PathBuf)>,
+    /// `Some(type)`: every start adapter is merged into its own copy of the base (tensors of
+    /// this type) and served as a model of its own, instead of being applied at runtime.
+    pub merge: Option<crate::adapter::merge::MergeType>,
     /// The only folder runtime loads (`POST /v1/adapters`) may read from.
     pub adapter_dir: Option<PathBuf>,
     /// Context length per request (prompt + completion); 0 = the model's, capped at 4096.
@@ -91,6 +94,35 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         }
     }
     let model = Arc::new(Model::load(&cfg.model, &LoadOptions { n_gpu_layers: cfg.gpu_layers })?);
+    let base_name = cfg.model_name.clone().unwrap_or_else(|| {
+        let f = cfg.model.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+        f.strip_suffix(".gguf").map(str::to_string).unwrap_or(f)
+    });
+    for (name, path) in &cfg.adapters {
+        adapters::check_name(name, &[base_name.as_str(), "base"])
+            .map_err(|msg| ServeError::Adapter { name: name.clone(), path: path.clone(), msg })?;
+    }
+    // --merge-adapters: each start adapter becomes a merged model copy (index 1, 2, ...).
+    let mut models = vec![model.clone()];
+    let mut merged: Vec<(String, PathBuf, usize)> = Vec::new();
+    let _merge_dir = match cfg.merge {
+        None => None,
+        Some(ty) => {
+            let dir = TempDir::new()?;
+            for (name, path) in &cfg.adapters {
+                let err = |msg: String| ServeError::Adapter { name: name.clone(), path: path.clone(), msg };
+                let t0 = std::time::Instant::now();
+                let ad = crate::adapter::load_any(path, Some(&cfg.model)).map_err(|e| err(e.to_string()))?;
+                let out = dir.0.join(format!("{name}.gguf"));
+                crate::adapter::merge::merge(&cfg.model, &ad, 1.0, ty, false, &out).map_err(|e| err(e.to_string()))?;
+                let m = Model::load(&out, &LoadOptions { n_gpu_layers: cfg.gpu_layers }).map_err(|e| err(e.to_string()))?;
+                models.push(Arc::new(m));
+                merged.push((name.clone(), path.clone(), models.len() - 1));
+                eprintln!("grit serve: adapter {name} ← {} (merged, {ty:?} tensors, {:.1} s)", path.display(), t0.elapsed().as_secs_f64());
+            }
+            Some(dir)
+        }
+    };
     let n_ctx_train = model.inner.n_ctx_train();
     let n_ctx = if cfg.n_ctx > 0 { cfg.n_ctx } else { n_ctx_train.clamp(256, 4096) };
     // llama.cpp rounds each sequence's context up to a multiple of 256.
@@ -104,20 +136,19 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         threads: crate::infer::resolve_threads(cfg.threads),
     };
     let (tx, rx) = std::sync::mpsc::channel();
-    let engine_model = model.clone();
+    let engine_models = models.clone();
     let engine_shared = shared.clone();
-    let engine = std::thread::Builder::new()
-        .name("grit-engine".into())
-        .spawn(move || engine::run(&engine_model.inner, ecfg, rx, engine_shared))?;
+    let engine = std::thread::Builder::new().name("grit-engine".into()).spawn(move || {
+        let refs: Vec<&llama_cpp_2::model::LlamaModel> = engine_models.iter().map(|m| &m.inner).collect();
+        engine::run(&refs, ecfg, rx, engine_shared)
+    })?;
 
-    let base_name = cfg.model_name.clone().unwrap_or_else(|| {
-        let f = cfg.model.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
-        f.strip_suffix(".gguf").map(str::to_string).unwrap_or(f)
-    });
     let mut registry = adapters::Registry::default();
-    for (name, path) in &cfg.adapters {
-        adapters::check_name(name, &[base_name.as_str(), "base"])
-            .map_err(|msg| ServeError::Adapter { name: name.clone(), path: path.clone(), msg })?;
+    for (name, path, idx) in merged {
+        let id = registry.next_id();
+        registry.by_name.insert(name, adapters::AdapterEntry { id, path, created: http::unix_now(), merged: Some(idx) });
+    }
+    for (name, path) in cfg.adapters.iter().filter(|_| cfg.merge.is_none()) {
         crate::gguf::GgufFile::open(path).map_err(|e| ServeError::Adapter { name: name.clone(), path: path.clone(), msg: e.to_string() })?;
         let id = registry.next_id();
         let (rtx, rrx) = tokio::sync::oneshot::channel();
@@ -127,7 +158,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             Ok(Err(msg)) => return Err(ServeError::Adapter { name: name.clone(), path: path.clone(), msg }),
             Err(_) => return Err(ServeError::Option("the inference thread stopped".into())),
         }
-        registry.by_name.insert(name.clone(), adapters::AdapterEntry { id, path: path.clone(), created: http::unix_now() });
+        registry.by_name.insert(name.clone(), adapters::AdapterEntry { id, path: path.clone(), created: http::unix_now(), merged: None });
         eprintln!("grit serve: adapter {name} ← {}", path.display());
     }
 
@@ -151,4 +182,28 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     let _ = tx.send(engine::Cmd::Exit);
     let _ = engine.join();
     res
+}
+
+/// A private folder for merged model copies, removed when the server stops.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> std::io::Result<Self> {
+        let base = std::env::temp_dir();
+        for i in 0..100u32 {
+            let d = base.join(format!("grit-serve-{}-{i}", std::process::id()));
+            match std::fs::create_dir(&d) {
+                Ok(()) => return Ok(TempDir(d)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(std::io::Error::other("cannot create a temporary folder for merged adapters"))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
