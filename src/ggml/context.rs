@@ -915,6 +915,32 @@ impl<'a> Graph<'a> {
         // SAFETY: the graph lives in a context that outlives 'a.
         unsafe { sys::ggml_graph_n_nodes(self.raw()) as usize }
     }
+    /// Flags every computed node of at most `max_bytes` (not a view, not already an input or
+    /// output) as an output, so that ggml's allocator never frees it; returns how many and
+    /// their bytes. ggml's dynamic allocator keeps at most 256 free blocks per buffer chunk
+    /// and aborts the process beyond that (`GGML_ASSERT … "out of free blocks"`): a training
+    /// graph whose modules have many different ranks frees thousands of small tensors of many
+    /// sizes between large ones, which fragments the free list past that limit (seen after a
+    /// GRIT rank cut). Small tensors that stay allocated cannot fragment it.
+    pub fn keep_small_nodes(&self, max_bytes: usize) -> (usize, usize) {
+        let (mut n, mut bytes) = (0, 0);
+        for i in 0..self.n_nodes() {
+            let t = self.node(i);
+            // SAFETY: live node; reads two fields.
+            let (view, flags) = unsafe { (!(*t.raw()).view_src.is_null(), (*t.raw()).flags) };
+            if view || flags & (sys::GGML_TENSOR_FLAG_INPUT | sys::GGML_TENSOR_FLAG_OUTPUT) as i32 != 0 {
+                continue;
+            }
+            let nb = t.n_bytes();
+            if nb <= max_bytes {
+                t.set_output();
+                n += 1;
+                bytes += nb;
+            }
+        }
+        (n, bytes)
+    }
+
     /// Node `i` (0 ≤ i < n_nodes).
     pub fn node(&self, i: usize) -> Tensor<'a> {
         assert!(i < self.n_nodes(), "graph node {i} of {}", self.n_nodes());

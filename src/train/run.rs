@@ -367,10 +367,12 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
         if !memory_checked {
             memory_checked = true;
             eprintln!(
-                "grit: step graph: {} nodes; frozen backward rewritten: {} with persistent copies, {} transient",
+                "grit: step graph: {} nodes; frozen backward rewritten: {} with persistent copies, {} transient; {} small nodes kept allocated ({:.1} MiB)",
                 sg.graph.n_nodes(),
                 sg.rewritten.0,
-                sg.rewritten.1
+                sg.rewritten.1,
+                sg.kept.0,
+                sg.kept.1 as f64 / (1 << 20) as f64
             );
             drop(backend.compute(&sg.graph)?);
             let compute = backend.compute_buffer_bytes();

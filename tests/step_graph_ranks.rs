@@ -1,0 +1,81 @@
+//! A step graph whose modules have many different ranks allocates and runs: this exact rank
+//! mix (a GRIT run's ranks after its third cut, Hamlet, λ_rel 10) once aborted the process
+//! inside ggml's allocator ("out of free blocks") until small nodes were kept allocated.
+
+use grit::ggml::{Backend, Context};
+use grit::gguf::GgufFile;
+use grit::grit::GritConfig;
+use grit::model::{LoraSet, Outputs, Target, TrainGraph, Weights};
+use grit::train::config::WeightCopies;
+use grit::train::copies::FrozenCopies;
+use grit::train::engine::{self, OptState, StepGraph};
+
+/// Ranks per layer, one hex digit per module in `Target::ALL` order.
+const RANKS: &str = "4444457 4444988 5444994 4444999 454487a 4664557 4444556 6644577 6544546 4444544 4444447 4445454 4444448 4446456 4444444 4444444 4444444 4444444 4444444 4444444 4444444 4444444 4444444 6644444 4444444 4444444 4444444 4444444 4444444 4444444";
+
+#[test]
+fn many_distinct_ranks_do_not_fragment_the_allocator() {
+    let model = grit::fetch::ensure_default_model().unwrap();
+    let mut backend = Backend::cpu(2).unwrap();
+    let weights = Weights::load(&GgufFile::open(&model).unwrap(), &backend).unwrap();
+    let scale = 32.0 / 16.0;
+    let mut specs = Vec::new();
+    for (layer, digits) in RANKS.split(' ').enumerate() {
+        for (t, c) in Target::ALL.iter().zip(digits.chars()) {
+            specs.push((layer, *t, c.to_digit(16).unwrap() as usize, scale));
+        }
+    }
+    let lora = LoraSet::with_modules(&weights, &specs, &backend).unwrap();
+    let opt = OptState::new(&lora, &backend).unwrap();
+    let copies = FrozenCopies::build(&weights, WeightCopies::F16, false, &backend).unwrap();
+    let ctx = Context::new(engine::step_capacity(&weights, &lora)).unwrap();
+    let grit = GritConfig::default();
+    let sg = StepGraph::build_with(&ctx, &weights, &lora, &copies, &opt, 256, 256, Some(&grit), false);
+    let run = backend.compute(&sg.graph);
+    assert!(run.is_ok(), "allocation failed: {:?}", run.err());
+    drop(run);
+    eprintln!("kept {} small nodes ({} KiB); compute buffer {} MiB", sg.kept.0, sg.kept.1 >> 10, backend.compute_buffer_bytes() >> 20);
+    assert!(sg.kept.0 > 0);
+    // The evaluation graph and GRIT's optimizer graph (preconditioning, grafting) of the same
+    // adapter allocate too.
+    let ectx = Context::new(engine::eval_capacity(&weights, &lora)).unwrap();
+    let eval = TrainGraph::build(&ectx, &weights, Some(&lora), 256, Outputs::Rows(255), true);
+    assert!(backend.compute(&eval.graph).is_ok());
+    let octx = Context::new(engine::opt_capacity(&lora)).unwrap();
+    let og = engine::OptGraph::build_grit(&octx, &lora, &opt, 1, 1.0, true, true);
+    assert!(backend.compute(&og.graph).is_ok());
+}
+
+/// Random rank mixes like GRIT's after a few cuts (most modules at the minimum, the rest
+/// spread up to 16; a few token counts): every step graph allocates.
+#[test]
+fn random_rank_mixes_allocate() {
+    let model = grit::fetch::ensure_default_model().unwrap();
+    let backend0 = Backend::cpu(2).unwrap();
+    let weights = Weights::load(&GgufFile::open(&model).unwrap(), &backend0).unwrap();
+    let copies = FrozenCopies::build(&weights, WeightCopies::F16, false, &backend0).unwrap();
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for (case, n_tokens) in [256usize, 128, 200, 256, 64, 256].into_iter().enumerate() {
+        let mut specs = Vec::new();
+        for layer in 0..30 {
+            for t in Target::ALL {
+                let x = next();
+                let rank = if x % 4 != 0 { 4 } else { 4 + ((x >> 8) % 13) as usize };
+                specs.push((layer, t, rank, 2.0));
+            }
+        }
+        let lora = LoraSet::with_modules(&weights, &specs, &backend0).unwrap();
+        let opt = OptState::new(&lora, &backend0).unwrap();
+        let ctx = Context::new(engine::step_capacity(&weights, &lora)).unwrap();
+        let grit = GritConfig::default();
+        let sg = StepGraph::build_with(&ctx, &weights, &lora, &copies, &opt, n_tokens, n_tokens - 1, Some(&grit).filter(|_| case % 2 == 0), false);
+        let mut backend = Backend::cpu(2).unwrap();
+        assert!(backend.compute(&sg.graph).is_ok(), "case {case}: allocation failed");
+    }
+}
