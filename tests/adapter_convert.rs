@@ -219,12 +219,12 @@ fn adapter_errors_are_clear() {
     g.set_str("general.type", "adapter");
     g.set_str("adapter.type", "lora");
     g.set_f32("adapter.lora.alpha", 0.0);
-    g.add_tensor("blk.0.attn_q.weight.lora_a", Type::Q8_0, &[128, 2], grit::ggml::quantize(Type::Q8_0, &[0.25; 256], 128).unwrap()).unwrap();
+    g.add_tensor("blk.0.attn_q.weight.lora_a", Type::Q4_0, &[128, 2], grit::ggml::quantize(Type::Q4_0, &[0.25; 256], 128).unwrap()).unwrap();
     g.add_f32("blk.0.attn_q.weight.lora_b", &[2, 128], &[0.0; 256]).unwrap();
-    let q8 = dir.path().join("q8.gguf");
-    g.write(&q8).unwrap();
-    fails(&["inspect", &s(&q8)], &["blk.0.attn_q.weight.lora_a", "q8_0"]);
-    fails(&["merge", "--model", &s(&model), "--adapter", &s(&q8), "--out", &out("m3.gguf")], &["q8_0"]);
+    let q4 = dir.path().join("q4.gguf");
+    g.write(&q4).unwrap();
+    fails(&["inspect", &s(&q4)], &["blk.0.attn_q.weight.lora_a", "q4_0"]);
+    fails(&["merge", "--model", &s(&model), "--adapter", &s(&q4), "--out", &out("m3.gguf")], &["q4_0"]);
     // Not an adapter at all; a PEFT folder without grit's metadata and without --model.
     fails(&["export", &s(&model), "--to", "peft", &out("p3")], &["not a LoRA adapter", "general.type"]);
     let bare = dir.path().join("peft-bare");
@@ -264,4 +264,27 @@ fn adapter_errors_are_clear() {
     let o = gen(&other, true);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--strict"));
+}
+
+#[test]
+fn q8_0_adapters_are_small_and_keep_their_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let (mixed, _) = write_adapters(&model, dir.path());
+    let q8 = dir.path().join("q8.gguf");
+    ok(grit().args(["export", mixed.to_str().unwrap(), q8.to_str().unwrap(), "--to", "gguf", "--dtype", "q8_0"]).output().unwrap());
+    let (a, b) = (Adapter::read_gguf(&mixed).unwrap(), Adapter::read_gguf(&q8).unwrap());
+    assert_eq!(a.modules.len(), b.modules.len());
+    for (x, y) in a.modules.iter().zip(&b.modules) {
+        assert_eq!((x.rank, x.d_in, x.d_out), (y.rank, y.d_in, y.d_out));
+        let (ba, bb) = (x.b.iter().map(|v| v * x.scale).collect::<Vec<_>>(), y.b.iter().map(|v| v * y.scale).collect::<Vec<_>>());
+        for (u, v) in [(&x.a, &y.a), (&ba, &bb)] {
+            let max = u.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = u.iter().zip(v.iter()).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(err <= max / 100.0, "{}: max error {err} vs max |value| {max}", x.base);
+        }
+    }
+    let v: serde_json::Value = serde_json::from_slice(&ok(grit().args(["inspect", "--json", q8.to_str().unwrap()]).output().unwrap()).stdout).unwrap();
+    assert!(v["dtypes"].as_object().unwrap().keys().any(|k| k.starts_with("q8_0")), "{v}");
+    assert!(std::fs::metadata(&q8).unwrap().len() * 2 < std::fs::metadata(&mixed).unwrap().len());
 }

@@ -48,7 +48,7 @@ pub enum AdapterError {
     NotAdapter(PathBuf, String),
     #[error("{p}: {msg}", p = .0.display(), msg = .1)]
     Invalid(PathBuf, String),
-    #[error("{p}: tensor '{tensor}' has type {dtype}; adapters must be f32, f16 or bf16", p = .path.display())]
+    #[error("{p}: tensor '{tensor}' has type {dtype}; adapters must be f32, f16, bf16 or q8_0", p = .path.display())]
     Dtype { path: PathBuf, tensor: String, dtype: String },
     #[error("{p}: '{tensor}' has no {missing} (every LoRA module needs both halves)", p = .path.display())]
     MissingHalf { path: PathBuf, tensor: String, missing: &'static str },
@@ -69,6 +69,11 @@ fn io(p: &Path, e: impl ToString) -> AdapterError {
 pub enum AdapterDtype {
     F32,
     F16,
+    /// 8-bit blocks (Q8_0) where a tensor's rows are a multiple of 32 values (lora_a, and
+    /// lora_b at ranks that are multiples of 32), F16 otherwise: the smallest adapter that
+    /// keeps its effect (serving reads every adapter byte per token, so size is decode time).
+    #[value(name = "q8_0")]
+    Q8_0,
 }
 
 /// Where an adapter came from: recorded in the files grit writes (all optional when reading
@@ -338,7 +343,7 @@ impl Adapter {
         let mut read = |name: &str| -> Result<(Vec<f32>, [i64; 4], String), AdapterError> {
             let t = f.tensor(name).ok_or_else(|| AdapterError::Invalid(path.into(), format!("no tensor '{name}'")))?;
             let ty = Type(t.ggml_type);
-            if ![Type::F32, Type::F16, Type::BF16].contains(&ty) {
+            if ![Type::F32, Type::F16, Type::BF16, Type::Q8_0].contains(&ty) {
                 return Err(AdapterError::Dtype { path: path.into(), tensor: name.into(), dtype: t.type_name() });
             }
             let mut bytes = vec![0u8; t.size as usize];
@@ -434,14 +439,18 @@ impl Adapter {
         for (k, v) in self.provenance.pairs() {
             w.set_str(k, &v);
         }
-        let ty = match dtype {
+        // Element type of a tensor with rows of `n` values.
+        let ty = |n: usize| match dtype {
             AdapterDtype::F32 => Type::F32,
             AdapterDtype::F16 => Type::F16,
+            AdapterDtype::Q8_0 if n % 32 == 0 => Type::Q8_0,
+            AdapterDtype::Q8_0 => Type::F16,
         };
         for m in &self.modules {
             let b: Vec<f32> = if fold { m.b.iter().map(|x| x * m.scale).collect() } else { m.b.clone() };
-            w.add_tensor(&format!("{}.lora_a", m.base), ty, &[m.d_in as i64, m.rank as i64], crate::ggml::quantize(ty, &m.a, m.d_in)?)?;
-            w.add_tensor(&format!("{}.lora_b", m.base), ty, &[m.rank as i64, m.d_out as i64], crate::ggml::quantize(ty, &b, m.rank)?)?;
+            let (ta, tb) = (ty(m.d_in), ty(m.rank));
+            w.add_tensor(&format!("{}.lora_a", m.base), ta, &[m.d_in as i64, m.rank as i64], crate::ggml::quantize(ta, &m.a, m.d_in)?)?;
+            w.add_tensor(&format!("{}.lora_b", m.base), tb, &[m.rank as i64, m.d_out as i64], crate::ggml::quantize(tb, &b, m.rank)?)?;
         }
         write_gguf_atomic(&w, path)
     }

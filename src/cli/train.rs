@@ -154,7 +154,7 @@ pub struct TrainArgs {
     /// GRIT: damping relative to each factor's scale or absolute [default: relative].
     #[arg(long, value_enum, help_heading = "GRIT")]
     pub damping: Option<Damping>,
-    /// GRIT: λ_rel of relative damping [default: 1.0].
+    /// GRIT: λ_rel of relative damping [default: 10].
     #[arg(long, help_heading = "GRIT")]
     pub damping_rel: Option<f64>,
     /// GRIT: λ of absolute damping (or the floor of relative) [default: 1e-3 absolute, 0 relative].
