@@ -618,10 +618,10 @@ mod tests {
         w.set_str("general.architecture", "llama");
         w.set_str("general.type", "adapter");
         w.set_str("adapter.type", "lora");
-        w.add_tensor("blk.0.attn_q.weight.lora_a", Type::Q8_0, &[32, 2], crate::ggml::quantize(Type::Q8_0, &[0.5; 64], 32).unwrap()).unwrap();
+        w.add_tensor("blk.0.attn_q.weight.lora_a", Type::Q4_0, &[32, 2], crate::ggml::quantize(Type::Q4_0, &[0.5; 64], 32).unwrap()).unwrap();
         w.add_f32("blk.0.attn_q.weight.lora_b", &[2, 4], &[0.0; 8]).unwrap();
         w.write(&p).unwrap();
         let e = Adapter::read_gguf(&p).unwrap_err().to_string();
-        assert!(e.contains("q8_0") && e.contains("lora_a"), "{e}");
+        assert!(e.contains("q4_0") && e.contains("lora_a"), "{e}");
     }
 }

@@ -144,3 +144,15 @@ pub fn compiled_backends() -> Vec<&'static str> {
     }
     v
 }
+
+/// Restores the default SIGPIPE action (Rust ignores it), so that `grit … | head` ends grit
+/// quietly when the reader goes away instead of panicking on the next write to stdout.
+/// Called once at start-up by the binary, before any thread exists (not for `grit serve`).
+pub fn default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: signal() with a valid signal number and SIG_DFL; the caller runs it before
+    // starting threads.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}

@@ -105,9 +105,8 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     // --merge-adapters: each start adapter becomes a merged model copy (index 1, 2, ...).
     let mut models = vec![model.clone()];
     let mut merged: Vec<(String, PathBuf, usize)> = Vec::new();
-    let _merge_dir = match cfg.merge {
-        None => None,
-        Some(ty) => {
+    if let Some(ty) = cfg.merge {
+        {
             let dir = TempDir::new()?;
             for (name, path) in &cfg.adapters {
                 let err = |msg: String| ServeError::Adapter { name: name.clone(), path: path.clone(), msg };
@@ -120,9 +119,12 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
                 merged.push((name.clone(), path.clone(), models.len() - 1));
                 eprintln!("grit serve: adapter {name} ← {} (merged, {ty:?} tensors, {:.1} s)", path.display(), t0.elapsed().as_secs_f64());
             }
-            Some(dir)
+            // The merged files go as soon as they are loaded, so nothing is left behind even
+            // if the server is killed: llama.cpp has mapped or read them, and on Unix a
+            // mapping outlives the file's name.
+            drop(dir);
         }
-    };
+    }
     let n_ctx_train = model.inner.n_ctx_train();
     let n_ctx = if cfg.n_ctx > 0 { cfg.n_ctx } else { n_ctx_train.clamp(256, 4096) };
     // llama.cpp rounds each sequence's context up to a multiple of 256.
