@@ -11,7 +11,6 @@
 //!
 //! Usage: adapter_logits MODEL.gguf ADAPTER.gguf TEXT_FILE N OUT_DIR
 
-use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 
 use grit::adapter::Adapter;
@@ -19,37 +18,6 @@ use grit::ggml::{Backend, Context};
 use grit::gguf::GgufFile;
 use grit::infer::{LoadOptions, Model};
 use grit::model::{Batch, Outputs, TrainGraph, Weights};
-use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
-use llama_cpp_2::llama_batch::LlamaBatch;
-use llama_cpp_2::token::LlamaToken;
-
-fn llama_logits(model: &mut Model, adapter: Option<&Path>, tokens: &[i32], threads: i32) -> anyhow::Result<Vec<f32>> {
-    let n = tokens.len();
-    let mut lora = match adapter {
-        Some(p) => Some(model.load_adapter(p)?),
-        None => None,
-    };
-    let n_ctx = n.next_multiple_of(256) as u32;
-    let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(n_ctx))
-        .with_n_batch(n_ctx)
-        .with_n_ubatch(n_ctx)
-        .with_n_threads(threads)
-        .with_n_threads_batch(threads)
-        .with_type_k(KvCacheType::F32)
-        .with_type_v(KvCacheType::F32)
-        .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED);
-    let mut ctx = model.inner.new_context(grit::llama::backend(), params)?;
-    if let Some(l) = lora.as_mut() {
-        ctx.lora_adapter_set(l, 1.0)?;
-    }
-    let mut batch = LlamaBatch::new(n, 1);
-    for (i, &t) in tokens.iter().enumerate() {
-        batch.add(LlamaToken(t), i as i32, &[0], true)?;
-    }
-    ctx.decode(&mut batch)?;
-    Ok((0..n).flat_map(|i| ctx.get_logits_ith(i as i32).to_vec()).collect())
-}
 
 fn write_f32(path: &Path, x: &[f32]) -> anyhow::Result<()> {
     let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -75,8 +43,8 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(toks.len() == n, "{} has only {} tokens", text_path.display(), toks.len());
     std::fs::write(out.join("tokens.json"), serde_json::to_vec(&toks)?)?;
 
-    write_f32(&out.join("base.f32"), &llama_logits(&mut model, None, &toks, threads)?)?;
-    write_f32(&out.join("llama.f32"), &llama_logits(&mut model, Some(&adapter_path), &toks, threads)?)?;
+    write_f32(&out.join("base.f32"), &model.logits_all(None, &toks, threads)?)?;
+    write_f32(&out.join("llama.f32"), &model.logits_all(Some(&adapter_path), &toks, threads)?)?;
 
     let file = GgufFile::open(&model_path)?;
     let mut backend = Backend::cpu(threads as usize)?;

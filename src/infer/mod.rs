@@ -97,6 +97,36 @@ impl Model {
         })
     }
 
+    /// llama.cpp's logits at every position ([n_tokens × n_vocab], row-major) of one sequence,
+    /// optionally with an adapter at scale 1, in one batch with an F32 KV cache and flash
+    /// attention off (as grit's training graph computes): the reference the parity tests and
+    /// `bench/adapter_logits.rs` compare against.
+    pub fn logits_all(&mut self, adapter: Option<&Path>, tokens: &[i32], threads: i32) -> Result<Vec<f32>, InferError> {
+        use llama_cpp_2::context::params::KvCacheType;
+        let n = tokens.len();
+        let mut lora = adapter.map(|p| self.load_adapter(p)).transpose()?;
+        let n_ctx = n.max(1).next_multiple_of(256) as u32;
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(n_ctx))
+            .with_n_batch(n_ctx)
+            .with_n_ubatch(n_ctx)
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads)
+            .with_type_k(KvCacheType::F32)
+            .with_type_v(KvCacheType::F32)
+            .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED);
+        let mut ctx = self.inner.new_context(crate::llama::backend(), params).map_err(|e| InferError::Context { n_ctx, msg: e.to_string() })?;
+        if let Some(l) = lora.as_mut() {
+            ctx.lora_adapter_set(l, 1.0).map_err(|e| InferError::Adapter { path: adapter.unwrap_or(Path::new("")).into(), msg: e.to_string() })?;
+        }
+        let mut batch = LlamaBatch::new(n, 1);
+        for (i, &t) in tokens.iter().enumerate() {
+            batch.add(LlamaToken(t), i as i32, &[0], true).map_err(|e| InferError::Decode { pos: i, msg: e.to_string() })?;
+        }
+        ctx.decode(&mut batch).map_err(|e| InferError::Decode { pos: 0, msg: e.to_string() })?;
+        Ok((0..n).flat_map(|i| ctx.get_logits_ith(i as i32).to_vec()).collect())
+    }
+
     /// Renders chat messages with the model's own template, ending with the assistant prefix.
     pub fn apply_chat(&self, messages: &[(String, String)]) -> Result<String, InferError> {
         let tmpl = self.inner.chat_template(None).map_err(|_| InferError::NoChatTemplate(self.path.clone()))?;

@@ -42,32 +42,7 @@ pub fn rows(out: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// llama.cpp's logits at every position ([n_tokens × n_vocab]) of one sequence, optionally
-/// with an adapter at scale 1: F32 KV cache, no flash attention, one batch.
+/// llama.cpp's logits at every position ([n_tokens × n_vocab]); see `Model::logits_all`.
 pub fn llama_cpp_logits(model: &mut grit::infer::Model, adapter: Option<&Path>, tokens: &[i32], threads: i32) -> Vec<f32> {
-    use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
-    use llama_cpp_2::llama_batch::LlamaBatch;
-    use llama_cpp_2::token::LlamaToken;
-    let n = tokens.len();
-    let mut lora = adapter.map(|p| model.load_adapter(p).expect("llama.cpp loads the adapter"));
-    let n_ctx = n.next_multiple_of(256) as u32;
-    let params = LlamaContextParams::default()
-        .with_n_ctx(std::num::NonZeroU32::new(n_ctx))
-        .with_n_batch(n_ctx)
-        .with_n_ubatch(n_ctx)
-        .with_n_threads(threads)
-        .with_n_threads_batch(threads)
-        .with_type_k(KvCacheType::F32)
-        .with_type_v(KvCacheType::F32)
-        .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED);
-    let mut ctx = model.inner.new_context(grit::llama::backend(), params).expect("llama.cpp context");
-    if let Some(l) = lora.as_mut() {
-        ctx.lora_adapter_set(l, 1.0).expect("set adapter");
-    }
-    let mut batch = LlamaBatch::new(n, 1);
-    for (i, &t) in tokens.iter().enumerate() {
-        batch.add(LlamaToken(t), i as i32, &[0], true).expect("batch add");
-    }
-    ctx.decode(&mut batch).expect("llama.cpp decode");
-    (0..n).flat_map(|i| ctx.get_logits_ith(i as i32).to_vec()).collect()
+    model.logits_all(adapter, tokens, threads).expect("llama.cpp logits")
 }
