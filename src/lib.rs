@@ -26,6 +26,7 @@ pub mod infer;
 pub mod llama;
 pub mod model;
 pub mod serve;
+pub mod tempdir;
 pub mod report;
 pub mod train;
 

@@ -378,13 +378,6 @@ pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport, EvalError> {
 }
 
 /// Removes a temporary folder when dropped.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A run's metrics.jsonl rows (unparseable lines are reported).
 pub fn read_metrics(run: &Path) -> Result<Vec<serde_json::Value>, EvalError> {
@@ -453,14 +446,14 @@ pub fn retention(opts: &EvalOptions, run: &Path) -> Result<EvalReport, EvalError
     }
     let arch = crate::gguf::GgufFile::open(&opts.model)?.architecture()?;
     let scale = cfg.scale_for_rank(cfg.rank);
-    let tmp = TempDir(std::env::temp_dir().join(format!("grit-retention-{}", std::process::id())));
-    std::fs::create_dir_all(&tmp.0).map_err(|e| EvalError::Retention(format!("{}: {e}", tmp.0.display())))?;
+    let tmp = crate::tempdir::TempDir::new_in(&std::env::temp_dir(), "grit-retention")
+        .map_err(|e| EvalError::Retention(format!("{}: {e}", std::env::temp_dir().display())))?;
     let run_name = run.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| run.display().to_string());
     let mut sources = Vec::new();
     for &s in &steps {
         let dir = crate::train::checkpoint::step_dir(&ck_dir, s);
         let ck = crate::train::checkpoint::Checkpoint::load(&dir).map_err(|e| EvalError::Retention(e.to_string()))?;
-        let path = tmp.0.join(format!("step-{s}.gguf"));
+        let path = tmp.path().join(format!("step-{s}.gguf"));
         drift::checkpoint_to_gguf(&ck, &arch, scale, &path)?;
         sources.push(Source { name: format!("{run_name}@{s}"), path, step: Some(s), train_tokens: Some(tokens_through(&metrics, s)), train_tokens_per_s: None });
     }
@@ -473,7 +466,7 @@ pub fn retention(opts: &EvalOptions, run: &Path) -> Result<EvalReport, EvalError
     let mut rows = evaluate_sources(opts, &sources)?;
     // The adapter paths of checkpoints point into the temporary folder: name the checkpoint.
     for (row, s) in rows.iter_mut().skip(1).zip(&sources) {
-        if s.path.starts_with(&tmp.0) {
+        if s.path.starts_with(tmp.path()) {
             row.adapter = s.step.map(|k| crate::train::checkpoint::step_dir(&ck_dir, k).display().to_string());
         }
     }

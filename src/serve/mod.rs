@@ -107,12 +107,12 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     let mut merged: Vec<(String, PathBuf, usize)> = Vec::new();
     if let Some(ty) = cfg.merge {
         {
-            let dir = TempDir::new()?;
+            let dir = crate::tempdir::TempDir::new_in(&std::env::temp_dir(), "grit-serve")?;
             for (name, path) in &cfg.adapters {
                 let err = |msg: String| ServeError::Adapter { name: name.clone(), path: path.clone(), msg };
                 let t0 = std::time::Instant::now();
                 let ad = crate::adapter::load_any(path, Some(&cfg.model)).map_err(|e| err(e.to_string()))?;
-                let out = dir.0.join(format!("{name}.gguf"));
+                let out = dir.path().join(format!("{name}.gguf"));
                 crate::adapter::merge::merge(&cfg.model, &ad, 1.0, ty, false, &out).map_err(|e| err(e.to_string()))?;
                 let m = Model::load(&out, &LoadOptions { n_gpu_layers: cfg.gpu_layers }).map_err(|e| err(e.to_string()))?;
                 models.push(Arc::new(m));
@@ -184,28 +184,4 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     let _ = tx.send(engine::Cmd::Exit);
     let _ = engine.join();
     res
-}
-
-/// A private folder for merged model copies, removed when the server stops.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> std::io::Result<Self> {
-        let base = std::env::temp_dir();
-        for i in 0..100u32 {
-            let d = base.join(format!("grit-serve-{}-{i}", std::process::id()));
-            match std::fs::create_dir(&d) {
-                Ok(()) => return Ok(TempDir(d)),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Err(std::io::Error::other("cannot create a temporary folder for merged adapters"))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
