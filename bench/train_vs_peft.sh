@@ -54,5 +54,5 @@ if stock:
     for c, _, med, _, _ in rows:
         if c != "stock":
             print(f"speedup of --weight-copies {c} over the stock out_prod backward: {stock[0][2]/med:.1f}x")
-print(f"targets: default (f16) >= 0.6x PEFT tokens/s at <= 0.5x its peak RSS; --weight-copies none <= 0.25x its peak RSS")
+print(f"targets: default (q8_0) >= 0.6x PEFT tokens/s at <= 0.5x its peak RSS; --weight-copies none <= 0.25x its peak RSS")
 PY

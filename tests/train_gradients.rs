@@ -10,8 +10,8 @@ use grit::ggml::{dequantize, Backend, Context, GgufWriter, Type};
 use grit::gguf::GgufFile;
 use grit::model::{write_tiny_model, Batch, LoraConfig, LoraSet, Outputs, TinySpec, TrainGraph, Weights};
 use grit::train::config::WeightCopies;
-use grit::train::copies::FrozenCopies;
-use grit::train::engine::{self, OptState, StepGraph};
+use grit::train::copies::{Forward, FrozenCopies};
+use grit::train::engine::{self, OptState, StepGraph, StepOptions};
 
 fn tokenizer_source() -> std::path::PathBuf {
     grit::fetch::ensure_default_model().expect("default model (tokenizer source)")
@@ -59,19 +59,54 @@ fn loss(backend: &mut Backend, weights: &Weights, lora: &LoraSet, b: &Batch) -> 
     engine::eval_batch(backend, &g, b).unwrap() as f64
 }
 
+/// Accumulated gradients (A and B) per module.
+type Grads = Vec<(Vec<f32>, Vec<f32>)>;
+
 /// Runs one training micro-step; returns the accumulated gradients (A and B per module).
-fn step_grads(backend: &mut Backend, weights: &Weights, lora: &LoraSet, copies: &FrozenCopies, opt: &OptState, b: &Batch) -> Vec<(Vec<f32>, Vec<f32>)> {
+fn step_grads(backend: &mut Backend, weights: &Weights, lora: &LoraSet, copies: &FrozenCopies, opt: &OptState, b: &Batch) -> Grads {
+    step_grads_with(backend, weights, lora, copies, opt, b, StepOptions::default()).0
+}
+
+/// [`step_grads`] with step-graph options; also returns the backend's compute buffer bytes.
+fn step_grads_with(backend: &mut Backend, weights: &Weights, lora: &LoraSet, copies: &FrozenCopies, opt: &OptState, b: &Batch, o: StepOptions<'_>) -> (Grads, usize) {
     opt.zero_grads().unwrap();
     let ctx = Context::new(engine::step_capacity(weights, lora)).unwrap();
-    let sg = StepGraph::build(&ctx, weights, lora, copies, opt, b.n_tokens(), b.n_rows());
+    let sg = StepGraph::build_with(&ctx, weights, lora, copies, opt, b.n_tokens(), b.n_rows(), o);
     let expect = if copies.bytes() > 0 { (sg.rewritten.0, 0) } else { (0, sg.rewritten.1) };
     assert!(expect.0 + expect.1 > 0, "no frozen backward was rewritten");
     let mut run = backend.compute(&sg.graph).unwrap();
     sg.train.set_inputs(&mut run, b).unwrap();
-    run.write_f32(sg.loss_grad, &[1.0]).unwrap();
+    sg.set_seeds(&mut run).unwrap();
     run.run().unwrap();
     drop(run);
-    (0..lora.modules().len()).map(|i| (opt.read(i, 2).unwrap(), opt.read(i, 5).unwrap())).collect()
+    let bytes = backend.compute_buffer_bytes();
+    ((0..lora.modules().len()).map(|i| (opt.read(i, 2).unwrap(), opt.read(i, 5).unwrap())).collect(), bytes)
+}
+
+/// Activation recomputation (`--recompute`, the default with `--weight-copies none`) runs the
+/// same ops on the same inputs: the gradients must not change in a single bit, in the
+/// transient and in a persistent copy mode. (Its memory saving is checked on the default
+/// model in `step_graph_ranks.rs`; this tiny model's step is dominated by its logits.)
+#[test]
+fn recomputed_activations_give_identical_gradients() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny(dir.path(), Type::Q4_1, 11);
+    let mut backend = Backend::cpu(2).unwrap();
+    let weights = Weights::load(&GgufFile::open(&path).unwrap(), &backend).unwrap();
+    let lora = LoraSet::new(&weights, &LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() }, &backend).unwrap();
+    lora.randomize(5, 0.05, 0.05).unwrap();
+    lora.mark_params();
+    let opt = OptState::new(&lora, &backend).unwrap();
+    let b = batch();
+    for mode in [WeightCopies::None, WeightCopies::Q8_0] {
+        let copies = FrozenCopies::build(&weights, mode, false, &backend).unwrap();
+        let (kept, _) = step_grads_with(&mut backend, &weights, &lora, &copies, &opt, &b, StepOptions::default());
+        let (re, _) = step_grads_with(&mut backend, &weights, &lora, &copies, &opt, &b, StepOptions { recompute: true, ..Default::default() });
+        assert!(kept.iter().flat_map(|(a, b)| a.iter().chain(b)).any(|&g| g != 0.0), "{mode:?}: zero gradients");
+        for (i, (k, r)) in kept.iter().zip(&re).enumerate() {
+            assert!(k.0 == r.0 && k.1 == r.1, "{mode:?}: module {i}: recomputation changed the gradients");
+        }
+    }
 }
 
 /// Worst relative error of the largest gradient entries of layer 0's modules (whose
@@ -181,7 +216,9 @@ fn rewritten_backward_equals_stock_autodiff() {
         drop(run);
 
         for (mode, bound) in [(WeightCopies::F32, 1e-5f32), (WeightCopies::F16, 5e-3), (WeightCopies::None, 5e-3), (WeightCopies::Q8_0, 3e-2)] {
-            let copies = FrozenCopies::build(&weights, mode, false, &backend).unwrap();
+            // The stored weights in the forward, as stock autodiff multiplies them (the exact
+            // Q4_1 split rounds activations like Q4_0, not Q4_1: see the FD test for it).
+            let copies = FrozenCopies::build_with(&weights, mode, Forward::Stored, &backend).unwrap();
             let ours = step_grads(&mut backend, &weights, &lora, &copies, &opt, &b);
             // Per module and factor: ‖ours − stock‖ / ‖stock‖.
             let rel = |s: &[f32], o: &[f32]| {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::grit::{Damping, FactorNorm, KfacStats, Pairing, RankCut};
-use crate::train::config::{LrSchedule, Method, TrainConfig, WeightCopies};
+use crate::train::config::{LrSchedule, Method, Recompute, TrainConfig, WeightCopies};
 
 #[derive(Debug, Args, Default)]
 pub struct TrainArgs {
@@ -123,14 +123,20 @@ pub struct TrainArgs {
     /// Keep only the newest K checkpoints [default: all].
     #[arg(long)]
     pub keep_checkpoints: Option<usize>,
-    /// Compute copies of the frozen weights for the backward pass [default: f16].
+    /// Compute copies of the frozen weights for the backward pass [default: q8_0].
     #[arg(long, value_enum)]
     pub weight_copies: Option<WeightCopies>,
     /// Also run the forward on Q8_0 copies of weights whose type has no fast matmul kernel
-    /// (Q4_1, K-quants): ~10 % faster steps on Q4_1, but the adapter then trains against
-    /// requantized weights, not the stored ones it will be served with.
+    /// (Q5_0/Q5_1, K-quants): faster steps, but the adapter then trains against requantized
+    /// weights, not the stored ones it will be served with. (Q4_1 always runs as its exact,
+    /// faster Q4_0 + offsets split when copies are made.)
     #[arg(long)]
     pub forward_copy: bool,
+    /// Recompute each block's activations in the backward from the residual stream instead of
+    /// keeping them: about 45 % less step memory for one more forward pass per step
+    /// [default: auto = on with `--weight-copies none`].
+    #[arg(long, value_enum)]
+    pub recompute: Option<Recompute>,
     /// Train on prompt tokens too (no masking).
     #[arg(long)]
     pub train_on_prompt: bool,
@@ -221,7 +227,7 @@ impl TrainArgs {
         }
         set!(method, eval_split, targets, rank, alpha, dropout, lr, lr_schedule, warmup, weight_decay, max_grad_norm);
         set!(adam_beta1, adam_beta2, adam_eps, batch_size, grad_accum, max_seq_len, eval_every, eval_tokens, threads, seed);
-        set!(save_every, weight_copies);
+        set!(save_every, weight_copies, recompute);
         if self.model.is_some() {
             c.model = self.model.clone();
         }

@@ -43,6 +43,36 @@ impl BufferType {
         // SAFETY: returns a pointer to a static buffer type.
         BufferType(NonNull::new(unsafe { sys::ggml_backend_cpu_buffer_type() }).expect("no CPU buffer type"))
     }
+    /// The CPU backend's repacking buffer type ("CPU_REPACK"), if this build has one: weights
+    /// uploaded into it are rearranged for ggml's fastest matmul kernels (e.g. Q4_0 in 8×8
+    /// interleaved blocks on AVX2). Its tensors support only being `mul_mat`'s first operand.
+    pub fn cpu_repack() -> Option<Self> {
+        // SAFETY: the CPU registry and device are static; the proc address, when present, is
+        // ggml's `ggml_backend_dev_get_extra_bufts_t`, which returns a NULL-terminated array
+        // of static buffer types.
+        unsafe {
+            let reg = sys::ggml_backend_cpu_reg();
+            if reg.is_null() {
+                return None;
+            }
+            let dev = sys::ggml_backend_reg_dev_get(reg, 0);
+            let f = sys::ggml_backend_reg_get_proc_address(reg, c"ggml_backend_dev_get_extra_bufts".as_ptr());
+            if f.is_null() || dev.is_null() {
+                return None;
+            }
+            type ExtraBufts = unsafe extern "C" fn(sys::ggml_backend_dev_t) -> *mut sys::ggml_backend_buffer_type_t;
+            let f: ExtraBufts = std::mem::transmute(f);
+            let mut p = f(dev);
+            while !p.is_null() && !(*p).is_null() {
+                let b = BufferType(NonNull::new_unchecked(*p));
+                if b.name().contains("REPACK") {
+                    return Some(b);
+                }
+                p = p.add(1);
+            }
+            None
+        }
+    }
     pub fn name(self) -> String {
         // SAFETY: static buffer type; the name is a static NUL-terminated string.
         unsafe { cstr(sys::ggml_backend_buft_name(self.raw())) }

@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use llama_cpp_sys_2 as sys;
 
 use super::context::{Context, Graph, Tensor, Type};
+use super::recompute::Segments;
 
 /// How ∂L/∂x = Wᵀ·∂L/∂y is computed for one frozen weight.
 #[derive(Debug, Clone, Copy)]
@@ -35,16 +36,26 @@ pub struct FrozenMap<'a> {
     map: HashMap<usize, FrozenGrad<'a>>,
     /// Faster-to-multiply copies of frozen weights (same shape) for the forward pass.
     forward: HashMap<usize, Tensor<'a>>,
+    /// Exact splits W = W₀ + C·blocksum for the forward pass: (W₀ [d_in, d_out], C F32
+    /// [d_in/32, d_out]); see `train::copies::split_q4_1`.
+    split: HashMap<usize, (Tensor<'a>, Tensor<'a>)>,
 }
 
 impl<'a> FrozenMap<'a> {
     pub fn new() -> Self {
-        Self { map: HashMap::new(), forward: HashMap::new() }
+        Self { map: HashMap::new(), forward: HashMap::new(), split: HashMap::new() }
     }
     /// Uses `copy` (same shape as `w`, another type) wherever the forward multiplies by `w`.
     pub fn insert_forward(&mut self, w: Tensor<'a>, copy: Tensor<'a>) {
         assert_eq!(w.ne(), copy.ne(), "forward copy {copy:?} does not match {w:?}");
         self.forward.insert(w.raw() as usize, copy);
+    }
+    /// Computes `w·x` as `w0·x + c·s` wherever the forward multiplies by `w`, with s the sums
+    /// of x over blocks of 32 inputs: `w0` has w's shape, `c` is F32 [d_in/32, d_out].
+    pub fn insert_forward_split(&mut self, w: Tensor<'a>, w0: Tensor<'a>, c: Tensor<'a>) {
+        let ne = w.ne();
+        assert!(w0.ne() == ne && c.ne()[0] * 32 == ne[0] && c.ne()[1] == ne[1] && c.ty() == Type::F32, "split {w0:?} + {c:?} does not match {w:?}");
+        self.split.insert(w.raw() as usize, (w0, c));
     }
     pub fn insert(&mut self, w: Tensor<'a>, how: FrozenGrad<'a>) {
         if let FrozenGrad::Transposed(t) = how {
@@ -92,8 +103,10 @@ pub struct RewriteStats {
     pub transient: usize,
     /// Other 2-D OUT_PROD nodes (LoRA weight gradients) turned into MUL_MAT.
     pub out_prods: usize,
-    /// Forward MUL_MAT nodes switched to a faster copy of their weight.
+    /// Forward MUL_MAT nodes switched to a faster copy of their weight (or an exact split).
     pub forward: usize,
+    /// Forward nodes duplicated for recomputation in the backward.
+    pub recomputed: usize,
 }
 
 /// Rewrites the frozen-weight input gradients of `graph` (which must already hold its
@@ -104,9 +117,18 @@ pub struct RewriteStats {
 /// carry over: read the gradient tensors you need from the old graph first, and set the
 /// loss gradient (the old graph's `grad_acc(loss)`) to 1 yourself.
 pub fn rebuild_frozen_backward<'a>(ctx: &'a Context, graph: &Graph<'a>, frozen: &FrozenMap<'a>, extra: &[Tensor<'a>]) -> (Graph<'a>, RewriteStats) {
+    rebuild_backward(ctx, graph, frozen, extra, None)
+}
+
+/// [`rebuild_frozen_backward`], and with `recompute` (the boundaries of the forward's
+/// segments, e.g. the residual stream between blocks), every node outside the segments (the
+/// backward pass) reads duplicates of the segments' intermediate results instead of the
+/// originals (see [`Segments`]): activations are recomputed in the backward instead of kept.
+pub fn rebuild_backward<'a>(ctx: &'a Context, graph: &Graph<'a>, frozen: &FrozenMap<'a>, extra: &[Tensor<'a>], recompute: Option<&[Tensor<'a>]>) -> (Graph<'a>, RewriteStats) {
     let mut stats = RewriteStats::default();
     // Room for the old nodes, the new sources (≤ 2 per rewrite) and the extras.
-    let size = graph.size().max(graph.n_nodes() + 2 * frozen.len() * 8 + 128 + extra.len() + 16);
+    let dups = if recompute.is_some() { graph.n_nodes() } else { 0 };
+    let size = graph.size().max(graph.n_nodes() + 2 * frozen.len() * 8 + 6 * frozen.split.len() + 128 + extra.len() + 16 + dups);
     let mut out = ctx.new_graph(size, false);
     // Transposed copies made for the out_prod rewrite, shared by nodes with the same source
     // (q/k/v and gate/up read the same activations).
@@ -127,16 +149,43 @@ pub fn rebuild_frozen_backward<'a>(ctx: &'a Context, graph: &Graph<'a>, frozen: 
     for t in first {
         out.build_forward_expand(t);
     }
+    // The forward's frozen matmuls first (faster copies, exact splits), so that recomputed
+    // segments duplicate the rewritten forward.
+    let mut block_sums: HashMap<usize, Tensor<'a>> = HashMap::new();
     for i in 0..graph.n_nodes() {
         let node = graph.node(i);
-        if node.op() == sys::GGML_OP_MUL_MAT {
-            if let (Some(w), Some(x)) = (node.src(0), node.src(1)) {
-                if let Some(&copy) = frozen.forward.get(&(w.raw() as usize)) {
-                    // SAFETY: the copy has w's shape, so MUL_MAT(copy, x) has the node's
-                    // type and shape; the graph is not allocated while rebuilt.
-                    unsafe { node.rewrite_as_mul_mat(copy, x) };
-                    stats.forward += 1;
-                }
+        if node.op() != sys::GGML_OP_MUL_MAT {
+            continue;
+        }
+        let (Some(w), Some(x)) = (node.src(0), node.src(1)) else { continue };
+        if let Some(&copy) = frozen.forward.get(&(w.raw() as usize)) {
+            // SAFETY: the copy has w's shape, so MUL_MAT(copy, x) has the node's
+            // type and shape; the graph is not allocated while rebuilt.
+            unsafe { node.rewrite_as_mul_mat(copy, x) };
+            stats.forward += 1;
+        } else if let Some(&(w0, c)) = frozen.split.get(&(w.raw() as usize)) {
+            let ne = x.ne();
+            if ne[2] != 1 || ne[3] != 1 {
+                continue;
+            }
+            // s [d_in/32, T]: x summed over each block of 32 inputs (shared by q/k/v, gate/up).
+            let s = *block_sums.entry(x.raw() as usize).or_insert_with(|| {
+                let xc = if x.is_contiguous() { x } else { ctx.cont(x) };
+                ctx.reshape_2d(ctx.sum_rows(ctx.reshape_3d(xc, 32, ne[0] / 32, ne[1])), ne[0] / 32, ne[1])
+            });
+            // SAFETY: both terms are F32 [d_out, T] like the node (w0 has w's shape, c is
+            // [d_in/32, d_out]); the graph is not allocated while rebuilt.
+            unsafe { node.rewrite_as_add(ctx.mul_mat(w0, x), ctx.mul_mat(c, s)) };
+            stats.forward += 1;
+        }
+    }
+    let mut segments = recompute.map(Segments::new);
+    for i in 0..graph.n_nodes() {
+        let node = graph.node(i);
+        if let Some(segs) = segments.as_mut() {
+            if !segs.is_forward(node) {
+                // SAFETY: the graph is being rebuilt, no computation holds it.
+                unsafe { segs.redirect(ctx, node) };
             }
         }
         if node.op() == sys::GGML_OP_OUT_PROD {
@@ -202,7 +251,11 @@ pub fn rebuild_frozen_backward<'a>(ctx: &'a Context, graph: &Graph<'a>, frozen: 
         if node.op() == sys::GGML_OP_OUT_PROD {
             // A 2-D outer-product sum out_prod(a [n, k], b [p, k]) = Σ_k a[:, k]·b[:, k]ᵀ [n, p]
             // (the weight gradients of the LoRA matmuls) equals mul_mat(aᵀ, bᵀ); ggml's matmul
-            // kernels run it several times faster than its out_prod loop.
+            // kernels run it several times faster than its out_prod loop, transposes included
+            // (measured 2026-11-29: keeping out_prod for ∂B alone, which needs the big
+            // transpose of ∂L/∂y, costs 0.3 s more per step than the transpose saves).
+            // Attention's batched products were tried too: 0.04 s/step faster, eaten by the
+            // transposes they need.
             if let (Some(a), Some(b)) = (node.src(0), node.src(1)) {
                 let flat = |t: Tensor<'a>| t.ne()[2] == 1 && t.ne()[3] == 1 && t.ty() == Type::F32;
                 if flat(a) && flat(b) && flat(node) {
@@ -220,7 +273,54 @@ pub fn rebuild_frozen_backward<'a>(ctx: &'a Context, graph: &Graph<'a>, frozen: 
             out.build_forward_expand(t);
         }
     }
-    (out, stats)
+    stats.recomputed = segments.map_or(0, |s| s.n_dups());
+    (drop_unused_views(ctx, out, size), stats)
+}
+
+/// The graph without its view nodes (VIEW, RESHAPE, PERMUTE, TRANSPOSE) that no node reads.
+///
+/// A rewrite leaves such views behind: `out_prod(W, transpose(∂L/∂y))` becomes
+/// `mul_mat(Wᵀ, ∂L/∂y)`, and the old `transpose(∂L/∂y)` node stays in the graph with no
+/// consumer. ggml's allocator frees a tensor only once all its views have been consumed, so
+/// every such leftover kept its source (the gradient of each frozen matmul's output, the
+/// logits' gradient) allocated to the end of the graph: ~200 MiB on the default model at
+/// 256 tokens.
+fn drop_unused_views<'a>(ctx: &'a Context, graph: Graph<'a>, size: usize) -> Graph<'a> {
+    let is_view_op = |t: Tensor<'a>| matches!(t.op(), sys::GGML_OP_VIEW | sys::GGML_OP_RESHAPE | sys::GGML_OP_PERMUTE | sys::GGML_OP_TRANSPOSE);
+    let nodes: Vec<Tensor<'a>> = (0..graph.n_nodes()).map(|i| graph.node(i)).collect();
+    let mut readers: HashMap<usize, usize> = HashMap::new();
+    for t in &nodes {
+        for k in 0..10 {
+            if let Some(s) = t.src(k) {
+                *readers.entry(s.raw() as usize).or_default() += 1;
+            }
+        }
+    }
+    let mut dropped = std::collections::HashSet::new();
+    // Reverse order: dropping a view may leave the view it was made from unread.
+    for t in nodes.iter().rev() {
+        let unread = readers.get(&(t.raw() as usize)).copied().unwrap_or(0) == 0;
+        if unread && is_view_op(*t) && t.flags() & sys::GGML_TENSOR_FLAG_OUTPUT as i32 == 0 {
+            dropped.insert(t.raw() as usize);
+            for k in 0..10 {
+                if let Some(s) = t.src(k) {
+                    if let Some(n) = readers.get_mut(&(s.raw() as usize)) {
+                        *n -= 1;
+                    }
+                }
+            }
+        }
+    }
+    if dropped.is_empty() {
+        return graph;
+    }
+    let mut out = ctx.new_graph(size, false);
+    for t in nodes {
+        if !dropped.contains(&(t.raw() as usize)) {
+            out.build_forward_expand(t);
+        }
+    }
+    out
 }
 
 /// The highest index (in the old graph) of the nodes `t` depends on, looking through tensors

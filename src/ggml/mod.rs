@@ -43,10 +43,12 @@ mod extra;
 mod frozen;
 mod gguf_write;
 pub mod profile;
+mod recompute;
 
 pub use backend::{Backend, BackendOptions, BufferType, Computation, Device};
 pub use context::{Capacity, Context, Graph, RopeMode, RopeParams, Tensor, TensorId, Type};
-pub use frozen::{rebuild_frozen_backward, transient_chunks, FrozenGrad, FrozenMap, RewriteStats};
+pub use recompute::Segments;
+pub use frozen::{rebuild_backward, rebuild_frozen_backward, transient_chunks, FrozenGrad, FrozenMap, RewriteStats};
 pub use gguf_write::{dequantize, quantize, GgufWriter};
 
 use std::path::PathBuf;

@@ -99,6 +99,12 @@ impl<'g> StatsGraph<'g> {
     /// add [`StatsGraph::outputs`] to the graph that is run (e.g. as `extra` of
     /// `rebuild_frozen_backward`, or with `build_forward_expand`). They are marked as outputs.
     pub fn build(ctx: &'g Context, graph: &Graph<'g>, taps: &[LoraTap<'g>], lora: &LoraSet) -> Self {
+        Self::build_scaled(ctx, graph, taps, lora, 1.0)
+    }
+
+    /// [`StatsGraph::build`] for a backward run at a loss scale S: each gradient is multiplied
+    /// by `grad_scale` = 1/S first.
+    pub fn build_scaled(ctx: &'g Context, graph: &Graph<'g>, taps: &[LoraTap<'g>], lora: &LoraSet, grad_scale: f32) -> Self {
         let n_tokens = taps.first().map_or(1, |t| t.u.ne()[1]);
         let weights = ctx.new_f32("grit.token_weights", &[n_tokens]).set_input();
         let mut modules = Vec::with_capacity(taps.len());
@@ -109,6 +115,7 @@ impl<'g> StatsGraph<'g> {
                 .position(|m| m.layer == tap.layer && m.target == tap.target)
                 .unwrap_or_else(|| panic!("tap blk.{}.{} has no module in the LoRA set", tap.layer, tap.target));
             let g = graph.grad(tap.u).unwrap_or_else(|| panic!("no gradient for {:?}: call build_backward_expand before StatsGraph::build", tap.u));
+            let g = if grad_scale == 1.0 { g } else { ctx.scale(g, grad_scale) };
             assert_eq!(tap.u.ne()[1], n_tokens, "taps with different token counts");
             let name = lora.modules()[module].base_name();
             let sigma_a = weighted_gram(ctx, tap.u, weights).set_name(&format!("{name}.grit_sa")).set_output();

@@ -136,6 +136,9 @@ pub struct TrainGraph<'g> {
     pub loss: Option<Tensor<'g>>,
     /// One per adapted module, in graph order.
     pub taps: Vec<LoraTap<'g>>,
+    /// The residual stream at block boundaries: the embeddings, then each block's output
+    /// ([n_embd, n_tokens] each, n_layer + 1 of them).
+    pub blocks: Vec<Tensor<'g>>,
     /// LoRA dropout masks (built with [`TrainGraph::build_with_dropout`]): F32 [d_in, n_tokens]
     /// inputs, each 0 or 1/(1 − p), one per distinct adapter input of a layer.
     pub dropout: Vec<DropoutMask<'g>>,
@@ -243,7 +246,8 @@ impl<'g> TrainGraph<'g> {
         let model = Llama::new(weights, lora);
         let mut taps = Vec::new();
         let mut masks = dropout.then(Vec::new);
-        let x = model.forward(ctx, tokens, positions, mask, &mut taps, &mut masks); // [n_embd, n_tokens]
+        let mut blocks = Vec::new();
+        let x = model.forward(ctx, tokens, positions, mask, &mut taps, &mut masks, &mut blocks); // [n_embd, n_tokens]
         let x = match rows {
             Some(r) => ctx.get_rows(x, r), // [n_embd, n_rows]
             None => x,
@@ -260,7 +264,7 @@ impl<'g> TrainGraph<'g> {
         } else {
             (None, None)
         };
-        TrainGraph { graph, n_tokens, outputs, n_vocab: hp.n_vocab, tokens, positions, mask, rows, labels, logits, loss, taps, dropout: masks.unwrap_or_default() }
+        TrainGraph { graph, n_tokens, outputs, n_vocab: hp.n_vocab, tokens, positions, mask, rows, labels, logits, loss, taps, blocks, dropout: masks.unwrap_or_default() }
     }
 
     /// Fills the dropout masks (if any) for micro-batch `micro` of optimizer step `step`.
@@ -325,11 +329,13 @@ impl<'w> Llama<'w> {
     }
 
     /// The transformer: token ids → final hidden states [n_embd, n_tokens] (before the norm).
-    fn forward<'g>(&self, ctx: &'g Context, tokens: Tensor<'g>, pos: Tensor<'g>, mask: Tensor<'g>, taps: &mut Vec<LoraTap<'g>>, masks: &mut Option<Vec<DropoutMask<'g>>>) -> Tensor<'g>
+    #[allow(clippy::too_many_arguments)]
+    fn forward<'g>(&self, ctx: &'g Context, tokens: Tensor<'g>, pos: Tensor<'g>, mask: Tensor<'g>, taps: &mut Vec<LoraTap<'g>>, masks: &mut Option<Vec<DropoutMask<'g>>>, blocks: &mut Vec<Tensor<'g>>) -> Tensor<'g>
     where
         'w: 'g,
     {
         let mut x = ctx.get_rows(self.tok_embd, tokens); // [n_embd, n_tokens]
+        blocks.push(x);
         for (il, l) in self.layers.iter().enumerate() {
             let mut lin = |target: Target, w, b, x: Tensor<'g>| self.linear(ctx, il, target, w, b, x, taps, masks);
             // self-attention block
@@ -348,6 +354,7 @@ impl<'w> Llama<'w> {
             let g = ctx.swiglu_split(gate, up); // [n_ff, n_tokens]
             let y = lin(Target::FfnDown, l.ffn_down, l.ffn_down_b, g); // [n_embd, n_tokens]
             x = ctx.add(y, x);
+            blocks.push(x);
         }
         x
     }

@@ -44,6 +44,20 @@ pub enum WeightCopies {
     Stock,
 }
 
+/// Whether the backward recomputes each transformer block's activations from the residual
+/// stream instead of keeping them from the forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Recompute {
+    /// On with `--weight-copies none` (the leanest configuration), off otherwise.
+    Auto,
+    /// Keep only the residual stream between blocks; recompute the rest (less memory, one more
+    /// forward of the blocks per step).
+    On,
+    /// Keep every activation the backward reads (fastest).
+    Off,
+}
+
 /// Everything that defines a training run. Field defaults are the documented flag defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -88,9 +102,12 @@ pub struct TrainConfig {
     /// None = keep all checkpoints.
     pub keep_checkpoints: Option<usize>,
     pub weight_copies: WeightCopies,
-    /// Multiply the forward by Q8_0 copies of weights whose type has no fast kernel (Q4_1,
-    /// K-quants): faster steps, but the adapter trains against requantized weights.
+    /// Multiply the forward by Q8_0 copies of weights whose type has no fast kernel (Q5_x,
+    /// K-quants): faster steps, but the adapter trains against requantized weights. (Q4_1
+    /// weights always use their exact Q4_0 + offsets split when copies are made.)
     pub forward_copy: bool,
+    /// Activation recomputation in the backward.
+    pub recompute: Recompute,
     pub train_on_prompt: bool,
     pub skip_bad_rows: bool,
     /// GRIT's hyper-parameters (`[grit]` in a config file; used with `method = "grit"`).
@@ -99,6 +116,17 @@ pub struct TrainConfig {
 
 /// The default LoRA targets: every linear layer of a LLaMA block.
 pub const DEFAULT_TARGETS: [&str; 7] = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
+
+impl TrainConfig {
+    /// Whether the step graph recomputes activations (resolving `auto`).
+    pub fn recompute(&self) -> bool {
+        match self.recompute {
+            Recompute::Auto => self.weight_copies == WeightCopies::None,
+            Recompute::On => true,
+            Recompute::Off => false,
+        }
+    }
+}
 
 impl Default for TrainConfig {
     fn default() -> Self {
@@ -132,8 +160,9 @@ impl Default for TrainConfig {
             seed: 0,
             save_every: 0,
             keep_checkpoints: None,
-            weight_copies: WeightCopies::F16,
+            weight_copies: WeightCopies::Q8_0,
             forward_copy: false,
+            recompute: Recompute::Auto,
             train_on_prompt: false,
             skip_bad_rows: false,
             grit: crate::grit::GritConfig::default(),

@@ -76,8 +76,11 @@ pub struct StepGraph<'g> {
     pub train: TrainGraph<'g>,
     /// The graph actually run (backward rewritten, accumulation appended).
     pub graph: Graph<'g>,
-    /// ∂L/∂L, set to 1 before each run.
+    /// ∂L/∂L: set it (and the regularizer's seed) to [`StepGraph::loss_scale`] before each
+    /// run ([`StepGraph::set_seeds`]).
     pub loss_grad: Tensor<'g>,
+    /// The loss scale of this graph (see [`loss_scale`]); gradients are unscaled in the graph.
+    pub loss_scale: f32,
     /// Frozen-matmul backward nodes rewritten (persistent copies, transient copies).
     pub rewritten: (usize, usize),
     /// GRIT: the regularizer loss (None for LoRA, or when λ_K = λ_R = 0) and its ∂/∂ seed.
@@ -86,13 +89,51 @@ pub struct StepGraph<'g> {
     pub stats: Option<crate::grit::StatsGraph<'g>>,
     /// Small nodes kept allocated (count, bytes; see `Graph::keep_small_nodes`).
     pub kept: (usize, usize),
+    /// Forward nodes recomputed in the backward (0 without recomputation).
+    pub recomputed: usize,
+    /// Forward matmuls switched to a faster copy or an exact split of their weight.
+    pub forward_rewritten: usize,
+}
+
+/// The factor the backward pass runs at: ∂(S·L)/∂θ instead of ∂L/∂θ, with S = 4 × the
+/// number of trained rows (1024 at 256 tokens), unscaled again where the parameters'
+/// gradients are accumulated and where GRIT's statistics read them.
+///
+/// The loss is a mean over rows, so the gradients flowing back through the frozen matmuls
+/// are O(1/rows) per token — down to 1e-7 and below. The frozen backward multiplies them in
+/// reduced precision (converted to F16, or to Q8_0 blocks whose scale is an F16), where such
+/// values are subnormal or flush to zero: with `--weight-copies q8_0` unscaled, 20 steps on
+/// Hamlet moved the Macbeth eval loss from 4.018 to 4.042 (worse than no training), scaled
+/// 3.905 — like f16 (3.900) and exact f32 copies (3.910). S = 4·rows keeps ∂(S·L)/∂logits
+/// within ±4 and far below F16's 65504 anywhere downstream.
+pub fn loss_scale(n_rows: usize) -> f32 {
+    4.0 * n_rows.max(1) as f32
+}
+
+/// What a step graph contains besides LoRA's forward and backward.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepOptions<'c> {
+    /// GRIT: its regularizer (when λ_K or λ_R > 0) and the K-FAC statistic nodes.
+    pub grit: Option<&'c crate::grit::GritConfig>,
+    /// LoRA dropout mask inputs.
+    pub dropout: bool,
+    /// Recompute each transformer block's activations in the backward from the residual
+    /// stream instead of keeping them (less memory, one more forward of the blocks).
+    pub recompute: bool,
 }
 
 /// The size up to which step-graph nodes stay allocated: the largest rank-dependent tensor,
-/// f32 [r_max, n_tokens] (the rank-space activations and their gradients). Measured on the
-/// default model at 256 tokens: +4 MiB of compute buffer for LoRA, +7 MiB for GRIT.
-pub fn small_node_bytes(lora: &LoraSet, n_tokens: usize) -> usize {
-    lora.modules().iter().map(|m| 4 * m.rank * n_tokens).max().unwrap_or(0)
+/// f32 [r_max, n_tokens] (the rank-space activations and their gradients), or the block sums
+/// of the exact Q4_1 split, f32 [d_in/32, n_tokens], whichever is larger. Both come in many
+/// sizes and, freed between large activations, fragment ggml's allocator past its 256 free
+/// blocks (seen after GRIT cuts, and with the split plus recomputation at uniform rank 16).
+/// Measured on the default model at 256 tokens: +4 MiB of compute buffer for LoRA, +7 MiB
+/// for GRIT (rank-sized threshold).
+pub fn small_node_bytes(weights: &Weights, lora: &LoraSet, n_tokens: usize) -> usize {
+    let r_max = lora.modules().iter().map(|m| m.rank).max().unwrap_or(0);
+    let hp = &weights.hparams;
+    let blocks = hp.n_ff.max(hp.n_embd) / 32;
+    4 * r_max.max(blocks) * n_tokens
 }
 
 /// Context capacity for a step graph.
@@ -106,6 +147,10 @@ pub fn step_capacity(weights: &Weights, lora: &LoraSet) -> Capacity {
         crate::ggml::transient_chunks(ne[0], ne[1])
     }).sum();
     let extra = extra + 8 * chunks as usize;
+    // Exact Q4_1 splits in the forward: up to 6 tensors per frozen weight.
+    let extra = extra + 6 * (7 * weights.hparams.n_layer + 1);
+    // Recomputation duplicates at most every forward node.
+    let extra = extra + TrainGraph::capacity(weights, Some(lora), false).graph_nodes;
     // GRIT: regularizer and statistics nodes (and their gradients).
     let extra = extra + 2 * (crate::grit::RegGraph::TENSORS_PER_MODULE + crate::grit::StatsGraph::TENSORS_PER_MODULE + 4) * lora.modules().len();
     Capacity::graph(base.graph_nodes + extra, base.graph_nodes + extra, true)
@@ -122,11 +167,10 @@ impl<'g> StepGraph<'g> {
         n_tokens: usize,
         n_rows: usize,
     ) -> Self {
-        Self::build_with(ctx, weights, lora, copies, opt, n_tokens, n_rows, None, false)
+        Self::build_with(ctx, weights, lora, copies, opt, n_tokens, n_rows, StepOptions::default())
     }
 
-    /// [`StepGraph::build`], plus GRIT's regularizer (when `grit` has λ_K or λ_R > 0) and
-    /// K-FAC statistic nodes when `grit` is given, and LoRA dropout mask inputs when `dropout`.
+    /// [`StepGraph::build`] with the options of [`StepOptions`].
     #[allow(clippy::too_many_arguments)]
     pub fn build_with(
         ctx: &'g Context,
@@ -136,9 +180,9 @@ impl<'g> StepGraph<'g> {
         opt: &'g OptState,
         n_tokens: usize,
         n_rows: usize,
-        grit: Option<&crate::grit::GritConfig>,
-        dropout: bool,
+        o: StepOptions<'_>,
     ) -> Self {
+        let (grit, dropout) = (o.grit, o.dropout);
         lora.mark_params();
         let mut train = TrainGraph::build_with_dropout(ctx, weights, Some(lora), n_tokens, Outputs::Rows(n_rows), true, dropout);
         let loss = train.loss.expect("training graph has a loss");
@@ -154,7 +198,8 @@ impl<'g> StepGraph<'g> {
             let seed = train.graph.grad_acc(r.loss).expect("the regularizer has a gradient accumulator").set_input();
             (r, seed)
         });
-        let stats = grit.map(|_| crate::grit::StatsGraph::build(ctx, &train.graph, &train.taps, lora));
+        let scale = loss_scale(n_rows);
+        let stats = grit.map(|_| crate::grit::StatsGraph::build_scaled(ctx, &train.graph, &train.taps, lora, 1.0 / scale));
         // Accumulate each parameter's gradient into its persistent slot: acc ← acc + ∂L/∂θ.
         let mut extra = vec![loss];
         if let Some((r, _)) = &reg {
@@ -167,16 +212,30 @@ impl<'g> StepGraph<'g> {
             for (param, slot) in [(lora.a(m), 2usize), (lora.b(m), 5usize)] {
                 let g = train.graph.grad(param).unwrap_or_else(|| panic!("no gradient for {}", param.name()));
                 let acc = opt.tensor(i, slot);
-                extra.push(ctx.cpy(ctx.add(acc, g), acc));
+                extra.push(ctx.cpy(ctx.add(acc, ctx.scale(g, 1.0 / scale)), acc));
             }
         }
         let map = copies.map(weights);
-        let (graph, rw) = crate::ggml::rebuild_frozen_backward(ctx, &train.graph, &map, &extra);
+        // Recomputation: only the residual stream between blocks stays allocated from the
+        // forward to the backward; each block's intermediates are recomputed from it.
+        let (graph, rw) = crate::ggml::rebuild_backward(ctx, &train.graph, &map, &extra, o.recompute.then_some(&train.blocks[..]));
+        let recomputed = rw.recomputed;
         // The adapter's own tensors (rank-space activations and their gradients, ∇A, ∇B, K-FAC
         // products) come in as many sizes as there are ranks; kept allocated, they cannot
         // fragment ggml's allocator (see `Graph::keep_small_nodes`).
-        let kept = graph.keep_small_nodes(small_node_bytes(lora, n_tokens));
-        StepGraph { train, graph, loss_grad, rewritten: (rw.persistent, rw.transient), reg, stats, kept }
+        let kept = graph.keep_small_nodes(small_node_bytes(weights, lora, n_tokens));
+        StepGraph { train, graph, loss_grad, loss_scale: scale, rewritten: (rw.persistent, rw.transient), reg, stats, kept, recomputed, forward_rewritten: rw.forward }
+    }
+}
+
+impl<'g> StepGraph<'g> {
+    /// Seeds the backward: ∂(S·L)/∂L = S for the loss and GRIT's regularizer.
+    pub fn set_seeds(&self, run: &mut crate::ggml::Computation<'_, 'g>) -> Result<(), crate::ggml::GgmlError> {
+        run.write_f32(self.loss_grad, &[self.loss_scale])?;
+        if let Some((_, seed)) = &self.reg {
+            run.write_f32(*seed, &[self.loss_scale])?;
+        }
+        Ok(())
     }
 }
 
@@ -318,7 +377,7 @@ pub fn eval_batch(backend: &mut Backend, g: &TrainGraph<'_>, batch: &Batch) -> R
 
 /// Names the part of a training step a graph node belongs to, for `grit train --profile`.
 pub fn categorize(n: &crate::ggml::profile::NodeInfo) -> String {
-    let frozen = |s: &str| (s.ends_with(".weight") || s.ends_with(".weight.q8")) && !s.contains("lora") && !s.contains("norm");
+    let frozen = |s: &str| (s.ends_with(".weight") || s.ends_with(".weight.q8") || s.ends_with(".weight.q4_0") || s.ends_with(".q4_1_offsets")) && !s.contains("lora") && !s.contains("norm");
     let output = |s: &str| s.starts_with("token_embd.weight") || s.starts_with("output.weight");
     let lora = |s: &str| s.contains("lora");
     let (s0, s1) = (n.src0_name.as_str(), n.src1_name.as_str());

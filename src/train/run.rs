@@ -15,7 +15,7 @@ use crate::model::{Arch, Batch, LoraConfig, LoraSet, ModelError, Outputs, Target
 use super::checkpoint::{self, Checkpoint, NamedTensor};
 use super::config::{ConfigError, Method, TrainConfig};
 use super::copies::FrozenCopies;
-use super::engine::{self, AdamStep, OptGraph, OptState, StepGraph, SLOT_NAMES};
+use super::engine::{self, AdamStep, OptGraph, OptState, StepGraph, StepOptions, SLOT_NAMES};
 use super::grit_run::{self, GritCheckpoint, GritRun};
 use super::metrics::MetricsWriter;
 use super::schedule::lr_at;
@@ -363,14 +363,16 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
         let first = pending.take().unwrap_or_else(|| make_batch(&batcher.next_batch(), cfg.max_seq_len, pad));
         let key = (first.n_tokens(), first.n_rows());
         let ctx = Context::new(engine::step_capacity(&weights, &lora))?;
-        let sg = StepGraph::build_with(&ctx, &weights, &lora, &copies, &opt, key.0, key.1, is_grit.then_some(&cfg.grit), cfg.dropout > 0.0);
+        let sg = StepGraph::build_with(&ctx, &weights, &lora, &copies, &opt, key.0, key.1, StepOptions { grit: is_grit.then_some(&cfg.grit), dropout: cfg.dropout > 0.0, recompute: cfg.recompute() });
         if !memory_checked {
             memory_checked = true;
             eprintln!(
-                "grit: step graph: {} nodes; frozen backward rewritten: {} with persistent copies, {} transient; {} small nodes kept allocated ({:.1} MiB)",
+                "grit: step graph: {} nodes; frozen backward rewritten: {} with persistent copies, {} transient; {} forward matmuls on faster exact splits/copies; {} nodes recomputed in the backward; {} small nodes kept allocated ({:.1} MiB)",
                 sg.graph.n_nodes(),
                 sg.rewritten.0,
                 sg.rewritten.1,
+                sg.forward_rewritten,
+                sg.recomputed,
                 sg.kept.0,
                 sg.kept.1 as f64 / (1 << 20) as f64
             );
@@ -414,15 +416,14 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
                 let mut run = backend.compute(&sg.graph)?;
                 sg.train.set_inputs(&mut run, &batch)?;
                 sg.train.set_dropout(&mut run, cfg.dropout, cfg.seed, step as u64 + 1, micro as u64)?;
-                run.write_f32(sg.loss_grad, &[1.0])?;
+                sg.set_seeds(&mut run)?;
                 let mut n_counted = 0;
                 if let (Some(st), Some(g)) = (&sg.stats, &grit) {
                     let (w, n) = crate::grit::stats::token_weights(batch.n_tokens(), &batch.rows);
                     n_counted = n;
                     st.set_weights(&mut run, &w)?;
-                    if let Some((reg, seed)) = &sg.reg {
+                    if let Some((reg, _)) = &sg.reg {
                         reg.set(&mut run, crate::grit::schedule::reg_ramp(step + 1, g.cfg.reg_warmup), &g.coeffs)?;
-                        run.write_f32(*seed, &[1.0])?;
                     }
                 }
                 run.run()?;
