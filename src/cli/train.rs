@@ -133,7 +133,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub forward_copy: bool,
     /// Recompute each block's activations in the backward from the residual stream instead of
-    /// keeping them: about 45 % less step memory for one more forward pass per step
+    /// keeping them: the step's compute buffer falls by more than half (469 → 189 MiB on the
+    /// default model at 256 tokens) for one more forward pass per step
     /// [default: auto = on with `--weight-copies none`].
     #[arg(long, value_enum)]
     pub recompute: Option<Recompute>,
