@@ -253,7 +253,8 @@ pub fn rebuild_backward<'a>(ctx: &'a Context, graph: &Graph<'a>, frozen: &Frozen
             // (the weight gradients of the LoRA matmuls) equals mul_mat(aᵀ, bᵀ); ggml's matmul
             // kernels run it several times faster than its out_prod loop, transposes included
             // (measured 2026-11-29: keeping out_prod for ∂B alone, which needs the big
-            // transpose of ∂L/∂y, costs 0.3 s more per step than the transpose saves).
+            // transpose of ∂L/∂y, costs 0.3 s more per step than the transpose saves; so does
+            // ∂B as transpose(out_prod(∂L/∂y, s·u)), whose vectors are long: +0.2 s).
             // Attention's batched products were tried too: 0.04 s/step faster, eaten by the
             // transposes they need.
             if let (Some(a), Some(b)) = (node.src(0), node.src(1)) {
