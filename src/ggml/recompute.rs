@@ -18,8 +18,11 @@ use llama_cpp_sys_2 as sys;
 
 use super::context::{Context, Tensor};
 
-/// ggml's GGML_MAX_SRC (source slots per tensor; a macro, not in the bindings).
-const MAX_SRC: usize = 10;
+/// ggml's GGML_MAX_SRC (source slots per tensor; a macro, not in the bindings), read off the
+/// bound struct so that it follows the pinned ggml.
+// SAFETY: ggml_tensor is plain C data (integers, arrays, raw pointers); all-zero is a valid
+// value of it, and only the length of its `src` array is read.
+const MAX_SRC: usize = unsafe { std::mem::zeroed::<sys::ggml_tensor>() }.src.len();
 
 /// The forward nodes of each segment between consecutive `boundaries` (the first boundary is
 /// the first segment's input, the last one the last segment's output), and their duplicates
