@@ -108,3 +108,30 @@ fn recomputation_halves_the_step_memory() {
     assert!(sizes[3] * 2 < sizes[2], "q8_0: recomputation {} MiB vs {} MiB kept", sizes[3], sizes[2]);
     assert!(sizes[2] < 550, "q8_0 without recomputation: {} MiB", sizes[2]);
 }
+
+/// The step graphs of the default configurations (LoRA and GRIT, default q8_0 copies with the
+/// Q4_1 split, and `none` with recomputation) allocate at several sequence lengths. GRIT at
+/// 128 tokens (the README's demo) once aborted in ggml's allocator ("out of free blocks")
+/// when the loss scale was undone per parameter inside the step graph (same configuration).
+#[test]
+fn default_configurations_allocate() {
+    let model = grit::fetch::ensure_default_model().unwrap();
+    let backend0 = Backend::cpu(2).unwrap();
+    let weights = Weights::load(&GgufFile::open(&model).unwrap(), &backend0).unwrap();
+    let lora = LoraSet::new(&weights, &grit::model::LoraConfig::default(), &backend0).unwrap();
+    let opt = OptState::new(&lora, &backend0).unwrap();
+    let grit = GritConfig::default();
+    for (mode, recompute) in [(WeightCopies::Q8_0, false), (WeightCopies::None, true)] {
+        let copies = FrozenCopies::build(&weights, mode, false, &backend0).unwrap();
+        for n_tokens in [64usize, 128, 256, 512] {
+            for with_grit in [false, true] {
+                let ctx = Context::new(engine::step_capacity(&weights, &lora)).unwrap();
+                let o = StepOptions { loss_scale: engine::loss_scale(n_tokens), grit: with_grit.then_some(&grit), dropout: false, recompute };
+                let sg = StepGraph::build_with(&ctx, &weights, &lora, &copies, &opt, n_tokens, n_tokens - 1, o);
+                let mut backend = Backend::cpu(2).unwrap();
+                let run = backend.compute(&sg.graph);
+                assert!(run.is_ok(), "{mode:?}, {n_tokens} tokens, grit {with_grit}: {:?}", run.err());
+            }
+        }
+    }
+}

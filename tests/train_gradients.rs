@@ -71,6 +71,8 @@ fn step_grads(backend: &mut Backend, weights: &Weights, lora: &LoraSet, copies: 
 fn step_grads_with(backend: &mut Backend, weights: &Weights, lora: &LoraSet, copies: &FrozenCopies, opt: &OptState, b: &Batch, o: StepOptions<'_>) -> (Grads, usize) {
     opt.zero_grads().unwrap();
     let ctx = Context::new(engine::step_capacity(weights, lora)).unwrap();
+    // At the loss scale a run uses (the accumulators then hold S × the gradients).
+    let o = StepOptions { loss_scale: engine::loss_scale(b.n_rows()), ..o };
     let sg = StepGraph::build_with(&ctx, weights, lora, copies, opt, b.n_tokens(), b.n_rows(), o);
     let expect = if copies.bytes() > 0 { (sg.rewritten.0, 0) } else { (0, sg.rewritten.1) };
     assert!(expect.0 + expect.1 > 0, "no frozen backward was rewritten");
@@ -80,7 +82,8 @@ fn step_grads_with(backend: &mut Backend, weights: &Weights, lora: &LoraSet, cop
     run.run().unwrap();
     drop(run);
     let bytes = backend.compute_buffer_bytes();
-    ((0..lora.modules().len()).map(|i| (opt.read(i, 2).unwrap(), opt.read(i, 5).unwrap())).collect(), bytes)
+    let unscale = |v: Vec<f32>| v.into_iter().map(|g| g / o.loss_scale).collect::<Vec<f32>>();
+    ((0..lora.modules().len()).map(|i| (unscale(opt.read(i, 2).unwrap()), unscale(opt.read(i, 5).unwrap()))).collect(), bytes)
 }
 
 /// Activation recomputation (`--recompute`, the default with `--weight-copies none`) runs the

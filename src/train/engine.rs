@@ -79,7 +79,7 @@ pub struct StepGraph<'g> {
     /// ∂L/∂L: set it (and the regularizer's seed) to [`StepGraph::loss_scale`] before each
     /// run ([`StepGraph::set_seeds`]).
     pub loss_grad: Tensor<'g>,
-    /// The loss scale of this graph (see [`loss_scale`]); gradients are unscaled in the graph.
+    /// The loss scale of this graph (see [`loss_scale`]): the accumulators receive S × ∂L/∂θ.
     pub loss_scale: f32,
     /// Frozen-matmul backward nodes rewritten (persistent copies, transient copies).
     pub rewritten: (usize, usize),
@@ -95,9 +95,11 @@ pub struct StepGraph<'g> {
     pub forward_rewritten: usize,
 }
 
-/// The factor the backward pass runs at: ∂(S·L)/∂θ instead of ∂L/∂θ, with S = 4 × the
-/// number of trained rows (1024 at 256 tokens), unscaled again where the parameters'
-/// gradients are accumulated and where GRIT's statistics read them.
+/// The factor the backward pass runs at: ∂(S·L)/∂θ instead of ∂L/∂θ, with S = 4 × the most
+/// rows a micro-batch can train (batch size × max sequence length: 1024 at the defaults),
+/// one value per run. GRIT's statistics unscale in the step graph; the accumulated
+/// gradients are unscaled by the optimizer graph (dividing there, not per micro-step, adds no
+/// parameter-sized intermediate tensors to the step graph: those fragmented ggml's allocator).
 ///
 /// The loss is a mean over rows, so the gradients flowing back through the frozen matmuls
 /// are O(1/rows) per token — down to 1e-7 and below. The frozen backward multiplies them in
@@ -106,13 +108,16 @@ pub struct StepGraph<'g> {
 /// Hamlet moved the Macbeth eval loss from 4.018 to 4.042 (worse than no training), scaled
 /// 3.905 — like f16 (3.900) and exact f32 copies (3.910). S = 4·rows keeps ∂(S·L)/∂logits
 /// within ±4 and far below F16's 65504 anywhere downstream.
-pub fn loss_scale(n_rows: usize) -> f32 {
-    4.0 * n_rows.max(1) as f32
+pub fn loss_scale(max_rows: usize) -> f32 {
+    4.0 * max_rows.max(1) as f32
 }
 
 /// What a step graph contains besides LoRA's forward and backward.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct StepOptions<'c> {
+    /// The loss scale S the backward runs at (see [`loss_scale`]); the accumulated gradients
+    /// are S × the true ones until [`OptGraph::build_scaled`] divides them. Default 1.
+    pub loss_scale: f32,
     /// GRIT: its regularizer (when λ_K or λ_R > 0) and the K-FAC statistic nodes.
     pub grit: Option<&'c crate::grit::GritConfig>,
     /// LoRA dropout mask inputs.
@@ -120,6 +125,12 @@ pub struct StepOptions<'c> {
     /// Recompute each transformer block's activations in the backward from the residual
     /// stream instead of keeping them (less memory, one more forward of the blocks).
     pub recompute: bool,
+}
+
+impl Default for StepOptions<'_> {
+    fn default() -> Self {
+        StepOptions { loss_scale: 1.0, grit: None, dropout: false, recompute: false }
+    }
 }
 
 /// The size up to which step-graph nodes stay allocated: the largest rank-dependent tensor,
@@ -198,7 +209,7 @@ impl<'g> StepGraph<'g> {
             let seed = train.graph.grad_acc(r.loss).expect("the regularizer has a gradient accumulator").set_input();
             (r, seed)
         });
-        let scale = loss_scale(n_rows);
+        let scale = o.loss_scale;
         let stats = grit.map(|_| crate::grit::StatsGraph::build_scaled(ctx, &train.graph, &train.taps, lora, 1.0 / scale));
         // Accumulate each parameter's gradient into its persistent slot: acc ← acc + ∂L/∂θ.
         let mut extra = vec![loss];
@@ -212,7 +223,7 @@ impl<'g> StepGraph<'g> {
             for (param, slot) in [(lora.a(m), 2usize), (lora.b(m), 5usize)] {
                 let g = train.graph.grad(param).unwrap_or_else(|| panic!("no gradient for {}", param.name()));
                 let acc = opt.tensor(i, slot);
-                extra.push(ctx.cpy(ctx.add(acc, ctx.scale(g, 1.0 / scale)), acc));
+                extra.push(ctx.cpy(ctx.add(acc, g), acc));
             }
         }
         let map = copies.map(weights);
@@ -302,19 +313,26 @@ impl<'g> OptGraph<'g> {
     /// or drops by that factor for hundreds of steps.
     #[allow(clippy::too_many_arguments)]
     pub fn build_grit(ctx: &'g Context, lora: &'g LoraSet, opt: &'g OptState, n_micro: usize, max_grad_norm: f32, precondition: bool, graft: bool) -> Self {
+        Self::build_scaled(ctx, lora, opt, n_micro, max_grad_norm, precondition, graft, 1.0)
+    }
+
+    /// [`OptGraph::build_grit`] for accumulators filled at loss scale `loss_scale` (see
+    /// [`StepOptions::loss_scale`]): the mean gradient is acc / (n_micro · S).
+    #[allow(clippy::too_many_arguments)]
+    pub fn build_scaled(ctx: &'g Context, lora: &'g LoraSet, opt: &'g OptState, n_micro: usize, max_grad_norm: f32, precondition: bool, graft: bool, loss_scale: f32) -> Self {
         let clip = max_grad_norm > 0.0;
         let cap = ctx.capacity();
         let mut graph = ctx.new_graph(cap.graph_nodes, false);
         let adamw = ctx.new_f32("adamw_params", &[7]).set_input();
         let max_norm = ctx.new_f32("max_grad_norm", &[1]).set_input();
-        let inv = 1.0 / n_micro as f32;
+        let inv = 1.0 / (n_micro as f32 * loss_scale);
         let mut grads = Vec::new();
         let mut sumsq: Option<Tensor<'g>> = None;
         let precond = precondition.then(|| crate::grit::PrecondInputs::new(ctx, lora));
         for (i, m) in lora.modules().iter().enumerate() {
             let mean = |k: usize| {
                 let acc = opt.tensor(i, k + 2);
-                if n_micro == 1 {
+                if inv == 1.0 {
                     acc
                 } else {
                     ctx.scale(acc, inv)

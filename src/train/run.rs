@@ -357,13 +357,14 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
             opt = o;
             lora.mark_params();
         }
+        let loss_scale = engine::loss_scale(cfg.batch_size * cfg.max_seq_len);
         let opt_ctx = Context::new(engine::opt_capacity(&lora))?;
-        let opt_graph = OptGraph::build_grit(&opt_ctx, &lora, &opt, cfg.grad_accum, cfg.max_grad_norm, is_grit, is_grit && cfg.grit.graft);
+        let opt_graph = OptGraph::build_scaled(&opt_ctx, &lora, &opt, cfg.grad_accum, cfg.max_grad_norm, is_grit, is_grit && cfg.grit.graft, loss_scale);
         // The step graph is rebuilt only when the batch shape (tokens, trained rows) changes.
         let first = pending.take().unwrap_or_else(|| make_batch(&batcher.next_batch(), cfg.max_seq_len, pad));
         let key = (first.n_tokens(), first.n_rows());
         let ctx = Context::new(engine::step_capacity(&weights, &lora))?;
-        let sg = StepGraph::build_with(&ctx, &weights, &lora, &copies, &opt, key.0, key.1, StepOptions { grit: is_grit.then_some(&cfg.grit), dropout: cfg.dropout > 0.0, recompute: cfg.recompute() });
+        let sg = StepGraph::build_with(&ctx, &weights, &lora, &copies, &opt, key.0, key.1, StepOptions { loss_scale, grit: is_grit.then_some(&cfg.grit), dropout: cfg.dropout > 0.0, recompute: cfg.recompute() });
         if !memory_checked {
             memory_checked = true;
             eprintln!(
