@@ -759,6 +759,11 @@ impl<'a> Tensor<'a> {
         let nb = self.nb();
         nb[0] > nb[1]
     }
+    /// Whether the tensor's buffer attached backend-specific data to it at allocation (the CPU
+    /// repacking buffer does so only for tensors it has a kernel for).
+    pub fn has_backend_extra(self) -> bool {
+        !self.info().extra.is_null()
+    }
     pub(crate) fn op(self) -> u32 {
         self.info().op
     }

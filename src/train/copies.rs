@@ -103,17 +103,14 @@ impl FrozenCopies {
             return Ok(FrozenCopies { mode, ctx: None, pairs: Vec::new(), transient: frozen.iter().map(|t| t.id()).collect(), forward: Vec::new(), split: Vec::new(), ctx_q4: None, bytes: 0 });
         }
         let ctx = Context::new(Capacity::tensors(3 * frozen.len() + 8))?;
-        let ctx_q4 = Context::new(Capacity::tensors(frozen.len() + 8))?;
         let mut planned = Vec::new();
         let mut fwd_planned = Vec::new();
         let mut split_planned = Vec::new();
         for &w in &frozen {
             if forward != Forward::Stored && w.ty() == Type::Q4_1 {
-                let q = ctx_q4.new_tensor(Type::Q4_0, &[w.ne()[0], w.ne()[1]]);
-                q.set_name(&format!("{}.q4_0", w.name()));
                 let c = ctx.new_tensor(Type::F32, &[w.ne()[0] / 32, w.ne()[1]]);
                 c.set_name(&format!("{}.q4_1_offsets", w.name()));
-                split_planned.push((w, q, c));
+                split_planned.push((w, c));
             } else if forward == Forward::Q8_0 && needs_forward_copy(w.ty()) && w.ne()[0] % 32 == 0 {
                 let t = ctx.new_tensor(Type::Q8_0, &[w.ne()[0], w.ne()[1]]);
                 t.set_name(&format!("{}.q8", w.name()));
@@ -135,8 +132,31 @@ impl FrozenCopies {
         }
         let mut bytes = ctx.allocate(backend.weight_buffer_type())?;
         // The repacking type needs rows in multiples of 8 (d_out here); it is CPU-only.
-        let repack = BufferType::cpu_repack().filter(|_| !backend.is_gpu() && split_planned.iter().all(|(w, _, _)| w.ne()[1] % 8 == 0));
-        bytes += ctx_q4.allocate(repack.unwrap_or(backend.weight_buffer_type()))?;
+        // The Q4_0 halves: in the CPU's repacking buffer type when it has a kernel for every one
+        // of them (it attaches one per tensor at allocation; none means ggml would crash on
+        // upload, e.g. a CPU without AVX2), else in the backend's plain weight buffer.
+        let plan_q4 = |buft: BufferType| -> Result<(Context, Vec<TensorId>, usize), ModelError> {
+            let c4 = Context::new(Capacity::tensors(frozen.len() + 8))?;
+            let qs: Vec<_> = split_planned
+                .iter()
+                .map(|(w, _)| {
+                    let q = c4.new_tensor(Type::Q4_0, &[w.ne()[0], w.ne()[1]]);
+                    q.set_name(&format!("{}.q4_0", w.name()));
+                    q.id()
+                })
+                .collect();
+            let b = c4.allocate(buft)?;
+            Ok((c4, qs, b))
+        };
+        let repacked = match BufferType::cpu_repack().filter(|_| !backend.is_gpu()) {
+            Some(r) => Some(plan_q4(r)?).filter(|(c4, qs, _)| qs.iter().all(|&q| c4.tensor(q).has_backend_extra())),
+            None => None,
+        };
+        let (ctx_q4, q_ids, q_bytes) = match repacked {
+            Some(p) => p,
+            None => plan_q4(backend.weight_buffer_type())?,
+        };
+        bytes += q_bytes;
         let mut pairs = Vec::new();
         for (w, t, ty) in planned {
             let ne = w.ne();
@@ -166,11 +186,11 @@ impl FrozenCopies {
             forward.push((w.id(), t.id()));
         }
         let mut split = Vec::new();
-        for (w, q, c) in split_planned {
+        for ((w, c), q) in split_planned.into_iter().zip(q_ids) {
             let (q4_0, offsets) = split_q4_1(&weights.read_bytes(w)?);
-            ctx_q4.write_bytes(q, &q4_0)?;
+            ctx_q4.write_bytes(ctx_q4.tensor(q), &q4_0)?;
             ctx.write_f32(c, &offsets)?;
-            split.push((w.id(), q.id(), c.id()));
+            split.push((w.id(), q, c.id()));
         }
         Ok(FrozenCopies { mode, ctx: Some(ctx), pairs, transient: Vec::new(), forward, split, ctx_q4: Some(ctx_q4), bytes })
     }
