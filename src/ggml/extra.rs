@@ -25,6 +25,18 @@ impl Context {
         self.wrap(unsafe { sys::ggml_clamp(self.raw(), a.raw(), min, max) })
     }
 
+    /// A contiguous copy of `a` (F32, any strides, e.g. a transpose view) by a cache-blocked
+    /// CPU kernel: ggml's `cont` copies a transposed tensor element by element at ~1.5 GB/s
+    /// here, this one in 32×32 tiles several times faster. A custom op: the CPU backend only.
+    pub fn cont_cpu<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
+        assert!(a.ty() == super::Type::F32 && a.ne()[3] == 1, "cont_cpu: {a:?} is not a 3-D F32 tensor");
+        self.room(1);
+        // SAFETY: live context and tensor; the callback is a plain function that reads `a`
+        // within its shape and strides and writes the contiguous result (same shape, F32) that
+        // ggml_map_custom1 allocates; no user data.
+        self.wrap(unsafe { sys::ggml_map_custom1(self.raw(), a.raw(), Some(strided_copy_f32), -1, std::ptr::null_mut()) })
+    }
+
     /// Sets every byte of an allocated tensor of this context to 0.
     pub fn zero(&self, t: Tensor<'_>) -> Result<(), GgmlError> {
         if !t.is_allocated() {
@@ -33,6 +45,40 @@ impl Context {
         // SAFETY: t has data in a live backend buffer; the range is the whole tensor.
         unsafe { sys::ggml_backend_tensor_memset(t.raw(), 0, 0, t.n_bytes()) };
         Ok(())
+    }
+}
+
+/// The kernel of [`Context::cont_cpu`]: dst (contiguous F32) ← a (same shape, any strides),
+/// in 32×32 tiles of (i0, i1) so that both the strided reads and the writes stay in cache;
+/// tiles are dealt to the `nth` threads round-robin.
+unsafe extern "C" fn strided_copy_f32(dst: *mut sys::ggml_tensor, a: *const sys::ggml_tensor, ith: std::os::raw::c_int, nth: std::os::raw::c_int, _: *mut std::os::raw::c_void) {
+    const TILE: usize = 32;
+    // SAFETY: ggml calls this with the node (`dst`, contiguous F32, allocated) and its source
+    // `a` (F32, same ne, allocated), both live for the call; every index below stays inside
+    // their shapes, and threads write disjoint rows of dst.
+    unsafe {
+        let ne = (*dst).ne.map(|n| n as usize);
+        let nb = (*a).nb;
+        let (n0, n1, n2) = (ne[0], ne[1], ne[2]);
+        let src = (*a).data as *const u8;
+        let out = (*dst).data as *mut f32;
+        let tiles1 = n1.div_ceil(TILE);
+        let jobs = tiles1 * n2;
+        let (ith, nth) = (ith as usize, nth.max(1) as usize);
+        for job in (ith..jobs).step_by(nth) {
+            let (i2, t1) = (job / tiles1, job % tiles1);
+            let rows = t1 * TILE..(t1 * TILE + TILE).min(n1);
+            for c0 in (0..n0).step_by(TILE) {
+                let cols = c0..(c0 + TILE).min(n0);
+                for i1 in rows.clone() {
+                    let drow = out.add((i2 * n1 + i1) * n0);
+                    let sbase = src.add(i1 * nb[1] + i2 * nb[2]);
+                    for i0 in cols.clone() {
+                        *drow.add(i0) = *(sbase.add(i0 * nb[0]) as *const f32);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -57,11 +103,33 @@ impl<'a> Tensor<'a> {
     /// node, and no allocated computation may hold the graph being changed.
     pub(crate) unsafe fn rewrite_as_mul_mat(self, a: Tensor<'a>, b: Tensor<'a>) {
         let (ane, bne, ne) = (a.ne(), b.ne(), self.ne());
-        assert!(ane[0] == bne[0] && ne[0] == ane[1] && ne[1] == bne[1] && ne[2] == bne[2] && ne[3] == bne[3], "rewrite as mul_mat: {a:?} × {b:?} does not give {self:?}");
+        assert!(ane[0] == bne[0] && ne[0] == ane[1] && ne[1] == bne[1] && ne[2] == bne[2] && ne[3] == bne[3] && bne[2] % ane[2] == 0 && bne[3] % ane[3] == 0, "rewrite as mul_mat: {a:?} × {b:?} does not give {self:?}");
         // SAFETY: the caller guarantees exclusivity; fields of a live tensor are plain data.
         unsafe {
             let t = &mut *self.raw();
             t.op = sys::GGML_OP_MUL_MAT;
+            t.op_params = [0; 16];
+            t.src = [std::ptr::null_mut(); 10];
+            t.src[0] = a.raw();
+            t.src[1] = b.raw();
+        }
+    }
+
+    /// Turns this node into `OUT_PROD(a, b)` in place: Σ_k a[:, k]·b[:, k]ᵀ for a [n, k] with
+    /// contiguous rows and b [p, k] of any strides (a transpose view, for instance).
+    ///
+    /// # Safety
+    /// As for [`Tensor::rewrite_as_mul_mat`]: the node must be F32 [a.ne[0], b.ne[0]].
+    pub(crate) unsafe fn rewrite_as_out_prod(self, a: Tensor<'a>, b: Tensor<'a>) {
+        let (ane, bne, ne) = (a.ne(), b.ne(), self.ne());
+        assert!(
+            ane[1] == bne[1] && ne[0] == ane[0] && ne[1] == bne[0] && ane[2] == 1 && bne[2] == 1 && ne[2] == 1 && a.nb()[0] == 4,
+            "rewrite as out_prod: {a:?} ⊗ {b:?} does not give {self:?}"
+        );
+        // SAFETY: the caller guarantees exclusivity; fields of a live tensor are plain data.
+        unsafe {
+            let t = &mut *self.raw();
+            t.op = sys::GGML_OP_OUT_PROD;
             t.op_params = [0; 16];
             t.src = [std::ptr::null_mut(); 10];
             t.src[0] = a.raw();
@@ -85,6 +153,38 @@ impl<'a> Tensor<'a> {
             t.src = [std::ptr::null_mut(); 10];
             t.src[0] = a.raw();
             t.src[1] = b.raw();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Backend, Capacity};
+    use super::*;
+
+    /// The tiled copy equals ggml's `cont` for transposes and permutes of odd shapes (tiles
+    /// cut at the edges, several threads).
+    #[test]
+    fn cont_cpu_equals_cont() {
+        let mut backend = Backend::cpu(3).unwrap();
+        for ne in [[37i64, 70, 1], [64, 256, 9], [1, 33, 2], [300, 5, 3]] {
+            let ctx = Context::new(Capacity::graph(16, 64, false)).unwrap();
+            let x = ctx.new_f32("x", &ne).set_input();
+            let views = [ctx.transpose(x), ctx.permute(x, [0, 2, 1, 3]), ctx.permute(x, [2, 0, 1, 3])];
+            let mut g = ctx.new_graph(64, false);
+            let pairs: Vec<_> = views.iter().map(|&v| (ctx.cont(v).set_output(), ctx.cont_cpu(v).set_output())).collect();
+            for &(a, b) in &pairs {
+                g.build_forward_expand(a);
+                g.build_forward_expand(b);
+            }
+            let data: Vec<f32> = (0..ne.iter().product::<i64>()).map(|i| i as f32 * 0.5 - 7.0).collect();
+            let mut run = backend.compute(&g).unwrap();
+            run.write_f32(x, &data).unwrap();
+            run.run().unwrap();
+            for &(a, b) in &pairs {
+                assert_eq!(a.ne(), b.ne());
+                assert_eq!(run.read_f32(a).unwrap(), run.read_f32(b).unwrap(), "shape {ne:?}, view {:?}", a.ne());
+            }
         }
     }
 }

@@ -36,26 +36,30 @@ pub struct FrozenMap<'a> {
     map: HashMap<usize, FrozenGrad<'a>>,
     /// Faster-to-multiply copies of frozen weights (same shape) for the forward pass.
     forward: HashMap<usize, Tensor<'a>>,
-    /// Exact splits W = W₀ + C·blocksum for the forward pass: (W₀ [d_in, d_out], C F32
-    /// [d_in/32, d_out]); see `train::copies::split_q4_1`.
+    /// Exact splits W = W₀ + C·blocksum for the forward pass: (W₀ [d_in, d_out], Cᵀ F32
+    /// [d_out, d_in/32]); see `train::copies::split_q4_1`.
     split: HashMap<usize, (Tensor<'a>, Tensor<'a>)>,
+    /// The graph runs on the CPU backend: products with a small inner dimension become
+    /// outer-product sums (see [`small_inner`]).
+    pub cpu_kernels: bool,
 }
 
 impl<'a> FrozenMap<'a> {
     pub fn new() -> Self {
-        Self { map: HashMap::new(), forward: HashMap::new(), split: HashMap::new() }
+        Self { map: HashMap::new(), forward: HashMap::new(), split: HashMap::new(), cpu_kernels: false }
     }
     /// Uses `copy` (same shape as `w`, another type) wherever the forward multiplies by `w`.
     pub fn insert_forward(&mut self, w: Tensor<'a>, copy: Tensor<'a>) {
         assert_eq!(w.ne(), copy.ne(), "forward copy {copy:?} does not match {w:?}");
         self.forward.insert(w.raw() as usize, copy);
     }
-    /// Computes `w·x` as `w0·x + c·s` wherever the forward multiplies by `w`, with s the sums
-    /// of x over blocks of 32 inputs: `w0` has w's shape, `c` is F32 [d_in/32, d_out].
-    pub fn insert_forward_split(&mut self, w: Tensor<'a>, w0: Tensor<'a>, c: Tensor<'a>) {
+    /// Computes `w·x` as `w0·x + C·s` wherever the forward multiplies by `w`, with s the sums
+    /// of x over blocks of 32 inputs: `w0` has w's shape, `ct` = Cᵀ is F32 [d_out, d_in/32]
+    /// (C·s is an outer-product sum over the d_in/32 blocks, see [`small_inner`]).
+    pub fn insert_forward_split(&mut self, w: Tensor<'a>, w0: Tensor<'a>, ct: Tensor<'a>) {
         let ne = w.ne();
-        assert!(w0.ne() == ne && c.ne()[0] * 32 == ne[0] && c.ne()[1] == ne[1] && c.ty() == Type::F32, "split {w0:?} + {c:?} does not match {w:?}");
-        self.split.insert(w.raw() as usize, (w0, c));
+        assert!(w0.ne() == ne && ct.ne()[1] * 32 == ne[0] && ct.ne()[0] == ne[1] && ct.ty() == Type::F32, "split {w0:?} + {ct:?} does not match {w:?}");
+        self.split.insert(w.raw() as usize, (w0, ct));
     }
     pub fn insert(&mut self, w: Tensor<'a>, how: FrozenGrad<'a>) {
         if let FrozenGrad::Transposed(t) = how {
@@ -74,7 +78,8 @@ impl<'a> FrozenMap<'a> {
 
 /// A contiguous transpose of `t`: the source of a transpose view when that is contiguous,
 /// else a copy.
-fn transposed<'a>(ctx: &'a Context, t: Tensor<'a>) -> Tensor<'a> {
+/// With `cpu`, the copy is made by the CPU's tiled kernel ([`Context::cont_cpu`]).
+fn transposed<'a>(ctx: &'a Context, t: Tensor<'a>, cpu: bool) -> Tensor<'a> {
     if t.op() == sys::GGML_OP_TRANSPOSE {
         if let Some(src) = t.src(0) {
             if src.is_contiguous() {
@@ -82,7 +87,32 @@ fn transposed<'a>(ctx: &'a Context, t: Tensor<'a>) -> Tensor<'a> {
             }
         }
     }
-    ctx.cont(ctx.transpose(t))
+    if cpu && t.ty() == Type::F32 && t.ne()[3] == 1 {
+        ctx.cont_cpu(ctx.transpose(t))
+    } else {
+        ctx.cont(ctx.transpose(t))
+    }
+}
+
+/// Inner dimensions up to which a product runs as an outer-product sum on the CPU.
+const SMALL_INNER: i64 = 32;
+
+/// True when `mul_mat(a [k, m], b [k, n])` (F32, 2-D) has a small inner dimension k and a
+/// long output column m: LoRA's B·u (k = rank), Aᵀ·∂u, the Q4_1 split's offsets (k = d_in/32).
+/// ggml's matmul kernels compute each output as a dot product of length k, which at k ≤ 32
+/// is mostly per-output overhead; the same product as `out_prod(aᵀ [m, k], bᵀ [n, k])`
+/// streams whole output columns (k multiply-adds of length m each) and ran 1.3–2.8× faster
+/// on the training shapes here (`bench/small_k.rs`, 2 threads, 2026-11-29).
+fn small_inner(k: i64, m: i64, flat: bool) -> bool {
+    flat && k <= SMALL_INNER && m >= 64
+}
+
+/// A batched `out_prod(a [n, k, B_a], transpose(g) [p, k, B])` (F32, 3-D) whose left factor
+/// is much smaller than the gradient it multiplies: cheaper as `mul_mat(aᵀ, g)`.
+fn batched_small_left(a: Tensor<'_>, b: Tensor<'_>, node: Tensor<'_>) -> bool {
+    let n = |t: Tensor<'_>| t.ne().iter().product::<i64>();
+    let f32_3d = |t: Tensor<'_>| t.ty() == Type::F32 && t.ne()[3] == 1;
+    f32_3d(a) && f32_3d(b) && f32_3d(node) && node.ne()[2] > 1 && b.op() == sys::GGML_OP_TRANSPOSE && a.nb()[0] == 4 && n(a) <= n(b) && b.ne()[2] % a.ne()[2] == 0
 }
 
 /// Bytes of a transient dequantized F32 copy above which it is made in chunks.
@@ -107,6 +137,8 @@ pub struct RewriteStats {
     pub forward: usize,
     /// Forward nodes duplicated for recomputation in the backward.
     pub recomputed: usize,
+    /// Products with a small inner dimension turned into outer-product sums.
+    pub outer: usize,
 }
 
 /// Rewrites the frozen-weight input gradients of `graph` (which must already hold its
@@ -128,11 +160,15 @@ pub fn rebuild_backward<'a>(ctx: &'a Context, graph: &Graph<'a>, frozen: &Frozen
     let mut stats = RewriteStats::default();
     // Room for the old nodes, the new sources (≤ 2 per rewrite) and the extras.
     let dups = if recompute.is_some() { graph.n_nodes() } else { 0 };
-    let size = graph.size().max(graph.n_nodes() + 2 * frozen.len() * 8 + 6 * frozen.split.len() + 128 + extra.len() + 16 + dups);
+    // A product turned into an outer-product sum brings ≤ 3 new nodes (a transposed copy and
+    // two views).
+    let n_mul_mat = (0..graph.n_nodes()).filter(|&i| graph.node(i).op() == sys::GGML_OP_MUL_MAT).count();
+    let size = graph.size().max(graph.n_nodes() + 2 * frozen.len() * 8 + 6 * frozen.split.len() + 3 * n_mul_mat + 128 + extra.len() + 16 + dups);
     let mut out = ctx.new_graph(size, false);
     // Transposed copies made for the out_prod rewrite, shared by nodes with the same source
     // (q/k/v and gate/up read the same activations).
     let mut transposes: HashMap<usize, Tensor<'a>> = HashMap::new();
+    let flat = |t: Tensor<'a>| t.ne()[2] == 1 && t.ne()[3] == 1 && t.ty() == Type::F32;
     // Each extra output is added right after the last old node it depends on, not at the end:
     // a gradient accumulation or statistic then runs as soon as its inputs exist, so those
     // inputs are freed early instead of all staying alive until the end of the graph (which
@@ -173,10 +209,23 @@ pub fn rebuild_backward<'a>(ctx: &'a Context, graph: &Graph<'a>, frozen: &Frozen
                 let xc = if x.is_contiguous() { x } else { ctx.cont(x) };
                 ctx.reshape_2d(ctx.sum_rows(ctx.reshape_3d(xc, 32, ne[0] / 32, ne[1])), ne[0] / 32, ne[1])
             });
-            // SAFETY: both terms are F32 [d_out, T] like the node (w0 has w's shape, c is
-            // [d_in/32, d_out]); the graph is not allocated while rebuilt.
-            unsafe { node.rewrite_as_add(ctx.mul_mat(w0, x), ctx.mul_mat(c, s)) };
+            // C·s [d_out, T] from Cᵀ [d_out, d_in/32].
+            let cs = if frozen.cpu_kernels && small_inner(ne[0] / 32, c.ne()[0], true) {
+                ctx.out_prod(c, ctx.transpose(s))
+            } else {
+                ctx.mul_mat(ctx.cont(ctx.transpose(c)), s)
+            };
+            // SAFETY: both terms are F32 [d_out, T] like the node (w0 has w's shape); the
+            // graph is not allocated while rebuilt.
+            unsafe { node.rewrite_as_add(ctx.mul_mat(w0, x), cs) };
             stats.forward += 1;
+        } else if frozen.cpu_kernels && flat(w) && flat(x) && flat(node) && small_inner(w.ne()[0], w.ne()[1], true) {
+            // LoRA's B·u and the like: an outer-product sum (see `small_inner`).
+            let wt = *transposes.entry(w.raw() as usize).or_insert_with(|| transposed(ctx, w, frozen.cpu_kernels)); // [m, k]
+            // SAFETY: OUT_PROD(wᵀ [m, k], xᵀ [n, k]) is F32 [m, n] like the node; the graph
+            // is not allocated while rebuilt.
+            unsafe { node.rewrite_as_out_prod(wt, ctx.transpose(x)) };
+            stats.outer += 1;
         }
     }
     let mut segments = recompute.map(Segments::new);
@@ -258,13 +307,30 @@ pub fn rebuild_backward<'a>(ctx: &'a Context, graph: &Graph<'a>, frozen: &Frozen
             // Attention's batched products were tried too: 0.04 s/step faster, eaten by the
             // transposes they need.
             if let (Some(a), Some(b)) = (node.src(0), node.src(1)) {
-                let flat = |t: Tensor<'a>| t.ne()[2] == 1 && t.ne()[3] == 1 && t.ty() == Type::F32;
-                if flat(a) && flat(b) && flat(node) {
-                    let mut tr = |t: Tensor<'a>| *transposes.entry(t.raw() as usize).or_insert_with(|| transposed(ctx, t));
+                // With a small inner dimension (LoRA's A·∂u: k = rank) the outer-product sum is
+                // the faster form already (see `small_inner`): kept.
+                let keep = frozen.cpu_kernels && a.nb()[0] == 4 && small_inner(a.ne()[1], a.ne()[0], flat(a) && flat(b) && flat(node));
+                if flat(a) && flat(b) && flat(node) && !keep {
+                    let mut tr = |t: Tensor<'a>| *transposes.entry(t.raw() as usize).or_insert_with(|| transposed(ctx, t, frozen.cpu_kernels));
                     let at = tr(a); // [k, n]
                     let bt = tr(b); // [k, p]
                     // SAFETY: as above: MUL_MAT(aᵀ [k, n], bᵀ [k, p]) is F32 [n, p] like the node.
                     unsafe { node.rewrite_as_mul_mat(at, bt) };
+                    stats.out_prods += 1;
+                } else if frozen.cpu_kernels && batched_small_left(a, b, node) {
+                    // Attention's ∂Q = out_prod(K, transpose(∂S)) and ∂P = out_prod(Vᵀ,
+                    // transpose(∂O)): per head a small left factor (head_dim × n_kv) against a
+                    // transposed gradient. As mul_mat(aᵀ, g) only `a` (small) is transposed and
+                    // the gradient is read as stored; tinyBLAS then runs them ~2× faster than
+                    // out_prod. (The other two, ∂K and ∂V, contract over the query axis, which
+                    // would need the big score-shaped tensors transposed: kept.)
+                    let g = b.src(0).expect("transpose view has a source");
+                    let g = if g.is_contiguous() { g } else { ctx.cont_cpu(g) };
+                    let at = transposed(ctx, a, true);
+                    // SAFETY: MUL_MAT(aᵀ [k, n, B_a], g [k, p, B]) broadcasts a's batches over
+                    // g's like out_prod does (batch i uses a's batch i / (B / B_a)): F32
+                    // [n, p, B] like the node; the graph is not allocated while rebuilt.
+                    unsafe { node.rewrite_as_mul_mat(at, g) };
                     stats.out_prods += 1;
                 }
             }

@@ -440,7 +440,9 @@ impl<'w> Llama<'w> {
         let q = ctx.rope_ext(q, pos, self.rope_freqs, &hp.rope);
         let k = ctx.rope_ext(k, pos, self.rope_freqs, &hp.rope);
 
-        let q = ctx.permute(q, [0, 2, 1, 3]); // [head_dim, n_tokens, n_head]
+        // Contiguous: ggml's fast matmul kernels (tinyBLAS) need contiguous right-hand sides
+        // and leave strided ones to a generic loop 2–3× slower.
+        let q = ctx.cont(ctx.permute(q, [0, 2, 1, 3])); // [head_dim, n_tokens, n_head]
         let k = ctx.permute(k, [0, 2, 1, 3]); // [head_dim, n_kv, n_head_kv]
         let kq = ctx.mul_mat(k, q); // [n_kv, n_tokens, n_head]  (query heads share kv heads in groups)
         ctx.mul_mat_prec_f32(kq);

@@ -42,6 +42,9 @@ pub struct FrozenCopies {
     /// CPU (Q4_0 × F32 at ~180 GFLOP/s on 2 AVX-512 cores here, Q4_1 ~60).
     ctx_q4: Option<Context>,
     bytes: usize,
+    /// Running on the CPU backend: the graph rewrite may use its kernels
+    /// ([`FrozenMap::cpu_kernels`]).
+    cpu: bool,
 }
 
 /// Every frozen matmul weight of the model: the 7 linear maps of each layer and the output.
@@ -97,10 +100,10 @@ impl FrozenCopies {
     pub fn build_with(weights: &Weights, mode: WeightCopies, forward: Forward, backend: &Backend) -> Result<Self, ModelError> {
         let frozen = frozen_matmul_weights(weights);
         if mode == WeightCopies::Stock {
-            return Ok(FrozenCopies { mode, ctx: None, pairs: Vec::new(), transient: Vec::new(), forward: Vec::new(), split: Vec::new(), ctx_q4: None, bytes: 0 });
+            return Ok(FrozenCopies { mode, ctx: None, pairs: Vec::new(), transient: Vec::new(), forward: Vec::new(), split: Vec::new(), ctx_q4: None, bytes: 0, cpu: !backend.is_gpu() });
         }
         if mode == WeightCopies::None {
-            return Ok(FrozenCopies { mode, ctx: None, pairs: Vec::new(), transient: frozen.iter().map(|t| t.id()).collect(), forward: Vec::new(), split: Vec::new(), ctx_q4: None, bytes: 0 });
+            return Ok(FrozenCopies { mode, ctx: None, pairs: Vec::new(), transient: frozen.iter().map(|t| t.id()).collect(), forward: Vec::new(), split: Vec::new(), ctx_q4: None, bytes: 0, cpu: !backend.is_gpu() });
         }
         let ctx = Context::new(Capacity::tensors(3 * frozen.len() + 8))?;
         let mut planned = Vec::new();
@@ -108,7 +111,9 @@ impl FrozenCopies {
         let mut split_planned = Vec::new();
         for &w in &frozen {
             if forward != Forward::Stored && w.ty() == Type::Q4_1 {
-                let c = ctx.new_tensor(Type::F32, &[w.ne()[0] / 32, w.ne()[1]]);
+                // Stored transposed, [d_out, d_in/32]: the product C·s runs as an outer-product
+                // sum over the blocks (see `FrozenMap::insert_forward_split`).
+                let c = ctx.new_tensor(Type::F32, &[w.ne()[1], w.ne()[0] / 32]);
                 c.set_name(&format!("{}.q4_1_offsets", w.name()));
                 split_planned.push((w, c));
             } else if forward == Forward::Q8_0 && needs_forward_copy(w.ty()) && w.ne()[0] % 32 == 0 {
@@ -189,15 +194,24 @@ impl FrozenCopies {
         for ((w, c), q) in split_planned.into_iter().zip(q_ids) {
             let (q4_0, offsets) = split_q4_1(&weights.read_bytes(w)?);
             ctx_q4.write_bytes(ctx_q4.tensor(q), &q4_0)?;
-            ctx.write_f32(c, &offsets)?;
+            // offsets: [d_out][d_in/32] row-major; stored as [d_in/32][d_out].
+            let (blocks, d_out) = ((w.ne()[0] / 32) as usize, w.ne()[1] as usize);
+            let mut ct = vec![0f32; offsets.len()];
+            for o in 0..d_out {
+                for b in 0..blocks {
+                    ct[b * d_out + o] = offsets[o * blocks + b];
+                }
+            }
+            ctx.write_f32(c, &ct)?;
             split.push((w.id(), q, c.id()));
         }
-        Ok(FrozenCopies { mode, ctx: Some(ctx), pairs, transient: Vec::new(), forward, split, ctx_q4: Some(ctx_q4), bytes })
+        Ok(FrozenCopies { mode, ctx: Some(ctx), pairs, transient: Vec::new(), forward, split, ctx_q4: Some(ctx_q4), bytes, cpu: !backend.is_gpu() })
     }
 
     /// How each frozen weight's input gradient is computed, for the graph rewrite.
     pub fn map<'a>(&'a self, weights: &'a Weights) -> FrozenMap<'a> {
         let mut m = FrozenMap::new();
+        m.cpu_kernels = self.cpu && std::env::var_os("GRIT_NO_CPU_KERNELS").is_none();
         if let Some(ctx) = &self.ctx {
             for &(w, t) in &self.pairs {
                 m.insert(weights.tensor(w), FrozenGrad::Transposed(ctx.tensor(t)));

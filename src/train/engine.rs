@@ -412,6 +412,7 @@ pub fn categorize(n: &crate::ggml::profile::NodeInfo) -> String {
         "CROSS_ENTROPY_LOSS" | "CROSS_ENTROPY_LOSS_BACK" => "loss".into(),
         "OPT_STEP_ADAMW" | "SQRT" | "CLAMP" | "DIV" => "optimizer".into(),
         "CPY" if frozen(s0) || output(s0) => "transient dequantization".into(),
+        "CUSTOM" | "MAP_CUSTOM1" => "transposes (tiled CPU copies)".into(),
         op => format!("other: {}", op.to_lowercase()),
     }
 }
