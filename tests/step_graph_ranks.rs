@@ -126,7 +126,7 @@ fn default_configurations_allocate() {
         for n_tokens in [64usize, 128, 256, 512] {
             for with_grit in [false, true] {
                 let ctx = Context::new(engine::step_capacity(&weights, &lora)).unwrap();
-                let o = StepOptions { loss_scale: engine::loss_scale(n_tokens), grit: with_grit.then_some(&grit), dropout: false, recompute };
+                let o = StepOptions { loss_scale: engine::loss_scale(n_tokens), grit: with_grit.then_some(&grit), dropout: false, recompute, fuse_attention: true };
                 let sg = StepGraph::build_with(&ctx, &weights, &lora, &copies, &opt, n_tokens, n_tokens - 1, o);
                 let mut backend = Backend::cpu(2).unwrap();
                 let run = backend.compute(&sg.graph);

@@ -42,6 +42,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub dry_run: bool,
     /// Time every graph node and print where a step's time goes (slows training a little).
+    /// With the environment variable GRIT_PROFILE_DETAIL=1, by op and tensor shapes.
     #[arg(long)]
     pub profile: bool,
     /// Write the token ids this run trains on (its first --steps batches) to FILE as JSON

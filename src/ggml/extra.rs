@@ -137,6 +137,33 @@ impl<'a> Tensor<'a> {
         }
     }
 
+    /// Turns this node into a view of `src` at byte `offset` with strides `nb` (its type and
+    /// shape stay): the node no longer computes anything, its consumers read `src`'s data.
+    ///
+    /// # Safety
+    /// The region must lie inside `src` and hold this node's values in the layout `nb`
+    /// describes; `src` must live as long as the node and must not depend on it; no allocated
+    /// computation may hold the graph being changed.
+    pub(crate) unsafe fn rewrite_as_view(self, src: Tensor<'a>, offset: usize, nb: [usize; 4]) {
+        let ne = self.ne();
+        let last = offset + (0..4).map(|i| (ne[i] as usize - 1) * nb[i]).sum::<usize>() + 4;
+        assert!(self.ty() == super::Type::F32 && nb[0] == 4 && last <= src.n_bytes(), "rewrite as view: {self:?} at {offset} does not fit in {src:?}");
+        // SAFETY: the caller guarantees exclusivity and the layout; fields of a live tensor are
+        // plain data. ggml's views keep the offset in op_params and point view_src at the
+        // viewed tensor, which is what the allocator and the backends read.
+        unsafe {
+            let t = &mut *self.raw();
+            t.op = sys::GGML_OP_VIEW;
+            t.op_params = [0; 16];
+            std::ptr::copy_nonoverlapping(&offset as *const usize as *const u8, t.op_params.as_mut_ptr() as *mut u8, std::mem::size_of::<usize>());
+            t.src = [std::ptr::null_mut(); 10];
+            t.src[0] = src.raw();
+            t.view_src = src.raw();
+            t.view_offs = offset;
+            t.nb = nb;
+        }
+    }
+
     /// Turns this node into `add(a, b)` in place (same contract as
     /// [`Tensor::rewrite_as_mul_mat`]: the node must have `a`'s F32 type and shape, equal to
     /// `b`'s).

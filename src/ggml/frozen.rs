@@ -12,6 +12,11 @@
 //! node that reads it, or the allocator would keep every layer's copy alive at once. Node
 //! order is ggml's, so the graph is rebuilt: the old graph's nodes are re-added in their
 //! original order, and each rewritten node pulls its new sources in just before itself.
+//!
+//! On the CPU backend ([`FrozenMap::cpu_kernels`]) the rebuild also swaps in kernels that
+//! ggml's autodiff cannot choose: attention fused into two custom ops
+//! ([`super::attention`]), products with a small inner dimension as outer-product sums
+//! ([`small_inner`]), and transposes by a tiled copy ([`Context::cont_cpu`]).
 
 use std::collections::HashMap;
 
@@ -42,11 +47,13 @@ pub struct FrozenMap<'a> {
     /// The graph runs on the CPU backend: products with a small inner dimension become
     /// outer-product sums (see [`small_inner`]).
     pub cpu_kernels: bool,
+    /// With `cpu_kernels`: fuse attention (see [`super::attention`]). Default on.
+    pub fuse_attention: bool,
 }
 
 impl<'a> FrozenMap<'a> {
     pub fn new() -> Self {
-        Self { map: HashMap::new(), forward: HashMap::new(), split: HashMap::new(), cpu_kernels: false }
+        Self { map: HashMap::new(), forward: HashMap::new(), split: HashMap::new(), cpu_kernels: false, fuse_attention: true }
     }
     /// Uses `copy` (same shape as `w`, another type) wherever the forward multiplies by `w`.
     pub fn insert_forward(&mut self, w: Tensor<'a>, copy: Tensor<'a>) {
@@ -87,15 +94,15 @@ fn transposed<'a>(ctx: &'a Context, t: Tensor<'a>, cpu: bool) -> Tensor<'a> {
             }
         }
     }
-    if cpu && t.ty() == Type::F32 && t.ne()[3] == 1 {
-        ctx.cont_cpu(ctx.transpose(t))
-    } else {
-        ctx.cont(ctx.transpose(t))
-    }
+    let tt = if cpu && t.ty() == Type::F32 && t.ne()[3] == 1 { ctx.cont_cpu(ctx.transpose(t)) } else { ctx.cont(ctx.transpose(t)) };
+    // Named after the source (the profile sorts LoRA's products by the names they read).
+    let name: String = t.name().chars().take(48).collect();
+    tt.set_name(&format!("{name} (T)"))
 }
 
-/// Inner dimensions up to which a product runs as an outer-product sum on the CPU.
-const SMALL_INNER: i64 = 32;
+/// Inner dimensions up to which a product runs as an outer-product sum on the CPU (at 48:
+/// 1.3–1.4× faster than the matmul kernel, `bench/small_k.rs`).
+const SMALL_INNER: i64 = 48;
 
 /// True when `mul_mat(a [k, m], b [k, n])` (F32, 2-D) has a small inner dimension k and a
 /// long output column m: LoRA's B·u (k = rank), Aᵀ·∂u, the Q4_1 split's offsets (k = d_in/32).
@@ -139,6 +146,8 @@ pub struct RewriteStats {
     pub recomputed: usize,
     /// Products with a small inner dimension turned into outer-product sums.
     pub outer: usize,
+    /// Attention blocks fused into CPU kernels.
+    pub attention: usize,
 }
 
 /// Rewrites the frozen-weight input gradients of `graph` (which must already hold its
@@ -185,6 +194,14 @@ pub fn rebuild_backward<'a>(ctx: &'a Context, graph: &Graph<'a>, frozen: &Frozen
     for t in first {
         out.build_forward_expand(t);
     }
+    // Attention fused into CPU kernels (forward and backward); the nodes it makes redundant
+    // are skipped below. Not with recomputation: there the fused backward made the step's
+    // compute buffer grow by ~65 MiB on the default model (189 → 254 MiB at 256 tokens;
+    // measured 2026-11-29, cause not yet found), against the point of that mode.
+    let fused = if frozen.cpu_kernels && frozen.fuse_attention && recompute.is_none() { super::attention::fuse(ctx, graph) } else { super::attention::Fused { dead: Default::default(), backward: Vec::new() } };
+    stats.attention = fused.backward.len();
+    let fused_backward: HashMap<usize, Tensor<'a>> = fused.backward.iter().map(|t| (t.raw() as usize, *t)).collect();
+    let mut redirected = std::collections::HashSet::new();
     // The forward's frozen matmuls first (faster copies, exact splits), so that recomputed
     // segments duplicate the rewritten forward.
     let mut block_sums: HashMap<usize, Tensor<'a>> = HashMap::new();
@@ -231,8 +248,21 @@ pub fn rebuild_backward<'a>(ctx: &'a Context, graph: &Graph<'a>, frozen: &Frozen
     let mut segments = recompute.map(Segments::new);
     for i in 0..graph.n_nodes() {
         let node = graph.node(i);
+        if fused.dead.contains(&(node.raw() as usize)) {
+            for t in due.remove(&i).unwrap_or_default() {
+                out.build_forward_expand(t);
+            }
+            continue;
+        }
         if let Some(segs) = segments.as_mut() {
             if !segs.is_forward(node) {
+                // The fused attention backward reads forward activations too.
+                if let Some(&b) = node.src(0).and_then(|s| fused_backward.get(&(s.raw() as usize))) {
+                    if redirected.insert(b.raw() as usize) {
+                        // SAFETY: as below.
+                        unsafe { segs.redirect(ctx, b) };
+                    }
+                }
                 // SAFETY: the graph is being rebuilt, no computation holds it.
                 unsafe { segs.redirect(ctx, node) };
             }

@@ -37,6 +37,7 @@
 //! - Base weights go to `ggml_backend_cpu_buffer_type()` on the CPU (never CPU_REPACK, whose
 //!   tensors support only `mul_mat`), or the GPU's default buffer type.
 
+mod attention;
 mod backend;
 mod context;
 mod extra;

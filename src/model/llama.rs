@@ -440,9 +440,10 @@ impl<'w> Llama<'w> {
         let q = ctx.rope_ext(q, pos, self.rope_freqs, &hp.rope);
         let k = ctx.rope_ext(k, pos, self.rope_freqs, &hp.rope);
 
-        // Contiguous: ggml's fast matmul kernels (tinyBLAS) need contiguous right-hand sides
-        // and leave strided ones to a generic loop 2–3× slower.
-        let q = ctx.cont(ctx.permute(q, [0, 2, 1, 3])); // [head_dim, n_tokens, n_head]
+        // Not made contiguous for ggml's faster tinyBLAS path: with K a strided view (and GQA
+        // broadcasting) that path gave wrong scores here (logits off by up to 1.2 against
+        // llama.cpp, 2026-11-29). Training steps on the CPU use the fused kernels instead.
+        let q = ctx.permute(q, [0, 2, 1, 3]); // [head_dim, n_tokens, n_head]
         let k = ctx.permute(k, [0, 2, 1, 3]); // [head_dim, n_kv, n_head_kv]
         let kq = ctx.mul_mat(k, q); // [n_kv, n_tokens, n_head]  (query heads share kv heads in groups)
         ctx.mul_mat_prec_f32(kq);

@@ -211,7 +211,7 @@ impl FrozenCopies {
     /// How each frozen weight's input gradient is computed, for the graph rewrite.
     pub fn map<'a>(&'a self, weights: &'a Weights) -> FrozenMap<'a> {
         let mut m = FrozenMap::new();
-        m.cpu_kernels = self.cpu && std::env::var_os("GRIT_NO_CPU_KERNELS").is_none();
+        m.cpu_kernels = self.cpu;
         if let Some(ctx) = &self.ctx {
             for &(w, t) in &self.pairs {
                 m.insert(weights.tensor(w), FrozenGrad::Transposed(ctx.tensor(t)));

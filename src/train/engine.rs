@@ -125,11 +125,15 @@ pub struct StepOptions<'c> {
     /// Recompute each transformer block's activations in the backward from the residual
     /// stream instead of keeping them (less memory, one more forward of the blocks).
     pub recompute: bool,
+    /// On the CPU backend, run attention as the fused kernels of `ggml::attention` (not with
+    /// `recompute`). Default on; off gives ggml's own ops, e.g. to compare other rewrites
+    /// bit for bit.
+    pub fuse_attention: bool,
 }
 
 impl Default for StepOptions<'_> {
     fn default() -> Self {
-        StepOptions { loss_scale: 1.0, grit: None, dropout: false, recompute: false }
+        StepOptions { loss_scale: 1.0, grit: None, dropout: false, recompute: false, fuse_attention: true }
     }
 }
 
@@ -226,7 +230,8 @@ impl<'g> StepGraph<'g> {
                 extra.push(ctx.cpy(ctx.add(acc, g), acc));
             }
         }
-        let map = copies.map(weights);
+        let mut map = copies.map(weights);
+        map.fuse_attention = o.fuse_attention;
         // Recomputation: only the residual stream between blocks stays allocated from the
         // forward to the backward; each block's intermediates are recomputed from it.
         let (graph, rw) = crate::ggml::rebuild_backward(ctx, &train.graph, &map, &extra, o.recompute.then_some(&train.blocks[..]));
@@ -406,12 +411,14 @@ pub fn categorize(n: &crate::ggml::profile::NodeInfo) -> String {
         "MUL_MAT" if frozen(s0) => "frozen matmuls: forward".into(),
         "MUL_MAT" if n.name.is_empty() || s0.contains("(copy") => "frozen matmuls: backward (transient)".into(),
         "MUL_MAT" | "OUT_PROD" if lora(s0) || lora(s1) || lora(&n.name) => "LoRA matmuls".into(),
+        "OUT_PROD" if s0.ends_with(".q4_1_offsets") => "frozen matmuls: forward".into(),
         "OUT_PROD" if frozen(s0) || output(s0) => "frozen matmuls: backward (stock out_prod)".into(),
-        "MUL_MAT" | "OUT_PROD" => "attention matmuls (+LoRA grads)".into(),
+        "MUL_MAT" | "OUT_PROD" => "attention matmuls".into(),
         "SOFT_MAX" | "SOFT_MAX_BACK" => "attention softmax".into(),
         "CROSS_ENTROPY_LOSS" | "CROSS_ENTROPY_LOSS_BACK" => "loss".into(),
         "OPT_STEP_ADAMW" | "SQRT" | "CLAMP" | "DIV" => "optimizer".into(),
         "CPY" if frozen(s0) || output(s0) => "transient dequantization".into(),
+        "CUSTOM" if n.name.starts_with("attn_fused") => "attention (fused CPU kernels)".into(),
         "CUSTOM" | "MAP_CUSTOM1" => "transposes (tiled CPU copies)".into(),
         op => format!("other: {}", op.to_lowercase()),
     }

@@ -364,7 +364,7 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
         let first = pending.take().unwrap_or_else(|| make_batch(&batcher.next_batch(), cfg.max_seq_len, pad));
         let key = (first.n_tokens(), first.n_rows());
         let ctx = Context::new(engine::step_capacity(&weights, &lora))?;
-        let sg = StepGraph::build_with(&ctx, &weights, &lora, &copies, &opt, key.0, key.1, StepOptions { loss_scale, grit: is_grit.then_some(&cfg.grit), dropout: cfg.dropout > 0.0, recompute: cfg.recompute() });
+        let sg = StepGraph::build_with(&ctx, &weights, &lora, &copies, &opt, key.0, key.1, StepOptions { loss_scale, grit: is_grit.then_some(&cfg.grit), dropout: cfg.dropout > 0.0, recompute: cfg.recompute(), fuse_attention: true });
         if !memory_checked {
             memory_checked = true;
             eprintln!(
