@@ -55,8 +55,8 @@ pub use tokenizer::{ChatMessage, Tokenizer};
 /// Why training data could not be read. Row errors name `file:line` and the field.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    #[error("{path}: {err}")]
+    Io { path: String, err: std::io::Error },
     /// A row that is not valid JSON (`col` from serde_json).
     #[error("{loc}: invalid JSON at column {col}: {msg}")]
     Json { loc: String, col: usize, msg: String },
@@ -362,7 +362,7 @@ impl<'a> Loader<'a> {
 pub fn load_file(path: &Path, tok: &dyn Tokenizer, cfg: &DataConfig) -> Result<Dataset, DataError> {
     cfg.validate()?;
     let name = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| DataError::Io { path: name.clone(), source })?;
+    let bytes = std::fs::read(path).map_err(|err| DataError::Io { path: name.clone(), err })?;
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
     let mut ld = Loader::new(tok, cfg, &name);
     // The kind is sniffed from the first bytes; a non-UTF-8 file is read as JSONL/text below.

@@ -982,7 +982,7 @@ pub async fn run(st: St, cfg: &ServeConfig, tx: std::sync::mpsc::Sender<Cmd>) ->
         app = app.layer(CorsLayer::new().allow_origin(origin).allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS]).allow_headers(Any).max_age(Duration::from_secs(3600)));
     }
     let addr = format!("{}:{}", cfg.host, cfg.port);
-    let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|source| ServeError::Bind { addr: addr.clone(), source })?;
+    let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|err| ServeError::Bind { addr: addr.clone(), err })?;
     let local = listener.local_addr()?;
     eprintln!(
         "grit serve: {} on http://{local} (context {} per request, {} parallel per adapter set, up to {} adapter sets, queue {})",

@@ -26,8 +26,8 @@ pub enum ServeError {
     Option(String),
     #[error("--adapter {name}={}: {msg}", .path.display())]
     Adapter { name: String, path: PathBuf, msg: String },
-    #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: String, source: std::io::Error },
+    #[error("cannot listen on {addr}: {err}")]
+    Bind { addr: String, err: std::io::Error },
     #[error("server error: {0}")]
     Io(#[from] std::io::Error),
 }
