@@ -15,7 +15,7 @@
 //! (rows contiguous), mask [T, ≥T] F32 (0 or −∞ in practice, any value allowed); query head h
 //! reads key/value head h / (H/G), as ggml's broadcasting matmul does.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::os::raw::{c_int, c_void};
 
 use llama_cpp_sys_2 as sys;
@@ -24,23 +24,10 @@ use super::context::{Context, Graph, Tensor, Type};
 
 /// What [`fuse`] changed: nodes that no longer have to run, and the new backward ops (they read
 /// forward activations: recomputation must redirect them).
+#[derive(Default)]
 pub(crate) struct Fused<'a> {
     pub dead: HashSet<usize>,
     pub backward: Vec<Tensor<'a>>,
-}
-
-/// The readers of every node and leaf source in `graph`.
-fn readers<'a>(graph: &Graph<'a>) -> HashMap<usize, Vec<Tensor<'a>>> {
-    let mut r: HashMap<usize, Vec<Tensor<'a>>> = HashMap::new();
-    for i in 0..graph.n_nodes() {
-        let n = graph.node(i);
-        for k in 0..10 {
-            if let Some(s) = n.src(k) {
-                r.entry(s.raw() as usize).or_default().push(n);
-            }
-        }
-    }
-    r
 }
 
 /// `a` is the tensor `b`.
@@ -61,9 +48,9 @@ fn f32_param(t: Tensor<'_>, i: usize) -> f32 {
 /// Rewrites every attention block of `graph` (see the module docs) whose forward and backward
 /// match the expected pattern exactly; others are left as they are.
 pub(crate) fn fuse<'a>(ctx: &'a Context, graph: &Graph<'a>) -> Fused<'a> {
-    let rd = readers(graph);
+    let rd = graph.readers();
     let readers_of = |t: Tensor<'a>| rd.get(&(t.raw() as usize)).cloned().unwrap_or_default();
-    let mut fused = Fused { dead: HashSet::new(), backward: Vec::new() };
+    let mut fused = Fused::default();
     for i in 0..graph.n_nodes() {
         let o = graph.node(i);
         if o.op() != sys::GGML_OP_MUL_MAT {

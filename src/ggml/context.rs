@@ -909,6 +909,20 @@ pub struct Graph<'a> {
 }
 
 impl<'a> Graph<'a> {
+    /// Every node's readers among the graph's nodes, keyed by the read tensor (nodes and leafs).
+    pub(crate) fn readers(&self) -> std::collections::HashMap<usize, Vec<Tensor<'a>>> {
+        let mut r: std::collections::HashMap<usize, Vec<Tensor<'a>>> = std::collections::HashMap::new();
+        for i in 0..self.n_nodes() {
+            let n = self.node(i);
+            for k in 0..10 {
+                if let Some(s) = n.src(k) {
+                    r.entry(s.raw() as usize).or_default().push(n);
+                }
+            }
+        }
+        r
+    }
+
     pub(crate) fn raw(&self) -> *mut sys::ggml_cgraph {
         self.ptr.as_ptr()
     }

@@ -95,6 +95,23 @@ impl<'a> Tensor<'a> {
         std::ptr::NonNull::new(p).map(|_| self.with_ptr(p))
     }
 
+    /// Gives this node `op` with sources `a`, `b` and no op parameters, in place.
+    ///
+    /// # Safety
+    /// `op(a, b)` must have this node's type and shape, `a`/`b` must live as long as the node,
+    /// and no allocated computation may hold the graph being changed.
+    unsafe fn set_binary_op(self, op: sys::ggml_op, a: Tensor<'a>, b: Tensor<'a>) {
+        // SAFETY: per the contract; fields of a live tensor are plain data.
+        unsafe {
+            let t = &mut *self.raw();
+            t.op = op;
+            t.op_params = [0; 16];
+            t.src = [std::ptr::null_mut(); 10];
+            t.src[0] = a.raw();
+            t.src[1] = b.raw();
+        }
+    }
+
     /// Turns this node into `MUL_MAT(a, b)` in place.
     ///
     /// # Safety
@@ -104,15 +121,8 @@ impl<'a> Tensor<'a> {
     pub(crate) unsafe fn rewrite_as_mul_mat(self, a: Tensor<'a>, b: Tensor<'a>) {
         let (ane, bne, ne) = (a.ne(), b.ne(), self.ne());
         assert!(ane[0] == bne[0] && ne[0] == ane[1] && ne[1] == bne[1] && ne[2] == bne[2] && ne[3] == bne[3] && bne[2] % ane[2] == 0 && bne[3] % ane[3] == 0, "rewrite as mul_mat: {a:?} × {b:?} does not give {self:?}");
-        // SAFETY: the caller guarantees exclusivity; fields of a live tensor are plain data.
-        unsafe {
-            let t = &mut *self.raw();
-            t.op = sys::GGML_OP_MUL_MAT;
-            t.op_params = [0; 16];
-            t.src = [std::ptr::null_mut(); 10];
-            t.src[0] = a.raw();
-            t.src[1] = b.raw();
-        }
+        // SAFETY: the caller guarantees exclusivity (and the shapes, checked above).
+        unsafe { self.set_binary_op(sys::GGML_OP_MUL_MAT, a, b) };
     }
 
     /// Turns this node into `OUT_PROD(a, b)` in place: Σ_k a[:, k]·b[:, k]ᵀ for a [n, k] with
@@ -126,15 +136,8 @@ impl<'a> Tensor<'a> {
             ane[1] == bne[1] && ne[0] == ane[0] && ne[1] == bne[0] && ane[2] == 1 && bne[2] == 1 && ne[2] == 1 && a.nb()[0] == 4,
             "rewrite as out_prod: {a:?} ⊗ {b:?} does not give {self:?}"
         );
-        // SAFETY: the caller guarantees exclusivity; fields of a live tensor are plain data.
-        unsafe {
-            let t = &mut *self.raw();
-            t.op = sys::GGML_OP_OUT_PROD;
-            t.op_params = [0; 16];
-            t.src = [std::ptr::null_mut(); 10];
-            t.src[0] = a.raw();
-            t.src[1] = b.raw();
-        }
+        // SAFETY: the caller guarantees exclusivity (and the shapes, checked above).
+        unsafe { self.set_binary_op(sys::GGML_OP_OUT_PROD, a, b) };
     }
 
     /// Turns this node into a view of `src` at byte `offset` with strides `nb` (its type and
@@ -172,15 +175,8 @@ impl<'a> Tensor<'a> {
     /// As for [`Tensor::rewrite_as_mul_mat`].
     pub(crate) unsafe fn rewrite_as_add(self, a: Tensor<'a>, b: Tensor<'a>) {
         assert!(a.ne() == self.ne() && b.ne() == self.ne(), "rewrite as add: {a:?} + {b:?} does not give {self:?}");
-        // SAFETY: the caller guarantees exclusivity; fields of a live tensor are plain data.
-        unsafe {
-            let t = &mut *self.raw();
-            t.op = sys::GGML_OP_ADD;
-            t.op_params = [0; 16];
-            t.src = [std::ptr::null_mut(); 10];
-            t.src[0] = a.raw();
-            t.src[1] = b.raw();
-        }
+        // SAFETY: the caller guarantees exclusivity (and the shapes, checked above).
+        unsafe { self.set_binary_op(sys::GGML_OP_ADD, a, b) };
     }
 }
 

@@ -110,8 +110,8 @@ const SMALL_INNER: i64 = 48;
 /// is mostly per-output overhead; the same product as `out_prod(aᵀ [m, k], bᵀ [n, k])`
 /// streams whole output columns (k multiply-adds of length m each) and ran 1.3–2.8× faster
 /// on the training shapes here (`bench/small_k.rs`, 2 threads, 2026-11-29).
-fn small_inner(k: i64, m: i64, flat: bool) -> bool {
-    flat && k <= SMALL_INNER && m >= 64
+fn small_inner(k: i64, m: i64) -> bool {
+    k <= SMALL_INNER && m >= 64
 }
 
 /// A batched `out_prod(a [n, k, B_a], transpose(g) [p, k, B])` (F32, 3-D) whose left factor
@@ -198,7 +198,7 @@ pub fn rebuild_backward<'a>(ctx: &'a Context, graph: &Graph<'a>, frozen: &Frozen
     // are skipped below. Not with recomputation: there the fused backward made the step's
     // compute buffer grow by ~65 MiB on the default model (189 → 254 MiB at 256 tokens;
     // measured 2026-11-29, cause not yet found), against the point of that mode.
-    let fused = if frozen.cpu_kernels && frozen.fuse_attention && recompute.is_none() { super::attention::fuse(ctx, graph) } else { super::attention::Fused { dead: Default::default(), backward: Vec::new() } };
+    let fused = if frozen.cpu_kernels && frozen.fuse_attention && recompute.is_none() { super::attention::fuse(ctx, graph) } else { Default::default() };
     stats.attention = fused.backward.len();
     let fused_backward: HashMap<usize, Tensor<'a>> = fused.backward.iter().map(|t| (t.raw() as usize, *t)).collect();
     let mut redirected = std::collections::HashSet::new();
@@ -227,16 +227,16 @@ pub fn rebuild_backward<'a>(ctx: &'a Context, graph: &Graph<'a>, frozen: &Frozen
                 ctx.reshape_2d(ctx.sum_rows(ctx.reshape_3d(xc, 32, ne[0] / 32, ne[1])), ne[0] / 32, ne[1])
             });
             // C·s [d_out, T] from Cᵀ [d_out, d_in/32].
-            let cs = if frozen.cpu_kernels && small_inner(ne[0] / 32, c.ne()[0], true) {
+            let cs = if frozen.cpu_kernels && small_inner(ne[0] / 32, c.ne()[0]) {
                 ctx.out_prod(c, ctx.transpose(s))
             } else {
-                ctx.mul_mat(ctx.cont(ctx.transpose(c)), s)
+                ctx.mul_mat(transposed(ctx, c, false), s)
             };
             // SAFETY: both terms are F32 [d_out, T] like the node (w0 has w's shape); the
             // graph is not allocated while rebuilt.
             unsafe { node.rewrite_as_add(ctx.mul_mat(w0, x), cs) };
             stats.forward += 1;
-        } else if frozen.cpu_kernels && flat(w) && flat(x) && flat(node) && small_inner(w.ne()[0], w.ne()[1], true) {
+        } else if frozen.cpu_kernels && flat(w) && flat(x) && flat(node) && small_inner(w.ne()[0], w.ne()[1]) {
             // LoRA's B·u and the like: an outer-product sum (see `small_inner`).
             let wt = *transposes.entry(w.raw() as usize).or_insert_with(|| transposed(ctx, w, frozen.cpu_kernels)); // [m, k]
             // SAFETY: OUT_PROD(wᵀ [m, k], xᵀ [n, k]) is F32 [m, n] like the node; the graph
@@ -339,8 +339,9 @@ pub fn rebuild_backward<'a>(ctx: &'a Context, graph: &Graph<'a>, frozen: &Frozen
             if let (Some(a), Some(b)) = (node.src(0), node.src(1)) {
                 // With a small inner dimension (LoRA's A·∂u: k = rank) the outer-product sum is
                 // the faster form already (see `small_inner`): kept.
-                let keep = frozen.cpu_kernels && a.nb()[0] == 4 && small_inner(a.ne()[1], a.ne()[0], flat(a) && flat(b) && flat(node));
-                if flat(a) && flat(b) && flat(node) && !keep {
+                let all_flat = flat(a) && flat(b) && flat(node);
+                let keep = frozen.cpu_kernels && a.nb()[0] == 4 && small_inner(a.ne()[1], a.ne()[0]);
+                if all_flat && !keep {
                     let mut tr = |t: Tensor<'a>| *transposes.entry(t.raw() as usize).or_insert_with(|| transposed(ctx, t, frozen.cpu_kernels));
                     let at = tr(a); // [k, n]
                     let bt = tr(b); // [k, p]
@@ -385,14 +386,7 @@ pub fn rebuild_backward<'a>(ctx: &'a Context, graph: &Graph<'a>, frozen: &Frozen
 fn drop_unused_views<'a>(ctx: &'a Context, graph: Graph<'a>, size: usize) -> Graph<'a> {
     let is_view_op = |t: Tensor<'a>| matches!(t.op(), sys::GGML_OP_VIEW | sys::GGML_OP_RESHAPE | sys::GGML_OP_PERMUTE | sys::GGML_OP_TRANSPOSE);
     let nodes: Vec<Tensor<'a>> = (0..graph.n_nodes()).map(|i| graph.node(i)).collect();
-    let mut readers: HashMap<usize, usize> = HashMap::new();
-    for t in &nodes {
-        for k in 0..10 {
-            if let Some(s) = t.src(k) {
-                *readers.entry(s.raw() as usize).or_default() += 1;
-            }
-        }
-    }
+    let mut readers: HashMap<usize, usize> = graph.readers().into_iter().map(|(k, v)| (k, v.len())).collect();
     let mut dropped = std::collections::HashSet::new();
     // Reverse order: dropping a view may leave the view it was made from unread.
     for t in nodes.iter().rev() {
