@@ -37,7 +37,7 @@ fn main() -> anyhow::Result<()> {
     grit::llama::init_logging(false);
     let threads = grit::infer::resolve_threads(0);
 
-    let mut model = Model::load(&model_path, &LoadOptions { n_gpu_layers: 0 })?;
+    let mut model = Model::load(&model_path, &LoadOptions::cpu())?;
     let text = std::fs::read_to_string(&text_path)?;
     let toks: Vec<i32> = model.tokenize(&text, true).into_iter().map(|t| t.0).take(n).collect();
     anyhow::ensure!(toks.len() == n, "{} has only {} tokens", text_path.display(), toks.len());

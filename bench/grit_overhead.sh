@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GRIT's step-time overhead over plain LoRA, measured side by side in one run.
 # Both methods train the default model on the same data with the same flags (defaults of
-# issue 3/4, evaluation off); ROUNDS rounds alternate LoRA and GRIT so machine noise hits
+# grit train, evaluation off); ROUNDS rounds alternate LoRA and GRIT so machine noise hits
 # both. The window is steps FROM..TO; its time is the wall-clock difference of the
 # `elapsed_s` of metrics rows TO and FROM, so it contains everything GRIT does in those
 # steps: statistics, preconditioning, regularizers, inversions, reprojections and the

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GRIT against plain LoRA on the same work (issue 4's quality acceptance): the default model,
+# GRIT against plain LoRA on the same work (the quality comparison in docs/GRIT.md): the default model,
 # default flags, STEPS steps on Hamlet with Macbeth as the held-out play, the same seed.
 # Prints both eval-loss curves, the gains (step-0 eval loss - final eval loss), the ratio
 # GRIT/LoRA, trainable parameters, GRIT's events and its final per-layer rank table.

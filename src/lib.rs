@@ -1,6 +1,6 @@
 //! grit: fine-tune and serve LLaMA-family models on the hardware people own.
 //!
-//! The library is laid out by architecture (see `../shared/DESIGN.md`):
+//! The library is laid out by architecture (see `docs/ARCHITECTURE.md`):
 //! - [`llama`]: the fenced FFI that llama-cpp-2 does not wrap (logging, system info, multi-adapter).
 //! - [`gguf`]: a safe reader over ggml's GGUF API (validation, metadata, tensor index).
 //! - [`fetch`]: the default model and demo data, fetched from PyPI packages and checked by sha256.

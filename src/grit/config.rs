@@ -1,4 +1,4 @@
-//! Every hyper-parameter of GRIT (GRIT.md), with the defaults of issue 4.
+//! Every hyper-parameter of GRIT (`docs/GRIT.md`), with the defaults measured there.
 
 use serde::{Deserialize, Serialize};
 
@@ -63,7 +63,7 @@ pub enum RankCut {
     Soft,
 }
 
-/// GRIT's hyper-parameters. Field defaults are the flag defaults (issue 4); values marked
+/// GRIT's hyper-parameters. Field defaults are the flag defaults (`docs/GRIT.md`); values marked
 /// "placeholder" are to be chosen by measurement.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -1,7 +1,7 @@
 //! GRIT: K-FAC preconditioning, Fisher-guided reprojection and dynamic rank
-//! (`../shared/GRIT.md`), as plain functions the trainer calls.
+//! (`docs/GRIT.md`), as plain functions the trainer calls.
 //!
-//! - [`config`]: [`GritConfig`], every hyper-parameter with issue 4's defaults.
+//! - [`config`]: [`GritConfig`], every hyper-parameter with the defaults measured in `docs/GRIT.md`.
 //! - [`linalg`]: f64 host linear algebra for r×r matrices (Cholesky with escalating damping,
 //!   inverses, Jacobi eigendecomposition).
 //! - [`stats`]: Σ_a = mean_t u·uᵀ and Σ_g = mean_t g·gᵀ as ggml nodes over the trained tokens
