@@ -7,8 +7,8 @@ use std::path::Path;
 
 use grit::ggml::Backend;
 use grit::gguf::GgufFile;
-use grit::model::{AdapterScale, LoraConfig, LoraSet, Target};
 use grit::model::Weights;
+use grit::model::{AdapterScale, LoraConfig, LoraSet, Target};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
@@ -17,11 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let std: f32 = args.get(6).map(|s| s.parse()).transpose()?.unwrap_or(0.02);
     let rank: usize = args[3].parse()?;
-    let targets = if args[4] == "all" {
-        Target::ALL.to_vec()
-    } else {
-        args[4].split(',').map(Target::parse).collect::<Result<Vec<_>, _>>()?
-    };
+    let targets = if args[4] == "all" { Target::ALL.to_vec() } else { args[4].split(',').map(Target::parse).collect::<Result<Vec<_>, _>>()? };
     let seed: u64 = args[5].parse()?;
     let backend = Backend::cpu(1)?;
     let weights = Weights::load(&GgufFile::open(Path::new(&args[1]))?, &backend)?;

@@ -36,7 +36,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             c.write_f32(x, &xs)?;
             for w in &ws {
                 // outer: w is aᵀ [m, k]: element (i, kk) at kk*m + i; mul_mat: a [k, m] at i*k + kk.
-                let data: Vec<f32> = if outer { (0..k * m).map(|j| { let (kk, i) = (j / m, j % m); wsd[(i * k + kk) as usize] }).collect() } else { wsd.clone() };
+                let data: Vec<f32> = if outer {
+                    (0..k * m)
+                        .map(|j| {
+                            let (kk, i) = (j / m, j % m);
+                            wsd[(i * k + kk) as usize]
+                        })
+                        .collect()
+                } else {
+                    wsd.clone()
+                };
                 c.write_f32(*w, &data)?;
             }
             c.run()?;

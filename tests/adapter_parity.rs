@@ -69,8 +69,25 @@ fn diff(a: &[f32], b: &[f32]) -> (f32, f32) {
 fn train(model: &Path, out: &Path, extra: &[&str]) {
     let p = plays();
     let mut args: Vec<String> = [
-        "train", "--model", model.to_str().unwrap(), "--data", p.join("hamlet.txt").to_str().unwrap(), "--eval-every", "0",
-        "--max-seq-len", "64", "--threads", "2", "--rank", "8", "--alpha", "16", "--lr", "1e-2", "--out", out.to_str().unwrap(),
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        p.join("hamlet.txt").to_str().unwrap(),
+        "--eval-every",
+        "0",
+        "--max-seq-len",
+        "64",
+        "--threads",
+        "2",
+        "--rank",
+        "8",
+        "--alpha",
+        "16",
+        "--lr",
+        "1e-2",
+        "--out",
+        out.to_str().unwrap(),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -105,7 +122,19 @@ fn case(name: &str, model: &Path, adapter: &Path, dir: &Path, b: &Bounds) {
     // F16 kernels) against grit's graph without an adapter effect.
     let floor_path = dir.join(format!("{name}-scale0-f16.gguf"));
     ok(grit()
-        .args(["merge", "--model", model.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--scale", "0", "--type", "f16", "--out", floor_path.to_str().unwrap()])
+        .args([
+            "merge",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--scale",
+            "0",
+            "--type",
+            "f16",
+            "--out",
+            floor_path.to_str().unwrap(),
+        ])
         .output()
         .unwrap());
     let floor = diff(&llama_cpp_logits(&floor_path, None, &toks), &base);
@@ -117,12 +146,18 @@ fn case(name: &str, model: &Path, adapter: &Path, dir: &Path, b: &Bounds) {
     let logit_rms = diff(&base, &vec![0.0; base.len()]).1;
     println!("{name}: {N_TOKENS} tokens, logit rms {logit_rms:.3}");
     println!("  (floor) base as F16 (merge --scale 0) vs base: max {:.3e} rms {:.3e}", floor.0, floor.1);
-    println!("  llama.cpp + GGUF adapter vs grit graph: max {:.3e} rms {:.3e} (bound max {:.1e} rms {:.1e})", d_adapter.0, d_adapter.1, b.adapter.0, b.adapter.1);
+    println!(
+        "  llama.cpp + GGUF adapter vs grit graph: max {:.3e} rms {:.3e} (bound max {:.1e} rms {:.1e})",
+        d_adapter.0, d_adapter.1, b.adapter.0, b.adapter.1
+    );
     println!("  llama.cpp merged F16     vs grit graph: max {:.3e} rms {:.3e}", d_merged.0, d_merged.1);
     println!("  adapter effect (llama.cpp, adapter vs none): max {:.3e} rms {:.3e}; merged vs base rms {:.3e}", effect.0, effect.1, merged_effect.1);
     assert!(d_adapter.0 <= b.adapter.0 && d_adapter.1 <= b.adapter.1, "{name}: llama.cpp with the adapter is off grit's graph: {d_adapter:?}");
     let merged_rms_bound = b.merged_vs_floor * floor.1 + 0.01;
-    println!("  merged bound: max {:.1e}, rms ≤ {:.2}·floor + 0.01 = {merged_rms_bound:.3e}; effect must be ≥ {}× the floor's rms", b.merged_max, b.merged_vs_floor, b.effect_factor);
+    println!(
+        "  merged bound: max {:.1e}, rms ≤ {:.2}·floor + 0.01 = {merged_rms_bound:.3e}; effect must be ≥ {}× the floor's rms",
+        b.merged_max, b.merged_vs_floor, b.effect_factor
+    );
     assert!(d_merged.0 <= b.merged_max && d_merged.1 <= merged_rms_bound, "{name}: the merged F16 model is off grit's graph: {d_merged:?}");
     assert!(effect.1 >= b.effect_factor * floor.1 && effect.1 >= 1e4 * b.adapter.1, "{name}: the adapter barely changes the logits (rms {})", effect.1);
     assert!(merged_effect.1 >= b.effect_factor * floor.1, "{name}: the merged model barely differs from the base (rms {})", merged_effect.1);
@@ -140,8 +175,26 @@ fn trained_lora_and_grit_adapters_match_llama_cpp_and_merged_f16() {
         &model,
         &grit_run,
         &[
-            "--method", "grit", "--steps", "10", "--kfac-every", "1", "--invert-every", "2", "--reproject-every", "4", "--reproject-warmup", "4",
-            "--rank-start", "4", "--rank-energy", "0.5", "--rank-min", "1", "--reg-warmup", "2",
+            "--method",
+            "grit",
+            "--steps",
+            "10",
+            "--kfac-every",
+            "1",
+            "--invert-every",
+            "2",
+            "--reproject-every",
+            "4",
+            "--reproject-warmup",
+            "4",
+            "--rank-start",
+            "4",
+            "--rank-energy",
+            "0.5",
+            "--rank-min",
+            "1",
+            "--reg-warmup",
+            "2",
         ],
     );
     // The GRIT adapter has been cut: per-tensor ranks below the initial 8, several distinct.

@@ -4,9 +4,7 @@
 
 use std::path::PathBuf;
 
-use grit::data::{
-    causal_segment_mask, load_file, split_eval, Batcher, ChatMessage, DataConfig, Dataset, Example, Format, Tokenizer,
-};
+use grit::data::{causal_segment_mask, load_file, split_eval, Batcher, ChatMessage, DataConfig, Dataset, Example, Format, Tokenizer};
 use grit::infer::{LoadOptions, Model};
 
 fn model() -> Model {

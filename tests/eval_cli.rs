@@ -33,11 +33,7 @@ fn reference_perplexity(model_path: &Path, text: &str, n_ctx: usize, n_windows: 
     let vocab = model.vocab();
     let tokens = vocab.tokenize(text.as_bytes(), true, false);
     let add_bos = vocab.should_add_bos();
-    let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(n_ctx as u32))
-        .with_n_batch(n_ctx as u32)
-        .with_n_threads(2)
-        .with_n_threads_batch(2);
+    let params = LlamaContextParams::default().with_n_ctx(NonZeroU32::new(n_ctx as u32)).with_n_batch(n_ctx as u32).with_n_threads(2).with_n_threads_batch(2);
     let mut ctx = model.new_context(backend, params).unwrap();
     let n_chunks = (tokens.len() / n_ctx).min(n_windows);
     let (mut nll, mut count) = (0f64, 0usize);
@@ -121,8 +117,20 @@ fn adapters_rows_drift_kl_and_accuracy() {
     )
     .unwrap();
     let v = eval_json(&[
-        "--data", text.to_str().unwrap(), "--ctx", "128", "--max-examples", "4", "--adapter", ad.to_str().unwrap(),
-        "--task", task.to_str().unwrap(), "--max-new-tokens", "8", "--threads", "2",
+        "--data",
+        text.to_str().unwrap(),
+        "--ctx",
+        "128",
+        "--max-examples",
+        "4",
+        "--adapter",
+        ad.to_str().unwrap(),
+        "--task",
+        task.to_str().unwrap(),
+        "--max-new-tokens",
+        "8",
+        "--threads",
+        "2",
     ]);
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
@@ -156,7 +164,8 @@ fn adapters_rows_drift_kl_and_accuracy() {
     assert_eq!(acc["choice"].as_f64().unwrap(), 1.0, "cold, not purple: {acc}");
 
     // The human table names every row.
-    let o = ok(grit().args(["eval", "--data", text.to_str().unwrap(), "--ctx", "128", "--max-examples", "1", "--adapter", ad.to_str().unwrap()]).output().unwrap());
+    let o =
+        ok(grit().args(["eval", "--data", text.to_str().unwrap(), "--ctx", "128", "--max-examples", "1", "--adapter", ad.to_str().unwrap()]).output().unwrap());
     let t = String::from_utf8(o.stdout).unwrap();
     assert!(t.lines().next().unwrap().contains("loss") && t.contains("base") && t.contains("synthetic"), "{t}");
 }

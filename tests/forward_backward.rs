@@ -52,7 +52,11 @@ fn lora_gradients_match_finite_differences() {
                 let v = values[k];
                 let mut at = |x: f32| {
                     values[k] = x;
-                    if which == "A" { lora.write_a(i, &values).unwrap() } else { lora.write_b(i, &values).unwrap() }
+                    if which == "A" {
+                        lora.write_a(i, &values).unwrap()
+                    } else {
+                        lora.write_b(i, &values).unwrap()
+                    }
                 };
                 at(v + eps);
                 let lp = run_loss(&mut run, loss_tensor);
@@ -141,7 +145,12 @@ fn dropout_masks_are_inverted_seeded_and_independent() {
     let mean = m.iter().map(|&x| x as f64).sum::<f64>() / m.len() as f64;
     assert!((mean - 1.0).abs() < 0.01, "inverted dropout keeps the mean: {mean}");
     assert_eq!(m, grit::model::dropout_mask(100_000, p, 7, 3, 0, 1), "same stream, same mask");
-    for other in [grit::model::dropout_mask(100_000, p, 8, 3, 0, 1), grit::model::dropout_mask(100_000, p, 7, 4, 0, 1), grit::model::dropout_mask(100_000, p, 7, 3, 1, 1), grit::model::dropout_mask(100_000, p, 7, 3, 0, 2)] {
+    for other in [
+        grit::model::dropout_mask(100_000, p, 8, 3, 0, 1),
+        grit::model::dropout_mask(100_000, p, 7, 4, 0, 1),
+        grit::model::dropout_mask(100_000, p, 7, 3, 1, 1),
+        grit::model::dropout_mask(100_000, p, 7, 3, 0, 2),
+    ] {
         assert_ne!(m, other);
     }
 }

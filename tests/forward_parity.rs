@@ -99,10 +99,7 @@ fn diff(reference: &[f32], ours: &[f32], n_vocab: usize) -> Diff {
 }
 
 fn report(what: &str, d: Diff) {
-    println!(
-        "{what:<58} max |Δlogit| {:>9.3e}  rms {:>9.3e}  (logit rms {:.2}, argmax mismatches {})",
-        d.max, d.rms, d.ref_rms, d.argmax_mismatch
-    );
+    println!("{what:<58} max |Δlogit| {:>9.3e}  rms {:>9.3e}  (logit rms {:.2}, argmax mismatches {})", d.max, d.rms, d.ref_rms, d.argmax_mismatch);
 }
 
 /// Bounds a case must meet, and how much larger a wrong graph's error must be.
@@ -299,7 +296,9 @@ fn tiny_quantized_models_match_llama_cpp() {
     let cfg = LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() };
     let exact = Bounds { max: 1e-3, rms: 1e-4, control_factor: 100.0 };
     let repacked_k = Bounds { max: 1.5, rms: 0.2, control_factor: 10.0 };
-    for (ty, n_embd, n_ff, bounds) in [(Type::Q8_0, 64, 128, &exact), (Type::Q4_0, 64, 128, &exact), (Type::Q4_1, 64, 128, &exact), (Type::Q4_K, 256, 512, &repacked_k)] {
+    for (ty, n_embd, n_ff, bounds) in
+        [(Type::Q8_0, 64, 128, &exact), (Type::Q4_0, 64, 128, &exact), (Type::Q4_1, 64, 128, &exact), (Type::Q4_K, 256, 512, &repacked_k)]
+    {
         let spec = TinySpec { n_embd, n_ff, weight_type: ty, tied_output: false, seed: 9, ..TinySpec::default() };
         let path = tiny(&spec, dir.path(), &format!("tiny-{ty}.gguf"));
         let mut model = Model::load(&path, &LoadOptions { n_gpu_layers: 0 }).expect("llama.cpp loads the model");

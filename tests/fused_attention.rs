@@ -96,5 +96,10 @@ fn fused_attention_matches_ggml_ops_and_autodiff() {
 fn fused_attention_speed() {
     let stock = run(false, 64, 9, 3, 256, 0, 20);
     let fused = run(true, 64, 9, 3, 256, 0, 50);
-    println!("one layer forward + backward: ggml ops {:.2} ms, fused {:.2} ms ({:.2}x)", stock.seconds * 1e3, fused.seconds * 1e3, stock.seconds / fused.seconds);
+    println!(
+        "one layer forward + backward: ggml ops {:.2} ms, fused {:.2} ms ({:.2}x)",
+        stock.seconds * 1e3,
+        fused.seconds * 1e3,
+        stock.seconds / fused.seconds
+    );
 }

@@ -129,7 +129,9 @@ fn kfac_statistics_from_the_graph_match_the_host_on_a_masked_batch() {
         masked_effect = masked_effect.min(max_abs_diff(&host_gram(&u, r, n, &all), &sa) / linalg::max_abs(&sa));
         // Prompt tokens do get a gradient (later trained tokens attend to them) — excluded
         // by the weights, not by being zero.
-        prompt_g = prompt_g.max(masked.iter().filter(|&&t| t < 6).map(|&t| (0..r).map(|i| gm[i * n + t].abs()).fold(0.0, f64::max)).fold(0.0, f64::max) / linalg::max_abs(&gm));
+        prompt_g = prompt_g.max(
+            masked.iter().filter(|&&t| t < 6).map(|&t| (0..r).map(|i| gm[i * n + t].abs()).fold(0.0, f64::max)).fold(0.0, f64::max) / linalg::max_abs(&gm),
+        );
 
         // g itself against finite differences (layer 0): along Δ = ∇A/‖∇A‖ with
         // ∇A = Σ_t g_t·x_tᵀ from the read-back g and x, dL/dε = ‖∇A‖_F.
@@ -222,7 +224,8 @@ fn preconditioned_gradients_match_the_host_for_both_pairings_and_dampings() {
     for pairing in [Pairing::Textbook, Pairing::Reference] {
         for damping in [Damping::Relative, Damping::Absolute] {
             let cfg = GritConfig { kfac_pairing: pairing, damping, ..GritConfig::default() };
-            let p: Vec<Preconditioner> = kfac.iter().map(|(sa, sg)| Preconditioner::new(sa, sg, r, pairing, damping, cfg.damping_rel, cfg.lambda_abs())).collect();
+            let p: Vec<Preconditioner> =
+                kfac.iter().map(|(sa, sg)| Preconditioner::new(sa, sg, r, pairing, damping, cfg.damping_rel, cfg.lambda_abs())).collect();
             inputs.set(&mut run, &p).unwrap();
             run.run().unwrap();
             let mut w = 0f64;

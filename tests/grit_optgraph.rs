@@ -27,8 +27,16 @@ fn preconditioned_optimizer_step() {
         ((rng >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
     };
     let n = lora.modules().len();
-    let init: Vec<(Vec<f32>, Vec<f32>)> = lora.modules().iter().map(|m| ((0..m.d_in * r).map(|_| 0.1 * rnd() as f32).collect(), (0..m.d_out * r).map(|_| 0.1 * rnd() as f32).collect())).collect();
-    let accs: Vec<(Vec<f32>, Vec<f32>)> = lora.modules().iter().map(|m| ((0..m.d_in * r).map(|_| 1e-2 * rnd() as f32).collect(), (0..m.d_out * r).map(|_| 1e-2 * rnd() as f32).collect())).collect();
+    let init: Vec<(Vec<f32>, Vec<f32>)> = lora
+        .modules()
+        .iter()
+        .map(|m| ((0..m.d_in * r).map(|_| 0.1 * rnd() as f32).collect(), (0..m.d_out * r).map(|_| 0.1 * rnd() as f32).collect()))
+        .collect();
+    let accs: Vec<(Vec<f32>, Vec<f32>)> = lora
+        .modules()
+        .iter()
+        .map(|m| ((0..m.d_in * r).map(|_| 1e-2 * rnd() as f32).collect(), (0..m.d_out * r).map(|_| 1e-2 * rnd() as f32).collect()))
+        .collect();
     let adam = AdamStep { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, t: 1 };
 
     // One optimizer step; returns (norm, parameters after).
@@ -63,7 +71,8 @@ fn preconditioned_optimizer_step() {
         let x: Vec<f64> = (0..r * 12).map(|_| rnd()).collect();
         linalg::matmul(&x, &linalg::transpose(&x, r, 12), r, 12, r).into_iter().map(|v| v * scale).collect::<Vec<f64>>()
     };
-    let p: Vec<Preconditioner> = (0..n).map(|_| Preconditioner::new(&spd(&mut rnd, 0.1), &spd(&mut rnd, 1e-9), r, Pairing::Textbook, Damping::Relative, 0.1, 0.0)).collect();
+    let p: Vec<Preconditioner> =
+        (0..n).map(|_| Preconditioner::new(&spd(&mut rnd, 0.1), &spd(&mut rnd, 1e-9), r, Pairing::Textbook, Damping::Relative, 0.1, 0.0)).collect();
     let (norm, after) = step(Some(&p), false);
     let mut sq = 0f64;
     for (i, m) in lora.modules().iter().enumerate() {

@@ -61,7 +61,16 @@ fn chromium() -> PathBuf {
 
 fn run_chromium(profile: &Path, args: &[String]) -> std::process::Output {
     let o = Command::new(chromium())
-        .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars"])
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+        ])
         .arg(format!("--user-data-dir={}", profile.display()))
         .args(args)
         .output()
@@ -90,7 +99,10 @@ fn report_renders_in_headless_chromium_with_every_plot() {
     fake_run(&gritrun, "grit", 3.6);
     let html = dir.path().join("report.html");
     let png = dir.path().join("report.png");
-    ok(grit().args(["report", lora.to_str().unwrap(), gritrun.to_str().unwrap(), "--out", html.to_str().unwrap(), "--png", png.to_str().unwrap()]).output().unwrap());
+    ok(grit()
+        .args(["report", lora.to_str().unwrap(), gritrun.to_str().unwrap(), "--out", html.to_str().unwrap(), "--png", png.to_str().unwrap()])
+        .output()
+        .unwrap());
     let page = std::fs::read_to_string(&html).unwrap();
     assert!(!page.contains("<script") && !page.contains("src=\"http") && !page.contains("href=\"http"), "self-contained, no scripts or network");
     let ids = grit::report::plot_ids(2);

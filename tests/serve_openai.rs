@@ -35,7 +35,18 @@ fn the_openai_python_client_works_against_grit_serve() {
     let dir = tempfile::tempdir().unwrap();
     let a1 = dir.path().join("a1.gguf");
     write_adapter(&a1, 4, &[Target::AttnQ, Target::AttnV], 1);
-    let s = Server::start(&["--adapter", &format!("a1={}", a1.display()), "--adapter-dir", dir.path().to_str().unwrap(), "--api-key", "k3y", "--ctx", "512", "--parallel", "2"]);
+    let s = Server::start(&[
+        "--adapter",
+        &format!("a1={}", a1.display()),
+        "--adapter-dir",
+        dir.path().to_str().unwrap(),
+        "--api-key",
+        "k3y",
+        "--ctx",
+        "512",
+        "--parallel",
+        "2",
+    ]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/serve/openai_client.py");
     let out = Command::new(&py).arg(script).arg(format!("http://{}/v1", s.addr)).arg("k3y").output().unwrap();
     assert!(out.status.success(), "openai client script failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

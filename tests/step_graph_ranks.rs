@@ -74,7 +74,16 @@ fn random_rank_mixes_allocate() {
         let opt = OptState::new(&lora, &backend0).unwrap();
         let ctx = Context::new(engine::step_capacity(&weights, &lora)).unwrap();
         let grit = GritConfig::default();
-        let sg = StepGraph::build_with(&ctx, &weights, &lora, &copies, &opt, n_tokens, n_tokens - 1, StepOptions { grit: Some(&grit).filter(|_| case % 2 == 0), ..Default::default() });
+        let sg = StepGraph::build_with(
+            &ctx,
+            &weights,
+            &lora,
+            &copies,
+            &opt,
+            n_tokens,
+            n_tokens - 1,
+            StepOptions { grit: Some(&grit).filter(|_| case % 2 == 0), ..Default::default() },
+        );
         let mut backend = Backend::cpu(2).unwrap();
         assert!(backend.compute(&sg.graph).is_ok(), "case {case}: allocation failed");
     }
@@ -126,7 +135,8 @@ fn default_configurations_allocate() {
         for n_tokens in [64usize, 128, 256, 512] {
             for with_grit in [false, true] {
                 let ctx = Context::new(engine::step_capacity(&weights, &lora)).unwrap();
-                let o = StepOptions { loss_scale: engine::loss_scale(n_tokens), grit: with_grit.then_some(&grit), dropout: false, recompute, fuse_attention: true };
+                let o =
+                    StepOptions { loss_scale: engine::loss_scale(n_tokens), grit: with_grit.then_some(&grit), dropout: false, recompute, fuse_attention: true };
                 let sg = StepGraph::build_with(&ctx, &weights, &lora, &copies, &opt, n_tokens, n_tokens - 1, o);
                 let mut backend = Backend::cpu(2).unwrap();
                 let run = backend.compute(&sg.graph);

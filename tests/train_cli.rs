@@ -12,9 +12,27 @@ use common::{grit, ok, plays, rows, tiny_model};
 fn train_args(model: &Path, out: &Path) -> Vec<String> {
     let p = plays();
     [
-        "train", "--model", model.to_str().unwrap(), "--data", p.join("hamlet.txt").to_str().unwrap(),
-        "--eval-data", p.join("macbeth.txt").to_str().unwrap(), "--eval-tokens", "512", "--eval-every", "4",
-        "--steps", "12", "--save-every", "4", "--max-seq-len", "64", "--threads", "2", "--out", out.to_str().unwrap(),
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        p.join("hamlet.txt").to_str().unwrap(),
+        "--eval-data",
+        p.join("macbeth.txt").to_str().unwrap(),
+        "--eval-tokens",
+        "512",
+        "--eval-every",
+        "4",
+        "--steps",
+        "12",
+        "--save-every",
+        "4",
+        "--max-seq-len",
+        "64",
+        "--threads",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -108,13 +126,19 @@ fn bad_input_gets_clear_errors() {
     let bad = dir.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"text\": \"fine\"}\n{\"messages\": [{\"role\": \"user\"}]}\n").unwrap();
     let out = dir.path().join("o");
-    let o = grit().args(["train", "--model", model.to_str().unwrap(), "--data", bad.to_str().unwrap(), "--out", out.to_str().unwrap(), "--steps", "1"]).output().unwrap();
+    let o = grit()
+        .args(["train", "--model", model.to_str().unwrap(), "--data", bad.to_str().unwrap(), "--out", out.to_str().unwrap(), "--steps", "1"])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("bad.jsonl:2") && err.contains("content"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 
-    let o = grit().args(["train", "--model", model.to_str().unwrap(), "--data", bad.to_str().unwrap(), "--out", out.to_str().unwrap(), "--rank", "0"]).output().unwrap();
+    let o = grit()
+        .args(["train", "--model", model.to_str().unwrap(), "--data", bad.to_str().unwrap(), "--out", out.to_str().unwrap(), "--rank", "0"])
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("--rank"));
 
     let o = grit().args(["train", "--data", bad.to_str().unwrap(), "--dry-run", "--skip-bad-rows", "--model", model.to_str().unwrap()]).output().unwrap();

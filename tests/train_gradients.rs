@@ -68,7 +68,15 @@ fn step_grads(backend: &mut Backend, weights: &Weights, lora: &LoraSet, copies: 
 }
 
 /// [`step_grads`] with step-graph options; also returns the backend's compute buffer bytes.
-fn step_grads_with(backend: &mut Backend, weights: &Weights, lora: &LoraSet, copies: &FrozenCopies, opt: &OptState, b: &Batch, o: StepOptions<'_>) -> (Grads, usize) {
+fn step_grads_with(
+    backend: &mut Backend,
+    weights: &Weights,
+    lora: &LoraSet,
+    copies: &FrozenCopies,
+    opt: &OptState,
+    b: &Batch,
+    o: StepOptions<'_>,
+) -> (Grads, usize) {
     opt.zero_grads().unwrap();
     let ctx = Context::new(engine::step_capacity(weights, lora)).unwrap();
     // At the loss scale a run uses (the accumulators then hold S × the gradients).
@@ -150,7 +158,11 @@ fn check(ty: Type, mode: WeightCopies, eps: f32) -> f64 {
                 let v = values[k];
                 let mut eval_at = |x: f32, values: &mut Vec<f32>| {
                     values[k] = x;
-                    if which == 0 { tl.write_a(i, values).unwrap() } else { tl.write_b(i, values).unwrap() }
+                    if which == 0 {
+                        tl.write_a(i, values).unwrap()
+                    } else {
+                        tl.write_b(i, values).unwrap()
+                    }
                     loss(&mut backend, &tw, &tl, &b)
                 };
                 let lp = eval_at(v + eps, &mut values);

@@ -12,11 +12,49 @@ use common::{grit, ok, plays, rows, tiny_model};
 fn train_args(model: &Path, out: &Path) -> Vec<String> {
     let p = plays();
     [
-        "train", "--method", "grit", "--model", model.to_str().unwrap(), "--data", p.join("hamlet.txt").to_str().unwrap(),
-        "--eval-data", p.join("macbeth.txt").to_str().unwrap(), "--eval-tokens", "256", "--eval-every", "4",
-        "--steps", "10", "--save-every", "4", "--max-seq-len", "64", "--threads", "2", "--rank", "8", "--lr", "1e-3",
-        "--kfac-every", "1", "--invert-every", "2", "--reproject-every", "4", "--reproject-warmup", "4", "--rank-start", "4",
-        "--rank-energy", "0.5", "--rank-min", "1", "--reg-warmup", "2", "--out", out.to_str().unwrap(),
+        "train",
+        "--method",
+        "grit",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        p.join("hamlet.txt").to_str().unwrap(),
+        "--eval-data",
+        p.join("macbeth.txt").to_str().unwrap(),
+        "--eval-tokens",
+        "256",
+        "--eval-every",
+        "4",
+        "--steps",
+        "10",
+        "--save-every",
+        "4",
+        "--max-seq-len",
+        "64",
+        "--threads",
+        "2",
+        "--rank",
+        "8",
+        "--lr",
+        "1e-3",
+        "--kfac-every",
+        "1",
+        "--invert-every",
+        "2",
+        "--reproject-every",
+        "4",
+        "--reproject-warmup",
+        "4",
+        "--rank-start",
+        "4",
+        "--rank-energy",
+        "0.5",
+        "--rank-min",
+        "1",
+        "--reg-warmup",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -94,9 +132,7 @@ fn grit_soft_cut_with_accumulation_and_reference_options() {
     let ev = args.iter().position(|a| a == "--eval-every").unwrap();
     args[ev + 1] = "0".into();
     args.extend(
-        ["--rank-cut", "soft", "--grad-accum", "2", "--kfac-pairing", "reference", "--damping", "absolute", "--lambda-r", "1e-2"]
-            .iter()
-            .map(|s| s.to_string()),
+        ["--rank-cut", "soft", "--grad-accum", "2", "--kfac-pairing", "reference", "--damping", "absolute", "--lambda-r", "1e-2"].iter().map(|s| s.to_string()),
     );
     ok(grit().args(&args).output().unwrap());
     let r = rows(&out);

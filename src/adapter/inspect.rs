@@ -68,10 +68,12 @@ fn describe_adapter(a: &Adapter, format: &str) -> Value {
 }
 
 fn describe_model(f: &GgufFile) -> Value {
-    let s = |k: &str| f.get(k).map(|v| match v {
-        crate::gguf::Value::Str(s) => Value::String(s),
-        v => Value::String(v.to_string()),
-    });
+    let s = |k: &str| {
+        f.get(k).map(|v| match v {
+            crate::gguf::Value::Str(s) => Value::String(s),
+            v => Value::String(v.to_string()),
+        })
+    };
     let merged = f.get("grit.merged.scale").map(|_| {
         json!({
             "adapter": s("grit.merged.adapter"),
@@ -160,11 +162,7 @@ pub fn render(v: &Value) -> String {
         let _ = writeln!(o, " {:>9}", "params");
         let dims: BTreeMap<(u64, String), u64> = v["module_list"]
             .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|m| Some(((m["layer"].as_u64()?, m["target"].as_str()?.to_string()), m["params"].as_u64()?)))
-                    .collect()
-            })
+            .map(|a| a.iter().filter_map(|m| Some(((m["layer"].as_u64()?, m["target"].as_str()?.to_string()), m["params"].as_u64()?))).collect())
             .unwrap_or_default();
         for row in v["rank_table"].as_array().into_iter().flatten() {
             let l = row["layer"].as_u64().unwrap_or(0);

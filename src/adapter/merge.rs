@@ -128,9 +128,8 @@ pub fn merge(base: &Path, adapter: &Adapter, scale: f32, ty: MergeType, convert_
         let mut wv = crate::ggml::dequantize(base_ty, &bytes, n)?;
         add_delta(&mut wv, &m.a, &m.b, m.rank, m.d_in, scale * m.scale);
         let out_ty = ty.ggml(base_ty);
-        let q = crate::ggml::quantize(out_ty, &wv, m.d_in).map_err(|e| {
-            AdapterError::Invalid(base.into(), format!("tensor '{}' ({}×{}): {e}; choose another --type", t.name, m.d_in, m.d_out))
-        })?;
+        let q = crate::ggml::quantize(out_ty, &wv, m.d_in)
+            .map_err(|e| AdapterError::Invalid(base.into(), format!("tensor '{}' ({}×{}): {e}; choose another --type", t.name, m.d_in, m.d_out)))?;
         *rep.merged_types.entry(out_ty.name()).or_default() += 1;
         w.add_tensor(&t.name, out_ty, &t.ne, q)?;
         rep.merged_tensors += 1;

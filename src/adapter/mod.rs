@@ -311,10 +311,7 @@ impl Adapter {
                 return Err(AdapterError::Shape {
                     path: path.clone(),
                     tensor: m.base.clone(),
-                    msg: format!(
-                        "adapter is {}×{} (d_in×d_out) but the base tensor is {}×{}",
-                        m.d_in, m.d_out, t.ne[0], t.ne[1]
-                    ),
+                    msg: format!("adapter is {}×{} (d_in×d_out) but the base tensor is {}×{}", m.d_in, m.d_out, t.ne[0], t.ne[1]),
                 });
             }
         }
@@ -511,16 +508,11 @@ pub fn check_base(p: &Provenance, adapter_path: &Path, base: &Path) -> Result<Op
         let size_differs = p.base_size.is_some_and(|s| s != f.file_len());
         let got = if size_differs { None } else { Some(base_sha256(base)?) };
         if got.as_deref() != Some(want.as_str()) {
-            diffs.push(format!(
-                "sha256 {} (adapter trained on {})",
-                got.as_deref().map(short).unwrap_or("differs (other file size)"),
-                short(want)
-            ));
+            diffs.push(format!("sha256 {} (adapter trained on {})", got.as_deref().map(short).unwrap_or("differs (other file size)"), short(want)));
         }
     }
-    Ok((!diffs.is_empty()).then(|| {
-        format!("{a}: adapter made for another base model: {b} has {d}", a = adapter_path.display(), b = base.display(), d = diffs.join(", "))
-    }))
+    Ok((!diffs.is_empty())
+        .then(|| format!("{a}: adapter made for another base model: {b} has {d}", a = adapter_path.display(), b = base.display(), d = diffs.join(", "))))
 }
 
 fn short(h: &str) -> &str {

@@ -50,10 +50,7 @@ fn permutes_qk(arch: &str, path: &Path) -> Result<bool, AdapterError> {
     match arch {
         "llama" => Ok(true),
         "qwen2" => Ok(false),
-        other => Err(AdapterError::Invalid(
-            path.into(),
-            format!("PEFT conversion supports the llama and qwen2 architectures, not '{other}'"),
-        )),
+        other => Err(AdapterError::Invalid(path.into(), format!("PEFT conversion supports the llama and qwen2 architectures, not '{other}'"))),
     }
 }
 
@@ -241,7 +238,10 @@ pub fn read_peft(dir: &Path, base: Option<&Path>) -> Result<Adapter, AdapterErro
     let wpath = dir.join(WEIGHTS);
     for p in [&cpath, &wpath] {
         if !p.is_file() {
-            return Err(AdapterError::NotAdapter(dir.into(), format!("no {} (a PEFT folder holds {CONFIG} and {WEIGHTS})", p.file_name().unwrap_or_default().to_string_lossy())));
+            return Err(AdapterError::NotAdapter(
+                dir.into(),
+                format!("no {} (a PEFT folder holds {CONFIG} and {WEIGHTS})", p.file_name().unwrap_or_default().to_string_lossy()),
+            ));
         }
     }
     let text = std::fs::read_to_string(&cpath).map_err(|e| io(&cpath, e))?;
@@ -300,7 +300,10 @@ pub fn read_peft(dir: &Path, base: Option<&Path>) -> Result<Adapter, AdapterErro
     let mut halves: BTreeMap<(usize, Target), (String, Option<String>, Option<String>)> = BTreeMap::new();
     for name in st.names() {
         let (module, layer, target, is_a) = parse_peft_name(name).ok_or_else(|| {
-            AdapterError::Invalid(wpath.clone(), format!("tensor '{name}' is not a lora_A/lora_B weight of a q/k/v/o/gate/up/down projection in a decoder layer"))
+            AdapterError::Invalid(
+                wpath.clone(),
+                format!("tensor '{name}' is not a lora_A/lora_B weight of a q/k/v/o/gate/up/down projection in a decoder layer"),
+            )
         })?;
         let e = halves.entry((layer, target)).or_insert_with(|| (module, None, None));
         if is_a {

@@ -139,13 +139,7 @@ pub fn export(a: ExportArgs) -> Result<()> {
         Format::Gguf => ad.write_gguf(&a.output, a.dtype)?,
     }
     let ranks: std::collections::BTreeSet<usize> = ad.modules.iter().map(|m| m.rank).collect();
-    eprintln!(
-        "grit: wrote {} ({} modules, {} parameters, ranks {:?})",
-        a.output.display(),
-        ad.modules.len(),
-        ad.n_params(),
-        ranks
-    );
+    eprintln!("grit: wrote {} ({} modules, {} parameters, ranks {:?})", a.output.display(), ad.modules.len(), ad.n_params(), ranks);
     Ok(())
 }
 

@@ -185,7 +185,11 @@ pub fn table(rep: &EvalReport) -> String {
             .enumerate()
             .map(|(j, s)| {
                 let pad = widths[j] - s.chars().count();
-                if j == 0 { format!("{s}{}", " ".repeat(pad)) } else { format!("{}{s}", " ".repeat(pad)) }
+                if j == 0 {
+                    format!("{s}{}", " ".repeat(pad))
+                } else {
+                    format!("{}{s}", " ".repeat(pad))
+                }
             })
             .collect();
         out.push_str(line.join("  ").trim_end());

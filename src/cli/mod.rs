@@ -11,9 +11,9 @@ use crate::fetch;
 use crate::train::config::TrainConfig;
 use crate::train::run::{RunOptions, TrainError};
 
-pub mod serve;
 pub mod adapter;
 pub mod eval;
+pub mod serve;
 pub mod train;
 use crate::gguf::GgufFile;
 use crate::infer::{ContextOptions, LoadOptions, Model, SampleOptions, Session};
@@ -218,7 +218,11 @@ fn train_cmd(a: train::TrainArgs) -> Result<()> {
     let (base, out, resume) = match (&a.resume, &a.out) {
         (Some(dir), out) => {
             if out.as_ref().is_some_and(|o| o != dir) {
-                bail!("--resume {} and --out {} disagree: a resumed run writes into its own folder", dir.display(), out.as_ref().map(|o| o.display().to_string()).unwrap_or_default());
+                bail!(
+                    "--resume {} and --out {} disagree: a resumed run writes into its own folder",
+                    dir.display(),
+                    out.as_ref().map(|o| o.display().to_string()).unwrap_or_default()
+                );
             }
             let saved = dir.join("config.toml");
             if !saved.is_file() {
@@ -250,10 +254,7 @@ fn train_cmd(a: train::TrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn load_with_adapter(
-    margs: &ModelArgs,
-    aargs: &AdapterArgs,
-) -> Result<(Model, Option<llama_cpp_2::model::LlamaLoraAdapter>)> {
+fn load_with_adapter(margs: &ModelArgs, aargs: &AdapterArgs) -> Result<(Model, Option<llama_cpp_2::model::LlamaLoraAdapter>)> {
     let mut model = margs.load()?;
     let adapter = match &aargs.adapter {
         Some(p) => {
@@ -362,9 +363,7 @@ fn chat(a: ChatArgs) -> Result<()> {
 pub fn training_support(arch: &str) -> std::result::Result<(), String> {
     match arch {
         "llama" | "qwen2" => Ok(()),
-        "gemma" | "gemma2" | "gemma3" => {
-            Err(format!("{arch}: needs a GELU/GEGLU backward, which this ggml lacks"))
-        }
+        "gemma" | "gemma2" | "gemma3" => Err(format!("{arch}: needs a GELU/GEGLU backward, which this ggml lacks")),
         other => Err(format!("{other}: no training graph for this architecture in grit (supported: llama, qwen2)")),
     }
 }

@@ -50,9 +50,20 @@ impl Format {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Record {
     /// Messages and, per message, whether it is a trained (assistant) turn.
-    Chat { messages: Vec<ChatMessage>, train: Vec<bool> },
-    PromptCompletion { prompt: String, completion: String },
-    Alpaca { system: Option<String>, instruction: String, input: String, output: String },
+    Chat {
+        messages: Vec<ChatMessage>,
+        train: Vec<bool>,
+    },
+    PromptCompletion {
+        prompt: String,
+        completion: String,
+    },
+    Alpaca {
+        system: Option<String>,
+        instruction: String,
+        input: String,
+        output: String,
+    },
     Text(String),
 }
 
@@ -132,12 +143,7 @@ fn content(obj: &Map<String, Value>, key: &str, path: &str) -> Result<String, Ro
                 };
                 match p.get("type") {
                     Some(Value::String(t)) if t == "text" => {}
-                    Some(Value::String(t)) => {
-                        return Err(RowError::field(
-                            format!("{ppath}.type"),
-                            format!("is '{t}'; only text parts are supported"),
-                        ))
-                    }
+                    Some(Value::String(t)) => return Err(RowError::field(format!("{ppath}.type"), format!("is '{t}'; only text parts are supported"))),
                     Some(v) => return Err(RowError::field(format!("{ppath}.type"), not_a("a string", v))),
                     None => return Err(RowError::field(format!("{ppath}.type"), "is missing")),
                 }
@@ -194,12 +200,7 @@ fn sharegpt(obj: &Map<String, Value>) -> Result<Vec<ChatMessage>, RowError> {
             "human" | "user" => "user",
             "gpt" | "assistant" | "model" | "chatgpt" | "bing" | "bard" => "assistant",
             "tool" | "function_response" | "observation" => "tool",
-            other => {
-                return Err(RowError::field(
-                    format!("{path}.from"),
-                    format!("is '{other}', not one of system, human, user, gpt, assistant, tool"),
-                ))
-            }
+            other => return Err(RowError::field(format!("{path}.from"), format!("is '{other}', not one of system, human, user, gpt, assistant, tool"))),
         };
         let content = content(m, "value", &format!("{path}.value"))?;
         out.push(ChatMessage { role: role.to_string(), content });

@@ -55,10 +55,7 @@ impl Tokenizer for Model {
     }
 
     fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, DataError> {
-        let tmpl = self
-            .inner
-            .chat_template(None)
-            .map_err(|_| DataError::NoChatTemplate { model: self.path.display().to_string() })?;
+        let tmpl = self.inner.chat_template(None).map_err(|_| DataError::NoChatTemplate { model: self.path.display().to_string() })?;
         let msgs = messages
             .iter()
             .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))

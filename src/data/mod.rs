@@ -267,10 +267,7 @@ impl<'a> Loader<'a> {
         })?;
         let enc = render::encode_record(self.tok, &rec, self.cfg.train_on_prompt).map_err(|e| match e {
             DataError::NoChatTemplate { model } => (
-                DataError::Row {
-                    loc: loc.to_string(),
-                    msg: format!("this {} row needs a chat template, and the model {model} has none", rec.format().name()),
-                },
+                DataError::Row { loc: loc.to_string(), msg: format!("this {} row needs a chat template, and the model {model} has none", rec.format().name()) },
                 true,
             ),
             DataError::Template(msg) => (DataError::Row { loc: loc.to_string(), msg: format!("chat template: {msg}") }, false),
@@ -323,8 +320,7 @@ impl<'a> Loader<'a> {
     }
 
     fn json_array(&mut self, name: &str, text: &str) -> Result<(), DataError> {
-        let v: Value = serde_json::from_str(text)
-            .map_err(|e| DataError::Json { loc: format!("{name}:{}", e.line()), col: e.column(), msg: json_msg(&e) })?;
+        let v: Value = serde_json::from_str(text).map_err(|e| DataError::Json { loc: format!("{name}:{}", e.line()), col: e.column(), msg: json_msg(&e) })?;
         let Value::Array(rows) = v else {
             return Err(DataError::Row { loc: format!("{name}:1"), msg: "expected a JSON array of rows".into() });
         };
@@ -421,10 +417,7 @@ pub fn split_eval(ds: Dataset, fraction: f64, seed: u64) -> Result<(Dataset, Dat
     }
     let n = ds.examples.len();
     if n < 2 {
-        return Err(DataError::Config {
-            name: "--eval-split",
-            msg: format!("the data has {n} example(s); a split needs at least 2"),
-        });
+        return Err(DataError::Config { name: "--eval-split", msg: format!("the data has {n} example(s); a split needs at least 2") });
     }
     let n_eval = ((n as f64 * fraction).round() as usize).clamp(1, n - 1);
     let mut idx: Vec<usize> = (0..n).collect();
@@ -576,9 +569,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tok = FakeTok::chatml();
         let long = "x".repeat(30);
-        let body = format!(
-            "{{\"text\": \"{long}\"}}\n{{\"prompt\": \"{long}\", \"completion\": \"y\"}}\n{{\"text\": \"short\"}}\n"
-        );
+        let body = format!("{{\"text\": \"{long}\"}}\n{{\"prompt\": \"{long}\", \"completion\": \"y\"}}\n{{\"text\": \"short\"}}\n");
         let p = write(&dir, "d.jsonl", &body);
         let c = DataConfig { max_seq_len: 16, ..cfg() };
         let ds = load_file(&p, &tok, &c).unwrap();

@@ -257,11 +257,7 @@ impl Batcher {
             )));
         }
         if p.index as usize > self.seqs.len() {
-            return Err(DataError::Position(format!(
-                "index {} is past the {} sequences of an epoch",
-                p.index,
-                self.seqs.len()
-            )));
+            return Err(DataError::Position(format!("index {} is past the {} sequences of an epoch", p.index, self.seqs.len())));
         }
         self.epoch = p.epoch;
         self.index = p.index;

@@ -307,9 +307,18 @@ mod tests {
         assert_eq!(trained_text(&tok, &e), "Hello!<|im_end|>Ciao<|im_end|>");
         assert_eq!(e.tokens[0], tok.bos().unwrap());
         // The whole conversation is the template's rendering, nothing inserted.
-        let full = tok.apply_chat_template(&[
-            ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "Hi"), ChatMessage::new("assistant", "Hello!"),
-            ChatMessage::new("user", "Bye"), ChatMessage::new("assistant", "Ciao")], false).unwrap();
+        let full = tok
+            .apply_chat_template(
+                &[
+                    ChatMessage::new("system", "Be brief."),
+                    ChatMessage::new("user", "Hi"),
+                    ChatMessage::new("assistant", "Hello!"),
+                    ChatMessage::new("user", "Bye"),
+                    ChatMessage::new("assistant", "Ciao"),
+                ],
+                false,
+            )
+            .unwrap();
         assert_eq!(tok.decode(&e.tokens[1..]), full);
         // The "\n" after each <|im_end|> is masked.
         let ends: Vec<usize> = (0..e.tokens.len()).filter(|&k| e.tokens[k] == IM_END).collect();

@@ -84,34 +84,18 @@ impl fmt::Display for DataStats {
             row(f, "files", self.files.join(", "))?;
         }
         let formats: Vec<String> = self.formats.iter().map(|(k, v)| format!("{} {}", k.name(), thousands(*v))).collect();
-        let ex = if formats.is_empty() {
-            thousands(self.examples)
-        } else {
-            format!("{} ({})", thousands(self.examples), formats.join(", "))
-        };
+        let ex = if formats.is_empty() { thousands(self.examples) } else { format!("{} ({})", thousands(self.examples), formats.join(", ")) };
         row(f, "examples", ex)?;
         row(f, "tokens", format!("{} (longest example {})", thousands(self.tokens), thousands(self.longest_example)))?;
-        row(
-            f,
-            "trained tokens",
-            format!("{} ({:.1}% masked)", thousands(self.trained_tokens), 100.0 * self.masked_fraction()),
-        )?;
+        row(f, "trained tokens", format!("{} ({:.1}% masked)", thousands(self.trained_tokens), 100.0 * self.masked_fraction()))?;
         row(
             f,
             "truncated",
-            format!(
-                "{} examples, {} tokens lost (max_seq_len {})",
-                thousands(self.truncated_examples),
-                thousands(self.truncated_tokens),
-                self.max_seq_len
-            ),
+            format!("{} examples, {} tokens lost (max_seq_len {})", thousands(self.truncated_examples), thousands(self.truncated_tokens), self.max_seq_len),
         )?;
         if self.dropped_examples > 0 {
-            let why = if self.dropped_by_truncation > 0 {
-                format!(" ({} of them cut by truncation)", thousands(self.dropped_by_truncation))
-            } else {
-                String::new()
-            };
+            let why =
+                if self.dropped_by_truncation > 0 { format!(" ({} of them cut by truncation)", thousands(self.dropped_by_truncation)) } else { String::new() };
             row(f, "dropped", format!("{} examples with nothing to train{why}", thousands(self.dropped_examples)))?;
         }
         row(f, "skipped bad rows", thousands(self.skipped_rows))?;

@@ -118,9 +118,8 @@ pub fn parse_item(v: &Value, loc: &str, tok: &dyn Tokenizer) -> Result<TaskItem,
         };
         return Ok(TaskItem::Choice { prompt, choices, answer });
     }
-    let chat = |msgs: Vec<ChatMessage>| -> Result<String, EvalError> {
-        tok.apply_chat_template(&msgs, true).map_err(|e| EvalError::Task(format!("{loc}: {e}")))
-    };
+    let chat =
+        |msgs: Vec<ChatMessage>| -> Result<String, EvalError> { tok.apply_chat_template(&msgs, true).map_err(|e| EvalError::Task(format!("{loc}: {e}"))) };
     if let Some(m) = v.get("messages") {
         let Value::Array(items) = m else {
             return Err(EvalError::Task(format!("{loc}: field 'messages' is not an array")));
@@ -147,23 +146,18 @@ pub fn parse_item(v: &Value, loc: &str, tok: &dyn Tokenizer) -> Result<TaskItem,
         };
         let user = if input.is_empty() { ins.to_string() } else { format!("{ins}\n\n{input}") };
         let answer = field(v, loc, "output")?.to_string();
-        let prompt = if tok.has_chat_template() {
-            chat(vec![ChatMessage::new("user", user)])?
-        } else {
-            crate::data::render::alpaca_prompt(None, ins, input)
-        };
+        let prompt = if tok.has_chat_template() { chat(vec![ChatMessage::new("user", user)])? } else { crate::data::render::alpaca_prompt(None, ins, input) };
         return Ok(TaskItem::Generate { prompt, answer });
     }
     if v.get("prompt").is_some() {
         let prompt = field(v, loc, "prompt")?.to_string();
-        let key = ["answer", "completion", "reference"].into_iter().find(|k| v.get(*k).is_some()).ok_or_else(|| {
-            EvalError::Task(format!("{loc}: a prompt row needs a reference: field 'answer' (or 'completion', 'reference') is missing"))
-        })?;
+        let key = ["answer", "completion", "reference"]
+            .into_iter()
+            .find(|k| v.get(*k).is_some())
+            .ok_or_else(|| EvalError::Task(format!("{loc}: a prompt row needs a reference: field 'answer' (or 'completion', 'reference') is missing")))?;
         return Ok(TaskItem::Generate { prompt, answer: field(v, loc, key)?.to_string() });
     }
-    Err(EvalError::Task(format!(
-        "{loc}: unknown task row (expected prompt+answer, prompt+choices+answer, messages, or instruction+output)"
-    )))
+    Err(EvalError::Task(format!("{loc}: unknown task row (expected prompt+answer, prompt+choices+answer, messages, or instruction+output)")))
 }
 
 /// Reads a task file (JSONL); errors name `file:line` and the field.
@@ -189,7 +183,13 @@ pub fn load_items(path: &std::path::Path, tok: &dyn Tokenizer, limit: usize) -> 
 }
 
 /// Scores `items` with `model`. `progress(done, total)` after each item.
-pub fn score(model: &mut dyn TaskModel, items: &[TaskItem], max_new: usize, stop: &[String], mut progress: impl FnMut(usize, usize)) -> Result<Accuracy, EvalError> {
+pub fn score(
+    model: &mut dyn TaskModel,
+    items: &[TaskItem],
+    max_new: usize,
+    stop: &[String],
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Accuracy, EvalError> {
     let mut acc = Accuracy::default();
     let (mut ex, mut no, mut co, mut ch, mut chn) = (0usize, 0usize, 0usize, 0usize, 0usize);
     for (i, it) in items.iter().enumerate() {

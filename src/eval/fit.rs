@@ -85,10 +85,7 @@ pub fn fit_law(l0: f64, points: &[(f64, f64)], r_eff: Option<&[f64]>) -> Result<
     let pts: Vec<(usize, f64, f64)> = points.iter().enumerate().filter(|(_, p)| p.0 > 0.0).map(|(i, p)| (i, p.0, p.1)).collect();
     let need = MIN_POINTS + usize::from(r_eff.is_some());
     if pts.len() < need {
-        return Err(EvalError::Retention(format!(
-            "the forgetting-law fit needs at least {need} checkpoints with D > 0, got {}",
-            pts.len()
-        )));
+        return Err(EvalError::Retention(format!("the forgetting-law fit needs at least {need} checkpoints with D > 0, got {}", pts.len())));
     }
     if pts.iter().any(|p| !p.1.is_finite() || !p.2.is_finite()) || !l0.is_finite() {
         return Err(EvalError::Retention("a loss or token count is not finite".into()));
@@ -121,7 +118,13 @@ pub fn fit_law(l0: f64, points: &[(f64, f64)], r_eff: Option<&[f64]>) -> Result<
     let (a_scaled, e, sse) = sse_at(beta, g);
     let my = y.iter().sum::<f64>() / y.len() as f64;
     let sst: f64 = y.iter().map(|v| (v - my).powi(2)).sum();
-    let r2 = if sst > 0.0 { 1.0 - sse / sst } else if sse == 0.0 { 1.0 } else { 0.0 };
+    let r2 = if sst > 0.0 {
+        1.0 - sse / sst
+    } else if sse == 0.0 {
+        1.0
+    } else {
+        0.0
+    };
     Ok(LawFit { l0, a: a_scaled / d_ref.powf(beta), beta, e, gamma_r: gamma, r2, rmse: (sse / y.len() as f64).sqrt(), n: y.len() })
 }
 
@@ -132,10 +135,12 @@ mod tests {
     #[test]
     fn recovers_a_known_power_law() {
         // L = 2 + 3e-4·D^0.6 + 0.05 at D = 1k..64k tokens.
-        let pts: Vec<(f64, f64)> = (0..7).map(|i| {
-            let d = 1000.0 * 2f64.powi(i);
-            (d, 2.0 + 3e-4 * d.powf(0.6) + 0.05)
-        }).collect();
+        let pts: Vec<(f64, f64)> = (0..7)
+            .map(|i| {
+                let d = 1000.0 * 2f64.powi(i);
+                (d, 2.0 + 3e-4 * d.powf(0.6) + 0.05)
+            })
+            .collect();
         let f = fit_law(2.0, &pts, None).unwrap();
         assert!((f.beta - 0.6).abs() < 1e-3, "{f:?}");
         assert!((f.a - 3e-4).abs() < 3e-6, "{f:?}");
@@ -148,10 +153,12 @@ mod tests {
     #[test]
     fn noisy_points_give_a_worse_but_sane_fit() {
         let noise = [0.01, -0.012, 0.008, -0.006, 0.011, -0.009];
-        let pts: Vec<(f64, f64)> = (0..6).map(|i| {
-            let d = 2000.0 * (i + 1) as f64;
-            (d, 3.0 + 0.002 * d.powf(0.5) + noise[i])
-        }).collect();
+        let pts: Vec<(f64, f64)> = (0..6)
+            .map(|i| {
+                let d = 2000.0 * (i + 1) as f64;
+                (d, 3.0 + 0.002 * d.powf(0.5) + noise[i])
+            })
+            .collect();
         let f = fit_law(3.0, &pts, None).unwrap();
         assert!(f.r2 > 0.9 && f.r2 < 1.0, "{f:?}");
         assert!(f.rmse > 1e-3 && f.rmse < 0.02, "{f:?}");
@@ -161,10 +168,14 @@ mod tests {
     fn recovers_the_curvature_factor() {
         let (a, beta, e, gamma) = (0.01, 0.5, 0.02, 0.1);
         let r = [16.0, 14.0, 10.0, 8.0, 6.0, 5.0, 5.0, 4.0];
-        let pts: Vec<(f64, f64)> = r.iter().enumerate().map(|(i, &re)| {
-            let d = 1000.0 * (i + 1) as f64;
-            (d, 1.5 + a * d.powf(beta) / (1.0 + gamma * re) + e)
-        }).collect();
+        let pts: Vec<(f64, f64)> = r
+            .iter()
+            .enumerate()
+            .map(|(i, &re)| {
+                let d = 1000.0 * (i + 1) as f64;
+                (d, 1.5 + a * d.powf(beta) / (1.0 + gamma * re) + e)
+            })
+            .collect();
         let f = fit_law(1.5, &pts, Some(&r)).unwrap();
         assert!((f.gamma_r.unwrap() - gamma).abs() < 0.01, "{f:?}");
         assert!((f.beta - beta).abs() < 0.02, "{f:?}");

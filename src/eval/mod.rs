@@ -215,7 +215,8 @@ pub fn prepare_set(model: &Model, path: &Path, opts: &EvalOptions, max_examples:
     let bytes = std::fs::read(path).map_err(|e| EvalError::Text { path: path.into(), msg: e.to_string() })?;
     let head = String::from_utf8_lossy(&bytes[..bytes.len().min(4096)]).into_owned();
     let mut seqs = if is_plain_text(path, &head) {
-        let text = String::from_utf8(bytes).map_err(|e| EvalError::Text { path: path.into(), msg: format!("invalid UTF-8 at byte {}", e.utf8_error().valid_up_to()) })?;
+        let text = String::from_utf8(bytes)
+            .map_err(|e| EvalError::Text { path: path.into(), msg: format!("invalid UTF-8 at byte {}", e.utf8_error().valid_up_to()) })?;
         // llama.cpp's perplexity tool: tokenize with the model's special tokens added (BOS),
         // without parsing special-token text.
         let tokens: Vec<i32> = model.inner.vocab().tokenize(text.as_bytes(), true, false).into_iter().map(|t| t.0).collect();
@@ -424,11 +425,7 @@ pub fn retention(opts: &EvalOptions, run: &Path) -> Result<EvalReport, EvalError
     let metrics = read_metrics(run)?;
     let ck_dir = run.join("checkpoints");
     let mut steps: Vec<usize> = std::fs::read_dir(&ck_dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("step-")).and_then(|n| n.parse().ok()))
-                .collect()
-        })
+        .map(|rd| rd.filter_map(|e| e.ok()).filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("step-")).and_then(|n| n.parse().ok())).collect())
         .unwrap_or_default();
     steps.sort_unstable();
     let final_adapter = run.join("adapter.gguf");
@@ -455,12 +452,24 @@ pub fn retention(opts: &EvalOptions, run: &Path) -> Result<EvalReport, EvalError
         let ck = crate::train::checkpoint::Checkpoint::load(&dir).map_err(|e| EvalError::Retention(e.to_string()))?;
         let path = tmp.path().join(format!("step-{s}.gguf"));
         drift::checkpoint_to_gguf(&ck, &arch, scale, &path)?;
-        sources.push(Source { name: format!("{run_name}@{s}"), path, step: Some(s), train_tokens: Some(tokens_through(&metrics, s)), train_tokens_per_s: None });
+        sources.push(Source {
+            name: format!("{run_name}@{s}"),
+            path,
+            step: Some(s),
+            train_tokens: Some(tokens_through(&metrics, s)),
+            train_tokens_per_s: None,
+        });
     }
     if final_adapter.is_file() {
         let s = final_step.unwrap_or(0);
         if !steps.contains(&s) {
-            sources.push(Source { name: format!("{run_name}@{s}"), path: final_adapter, step: Some(s), train_tokens: Some(tokens_through(&metrics, s)), train_tokens_per_s: None });
+            sources.push(Source {
+                name: format!("{run_name}@{s}"),
+                path: final_adapter,
+                step: Some(s),
+                train_tokens: Some(tokens_through(&metrics, s)),
+                train_tokens_per_s: None,
+            });
         }
     }
     let mut rows = evaluate_sources(opts, &sources)?;
@@ -479,7 +488,10 @@ pub fn retention(opts: &EvalOptions, run: &Path) -> Result<EvalReport, EvalError
     } else {
         let r_eff: Vec<f64> = rows[1..].iter().map(|r| eff_rank_at(&metrics, r.step.unwrap_or(0), cfg.rank as f64)).collect();
         match fit::fit_law(l0, &points, Some(&r_eff)) {
-            Ok(f) => (Some(f), Some("Ξ = 1 + γ_r·r_eff (mean effective rank per module at each checkpoint); ρ_align and π_proj are not recorded, α = 1 (N fixed)".into())),
+            Ok(f) => (
+                Some(f),
+                Some("Ξ = 1 + γ_r·r_eff (mean effective rank per module at each checkpoint); ρ_align and π_proj are not recorded, α = 1 (N fixed)".into()),
+            ),
             Err(e) => (None, Some(e.to_string())),
         }
     };

@@ -90,10 +90,12 @@ impl<'m> Scorer<'m> {
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
         crate::llama::clear_log_errors();
-        let ctx = model.inner.new_context(crate::llama::backend(), params).map_err(|e| EvalError::Llama(format!(
-            "cannot create a llama.cpp context of {n_ctx} tokens: {}",
-            crate::llama::last_log_error().unwrap_or_else(|| e.to_string())
-        )))?;
+        let ctx = model.inner.new_context(crate::llama::backend(), params).map_err(|e| {
+            EvalError::Llama(format!(
+                "cannot create a llama.cpp context of {n_ctx} tokens: {}",
+                crate::llama::last_log_error().unwrap_or_else(|| e.to_string())
+            ))
+        })?;
         Ok(Scorer { model, ctx, n_ctx, current: None })
     }
 

@@ -67,7 +67,15 @@ pub(crate) fn fuse<'a>(ctx: &'a Context, graph: &Graph<'a>) -> Fused<'a> {
         let (Some(k), Some(q)) = (kq.src(0), kq.src(1)) else { continue };
         let (qn, kn, vn, on) = (q.ne(), k.ne(), vt.ne(), o.ne());
         let (d, t, h, g) = (qn[0], qn[1], qn[2], kn[2]);
-        let shapes = kn[0] == d && kn[1] == t && vn == [t, d, g, 1] && on == [d, t, h, 1] && g > 0 && h % g == 0 && mask.ne()[0] == t && mask.ne()[1] >= t && mask.ne()[2] == 1;
+        let shapes = kn[0] == d
+            && kn[1] == t
+            && vn == [t, d, g, 1]
+            && on == [d, t, h, 1]
+            && g > 0
+            && h % g == 0
+            && mask.ne()[0] == t
+            && mask.ne()[1] >= t
+            && mask.ne()[2] == 1;
         if !shapes || ![q, k, vt, mask, o].iter().all(|&x| f32_rows(x)) {
             continue;
         }
@@ -82,7 +90,10 @@ pub(crate) fn fuse<'a>(ctx: &'a Context, graph: &Graph<'a>) -> Fused<'a> {
         let Some(ds) = p_r.iter().copied().find(|n| n.op() == sys::GGML_OP_SOFT_MAX_BACK && is(n.src(1), p)) else { continue };
         let Some(d_o) = dvt.src(1) else { continue };
         let Some(dp) = ds.src(0) else { continue };
-        let dp_ok = dp.op() == sys::GGML_OP_OUT_PROD && is(dp.src(0), vt) && dp.src(1).is_some_and(|x| x.op() == sys::GGML_OP_TRANSPOSE && is(x.src(0), d_o)) && readers_of(dp).len() == 1;
+        let dp_ok = dp.op() == sys::GGML_OP_OUT_PROD
+            && is(dp.src(0), vt)
+            && dp.src(1).is_some_and(|x| x.op() == sys::GGML_OP_TRANSPOSE && is(x.src(0), d_o))
+            && readers_of(dp).len() == 1;
         if !dp_ok || f32_param(ds, 0) != f32_param(p, 0) || d_o.ne() != on || d_o.ty() != Type::F32 || d_o.nb()[0] != 4 {
             continue;
         }
@@ -106,7 +117,8 @@ pub(crate) fn fuse<'a>(ctx: &'a Context, graph: &Graph<'a>) -> Fused<'a> {
         fwd.set_name("attn_fused");
         let mut bargs = [q.raw(), k.raw(), vt.raw(), mask.raw(), d_o.raw()];
         // SAFETY: as above; the result holds ∂Q, ∂K and ∂Vᵀ per query head one after another.
-        let bwd = ctx.wrap(unsafe { sys::ggml_custom_4d(ctx.raw(), sys::GGML_TYPE_F32, d, t, 3 * h, 1, bargs.as_mut_ptr(), 5, Some(attention_backward), -1, ud) });
+        let bwd =
+            ctx.wrap(unsafe { sys::ggml_custom_4d(ctx.raw(), sys::GGML_TYPE_F32, d, t, 3 * h, 1, bargs.as_mut_ptr(), 5, Some(attention_backward), -1, ud) });
         bwd.set_name("attn_fused_back");
         let block = (d * t * h * 4) as usize;
         let (nd, nt) = (d as usize, t as usize);

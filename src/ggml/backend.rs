@@ -145,11 +145,7 @@ impl Backend {
     pub fn new(opts: BackendOptions) -> Result<Self, GgmlError> {
         // llama.cpp's backend init registers the compiled-in devices and installs grit's log hook.
         let _ = crate::llama::backend();
-        let n_threads = if opts.n_threads > 0 {
-            opts.n_threads
-        } else {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-        };
+        let n_threads = if opts.n_threads > 0 { opts.n_threads } else { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) };
         let gpu_compiled = cfg!(any(feature = "cuda", feature = "vulkan", feature = "metal"));
         let want_gpu = match opts.device {
             Device::Cpu => false,

@@ -144,9 +144,7 @@ impl Capacity {
     }
     fn bytes(&self) -> usize {
         // SAFETY: pure functions of their arguments.
-        let (t, g) = unsafe {
-            (sys::ggml_tensor_overhead(), if self.graphs > 0 { sys::ggml_graph_overhead_custom(self.graph_nodes, self.grads) } else { 0 })
-        };
+        let (t, g) = unsafe { (sys::ggml_tensor_overhead(), if self.graphs > 0 { sys::ggml_graph_overhead_custom(self.graph_nodes, self.grads) } else { 0 }) };
         self.tensors * t + self.graphs * g + 4096
     }
 }
@@ -277,7 +275,11 @@ impl Context {
     pub fn new_tensor(&self, ty: Type, ne: &[i64]) -> Tensor<'_> {
         assert!((1..=4).contains(&ne.len()), "new_tensor: {} dims (1..=4 allowed)", ne.len());
         assert!(ne.iter().all(|&d| d > 0), "new_tensor: non-positive dimension in {ne:?}");
-        assert!(ty.block_size() > 0 && (ne[0] as usize).is_multiple_of(ty.block_size()), "new_tensor: ne[0] = {} is not a multiple of {ty}'s block size", ne[0]);
+        assert!(
+            ty.block_size() > 0 && (ne[0] as usize).is_multiple_of(ty.block_size()),
+            "new_tensor: ne[0] = {} is not a multiple of {ty}'s block size",
+            ne[0]
+        );
         self.room(1);
         // SAFETY: valid context with room; ne has ne.len() (1..=4) valid elements.
         self.wrap(unsafe { sys::ggml_new_tensor(self.raw(), ty.0 as sys::ggml_type, ne.len() as i32, ne.as_ptr()) })
@@ -322,16 +324,9 @@ impl Context {
         }
         // SAFETY: valid no_alloc context and a buffer type from BufferType (static in ggml).
         let (size, buf) = unsafe {
-            (
-                sys::ggml_backend_alloc_ctx_tensors_from_buft_size(self.raw(), buft.raw()),
-                sys::ggml_backend_alloc_ctx_tensors_from_buft(self.raw(), buft.raw()),
-            )
+            (sys::ggml_backend_alloc_ctx_tensors_from_buft_size(self.raw(), buft.raw()), sys::ggml_backend_alloc_ctx_tensors_from_buft(self.raw(), buft.raw()))
         };
-        let buf = NonNull::new(buf).ok_or_else(|| GgmlError::Alloc {
-            what: format!("{} tensors", fresh.len()),
-            buffer_type: buft.name(),
-            bytes: size,
-        })?;
+        let buf = NonNull::new(buf).ok_or_else(|| GgmlError::Alloc { what: format!("{} tensors", fresh.len()), buffer_type: buft.name(), bytes: size })?;
         self.buffers.borrow_mut().push(buf);
         self.owned.borrow_mut().extend(fresh);
         Ok(size)
@@ -388,10 +383,7 @@ impl Context {
     /// (b's dims 2 and 3 may be multiples of a's: broadcasting, as in GQA).
     pub fn mul_mat<'a>(&'a self, a: Tensor<'a>, b: Tensor<'a>) -> Tensor<'a> {
         let (x, y) = (a.ne(), b.ne());
-        assert!(
-            x[0] == y[0] && y[2] % x[2] == 0 && y[3] % x[3] == 0 && !a.is_transposed(),
-            "mul_mat: cannot multiply {a:?} by {b:?}"
-        );
+        assert!(x[0] == y[0] && y[2] % x[2] == 0 && y[3] % x[3] == 0 && !a.is_transposed(), "mul_mat: cannot multiply {a:?} by {b:?}");
         self.room(1);
         // SAFETY: see the note above the ops.
         self.wrap(unsafe { sys::ggml_mul_mat(self.raw(), a.raw(), b.raw()) })
@@ -1017,7 +1009,10 @@ impl<'a> Graph<'a> {
         assert!(self.size >= 4 * n, "graph of {} nodes is too small for the backward of {n} forward nodes (make it ≥ {})", self.size, 4 * n);
         let params: Vec<Tensor<'a>> = (0..n).map(|i| self.node(i)).filter(|t| t.is_param()).collect();
         assert!(!params.is_empty(), "build_backward_expand: no parameter in the graph (Tensor::set_param)");
-        assert!((0..n).any(|i| self.node(i).flags() & sys::GGML_TENSOR_FLAG_LOSS as i32 != 0), "build_backward_expand: no loss in the graph (Tensor::set_loss)");
+        assert!(
+            (0..n).any(|i| self.node(i).flags() & sys::GGML_TENSOR_FLAG_LOSS as i32 != 0),
+            "build_backward_expand: no loss in the graph (Tensor::set_loss)"
+        );
         // ggml creates a few tensors per forward node and aborts when the context is full.
         ctx.room(4 * n);
         // SAFETY: live context and graph (created with grads, which ggml asserts); NULL

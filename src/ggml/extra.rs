@@ -51,7 +51,13 @@ impl Context {
 /// The kernel of [`Context::cont_cpu`]: dst (contiguous F32) ← a (same shape, any strides),
 /// in 32×32 tiles of (i0, i1) so that both the strided reads and the writes stay in cache;
 /// tiles are dealt to the `nth` threads round-robin.
-unsafe extern "C" fn strided_copy_f32(dst: *mut sys::ggml_tensor, a: *const sys::ggml_tensor, ith: std::os::raw::c_int, nth: std::os::raw::c_int, _: *mut std::os::raw::c_void) {
+unsafe extern "C" fn strided_copy_f32(
+    dst: *mut sys::ggml_tensor,
+    a: *const sys::ggml_tensor,
+    ith: std::os::raw::c_int,
+    nth: std::os::raw::c_int,
+    _: *mut std::os::raw::c_void,
+) {
     const TILE: usize = 32;
     // SAFETY: ggml calls this with the node (`dst`, contiguous F32, allocated) and its source
     // `a` (F32, same ne, allocated), both live for the call; every index below stays inside
@@ -120,7 +126,10 @@ impl<'a> Tensor<'a> {
     /// node, and no allocated computation may hold the graph being changed.
     pub(crate) unsafe fn rewrite_as_mul_mat(self, a: Tensor<'a>, b: Tensor<'a>) {
         let (ane, bne, ne) = (a.ne(), b.ne(), self.ne());
-        assert!(ane[0] == bne[0] && ne[0] == ane[1] && ne[1] == bne[1] && ne[2] == bne[2] && ne[3] == bne[3] && bne[2] % ane[2] == 0 && bne[3] % ane[3] == 0, "rewrite as mul_mat: {a:?} × {b:?} does not give {self:?}");
+        assert!(
+            ane[0] == bne[0] && ne[0] == ane[1] && ne[1] == bne[1] && ne[2] == bne[2] && ne[3] == bne[3] && bne[2] % ane[2] == 0 && bne[3] % ane[3] == 0,
+            "rewrite as mul_mat: {a:?} × {b:?} does not give {self:?}"
+        );
         // SAFETY: the caller guarantees exclusivity (and the shapes, checked above).
         unsafe { self.set_binary_op(sys::GGML_OP_MUL_MAT, a, b) };
     }

@@ -119,7 +119,14 @@ fn small_inner(k: i64, m: i64) -> bool {
 fn batched_small_left(a: Tensor<'_>, b: Tensor<'_>, node: Tensor<'_>) -> bool {
     let n = |t: Tensor<'_>| t.ne().iter().product::<i64>();
     let f32_3d = |t: Tensor<'_>| t.ty() == Type::F32 && t.ne()[3] == 1;
-    f32_3d(a) && f32_3d(b) && f32_3d(node) && node.ne()[2] > 1 && b.op() == sys::GGML_OP_TRANSPOSE && a.nb()[0] == 4 && n(a) <= n(b) && b.ne()[2] % a.ne()[2] == 0
+    f32_3d(a)
+        && f32_3d(b)
+        && f32_3d(node)
+        && node.ne()[2] > 1
+        && b.op() == sys::GGML_OP_TRANSPOSE
+        && a.nb()[0] == 4
+        && n(a) <= n(b)
+        && b.ne()[2] % a.ne()[2] == 0
 }
 
 /// Bytes of a transient dequantized F32 copy above which it is made in chunks.
@@ -165,7 +172,13 @@ pub fn rebuild_frozen_backward<'a>(ctx: &'a Context, graph: &Graph<'a>, frozen: 
 /// segments, e.g. the residual stream between blocks), every node outside the segments (the
 /// backward pass) reads duplicates of the segments' intermediate results instead of the
 /// originals (see [`Segments`]): activations are recomputed in the backward instead of kept.
-pub fn rebuild_backward<'a>(ctx: &'a Context, graph: &Graph<'a>, frozen: &FrozenMap<'a>, extra: &[Tensor<'a>], recompute: Option<&[Tensor<'a>]>) -> (Graph<'a>, RewriteStats) {
+pub fn rebuild_backward<'a>(
+    ctx: &'a Context,
+    graph: &Graph<'a>,
+    frozen: &FrozenMap<'a>,
+    extra: &[Tensor<'a>],
+    recompute: Option<&[Tensor<'a>]>,
+) -> (Graph<'a>, RewriteStats) {
     let mut stats = RewriteStats::default();
     // Room for the old nodes, the new sources (≤ 2 per rewrite) and the extras.
     let dups = if recompute.is_some() { graph.n_nodes() } else { 0 };
@@ -239,8 +252,8 @@ pub fn rebuild_backward<'a>(ctx: &'a Context, graph: &Graph<'a>, frozen: &Frozen
         } else if frozen.cpu_kernels && flat(w) && flat(x) && flat(node) && small_inner(w.ne()[0], w.ne()[1]) {
             // LoRA's B·u and the like: an outer-product sum (see `small_inner`).
             let wt = *transposes.entry(w.raw() as usize).or_insert_with(|| transposed(ctx, w, frozen.cpu_kernels)); // [m, k]
-            // SAFETY: OUT_PROD(wᵀ [m, k], xᵀ [n, k]) is F32 [m, n] like the node; the graph
-            // is not allocated while rebuilt.
+                                                                                                                    // SAFETY: OUT_PROD(wᵀ [m, k], xᵀ [n, k]) is F32 [m, n] like the node; the graph
+                                                                                                                    // is not allocated while rebuilt.
             unsafe { node.rewrite_as_out_prod(wt, ctx.transpose(x)) };
             stats.outer += 1;
         }
@@ -300,12 +313,15 @@ pub fn rebuild_backward<'a>(ctx: &'a Context, graph: &Graph<'a>, frozen: &Frozen
                                     } else {
                                         // Rows r0..r0+n of W [d_in, d_out] (whole quantized rows)
                                         // and of ∂L/∂y [d_out, T] (a strided view).
-                                        (ctx.view_2d(w, d_in, n, w.nb()[1], r0 as usize * w.nb()[1]), ctx.view_2d(dy, n, dy.ne()[1], dy.nb()[1], r0 as usize * dy.nb()[0]))
+                                        (
+                                            ctx.view_2d(w, d_in, n, w.nb()[1], r0 as usize * w.nb()[1]),
+                                            ctx.view_2d(dy, n, dy.ne()[1], dy.nb()[1], r0 as usize * dy.nb()[0]),
+                                        )
                                     };
                                     let deq = ctx.cast(wc, Type::F32); // [d_in, n]
-                                    // A cast, not a cpy into a new tensor: that tensor would be a graph
-                                    // leaf, and ggml-alloc allocates leafs up front, keeping
-                                    // every layer's copy alive at once.
+                                                                       // A cast, not a cpy into a new tensor: that tensor would be a graph
+                                                                       // leaf, and ggml-alloc allocates leafs up front, keeping
+                                                                       // every layer's copy alive at once.
                                     let wt = ctx.cast(ctx.transpose(deq), ty); // [n, d_in]
                                     parts.push((wt, dyc));
                                     r0 += n;
@@ -345,7 +361,7 @@ pub fn rebuild_backward<'a>(ctx: &'a Context, graph: &Graph<'a>, frozen: &Frozen
                     let mut tr = |t: Tensor<'a>| *transposes.entry(t.raw() as usize).or_insert_with(|| transposed(ctx, t, frozen.cpu_kernels));
                     let at = tr(a); // [k, n]
                     let bt = tr(b); // [k, p]
-                    // SAFETY: as above: MUL_MAT(aᵀ [k, n], bᵀ [k, p]) is F32 [n, p] like the node.
+                                    // SAFETY: as above: MUL_MAT(aᵀ [k, n], bᵀ [k, p]) is F32 [n, p] like the node.
                     unsafe { node.rewrite_as_mul_mat(at, bt) };
                     stats.out_prods += 1;
                 } else if frozen.cpu_kernels && batched_small_left(a, b, node) {

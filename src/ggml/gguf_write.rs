@@ -145,9 +145,7 @@ impl GgufWriter {
         let n = unsafe {
             let tmp = sys::gguf_init_empty();
             sys::gguf_set_kv(tmp, src.as_ptr());
-            let keys: Vec<CString> = (0..sys::gguf_get_n_kv(tmp))
-                .map(|i| std::ffi::CStr::from_ptr(sys::gguf_get_key(tmp, i)).to_owned())
-                .collect();
+            let keys: Vec<CString> = (0..sys::gguf_get_n_kv(tmp)).map(|i| std::ffi::CStr::from_ptr(sys::gguf_get_key(tmp, i)).to_owned()).collect();
             let mut kept = 0;
             for k in &keys {
                 if keep(&k.to_string_lossy()) {
@@ -177,7 +175,9 @@ impl GgufWriter {
             return Err(bad(format!("duplicate tensor '{name}'")));
         }
         let rows: i64 = ne.iter().skip(1).product();
-        let row = ty.row_size(ne.first().copied().unwrap_or(0).max(0) as usize).ok_or_else(|| bad(format!("tensor '{name}': ne[0] of {ne:?} is not a multiple of {ty}'s block size")))?;
+        let row = ty
+            .row_size(ne.first().copied().unwrap_or(0).max(0) as usize)
+            .ok_or_else(|| bad(format!("tensor '{name}': ne[0] of {ne:?} is not a multiple of {ty}'s block size")))?;
         if data.len() != row * rows as usize {
             return Err(GgmlError::Size { tensor: name.into(), expected: row * rows as usize, got: data.len() });
         }

@@ -48,9 +48,9 @@ mod recompute;
 
 pub use backend::{Backend, BackendOptions, BufferType, Computation, Device};
 pub use context::{Capacity, Context, Graph, RopeMode, RopeParams, Tensor, TensorId, Type};
-pub use recompute::Segments;
 pub use frozen::{rebuild_backward, rebuild_frozen_backward, transient_chunks, FrozenGrad, FrozenMap, RewriteStats};
 pub use gguf_write::{dequantize, quantize, GgufWriter};
+pub use recompute::Segments;
 
 use std::path::PathBuf;
 

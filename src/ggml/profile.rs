@@ -76,7 +76,13 @@ pub(crate) unsafe extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: boo
     let mut cat = (rec.categorize)(&info);
     if std::env::var_os("GRIT_PROFILE_DETAIL").is_some() {
         // SAFETY: as above.
-        let d = |s: *const sys::ggml_tensor| unsafe { if s.is_null() { String::new() } else { format!("{:?}{}{}", (&(*s).ne)[..3].to_vec(), if sys::ggml_is_contiguous(s) { "" } else { "nc" }, (*s).type_ as i32) } };
+        let d = |s: *const sys::ggml_tensor| unsafe {
+            if s.is_null() {
+                String::new()
+            } else {
+                format!("{:?}{}{}", (&(*s).ne)[..3].to_vec(), if sys::ggml_is_contiguous(s) { "" } else { "nc" }, (*s).type_ as i32)
+            }
+        };
         cat = unsafe { format!("{} {} {:?} <- {} {}", cat, info.op, &info.ne[..3], d((*t).src[0]), d((*t).src[1])) };
     }
     let e = rec.profile.by_category.entry(cat).or_insert((0.0, 0));

@@ -36,7 +36,10 @@ pub enum Value {
     Bool(bool),
     Str(String),
     /// Arrays are summarised: element type name and length (token lists are huge).
-    Array { elem: String, len: usize },
+    Array {
+        elem: String,
+        len: usize,
+    },
 }
 
 impl fmt::Display for Value {
@@ -126,15 +129,13 @@ impl GgufFile {
         }
         let file_len = meta.len();
         let mut magic = [0u8; 4];
-        let n = std::fs::File::open(&path)
-            .and_then(|mut f| f.read(&mut magic))
-            .map_err(|e| GgufError::Io(path.clone(), e))?;
+        let n = std::fs::File::open(&path).and_then(|mut f| f.read(&mut magic)).map_err(|e| GgufError::Io(path.clone(), e))?;
         if n < 4 || &magic != b"GGUF" {
             let shown: String = magic[..n].iter().map(|&b| if b.is_ascii_graphic() { b as char } else { '.' }).collect();
             return Err(GgufError::NotGguf(path, shown));
         }
-        let cpath = CString::new(path.to_string_lossy().as_bytes())
-            .map_err(|_| GgufError::Io(path.clone(), std::io::Error::other("path contains a NUL byte")))?;
+        let cpath =
+            CString::new(path.to_string_lossy().as_bytes()).map_err(|_| GgufError::Io(path.clone(), std::io::Error::other("path contains a NUL byte")))?;
         crate::llama::ensure_logging();
         crate::llama::clear_log_errors();
         let params = sys::gguf_init_params { no_alloc: true, ctx: std::ptr::null_mut() };
@@ -196,11 +197,7 @@ impl GgufFile {
     /// All metadata keys, in file order.
     pub fn keys(&self) -> Vec<String> {
         // SAFETY: valid ctx; key ids in range; keys are NUL-terminated strings owned by ctx.
-        unsafe {
-            (0..sys::gguf_get_n_kv(self.ctx))
-                .map(|i| CStr::from_ptr(sys::gguf_get_key(self.ctx, i)).to_string_lossy().into_owned())
-                .collect()
-        }
+        unsafe { (0..sys::gguf_get_n_kv(self.ctx)).map(|i| CStr::from_ptr(sys::gguf_get_key(self.ctx, i)).to_string_lossy().into_owned()).collect() }
     }
 
     /// A metadata value, or None when the key is absent.
@@ -226,9 +223,7 @@ impl GgufFile {
                 sys::GGUF_TYPE_FLOAT32 => Value::F64(sys::gguf_get_val_f32(self.ctx, id) as f64),
                 sys::GGUF_TYPE_FLOAT64 => Value::F64(sys::gguf_get_val_f64(self.ctx, id)),
                 sys::GGUF_TYPE_BOOL => Value::Bool(sys::gguf_get_val_bool(self.ctx, id)),
-                sys::GGUF_TYPE_STRING => {
-                    Value::Str(CStr::from_ptr(sys::gguf_get_val_str(self.ctx, id)).to_string_lossy().into_owned())
-                }
+                sys::GGUF_TYPE_STRING => Value::Str(CStr::from_ptr(sys::gguf_get_val_str(self.ctx, id)).to_string_lossy().into_owned()),
                 sys::GGUF_TYPE_ARRAY => {
                     let et = sys::gguf_get_arr_type(self.ctx, id);
                     let elem = CStr::from_ptr(sys::gguf_type_name(et)).to_string_lossy().into_owned();

@@ -186,7 +186,9 @@ impl GritConfig {
     /// Checks ranges (intervals ≥ 1, 0 < β < 1, 0 < τ ≤ 1, non-negative λs, rank bounds).
     pub fn validate(&self) -> Result<(), GritConfigError> {
         let err = |key, msg: String| Err(GritConfigError { key, msg });
-        for (key, v) in [("kfac_every", self.kfac_every), ("invert_every", self.invert_every), ("reproject_every", self.reproject_every), ("rank_min", self.rank_min)] {
+        for (key, v) in
+            [("kfac_every", self.kfac_every), ("invert_every", self.invert_every), ("reproject_every", self.reproject_every), ("rank_min", self.rank_min)]
+        {
             if v == 0 {
                 return err(key, "must be at least 1".into());
             }

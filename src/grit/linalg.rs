@@ -236,7 +236,8 @@ pub fn eigh(s: &[f64], n: usize) -> Eigh {
     let mut sweeps = 0;
     if norm > 0.0 && norm.is_finite() {
         while sweeps < 100 {
-            let off: f64 = (0..n).flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j))).map(|(i, j)| a[i * n + j] * a[i * n + j]).sum::<f64>().sqrt();
+            let off: f64 =
+                (0..n).flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j))).map(|(i, j)| a[i * n + j] * a[i * n + j]).sum::<f64>().sqrt();
             if off <= 1e-15 * norm {
                 break;
             }

@@ -84,7 +84,9 @@ pub struct FactorInverse {
 pub fn damped_inverse(sigma: &[f64], r: usize, lambda: f64) -> FactorInverse {
     match linalg::inverse_spd(sigma, r, lambda) {
         Ok((inverse, d)) => FactorInverse { inverse, lambda, lambda_used: d.lambda, attempt: d.attempt, fallback: None },
-        Err(e) => FactorInverse { inverse: linalg::identity(r), lambda, lambda_used: 0.0, attempt: linalg::DAMPING_ESCALATION.len(), fallback: Some(e.to_string()) },
+        Err(e) => {
+            FactorInverse { inverse: linalg::identity(r), lambda, lambda_used: 0.0, attempt: linalg::DAMPING_ESCALATION.len(), fallback: Some(e.to_string()) }
+        }
     }
 }
 

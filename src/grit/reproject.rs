@@ -373,7 +373,9 @@ mod tests {
         assert!(cut.report.energy == 1.0 && cut.report.eff_rank > 1.0 && cut.report.eff_rank < 6.0);
         // k = r: nothing changes, the product is unchanged.
         let (an, bn) = (cut.apply_a(&a, 9), cut.apply_b(&b, 7));
-        let prod = |b: &[f32], a: &[f32], k| linalg::matmul(&b.iter().map(|&v| v as f64).collect::<Vec<_>>(), &a.iter().map(|&v| v as f64).collect::<Vec<_>>(), 7, k, 9);
+        let prod = |b: &[f32], a: &[f32], k| {
+            linalg::matmul(&b.iter().map(|&v| v as f64).collect::<Vec<_>>(), &a.iter().map(|&v| v as f64).collect::<Vec<_>>(), 7, k, 9)
+        };
         let (p0, p1) = (prod(&b, &a, 6), prod(&bn, &an, 6));
         assert!(linalg::max_abs(&p0.iter().zip(&p1).map(|(x, y)| x - y).collect::<Vec<_>>()) < 1e-5);
         assert!(Cut::plan(&m, &cfg, 50, 6).unwrap().new_rank() < 6);

@@ -66,10 +66,8 @@ impl Model {
         let backend = crate::llama::backend();
         crate::llama::clear_log_errors();
         let params = LlamaModelParams::default().with_n_gpu_layers(opts.n_gpu_layers);
-        let inner = LlamaModel::load_from_file(backend, path, &params).map_err(|e| InferError::Load {
-            path: path.into(),
-            msg: crate::llama::last_log_error().unwrap_or_else(|| e.to_string()),
-        })?;
+        let inner = LlamaModel::load_from_file(backend, path, &params)
+            .map_err(|e| InferError::Load { path: path.into(), msg: crate::llama::last_log_error().unwrap_or_else(|| e.to_string()) })?;
         Ok(Model { path: path.into(), inner })
     }
 
@@ -79,10 +77,8 @@ impl Model {
         let backend = crate::llama::backend();
         crate::llama::clear_log_errors();
         let params = LlamaModelParams::default().with_vocab_only(true);
-        let inner = LlamaModel::load_from_file(backend, path, &params).map_err(|e| InferError::Load {
-            path: path.into(),
-            msg: crate::llama::last_log_error().unwrap_or_else(|| e.to_string()),
-        })?;
+        let inner = LlamaModel::load_from_file(backend, path, &params)
+            .map_err(|e| InferError::Load { path: path.into(), msg: crate::llama::last_log_error().unwrap_or_else(|| e.to_string()) })?;
         Ok(Model { path: path.into(), inner })
     }
 
@@ -91,10 +87,9 @@ impl Model {
         let gguf = GgufFile::open(path).map_err(InferError::Gguf)?;
         drop(gguf);
         crate::llama::clear_log_errors();
-        self.inner.lora_adapter_init(path).map_err(|e| InferError::Adapter {
-            path: path.into(),
-            msg: crate::llama::last_log_error().unwrap_or_else(|| e.to_string()),
-        })
+        self.inner
+            .lora_adapter_init(path)
+            .map_err(|e| InferError::Adapter { path: path.into(), msg: crate::llama::last_log_error().unwrap_or_else(|| e.to_string()) })
     }
 
     /// llama.cpp's logits at every position ([n_tokens × n_vocab], row-major) of one sequence,
@@ -273,28 +268,21 @@ impl<'m> Session<'m> {
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
         crate::llama::clear_log_errors();
-        let ctx = model.inner.new_context(crate::llama::backend(), params).map_err(|e| InferError::Context {
-            n_ctx,
-            msg: crate::llama::last_log_error().unwrap_or_else(|| e.to_string()),
-        })?;
+        let ctx = model
+            .inner
+            .new_context(crate::llama::backend(), params)
+            .map_err(|e| InferError::Context { n_ctx, msg: crate::llama::last_log_error().unwrap_or_else(|| e.to_string()) })?;
         Ok(Session { model, ctx, n_ctx })
     }
 
     /// Applies one adapter at `scale` (replacing any previous one).
     pub fn set_adapter(&mut self, adapter: &mut LlamaLoraAdapter, scale: f32) -> Result<(), InferError> {
-        self.ctx
-            .lora_adapter_set(adapter, scale)
-            .map_err(|e| InferError::Adapter { path: PathBuf::from("<adapter>"), msg: e.to_string() })
+        self.ctx.lora_adapter_set(adapter, scale).map_err(|e| InferError::Adapter { path: PathBuf::from("<adapter>"), msg: e.to_string() })
     }
 
     /// Generates from `prompt` (BOS added as the model wants), streaming text pieces to
     /// `on_text` as they become final. Clears the KV cache first.
-    pub fn generate(
-        &mut self,
-        prompt: &str,
-        opts: &SampleOptions,
-        mut on_text: impl FnMut(&str),
-    ) -> Result<Generation, InferError> {
+    pub fn generate(&mut self, prompt: &str, opts: &SampleOptions, mut on_text: impl FnMut(&str)) -> Result<Generation, InferError> {
         opts.validate()?;
         let tokens = self.model.tokenize(prompt, true);
         if tokens.is_empty() {
@@ -317,9 +305,7 @@ impl<'m> Session<'m> {
             let base = ci * n_batch;
             for (i, &t) in chunk.iter().enumerate() {
                 let pos = base + i;
-                batch
-                    .add(t, pos as i32, &[0], pos + 1 == tokens.len())
-                    .map_err(|e| InferError::Decode { pos, msg: e.to_string() })?;
+                batch.add(t, pos as i32, &[0], pos + 1 == tokens.len()).map_err(|e| InferError::Decode { pos, msg: e.to_string() })?;
             }
             self.ctx.decode(&mut batch).map_err(|e| InferError::Decode { pos: base, msg: e.to_string() })?;
         }

@@ -124,10 +124,7 @@ pub fn system_info() -> String {
 /// The compute devices ggml sees (name and description), e.g. `CPU`, `CUDA0`.
 pub fn devices() -> Vec<(String, String)> {
     let _ = backend();
-    llama_cpp_2::list_llama_ggml_backend_devices()
-        .into_iter()
-        .map(|d| (d.name, d.description))
-        .collect()
+    llama_cpp_2::list_llama_ggml_backend_devices().into_iter().map(|d| (d.name, d.description)).collect()
 }
 
 /// Backends compiled into this binary (cargo features).

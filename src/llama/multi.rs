@@ -63,10 +63,7 @@ impl<'m> Adapter<'m> {
         let raw = unsafe { sys::llama_adapter_lora_init(model_ptr(model), cpath.as_ptr()) };
         match NonNull::new(raw) {
             Some(ptr) => Ok(Adapter { ptr, _model: PhantomData }),
-            None => Err(MultiError::AdapterLoad {
-                path: path.into(),
-                msg: super::last_log_error().unwrap_or_else(|| "unknown error".into()),
-            }),
+            None => Err(MultiError::AdapterLoad { path: path.into(), msg: super::last_log_error().unwrap_or_else(|| "unknown error".into()) }),
         }
     }
 
@@ -155,11 +152,7 @@ impl<'m> Context<'m> {
     pub fn set_adapters(&mut self, adapters: &[(&Adapter<'m>, f32)]) -> Result<(), MultiError> {
         let mut ptrs: Vec<*mut sys::llama_adapter_lora> = adapters.iter().map(|(a, _)| a.ptr.as_ptr()).collect();
         let mut scales: Vec<f32> = adapters.iter().map(|(_, s)| *s).collect();
-        let (pp, sp) = if ptrs.is_empty() {
-            (std::ptr::null_mut(), std::ptr::null_mut())
-        } else {
-            (ptrs.as_mut_ptr(), scales.as_mut_ptr())
-        };
+        let (pp, sp) = if ptrs.is_empty() { (std::ptr::null_mut(), std::ptr::null_mut()) } else { (ptrs.as_mut_ptr(), scales.as_mut_ptr()) };
         // SAFETY: valid context; the arrays hold `len` valid adapter pointers and scales and live
         // across the call (llama.cpp copies them into its own map); null/0 clears the set.
         let rc = unsafe { sys::llama_set_adapters_lora(self.ptr.as_ptr(), pp, ptrs.len(), sp) };

@@ -29,13 +29,9 @@ impl Arch {
         let missing = match arch {
             "llama" => return Ok(Arch::Llama),
             "qwen2" => return Ok(Arch::Qwen2),
-            "gemma" | "gemma2" | "gemma3" | "gemma3n" => {
-                "its GELU-gated FFN needs a GEGLU (and GELU) backward, which ggml lacks"
-            }
+            "gemma" | "gemma2" | "gemma3" | "gemma3n" => "its GELU-gated FFN needs a GEGLU (and GELU) backward, which ggml lacks",
             "qwen3" => "per-head Q/K RMS norms are not implemented in grit's graph",
-            "qwen2moe" | "qwen3moe" | "mixtral" | "deepseek2" | "olmoe" | "gpt-oss" => {
-                "mixture-of-experts layers need a mul_mat_id backward, which ggml lacks"
-            }
+            "qwen2moe" | "qwen3moe" | "mixtral" | "deepseek2" | "olmoe" | "gpt-oss" => "mixture-of-experts layers need a mul_mat_id backward, which ggml lacks",
             "phi3" => "fused QKV/gate-up weights and LongRoPE are not implemented in grit's graph",
             "granite" => "granite's residual/embedding/logit multipliers are not implemented in grit's graph",
             "falcon" | "gpt2" | "gptneox" | "bloom" | "mpt" | "starcoder" | "phi2" => {

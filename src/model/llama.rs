@@ -56,13 +56,7 @@ impl Batch {
     /// One causal sequence: positions 0..n, logits for `rows`, which predict `labels`.
     pub fn causal(tokens: &[i32], rows: &[i32], labels: &[i32]) -> Result<Self, ModelError> {
         let n = tokens.len();
-        let b = Batch {
-            tokens: tokens.to_vec(),
-            positions: (0..n as i32).collect(),
-            mask: causal_mask(n),
-            rows: rows.to_vec(),
-            labels: labels.to_vec(),
-        };
+        let b = Batch { tokens: tokens.to_vec(), positions: (0..n as i32).collect(), mask: causal_mask(n), rows: rows.to_vec(), labels: labels.to_vec() };
         b.validate(None)?;
         Ok(b)
     }
@@ -226,7 +220,15 @@ impl<'g> TrainGraph<'g> {
 
     /// [`TrainGraph::build`], with LoRA dropout mask inputs when `dropout` (the adapter
     /// path reads mask ⊙ x, the frozen path x itself; fill the masks with [`dropout_mask`]).
-    pub fn build_with_dropout(ctx: &'g Context, weights: &'g Weights, lora: Option<&'g LoraSet>, n_tokens: usize, outputs: Outputs, with_loss: bool, dropout: bool) -> Self {
+    pub fn build_with_dropout(
+        ctx: &'g Context,
+        weights: &'g Weights,
+        lora: Option<&'g LoraSet>,
+        n_tokens: usize,
+        outputs: Outputs,
+        with_loss: bool,
+        dropout: bool,
+    ) -> Self {
         assert!(n_tokens > 0, "TrainGraph::build with no tokens");
         let hp = &weights.hparams;
         let cap = ctx.capacity();
@@ -264,7 +266,22 @@ impl<'g> TrainGraph<'g> {
         } else {
             (None, None)
         };
-        TrainGraph { graph, n_tokens, outputs, n_vocab: hp.n_vocab, tokens, positions, mask, rows, labels, logits, loss, taps, blocks, dropout: masks.unwrap_or_default() }
+        TrainGraph {
+            graph,
+            n_tokens,
+            outputs,
+            n_vocab: hp.n_vocab,
+            tokens,
+            positions,
+            mask,
+            rows,
+            labels,
+            logits,
+            loss,
+            taps,
+            blocks,
+            dropout: masks.unwrap_or_default(),
+        }
     }
 
     /// Fills the dropout masks (if any) for micro-batch `micro` of optimizer step `step`.
@@ -330,7 +347,16 @@ impl<'w> Llama<'w> {
 
     /// The transformer: token ids → final hidden states [n_embd, n_tokens] (before the norm).
     #[allow(clippy::too_many_arguments)]
-    fn forward<'g>(&self, ctx: &'g Context, tokens: Tensor<'g>, pos: Tensor<'g>, mask: Tensor<'g>, taps: &mut Vec<LoraTap<'g>>, masks: &mut Option<Vec<DropoutMask<'g>>>, blocks: &mut Vec<Tensor<'g>>) -> Tensor<'g>
+    fn forward<'g>(
+        &self,
+        ctx: &'g Context,
+        tokens: Tensor<'g>,
+        pos: Tensor<'g>,
+        mask: Tensor<'g>,
+        taps: &mut Vec<LoraTap<'g>>,
+        masks: &mut Option<Vec<DropoutMask<'g>>>,
+        blocks: &mut Vec<Tensor<'g>>,
+    ) -> Tensor<'g>
     where
         'w: 'g,
     {

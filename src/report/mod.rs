@@ -218,7 +218,8 @@ fn range(vals: impl Iterator<Item = f64>, zero: bool) -> (f64, f64) {
 }
 
 fn color(i: usize) -> RGBColor {
-    const C: [RGBColor; 6] = [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(148, 103, 189), RGBColor(255, 127, 14), RGBColor(23, 190, 207)];
+    const C: [RGBColor; 6] =
+        [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(148, 103, 189), RGBColor(255, 127, 14), RGBColor(23, 190, 207)];
     C[i % C.len()]
 }
 
@@ -341,7 +342,11 @@ fn heatmap(id: &str, title: &str, run: &Run) -> Result<(String, Option<String>),
             .map_err(|e| err(e.to_string()))?;
         if modules.is_empty() && iv.is_empty() {
             chart
-                .draw_series(std::iter::once(Text::new("module ranks not known yet (no summary.json)", (x1 * 0.2, 0.5), ("sans-serif", 16).into_font().color(&BLACK))))
+                .draw_series(std::iter::once(Text::new(
+                    "module ranks not known yet (no summary.json)",
+                    (x1 * 0.2, 0.5),
+                    ("sans-serif", 16).into_font().color(&BLACK),
+                )))
                 .map_err(|e| err(e.to_string()))?;
         }
         let labels = modules.clone();
@@ -380,8 +385,13 @@ fn heatmap(id: &str, title: &str, run: &Run) -> Result<(String, Option<String>),
     let note = if run.reprojections.is_empty() {
         Some(format!("{}: no reprojection events; every module keeps rank {} for the whole run.", run.name, run.rank))
     } else {
-        Some(format!("{}: {} reprojection events; ranks between {} and {}.", run.name, run.reprojections.len(),
-            iv.iter().flat_map(|i| i.2.iter().copied()).fold(f64::INFINITY, f64::min), max_rank))
+        Some(format!(
+            "{}: {} reprojection events; ranks between {} and {}.",
+            run.name,
+            run.reprojections.len(),
+            iv.iter().flat_map(|i| i.2.iter().copied()).fold(f64::INFINITY, f64::min),
+            max_rank
+        ))
     };
     Ok((svg, note))
 }
@@ -401,7 +411,12 @@ impl Report {
             }
         }
         let t = "Training and evaluation loss";
-        push("plot-loss", t, line_chart("plot-loss", t, "step", "loss (nats/token)", &loss, false)?, Some("Lines: training loss, trailing mean over 10 steps; dots: evaluation loss on the held-out set.".into()));
+        push(
+            "plot-loss",
+            t,
+            line_chart("plot-loss", t, "step", "loss (nats/token)", &loss, false)?,
+            Some("Lines: training loss, trailing mean over 10 steps; dots: evaluation loss on the held-out set.".into()),
+        );
 
         let lr: Vec<Series> = runs.iter().enumerate().map(|(i, r)| (r.label(), color(i), r.steps.iter().map(|s| (s.0, s.2)).collect(), false)).collect();
         let t = "Learning rate";
@@ -463,10 +478,8 @@ pub fn html(rep: &Report) -> String {
         let s = r.summary.as_ref();
         let f = |k: &str, p: usize| s.and_then(|s| s[k].as_f64()).map(|x| format!("{x:.p$}")).unwrap_or_else(|| "-".into());
         let eval = r.evals.last().map(|e| format!("{:.4}", e.1)).unwrap_or_else(|| "-".into());
-        let params = s
-            .and_then(|s| s["trainable_params_final"].as_u64().or(s["trainable_params"].as_u64()))
-            .map(|p| p.to_string())
-            .unwrap_or_else(|| "-".into());
+        let params =
+            s.and_then(|s| s["trainable_params_final"].as_u64().or(s["trainable_params"].as_u64())).map(|p| p.to_string()).unwrap_or_else(|| "-".into());
         h.push_str(&format!(
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
             esc(&r.name),
@@ -596,7 +609,12 @@ mod tests {
         std::fs::create_dir_all(dir).unwrap();
         let mut m = String::new();
         for s in 1..=20 {
-            m.push_str(&format!("{{\"step\":{s},\"loss\":{},\"lr\":{},\"grad_norm\":1.0,\"tokens\":256,\"tokens_per_s\":{},\"elapsed_s\":{s}}}\n", 4.0 - 0.05 * s as f64, 1e-4 * s as f64, 80.0 + s as f64));
+            m.push_str(&format!(
+                "{{\"step\":{s},\"loss\":{},\"lr\":{},\"grad_norm\":1.0,\"tokens\":256,\"tokens_per_s\":{},\"elapsed_s\":{s}}}\n",
+                4.0 - 0.05 * s as f64,
+                1e-4 * s as f64,
+                80.0 + s as f64
+            ));
             if s % 5 == 0 {
                 m.push_str(&format!("{{\"step\":{s},\"eval_loss\":{},\"eval_tokens\":512}}\n", 4.1 - 0.04 * s as f64));
             }

@@ -40,7 +40,11 @@ pub enum Event {
     /// Final text, in order (stop strings and incomplete UTF-8 held back), and the number of
     /// tokens generated so far.
     Text(String, usize),
-    Done { finish_reason: &'static str, prompt_tokens: usize, completion_tokens: usize },
+    Done {
+        finish_reason: &'static str,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
     Failed(Failure),
 }
 
@@ -83,9 +87,15 @@ pub enum Cmd {
     Generate(Box<GenJob>),
     Embed(Box<EmbedJob>),
     /// Load an adapter file under this id; replies with its metadata or llama.cpp's error.
-    LoadAdapter { id: u64, path: std::path::PathBuf, reply: oneshot::Sender<Result<(), String>> },
+    LoadAdapter {
+        id: u64,
+        path: std::path::PathBuf,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
     /// Forget an adapter: free it once no running request uses it.
-    UnloadAdapter { id: u64 },
+    UnloadAdapter {
+        id: u64,
+    },
     /// Fail every waiting and running request (end of the shutdown grace period).
     CancelAll,
     /// Finish: the thread returns.
@@ -171,10 +181,7 @@ fn sample(logits: &[f32], sampler: &mut Option<LlamaSampler>) -> LlamaToken {
     match sampler {
         None => argmax(logits),
         Some(s) => {
-            let mut arr = LlamaTokenDataArray::from_iter(
-                logits.iter().enumerate().map(|(i, &l)| LlamaTokenData::new(LlamaToken(i as i32), l, 0.0)),
-                false,
-            );
+            let mut arr = LlamaTokenDataArray::from_iter(logits.iter().enumerate().map(|(i, &l)| LlamaTokenData::new(LlamaToken(i as i32), l, 0.0)), false);
             arr.apply_sampler(s);
             let tok = arr.selected_token().unwrap_or_else(|| argmax(logits));
             s.accept(tok);
@@ -298,13 +305,7 @@ pub fn run(models: &[&LlamaModel], cfg: EngineConfig, rx: Receiver<Cmd>, shared:
                 None => {
                     // A new lane: room, or evict an idle lane, or ask the least loaded to drain.
                     if lanes.len() >= cfg.max_lanes {
-                        if let Some(idle) = lanes
-                            .iter()
-                            .enumerate()
-                            .filter(|(_, l)| l.active() == 0)
-                            .min_by_key(|(_, l)| l.last_used)
-                            .map(|(i, _)| i)
-                        {
+                        if let Some(idle) = lanes.iter().enumerate().filter(|(_, l)| l.active() == 0).min_by_key(|(_, l)| l.last_used).map(|(i, _)| i) {
                             lanes.remove(idle);
                         } else if !lanes.iter().any(|l| l.draining) {
                             if let Some(l) = lanes.iter_mut().min_by_key(|l| l.active()) {
@@ -346,16 +347,7 @@ pub fn run(models: &[&LlamaModel], cfg: EngineConfig, rx: Receiver<Cmd>, shared:
             lane.last_used = Instant::now();
             let sampler = make_sampler(&job.sampling);
             let stream = StopStream::new(&job.sampling.stop);
-            lane.slots[si] = Some(Slot {
-                job,
-                n_prompt_done: 0,
-                pos: 0,
-                next: None,
-                logits_idx: None,
-                sampler,
-                stream,
-                completion_tokens: 0,
-            });
+            lane.slots[si] = Some(Slot { job, n_prompt_done: 0, pos: 0, next: None, logits_idx: None, sampler, stream, completion_tokens: 0 });
         }
         // Drained lanes go away so the waiting adapter set gets its lane next round.
         lanes.retain(|l| !(l.draining && l.active() == 0));
@@ -475,11 +467,8 @@ pub fn run(models: &[&LlamaModel], cfg: EngineConfig, rx: Receiver<Cmd>, shared:
                                 let _ = events.send(Event::Text(t.to_string(), n_done));
                             });
                         }
-                        let _ = events.send(Event::Done {
-                            finish_reason: reason,
-                            prompt_tokens: slot.job.tokens.len(),
-                            completion_tokens: slot.completion_tokens,
-                        });
+                        let _ =
+                            events.send(Event::Done { finish_reason: reason, prompt_tokens: slot.job.tokens.len(), completion_tokens: slot.completion_tokens });
                         *s = None;
                         lane.ctx.clear_seq(si as i32);
                     }
@@ -509,20 +498,8 @@ fn unreachable_full() {
     debug_assert!(false, "batch overflow while adding decode tokens");
 }
 
-fn new_lane<'m>(
-    model: &'m LlamaModel,
-    cfg: &EngineConfig,
-    adapters: &HashMap<u64, Adapter<'m>>,
-    set: &[(u64, f32)],
-    key: LaneKey,
-) -> Result<Lane<'m>, String> {
-    let ccfg = ContextConfig {
-        n_ctx_seq: cfg.n_ctx_seq,
-        n_seq: cfg.parallel,
-        n_batch: cfg.n_batch.max(cfg.parallel),
-        threads: cfg.threads,
-        embeddings: false,
-    };
+fn new_lane<'m>(model: &'m LlamaModel, cfg: &EngineConfig, adapters: &HashMap<u64, Adapter<'m>>, set: &[(u64, f32)], key: LaneKey) -> Result<Lane<'m>, String> {
+    let ccfg = ContextConfig { n_ctx_seq: cfg.n_ctx_seq, n_seq: cfg.parallel, n_batch: cfg.n_batch.max(cfg.parallel), threads: cfg.threads, embeddings: false };
     let mut ctx = Context::new(model, ccfg).map_err(|e| e.to_string())?;
     apply(&mut ctx, adapters, set)?;
     Ok(Lane {

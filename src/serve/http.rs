@@ -95,7 +95,10 @@ impl ApiError {
     }
     fn from_failure(f: Failure) -> Self {
         match f {
-            Failure::AdapterGone(n) => Self::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("adapter `{n}` was unloaded before the request started")).code("model_not_found"),
+            Failure::AdapterGone(n) => {
+                Self::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("adapter `{n}` was unloaded before the request started"))
+                    .code("model_not_found")
+            }
             Failure::Timeout => Self::new(StatusCode::GATEWAY_TIMEOUT, "timeout", "the request took longer than the server's --timeout").code("timeout"),
             Failure::ShuttingDown => Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the server is shutting down").code("shutting_down"),
             Failure::Internal(m) => Self::server(m),
@@ -127,13 +130,15 @@ struct LogNote(String);
 fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Map<String, Value>, ApiError> {
     let bytes = body.map_err(|rej| {
         if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", "the request body is larger than the server's --body-limit").code("request_too_large")
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", "the request body is larger than the server's --body-limit")
+                .code("request_too_large")
         } else {
             ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", format!("cannot read the request body: {}", rej.body_text()))
         }
     })?;
-    let v: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", format!("malformed JSON in the request body: {e}")).code("invalid_json"))?;
+    let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", format!("malformed JSON in the request body: {e}")).code("invalid_json")
+    })?;
     match v {
         Value::Object(m) => Ok(m),
         _ => Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", "the request body must be a JSON object")),
@@ -208,7 +213,8 @@ fn resolve_adapters(st: &AppState, m: &Map<String, Value>) -> Result<(String, us
                 let (name, scale) = match it {
                     Value::String(s) => (s.as_str(), 1.0),
                     Value::Object(o) => {
-                        let name = opt_str(o, "name").map_err(|_| ApiError::bad(&p, format!("`{p}.name` must be a string")))?
+                        let name = opt_str(o, "name")
+                            .map_err(|_| ApiError::bad(&p, format!("`{p}.name` must be a string")))?
                             .ok_or_else(|| ApiError::bad(&p, format!("`{p}` needs a \"name\"")))?;
                         let scale = opt_f64(o, "scale").map_err(|_| ApiError::bad(&p, format!("`{p}.scale` must be a number")))?.unwrap_or(1.0);
                         (name, scale)
@@ -226,7 +232,11 @@ fn resolve_adapters(st: &AppState, m: &Map<String, Value>) -> Result<(String, us
                 })?;
                 if e.merged.is_some() || model_idx != 0 {
                     let merged = if e.merged.is_some() { name } else { model.as_str() };
-                    return Err(ApiError::bad(&p, format!("adapter `{merged}` is served merged into its own model copy (--merge-adapters) and cannot be stacked with other adapters")).code("adapter_merged"));
+                    return Err(ApiError::bad(
+                        &p,
+                        format!("adapter `{merged}` is served merged into its own model copy (--merge-adapters) and cannot be stacked with other adapters"),
+                    )
+                    .code("adapter_merged"));
                 }
                 if set.iter().any(|(id, _, _)| *id == e.id) {
                     return Err(ApiError::bad(&p, format!("adapter `{name}` is listed twice (the `model` counts)")));
@@ -424,7 +434,14 @@ impl Drop for GenLog {
         let status = if self.done { self.status } else { 499 };
         eprintln!(
             "grit serve: POST {} {} model={} stream={} prompt={} completion={} finish={} {:.1}ms",
-            self.endpoint, status, self.model, self.stream, self.prompt_tokens, self.completion_tokens, finish, secs * 1e3
+            self.endpoint,
+            status,
+            self.model,
+            self.stream,
+            self.prompt_tokens,
+            self.completion_tokens,
+            finish,
+            secs * 1e3
         );
         self.st.shared.metrics.request(self.endpoint, status);
         if self.done && self.status == 200 {
@@ -486,14 +503,18 @@ fn context_check(st: &AppState, p: &mut GenParams, n_prompt: usize) -> Result<()
         return Err(ApiError::bad("prompt", "the prompt is empty"));
     }
     if n_prompt >= n_ctx {
-        return Err(ApiError::bad("messages", format!("This model's maximum context length is {n_ctx} tokens; the prompt has {n_prompt} tokens")).code("context_length_exceeded"));
+        return Err(ApiError::bad("messages", format!("This model's maximum context length is {n_ctx} tokens; the prompt has {n_prompt} tokens"))
+            .code("context_length_exceeded"));
     }
     if p.max_tokens_given {
         if n_prompt + p.sampling.max_tokens > n_ctx {
-            return Err(ApiError::bad("max_tokens", format!(
-                "This model's maximum context length is {n_ctx} tokens; the prompt has {n_prompt} tokens and max_tokens asks for {} more",
-                p.sampling.max_tokens
-            ))
+            return Err(ApiError::bad(
+                "max_tokens",
+                format!(
+                    "This model's maximum context length is {n_ctx} tokens; the prompt has {n_prompt} tokens and max_tokens asks for {} more",
+                    p.sampling.max_tokens
+                ),
+            )
             .code("context_length_exceeded"));
         }
     } else {
@@ -514,7 +535,12 @@ async fn generate(st: St, kind: Kind, mut p: GenParams, toks: Vec<llama_cpp_2::t
     if q >= st.queue_cap {
         st.shared.queued.fetch_sub(1, Ordering::SeqCst);
         st.shared.metrics.queue_full();
-        let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", format!("the server is busy: {q} requests are waiting (--queue {}); retry later", st.queue_cap)).code("queue_full");
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            format!("the server is busy: {q} requests are waiting (--queue {}); retry later", st.queue_cap),
+        )
+        .code("queue_full");
         e.retry_after = Some(1);
         return e.into_response();
     }
@@ -757,9 +783,13 @@ async fn embeddings(State(st): State<St>, body: Result<Bytes, BytesRejection>) -
     };
     let inputs: Vec<Vec<llama_cpp_2::token::LlamaToken>> = match m.get("input") {
         Some(Value::String(s)) => vec![st.model.tokenize(s, true)],
-        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_string) => a.iter().map(|s| st.model.tokenize(s.as_str().unwrap_or_default(), true)).collect(),
+        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_string) => {
+            a.iter().map(|s| st.model.tokenize(s.as_str().unwrap_or_default(), true)).collect()
+        }
         Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_number) => vec![ids(a)?],
-        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_array) => a.iter().map(|x| ids(x.as_array().map(Vec::as_slice).unwrap_or_default())).collect::<Result<_, _>>()?,
+        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_array) => {
+            a.iter().map(|x| ids(x.as_array().map(Vec::as_slice).unwrap_or_default())).collect::<Result<_, _>>()?
+        }
         None | Some(Value::Null) => return Err(ApiError::bad("input", "`input` is required")),
         _ => return Err(ApiError::bad("input", "`input` must be a string, a list of strings, or token ids")),
     };
@@ -771,7 +801,8 @@ async fn embeddings(State(st): State<St>, body: Result<Bytes, BytesRejection>) -
             return Err(ApiError::bad("input", format!("`input[{i}]` is empty")));
         }
         if t.len() > st.n_ctx_seq as usize {
-            return Err(ApiError::bad("input", format!("`input[{i}]` has {} tokens, more than the context of {}", t.len(), st.n_ctx_seq)).code("context_length_exceeded"));
+            return Err(ApiError::bad("input", format!("`input[{i}]` has {} tokens, more than the context of {}", t.len(), st.n_ctx_seq))
+                .code("context_length_exceeded"));
         }
     }
     let n_tokens: usize = inputs.iter().map(Vec::len).sum();
@@ -831,13 +862,19 @@ async fn get_model(State(st): State<St>, UrlPath(id): UrlPath<String>) -> Result
 async fn load_adapter(State(st): State<St>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let m = parse_body(body)?;
     let Some(dir) = st.adapter_dir.clone() else {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, "permission_error", "loading adapters at runtime is off: start grit serve with --adapter-dir DIR").code("adapter_dir_not_set"));
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "permission_error", "loading adapters at runtime is off: start grit serve with --adapter-dir DIR")
+            .code("adapter_dir_not_set"));
     };
     let name = opt_str(&m, "name")?.ok_or_else(|| ApiError::bad("name", "`name` is required"))?.to_string();
     let path = opt_str(&m, "path")?.ok_or_else(|| ApiError::bad("path", "`path` is required (relative to the adapter folder)"))?.to_string();
     super::adapters::check_name(&name, &[st.base_name.as_str(), "base"]).map_err(|e| ApiError::bad("name", e))?;
     if st.registry().by_name.contains_key(&name) {
-        return Err(ApiError::new(StatusCode::CONFLICT, "invalid_request_error", format!("an adapter named `{name}` is already loaded; DELETE /v1/adapters/{name} first")).code("adapter_exists"));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            format!("an adapter named `{name}` is already loaded; DELETE /v1/adapters/{name} first"),
+        )
+        .code("adapter_exists"));
     }
     let real = super::adapters::resolve_in_dir(&dir, &path).map_err(|e| ApiError::bad("path", e))?;
     let check = real.clone();
@@ -857,19 +894,27 @@ async fn load_adapter(State(st): State<St>, body: Result<Bytes, BytesRejection>)
         if reg.by_name.contains_key(&name) {
             drop(reg);
             st.send(Cmd::UnloadAdapter { id })?;
-            return Err(ApiError::new(StatusCode::CONFLICT, "invalid_request_error", format!("an adapter named `{name}` was loaded meanwhile")).code("adapter_exists"));
+            return Err(
+                ApiError::new(StatusCode::CONFLICT, "invalid_request_error", format!("an adapter named `{name}` was loaded meanwhile")).code("adapter_exists")
+            );
         }
         reg.by_name.insert(name.clone(), super::adapters::AdapterEntry { id, path: real.clone(), created, merged: None });
     }
     eprintln!("grit serve: adapter {name} ← {}", real.display());
-    let mut r = (StatusCode::CREATED, axum::Json(adapter_obj(&st, &name, &super::adapters::AdapterEntry { id, path: real.clone(), created, merged: None }))).into_response();
+    let mut r = (StatusCode::CREATED, axum::Json(adapter_obj(&st, &name, &super::adapters::AdapterEntry { id, path: real.clone(), created, merged: None })))
+        .into_response();
     r.extensions_mut().insert(LogNote(format!("loaded {name}")));
     Ok(r)
 }
 
 async fn unload_adapter(State(st): State<St>, UrlPath(name): UrlPath<String>) -> Result<Response, ApiError> {
     if st.registry().by_name.get(&name).is_some_and(|e| e.merged.is_some()) {
-        return Err(ApiError::new(StatusCode::CONFLICT, "invalid_request_error", format!("adapter `{name}` is served merged (--merge-adapters): its model copy stays until the server stops")).code("adapter_merged"));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            format!("adapter `{name}` is served merged (--merge-adapters): its model copy stays until the server stops"),
+        )
+        .code("adapter_merged"));
     }
     let e = st.registry_mut().by_name.remove(&name).ok_or_else(|| {
         let mut e = ApiError::not_found_model(&name);
@@ -917,7 +962,9 @@ async fn auth(State(st): State<St>, req: Request, next: Next) -> Response {
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .is_some_and(|k| constant_time_eq(k.trim().as_bytes(), key.as_bytes()));
             if !ok {
-                return ApiError::new(StatusCode::UNAUTHORIZED, "invalid_request_error", "missing or wrong API key: send `Authorization: Bearer KEY`").code("invalid_api_key").into_response();
+                return ApiError::new(StatusCode::UNAUTHORIZED, "invalid_request_error", "missing or wrong API key: send `Authorization: Bearer KEY`")
+                    .code("invalid_api_key")
+                    .into_response();
             }
         }
     }
@@ -979,7 +1026,13 @@ pub async fn run(st: St, cfg: &ServeConfig, tx: std::sync::mpsc::Sender<Cmd>) ->
                 .collect::<Result<Vec<_>, _>>()?;
             AllowOrigin::list(list)
         };
-        app = app.layer(CorsLayer::new().allow_origin(origin).allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS]).allow_headers(Any).max_age(Duration::from_secs(3600)));
+        app = app.layer(
+            CorsLayer::new()
+                .allow_origin(origin)
+                .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
+                .allow_headers(Any)
+                .max_age(Duration::from_secs(3600)),
+        );
     }
     let addr = format!("{}:{}", cfg.host, cfg.port);
     let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|err| ServeError::Bind { addr: addr.clone(), err })?;

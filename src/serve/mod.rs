@@ -99,8 +99,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         f.strip_suffix(".gguf").map(str::to_string).unwrap_or(f)
     });
     for (name, path) in &cfg.adapters {
-        adapters::check_name(name, &[base_name.as_str(), "base"])
-            .map_err(|msg| ServeError::Adapter { name: name.clone(), path: path.clone(), msg })?;
+        adapters::check_name(name, &[base_name.as_str(), "base"]).map_err(|msg| ServeError::Adapter { name: name.clone(), path: path.clone(), msg })?;
     }
     // --merge-adapters: each start adapter becomes a merged model copy (index 1, 2, ...).
     let mut models = vec![model.clone()];

@@ -95,11 +95,8 @@ impl Checkpoint {
     pub fn load(dir: &Path) -> Result<Self, CheckpointError> {
         let state_path = dir.join(STATE);
         let text = std::fs::read(&state_path).map_err(|e| io(&state_path, e))?;
-        let doc: serde_json::Value =
-            serde_json::from_slice(&text).map_err(|e| CheckpointError::Invalid(state_path.clone(), e.to_string()))?;
-        let step = doc["step"]
-            .as_u64()
-            .ok_or_else(|| CheckpointError::Invalid(state_path.clone(), "field 'step' missing".into()))? as usize;
+        let doc: serde_json::Value = serde_json::from_slice(&text).map_err(|e| CheckpointError::Invalid(state_path.clone(), e.to_string()))?;
+        let step = doc["step"].as_u64().ok_or_else(|| CheckpointError::Invalid(state_path.clone(), "field 'step' missing".into()))? as usize;
         let st_path = dir.join(TENSORS);
         let raw = std::fs::read(&st_path).map_err(|e| io(&st_path, e))?;
         let st = safetensors::SafeTensors::deserialize(&raw).map_err(|e| CheckpointError::Invalid(st_path.clone(), e.to_string()))?;
@@ -122,11 +119,7 @@ impl Checkpoint {
 /// The checkpoint steps present under `dir`, ascending (temporary folders ignored).
 pub fn list_steps(dir: &Path) -> Vec<usize> {
     let mut steps: Vec<usize> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("step-")).and_then(|s| s.parse().ok()))
-                .collect()
-        })
+        .map(|rd| rd.filter_map(|e| e.ok()).filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("step-")).and_then(|s| s.parse().ok())).collect())
         .unwrap_or_default();
     steps.sort_unstable();
     steps

@@ -100,10 +100,30 @@ impl FrozenCopies {
     pub fn build_with(weights: &Weights, mode: WeightCopies, forward: Forward, backend: &Backend) -> Result<Self, ModelError> {
         let frozen = frozen_matmul_weights(weights);
         if mode == WeightCopies::Stock {
-            return Ok(FrozenCopies { mode, ctx: None, pairs: Vec::new(), transient: Vec::new(), forward: Vec::new(), split: Vec::new(), ctx_q4: None, bytes: 0, cpu: !backend.is_gpu() });
+            return Ok(FrozenCopies {
+                mode,
+                ctx: None,
+                pairs: Vec::new(),
+                transient: Vec::new(),
+                forward: Vec::new(),
+                split: Vec::new(),
+                ctx_q4: None,
+                bytes: 0,
+                cpu: !backend.is_gpu(),
+            });
         }
         if mode == WeightCopies::None {
-            return Ok(FrozenCopies { mode, ctx: None, pairs: Vec::new(), transient: frozen.iter().map(|t| t.id()).collect(), forward: Vec::new(), split: Vec::new(), ctx_q4: None, bytes: 0, cpu: !backend.is_gpu() });
+            return Ok(FrozenCopies {
+                mode,
+                ctx: None,
+                pairs: Vec::new(),
+                transient: frozen.iter().map(|t| t.id()).collect(),
+                forward: Vec::new(),
+                split: Vec::new(),
+                ctx_q4: None,
+                bytes: 0,
+                cpu: !backend.is_gpu(),
+            });
         }
         let ctx = Context::new(Capacity::tensors(3 * frozen.len() + 8))?;
         let mut planned = Vec::new();

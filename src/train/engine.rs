@@ -157,10 +157,13 @@ pub fn step_capacity(weights: &Weights, lora: &LoraSet) -> Capacity {
     // Accumulation adds 2 ops per parameter; transient copies 3 tensors per frozen weight.
     let extra = 4 * 2 * lora.modules().len() + 4 * (7 * weights.hparams.n_layer + 1) + 64;
     // Transient copies of large weights are made in chunks (8 tensors each).
-    let chunks: i64 = crate::train::copies::frozen_matmul_weights(weights).iter().map(|t| {
-        let ne = t.ne();
-        crate::ggml::transient_chunks(ne[0], ne[1])
-    }).sum();
+    let chunks: i64 = crate::train::copies::frozen_matmul_weights(weights)
+        .iter()
+        .map(|t| {
+            let ne = t.ne();
+            crate::ggml::transient_chunks(ne[0], ne[1])
+        })
+        .sum();
     let extra = extra + 8 * chunks as usize;
     // Exact Q4_1 splits in the forward: up to 6 tensors per frozen weight.
     let extra = extra + 6 * (7 * weights.hparams.n_layer + 1);
@@ -240,7 +243,18 @@ impl<'g> StepGraph<'g> {
         // products) come in as many sizes as there are ranks; kept allocated, they cannot
         // fragment ggml's allocator (see `Graph::keep_small_nodes`).
         let kept = graph.keep_small_nodes(small_node_bytes(weights, lora, n_tokens));
-        StepGraph { train, graph, loss_grad, loss_scale: scale, rewritten: (rw.persistent, rw.transient), reg, stats, kept, recomputed, forward_rewritten: rw.forward }
+        StepGraph {
+            train,
+            graph,
+            loss_grad,
+            loss_scale: scale,
+            rewritten: (rw.persistent, rw.transient),
+            reg,
+            stats,
+            kept,
+            recomputed,
+            forward_rewritten: rw.forward,
+        }
     }
 }
 
@@ -324,7 +338,16 @@ impl<'g> OptGraph<'g> {
     /// [`OptGraph::build_grit`] for accumulators filled at loss scale `loss_scale` (see
     /// [`StepOptions::loss_scale`]): the mean gradient is acc / (n_micro · S).
     #[allow(clippy::too_many_arguments)]
-    pub fn build_scaled(ctx: &'g Context, lora: &'g LoraSet, opt: &'g OptState, n_micro: usize, max_grad_norm: f32, precondition: bool, graft: bool, loss_scale: f32) -> Self {
+    pub fn build_scaled(
+        ctx: &'g Context,
+        lora: &'g LoraSet,
+        opt: &'g OptState,
+        n_micro: usize,
+        max_grad_norm: f32,
+        precondition: bool,
+        graft: bool,
+        loss_scale: f32,
+    ) -> Self {
         let clip = max_grad_norm > 0.0;
         let cap = ctx.capacity();
         let mut graph = ctx.new_graph(cap.graph_nodes, false);
@@ -371,7 +394,7 @@ impl<'g> OptGraph<'g> {
             }
         }
         let norm = ctx.sqrt(sumsq.expect("at least one parameter")).set_name("grad_norm").set_output(); // [1]
-        // factor = max_norm / max(norm, max_norm) = min(1, max_norm / norm)
+                                                                                                        // factor = max_norm / max(norm, max_norm) = min(1, max_norm / norm)
         let factor = clip.then(|| ctx.div(max_norm, ctx.clamp(norm, max_grad_norm, f32::MAX))); // [1]
         graph.build_forward_expand(norm);
         for (param, g, m, v) in grads {
@@ -400,7 +423,11 @@ pub fn eval_batch(backend: &mut Backend, g: &TrainGraph<'_>, batch: &Batch) -> R
 
 /// Names the part of a training step a graph node belongs to, for `grit train --profile`.
 pub fn categorize(n: &crate::ggml::profile::NodeInfo) -> String {
-    let frozen = |s: &str| (s.ends_with(".weight") || s.ends_with(".weight.q8") || s.ends_with(".weight.q4_0") || s.ends_with(".q4_1_offsets")) && !s.contains("lora") && !s.contains("norm");
+    let frozen = |s: &str| {
+        (s.ends_with(".weight") || s.ends_with(".weight.q8") || s.ends_with(".weight.q4_0") || s.ends_with(".q4_1_offsets"))
+            && !s.contains("lora")
+            && !s.contains("norm")
+    };
     let output = |s: &str| s.starts_with("token_embd.weight") || s.starts_with("output.weight");
     let lora = |s: &str| s.contains("lora");
     let (s0, s1) = (n.src0_name.as_str(), n.src1_name.as_str());

@@ -50,7 +50,16 @@ impl GritRun {
     pub fn new(cfg: &GritConfig, lora: &LoraSet, initial_rank: usize) -> Self {
         let kfac = KfacState::new(lora, cfg.kfac_stats, cfg.kfac_beta);
         let precond = lora.modules().iter().map(|m| Preconditioner::identity(m.rank)).collect();
-        let mut g = GritRun { cfg: cfg.clone(), initial_rank, kfac, schedule: Schedule::new(cfg), precond, inverted: false, coeffs: Vec::new(), params_initial: lora.n_params() };
+        let mut g = GritRun {
+            cfg: cfg.clone(),
+            initial_rank,
+            kfac,
+            schedule: Schedule::new(cfg),
+            precond,
+            inverted: false,
+            coeffs: Vec::new(),
+            params_initial: lora.n_params(),
+        };
         g.update_coeffs();
         g
     }
@@ -68,7 +77,16 @@ impl GritRun {
                 p
             })
             .collect();
-        let mut g = GritRun { cfg: cfg.clone(), initial_rank, kfac: ck.kfac, schedule: ck.schedule, precond, inverted: ck.inverted, coeffs: Vec::new(), params_initial: ck.params_initial };
+        let mut g = GritRun {
+            cfg: cfg.clone(),
+            initial_rank,
+            kfac: ck.kfac,
+            schedule: ck.schedule,
+            precond,
+            inverted: ck.inverted,
+            coeffs: Vec::new(),
+            params_initial: ck.params_initial,
+        };
         g.update_coeffs();
         g
     }
@@ -139,7 +157,14 @@ impl GritRun {
     /// it is mapped exactly as the gradients of the new coordinates would be; the second
     /// moment is mapped with the squared coefficients (exact for coordinates that are kept
     /// unrotated, a diagonal approximation otherwise). Accumulators are zero between steps.
-    pub fn reproject(&mut self, step: usize, weights: &Weights, lora: &LoraSet, opt: &OptState, backend: &Backend) -> Result<(serde_json::Value, Option<Replacement>), ModelError> {
+    pub fn reproject(
+        &mut self,
+        step: usize,
+        weights: &Weights,
+        lora: &LoraSet,
+        opt: &OptState,
+        backend: &Backend,
+    ) -> Result<(serde_json::Value, Option<Replacement>), ModelError> {
         let mut specs = Vec::new();
         let mut data = Vec::new();
         let mut changed = false;
@@ -183,7 +208,11 @@ impl GritRun {
             }
             for &i in &cut_modules {
                 let r = self.kfac.modules[i].rank;
-                self.precond[i] = if self.inverted { Preconditioner::for_module(&self.kfac.modules[i], &self.cfg, self.schedule.lambda_abs) } else { Preconditioner::identity(r) };
+                self.precond[i] = if self.inverted {
+                    Preconditioner::for_module(&self.kfac.modules[i], &self.cfg, self.schedule.lambda_abs)
+                } else {
+                    Preconditioner::identity(r)
+                };
             }
             self.update_coeffs();
             Some((new, new_opt))

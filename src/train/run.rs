@@ -135,7 +135,8 @@ pub fn mem_available_bytes() -> Option<u64> {
 /// trained rows and their labels.
 pub fn make_batch(seqs: &[Sequence], seq_len: usize, pad: i32) -> Batch {
     let n = seqs.len() * seq_len;
-    let mut b = Batch { tokens: Vec::with_capacity(n), positions: Vec::with_capacity(n), mask: vec![f32::NEG_INFINITY; n * n], rows: Vec::new(), labels: Vec::new() };
+    let mut b =
+        Batch { tokens: Vec::with_capacity(n), positions: Vec::with_capacity(n), mask: vec![f32::NEG_INFINITY; n * n], rows: Vec::new(), labels: Vec::new() };
     for (k, s) in seqs.iter().enumerate() {
         let mut s = s.clone();
         s.pad_to(seq_len, pad);
@@ -364,7 +365,16 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
         let first = pending.take().unwrap_or_else(|| make_batch(&batcher.next_batch(), cfg.max_seq_len, pad));
         let key = (first.n_tokens(), first.n_rows());
         let ctx = Context::new(engine::step_capacity(&weights, &lora))?;
-        let sg = StepGraph::build_with(&ctx, &weights, &lora, &copies, &opt, key.0, key.1, StepOptions { loss_scale, grit: is_grit.then_some(&cfg.grit), dropout: cfg.dropout > 0.0, recompute: cfg.recompute(), fuse_attention: true });
+        let sg = StepGraph::build_with(
+            &ctx,
+            &weights,
+            &lora,
+            &copies,
+            &opt,
+            key.0,
+            key.1,
+            StepOptions { loss_scale, grit: is_grit.then_some(&cfg.grit), dropout: cfg.dropout > 0.0, recompute: cfg.recompute(), fuse_attention: true },
+        );
         if !memory_checked {
             memory_checked = true;
             eprintln!(
@@ -381,7 +391,13 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
             let compute = backend.compute_buffer_bytes();
             if opts.profile {
                 let p = crate::ggml::profile::peak_memory(&sg.graph);
-                eprintln!("grit: profile: peak of live intermediate tensors {} MiB at node {} of {} (inputs/outputs {} MiB); largest:", p.bytes >> 20, p.at_node, sg.graph.n_nodes(), p.pinned_bytes >> 20);
+                eprintln!(
+                    "grit: profile: peak of live intermediate tensors {} MiB at node {} of {} (inputs/outputs {} MiB); largest:",
+                    p.bytes >> 20,
+                    p.at_node,
+                    sg.graph.n_nodes(),
+                    p.pinned_bytes >> 20
+                );
                 let mut by_op: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
                 for (_, op, b) in &p.live {
                     let e = by_op.entry(op.clone()).or_default();
