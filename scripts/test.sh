@@ -1,11 +1,40 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine with a Rust toolchain: installs missing build
 # dependencies, builds once in release (one llama.cpp build), fetches the default model and
-# demo data on first use, and runs every unit and integration test.
+# demo data on first use, and runs every unit and integration test on the CPU backend. Then
+# the GPU part: a second build with ggml's Vulkan backend (its own target folder,
+# target-vulkan/, so the CPU build is kept) and the backend-generic tests again on a Vulkan
+# device. Without a GPU that device is Mesa's lavapipe, a conformant Vulkan driver running
+# on the CPU (GGML_VK_VISIBLE_DEVICES=0 lets ggml use a device of type CPU): slow, but it is
+# ggml's real Vulkan backend, with its own kernels, buffers and scheduler splits.
+# GRIT_TEST_VULKAN=0 skips the GPU part (and its packages).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install-deps.sh
+VULKAN=${GRIT_TEST_VULKAN:-1}
+if [ "$VULKAN" = 1 ]; then
+  bash scripts/install-deps.sh --vulkan
+else
+  bash scripts/install-deps.sh
+fi
+T0=$SECONDS
 cargo build --release --bins --examples
 # Fetch (and verify) the default model and the demo data once, before the tests use them.
 target/release/grit fetch
-cargo test --release --no-fail-fast -- --test-threads=1
+echo "test.sh: CPU build $((SECONDS - T0)) s" >&2
+status=0
+T1=$SECONDS
+cargo test --release --no-fail-fast -- --test-threads=1 || status=1
+echo "test.sh: CPU tests $((SECONDS - T1)) s" >&2
+if [ "$VULKAN" = 1 ]; then
+  T2=$SECONDS
+  export CARGO_TARGET_DIR=target-vulkan
+  cargo build --release --features vulkan --bins
+  echo "test.sh: Vulkan build $((SECONDS - T2)) s" >&2
+  T3=$SECONDS
+  target-vulkan/release/grit info --json >/dev/null
+  GGML_VK_VISIBLE_DEVICES=${GGML_VK_VISIBLE_DEVICES:-0} GRIT_DEVICE=gpu \
+    cargo test --release --features vulkan --no-fail-fast \
+    --test gpu_backend --test forward_parity --test train_gradients -- --test-threads=1 || status=1
+  echo "test.sh: Vulkan tests $((SECONDS - T3)) s" >&2
+fi
+exit $status

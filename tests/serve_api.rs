@@ -390,7 +390,8 @@ fn auth_cors_queue_cancel_shutdown() {
     // Graceful shutdown: a streaming request in flight finishes, then the process exits 0.
     let body = json!({"prompt": PROMPT, "max_tokens": 40, "temperature": 0, "ignore_eos": true, "stream": true}).to_string();
     let mut c = TcpStream::connect(&s.addr).unwrap();
-    write!(c, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sekret\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    write!(c, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sekret\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+        .unwrap();
     let mut got = Vec::new();
     while !String::from_utf8_lossy(&got).contains("\"text\"") {
         let n = c.read(&mut buf).unwrap();

@@ -4,6 +4,7 @@
 //! Q4_1, Q8_0 and Q4_K base weights in every `--weight-copies` mode; and the rewritten
 //! backward against ggml's stock autodiff on an F32 model.
 
+mod common;
 use std::io::{Read, Seek, SeekFrom};
 
 use grit::ggml::{dequantize, Backend, Context, GgufWriter, Type};
@@ -102,7 +103,7 @@ fn step_grads_with(
 fn recomputed_activations_give_identical_gradients() {
     let dir = tempfile::tempdir().unwrap();
     let path = tiny(dir.path(), Type::Q4_1, 11);
-    let mut backend = Backend::cpu(2).unwrap();
+    let mut backend = common::backend(2);
     let weights = Weights::load(&GgufFile::open(&path).unwrap(), &backend).unwrap();
     let lora = LoraSet::new(&weights, &LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() }, &backend).unwrap();
     lora.randomize(5, 0.05, 0.05).unwrap();
@@ -131,7 +132,7 @@ fn check(ty: Type, mode: WeightCopies, eps: f32) -> f64 {
     let dir = tempfile::tempdir().unwrap();
     let path = tiny(dir.path(), ty, 7);
     let twin = if ty == Type::F32 { path.clone() } else { f32_twin(&path) };
-    let mut backend = Backend::cpu(0).unwrap();
+    let mut backend = common::backend(0);
     let cfg = LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() };
     let weights = Weights::load(&GgufFile::open(&path).unwrap(), &backend).unwrap();
     let lora = LoraSet::new(&weights, &cfg, &backend).unwrap();
@@ -210,7 +211,7 @@ fn rewritten_backward_equals_stock_autodiff() {
     let mut failures = Vec::new();
     for ty in [Type::F32, Type::Q4_0, Type::Q4_1, Type::Q8_0, Type::Q4_K] {
         let path = tiny(dir.path(), ty, 5);
-        let mut backend = Backend::cpu(0).unwrap();
+        let mut backend = common::backend(0);
         let weights = Weights::load(&GgufFile::open(&path).unwrap(), &backend).unwrap();
         let lora = LoraSet::new(&weights, &LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() }, &backend).unwrap();
         lora.randomize(9, 0.05, 0.05).unwrap();

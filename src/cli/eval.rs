@@ -85,6 +85,7 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
     let opts = EvalOptions {
         model: a.model.resolve()?,
         gpu_layers: a.model.gpu_layers,
+        device: a.model.device,
         adapters: a.adapter.clone(),
         adapter_scale: a.adapter_scale,
         data: a.data.clone(),
@@ -162,7 +163,13 @@ pub fn table(rep: &EvalReport) -> String {
         if has_acc {
             match &r.accuracy {
                 Some(a) => {
-                    let g = |x: f64| if a.n > 0 { format!("{:.1}%", 100.0 * x) } else { "-".into() };
+                    let g = |x: f64| {
+                        if a.n > 0 {
+                            format!("{:.1}%", 100.0 * x)
+                        } else {
+                            "-".into()
+                        }
+                    };
                     c.extend([g(a.exact), g(a.normalized), g(a.contains)]);
                     c.push(if a.choice_n > 0 { format!("{:.1}%", 100.0 * a.choice) } else { "-".into() });
                 }
@@ -202,7 +209,7 @@ pub fn table(rep: &EvalReport) -> String {
     if let Some(ret) = &rep.retention {
         let f = &ret.power_law;
         out.push_str(&format!(
-            "\nforgetting law (GRIT.md §8) on {} points: L(D) = L0 + a·D^β + E\n  L0 = {:.4} (base)  a = {:.4e}  β = {:.4}  E = {:.4}  R² = {:.4}  RMSE = {:.4}\n",
+            "\nforgetting law (docs/GRIT.md §8) on {} points: L(D) = L0 + a·D^β + E\n  L0 = {:.4} (base)  a = {:.4e}  β = {:.4}  E = {:.4}  R² = {:.4}  RMSE = {:.4}\n",
             f.n, f.l0, f.a, f.beta, f.e, f.r2, f.rmse
         ));
         if let Some(c) = &ret.curvature {

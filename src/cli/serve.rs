@@ -84,6 +84,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         model: a.model.resolve()?,
         model_name: a.model_name,
         gpu_layers: a.model.gpu_layers,
+        device: a.model.device,
         host: a.host,
         port: a.port,
         api_key: a.api_key.filter(|k| !k.is_empty()),

@@ -115,6 +115,10 @@ pub struct TrainArgs {
     /// Worker threads (0 = all cores).
     #[arg(short, long)]
     pub threads: Option<usize>,
+    /// Where the training graphs run: auto (a GPU when this build has a GPU backend and
+    /// ggml finds one, else the CPU), cpu, or gpu (an error without one) [default: auto].
+    #[arg(long, value_enum, env = "GRIT_DEVICE")]
+    pub device: Option<crate::ggml::Device>,
     /// Random seed (adapter init, shuffling, dropout) [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
@@ -146,7 +150,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub skip_bad_rows: bool,
 
-    // ---- GRIT (--method grit; defaults in GritConfig / GRIT.md)
+    // ---- GRIT (--method grit; defaults in GritConfig / docs/GRIT.md)
     /// GRIT: collect the K-FAC factors Σ_a, Σ_g every N steps [default: 5].
     #[arg(long, help_heading = "GRIT")]
     pub kfac_every: Option<usize>,
@@ -229,7 +233,7 @@ impl TrainArgs {
         }
         set!(method, eval_split, targets, rank, alpha, dropout, lr, lr_schedule, warmup, weight_decay, max_grad_norm);
         set!(adam_beta1, adam_beta2, adam_eps, batch_size, grad_accum, max_seq_len, eval_every, eval_tokens, threads, seed);
-        set!(save_every, weight_copies, recompute);
+        set!(save_every, weight_copies, recompute, device);
         if self.model.is_some() {
             c.model = self.model.clone();
         }

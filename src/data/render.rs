@@ -23,7 +23,8 @@ use super::{ChatMessage, DataError, Tokenizer};
 /// Alpaca prompt), with `{instruction}` and `{input}` filled in. The output follows directly.
 pub const ALPACA_PROMPT_WITH_INPUT: &str = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n";
 /// The alpaca prompt for rows without (or with an empty) `input`.
-pub const ALPACA_PROMPT_NO_INPUT: &str = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n";
+pub const ALPACA_PROMPT_NO_INPUT: &str =
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n";
 
 /// Tokens and per-token trained flags of one example (`trained[0]` is always false: the
 /// first token is never predicted).

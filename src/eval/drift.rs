@@ -122,7 +122,9 @@ pub fn checkpoint_to_gguf(ck: &Checkpoint, arch: &str, scale: f32, out: &Path) -
     let err = |m: String| EvalError::Adapter(out.into(), m);
     let mut n = 0;
     for t in &ck.tensors {
-        let Some(base) = t.name.strip_suffix(".lora_a") else { continue };
+        let Some(base) = t.name.strip_suffix(".lora_a") else {
+            continue;
+        };
         let b = ck.tensor(&format!("{base}.lora_b")).ok_or_else(|| err(format!("checkpoint step {}: {base}.lora_b is missing", ck.step)))?;
         // Checkpoint shapes (row-major): A [r, d_in], B [d_out, r].
         let (&[r, d_in], &[d_out, rb]) = (t.shape.as_slice(), b.shape.as_slice()) else {

@@ -1,4 +1,4 @@
-//! The forgetting law of GRIT.md §8 fitted to a run's checkpoints:
+//! The forgetting law of docs/GRIT.md §8 fitted to a run's checkpoints:
 //!
 //! ```text
 //! L(D) = L0 + a·D^β + E                      (the power law in fine-tuning tokens D)

@@ -17,7 +17,7 @@
 //! - **Accuracy** on `--task T` ([`accuracy`]).
 //! - **Retention** (`--retention RUN`): every kept checkpoint of a run (and its final
 //!   adapter) as rows, with the fine-tuning tokens D seen at each, and the forgetting law of
-//!   GRIT.md §8 fitted to their loss on `--data` ([`fit`]).
+//!   docs/GRIT.md §8 fitted to their loss on `--data` ([`fit`]).
 
 pub mod accuracy;
 pub mod drift;
@@ -66,6 +66,8 @@ pub enum EvalError {
 pub struct EvalOptions {
     pub model: PathBuf,
     pub gpu_layers: u32,
+    /// Where llama.cpp runs the model.
+    pub device: crate::ggml::Device,
     /// Adapters, one row each (after the base).
     pub adapters: Vec<PathBuf>,
     pub adapter_scale: f32,
@@ -97,6 +99,7 @@ impl Default for EvalOptions {
         EvalOptions {
             model: PathBuf::new(),
             gpu_layers: 999,
+            device: crate::ggml::Device::Auto,
             adapters: Vec::new(),
             adapter_scale: 1.0,
             data: None,
@@ -292,7 +295,7 @@ fn evaluate_sources(opts: &EvalOptions, sources: &[Source]) -> Result<Vec<EvalRo
     if opts.data.is_none() && opts.task.is_none() && opts.general.is_none() {
         return Err(EvalError::Option { name: "--data", msg: "nothing to evaluate: pass --data FILE (and/or --general, --task)".into() });
     }
-    let mut model = Model::load(&opts.model, &LoadOptions { n_gpu_layers: opts.gpu_layers })?;
+    let mut model = Model::load(&opts.model, &LoadOptions { n_gpu_layers: opts.gpu_layers, device: opts.device })?;
     let mut adapters: Vec<LlamaLoraAdapter> = Vec::with_capacity(sources.len());
     let mut drifts: Vec<AdapterDrift> = Vec::with_capacity(sources.len());
     for s in sources {

@@ -4,7 +4,6 @@
 
 use std::num::NonZeroU32;
 
-use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaLoraAdapter;
@@ -83,7 +82,8 @@ impl<'m> Scorer<'m> {
     pub fn new(model: &'m Model, n_ctx: usize, threads: i32) -> Result<Self, EvalError> {
         let threads = resolve_threads(threads);
         let n = n_ctx as u32;
-        let params = LlamaContextParams::default()
+        let params = model
+            .context_params()
             .with_n_ctx(NonZeroU32::new(n))
             .with_n_batch(n)
             .with_n_ubatch(n.min(512))

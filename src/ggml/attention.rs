@@ -56,15 +56,21 @@ pub(crate) fn fuse<'a>(ctx: &'a Context, graph: &Graph<'a>) -> Fused<'a> {
         if o.op() != sys::GGML_OP_MUL_MAT {
             continue;
         }
-        let (Some(vt), Some(p)) = (o.src(0), o.src(1)) else { continue };
+        let (Some(vt), Some(p)) = (o.src(0), o.src(1)) else {
+            continue;
+        };
         if p.op() != sys::GGML_OP_SOFT_MAX || p.src(2).is_some() {
             continue;
         }
-        let (Some(kq), Some(mask)) = (p.src(0), p.src(1)) else { continue };
+        let (Some(kq), Some(mask)) = (p.src(0), p.src(1)) else {
+            continue;
+        };
         if kq.op() != sys::GGML_OP_MUL_MAT || f32_param(p, 1) != 0.0 {
             continue;
         }
-        let (Some(k), Some(q)) = (kq.src(0), kq.src(1)) else { continue };
+        let (Some(k), Some(q)) = (kq.src(0), kq.src(1)) else {
+            continue;
+        };
         let (qn, kn, vn, on) = (q.ne(), k.ne(), vt.ne(), o.ne());
         let (d, t, h, g) = (qn[0], qn[1], qn[2], kn[2]);
         let shapes = kn[0] == d
@@ -86,8 +92,12 @@ pub(crate) fn fuse<'a>(ctx: &'a Context, graph: &Graph<'a>) -> Fused<'a> {
         if kq_r.len() != 1 || p_r.len() != 3 {
             continue;
         }
-        let Some(dvt) = p_r.iter().copied().find(|n| n.op() == sys::GGML_OP_OUT_PROD && is(n.src(0), p)) else { continue };
-        let Some(ds) = p_r.iter().copied().find(|n| n.op() == sys::GGML_OP_SOFT_MAX_BACK && is(n.src(1), p)) else { continue };
+        let Some(dvt) = p_r.iter().copied().find(|n| n.op() == sys::GGML_OP_OUT_PROD && is(n.src(0), p)) else {
+            continue;
+        };
+        let Some(ds) = p_r.iter().copied().find(|n| n.op() == sys::GGML_OP_SOFT_MAX_BACK && is(n.src(1), p)) else {
+            continue;
+        };
         let Some(d_o) = dvt.src(1) else { continue };
         let Some(dp) = ds.src(0) else { continue };
         let dp_ok = dp.op() == sys::GGML_OP_OUT_PROD
@@ -98,10 +108,16 @@ pub(crate) fn fuse<'a>(ctx: &'a Context, graph: &Graph<'a>) -> Fused<'a> {
             continue;
         }
         let ds_r = readers_of(ds);
-        let Some(ds_t) = ds_r.iter().copied().find(|n| n.op() == sys::GGML_OP_TRANSPOSE) else { continue };
-        let Some(dk) = ds_r.iter().copied().find(|n| n.op() == sys::GGML_OP_OUT_PROD && is(n.src(0), q) && is(n.src(1), ds)) else { continue };
+        let Some(ds_t) = ds_r.iter().copied().find(|n| n.op() == sys::GGML_OP_TRANSPOSE) else {
+            continue;
+        };
+        let Some(dk) = ds_r.iter().copied().find(|n| n.op() == sys::GGML_OP_OUT_PROD && is(n.src(0), q) && is(n.src(1), ds)) else {
+            continue;
+        };
         let ds_t_r = readers_of(ds_t);
-        let Some(dq) = ds_t_r.first().copied().filter(|n| ds_t_r.len() == 1 && n.op() == sys::GGML_OP_OUT_PROD && is(n.src(0), k)) else { continue };
+        let Some(dq) = ds_t_r.first().copied().filter(|n| ds_t_r.len() == 1 && n.op() == sys::GGML_OP_OUT_PROD && is(n.src(0), k)) else {
+            continue;
+        };
         if ds_r.len() != 2 || dq.ne() != on || dk.ne() != on || dvt.ne() != [t, d, h, 1] {
             continue;
         }

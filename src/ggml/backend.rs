@@ -10,15 +10,105 @@ use llama_cpp_sys_2 as sys;
 use super::context::{as_bytes, from_bytes_f32, tensor_read, tensor_write, Graph, Tensor, Type};
 use super::GgmlError;
 
-/// Which device runs the graphs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Which device runs the graphs (`--device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum Device {
-    /// The GPU when this binary was built with a GPU feature and one is present, else the CPU.
+    /// The GPU when this binary was built with a GPU backend and ggml finds a device, else the
+    /// CPU (the run says which it uses).
     #[default]
     Auto,
+    /// The CPU backend only.
     Cpu,
-    /// A GPU (error if there is none).
+    /// A GPU; an error when this build or this machine has none (never a silent CPU run).
     Gpu,
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Device::Auto => "auto",
+            Device::Cpu => "cpu",
+            Device::Gpu => "gpu",
+        })
+    }
+}
+
+/// A compute device ggml sees (`grit info`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceInfo {
+    /// ggml's device name: `CPU`, `Vulkan0`, `CUDA0`, ...
+    pub name: String,
+    /// The hardware (e.g. `llvmpipe (LLVM 15.0.6, 256 bits)`).
+    pub description: String,
+    /// The backend family (`CPU`, `Vulkan`, `CUDA`, `Metal`, ...).
+    pub backend: String,
+    /// `cpu`, `gpu` or `accel`.
+    pub kind: &'static str,
+    pub memory_free: usize,
+    pub memory_total: usize,
+}
+
+fn device_info(dev: sys::ggml_backend_dev_t) -> DeviceInfo {
+    // SAFETY: dev is a registered device (static in ggml's registry); the name, description
+    // and registry name are static NUL-terminated strings; memory fills the two out-values.
+    unsafe {
+        let (mut free, mut total) = (0usize, 0usize);
+        sys::ggml_backend_dev_memory(dev, &mut free, &mut total);
+        let reg = sys::ggml_backend_dev_backend_reg(dev);
+        DeviceInfo {
+            name: cstr(sys::ggml_backend_dev_name(dev)),
+            description: cstr(sys::ggml_backend_dev_description(dev)),
+            backend: if reg.is_null() { String::new() } else { cstr(sys::ggml_backend_reg_name(reg)) },
+            kind: match sys::ggml_backend_dev_type(dev) {
+                sys::GGML_BACKEND_DEVICE_TYPE_CPU => "cpu",
+                sys::GGML_BACKEND_DEVICE_TYPE_GPU => "gpu",
+                _ => "accel",
+            },
+            memory_free: free,
+            memory_total: total,
+        }
+    }
+}
+
+/// Every device ggml has registered (the CPU and, in GPU builds, each GPU it found).
+pub fn devices() -> Vec<DeviceInfo> {
+    let _ = crate::llama::backend();
+    // SAFETY: the registry is initialised by llama.cpp's backend init; indices < count.
+    (0..unsafe { sys::ggml_backend_dev_count() }).map(|i| device_info(unsafe { sys::ggml_backend_dev_get(i) })).collect()
+}
+
+/// The first GPU ggml found, if any.
+fn first_gpu() -> Option<sys::ggml_backend_dev_t> {
+    let _ = crate::llama::backend();
+    // SAFETY: queries ggml's device registry; null when there is no GPU.
+    let dev = unsafe { sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_GPU) };
+    (!dev.is_null()).then_some(dev)
+}
+
+/// The GPU `device` resolves to: `Ok(Some(gpu))` to use one, `Ok(None)` for the CPU, an error
+/// when a GPU was asked for and there is none (saying why: not compiled in, or not found).
+pub fn resolve_gpu(device: Device) -> Result<Option<DeviceInfo>, GgmlError> {
+    match device {
+        Device::Cpu => Ok(None),
+        Device::Auto => Ok(first_gpu().map(device_info)),
+        Device::Gpu => match first_gpu() {
+            Some(d) => Ok(Some(device_info(d))),
+            None => Err(GgmlError::NoDevice(no_gpu_reason())),
+        },
+    }
+}
+
+fn no_gpu_reason() -> String {
+    let compiled: Vec<&str> = crate::llama::compiled_backends().into_iter().filter(|b| *b != "cpu").collect();
+    if compiled.is_empty() {
+        return "--device gpu: this grit was built without a GPU backend (build with --features vulkan, cuda or metal)".into();
+    }
+    let mut why = format!("--device gpu: this grit has the {} backend but ggml found no GPU device", compiled.join("/"));
+    if compiled.contains(&"vulkan") {
+        why.push_str(" (a Vulkan device of type CPU, such as Mesa's lavapipe, is used only with GGML_VK_VISIBLE_DEVICES set, e.g. GGML_VK_VISIBLE_DEVICES=0)");
+    }
+    why
 }
 
 /// How to set up a [`Backend`].
@@ -106,6 +196,8 @@ pub struct Backend {
     /// Primary first; the CPU backend is always last (ggml's scheduler requires it).
     backends: Vec<NonNull<sys::ggml_backend>>,
     is_gpu: bool,
+    /// The GPU device, when one is used.
+    gpu: Option<DeviceInfo>,
     n_threads: usize,
     sched: Option<NonNull<sys::ggml_backend_sched>>,
     sched_size: usize,
@@ -146,36 +238,21 @@ impl Backend {
         // llama.cpp's backend init registers the compiled-in devices and installs grit's log hook.
         let _ = crate::llama::backend();
         let n_threads = if opts.n_threads > 0 { opts.n_threads } else { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) };
-        let gpu_compiled = cfg!(any(feature = "cuda", feature = "vulkan", feature = "metal"));
-        let want_gpu = match opts.device {
-            Device::Cpu => false,
-            Device::Gpu => true,
-            Device::Auto => gpu_compiled,
-        };
         let mut backends = Vec::new();
-        let mut is_gpu = false;
-        if want_gpu {
-            // SAFETY: queries ggml's device registry; returns null when there is no GPU.
-            let dev = unsafe { sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_GPU) };
-            if dev.is_null() {
-                if opts.device == Device::Gpu {
-                    return Err(GgmlError::NoDevice("GPU"));
-                }
-            } else {
-                // SAFETY: dev is a registered device; null params select defaults.
-                let b = unsafe { sys::ggml_backend_dev_init(dev, std::ptr::null()) };
-                // SAFETY: dev is a registered device; its name is a static string.
-                let name = unsafe { cstr(sys::ggml_backend_dev_name(dev)) };
-                backends.push(NonNull::new(b).ok_or(GgmlError::BackendInit(name))?);
-                is_gpu = true;
-            }
+        let gpu = resolve_gpu(opts.device)?;
+        if let Some(info) = &gpu {
+            let dev = first_gpu().expect("resolve_gpu found it");
+            // SAFETY: dev is a registered device; null params select defaults.
+            let b = unsafe { sys::ggml_backend_dev_init(dev, std::ptr::null()) };
+            backends.push(NonNull::new(b).ok_or_else(|| GgmlError::BackendInit(info.name.clone()))?);
         }
+        let is_gpu = gpu.is_some();
         // SAFETY: creates a CPU backend (null on failure).
         let cpu = NonNull::new(unsafe { sys::ggml_backend_cpu_init() }).ok_or_else(|| GgmlError::BackendInit("CPU".into()))?;
         // SAFETY: cpu is a CPU backend, as ggml_backend_cpu_set_n_threads requires.
         unsafe { sys::ggml_backend_cpu_set_n_threads(cpu.as_ptr(), n_threads as i32) };
         backends.push(cpu);
-        Ok(Backend { recorder: None, backends, is_gpu, n_threads, sched: None, sched_size: 0 })
+        Ok(Backend { recorder: None, backends, is_gpu, gpu, n_threads, sched: None, sched_size: 0 })
     }
 
     /// `CPU`, `CUDA0`, ... (the primary backend).
@@ -185,6 +262,17 @@ impl Backend {
     }
     pub fn is_gpu(&self) -> bool {
         self.is_gpu
+    }
+    /// The device for logs: `CPU (2 threads)` or `Vulkan0 (llvmpipe (LLVM 15.0.6, 256 bits))`.
+    pub fn label(&self) -> String {
+        match &self.gpu {
+            Some(d) => format!("{} ({}), CPU fallback with {} threads", d.name, d.description, self.n_threads),
+            None => format!("CPU ({} threads)", self.n_threads),
+        }
+    }
+    /// The GPU device, when one is used.
+    pub fn gpu(&self) -> Option<&DeviceInfo> {
+        self.gpu.as_ref()
     }
     pub fn n_threads(&self) -> usize {
         self.n_threads
@@ -226,7 +314,11 @@ impl Backend {
     }
 
     fn install_callback(&mut self, s: NonNull<sys::ggml_backend_sched>) {
+        let multi = self.backends.len() > 1;
         if let Some(r) = self.recorder.as_mut() {
+            if multi {
+                r.sched = s.as_ptr();
+            }
             let user = (&mut **r) as *mut super::profile::Recorder as *mut std::ffi::c_void;
             // SAFETY: the recorder is boxed (stable address) and owned by self, which also owns
             // the scheduler; the callback only runs inside graph computations of this backend.
@@ -260,7 +352,27 @@ impl Backend {
     /// [`Computation`] that sets inputs, runs the graph and reads outputs. The computation
     /// borrows the backend: allocating another graph ends it.
     pub fn compute<'s, 'a>(&'s mut self, graph: &'s Graph<'a>) -> Result<Computation<'s, 'a>, GgmlError> {
+        if self.is_gpu {
+            // grit's custom ops are CPU kernels: on a GPU backend the scheduler would quietly
+            // run them on the CPU, with copies to and from the device around each.
+            if let Some(node) = cpu_only_nodes(graph).first() {
+                return Err(GgmlError::CpuOnlyOp { node: node.clone(), backend: self.name() });
+            }
+            // GPU matmul kernels accumulate in F16 unless a node asks for F32; training
+            // gradients (and the parity with the CPU) need F32 accumulation.
+            for i in 0..graph.n_nodes() {
+                let n = graph.node(i);
+                if n.op() == sys::GGML_OP_MUL_MAT {
+                    // SAFETY: a live MUL_MAT node of a graph not yet allocated by this call;
+                    // sets its precision parameter only.
+                    unsafe { sys::ggml_mul_mat_set_prec(n.raw(), sys::GGML_PREC_F32) };
+                }
+            }
+        }
         let sched = self.ensure_sched(graph.size());
+        // The previous allocation may have redirected sources to the scheduler's copies.
+        graph.restore_sources();
+        let members = graph.members();
         // SAFETY: live scheduler (exclusively borrowed via &mut self) and a live graph whose
         // tensors all outlive 'a; reset drops the previous allocation, which no Computation
         // can still use (it would hold &mut self).
@@ -278,7 +390,15 @@ impl Backend {
             return Err(GgmlError::Alloc { what: format!("a graph of {} nodes", graph.n_nodes()), buffer_type: self.name(), bytes });
         }
         let recorder = self.recorder.as_mut().map_or(std::ptr::null_mut(), |r| (&mut **r) as *mut super::profile::Recorder);
-        Ok(Computation { sched, backend_name: self.name(), graph, members: graph.members(), recorder, _backend: std::marker::PhantomData })
+        Ok(Computation { sched, backend_name: self.name(), graph, members, recorder, _backend: std::marker::PhantomData })
+    }
+
+    /// Bytes of the compute buffer the scheduler holds on the primary backend (the GPU's
+    /// share on a GPU; everything on the CPU).
+    pub fn primary_compute_buffer_bytes(&self) -> usize {
+        let Some(s) = self.sched else { return 0 };
+        // SAFETY: live scheduler and backend.
+        unsafe { sys::ggml_backend_sched_get_buffer_size(s.as_ptr(), self.backends[0].as_ptr()) }
     }
 
     /// Bytes of the compute buffers the scheduler holds (all backends).
@@ -290,6 +410,16 @@ impl Backend {
             .map(|b| unsafe { sys::ggml_backend_sched_get_buffer_size(s.as_ptr(), b.as_ptr()) })
             .sum()
     }
+}
+
+/// Names of the nodes of `graph` that only the CPU backend can run (grit's custom CPU
+/// kernels: fused attention, tiled transposes).
+pub fn cpu_only_nodes(graph: &Graph<'_>) -> Vec<String> {
+    (0..graph.n_nodes())
+        .map(|i| graph.node(i))
+        .filter(|t| matches!(t.op(), sys::GGML_OP_CUSTOM | sys::GGML_OP_MAP_CUSTOM1 | sys::GGML_OP_MAP_CUSTOM2 | sys::GGML_OP_MAP_CUSTOM3))
+        .map(|t| t.name())
+        .collect()
 }
 
 /// An allocated graph: write inputs, [`run`](Computation::run), read outputs. Every tensor
@@ -349,6 +479,14 @@ impl<'s, 'a> Computation<'s, 'a> {
         // SAFETY: the scheduler holds this graph's allocation (made in Backend::compute and
         // not reset since: the backend is mutably borrowed for 's).
         let status = unsafe { sys::ggml_backend_sched_graph_compute(self.sched.as_ptr(), self.graph.raw()) };
+        // SAFETY: as above; the recorder is owned by the borrowed backend.
+        if let Some(r) = unsafe { self.recorder.as_mut() } {
+            r.profile.runs += 1;
+            // SAFETY: live scheduler that just computed this graph.
+            unsafe {
+                r.profile.splits += sys::ggml_backend_sched_get_n_splits(self.sched.as_ptr()).max(0) as usize;
+            }
+        }
         if status != sys::GGML_STATUS_SUCCESS {
             return Err(GgmlError::Compute(status));
         }

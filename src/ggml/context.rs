@@ -371,7 +371,14 @@ impl Context {
         assert!(self.free_bytes() >= need, "ggml context full: no room for a graph of {size} nodes (capacity {:?})", self.capacity);
         // SAFETY: valid context with room for the graph object.
         let g = unsafe { sys::ggml_new_graph_custom(self.raw(), size, grads) };
-        Graph { ptr: NonNull::new(g).expect("ggml returned a null graph"), size, known: HashSet::new(), n_leafs: 0, _inv: PhantomData }
+        Graph {
+            ptr: NonNull::new(g).expect("ggml returned a null graph"),
+            size,
+            known: HashSet::new(),
+            n_leafs: 0,
+            sources: Default::default(),
+            _inv: PhantomData,
+        }
     }
 
     // ---- ops -------------------------------------------------------------------------------
@@ -897,10 +904,45 @@ pub struct Graph<'a> {
     /// (ggml keeps nodes and leafs in two arrays of `size` entries each).
     known: HashSet<usize>,
     n_leafs: usize,
+    /// Every node's sources as built, before a multi-device scheduler redirected some of them
+    /// (see [`Graph::restore_sources`]).
+    sources: std::cell::RefCell<std::collections::HashMap<usize, [*mut sys::ggml_tensor; SRC_SLOTS]>>,
     _inv: PhantomData<fn(&'a ()) -> &'a ()>,
 }
 
+/// Source slots of a ggml tensor (GGML_MAX_SRC), read off the bound struct.
+const SRC_SLOTS: usize = {
+    // SAFETY: a zeroed ggml_tensor is never used as a tensor, only measured.
+    let t: sys::ggml_tensor = unsafe { std::mem::zeroed() };
+    t.src.len()
+};
+
 impl<'a> Graph<'a> {
+    /// Puts back the sources every node had when the graph was built. ggml's scheduler,
+    /// splitting a graph between devices, points a node's source at a copy of it on the
+    /// node's device (a tensor in the scheduler's own context, freed when it next splits a
+    /// graph), and a GPU backend may reorder the nodes of its splits in place. Before a graph
+    /// is allocated again its sources must be the original ones, or the next split reads freed
+    /// tensors (and inputs written by name would no longer be reachable from the nodes).
+    /// Records the sources of nodes not seen before; nodes are matched by identity, not by
+    /// position.
+    pub(crate) fn restore_sources(&self) {
+        let mut saved = self.sources.borrow_mut();
+        for i in 0..self.n_nodes() {
+            let node = self.node(i).raw();
+            match saved.entry(node as usize) {
+                // SAFETY: node is a live tensor of this graph; only its source pointers are
+                // written, with the values it was built with (tensors that outlive 'a).
+                std::collections::hash_map::Entry::Occupied(e) => unsafe { (*node).src = *e.get() },
+                // SAFETY: as above; read only.
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(unsafe { (*node).src });
+                }
+            }
+        }
+    }
+
+    /// Every node's readers among the graph's nodes, keyed by the read tensor (nodes and leafs).
     /// Every node's readers among the graph's nodes, keyed by the read tensor (nodes and leafs).
     pub(crate) fn readers(&self) -> std::collections::HashMap<usize, Vec<Tensor<'a>>> {
         let mut r: std::collections::HashMap<usize, Vec<Tensor<'a>>> = std::collections::HashMap::new();

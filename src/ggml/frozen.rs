@@ -155,6 +155,8 @@ pub struct RewriteStats {
     pub outer: usize,
     /// Attention blocks fused into CPU kernels.
     pub attention: usize,
+    /// GPU matmuls given contiguous F32 copies of strided operands.
+    pub contiguous: usize,
 }
 
 /// Rewrites the frozen-weight input gradients of `graph` (which must already hold its
@@ -190,6 +192,8 @@ pub fn rebuild_backward<'a>(
     // Transposed copies made for the out_prod rewrite, shared by nodes with the same source
     // (q/k/v and gate/up read the same activations).
     let mut transposes: HashMap<usize, Tensor<'a>> = HashMap::new();
+    // Contiguous copies of GPU matmul operands (shared by the nodes that read one).
+    let mut contiguous: HashMap<usize, Tensor<'a>> = HashMap::new();
     let flat = |t: Tensor<'a>| t.ne()[2] == 1 && t.ne()[3] == 1 && t.ty() == Type::F32;
     // Each extra output is added right after the last old node it depends on, not at the end:
     // a gradient accumulation or statistic then runs as soon as its inputs exist, so those
@@ -223,7 +227,9 @@ pub fn rebuild_backward<'a>(
         if node.op() != sys::GGML_OP_MUL_MAT {
             continue;
         }
-        let (Some(w), Some(x)) = (node.src(0), node.src(1)) else { continue };
+        let (Some(w), Some(x)) = (node.src(0), node.src(1)) else {
+            continue;
+        };
         if let Some(&copy) = frozen.forward.get(&(w.raw() as usize)) {
             // SAFETY: the copy has w's shape, so MUL_MAT(copy, x) has the node's
             // type and shape; the graph is not allocated while rebuilt.
@@ -382,6 +388,28 @@ pub fn rebuild_backward<'a>(
                 }
             }
         }
+        if !frozen.cpu_kernels && node.op() == sys::GGML_OP_MUL_MAT {
+            // GPU backends convert a matmul operand whose first two dimensions are not
+            // contiguous to F16 before multiplying (ggml-vulkan does): gradients then carry
+            // F16 rounding (~2e-3 relative on the GPU step test). Contiguous F32 copies keep
+            // them in F32.
+            if let (Some(a), Some(b)) = (node.src(0), node.src(1)) {
+                let mut fix = |t: Tensor<'a>| {
+                    if t.ty() == Type::F32 && !dim01_contiguous(t) {
+                        *contiguous.entry(t.raw() as usize).or_insert_with(|| ctx.cont(t))
+                    } else {
+                        t
+                    }
+                };
+                let (a2, b2) = (fix(a), fix(b));
+                if a2.raw() != a.raw() || b2.raw() != b.raw() {
+                    // SAFETY: the same op on contiguous copies of the same values: type and
+                    // shape unchanged; the graph is not allocated while rebuilt.
+                    unsafe { node.rewrite_as_mul_mat(a2, b2) };
+                    stats.contiguous += 1;
+                }
+            }
+        }
         out.build_forward_expand(node);
         for t in due.remove(&i).unwrap_or_default() {
             out.build_forward_expand(t);
@@ -389,6 +417,14 @@ pub fn rebuild_backward<'a>(
     }
     stats.recomputed = segments.map_or(0, |s| s.n_dups());
     (drop_unused_views(ctx, out, size), stats)
+}
+
+/// Whether `t`'s first two dimensions are laid out densely (rows of contiguous elements, one
+/// after another), as GPU matmul kernels read an operand without converting it.
+fn dim01_contiguous(t: Tensor<'_>) -> bool {
+    let (ne, nb) = (t.ne(), t.nb());
+    let es = t.ty().row_size(1).unwrap_or(0);
+    nb[0] == es && nb[1] == es * ne[0] as usize
 }
 
 /// The graph without its view nodes (VIEW, RESHAPE, PERMUTE, TRANSPOSE) that no node reads.

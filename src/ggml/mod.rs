@@ -46,7 +46,7 @@ mod gguf_write;
 pub mod profile;
 mod recompute;
 
-pub use backend::{Backend, BackendOptions, BufferType, Computation, Device};
+pub use backend::{cpu_only_nodes, devices, resolve_gpu, Backend, BackendOptions, BufferType, Computation, Device, DeviceInfo};
 pub use context::{Capacity, Context, Graph, RopeMode, RopeParams, Tensor, TensorId, Type};
 pub use frozen::{rebuild_backward, rebuild_frozen_backward, transient_chunks, FrozenGrad, FrozenMap, RewriteStats};
 pub use gguf_write::{dequantize, quantize, GgufWriter};
@@ -61,8 +61,10 @@ pub enum GgmlError {
     ContextInit { bytes: usize },
     #[error("cannot allocate {bytes} bytes of {buffer_type} memory for {what}")]
     Alloc { what: String, buffer_type: String, bytes: usize },
-    #[error("no {0} backend is available in this build or on this machine")]
-    NoDevice(&'static str),
+    #[error("{0}")]
+    NoDevice(String),
+    #[error("graph node '{node}' is a CPU-only kernel and cannot run on the {backend} backend (a graph built for the CPU was given to a GPU backend)")]
+    CpuOnlyOp { node: String, backend: String },
     #[error("ggml could not initialise the {0} backend")]
     BackendInit(String),
     #[error("graph computation failed with ggml status {0}")]

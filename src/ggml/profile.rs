@@ -14,11 +14,19 @@ use llama_cpp_sys_2 as sys;
 pub struct Profile {
     pub by_category: BTreeMap<String, (f64, usize)>,
     pub total_s: f64,
+    /// With a GPU: seconds and node count per (backend, op) — which ops ran where.
+    pub by_backend_op: BTreeMap<(String, String), (f64, usize)>,
+    /// Graph computations, and the scheduler's splits (runs of consecutive nodes on one
+    /// backend; each split starts by copying its inputs from other devices) summed over them.
+    pub runs: usize,
+    pub splits: usize,
 }
 
 /// The state the callback sees.
 pub(crate) struct Recorder {
     last: Instant,
+    /// The scheduler running the graph (set when the backend has more than one device).
+    pub(crate) sched: sys::ggml_backend_sched_t,
     pub(crate) profile: Profile,
     categorize: fn(&NodeInfo) -> String,
 }
@@ -35,7 +43,7 @@ pub struct NodeInfo {
 
 impl Recorder {
     pub(crate) fn new(categorize: fn(&NodeInfo) -> String) -> Self {
-        Recorder { last: Instant::now(), profile: Profile::default(), categorize }
+        Recorder { last: Instant::now(), sched: std::ptr::null_mut(), profile: Profile::default(), categorize }
     }
     pub(crate) fn restart(&mut self) {
         self.last = Instant::now();
@@ -85,6 +93,24 @@ pub(crate) unsafe extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: boo
         };
         cat = unsafe { format!("{} {} {:?} <- {} {}", cat, info.op, &info.ne[..3], d((*t).src[0]), d((*t).src[1])) };
     }
+    if !rec.sched.is_null() {
+        // SAFETY: the scheduler computing this graph (owned by the backend that owns the
+        // recorder); t is one of its nodes; backend names are static strings.
+        let be = unsafe {
+            let b = sys::ggml_backend_sched_get_tensor_backend(rec.sched, t);
+            if b.is_null() {
+                "?".to_string()
+            } else {
+                CStr::from_ptr(sys::ggml_backend_name(b)).to_string_lossy().into_owned()
+            }
+        };
+        let e = rec.profile.by_backend_op.entry((be.clone(), info.op.clone())).or_insert((0.0, 0));
+        e.0 += dt;
+        e.1 += 1;
+        if be == "CPU" {
+            cat = format!("{cat} [CPU fallback]");
+        }
+    }
     let e = rec.profile.by_category.entry(cat).or_insert((0.0, 0));
     e.0 += dt;
     e.1 += 1;
@@ -103,6 +129,16 @@ impl Profile {
             out.push_str(&format!("{k:<34} {s:>10.3} {:>6.1}% {n:>7}\n", 100.0 * s / self.total_s.max(1e-12)));
         }
         out.push_str(&format!("{:<34} {:>10.3}\n", "total", self.total_s));
+        if !self.by_backend_op.is_empty() {
+            out.push_str("\nops by device (seconds, nodes; the time of a split's first node includes copying its inputs between devices):\n");
+            let mut rows: Vec<_> = self.by_backend_op.iter().collect();
+            rows.sort_by(|a, b| a.0 .0.cmp(&b.0 .0).then(b.1 .0.total_cmp(&a.1 .0)));
+            for ((be, op), (s, n)) in rows {
+                out.push_str(&format!("  {be:<10} {op:<24} {s:>10.3} {n:>7}\n"));
+            }
+            let r = self.runs.max(1) as f64;
+            out.push_str(&format!("scheduler: {:.1} splits (device switches) per graph run ({} runs)\n", self.splits as f64 / r, self.runs));
+        }
         out
     }
 }

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// How the K-FAC factors accumulate over steps (GRIT.md §2, `--kfac-stats`).
+/// How the K-FAC factors accumulate over steps (docs/GRIT.md §2, `--kfac-stats`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum KfacStats {
@@ -14,7 +14,7 @@ pub enum KfacStats {
     Mean,
 }
 
-/// How the damping λ added to a factor is chosen (GRIT.md §3, `--damping`).
+/// How the damping λ added to a factor is chosen (docs/GRIT.md §3, `--damping`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Damping {
@@ -26,7 +26,7 @@ pub enum Damping {
     Absolute,
 }
 
-/// Which factor preconditions which gradient (GRIT.md §3, `--kfac-pairing`).
+/// Which factor preconditions which gradient (docs/GRIT.md §3, `--kfac-pairing`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Pairing {
@@ -52,7 +52,7 @@ pub enum FactorNorm {
     None,
 }
 
-/// Whether a reprojection changes the tensor shapes (GRIT.md §5, `--rank-cut`).
+/// Whether a reprojection changes the tensor shapes (docs/GRIT.md §5, `--rank-cut`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum RankCut {
@@ -224,7 +224,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_are_the_issue_defaults_and_round_trip() {
+    fn defaults_are_the_documented_defaults_and_round_trip() {
         let c = GritConfig::default();
         assert_eq!((c.kfac_every, c.invert_every, c.reproject_every, c.reproject_warmup, c.rank_start, c.rank_min), (5, 10, 30, 30, 30, 4));
         assert_eq!((c.kfac_beta, c.kfac_stats, c.damping, c.kfac_pairing, c.ng_warmup), (0.95, KfacStats::Ema, Damping::Relative, Pairing::Textbook, 0));

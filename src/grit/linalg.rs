@@ -5,7 +5,7 @@
 //! host between training steps (inversions, reprojections); nothing is on the hot path.
 //!
 //! - [`cholesky`] / [`cholesky_damped`]: L·Lᵀ = S (+ λ·I), with GRIT's escalating damping:
-//!   on failure retry with λ × 3, 10, 30, 100, 300 (GRIT.md §3) and report the λ used.
+//!   on failure retry with λ × 3, 10, 30, 100, 300 (docs/GRIT.md §3) and report the λ used.
 //! - [`inverse_spd`] / [`inverse_from_cholesky`]: (S + λI)⁻¹ from the factor.
 //! - [`eigh`]: symmetric eigendecomposition by cyclic Jacobi rotations, eigenvalues in
 //!   descending order, eigenvectors as the columns of V (S = V·diag(λ)·Vᵀ).

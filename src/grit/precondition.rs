@@ -1,4 +1,4 @@
-//! K-FAC preconditioning of the LoRA gradients (GRIT.md §3).
+//! K-FAC preconditioning of the LoRA gradients (docs/GRIT.md §3).
 //!
 //! Per module, every `invert_every` steps on the host: the damped inverses of the two
 //! factors, λ chosen by [`damping`]; then each step, in the optimizer graph before clipping:

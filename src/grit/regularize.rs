@@ -1,4 +1,4 @@
-//! GRIT's regularizers (GRIT.md §4), as graph nodes added to the loss:
+//! GRIT's regularizers (docs/GRIT.md §4), as graph nodes added to the loss:
 //!
 //! ```text
 //!   ramp · ( λ_K · Σ_m [ tr(Σ_a·A·Aᵀ) + tr(Σ_g·Bᵀ·B) ]

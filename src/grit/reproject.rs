@@ -1,4 +1,4 @@
-//! Fisher-guided reprojection with dynamic rank (GRIT.md §5), on host copies of A and B.
+//! Fisher-guided reprojection with dynamic rank (docs/GRIT.md §5), on host copies of A and B.
 //!
 //! Per module, from its statistics:
 //! 1. eigh(Σ_a) = V_a·diag(λ_1 ≥ … ≥ λ_r)·V_aᵀ;
@@ -21,7 +21,7 @@
 //! With A_new = Lᵀ·A the new rank-space activation is u' = A_new·x = Lᵀ·u; with B_new = B·W
 //! the new g' = s·B_newᵀ·δ = Wᵀ·(s·Bᵀ·δ) = Wᵀ·g (same x and δ). Hence
 //! - statistics: Σ_a' = Lᵀ·Σ_a·L, Σ_g' = Wᵀ·Σ_g·W ([`Cut::apply_stats`]). For a hard cut
-//!   Σ_a' = diag(λ_1..λ_k) and, one-sided, Σ_g' = V_a,kᵀ·Σ_g·V_a,k as GRIT.md states;
+//!   Σ_a' = diag(λ_1..λ_k) and, one-sided, Σ_g' = V_a,kᵀ·Σ_g·V_a,k as docs/GRIT.md states;
 //!   two-sided, W = P_g·V_a,k, so Σ_g' = V_a,kᵀ·P_g·Σ_g·P_g·V_a,k: the spec's
 //!   V_a,kᵀ·Σ_g·V_a,k without the part of Σ_g outside the kept V_g,k (which the new B can no
 //!   longer produce). Counts and update numbers carry over (the EMA continues).
@@ -346,7 +346,7 @@ mod tests {
                 assert!((m2.sigma_a[i * k + i] - ea.values[i]).abs() <= 1e-6 * ea.values[0]);
             }
             if !two_sided {
-                // One-sided: Σ_g' = V_a,kᵀ·Σ_g·V_a,k exactly as GRIT.md states.
+                // One-sided: Σ_g' = V_a,kᵀ·Σ_g·V_a,k exactly as docs/GRIT.md states.
                 let spec = linalg::congruence(&m.sigma_g, &va, r, k);
                 assert!(linalg::max_abs(&spec.iter().zip(&m2.sigma_g).map(|(x, y)| x - y).collect::<Vec<_>>()) < 1e-12);
             }

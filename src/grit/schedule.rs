@@ -1,4 +1,4 @@
-//! When GRIT's events happen (GRIT.md §3–5): statistics every `kfac_every` steps, inversions
+//! When GRIT's events happen (docs/docs/GRIT.md §3–5): statistics every `kfac_every` steps, inversions
 //! and reprojections at adaptive intervals, the regularizer ramp and the reference's
 //! loss-driven damping.
 //!

@@ -1,4 +1,4 @@
-//! Rank-space K-FAC statistics (GRIT.md §2): in the graph, Σ_a = Σ_t w_t·u_t·u_tᵀ and
+//! Rank-space K-FAC statistics (docs/GRIT.md §2): in the graph, Σ_a = Σ_t w_t·u_t·u_tᵀ and
 //! Σ_g = Σ_t w_t·g_t·g_tᵀ per adapted module; on the host, their EMA or running mean.
 //!
 //! # In the graph

@@ -13,6 +13,7 @@ use llama_cpp_2::model::{LlamaChatMessage, LlamaLoraAdapter, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 
+use crate::ggml::{resolve_gpu, Device, DeviceInfo, GgmlError};
 use crate::gguf::{GgufError, GgufFile};
 
 /// Why inference could not run. Messages name the file or the option at fault.
@@ -20,6 +21,8 @@ use crate::gguf::{GgufError, GgufFile};
 pub enum InferError {
     #[error(transparent)]
     Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Device(#[from] GgmlError),
     #[error("{}: llama.cpp cannot load this model: {msg}", .path.display())]
     Load { path: PathBuf, msg: String },
     #[error("{}: llama.cpp cannot load this LoRA adapter: {msg}", .path.display())]
@@ -41,13 +44,22 @@ pub enum InferError {
 /// How to load a model for inference.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Layers to offload to a GPU backend (ignored on CPU-only builds).
+    /// Layers to offload to the GPU when one is used.
     pub n_gpu_layers: u32,
+    /// `Cpu` keeps weights, KV cache and every op on the CPU; `Gpu` fails without a GPU.
+    pub device: Device,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { n_gpu_layers: 999 }
+        Self { n_gpu_layers: 999, device: Device::Auto }
+    }
+}
+
+impl LoadOptions {
+    /// Everything on the CPU (the parity tests' reference).
+    pub fn cpu() -> Self {
+        Self { n_gpu_layers: 0, device: Device::Cpu }
     }
 }
 
@@ -55,6 +67,10 @@ impl Default for LoadOptions {
 pub struct Model {
     pub path: PathBuf,
     pub inner: LlamaModel,
+    /// The GPU the model runs on (None: the CPU).
+    pub gpu: Option<DeviceInfo>,
+    /// Layers llama.cpp offloaded to the GPU (0 on the CPU).
+    pub gpu_layers: u32,
 }
 
 impl Model {
@@ -64,11 +80,32 @@ impl Model {
         let gguf = GgufFile::open(path)?;
         drop(gguf);
         let backend = crate::llama::backend();
+        let gpu = resolve_gpu(opts.device)?;
+        let gpu_layers = if gpu.is_some() { opts.n_gpu_layers } else { 0 };
         crate::llama::clear_log_errors();
-        let params = LlamaModelParams::default().with_n_gpu_layers(opts.n_gpu_layers);
+        let params = LlamaModelParams::default().with_n_gpu_layers(gpu_layers);
         let inner = LlamaModel::load_from_file(backend, path, &params)
             .map_err(|e| InferError::Load { path: path.into(), msg: crate::llama::last_log_error().unwrap_or_else(|| e.to_string()) })?;
-        Ok(Model { path: path.into(), inner })
+        Ok(Model { path: path.into(), inner, gpu, gpu_layers })
+    }
+
+    /// Where the model runs, for logs: `CPU` or `Vulkan0 (llvmpipe ...), 31 layers offloaded`.
+    pub fn device_label(&self) -> String {
+        match &self.gpu {
+            Some(d) => format!("{} ({}), {} layers offloaded", d.name, d.description, self.gpu_layers.min(self.inner.n_layer())),
+            None => "CPU".into(),
+        }
+    }
+
+    /// Whether llama.cpp may run ops (and the KV cache) on the GPU.
+    pub fn offload(&self) -> bool {
+        self.gpu.is_some()
+    }
+
+    /// Context parameters with this model's device placement (no GPU ops for a CPU model,
+    /// even in a GPU build).
+    pub fn context_params(&self) -> LlamaContextParams {
+        LlamaContextParams::default().with_op_offload(self.offload()).with_offload_kqv(self.offload())
     }
 
     /// Loads only the vocabulary and chat template (no weights): for tokenizing training data.
@@ -79,7 +116,7 @@ impl Model {
         let params = LlamaModelParams::default().with_vocab_only(true);
         let inner = LlamaModel::load_from_file(backend, path, &params)
             .map_err(|e| InferError::Load { path: path.into(), msg: crate::llama::last_log_error().unwrap_or_else(|| e.to_string()) })?;
-        Ok(Model { path: path.into(), inner })
+        Ok(Model { path: path.into(), inner, gpu: None, gpu_layers: 0 })
     }
 
     /// Loads a LoRA adapter (GGUF) for this model.
@@ -101,7 +138,8 @@ impl Model {
         let n = tokens.len();
         let mut lora = adapter.map(|p| self.load_adapter(p)).transpose()?;
         let n_ctx = n.max(1).next_multiple_of(256) as u32;
-        let params = LlamaContextParams::default()
+        let params = self
+            .context_params()
             .with_n_ctx(NonZeroU32::new(n_ctx))
             .with_n_batch(n_ctx)
             .with_n_ubatch(n_ctx)
@@ -262,11 +300,8 @@ impl<'m> Session<'m> {
     pub fn new(model: &'m Model, opts: &ContextOptions) -> Result<Self, InferError> {
         let n_ctx = if opts.n_ctx > 0 { opts.n_ctx } else { model.inner.n_ctx_train().clamp(256, 4096) };
         let threads = resolve_threads(opts.threads);
-        let params = LlamaContextParams::default()
-            .with_n_ctx(NonZeroU32::new(n_ctx))
-            .with_n_batch(n_ctx.min(2048))
-            .with_n_threads(threads)
-            .with_n_threads_batch(threads);
+        let params =
+            model.context_params().with_n_ctx(NonZeroU32::new(n_ctx)).with_n_batch(n_ctx.min(2048)).with_n_threads(threads).with_n_threads_batch(threads);
         crate::llama::clear_log_errors();
         let ctx = model
             .inner

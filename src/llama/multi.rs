@@ -102,6 +102,8 @@ pub struct ContextConfig {
     pub threads: i32,
     /// Embeddings context (mean pooling per sequence) instead of a generation context.
     pub embeddings: bool,
+    /// Run ops and keep the KV cache on the GPU (false for a model loaded for the CPU).
+    pub offload: bool,
 }
 
 /// A llama.cpp context with `n_seq` independent sequences (separate KV streams).
@@ -129,6 +131,8 @@ impl<'m> Context<'m> {
         p.n_threads = cfg.threads;
         p.n_threads_batch = cfg.threads;
         p.kv_unified = false;
+        p.op_offload = cfg.offload;
+        p.offload_kqv = cfg.offload;
         if cfg.embeddings {
             p.embeddings = true;
             p.pooling_type = sys::LLAMA_POOLING_TYPE_MEAN;

@@ -619,7 +619,11 @@ mod tests {
                 m.push_str(&format!("{{\"step\":{s},\"eval_loss\":{},\"eval_tokens\":512}}\n", 4.1 - 0.04 * s as f64));
             }
             if reproject && s % 10 == 5 {
-                m.push_str(&format!("{{\"step\":{s},\"event\":\"reproject\",\"ranks\":[8,{},4,16],\"energy\":[0.9,0.9,0.9,0.9],\"eff_rank\":[3,4,2,8],\"trainable_params\":{}}}\n", 12 - s / 5, 5000 - s * 50));
+                m.push_str(&format!(
+                    "{{\"step\":{s},\"event\":\"reproject\",\"ranks\":[8,{},4,16],\"energy\":[0.9,0.9,0.9,0.9],\"eff_rank\":[3,4,2,8],\"trainable_params\":{}}}\n",
+                    12 - s / 5,
+                    5000 - s * 50
+                ));
             }
         }
         std::fs::write(dir.join("metrics.jsonl"), m).unwrap();

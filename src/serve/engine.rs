@@ -110,6 +110,8 @@ pub struct EngineConfig {
     pub max_lanes: usize,
     pub n_batch: u32,
     pub threads: i32,
+    /// Ops and KV caches on the GPU (the model was loaded onto one).
+    pub offload: bool,
 }
 
 /// State the HTTP side reads.
@@ -499,7 +501,14 @@ fn unreachable_full() {
 }
 
 fn new_lane<'m>(model: &'m LlamaModel, cfg: &EngineConfig, adapters: &HashMap<u64, Adapter<'m>>, set: &[(u64, f32)], key: LaneKey) -> Result<Lane<'m>, String> {
-    let ccfg = ContextConfig { n_ctx_seq: cfg.n_ctx_seq, n_seq: cfg.parallel, n_batch: cfg.n_batch.max(cfg.parallel), threads: cfg.threads, embeddings: false };
+    let ccfg = ContextConfig {
+        n_ctx_seq: cfg.n_ctx_seq,
+        n_seq: cfg.parallel,
+        n_batch: cfg.n_batch.max(cfg.parallel),
+        threads: cfg.threads,
+        embeddings: false,
+        offload: cfg.offload,
+    };
     let mut ctx = Context::new(model, ccfg).map_err(|e| e.to_string())?;
     apply(&mut ctx, adapters, set)?;
     Ok(Lane {
@@ -532,7 +541,7 @@ fn embed<'m>(
 ) -> Result<Vec<Vec<f32>>, Failure> {
     if ctx.as_ref().is_none_or(|(m, _)| *m != model_idx) {
         *ctx = None; // free the other model's context first
-        let ccfg = ContextConfig { n_ctx_seq: cfg.n_ctx_seq, n_seq: 1, n_batch: cfg.n_ctx_seq, threads: cfg.threads, embeddings: true };
+        let ccfg = ContextConfig { n_ctx_seq: cfg.n_ctx_seq, n_seq: 1, n_batch: cfg.n_ctx_seq, threads: cfg.threads, embeddings: true, offload: cfg.offload };
         *ctx = Some((model_idx, Context::new(model, ccfg).map_err(|e| Failure::Internal(e.to_string()))?));
     }
     let (_, ctx) = ctx.as_mut().expect("created above");

@@ -603,8 +603,12 @@ async fn full_reply(kind: Kind, p: GenParams, id: String, mut rx: mpsc::Unbounde
                 log.done = true;
                 drop(guard);
                 let choice = match kind {
-                    Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish_reason}),
-                    Kind::Completion => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason}),
+                    Kind::Chat => {
+                        json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish_reason})
+                    }
+                    Kind::Completion => {
+                        json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason})
+                    }
                 };
                 let object = if kind == Kind::Chat { "chat.completion" } else { "text_completion" };
                 let body = json!({
@@ -656,8 +660,12 @@ struct StreamState {
 impl StreamState {
     fn chunk(&self, delta_or_text: Value, finish: Option<&str>) -> String {
         let choice = match self.kind {
-            Kind::Chat => json!({"index": 0, "delta": delta_or_text, "logprobs": null, "finish_reason": finish}),
-            Kind::Completion => json!({"index": 0, "text": delta_or_text, "logprobs": null, "finish_reason": finish}),
+            Kind::Chat => {
+                json!({"index": 0, "delta": delta_or_text, "logprobs": null, "finish_reason": finish})
+            }
+            Kind::Completion => {
+                json!({"index": 0, "text": delta_or_text, "logprobs": null, "finish_reason": finish})
+            }
         };
         let object = if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
         let mut v = json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [choice], "system_fingerprint": format!("grit-{}", crate::VERSION)});

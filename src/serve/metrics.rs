@@ -139,9 +139,17 @@ impl Metrics {
             gauge(&mut o, "grit_active_sequences", "Requests decoding now.", m.active as f64);
             gauge(&mut o, "grit_contexts", "llama.cpp contexts (one per adapter set in use).", m.lanes as f64);
             gauge(&mut o, "grit_adapters_loaded", "LoRA adapters loaded.", m.adapters as f64);
-            let _ = writeln!(o, "# HELP grit_rejected_queue_full_total Requests answered 429 because the queue was full.\n# TYPE grit_rejected_queue_full_total counter\ngrit_rejected_queue_full_total {}", m.rejected_queue_full);
+            let _ = writeln!(
+                o,
+                "# HELP grit_rejected_queue_full_total Requests answered 429 because the queue was full.\n# TYPE grit_rejected_queue_full_total counter\ngrit_rejected_queue_full_total {}",
+                m.rejected_queue_full
+            );
             let _ = writeln!(o, "# HELP grit_decode_steps_total llama_decode calls.\n# TYPE grit_decode_steps_total counter\ngrit_decode_steps_total {}", m.decode_steps);
-            let _ = writeln!(o, "# HELP grit_decode_tokens_total Tokens through llama_decode (prompt and generated).\n# TYPE grit_decode_tokens_total counter\ngrit_decode_tokens_total {}", m.decode_tokens);
+            let _ = writeln!(
+                o,
+                "# HELP grit_decode_tokens_total Tokens through llama_decode (prompt and generated).\n# TYPE grit_decode_tokens_total counter\ngrit_decode_tokens_total {}",
+                m.decode_tokens
+            );
             let _ = writeln!(o, "# HELP grit_decode_seconds_total Time spent in llama_decode.\n# TYPE grit_decode_seconds_total counter\ngrit_decode_seconds_total {}", m.decode_seconds);
             o
         })

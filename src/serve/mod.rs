@@ -39,6 +39,8 @@ pub struct ServeConfig {
     /// The name clients use for the base model (default: the file name without `.gguf`).
     pub model_name: Option<String>,
     pub gpu_layers: u32,
+    /// Where the model runs (`--device`).
+    pub device: crate::ggml::Device,
     pub host: String,
     pub port: u16,
     pub api_key: Option<String>,
@@ -93,7 +95,8 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             return Err(ServeError::Adapter { name: name.clone(), path: path.clone(), msg: "the name is used twice".into() });
         }
     }
-    let model = Arc::new(Model::load(&cfg.model, &LoadOptions { n_gpu_layers: cfg.gpu_layers })?);
+    let model = Arc::new(Model::load(&cfg.model, &LoadOptions { n_gpu_layers: cfg.gpu_layers, device: cfg.device })?);
+    eprintln!("grit serve: device {}", model.device_label());
     let base_name = cfg.model_name.clone().unwrap_or_else(|| {
         let f = cfg.model.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
         f.strip_suffix(".gguf").map(str::to_string).unwrap_or(f)
@@ -113,7 +116,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
                 let ad = crate::adapter::load_any(path, Some(&cfg.model)).map_err(|e| err(e.to_string()))?;
                 let out = dir.path().join(format!("{name}.gguf"));
                 crate::adapter::merge::merge(&cfg.model, &ad, 1.0, ty, false, &out).map_err(|e| err(e.to_string()))?;
-                let m = Model::load(&out, &LoadOptions { n_gpu_layers: cfg.gpu_layers }).map_err(|e| err(e.to_string()))?;
+                let m = Model::load(&out, &LoadOptions { n_gpu_layers: cfg.gpu_layers, device: cfg.device }).map_err(|e| err(e.to_string()))?;
                 models.push(Arc::new(m));
                 merged.push((name.clone(), path.clone(), models.len() - 1));
                 eprintln!("grit serve: adapter {name} ← {} (merged, {ty:?} tensors, {:.1} s)", path.display(), t0.elapsed().as_secs_f64());
@@ -135,6 +138,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         max_lanes: cfg.max_contexts,
         n_batch: cfg.n_batch,
         threads: crate::infer::resolve_threads(cfg.threads),
+        offload: model.offload(),
     };
     let (tx, rx) = std::sync::mpsc::channel();
     let engine_models = models.clone();

@@ -96,6 +96,8 @@ pub struct TrainConfig {
     pub eval_tokens: usize,
     /// 0 = all cores.
     pub threads: usize,
+    /// The compute device of the training graphs.
+    pub device: crate::ggml::Device,
     pub seed: u64,
     /// 0 = only the final adapter (plus Ctrl-C checkpoints).
     pub save_every: usize,
@@ -157,6 +159,7 @@ impl Default for TrainConfig {
             eval_every: 20,
             eval_tokens: 8192,
             threads: 0,
+            device: crate::ggml::Device::Auto,
             seed: 0,
             save_every: 0,
             keep_checkpoints: None,

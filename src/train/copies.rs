@@ -130,6 +130,11 @@ impl FrozenCopies {
         let mut fwd_planned = Vec::new();
         let mut split_planned = Vec::new();
         for &w in &frozen {
+            // The split and the forward copies are CPU speed-ups (GPU backends have a fast
+            // kernel for every type, and the split's extra product only costs there).
+            if backend.is_gpu() {
+                continue;
+            }
             if forward != Forward::Stored && w.ty() == Type::Q4_1 {
                 // Stored transposed, [d_out, d_in/32]: the product C·s runs as an outer-product
                 // sum over the blocks (see `FrozenMap::insert_forward_split`).

@@ -23,7 +23,9 @@ impl MetricsWriter {
         let text = std::fs::read_to_string(path).unwrap_or_default();
         let mut kept = String::new();
         for line in text.lines() {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
             if v["step"].as_u64().is_some_and(|s| s as usize <= keep_through_step) {
                 kept.push_str(line);
                 kept.push('\n');

@@ -8,7 +8,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::data::{self, DataConfig, Dataset, Sequence};
-use crate::ggml::{Backend, BackendOptions, Context, Device};
+use crate::ggml::{Backend, BackendOptions, Context};
 use crate::gguf::GgufFile;
 use crate::model::{Arch, Batch, LoraConfig, LoraSet, ModelError, Outputs, Target, TrainGraph, Weights};
 
@@ -47,6 +47,8 @@ pub enum TrainError {
     NoData,
     #[error("training needs about {need_mib} MiB but only {avail_mib} MiB are available; {hint}")]
     Memory { need_mib: u64, avail_mib: u64, hint: String },
+    #[error("training needs about {need_mib} MiB of {device} memory but only {avail_mib} MiB are free; {hint}")]
+    DeviceMemory { device: String, need_mib: u64, avail_mib: u64, hint: String },
     #[error("the loss became {loss} at step {step}; lower --lr or check the data")]
     NonFinite { step: usize, loss: f32 },
     #[error("{p}: no checkpoint to resume from (the run saves them with --save-every N or on Ctrl-C)", p = .0.display())]
@@ -236,7 +238,7 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
     };
 
     // Backend, frozen weights, adapters, optimizer state.
-    let mut backend = Backend::new(BackendOptions { device: Device::Auto, n_threads: cfg.threads })?;
+    let mut backend = Backend::new(BackendOptions { device: cfg.device, n_threads: cfg.threads })?;
     let weights = Weights::load(&file, &backend)?;
     drop(file);
     let targets = cfg.targets.iter().map(|t| Target::parse(t)).collect::<Result<Vec<_>, _>>()?;
@@ -302,7 +304,7 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
     }
 
     eprintln!(
-        "grit: {} · {} modules · {} trainable parameters · {} steps · {} sequences/epoch · weight copies {:?} ({} MiB) · backend {} ({} threads)",
+        "grit: {} · {} modules · {} trainable parameters · {} steps · {} sequences/epoch · weight copies {:?} ({} MiB) · device {}",
         weights.hparams.arch.name(),
         lora.modules().len(),
         lora.n_params(),
@@ -310,8 +312,7 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
         batcher.sequences_per_epoch(),
         copies.mode(),
         copies.bytes() >> 20,
-        backend.name(),
-        backend.n_threads()
+        backend.label()
     );
 
     let t_start = Instant::now();
@@ -421,6 +422,9 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
                 compute >> 20
             );
             check_memory(&weights, &copies, &lora, &opt, compute)?;
+            if let Some(gpu) = backend.gpu() {
+                check_device_memory(gpu, &weights, &copies, &lora, &opt, backend.primary_compute_buffer_bytes())?;
+            }
         }
         let mut next = Some(first);
         loop {
@@ -622,7 +626,9 @@ fn tok_eos(ds: &Dataset) -> i32 {
 /// Refuses to start when the run would not fit in available memory.
 fn check_memory(weights: &Weights, copies: &FrozenCopies, lora: &LoraSet, opt: &OptState, compute: usize) -> Result<(), TrainError> {
     let need = (weights.bytes() + copies.bytes() + 4 * lora.n_params() + opt.bytes() + compute) as u64;
-    let Some(avail) = mem_available_bytes() else { return Ok(()) };
+    let Some(avail) = mem_available_bytes() else {
+        return Ok(());
+    };
     // What is already resident counts as available to us.
     let avail = avail + rss_bytes();
     if need > avail {
@@ -632,6 +638,36 @@ fn check_memory(weights: &Weights, copies: &FrozenCopies, lora: &LoraSet, opt: &
             "lower --max-seq-len or --batch-size".to_string()
         };
         return Err(TrainError::Memory { need_mib: need >> 20, avail_mib: avail >> 20, hint });
+    }
+    Ok(())
+}
+
+/// Refuses to start when the run would not fit in the GPU's memory (as free when grit
+/// started): base weights, weight copies, adapters with optimizer state and the GPU's share of
+/// the step's compute buffer all live there.
+fn check_device_memory(
+    gpu: &crate::ggml::DeviceInfo,
+    weights: &Weights,
+    copies: &FrozenCopies,
+    lora: &LoraSet,
+    opt: &OptState,
+    compute: usize,
+) -> Result<(), TrainError> {
+    let need = (weights.bytes() + copies.bytes() + 4 * lora.n_params() + opt.bytes() + compute) as u64;
+    let avail = gpu.memory_free as u64;
+    eprintln!("grit: device memory: {} MiB needed of {} MiB free on {}", need >> 20, avail >> 20, gpu.name);
+    if avail > 0 && need > avail {
+        let mut hint = String::from("lower --max-seq-len or --batch-size");
+        if copies.bytes() > 0 {
+            hint.push_str(", use --weight-copies none (dequantized per layer in the backward)");
+        }
+        hint.push_str(&format!(
+            ", or train with --device cpu (weights {} MiB, copies {} MiB, step buffer {} MiB)",
+            weights.bytes() >> 20,
+            copies.bytes() >> 20,
+            compute >> 20
+        ));
+        return Err(TrainError::DeviceMemory { device: gpu.name.clone(), need_mib: need >> 20, avail_mib: avail >> 20, hint });
     }
     Ok(())
 }

@@ -46,3 +46,32 @@ pub fn rows(out: &Path) -> Vec<serde_json::Value> {
 pub fn llama_cpp_logits(model: &mut grit::infer::Model, adapter: Option<&Path>, tokens: &[i32], threads: i32) -> Vec<f32> {
     model.logits_all(adapter, tokens, threads).expect("llama.cpp logits")
 }
+
+/// The device the backend-generic tests run on: `GRIT_DEVICE=gpu` runs them on the GPU of a
+/// GPU build (and fails when there is none: never a silent CPU run); unset or `cpu`, the CPU.
+/// The same variable sets `--device` of the `grit` commands the tests start.
+pub fn test_device() -> grit::ggml::Device {
+    match std::env::var("GRIT_DEVICE").as_deref() {
+        Ok("gpu") => grit::ggml::Device::Gpu,
+        Ok("auto") => grit::ggml::Device::Auto,
+        Ok("cpu") | Ok("") | Err(_) => grit::ggml::Device::Cpu,
+        Ok(other) => panic!("GRIT_DEVICE={other}: expected cpu, gpu or auto"),
+    }
+}
+
+/// A backend on [`test_device`] with `threads` CPU threads (0 = all cores).
+pub fn backend(threads: usize) -> grit::ggml::Backend {
+    let b = grit::ggml::Backend::new(grit::ggml::BackendOptions { device: test_device(), n_threads: threads }).expect("the test device");
+    if test_device() == grit::ggml::Device::Gpu {
+        assert!(b.is_gpu(), "GRIT_DEVICE=gpu but the backend is {}", b.name());
+    }
+    b
+}
+
+/// llama.cpp's load options on [`test_device`] (the parity references run where grit runs).
+pub fn load_options() -> grit::infer::LoadOptions {
+    match test_device() {
+        grit::ggml::Device::Cpu => grit::infer::LoadOptions::cpu(),
+        d => grit::infer::LoadOptions { n_gpu_layers: 999, device: d },
+    }
+}

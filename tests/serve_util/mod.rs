@@ -172,7 +172,9 @@ pub fn parse_response(raw: &[u8]) -> Resp {
     let body = if chunked {
         let mut out = Vec::new();
         loop {
-            let Some(nl) = rest.windows(2).position(|w| w == b"\r\n") else { break };
+            let Some(nl) = rest.windows(2).position(|w| w == b"\r\n") else {
+                break;
+            };
             let n = usize::from_str_radix(String::from_utf8_lossy(&rest[..nl]).trim(), 16).unwrap_or(0);
             if n == 0 {
                 break;
