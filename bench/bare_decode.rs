@@ -44,9 +44,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut sampler = LlamaSampler::greedy();
     let t1 = Instant::now();
     let mut idx = batch.n_tokens() - 1;
-    let mut pos = tokens.len() as i32;
     let mut text = Vec::new();
-    for i in 0..n_gen {
+    for (i, pos) in (0..n_gen).zip(tokens.len() as i32..) {
         let tok = sampler.sample(&ctx, idx);
         sampler.accept(tok);
         vocab.token_to_piece_into(tok, &mut text, false, None);
@@ -56,7 +55,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         batch.clear();
         batch.add(tok, pos, &[0], true)?;
         ctx.decode(&mut batch)?;
-        pos += 1;
         idx = 0;
     }
     let gen_s = t1.elapsed().as_secs_f64();

@@ -3,8 +3,8 @@
 # dependencies, builds once in release (one llama.cpp build), fetches the default model and
 # demo data on first use, and runs every unit and integration test on the CPU backend. Then
 # the GPU part: a second build with ggml's Vulkan backend (its own target folder,
-# target-vulkan/, so the CPU build is kept) and the backend-generic tests again on a Vulkan
-# device. Without a GPU that device is Mesa's lavapipe, a conformant Vulkan driver running
+# target-vulkan/, so the CPU build is kept) and the GPU tests (tests/gpu_backend.rs) on a
+# Vulkan device. Without a GPU that device is Mesa's lavapipe, a conformant Vulkan driver running
 # on the CPU (GGML_VK_VISIBLE_DEVICES=0 lets ggml use a device of type CPU): slow, but it is
 # ggml's real Vulkan backend, with its own kernels, buffers and scheduler splits.
 # GRIT_TEST_VULKAN=0 skips the GPU part (and its packages).
@@ -34,7 +34,7 @@ if [ "$VULKAN" = 1 ]; then
   target-vulkan/release/grit info --json >/dev/null
   GGML_VK_VISIBLE_DEVICES=${GGML_VK_VISIBLE_DEVICES:-0} GRIT_DEVICE=gpu \
     cargo test --release --features vulkan --no-fail-fast \
-    --test gpu_backend --test forward_parity --test train_gradients -- --test-threads=1 || status=1
+    --test gpu_backend -- --test-threads=1 || status=1
   echo "test.sh: Vulkan tests $((SECONDS - T3)) s" >&2
 fi
 exit $status

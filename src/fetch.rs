@@ -192,7 +192,7 @@ fn pip_download(pkg: &Package, dir: &Path) -> Result<PathBuf, FetchError> {
     let out = cmd.output().map_err(|err| FetchError::NoPip { cmd: shown.clone(), err })?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let tail = stderr.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("no output").trim().to_string();
+        let tail = stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("no output").trim().to_string();
         return Err(FetchError::PipFailed { cmd: shown, package: spec, tail });
     }
     let archive = dir.join(pkg.archive);

@@ -53,7 +53,7 @@ fn generate_is_deterministic_and_honours_stop() {
     let a = run(grit().args(args).arg("--model").arg(&m));
     let b = run(grit().args(args).arg("--model").arg(&m));
     assert!(a.status.success(), "{}", stderr(&a));
-    assert_eq!(a.stdout.is_empty(), false);
+    assert!(!a.stdout.is_empty());
     let va: serde_json::Value = serde_json::from_slice(&a.stdout).expect("--json prints one JSON object");
     let vb: serde_json::Value = serde_json::from_slice(&b.stdout).unwrap();
     assert_eq!(va["text"], vb["text"], "greedy generation must be deterministic");

@@ -29,7 +29,7 @@ fn model() -> std::path::PathBuf {
 
 /// CPU-only kernels in the step graph built for `backend` (the default model, 64 tokens).
 fn step_graph_cpu_only_nodes(backend: &Backend, copies_for: &Backend) -> (Vec<String>, Result<(), GgmlError>) {
-    let weights = Weights::load(&GgufFile::open(&model()).unwrap(), backend).unwrap();
+    let weights = Weights::load(&GgufFile::open(model()).unwrap(), backend).unwrap();
     let lora = LoraSet::new(&weights, &LoraConfig { rank: 4, ..LoraConfig::default() }, backend).unwrap();
     lora.init(1).unwrap();
     lora.mark_params();
@@ -94,6 +94,20 @@ fn gpu_requests_never_fall_back_to_the_cpu() {
         assert!(!line.contains("device CPU"), "a GPU run reported the CPU: {line}");
         let gpu = common::backend(1);
         assert!(line.contains(&gpu.name()), "{line} does not name {}", gpu.name());
+        // The same step on the CPU: the default model's loss and gradient norm agree (a
+        // reordered step graph once gave loss −142 and NaN gradients on the GPU).
+        let cpu_out = dir.path().join("cpu");
+        ok(grit()
+            .args(["train", "--device", "cpu", "--data", p.join("hamlet.txt").to_str().unwrap(), "--steps", "1", "--max-seq-len", "32"])
+            .args(["--eval-every", "0", "--threads", "2", "--out", cpu_out.to_str().unwrap()])
+            .output()
+            .unwrap());
+        let (g, c) = (&rows(&out)[0], &rows(&cpu_out)[0]);
+        let (lg, lc) = (g["loss"].as_f64().unwrap(), c["loss"].as_f64().unwrap());
+        let (ng, nc) = (g["grad_norm"].as_f64().expect("finite GPU grad norm"), c["grad_norm"].as_f64().unwrap());
+        println!("step 1: loss cpu {lc:.4} gpu {lg:.4}; grad norm cpu {nc:.4} gpu {ng:.4}");
+        assert!((lg - lc).abs() < 0.05, "step-1 loss: GPU {lg} vs CPU {lc}");
+        assert!((ng / nc - 1.0).abs() < 0.1, "step-1 grad norm: GPU {ng} vs CPU {nc}");
     }
 }
 
@@ -150,6 +164,13 @@ fn losses(rows: &[serde_json::Value], key: &str) -> Vec<f64> {
 /// amplifies that to ~0.01 per batch loss), and GRIT makes the same events.
 fn same_curve(method: &str) {
     if common::test_device() != Device::Gpu {
+        return;
+    }
+    // 40 default-model steps take ~25 minutes on lavapipe (30–45 s a step at 32 tokens, its
+    // quantized matmul shaders run at ~0.5 GFLOP/s), more than CI's budget: CI runs the
+    // step-gradient check below instead; scripts/gpu-check.sh (a real GPU) sets this.
+    if std::env::var("GRIT_TEST_GPU_CURVES").as_deref() != Ok("1") {
+        eprintln!("{method} curve on the GPU: skipped (set GRIT_TEST_GPU_CURVES=1; minutes on a GPU, ~25 min on lavapipe)");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -256,7 +277,12 @@ fn step_gradients_on_the_gpu_match_the_cpu() {
     use grit::model::{write_tiny_model, TinySpec};
     let dir = tempfile::tempdir().unwrap();
     let mut failures = Vec::new();
-    for (ty, mode, bound) in [(Type::F32, WeightCopies::F32, 1e-3), (Type::Q4_1, WeightCopies::Q8_0, 5e-2)] {
+    // Bounds: those of the finite-difference check (tests/train_gradients.rs). Measured on
+    // lavapipe: F32 ≤ 3.1e-3 (ggml-vulkan's kernels round differently from the CPU's fused
+    // attention and repacked matmuls), Q4_1 ≤ 6.5e-2 (its activations are rounded to 8 bits
+    // in other places); a wrong graph is off by O(1) (the chunked transient copy of the
+    // output layer once gave layer 0 ∂B 2.6× the CPU's on the default model: the `None` case).
+    for (ty, mode, bound) in [(Type::F32, WeightCopies::F32, 5e-3), (Type::Q4_1, WeightCopies::Q8_0, 1e-1), (Type::Q4_1, WeightCopies::None, 1e-1)] {
         let path = dir.path().join(format!("tiny-{}.gguf", ty.name()));
         let spec =
             TinySpec { n_embd: 256, n_layer: 2, n_head: 4, n_head_kv: 2, n_ff: 512, weight_type: ty, tied_output: false, seed: 7, ..TinySpec::default() };

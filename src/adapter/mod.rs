@@ -440,7 +440,7 @@ impl Adapter {
         let ty = |n: usize| match dtype {
             AdapterDtype::F32 => Type::F32,
             AdapterDtype::F16 => Type::F16,
-            AdapterDtype::Q8_0 if n % 32 == 0 => Type::Q8_0,
+            AdapterDtype::Q8_0 if n.is_multiple_of(32) => Type::Q8_0,
             AdapterDtype::Q8_0 => Type::F16,
         };
         for m in &self.modules {

@@ -76,7 +76,7 @@ fn perm_heads(arch: &str, target: Option<Target>, prov: &Provenance, path: &Path
 /// (`to_gguf`) or back, over `n_head` heads.
 pub fn permute_rows(b: &[f32], row: usize, n_head: usize, to_gguf: bool, what: &str, path: &Path) -> Result<Vec<f32>, AdapterError> {
     let d_out = b.len() / row.max(1);
-    if n_head == 0 || d_out % n_head != 0 || (d_out / n_head) % 2 != 0 {
+    if n_head == 0 || !d_out.is_multiple_of(n_head) || !(d_out / n_head).is_multiple_of(2) {
         return Err(AdapterError::Shape {
             path: path.into(),
             tensor: what.into(),

@@ -404,7 +404,7 @@ fn info(a: InfoArgs) -> Result<()> {
             *m.entry(t.type_name()).or_default() += 1;
         }
         let mut v: Vec<_> = m.into_iter().collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v.sort_by_key(|e| std::cmp::Reverse(e.1));
         v
     };
     let sys = crate::llama::system_info();

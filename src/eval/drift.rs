@@ -94,7 +94,7 @@ pub fn adapter_drift(path: &Path, user_scale: f32) -> Result<AdapterDrift, EvalE
         let s = if alpha != 0.0 { alpha / r as f64 } else { 1.0 } * user_scale as f64;
         modules.push(ModuleDrift { norm: update_norm(&a, &b, r, d_in, d_out, s), name: base, rank: r, d_in, d_out });
     }
-    modules.sort_by(|x, y| module_order(&x.name).cmp(&module_order(&y.name)));
+    modules.sort_by_key(|x| module_order(&x.name));
     Ok(AdapterDrift { modules })
 }
 

@@ -381,8 +381,6 @@ pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport, EvalError> {
     Ok(EvalReport { rows: evaluate_sources(opts, &sources)?, retention: None })
 }
 
-/// Removes a temporary folder when dropped.
-
 /// A run's metrics.jsonl rows (unparseable lines are reported).
 pub fn read_metrics(run: &Path) -> Result<Vec<serde_json::Value>, EvalError> {
     let p = run.join("metrics.jsonl");
@@ -412,7 +410,7 @@ pub fn eff_rank_at(metrics: &[serde_json::Value], step: usize, initial: f64) -> 
         .map(|r| crate::report::per_module(&r["eff_rank"]).1)
         .filter(|v| !v.is_empty())
         .map(|v| v.iter().sum::<f64>() / v.len() as f64)
-        .last()
+        .next_back()
         .unwrap_or(initial)
 }
 

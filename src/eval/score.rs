@@ -190,9 +190,8 @@ impl<'m> Scorer<'m> {
         self.logits(prompt, &[prompt.len() - 1], |_, z| next = argmax(z))?;
         let mut stream = StopStream::new(stop);
         let mut batch = LlamaBatch::new(1, 1);
-        let mut pos = prompt.len();
         let mut piece = Vec::new();
-        for i in 0..max_new {
+        for (i, pos) in (0..max_new).zip(prompt.len()..) {
             let tok = LlamaToken(next);
             if vocab.is_eog(tok) {
                 break;
@@ -206,7 +205,6 @@ impl<'m> Scorer<'m> {
             batch.add(tok, pos as i32, &[0], true).map_err(|e| EvalError::Llama(format!("batch: {e}")))?;
             self.ctx.decode(&mut batch).map_err(|e| EvalError::Llama(format!("decode failed at token {pos}: {e}")))?;
             next = argmax(self.ctx.get_logits_ith(0));
-            pos += 1;
         }
         stream.finish(&mut |_| {});
         Ok(stream.emitted)

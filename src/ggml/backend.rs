@@ -235,6 +235,7 @@ impl Backend {
 
     /// Sets up the backend `opts` asks for.
     pub fn new(opts: BackendOptions) -> Result<Self, GgmlError> {
+        keep_vulkan_node_order();
         // llama.cpp's backend init registers the compiled-in devices and installs grit's log hook.
         let _ = crate::llama::backend();
         let n_threads = if opts.n_threads > 0 { opts.n_threads } else { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) };
@@ -409,6 +410,25 @@ impl Backend {
             // SAFETY: live scheduler and backends.
             .map(|b| unsafe { sys::ggml_backend_sched_get_buffer_size(s.as_ptr(), b.as_ptr()) })
             .sum()
+    }
+}
+
+/// Turns off ggml-vulkan's node reordering (`graph_optimize`) for this process, unless the
+/// user set `GGML_VK_DISABLE_GRAPH_OPTIMIZE` themselves. The reordering looks for independent
+/// nodes within a 20-node window by their source and view links only; grit's step graphs
+/// (rewritten backward, in-place accumulators) do not survive it: the default model's first
+/// training step gave loss −142 and NaN gradients on lavapipe with it, the CPU's loss (4.63
+/// vs 4.63) without. The variable is read when ggml-vulkan first opens a device, so this runs
+/// before any backend exists, once.
+fn keep_vulkan_node_order() {
+    #[cfg(feature = "vulkan")]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            if std::env::var_os("GGML_VK_DISABLE_GRAPH_OPTIMIZE").is_none() {
+                std::env::set_var("GGML_VK_DISABLE_GRAPH_OPTIMIZE", "1");
+            }
+        });
     }
 }
 

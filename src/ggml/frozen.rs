@@ -308,7 +308,11 @@ pub fn rebuild_backward<'a>(
                                 // in chunks of output rows, ∂L/∂x = Σ_c W_cᵀ·∂L/∂y_c, so only
                                 // one chunk's dequantized copy is alive at a time.
                                 let (d_in, d_out) = (w.ne()[0], w.ne()[1]);
-                                let n_chunks = transient_chunks(d_in, d_out);
+                                // On GPU backends in one piece: ggml-vulkan computes the
+                                // chunked form wrong (row views at byte offsets into the
+                                // quantized weight; measured on lavapipe: ∂B of layer 0 2.6×
+                                // the CPU's on the default model, exact in one piece).
+                                let n_chunks = if frozen.cpu_kernels { transient_chunks(d_in, d_out) } else { 1 };
                                 let rows = (d_out + n_chunks - 1) / n_chunks;
                                 let mut parts = Vec::new();
                                 let mut r0 = 0;

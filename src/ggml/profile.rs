@@ -196,15 +196,15 @@ pub fn peak_memory<'a>(graph: &super::Graph<'a>) -> PeakMemory {
             if pinned_set.insert(r.raw() as usize) && r.op() != sys::GGML_OP_NONE {
                 best.pinned_bytes += r.n_bytes();
             }
-        } else if !live.contains_key(&(r.raw() as usize)) {
-            live.insert(r.raw() as usize, r);
+        } else if let std::collections::hash_map::Entry::Vacant(e) = live.entry(r.raw() as usize) {
+            e.insert(r);
             cur += r.n_bytes();
         }
         if cur > best.bytes {
             best.bytes = cur;
             best.at_node = i;
             let mut v: Vec<_> = live.values().map(|t| (t.name(), op_name(t.op()), t.n_bytes())).collect();
-            v.sort_by(|a, b| b.2.cmp(&a.2));
+            v.sort_by_key(|e| std::cmp::Reverse(e.2));
             best.live = v;
         }
         let mut seen = HashSet::new();

@@ -244,18 +244,12 @@ impl SampleOptions {
 }
 
 /// Context options.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ContextOptions {
     /// 0 = the model's training context, capped at 4096.
     pub n_ctx: u32,
     /// 0 = all cores.
     pub threads: i32,
-}
-
-impl Default for ContextOptions {
-    fn default() -> Self {
-        Self { n_ctx: 0, threads: 0 }
-    }
 }
 
 /// Number of worker threads: `requested`, or every available core.
@@ -348,10 +342,9 @@ impl<'m> Session<'m> {
 
         let t1 = Instant::now();
         let mut stream = StopStream::new(&opts.stop);
-        let mut n_past = tokens.len();
         let mut piece = Vec::with_capacity(16);
         let mut logits_idx = batch.n_tokens() - 1;
-        for _ in 0..opts.max_tokens {
+        for n_past in (tokens.len()..).take(opts.max_tokens) {
             let tok = sampler.sample(&self.ctx, logits_idx);
             sampler.accept(tok);
             gen.completion_tokens += 1;
@@ -371,7 +364,6 @@ impl<'m> Session<'m> {
             batch.clear();
             batch.add(tok, n_past as i32, &[0], true).map_err(|e| InferError::Decode { pos: n_past, msg: e.to_string() })?;
             self.ctx.decode(&mut batch).map_err(|e| InferError::Decode { pos: n_past, msg: e.to_string() })?;
-            n_past += 1;
             logits_idx = 0;
         }
         stream.finish(&mut on_text);

@@ -406,7 +406,7 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
                     e.1 += 1;
                 }
                 let mut ops: Vec<_> = by_op.into_iter().collect();
-                ops.sort_by(|a, b| b.1 .0.cmp(&a.1 .0));
+                ops.sort_by_key(|e| std::cmp::Reverse(e.1 .0));
                 for (op, (b, k)) in ops.iter().take(12) {
                     eprintln!("  {op:>16}: {:>6.1} MiB in {k} tensors", *b as f64 / (1 << 20) as f64);
                 }
@@ -517,7 +517,7 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
             };
 
             let is_last = step == total_steps;
-            if (cfg.eval_every > 0 && step % cfg.eval_every == 0) || is_last {
+            if (cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every)) || is_last {
                 last_eval = evaluate(&mut backend, cur_lora, step, &mut metrics)?;
                 if let Some(l) = last_eval {
                     log_line(&bar, format!("step {step}: eval loss {l:.4}"));
@@ -525,7 +525,7 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
             }
             let stop_here = opts.stop_after == Some(step) && !is_last;
             let ctrl_c = interrupted.load(Ordering::SeqCst) && !is_last;
-            if (cfg.save_every > 0 && step % cfg.save_every == 0 && !is_last) || stop_here || ctrl_c {
+            if (cfg.save_every > 0 && step.is_multiple_of(cfg.save_every) && !is_last) || stop_here || ctrl_c {
                 let mut state = serde_json::json!({
                     "data": batcher.position(),
                     "elapsed_s": elapsed,

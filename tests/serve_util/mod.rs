@@ -21,7 +21,7 @@ pub fn model() -> PathBuf {
 /// Writes a random LoRA adapter for the default model (small values: it changes greedy text).
 pub fn write_adapter(path: &Path, rank: usize, targets: &[Target], seed: u64) {
     let backend = Backend::cpu(1).unwrap();
-    let weights = Weights::load(&GgufFile::open(&model()).unwrap(), &backend).unwrap();
+    let weights = Weights::load(&GgufFile::open(model()).unwrap(), &backend).unwrap();
     let cfg = LoraConfig { targets: targets.to_vec(), rank, alpha: 2.0 * rank as f32, ..LoraConfig::default() };
     let lora = LoraSet::new(&weights, &cfg, &backend).unwrap();
     lora.randomize(seed, 0.04, 0.04).unwrap();
@@ -171,10 +171,7 @@ pub fn parse_response(raw: &[u8]) -> Resp {
     let chunked = headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
     let body = if chunked {
         let mut out = Vec::new();
-        loop {
-            let Some(nl) = rest.windows(2).position(|w| w == b"\r\n") else {
-                break;
-            };
+        while let Some(nl) = rest.windows(2).position(|w| w == b"\r\n") {
             let n = usize::from_str_radix(String::from_utf8_lossy(&rest[..nl]).trim(), 16).unwrap_or(0);
             if n == 0 {
                 break;
