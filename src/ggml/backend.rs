@@ -89,13 +89,15 @@ fn first_gpu() -> Option<sys::ggml_backend_dev_t> {
 /// The GPU `device` resolves to: `Ok(Some(gpu))` to use one, `Ok(None)` for the CPU, an error
 /// when a GPU was asked for and there is none (saying why: not compiled in, or not found).
 pub fn resolve_gpu(device: Device) -> Result<Option<DeviceInfo>, GgmlError> {
+    Ok(gpu_device(device)?.map(device_info))
+}
+
+/// [`resolve_gpu`]'s device handle.
+fn gpu_device(device: Device) -> Result<Option<sys::ggml_backend_dev_t>, GgmlError> {
     match device {
         Device::Cpu => Ok(None),
-        Device::Auto => Ok(first_gpu().map(device_info)),
-        Device::Gpu => match first_gpu() {
-            Some(d) => Ok(Some(device_info(d))),
-            None => Err(GgmlError::NoDevice(no_gpu_reason())),
-        },
+        Device::Auto => Ok(first_gpu()),
+        Device::Gpu => first_gpu().map(Some).ok_or_else(|| GgmlError::NoDevice(no_gpu_reason())),
     }
 }
 
@@ -240,9 +242,9 @@ impl Backend {
         let _ = crate::llama::backend();
         let n_threads = if opts.n_threads > 0 { opts.n_threads } else { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) };
         let mut backends = Vec::new();
-        let gpu = resolve_gpu(opts.device)?;
-        if let Some(info) = &gpu {
-            let dev = first_gpu().expect("resolve_gpu found it");
+        let dev = gpu_device(opts.device)?;
+        let gpu = dev.map(device_info);
+        if let (Some(dev), Some(info)) = (dev, &gpu) {
             // SAFETY: dev is a registered device; null params select defaults.
             let b = unsafe { sys::ggml_backend_dev_init(dev, std::ptr::null()) };
             backends.push(NonNull::new(b).ok_or_else(|| GgmlError::BackendInit(info.name.clone()))?);

@@ -624,8 +624,14 @@ fn tok_eos(ds: &Dataset) -> i32 {
 }
 
 /// Refuses to start when the run would not fit in available memory.
+/// Bytes a run holds while it trains: base weights, weight copies, adapters with optimizer
+/// state, and the step's compute buffer.
+fn run_bytes(weights: &Weights, copies: &FrozenCopies, lora: &LoraSet, opt: &OptState, compute: usize) -> u64 {
+    (weights.bytes() + copies.bytes() + 4 * lora.n_params() + opt.bytes() + compute) as u64
+}
+
 fn check_memory(weights: &Weights, copies: &FrozenCopies, lora: &LoraSet, opt: &OptState, compute: usize) -> Result<(), TrainError> {
-    let need = (weights.bytes() + copies.bytes() + 4 * lora.n_params() + opt.bytes() + compute) as u64;
+    let need = run_bytes(weights, copies, lora, opt, compute);
     let Some(avail) = mem_available_bytes() else {
         return Ok(());
     };
@@ -653,7 +659,7 @@ fn check_device_memory(
     opt: &OptState,
     compute: usize,
 ) -> Result<(), TrainError> {
-    let need = (weights.bytes() + copies.bytes() + 4 * lora.n_params() + opt.bytes() + compute) as u64;
+    let need = run_bytes(weights, copies, lora, opt, compute);
     let avail = gpu.memory_free as u64;
     eprintln!("grit: device memory: {} MiB needed of {} MiB free on {}", need >> 20, avail >> 20, gpu.name);
     if avail > 0 && need > avail {
