@@ -26,7 +26,8 @@
 //! Per backend (`GRIT_DEVICE=gpu`): llama.cpp runs on the same device. On Vulkan, grit's
 //! matmuls ask for F32 precision while llama.cpp's default precision accumulates in F16
 //! (tiny Q8_0: rms 1.3e-2, default model: rms 0.1); with `GGML_VK_DISABLE_F16=1` both
-//! accumulate in F32 and the tiny models' logits are bit-identical on lavapipe (measured).
+//! accumulate in F32 and the logits are bit-identical on lavapipe (tiny models; default model
+//! at 256 tokens, measured outside CI for its ~7 min).
 
 mod common;
 use std::path::{Path, PathBuf};
