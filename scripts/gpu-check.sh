@@ -61,7 +61,7 @@ $GRIT fetch >/dev/null 2>&1 || fail "grit fetch (the default model and data)"
 
 T=$SECONDS
 status=0
-GRIT_DEVICE=gpu GRIT_TEST_GPU_CURVES=1 cargo test --release --features cuda --no-fail-fast \
+GRIT_DEVICE=gpu cargo test --release --features cuda --no-fail-fast \
   --test gpu_backend --test forward_parity --test train_gradients -- --test-threads=1 \
   >"$OUTDIR/tests.log" 2>&1 || status=1
 grep -E '^test |test result' "$OUTDIR/tests.log" >&2

@@ -3,8 +3,8 @@
 # dependencies, builds once in release (one llama.cpp build), fetches the default model and
 # demo data on first use, and runs every unit and integration test on the CPU backend. Then
 # the GPU part: a second build with ggml's Vulkan backend (its own target folder,
-# target-vulkan/, so the CPU build is kept) and the GPU tests (tests/gpu_backend.rs) on a
-# Vulkan device. Without a GPU that device is Mesa's lavapipe, a conformant Vulkan driver running
+# target-vulkan/, so the CPU build is kept) and the GPU tests (tests/gpu_backend.rs, the
+# finite-difference check, forward parity on tiny models) on a Vulkan device. Without a GPU that device is Mesa's lavapipe, a conformant Vulkan driver running
 # on the CPU (GGML_VK_VISIBLE_DEVICES=0 lets ggml use a device of type CPU): slow, but it is
 # ggml's real Vulkan backend, with its own kernels, buffers and scheduler splits.
 # GRIT_TEST_VULKAN=0 skips the GPU part (and its packages).
@@ -32,9 +32,19 @@ if [ "$VULKAN" = 1 ]; then
   echo "test.sh: Vulkan build $((SECONDS - T2)) s" >&2
   T3=$SECONDS
   target-vulkan/release/grit info --json >/dev/null
+  # lavapipe runs its shaders on the same CPU cores, and ggml-vulkan spin-waits for a graph's
+  # end on one of them: serialized submissions wait in the driver instead (3 default-model
+  # steps at 16 tokens: 85 s instead of 102 s on 2 AMD EPYC cores).
+  export GGML_VK_SERIALIZE_SUBMISSIONS=${GGML_VK_SERIALIZE_SUBMISSIONS:-1}
+  # Device selection, no CPU-only or CPU-fallback node in GPU graphs, the GPU step against the
+  # CPU's, 20 LoRA and 20 GRIT steps against the CPU's curves with export and generate, serve.
   GGML_VK_VISIBLE_DEVICES=${GGML_VK_VISIBLE_DEVICES:-0} GRIT_DEVICE=gpu \
     cargo test --release --features vulkan --no-fail-fast \
     --test gpu_backend -- --test-threads=1 || status=1
+  # The GPU step's LoRA gradients against finite differences, tiny F32/Q4_0/Q4_1/Q8_0/Q4_K.
+  GGML_VK_VISIBLE_DEVICES=${GGML_VK_VISIBLE_DEVICES:-0} GRIT_DEVICE=gpu \
+    cargo test --release --features vulkan --no-fail-fast \
+    --test train_gradients lora_gradients_match -- --test-threads=1 || status=1
   # Forward parity against llama.cpp on the same Vulkan device, tiny models (F32 LLaMA and
   # Qwen2, Q8_0/Q4_0/Q4_1/Q4_K LLaMAs): bit-identical logits when both engines accumulate in
   # F32. GGML_VK_DISABLE_F16 makes llama.cpp's default-precision matmuls F32 like grit's

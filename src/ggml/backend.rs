@@ -396,6 +396,23 @@ impl Backend {
         Ok(Computation { sched, backend_name: self.name(), graph, members, recorder, _backend: std::marker::PhantomData })
     }
 
+    /// The nodes of `graph` that the GPU backend cannot run (`ggml_backend_supports_op`),
+    /// as (op name, node name): ggml's scheduler runs them on the CPU, with copies of their
+    /// inputs and outputs between the devices. Empty on the CPU backend.
+    pub fn cpu_fallback_nodes(&self, graph: &Graph<'_>) -> Vec<(String, String)> {
+        if !self.is_gpu {
+            return Vec::new();
+        }
+        let gpu = self.backends[0];
+        (0..graph.n_nodes())
+            .map(|i| graph.node(i))
+            // SAFETY: live backend and a live node of a live graph; the query reads the
+            // node's op, types, shapes and strides only.
+            .filter(|t| !unsafe { sys::ggml_backend_supports_op(gpu.as_ptr(), t.raw()) })
+            .map(|t| (super::profile::op_name(t.op()), t.name()))
+            .collect()
+    }
+
     /// Bytes of the compute buffer the scheduler holds on the primary backend (the GPU's
     /// share on a GPU; everything on the CPU).
     pub fn primary_compute_buffer_bytes(&self) -> usize {
@@ -454,6 +471,17 @@ pub struct Computation<'s, 'a> {
     /// The backend's profiler, restarted at each run (null when not profiling).
     recorder: *mut super::profile::Recorder,
     _backend: std::marker::PhantomData<&'s mut Backend>,
+}
+
+impl Drop for Computation<'_, '_> {
+    /// Puts the graph's sources back as they were before the scheduler split it (see
+    /// [`Graph::restore_sources`]). A node can belong to two graphs (a tensor of a longer-lived
+    /// context); left pointing at this allocation's copies, a graph built later would record
+    /// those as its sources, and once the scheduler is replaced by a larger one they are freed
+    /// memory. No computation leaves a pointer into the scheduler behind.
+    fn drop(&mut self) {
+        self.graph.restore_sources();
+    }
 }
 
 impl<'s, 'a> Computation<'s, 'a> {

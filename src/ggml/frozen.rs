@@ -389,6 +389,20 @@ pub fn rebuild_backward<'a>(
                     // [n, p, B] like the node; the graph is not allocated while rebuilt.
                     unsafe { node.rewrite_as_mul_mat(at, g) };
                     stats.out_prods += 1;
+                } else if !frozen.cpu_kernels && a.ty() == Type::F32 && b.ty() == Type::F32 && !(a.is_contiguous() && b.is_contiguous()) {
+                    // GPU backends: attention's batched products (∂Q, ∂K, ∂V, ∂P) read
+                    // permuted or transposed views, and ggml-vulkan's out_prod takes only
+                    // contiguous operands: the scheduler would run all of them on the CPU,
+                    // with copies of the score-sized tensors to and from the device. As
+                    // mul_mat(aᵀ [k, n, B_a], bᵀ [k, p, B]) they stay on the device; a
+                    // transposed view of a contiguous tensor is read as stored.
+                    let at = transposed(ctx, a, false);
+                    let bt = transposed(ctx, b, false);
+                    // SAFETY: MUL_MAT broadcasts src0's batches over src1's exactly as
+                    // OUT_PROD broadcasts a's over b's (batch i uses batch i / (B / B_a)):
+                    // F32 [n, p, B] like the node; the graph is not allocated while rebuilt.
+                    unsafe { node.rewrite_as_mul_mat(at, bt) };
+                    stats.out_prods += 1;
                 }
             }
         }

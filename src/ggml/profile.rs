@@ -228,7 +228,7 @@ pub fn peak_memory<'a>(graph: &super::Graph<'a>) -> PeakMemory {
     best
 }
 
-fn op_name(op: u32) -> String {
+pub(crate) fn op_name(op: u32) -> String {
     // SAFETY: ggml_op_name returns a static NUL-terminated string for any op value.
     unsafe { CStr::from_ptr(sys::ggml_op_name(op)) }.to_string_lossy().into_owned()
 }

@@ -388,6 +388,9 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
                 sg.kept.0,
                 sg.kept.1 as f64 / (1 << 20) as f64
             );
+            if backend.is_gpu() {
+                log_cpu_fallback(&backend, &sg.graph);
+            }
             drop(backend.compute(&sg.graph)?);
             let compute = backend.compute_buffer_bytes();
             if opts.profile {
@@ -646,6 +649,22 @@ fn check_memory(weights: &Weights, copies: &FrozenCopies, lora: &LoraSet, opt: &
         return Err(TrainError::Memory { need_mib: need >> 20, avail_mib: avail >> 20, hint });
     }
     Ok(())
+}
+
+/// Says which ops of `graph` the GPU backend lacks (ggml's scheduler runs them on the CPU,
+/// with copies between the devices around each), or that every node runs on the GPU.
+fn log_cpu_fallback(backend: &Backend, graph: &crate::ggml::Graph<'_>) {
+    let nodes = backend.cpu_fallback_nodes(graph);
+    if nodes.is_empty() {
+        eprintln!("grit: every node of the step graph runs on {}", backend.name());
+        return;
+    }
+    let mut by_op: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for (op, _) in &nodes {
+        *by_op.entry(op).or_default() += 1;
+    }
+    let ops: Vec<String> = by_op.iter().map(|(op, n)| format!("{op} ×{n}")).collect();
+    eprintln!("grit: {} step-graph nodes run on the CPU ({} lacks them): {}", nodes.len(), backend.name(), ops.join(", "));
 }
 
 /// Refuses to start when the run would not fit in the GPU's memory (as free when grit
