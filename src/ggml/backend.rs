@@ -473,17 +473,6 @@ pub struct Computation<'s, 'a> {
     _backend: std::marker::PhantomData<&'s mut Backend>,
 }
 
-impl Drop for Computation<'_, '_> {
-    /// Puts the graph's sources back as they were before the scheduler split it (see
-    /// [`Graph::restore_sources`]). A node can belong to two graphs (a tensor of a longer-lived
-    /// context); left pointing at this allocation's copies, a graph built later would record
-    /// those as its sources, and once the scheduler is replaced by a larger one they are freed
-    /// memory. No computation leaves a pointer into the scheduler behind.
-    fn drop(&mut self) {
-        self.graph.restore_sources();
-    }
-}
-
 impl<'s, 'a> Computation<'s, 'a> {
     fn check(&self, t: Tensor<'a>) -> Result<(), GgmlError> {
         if !self.members.contains(&(t.raw() as usize)) {
