@@ -189,7 +189,7 @@ fn losses(rows: &[serde_json::Value], key: &str) -> Vec<f64> {
 /// the same events. The two engines differ before any training: the CPU's quantized matmuls
 /// round activations to 8 bits, the GPU's do not (eval on the same untrained model 6.0729
 /// vs 6.0608); 8-token batches (a mean over 7 rows) amplify that per step. Measured on
-/// lavapipe for LoRA: step |Δ| ≤ 0.18 (mean 0.06), eval |Δ| ≤ 0.038, eval drop 1.228 vs 1.202.
+/// lavapipe for LoRA: step |Δ| ≤ 0.18 (mean 0.06), eval |Δ| ≤ 0.038, eval drop CPU 1.202, GPU 1.228.
 /// A wrong gradient is far outside: the chunked-copy bug (∂B 2.6× the CPU's) or a missing
 /// module would change the drop by tens of percent.
 fn same_curve(method: &str) {
