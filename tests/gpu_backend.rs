@@ -54,10 +54,9 @@ fn step_graph_check(backend: &Backend, copies_for: &Backend, grit_cfg: Option<&g
     let octx = Context::new(engine::opt_capacity(&lora)).unwrap();
     let og = engine::OptGraph::build_scaled(&octx, &lora, &opt, 1, 1.0, grit_cfg.is_some(), grit_cfg.is_some(), 1.0);
     let cpu_only = cpu_only_nodes(&sg.graph);
-    let b = Backend::new(BackendOptions { device: if backend.is_gpu() { Device::Gpu } else { Device::Cpu }, n_threads: 2 }).unwrap();
+    let mut b = Backend::new(BackendOptions { device: if backend.is_gpu() { Device::Gpu } else { Device::Cpu }, n_threads: 2 }).unwrap();
     let mut fallback = b.cpu_fallback_nodes(&sg.graph);
     fallback.extend(b.cpu_fallback_nodes(&og.graph));
-    let mut b = b;
     let alloc = b.compute(&sg.graph).map(|_| ());
     StepGraphCheck { cpu_only, fallback, alloc }
 }
