@@ -145,3 +145,28 @@ fn default_configurations_allocate() {
         }
     }
 }
+
+/// The GPU form of GRIT's step graph (ggml's own ops, no CPU kernels: what a Vulkan run
+/// builds) at 8 tokens allocates: there the factors' gradients ([d, r]) are as large as the
+/// activations and, freed among them, once aborted a Vulkan run inside ggml's allocator
+/// ("out of free blocks") at its first step; they are kept allocated now
+/// (`engine::small_node_bytes`). The allocator is the same on the CPU backend.
+#[test]
+fn gpu_form_grit_step_graph_allocates_at_few_tokens() {
+    let model = grit::fetch::ensure_default_model().unwrap();
+    let mut backend = Backend::cpu(2).unwrap();
+    let weights = Weights::load(&GgufFile::open(&model).unwrap(), &backend).unwrap();
+    let lora = LoraSet::new(&weights, &grit::model::LoraConfig { rank: 4, alpha: 16.0, ..Default::default() }, &backend).unwrap();
+    lora.init(3).unwrap();
+    let opt = OptState::new(&lora, &backend).unwrap();
+    let copies = FrozenCopies::build(&weights, WeightCopies::Q8_0, false, &backend).unwrap().portable();
+    let grit = GritConfig::default();
+    for n_tokens in [8, 16] {
+        let ctx = Context::new(engine::step_capacity(&weights, &lora)).unwrap();
+        let o = StepOptions { grit: Some(&grit), loss_scale: engine::loss_scale(n_tokens), ..Default::default() };
+        let sg = StepGraph::build_with(&ctx, &weights, &lora, &copies, &opt, n_tokens, n_tokens - 1, o);
+        assert!(grit::ggml::cpu_only_nodes(&sg.graph).is_empty());
+        let run = backend.compute(&sg.graph);
+        assert!(run.is_ok(), "{n_tokens} tokens: allocation failed: {:?}", run.err());
+    }
+}

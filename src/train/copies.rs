@@ -233,6 +233,14 @@ impl FrozenCopies {
         Ok(FrozenCopies { mode, ctx: Some(ctx), pairs, transient: Vec::new(), forward, split, ctx_q4: Some(ctx_q4), bytes, cpu: !backend.is_gpu() })
     }
 
+    /// The same copies, with the graph rewrite choosing what it does for a GPU backend (ggml's
+    /// own ops only, no CPU kernels): builds the GPU form of a step graph on any backend, e.g.
+    /// to check on the CPU that it allocates.
+    pub fn portable(mut self) -> Self {
+        self.cpu = false;
+        self
+    }
+
     /// How each frozen weight's input gradient is computed, for the graph rewrite.
     pub fn map<'a>(&'a self, weights: &'a Weights) -> FrozenMap<'a> {
         let mut m = FrozenMap::new();

@@ -137,18 +137,22 @@ impl Default for StepOptions<'_> {
     }
 }
 
-/// The size up to which step-graph nodes stay allocated: the largest rank-dependent tensor,
-/// f32 [r_max, n_tokens] (the rank-space activations and their gradients), or the block sums
-/// of the exact Q4_1 split, f32 [d_in/32, n_tokens], whichever is larger. Both come in many
-/// sizes and, freed between large activations, fragment ggml's allocator past its 256 free
-/// blocks (seen after GRIT cuts, and with the split plus recomputation at uniform rank 16).
-/// Measured on the default model at 256 tokens: +4 MiB of compute buffer for LoRA, +7 MiB
-/// for GRIT (rank-sized threshold).
+/// The size up to which step-graph nodes stay allocated: the largest rank-dependent tensor —
+/// f32 [r_max, n_tokens] (the rank-space activations and their gradients) or f32
+/// [d_max, r_max] (a factor's gradient before it is accumulated) — or the block sums of the
+/// exact Q4_1 split, f32 [d_in/32, n_tokens], whichever is larger. They come in many sizes
+/// and, freed between large activations, fragment ggml's allocator past its 256 free blocks
+/// (seen after GRIT cuts, with the split plus recomputation at uniform rank 16, and on
+/// Vulkan with GRIT's first step at 8 tokens, where the factor gradients are the size of
+/// the activations). Measured on the default model at 256 tokens on the CPU: the rank-sized
+/// threshold added 4 MiB of compute buffer for LoRA, 7 MiB for GRIT; the gradient-sized
+/// one adds nothing for LoRA r16 (427 MiB) and 39 MiB for GRIT (490 → 529 MiB).
 pub fn small_node_bytes(weights: &Weights, lora: &LoraSet, n_tokens: usize) -> usize {
     let r_max = lora.modules().iter().map(|m| m.rank).max().unwrap_or(0);
+    let d_max = lora.modules().iter().map(|m| m.d_in.max(m.d_out)).max().unwrap_or(0);
     let hp = &weights.hparams;
     let blocks = hp.n_ff.max(hp.n_embd) / 32;
-    4 * r_max.max(blocks) * n_tokens
+    (4 * r_max.max(blocks) * n_tokens).max(4 * r_max * d_max)
 }
 
 /// Context capacity for a step graph.
