@@ -384,6 +384,7 @@ impl Backend {
             sys::ggml_backend_sched_alloc_graph(sched.as_ptr(), graph.raw())
         };
         if !ok {
+            forget_compute_allocation(&members);
             let bytes = self
                 .backends
                 .iter()
@@ -473,6 +474,39 @@ pub struct Computation<'s, 'a> {
     _backend: std::marker::PhantomData<&'s mut Backend>,
 }
 
+/// Clears `data` and `buffer` of every tensor in `members` that lies in a compute buffer
+/// (the scheduler's allocation), leaving persistent tensors (weights, parameters, copies,
+/// optimizer state) as they are.
+///
+/// ggml-alloc takes a tensor whose `data` is set for one allocated elsewhere and keeps its
+/// address. A graph allocated again after another graph made the scheduler grow (free and
+/// replace) its buffer would then compute in freed memory: on lavapipe, whose device memory
+/// is host heap, GRIT's and LoRA's runs with an in-training eval died of heap corruption
+/// ("double free or corruption"). Forgotten, each allocation lays the graph out afresh in
+/// the live buffer.
+fn forget_compute_allocation(members: &HashSet<usize>) {
+    for &p in members {
+        let t = p as *mut sys::ggml_tensor;
+        // SAFETY: members are live tensors of a graph whose allocation is still current (the
+        // scheduler has not been reset or reallocated since: this runs when the computation
+        // ends or its allocation failed), so a non-null `buffer` is a live buffer; only the
+        // two allocation fields of compute-buffer tensors are cleared.
+        unsafe {
+            let buf = (*t).buffer;
+            if !buf.is_null() && sys::ggml_backend_buffer_get_usage(buf) == sys::GGML_BACKEND_BUFFER_USAGE_COMPUTE {
+                (*t).data = std::ptr::null_mut();
+                (*t).buffer = std::ptr::null_mut();
+            }
+        }
+    }
+}
+
+impl Drop for Computation<'_, '_> {
+    fn drop(&mut self) {
+        forget_compute_allocation(&self.members);
+    }
+}
+
 impl<'s, 'a> Computation<'s, 'a> {
     fn check(&self, t: Tensor<'a>) -> Result<(), GgmlError> {
         if !self.members.contains(&(t.raw() as usize)) {
@@ -542,5 +576,55 @@ impl<'s, 'a> Computation<'s, 'a> {
     /// The backend the graph runs on.
     pub fn backend_name(&self) -> &str {
         &self.backend_name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ggml::{Capacity, Context};
+
+    /// A graph computed again after a larger one made the scheduler replace its buffer is laid
+    /// out in the new buffer: between computations its nodes hold no compute-buffer address
+    /// (ggml-alloc would keep a stale one), while persistent tensors keep theirs.
+    #[test]
+    fn graphs_forget_their_allocation_between_computations() {
+        let mut backend = Backend::cpu(2).unwrap();
+        let persistent = Context::new(Capacity::tensors(1)).unwrap();
+        let w = persistent.new_f32("w", &[16]);
+        persistent.allocate(backend.param_buffer_type()).unwrap();
+        persistent.write_f32(w, &[0.5; 16]).unwrap();
+
+        let small = Context::new(Capacity::graph(8, 16, false)).unwrap();
+        let x = small.new_f32("x", &[16]).set_input();
+        let y = small.scale(small.add(x, w), 2.0).set_output();
+        let mut g1 = small.new_graph(16, false);
+        g1.build_forward_expand(y);
+
+        let large = Context::new(Capacity::graph(8, 16, false)).unwrap();
+        let z = large.new_f32("z", &[1 << 22]).set_input();
+        let z2 = large.scale(z, 3.0).set_output();
+        let mut g2 = large.new_graph(16, false);
+        g2.build_forward_expand(z2);
+
+        let x_data: Vec<f32> = (0..16).map(|i| i as f32).collect();
+        let expect: Vec<f32> = x_data.iter().map(|v| 2.0 * (v + 0.5)).collect();
+        for round in 0..2 {
+            {
+                let mut run = backend.compute(&g1).unwrap();
+                run.write_f32(x, &x_data).unwrap();
+                run.run().unwrap();
+                assert_eq!(run.read_f32(y).unwrap(), expect, "round {round}");
+            }
+            assert!(!x.is_allocated() && !y.is_allocated(), "round {round}: the small graph kept its compute-buffer addresses");
+            assert!(w.is_allocated(), "the persistent tensor lost its data");
+            {
+                let mut run = backend.compute(&g2).unwrap();
+                run.write_f32(z, &vec![1.0; 1 << 22]).unwrap();
+                run.run().unwrap();
+                assert_eq!(run.read_f32(z2).unwrap()[12345], 3.0);
+            }
+            assert!(!z.is_allocated() && !z2.is_allocated());
+        }
     }
 }
