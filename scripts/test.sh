@@ -37,8 +37,7 @@ if [ "$VULKAN" = 1 ]; then
   # steps at 16 tokens: 85 s instead of 102 s on 2 AMD EPYC cores).
   export GGML_VK_SERIALIZE_SUBMISSIONS=${GGML_VK_SERIALIZE_SUBMISSIONS:-1}
   # Device selection, no CPU-only or CPU-fallback node in GPU graphs, the GPU step against the
-  # CPU's, 20 LoRA steps against the CPU's curve with export and generate, serve (the GRIT
-  # curve is ignored while its lavapipe crash is open: docs/ENGINE.md).
+  # CPU's, 20 LoRA and 20 GRIT steps against the CPU's curves with export and generate, serve.
   GGML_VK_VISIBLE_DEVICES=${GGML_VK_VISIBLE_DEVICES:-0} GRIT_DEVICE=gpu \
     cargo test --release --features vulkan --no-fail-fast \
     --test gpu_backend -- --test-threads=1 || status=1

@@ -252,7 +252,6 @@ fn lora_on_the_gpu_follows_the_cpu() {
 }
 
 #[test]
-#[ignore = "GRIT on lavapipe: allocator abort at 8 tokens, heap corruption after an eval with a larger keep threshold (open, see docs/ENGINE.md)"]
 fn grit_on_the_gpu_follows_the_cpu() {
     same_curve("grit");
 }

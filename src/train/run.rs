@@ -321,7 +321,17 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
         if eval_seqs.is_empty() {
             return Ok(None);
         }
-        let (loss, tokens) = run_eval(backend, &weights, lora, &eval_seqs, cfg.max_seq_len, pad, cfg.eval_tokens)?;
+        // On a GPU the evaluation runs in a backend context and scheduler of its own, dropped
+        // with its compute buffer afterwards. On lavapipe, evaluating in the training backend's
+        // context corrupted the host heap during the next training step (tiny and default
+        // models, LoRA and GRIT, 3 runs of 3; never without the eval, never with its own
+        // context): some state ggml-vulkan keeps per context across graphs; see docs/ENGINE.md.
+        let (loss, tokens) = if backend.is_gpu() {
+            let mut own = Backend::new(BackendOptions { device: cfg.device, n_threads: cfg.threads })?;
+            run_eval(&mut own, &weights, lora, &eval_seqs, cfg.max_seq_len, pad, cfg.eval_tokens)?
+        } else {
+            run_eval(backend, &weights, lora, &eval_seqs, cfg.max_seq_len, pad, cfg.eval_tokens)?
+        };
         metrics.write(&serde_json::json!({"step": step, "eval_loss": loss, "eval_tokens": tokens})).map_err(|e| io(metrics.path(), e))?;
         Ok(Some(loss))
     };
