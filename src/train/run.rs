@@ -317,6 +317,9 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
 
     let t_start = Instant::now();
     let mut last_eval: Option<f32> = None;
+    // Device bytes of the largest evaluation compute buffer (GPU: the evaluation's own context
+    // holds it while the training buffers stay allocated).
+    let eval_buffer = std::cell::Cell::new(0usize);
     let evaluate = |backend: &mut Backend, lora: &LoraSet, step: usize, metrics: &mut MetricsWriter| -> Result<Option<f32>, TrainError> {
         if eval_seqs.is_empty() {
             return Ok(None);
@@ -328,7 +331,9 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
         // context): some state ggml-vulkan keeps per context across graphs; see docs/ENGINE.md.
         let (loss, tokens) = if backend.is_gpu() {
             let mut own = Backend::new(BackendOptions { device: cfg.device, n_threads: cfg.threads })?;
-            run_eval(&mut own, &weights, lora, &eval_seqs, cfg.max_seq_len, pad, cfg.eval_tokens)?
+            let r = run_eval(&mut own, &weights, lora, &eval_seqs, cfg.max_seq_len, pad, cfg.eval_tokens)?;
+            eval_buffer.set(eval_buffer.get().max(own.primary_compute_buffer_bytes()));
+            r
         } else {
             run_eval(backend, &weights, lora, &eval_seqs, cfg.max_seq_len, pad, cfg.eval_tokens)?
         };
@@ -436,7 +441,7 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
             );
             check_memory(&weights, &copies, &lora, &opt, compute)?;
             if let Some(gpu) = backend.gpu() {
-                check_device_memory(gpu, &weights, &copies, &lora, &opt, backend.primary_compute_buffer_bytes())?;
+                check_device_memory(gpu, &weights, &copies, &lora, &opt, backend.primary_compute_buffer_bytes() + eval_buffer.get())?;
             }
         }
         let mut next = Some(first);
@@ -678,8 +683,8 @@ fn log_cpu_fallback(backend: &Backend, graph: &crate::ggml::Graph<'_>) {
 }
 
 /// Refuses to start when the run would not fit in the GPU's memory (as free when grit
-/// started): base weights, weight copies, adapters with optimizer state and the GPU's share of
-/// the step's compute buffer all live there.
+/// started): base weights, weight copies, adapters with optimizer state, the GPU's share of
+/// the step's compute buffer and the evaluation's compute buffer all live there.
 fn check_device_memory(
     gpu: &crate::ggml::DeviceInfo,
     weights: &Weights,
@@ -697,7 +702,7 @@ fn check_device_memory(
             hint.push_str(", use --weight-copies none (dequantized per layer in the backward)");
         }
         hint.push_str(&format!(
-            ", or train with --device cpu (weights {} MiB, copies {} MiB, step buffer {} MiB)",
+            ", or train with --device cpu (weights {} MiB, copies {} MiB, step and eval compute buffers {} MiB)",
             weights.bytes() >> 20,
             copies.bytes() >> 20,
             compute >> 20
