@@ -325,10 +325,11 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
             return Ok(None);
         }
         // On a GPU the evaluation runs in a backend context and scheduler of its own, dropped
-        // with its compute buffer afterwards. On lavapipe, evaluating in the training backend's
-        // context corrupted the host heap during the next training step (tiny and default
-        // models, LoRA and GRIT, 3 runs of 3; never without the eval, never with its own
-        // context): some state ggml-vulkan keeps per context across graphs; see docs/ENGINE.md.
+        // with its compute buffer afterwards, and the training context's buffers are left
+        // alone. On lavapipe, evaluating in the training backend's context corrupted the host
+        // heap during the next training step (tiny and default models, LoRA and GRIT, every
+        // run): the step graph made the allocator free the eval-sized buffer while the Vulkan
+        // context went on being used; see docs/ENGINE.md.
         let (loss, tokens) = if backend.is_gpu() {
             let mut own = Backend::new(BackendOptions { device: cfg.device, n_threads: cfg.threads })?;
             let r = run_eval(&mut own, &weights, lora, &eval_seqs, cfg.max_seq_len, pad, cfg.eval_tokens)?;
