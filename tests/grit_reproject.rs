@@ -6,8 +6,9 @@
 
 use grit::ggml::{Backend, Capacity, Context};
 use grit::gguf::GgufFile;
-use grit::grit::config::{GritConfig, KfacStats, RankCut};
+use grit::grit::config::{GritConfig, KfacStats, RankCut, RankSignal};
 use grit::grit::linalg;
+use grit::grit::reproject::gram_b;
 use grit::grit::reproject::{rank_by_energy, Cut};
 use grit::grit::stats::{token_weights, KfacState, StatsGraph};
 use grit::model::{write_tiny_model, Batch, LoraConfig, LoraSet, Outputs, TinySpec, TrainGraph, Weights};
@@ -99,12 +100,21 @@ fn hard_cut_with_zero_dropped_energy_keeps_the_logits() {
     kfac.commit();
 
     for two_sided in [true, false] {
-        let cfg = GritConfig { rank_energy: 0.9999, rank_min: 2, rank_start: 0, rank_cut: RankCut::Hard, two_sided, ..GritConfig::default() };
+        let cfg = GritConfig {
+            rank_energy: 0.9999,
+            rank_min: 2,
+            rank_start: 0,
+            rank_cut: RankCut::Hard,
+            two_sided,
+            rank_signal: RankSignal::Input,
+            ..GritConfig::default()
+        };
         let mut specs = Vec::new();
         let mut new_data = Vec::new();
         let mut rotated = kfac.clone();
         for (i, m) in lora.modules().iter().enumerate() {
-            let cut = Cut::plan(&kfac.modules[i], &cfg, 100, r).expect("module has statistics");
+            let gb = gram_b(&lora.read_b(i).unwrap(), m.d_out, r);
+            let cut = Cut::plan(&kfac.modules[i], &gb, &cfg, 100, r).expect("module has statistics");
             let values = linalg::eigh(&kfac.modules[i].sigma_a, r).values;
             assert_eq!(cut.k, rank_by_energy(&values, cfg.rank_energy, cfg.rank_min, r), "{}: rank differs from the energy rule", m.base_name());
             assert_eq!(cut.k, k_true, "{}: Σ_a has rank {k_true}, eigenvalues {values:?}", m.base_name());
@@ -143,12 +153,12 @@ fn hard_cut_with_zero_dropped_energy_keeps_the_logits() {
     }
 
     // A τ that drops energy: k from the energy rule, B'·A' = B·P_g·P_a·A.
-    let cfg = GritConfig { rank_energy: 0.7, rank_min: 1, rank_start: 0, ..GritConfig::default() };
+    let cfg = GritConfig { rank_energy: 0.7, rank_min: 1, rank_start: 0, rank_signal: RankSignal::Input, ..GritConfig::default() };
     let mut ks = Vec::new();
     let mut worst = 0f64;
     for (i, m) in lora.modules().iter().enumerate() {
         let km = &kfac.modules[i];
-        let cut = Cut::plan(km, &cfg, 100, r).unwrap();
+        let cut = Cut::plan(km, &gram_b(&lora.read_b(i).unwrap(), m.d_out, r), &cfg, 100, r).unwrap();
         let ea = linalg::eigh(&km.sigma_a, r);
         let k = rank_by_energy(&ea.values, 0.7, 1, r);
         assert_eq!(cut.k, k);

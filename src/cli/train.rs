@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::grit::{Damping, FactorNorm, KfacStats, Pairing, RankCut};
+use crate::grit::{Damping, FactorNorm, KfacStats, Pairing, RankBudget, RankCut, RankSignal};
 use crate::train::config::{LrSchedule, Method, Recompute, TrainConfig, WeightCopies};
 
 #[derive(Debug, Args, Default)]
@@ -211,9 +211,15 @@ pub struct TrainArgs {
     /// GRIT: largest rank of a module [default: --rank].
     #[arg(long, help_heading = "GRIT")]
     pub rank_max: Option<usize>,
-    /// GRIT: keep the fewest directions holding this share of Σ_a's energy [default: 0.9].
+    /// GRIT: keep the fewest directions holding this share of the rank signal [default: 0.9].
     #[arg(long, help_heading = "GRIT")]
     pub rank_energy: Option<f64>,
+    /// GRIT: what the rank rule weighs per direction: the update's output energy or Σ_a's eigenvalue [default: output].
+    #[arg(long, value_enum, help_heading = "GRIT")]
+    pub rank_signal: Option<RankSignal>,
+    /// GRIT: τ is a share of what a module held before its first cut (run) or of what each event finds (event) [default: run].
+    #[arg(long, value_enum, help_heading = "GRIT")]
+    pub rank_budget: Option<RankBudget>,
     /// GRIT: hard (tensors shrink) or soft (project in place) rank cuts [default: hard].
     #[arg(long, value_enum, help_heading = "GRIT")]
     pub rank_cut: Option<RankCut>,
@@ -256,7 +262,7 @@ impl TrainArgs {
             ($($f:ident),*) => { $( if let Some(v) = self.$f { c.grit.$f = v; } )* };
         }
         set_grit!(kfac_every, kfac_stats, kfac_beta, invert_every, damping, damping_rel, kfac_pairing, factor_norm, ng_warmup, lambda_k, lambda_r);
-        set_grit!(reg_warmup, reproject_every, reproject_warmup, rank_start, rank_min, rank_energy, rank_cut);
+        set_grit!(reg_warmup, reproject_every, reproject_warmup, rank_start, rank_min, rank_energy, rank_cut, rank_signal, rank_budget);
         if self.damping_abs.is_some() {
             c.grit.damping_abs = self.damping_abs;
         }

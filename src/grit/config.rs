@@ -63,6 +63,33 @@ pub enum RankCut {
     Soft,
 }
 
+/// What the rank rule weighs per direction of Σ_a's eigenbasis (docs/GRIT.md §5,
+/// `--rank-signal`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RankSignal {
+    /// The update's output energy in direction v_j: λ_j·‖B·v_j‖², whose sum over j is
+    /// E‖B·A·x‖² exactly. A direction that A fills with input but B does not use counts
+    /// nothing; while B is still zero nothing is cut.
+    #[default]
+    Output,
+    /// Σ_a's eigenvalue λ_j alone (the method as first written: the input seen through A).
+    Input,
+}
+
+/// What τ is a share of (docs/GRIT.md §5, `--rank-budget`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RankBudget {
+    /// The whole run: the shares a module keeps at its cuts multiply, and every cut keeps
+    /// the product ≥ τ. A cut of what an earlier cut left needs τ / (share kept so far), so
+    /// repeated events do not ratchet a module to `rank_min`.
+    #[default]
+    Run,
+    /// Each event on its own: τ of what is left (every event throws away up to 1 − τ more).
+    Event,
+}
+
 /// GRIT's hyper-parameters. Field defaults are the flag defaults (`docs/GRIT.md`); values marked
 /// "placeholder" are to be chosen by measurement.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -125,6 +152,10 @@ pub struct GritConfig {
     /// (Growing a module back above its current rank is not implemented.)
     pub rank_max: Option<usize>,
     pub rank_cut: RankCut,
+    /// What the rank rule weighs (see [`RankSignal`]).
+    pub rank_signal: RankSignal,
+    /// What τ is a share of (see [`RankBudget`]).
+    pub rank_budget: RankBudget,
     /// B's basis from Σ_g (true, default) or from Σ_a (false: one-sided).
     pub two_sided: bool,
 
@@ -160,6 +191,8 @@ impl Default for GritConfig {
             rank_min: 4,
             rank_max: None,
             rank_cut: RankCut::Hard,
+            rank_signal: RankSignal::Output,
+            rank_budget: RankBudget::Run,
             two_sided: true,
             adaptive_intervals: true,
         }

@@ -2,8 +2,12 @@
 //!
 //! Per module, from its statistics:
 //! 1. eigh(Σ_a) = V_a·diag(λ_1 ≥ … ≥ λ_r)·V_aᵀ;
-//! 2. k = the fewest leading directions holding a share τ (`rank_energy`) of Σλ, clamped to
-//!    [rank_min, min(r, rank_max)] ([`rank_by_energy`]); before `rank_start`, k = r;
+//! 2. each eigenvector v_j gets a signal ([`direction_signal`]): the update's output energy
+//!    λ_j·‖B·v_j‖² (default) or λ_j; k = the fewest directions, strongest signal first,
+//!    holding a share τ (`rank_energy`) of the total, clamped to [rank_min, min(r, rank_max)]
+//!    ([`rank_by_energy`]); with the run budget (default) τ is a share of what the module
+//!    held before its first cut: a later cut needs τ / (share kept so far). Before
+//!    `rank_start`, k = r;
 //! 3. B's basis: the top-k eigenvectors V_g,k of Σ_g (two-sided, default) or V_a,k;
 //! 4. the cut, written as A_new = Lᵀ·A and B_new = B·W:
 //!    - hard (default): L = V_a,k (r×k), W = V_g,k·(V_g,kᵀ·V_a,k) (r×k), so A_new is k×d_in,
@@ -48,7 +52,7 @@
 
 use serde::Serialize;
 
-use super::config::{GritConfig, RankCut};
+use super::config::{GritConfig, RankBudget, RankCut, RankSignal};
 use super::linalg;
 use super::stats::ModuleKfac;
 
@@ -107,7 +111,8 @@ pub struct ReprojectReport {
     pub rank_after: usize,
     /// Directions kept (k).
     pub kept: usize,
-    /// Share of Σ_a's energy in the kept directions.
+    /// Share of the rank rule's signal (`--rank-signal`: the update's output energy, or
+    /// Σ_a's eigenvalues) in the kept directions.
     pub energy: f64,
     /// exp(H(λ/Σλ)) of Σ_a's spectrum (before the cut).
     pub eff_rank: f64,
@@ -137,22 +142,34 @@ pub struct Cut {
 
 impl Cut {
     /// Plans the reprojection of module `m` at optimizer step `step` (1-based count of
-    /// completed steps). `initial_rank` bounds the rank when `cfg.rank_max` is None. Returns
-    /// None for a module without statistics (no update yet, or Σ_a with no energy).
-    pub fn plan(m: &ModuleKfac, cfg: &GritConfig, step: usize, initial_rank: usize) -> Option<Cut> {
+    /// completed steps). `gram_b` is BᵀB (r×r row-major) of the module's current B, for the
+    /// output-energy signal. `initial_rank` bounds the rank when `cfg.rank_max` is None.
+    /// Returns None for a module without statistics (no update yet, or Σ_a with no energy).
+    pub fn plan(m: &ModuleKfac, gram_b: &[f64], cfg: &GritConfig, step: usize, initial_rank: usize) -> Option<Cut> {
         let r = m.rank;
+        assert_eq!(gram_b.len(), r * r, "Cut::plan: BᵀB of {} values for rank {r}", gram_b.len());
         let energy = linalg::trace(&m.sigma_a, r);
         if m.updates == 0 || energy.is_nan() || energy <= 0.0 {
             return None;
         }
         let ea = linalg::eigh(&m.sigma_a, r);
+        let signal = direction_signal(&ea, gram_b, cfg.rank_signal);
+        // Directions by descending signal (ties: by eigenvalue order).
+        let mut order: Vec<usize> = (0..r).collect();
+        order.sort_by(|&i, &j| signal[j].total_cmp(&signal[i]).then(i.cmp(&j)));
+        let sorted: Vec<f64> = order.iter().map(|&j| signal[j]).collect();
         let k = if step >= cfg.rank_start {
             let hi = r.min(cfg.rank_max.unwrap_or(initial_rank));
-            rank_by_energy(&ea.values, cfg.rank_energy, cfg.rank_min, hi)
+            let tau = match cfg.rank_budget {
+                RankBudget::Run => (cfg.rank_energy / m.retained.max(f64::MIN_POSITIVE)).min(1.0),
+                RankBudget::Event => cfg.rank_energy,
+            };
+            rank_by_energy(&sorted, tau, cfg.rank_min, hi)
         } else {
             r
         };
-        let va = ea.top(k); // r×k
+        // r×k: the kept eigenvectors of Σ_a, strongest signal first.
+        let va: Vec<f64> = (0..r).flat_map(|i| order[..k].iter().map(move |&j| (i, j))).map(|(i, j)| ea.vectors[i * r + j]).collect();
         let (vg, energy_g) = if cfg.two_sided {
             let eg = linalg::eigh(&m.sigma_g, r);
             (eg.top(k), captured_energy(&eg.values, k))
@@ -179,7 +196,7 @@ impl Cut {
             rank_before: r,
             rank_after: n,
             kept: k,
-            energy: captured_energy(&ea.values, k),
+            energy: captured_energy(&sorted, k),
             eff_rank: effective_rank(&ea.values),
             energy_g,
             eigenvalues: ea.values.clone(),
@@ -229,7 +246,52 @@ impl Cut {
         m.set_factors(n, sa, sg);
         m.proj_a = self.proj_a.clone();
         m.proj_g = self.proj_g.clone();
+        if !self.is_noop() {
+            m.retained *= self.report.energy;
+        }
     }
+}
+
+/// BᵀB (r×r row-major, f64) of B (d_out×r row-major): for the rank rule's output-energy signal
+/// ([`Cut::plan`]).
+pub fn gram_b(b: &[f32], d_out: usize, r: usize) -> Vec<f64> {
+    assert_eq!(b.len(), d_out * r, "gram_b: {} values, expected {d_out}×{r}", b.len());
+    let mut g = vec![0f64; r * r];
+    for row in b.chunks_exact(r) {
+        for j in 0..r {
+            let x = row[j] as f64;
+            for k in j..r {
+                g[j * r + k] += x * row[k] as f64;
+            }
+        }
+    }
+    for j in 0..r {
+        for k in 0..j {
+            g[j * r + k] = g[k * r + j];
+        }
+    }
+    g
+}
+
+/// Per eigenvector v_j of Σ_a (the columns of `ea`), what the rank rule weighs: λ_j
+/// (input) or λ_j·v_jᵀ·(BᵀB)·v_j = λ_j·‖B·v_j‖² (output; these sum to tr(BᵀB·Σ_a) =
+/// E‖B·u‖², and the directions kept by a cut keep exactly their sum). Negative eigenvalues
+/// (rounding) count as 0.
+pub fn direction_signal(ea: &linalg::Eigh, gram_b: &[f64], signal: RankSignal) -> Vec<f64> {
+    let r = ea.n;
+    (0..r)
+        .map(|j| {
+            let lambda = ea.values[j].max(0.0);
+            match signal {
+                RankSignal::Input => lambda,
+                RankSignal::Output => {
+                    let v = |i: usize| ea.vectors[i * r + j];
+                    let q: f64 = (0..r).map(|i| v(i) * (0..r).map(|c| gram_b[i * r + c] * v(c)).sum::<f64>()).sum();
+                    lambda * q.max(0.0)
+                }
+            }
+        })
+        .collect()
 }
 
 /// Mᵀ·X for M r×n (f64) and X r×cols (f32) → n×cols (f32).
@@ -303,8 +365,9 @@ mod tests {
         let (r, d_in, d_out, t) = (8, 12, 10, 40);
         for two_sided in [true, false] {
             let (m, a, b, u, g) = setup(r, d_in, d_out, t);
-            let cfg = GritConfig { rank_energy: 0.8, rank_min: 2, two_sided, ..GritConfig::default() };
-            let cut = Cut::plan(&m, &cfg, 100, r).unwrap();
+            let cfg = GritConfig { rank_energy: 0.8, rank_min: 2, two_sided, rank_signal: RankSignal::Input, ..GritConfig::default() };
+            let gb = gram_b(&b, d_out, r);
+            let cut = Cut::plan(&m, &gb, &cfg, 100, r).unwrap();
             let k = cut.k;
             let ea = linalg::eigh(&m.sigma_a, r);
             assert_eq!(k, rank_by_energy(&ea.values, 0.8, 2, r));
@@ -324,7 +387,7 @@ mod tests {
             let err = linalg::max_abs(&want.iter().zip(&got).map(|(x, y)| x - y).collect::<Vec<_>>());
             assert!(err <= 1e-6 * scale, "two_sided {two_sided}: |B'A' − B·P_g·P_a·A| = {err:e} (scale {scale:e})");
             // The soft cut gives the same product with the shapes kept.
-            let soft = Cut::plan(&m, &GritConfig { rank_cut: RankCut::Soft, ..cfg.clone() }, 100, r).unwrap();
+            let soft = Cut::plan(&m, &gb, &GritConfig { rank_cut: RankCut::Soft, ..cfg.clone() }, 100, r).unwrap();
             assert_eq!(soft.new_rank(), r);
             let (asf, bsf) = (soft.apply_a(&a, d_in), soft.apply_b(&b, d_out));
             let got_s = linalg::matmul(&bsf.iter().map(|&v| v as f64).collect::<Vec<_>>(), &asf.iter().map(|&v| v as f64).collect::<Vec<_>>(), d_out, r, d_in);
@@ -366,8 +429,9 @@ mod tests {
     #[test]
     fn no_cut_before_rank_start_and_none_without_statistics() {
         let (m, a, b, _, _) = setup(6, 9, 7, 30);
-        let cfg = GritConfig { rank_energy: 0.5, rank_min: 1, rank_start: 50, two_sided: false, ..GritConfig::default() };
-        let cut = Cut::plan(&m, &cfg, 49, 6).unwrap();
+        let cfg = GritConfig { rank_energy: 0.5, rank_min: 1, rank_start: 50, two_sided: false, rank_signal: RankSignal::Input, ..GritConfig::default() };
+        let gb = gram_b(&b, 7, 6);
+        let cut = Cut::plan(&m, &gb, &cfg, 49, 6).unwrap();
         assert_eq!(cut.new_rank(), 6);
         assert!(cut.is_noop() && cut.l == linalg::identity(6) && cut.w == linalg::identity(6));
         assert!(cut.report.energy == 1.0 && cut.report.eff_rank > 1.0 && cut.report.eff_rank < 6.0);
@@ -378,10 +442,83 @@ mod tests {
         };
         let (p0, p1) = (prod(&b, &a, 6), prod(&bn, &an, 6));
         assert!(linalg::max_abs(&p0.iter().zip(&p1).map(|(x, y)| x - y).collect::<Vec<_>>()) < 1e-5);
-        assert!(Cut::plan(&m, &cfg, 50, 6).unwrap().new_rank() < 6);
+        assert!(Cut::plan(&m, &gb, &cfg, 50, 6).unwrap().new_rank() < 6);
         // rank_max caps from rank_start on.
-        let capped = Cut::plan(&m, &GritConfig { rank_energy: 1.0, rank_max: Some(3), ..cfg.clone() }, 50, 6).unwrap();
+        let capped = Cut::plan(&m, &gb, &GritConfig { rank_energy: 1.0, rank_max: Some(3), ..cfg.clone() }, 50, 6).unwrap();
         assert_eq!(capped.new_rank(), 3);
-        assert!(Cut::plan(&ModuleKfac::new("x".into(), 4), &cfg, 100, 4).is_none());
+        assert!(Cut::plan(&ModuleKfac::new("x".into(), 4), &linalg::identity(4), &cfg, 100, 4).is_none());
+    }
+
+    /// A module whose Σ_a is diag(`values`) (eigenvectors: the unit vectors), from one
+    /// committed statistics update.
+    fn diagonal_module(values: &[f64]) -> ModuleKfac {
+        let r = values.len();
+        let mut sa = vec![0f32; r * r];
+        for (j, &v) in values.iter().enumerate() {
+            sa[j * r + j] = v as f32;
+        }
+        let mut st = KfacState::with_modules([("blk.0.attn_q.weight".to_string(), r)], KfacStats::Ema, 0.95);
+        st.accumulate(0, &sa, &sa, 1, 1.0);
+        st.commit();
+        st.modules.remove(0)
+    }
+
+    /// Indices j of the unit vectors e_j that the cut keeps (A_new = Lᵀ·A: column c of L).
+    fn kept_units(cut: &Cut) -> Vec<usize> {
+        let (r, n) = (cut.r, cut.new_rank());
+        (0..n).map(|c| (0..r).find(|&i| cut.l[i * n + c].abs() > 0.999).expect("a unit vector")).collect()
+    }
+
+    #[test]
+    fn the_output_signal_weighs_what_b_does_with_each_direction() {
+        // Σ_a = diag(4, 3, 2, 1); B (d_out = 3) ignores the two strongest input directions.
+        let m = diagonal_module(&[4.0, 3.0, 2.0, 1.0]);
+        let b: Vec<f32> = vec![0.0, 0.0, 1.0, 0.5, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 1.0];
+        let gb = gram_b(&b, 3, 4);
+        // Signals λ_j·‖B·e_j‖²: 0, 0, 2·5 = 10, 1·1.25 = 1.25; their sum is tr(BᵀB·Σ_a) = E‖B·u‖².
+        let ea = linalg::eigh(&m.sigma_a, 4);
+        let sig = direction_signal(&ea, &gb, RankSignal::Output);
+        assert!(sig.iter().zip([0.0, 0.0, 10.0, 1.25]).all(|(x, y)| (x - y).abs() < 1e-9), "{sig:?}");
+        let tr: f64 = (0..4).map(|i| (0..4).map(|c| gb[i * 4 + c] * m.sigma_a[c * 4 + i]).sum::<f64>()).sum();
+        assert!((sig.iter().sum::<f64>() - tr).abs() < 1e-9);
+        let cfg = GritConfig { rank_energy: 0.85, rank_min: 1, rank_start: 0, two_sided: false, ..GritConfig::default() };
+        // Output: 10 / 11.25 = 0.89 ≥ 0.85 → keep e_2 only. Input: 4, 3 → 0.7 < 0.85, + 2 → 0.9 → e_0, e_1, e_2.
+        let out = Cut::plan(&m, &gb, &cfg, 1, 4).unwrap();
+        assert_eq!(kept_units(&out), vec![2]);
+        assert!((out.report.energy - 10.0 / 11.25).abs() < 1e-9);
+        let inp = Cut::plan(&m, &gb, &GritConfig { rank_signal: RankSignal::Input, ..cfg.clone() }, 1, 4).unwrap();
+        assert_eq!(kept_units(&inp), vec![0, 1, 2]);
+        // While B is zero the update has no output energy: nothing is cut.
+        assert!(Cut::plan(&m, &[0.0; 16], &cfg, 1, 4).unwrap().is_noop());
+    }
+
+    #[test]
+    fn the_run_budget_does_not_ratchet_and_the_event_budget_does() {
+        // Input signal for round numbers: Σ_a = diag(5, 2, 2, 1), τ = 0.7.
+        let m = diagonal_module(&[5.0, 2.0, 2.0, 1.0]);
+        let gb = linalg::identity(4);
+        let run = GritConfig { rank_energy: 0.7, rank_min: 1, rank_start: 0, two_sided: false, rank_signal: RankSignal::Input, ..GritConfig::default() };
+        let event = GritConfig { rank_budget: RankBudget::Event, ..run.clone() };
+        for cfg in [&run, &event] {
+            let first = Cut::plan(&m, &gb, cfg, 1, 4).unwrap();
+            assert_eq!(first.k, 2, "(5 + 2) / 10 = 0.7");
+            let mut m2 = m.clone();
+            first.apply_stats(&mut m2);
+            assert!((m2.retained - 0.7).abs() < 1e-12);
+            // The same statistics again: Σ_a' = diag(5, 2). The run budget needs 0.7 / 0.7 = all
+            // of it (k = 2, no cut); the event budget takes 0.7 of the rest, 5 / 7 = 0.71 (k = 1).
+            let second = Cut::plan(&m2, &linalg::identity(2), cfg, 2, 4).unwrap();
+            let want = if cfg.rank_budget == RankBudget::Run { 2 } else { 1 };
+            assert_eq!(second.k, want, "{:?}", cfg.rank_budget);
+        }
+        // At the end of its budget (kept 0.7 = τ) a module can still lose directions that carry
+        // no signal: the cut is free, and the share kept stays 0.7.
+        let mut m3 = diagonal_module(&[1.0, 0.0]);
+        m3.retained = 0.7;
+        let c = Cut::plan(&m3, &linalg::identity(2), &run, 3, 4).unwrap();
+        assert_eq!(c.k, 1, "a direction with no signal is dropped at no cost");
+        let mut m4 = m3.clone();
+        c.apply_stats(&mut m4);
+        assert!((m4.retained - 0.7).abs() < 1e-12);
     }
 }

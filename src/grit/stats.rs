@@ -161,6 +161,10 @@ pub struct ModuleKfac {
     pub proj_a: Option<Vec<f64>>,
     /// P_g = V_g,k·V_g,kᵀ of the last soft reprojection (None: identity).
     pub proj_g: Option<Vec<f64>>,
+    /// Share of the rank rule's signal that this module's cuts have kept so far (the
+    /// product over its cuts; 1 before the first).
+    #[serde(default = "one")]
+    pub retained: f64,
     /// Token-weighted sums of the micro-batches of the current step (see
     /// [`KfacState::accumulate`]).
     #[serde(default)]
@@ -169,6 +173,10 @@ pub struct ModuleKfac {
     pending_g: Vec<f64>,
     #[serde(default)]
     pending_n: u64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl ModuleKfac {
@@ -182,6 +190,7 @@ impl ModuleKfac {
             updates: 0,
             proj_a: None,
             proj_g: None,
+            retained: 1.0,
             pending_a: Vec::new(),
             pending_g: Vec::new(),
             pending_n: 0,

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ggml::Backend;
-use crate::grit::{regularize, stats, Cut, GritConfig, KfacState, Preconditioner, Schedule};
+use crate::grit::{regularize, reproject::gram_b, stats, Cut, GritConfig, KfacState, Preconditioner, Schedule};
 use crate::model::{LoraSet, ModelError, Weights};
 
 use super::engine::OptState;
@@ -172,7 +172,8 @@ impl GritRun {
         let mut cut_modules = Vec::new();
         for (i, m) in lora.modules().iter().enumerate() {
             let name = m.base_name();
-            let cut = Cut::plan(&self.kfac.modules[i], &self.cfg, step, self.initial_rank);
+            let b = lora.read_b(i)?;
+            let cut = Cut::plan(&self.kfac.modules[i], &gram_b(&b, m.d_out, m.rank), &self.cfg, step, self.initial_rank);
             if let Some(c) = &cut {
                 energy.insert(name.clone(), c.report.energy.into());
                 eff_rank.insert(name.clone(), c.report.eff_rank.into());
@@ -181,7 +182,7 @@ impl GritRun {
                 Some(c) if !c.is_noop() => {
                     changed = true;
                     let a = c.apply_a(&lora.read_a(i)?, m.d_in);
-                    let b = c.apply_b(&lora.read_b(i)?, m.d_out);
+                    let b = c.apply_b(&b, m.d_out);
                     let (ma, va) = c.apply_moments_a(&opt.read(i, 0)?, &opt.read(i, 1)?, m.d_in);
                     let (mb, vb) = c.apply_moments_b(&opt.read(i, 3)?, &opt.read(i, 4)?, m.d_out);
                     c.apply_stats(&mut self.kfac.modules[i]);
@@ -191,7 +192,7 @@ impl GritRun {
                 }
                 _ => {
                     specs.push((m.layer, m.target, m.rank, m.scale));
-                    data.push([lora.read_a(i)?, lora.read_b(i)?, opt.read(i, 0)?, opt.read(i, 1)?, opt.read(i, 3)?, opt.read(i, 4)?]);
+                    data.push([lora.read_a(i)?, b, opt.read(i, 0)?, opt.read(i, 1)?, opt.read(i, 3)?, opt.read(i, 4)?]);
                 }
             }
             ranks.insert(name, specs[i].2.into());
