@@ -230,6 +230,27 @@ impl fmt::Debug for Backend {
 }
 
 impl Backend {
+    /// Replaces this backend's contexts and scheduler (and with them its compute buffers)
+    /// by fresh ones on the same devices; profiling carries over. Buffers made from its
+    /// buffer types (weights, parameters) are not touched: they belong to the device.
+    ///
+    /// On a GPU, call it before freeing buffers that earlier computations used and then
+    /// computing on: the old context goes first, so no live context has ever referred to a
+    /// freed buffer (on Mesa's lavapipe, freeing a buffer that a still-used Vulkan context
+    /// had bound corrupted the host heap; see docs/ENGINE.md).
+    pub fn renew(&mut self) -> Result<(), GgmlError> {
+        let device = match &self.gpu {
+            Some(_) => Device::Gpu,
+            None => Device::Cpu,
+        };
+        let mut fresh = Backend::new(BackendOptions { device, n_threads: self.n_threads })?;
+        fresh.recorder = self.recorder.take();
+        // The old contexts and scheduler are freed here, when `fresh` (now holding them) drops.
+        std::mem::swap(self, &mut fresh);
+        drop(fresh);
+        Ok(())
+    }
+
     /// The CPU backend with `n_threads` threads (0 = all cores).
     pub fn cpu(n_threads: usize) -> Result<Self, GgmlError> {
         Self::new(BackendOptions { device: Device::Cpu, n_threads })
@@ -626,5 +647,36 @@ mod tests {
             }
             assert!(!z.is_allocated() && !z2.is_allocated());
         }
+    }
+
+    /// A renewed backend computes the same graph again (its compute buffer made anew),
+    /// with the parameters made from the old one's buffer type still in place, and its
+    /// profile goes on counting.
+    #[test]
+    fn a_renewed_backend_computes_again_and_keeps_its_profile() {
+        let mut backend = Backend::cpu(1).unwrap();
+        backend.start_profile(|n| n.op.clone());
+        let persistent = Context::new(Capacity::tensors(1)).unwrap();
+        let w = persistent.new_f32("w", &[4]);
+        persistent.allocate(backend.param_buffer_type()).unwrap();
+        persistent.write_f32(w, &[1.0, 2.0, 3.0, 4.0]).unwrap();
+        let ctx = Context::new(Capacity::graph(8, 16, false)).unwrap();
+        let x = ctx.new_f32("x", &[4]).set_input();
+        let y = ctx.mul(x, w).set_output();
+        let mut g = ctx.new_graph(16, false);
+        g.build_forward_expand(y);
+        let mut nodes = Vec::new();
+        for round in 0..2 {
+            {
+                let mut run = backend.compute(&g).unwrap();
+                run.write_f32(x, &[2.0; 4]).unwrap();
+                run.run().unwrap();
+                assert_eq!(run.read_f32(y).unwrap(), vec![2.0, 4.0, 6.0, 8.0], "round {round}");
+            }
+            nodes.push(backend.profile().unwrap().by_category.values().map(|c| c.1).sum::<usize>());
+            backend.renew().unwrap();
+            assert_eq!(backend.compute_buffer_bytes(), 0, "a renewed backend starts without a compute buffer");
+        }
+        assert!(nodes[0] > 0 && nodes[1] == 2 * nodes[0], "nodes timed after each round: {nodes:?}");
     }
 }

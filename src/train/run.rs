@@ -369,7 +369,15 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
     let (mut micro, mut loss_sum, mut tokens, mut t0) = (0usize, 0f32, 0usize, Instant::now());
     // GRIT: adapters and optimizer state with new shapes, swapped in at the next shape epoch.
     let mut replacement: Option<grit_run::Replacement> = None;
+    let mut first_epoch = true;
     'shapes: while step < total_steps {
+        // On a GPU each shape epoch after the first gets a fresh backend context, freed
+        // before the buffers the previous epoch computed with (GRIT's replaced adapters and
+        // optimizer state, an outgrown compute buffer): see `Backend::renew`.
+        if backend.is_gpu() && !first_epoch {
+            backend.renew()?;
+        }
+        first_epoch = false;
         if let Some((l, o)) = replacement.take() {
             lora = l;
             opt = o;

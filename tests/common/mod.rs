@@ -23,7 +23,8 @@ pub fn tiny_model(dir: &Path) -> PathBuf {
 }
 
 pub fn ok(o: Output) -> Output {
-    assert!(o.status.success(), "grit failed: {}", String::from_utf8_lossy(&o.stderr));
+    // The status names a signal (a crash inside C code leaves no message of its own).
+    assert!(o.status.success(), "grit failed ({}): {}", o.status, String::from_utf8_lossy(&o.stderr));
     o
 }
 
