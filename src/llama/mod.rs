@@ -4,7 +4,7 @@
 
 use std::ffi::{c_char, c_void, CStr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, Once, OnceLock};
+use std::sync::{Once, OnceLock};
 
 use llama_cpp_2::llama_backend::LlamaBackend;
 
@@ -12,8 +12,15 @@ pub mod multi;
 
 /// Whether llama.cpp's own log lines go to stderr (`-v`). Errors are always captured.
 static VERBOSE: AtomicBool = AtomicBool::new(false);
-/// The most recent error/warning lines llama.cpp or ggml logged, newest last.
-static RECENT: Mutex<Vec<String>> = Mutex::new(Vec::new());
+thread_local! {
+    /// The most recent error/warning lines llama.cpp or ggml logged on this thread, newest
+    /// last. Per thread: llama.cpp logs a failure on the thread that called it, so concurrent
+    /// operations (the server's adapter loads and file checks) each read their own message.
+    static RECENT: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Last level seen on this thread, so that `GGML_LOG_LEVEL_CONT` continuation lines join
+    /// their parent.
+    static LAST_LEVEL: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
 static INSTALL: Once = Once::new();
 static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
 
@@ -24,22 +31,21 @@ const LEVEL_WARN: u32 = 3;
 const LEVEL_ERROR: u32 = 4;
 const LEVEL_CONT: u32 = 5;
 
-/// Last level seen, so that `GGML_LOG_LEVEL_CONT` continuation lines join their parent.
-static LAST_LEVEL: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-
 unsafe extern "C" fn log_callback(level: u32, text: *const c_char, _user: *mut c_void) {
     if text.is_null() {
         return;
     }
     // SAFETY: llama.cpp passes a NUL-terminated string that lives for the duration of the call.
     let msg = unsafe { CStr::from_ptr(text) }.to_string_lossy();
-    let effective = if level == LEVEL_CONT { LAST_LEVEL.load(Ordering::Relaxed) } else { level };
-    LAST_LEVEL.store(effective, Ordering::Relaxed);
+    // try_with: a thread being torn down has no capture left (never panic across the FFI).
+    let effective = if level == LEVEL_CONT { LAST_LEVEL.try_with(|l| l.get()).unwrap_or(0) } else { level };
+    let _ = LAST_LEVEL.try_with(|l| l.set(effective));
     if VERBOSE.load(Ordering::Relaxed) {
         eprint!("{msg}");
     }
     if effective == LEVEL_ERROR || effective == LEVEL_WARN {
-        if let Ok(mut recent) = RECENT.lock() {
+        let _ = RECENT.try_with(|cell| {
+            let Ok(mut recent) = cell.try_borrow_mut() else { return };
             let line = msg.trim_end().to_string();
             if level == LEVEL_CONT {
                 if let Some(last) = recent.last_mut() {
@@ -54,7 +60,7 @@ unsafe extern "C" fn log_callback(level: u32, text: *const c_char, _user: *mut c
                     recent.drain(..n - RECENT_MAX);
                 }
             }
-        }
+        });
     }
 }
 
@@ -78,15 +84,16 @@ pub fn ensure_logging() {
 
 /// Clears the captured llama.cpp error lines (call before an operation whose errors you report).
 pub fn clear_log_errors() {
-    if let Ok(mut recent) = RECENT.lock() {
-        recent.clear();
-    }
+    let _ = RECENT.try_with(|r| r.borrow_mut().clear());
 }
 
-/// The most informative captured error line since the last [`clear_log_errors`], with the
+/// The most informative error line this thread captured since the last [`clear_log_errors`], with the
 /// llama.cpp function prefix (`llama_model_load: error loading model: ...`) trimmed.
 pub fn last_log_error() -> Option<String> {
-    let recent = RECENT.lock().ok()?;
+    RECENT.try_with(|r| pick_error(&r.borrow())).ok().flatten()
+}
+
+fn pick_error(recent: &[String]) -> Option<String> {
     let pick = recent
         .iter()
         .rev()
@@ -151,5 +158,38 @@ pub fn default_sigpipe() {
     // starting threads.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log(level: u32, text: &std::ffi::CStr) {
+        // SAFETY: a NUL-terminated string that outlives the call, as llama.cpp passes.
+        unsafe { log_callback(level, text.as_ptr(), std::ptr::null_mut()) }
+    }
+
+    /// Two threads logging errors at once each read back their own message.
+    #[test]
+    fn captured_errors_are_per_thread() {
+        let run = |who: &'static str| {
+            std::thread::spawn(move || {
+                clear_log_errors();
+                for i in 0..200 {
+                    let line = std::ffi::CString::new(format!("llama_model_load: error loading model: {who} {i}\n")).unwrap();
+                    log(LEVEL_ERROR, &line);
+                    log(LEVEL_CONT, c" (continued)");
+                    std::thread::yield_now();
+                }
+                last_log_error()
+            })
+        };
+        let (a, b) = (run("a"), run("b"));
+        assert_eq!(a.join().unwrap().as_deref(), Some("a 199 (continued)"));
+        assert_eq!(b.join().unwrap().as_deref(), Some("b 199 (continued)"));
+        // Nothing was logged on this thread.
+        clear_log_errors();
+        assert_eq!(last_log_error(), None);
     }
 }
