@@ -188,13 +188,13 @@ fn generation_adapters_and_errors() {
         let (_, _, msg) = r.error();
         assert!(msg.contains(what), "{body}: {msg}");
     }
-    // A valid GGUF that is a model, not an adapter: llama.cpp refuses it, the server keeps serving.
+    // A valid GGUF that is a model, not an adapter: refused before llama.cpp sees it, the server keeps serving.
     let spec =
         grit::model::TinySpec { n_embd: 64, n_layer: 1, n_head: 2, n_head_kv: 1, n_ff: 128, weight_type: grit::ggml::Type::F32, seed: 1, ..Default::default() };
     grit::model::write_tiny_model(&adir.join("tiny.gguf"), &spec, &model()).unwrap();
     let r = s.post("/v1/adapters", &json!({"name": "m", "path": "tiny.gguf"}));
     assert_eq!(r.status, 400, "{}", r.body);
-    assert!(r.error().2.contains("llama.cpp cannot load this LoRA adapter"), "{}", r.body);
+    assert!(r.error().2.contains("not a LoRA adapter"), "{}", r.body);
     assert_eq!(completion_text(&s, greedy("a1", n)), a1_ref, "still serving after failed loads");
     // Re-load a2 under a new name after the unload.
     let r = s.post("/v1/adapters", &json!({"name": "a2b", "path": adir.join("a2.gguf").to_str().unwrap()}));
@@ -223,6 +223,20 @@ fn generation_adapters_and_errors() {
     bad(r#"{"prompt": "x", "adapters": [{"name": "nope"}]}"#, 404, Some("adapters[0]"), "nope");
     bad(r#"{"prompt": "x", "adapters": [{"name": "a1", "scale": "big"}]}"#, 400, Some("adapters[0]"), "scale");
     bad(r#"{"prompt": "x", "model": "a1", "adapters": ["a1"]}"#, 400, Some("adapters[0]"), "twice");
+    // Local-server guard (no API key): DNS rebinding and cross-site requests are refused in
+    // OpenAI's error shape, and so is a path segment that is not UTF-8.
+    let body = json!({"prompt": PROMPT, "max_tokens": 1}).to_string();
+    for (method, path, headers, status, code) in [
+        ("GET", "/v1/models", vec![("Host", "rebind.evil.example")], 403, "host_not_allowed"),
+        ("POST", "/v1/completions", vec![("Content-Type", "text/plain"), ("Origin", "http://evil.example")], 403, "origin_not_allowed"),
+        ("POST", "/v1/completions", vec![("Content-Type", "text/plain")], 415, "unsupported_content_type"),
+        ("GET", "/v1/models/%FF", vec![], 400, "invalid_path"),
+    ] {
+        let r = http(&s.addr, method, path, (method == "POST").then_some(body.as_str()), &headers);
+        assert_eq!(r.status, status, "{method} {path} {headers:?}: {}", r.body);
+        assert_eq!(r.json()["error"]["code"], code, "{}", r.body);
+    }
+    assert_eq!(http(&s.addr, "GET", "/v1/models", None, &[("Host", "localhost")]).status, 200);
     // Context overflow: a prompt longer than the context, or prompt + max_tokens beyond it.
     let long = "word ".repeat(700);
     let r = s.post("/v1/completions", &json!({"prompt": long, "max_tokens": 4}));
@@ -332,6 +346,16 @@ fn auth_cors_queue_cancel_shutdown() {
     assert_eq!(r.header("access-control-allow-origin"), Some("http://app.example"));
     let r = http(&s.addr, "GET", "/v1/models", None, &[("Authorization", "Bearer sekret"), ("Origin", "http://evil.example")]);
     assert_eq!(r.header("access-control-allow-origin"), None);
+    // With a key, the local-server guard steps aside: any Host, Origin and body type.
+    let body = json!({"prompt": PROMPT, "max_tokens": 1}).to_string();
+    let r = http(
+        &s.addr,
+        "POST",
+        "/v1/completions",
+        Some(&body),
+        &[("Authorization", "Bearer sekret"), ("Host", "rebind.evil.example"), ("Content-Type", "text/plain"), ("Origin", "http://evil.example")],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
 
     // Queue: A streams (the one slot), B waits (the one queue place), C gets 429.
     let long = json!({"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "ignore_eos": true, "stream": true}).to_string();
@@ -415,7 +439,27 @@ fn concurrent_requests_batch_and_adapter_sets_interleave() {
     let dir = tempfile::tempdir().unwrap();
     let a1 = dir.path().join("a1.gguf");
     write_adapter(&a1, 4, &[Target::AttnQ, Target::AttnV], 1);
-    let s = Server::start(&["--adapter", &format!("a1={}", a1.display()), "--parallel", "4", "--ctx", "512", "--max-contexts", "2"]);
+    let s = Server::start(&[
+        "--adapter",
+        &format!("a1={}", a1.display()),
+        "--parallel",
+        "4",
+        "--ctx",
+        "512",
+        "--max-contexts",
+        "2",
+        "--cors-origin",
+        "http://app.example",
+        "--allowed-host",
+        "my-box.lan",
+        "--max-adapters",
+        "1",
+    ]);
+    // No key: the configured origin may post any body type, the allowed host name is answered.
+    let body = json!({"prompt": "Hi", "max_tokens": 1}).to_string();
+    let r = http(&s.addr, "POST", "/v1/completions", Some(&body), &[("Origin", "http://app.example"), ("Content-Type", "text/plain")]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(http(&s.addr, "GET", "/v1/models", None, &[("Host", "my-box.lan:8080")]).status, 200);
     let n = 32;
     let mut handles = Vec::new();
     for i in 0..6 {

@@ -52,8 +52,8 @@ pub enum AdapterError {
     Dtype { path: PathBuf, tensor: String, dtype: String },
     #[error("{p}: '{tensor}' has no {missing} (every LoRA module needs both halves)", p = .path.display())]
     MissingHalf { path: PathBuf, tensor: String, missing: &'static str },
-    #[error("the adapter is for architecture '{adapter}' but the base model {p} is '{base}'", p = .base_path.display())]
-    Architecture { adapter: String, base: String, base_path: PathBuf },
+    #[error("{a}: the adapter is for architecture '{adapter}' but the base model {b} is '{base}'", a = .path.display(), b = .base_path.display())]
+    Architecture { path: PathBuf, adapter: String, base: String, base_path: PathBuf },
     #[error("{p}: '{tensor}': {msg} (is this adapter for another base model?)", p = .path.display())]
     Shape { path: PathBuf, tensor: String, msg: String },
     #[error("{0}")]
@@ -298,7 +298,7 @@ impl Adapter {
     pub fn check_fits(&self, base: &GgufFile) -> Result<(), AdapterError> {
         let arch = base.architecture()?;
         if arch != self.arch {
-            return Err(AdapterError::Architecture { adapter: self.arch.clone(), base: arch, base_path: base.path().into() });
+            return Err(AdapterError::Architecture { path: self.path_or("<adapter>"), adapter: self.arch.clone(), base: arch, base_path: base.path().into() });
         }
         let path = self.path_or("<adapter>");
         for m in &self.modules {
@@ -335,9 +335,12 @@ impl Adapter {
             Some(crate::gguf::Value::F64(v)) => v as f32,
             Some(v) => return Err(AdapterError::Invalid(path.into(), format!("adapter.lora.alpha is {v}, expected a float32"))),
         };
+        if !alpha.is_finite() {
+            return Err(AdapterError::Invalid(path.into(), format!("adapter.lora.alpha is {alpha}, expected a finite number")));
+        }
         let mut file = std::fs::File::open(path).map_err(|e| io(path, e))?;
         let data_offset = f.data_offset();
-        let mut read = |name: &str| -> Result<(Vec<f32>, [i64; 4], String), AdapterError> {
+        let mut read = |name: &str| -> Result<(Vec<f32>, String), AdapterError> {
             let t = f.tensor(name).ok_or_else(|| AdapterError::Invalid(path.into(), format!("no tensor '{name}'")))?;
             let ty = Type(t.ggml_type);
             if ![Type::F32, Type::F16, Type::BF16, Type::Q8_0].contains(&ty) {
@@ -347,7 +350,7 @@ impl Adapter {
             file.seek(SeekFrom::Start(data_offset + t.offset)).and_then(|_| file.read_exact(&mut bytes)).map_err(|e| io(path, e))?;
             let n = t.n_elements() as usize;
             let bytes = &bytes[..ty.row_size(n).unwrap_or(bytes.len()).min(bytes.len())];
-            Ok((crate::ggml::dequantize(ty, bytes, n)?, t.ne, t.type_name()))
+            Ok((crate::ggml::dequantize(ty, bytes, n)?, t.type_name()))
         };
         let mut modules = Vec::new();
         let names: Vec<String> = f.tensors().iter().map(|t| t.name.clone()).collect();
@@ -365,8 +368,10 @@ impl Adapter {
             if !names.contains(&bname) {
                 return Err(AdapterError::MissingHalf { path: path.into(), tensor: base.into(), missing: "lora_b" });
             }
-            let (a, ane, adt) = read(name)?;
-            let (b, bne, bdt) = read(&bname)?;
+            // Shapes first, from the tensor infos: nothing is read from a file whose tensors
+            // do not form a [d_in, r]·[r, d_out] pair.
+            let ne = |n: &str| f.tensor(n).map(|t| t.ne).unwrap_or_default();
+            let (ane, bne) = (ne(name), ne(&bname));
             if ane[2] > 1 || ane[3] > 1 || bne[2] > 1 || bne[3] > 1 || ane[1] != bne[0] {
                 return Err(AdapterError::Shape {
                     path: path.into(),
@@ -375,6 +380,15 @@ impl Adapter {
                 });
             }
             let rank = ane[1] as usize;
+            if rank == 0 || ane[0] == 0 || bne[1] == 0 {
+                return Err(AdapterError::Shape {
+                    path: path.into(),
+                    tensor: base.into(),
+                    msg: format!("lora_a {:?} and lora_b {:?} hold no values (rank and sizes must be at least 1)", &ane[..2], &bne[..2]),
+                });
+            }
+            let (a, adt) = read(name)?;
+            let (b, bdt) = read(&bname)?;
             let (layer, target) = parse_base_name(base).map_or((None, None), |(l, t)| (Some(l), Some(t)));
             modules.push(AdapterModule {
                 base: base.into(),
@@ -398,7 +412,27 @@ impl Adapter {
             v => Some(v.to_string()),
         });
         let scale_folded = matches!(f.get(KEY_SCALE_FOLDED), Some(crate::gguf::Value::Bool(true)));
-        Ok(Adapter { arch, modules, provenance, source: Some(path.into()), file_alpha: Some(alpha), scale_folded })
+        let adapter = Adapter { arch, modules, provenance, source: Some(path.into()), file_alpha: Some(alpha), scale_folded };
+        adapter.check_values()?;
+        Ok(adapter)
+    }
+
+    /// Checks what a reader cannot see in the shapes: every scale and every value of A and B
+    /// finite (one NaN or Inf turns every output of the adapted layer into garbage).
+    pub fn check_values(&self) -> Result<(), AdapterError> {
+        let path = self.path_or("<adapter>");
+        for m in &self.modules {
+            if !m.scale.is_finite() {
+                return Err(AdapterError::Invalid(path, format!("'{}' has scale {} (alpha/r); it must be finite", m.base, m.scale)));
+            }
+            for (half, values) in [("lora_a", &m.a), ("lora_b", &m.b)] {
+                if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                    let what = format!("'{}' {half} holds {} at element {i}; an adapter's values must be finite", m.base, values[i]);
+                    return Err(AdapterError::Invalid(path, what));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The global alpha that reproduces every module's scale exactly as llama.cpp computes it
@@ -468,6 +502,17 @@ pub(crate) fn write_gguf_atomic(w: &GgufWriter, path: &Path) -> Result<(), Adapt
         let _ = std::fs::remove_file(&tmp);
     }
     res
+}
+
+/// Reads the GGUF adapter at `path` and checks it against the base model at `base`: grit's
+/// own reader refuses what llama.cpp would assert on, crash on or silently compute garbage
+/// with (tensors that are not 2-D pairs, other types, rank 0, NaN/Inf, a non-finite alpha),
+/// and [`Adapter::check_fits`] refuses another architecture, a tensor the base lacks and a
+/// shape that differs. Every path that hands an adapter file to llama.cpp calls this first.
+pub fn validate_for_base(path: &Path, base: &Path) -> Result<Adapter, AdapterError> {
+    let adapter = Adapter::read_gguf(path)?;
+    adapter.check_fits(&GgufFile::open(base)?)?;
+    Ok(adapter)
 }
 
 /// Reads an adapter from a GGUF file or a PEFT folder (`base` helps a PEFT folder that lacks

@@ -278,7 +278,7 @@ pub fn read_peft(dir: &Path, base: Option<&Path>) -> Result<Adapter, AdapterErro
             let base_arch = f.architecture()?;
             if let Some(a) = &arch {
                 if *a != base_arch {
-                    return Err(AdapterError::Architecture { adapter: a.clone(), base: base_arch, base_path: b.into() });
+                    return Err(AdapterError::Architecture { path: dir.into(), adapter: a.clone(), base: base_arch, base_path: b.into() });
                 }
             }
             arch = Some(base_arch);
@@ -364,6 +364,7 @@ pub fn read_peft(dir: &Path, base: Option<&Path>) -> Result<Adapter, AdapterErro
     modules.sort_by_key(|m| (m.layer, m.target));
     let scale_folded = meta.get(super::KEY_SCALE_FOLDED).is_some_and(|v| v == "true");
     let adapter = Adapter { arch, modules, provenance, source: Some(dir.into()), file_alpha: None, scale_folded };
+    adapter.check_values()?;
     if let Some(f) = &base_file {
         adapter.check_fits(f)?;
     }

@@ -51,7 +51,7 @@ pub struct MergeArgs {
     #[arg(long, value_name = "A.gguf")]
     pub adapter: PathBuf,
     /// Multiplier on the adapter (like `generate --adapter-scale`).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = super::adapter_scale)]
     pub scale: f32,
     /// Output GGUF model.
     #[arg(short, long, value_name = "OUT.gguf")]

@@ -17,7 +17,7 @@ pub struct EvalArgs {
     #[arg(long, value_name = "A.gguf")]
     pub adapter: Vec<PathBuf>,
     /// Scale applied to every adapter.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = super::adapter_scale)]
     pub adapter_scale: f32,
     /// Loss/perplexity set: plain text (llama.cpp's windows: --ctx tokens, BOS first, second
     /// half scored) or JSONL/JSON rows (grit train's formats and masking).

@@ -143,7 +143,7 @@ pub struct AdapterArgs {
     #[arg(long, value_name = "A.gguf")]
     pub adapter: Option<PathBuf>,
     /// Scale applied to the adapter.
-    #[arg(long, default_value_t = 1.0, requires = "adapter")]
+    #[arg(long, default_value_t = 1.0, requires = "adapter", value_parser = adapter_scale)]
     pub adapter_scale: f32,
     /// Refuse an adapter whose recorded base model (name, sha256) differs from the model
     /// (default: warn).
@@ -259,6 +259,16 @@ fn train_cmd(a: train::TrainArgs) -> Result<()> {
     let s = crate::train::run::train(cfg, opts)?;
     println!("{}", serde_json::to_string_pretty(&s)?);
     Ok(())
+}
+
+/// `--adapter-scale` / `--scale`: a finite multiplier in [-100, 100] (as `grit serve` takes
+/// per request): a NaN or huge scale makes every output garbage.
+pub(crate) fn adapter_scale(s: &str) -> Result<f32, String> {
+    let v: f32 = s.trim().parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if !v.is_finite() || v.abs() > 100.0 {
+        return Err(format!("{v} must be a finite number in [-100, 100]"));
+    }
+    Ok(v)
 }
 
 fn load_with_adapter(margs: &ModelArgs, aargs: &AdapterArgs) -> Result<(Model, Option<llama_cpp_2::model::LlamaLoraAdapter>)> {
@@ -381,6 +391,7 @@ fn info(a: InfoArgs) -> Result<()> {
         None => fetch::ensure_default_model()?,
     };
     let g = GgufFile::open(&path)?;
+    g.check_for_llama()?;
     let arch = g.architecture()?;
     let key = |k: &str| format!("{arch}.{k}");
     let get_u = |k: &str| g.get_u64(&key(k)).ok();

@@ -28,6 +28,13 @@ pub struct ServeArgs {
     /// Allow browser requests from this origin (repeatable; `*` = any).
     #[arg(long = "cors-origin", value_name = "ORIGIN")]
     pub cors_origins: Vec<String>,
+    /// Without --api-key, a host name clients may use besides loopback names and IP addresses
+    /// (repeatable; the `Host` header is checked against DNS rebinding).
+    #[arg(long = "allowed-host", value_name = "NAME")]
+    pub allowed_hosts: Vec<String>,
+    /// Most adapters loaded at once (start adapters included); more loads get 409.
+    #[arg(long, default_value_t = 32)]
+    pub max_adapters: usize,
     /// A LoRA adapter served under a name, NAME=PATH.gguf (repeatable). Clients pick it with "model": NAME.
     #[arg(long = "adapter", value_name = "NAME=PATH")]
     pub adapters: Vec<String>,
@@ -89,6 +96,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
         port: a.port,
         api_key: a.api_key.filter(|k| !k.is_empty()),
         cors_origins: a.cors_origins,
+        allowed_hosts: a.allowed_hosts,
+        max_adapters: a.max_adapters,
         body_limit: a.body_limit,
         timeout: secs("--timeout", a.timeout)?,
         shutdown_grace: secs("--shutdown-grace", a.shutdown_grace)?,

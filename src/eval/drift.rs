@@ -2,11 +2,10 @@
 //! adapter adds), read from a llama.cpp LoRA GGUF; and checkpoints turned into such files.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 use super::EvalError;
-use crate::gguf::GgufFile;
+use crate::adapter::Adapter;
 use crate::train::checkpoint::Checkpoint;
 
 /// One adapted module of an adapter file.
@@ -61,41 +60,22 @@ pub fn update_norm(a: &[f32], b: &[f32], r: usize, d_in: usize, d_out: usize, s:
     s.abs() * sq.max(0.0).sqrt()
 }
 
-fn read_tensor(g: &GgufFile, file: &mut std::fs::File, name: &str) -> Result<(Vec<f32>, [i64; 4]), EvalError> {
-    let path = g.path().to_path_buf();
-    let t = g.tensor(name).ok_or_else(|| EvalError::Adapter(path.clone(), format!("tensor {name} is missing")))?;
-    let mut bytes = vec![0u8; t.size as usize];
-    file.seek(SeekFrom::Start(g.data_offset() + t.offset))
-        .and_then(|_| file.read_exact(&mut bytes))
-        .map_err(|e| EvalError::Adapter(path.clone(), format!("reading {name}: {e}")))?;
-    let data = crate::ggml::dequantize(crate::ggml::Type(t.ggml_type), &bytes, t.n_elements() as usize)
-        .map_err(|e| EvalError::Adapter(path.clone(), format!("{name}: {e}")))?;
-    Ok((data, t.ne))
-}
-
-/// Reads every `*.lora_a`/`*.lora_b` pair of a llama.cpp LoRA adapter and computes its drift.
-pub fn adapter_drift(path: &Path, user_scale: f32) -> Result<AdapterDrift, EvalError> {
-    let g = GgufFile::open(path)?;
-    let alpha = g.get_f64("adapter.lora.alpha").unwrap_or(0.0);
-    let mut file = std::fs::File::open(path).map_err(|e| EvalError::Adapter(path.into(), e.to_string()))?;
-    let names: Vec<String> = g.tensors().iter().filter_map(|t| t.name.strip_suffix(".lora_a").map(str::to_string)).collect();
-    if names.is_empty() {
-        return Err(EvalError::Adapter(path.into(), "no LoRA tensors (*.lora_a / *.lora_b) in this file".into()));
-    }
-    let mut modules = Vec::with_capacity(names.len());
-    for base in names {
-        let (a, ne_a) = read_tensor(&g, &mut file, &format!("{base}.lora_a"))?;
-        let (b, ne_b) = read_tensor(&g, &mut file, &format!("{base}.lora_b"))?;
-        // ggml shapes: A [d_in, r], B [r, d_out] (ne[0] is the contiguous dimension).
-        let (d_in, r, d_out) = (ne_a[0] as usize, ne_a[1] as usize, ne_b[1] as usize);
-        if ne_b[0] as usize != r {
-            return Err(EvalError::Adapter(path.into(), format!("{base}: lora_a has rank {r} but lora_b has {}", ne_b[0])));
-        }
-        let s = if alpha != 0.0 { alpha / r as f64 } else { 1.0 } * user_scale as f64;
-        modules.push(ModuleDrift { norm: update_norm(&a, &b, r, d_in, d_out, s), name: base, rank: r, d_in, d_out });
-    }
+/// The drift of every module of `adapter` at the user's scale (times each module's alpha/r).
+pub fn adapter_drift(adapter: &Adapter, user_scale: f32) -> AdapterDrift {
+    let mut modules: Vec<ModuleDrift> = adapter
+        .modules
+        .iter()
+        .map(|m| ModuleDrift {
+            // A is [r × d_in] and B [d_out × r], row-major, as in the GGUF file.
+            norm: update_norm(&m.a, &m.b, m.rank, m.d_in, m.d_out, m.scale as f64 * user_scale as f64),
+            name: m.base.clone(),
+            rank: m.rank,
+            d_in: m.d_in,
+            d_out: m.d_out,
+        })
+        .collect();
     modules.sort_by_key(|x| module_order(&x.name));
-    Ok(AdapterDrift { modules })
+    AdapterDrift { modules }
 }
 
 /// Sort key of `blk.L.target.weight`: (layer, target in graph order, name).
@@ -183,7 +163,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("ck.gguf");
         checkpoint_to_gguf(&ck, "llama", 2.0, &p).unwrap();
-        let d = adapter_drift(&p, 1.0).unwrap();
+        let d = adapter_drift(&Adapter::read_gguf(&p).unwrap(), 1.0);
         assert_eq!(d.modules.len(), 1);
         assert_eq!((d.modules[0].rank, d.modules[0].d_in, d.modules[0].d_out), (2, 3, 4));
         assert_eq!(d.params(), 2 * 7);

@@ -25,6 +25,8 @@ pub enum GgufError {
     MissingKey(PathBuf, String),
     #[error("{p}: metadata key '{1}' has type {2}, expected {3}", p = .0.display())]
     KeyType(PathBuf, String, String, &'static str),
+    #[error("{p}: invalid tokenizer: {1}", p = .0.display())]
+    Vocab(PathBuf, String),
 }
 
 /// One metadata value, converted from GGUF's typed storage.
@@ -232,6 +234,36 @@ impl GgufFile {
                 other => Value::Str(format!("<gguf type {other}>")),
             })
         }
+    }
+
+    /// The strings of a string-array value (None: absent or not an array of strings).
+    pub fn str_array(&self, key: &str) -> Option<Vec<String>> {
+        let ckey = CString::new(key).ok()?;
+        // SAFETY: valid ctx and key; gguf_get_arr_str is called only on an array of strings,
+        // with indices below its length.
+        unsafe {
+            let id = sys::gguf_find_key(self.ctx, ckey.as_ptr());
+            if id < 0 || sys::gguf_get_kv_type(self.ctx, id) != sys::GGUF_TYPE_ARRAY || sys::gguf_get_arr_type(self.ctx, id) != sys::GGUF_TYPE_STRING {
+                return None;
+            }
+            let n = sys::gguf_get_arr_n(self.ctx, id);
+            Some((0..n).map(|i| CStr::from_ptr(sys::gguf_get_arr_str(self.ctx, id, i)).to_string_lossy().into_owned()).collect())
+        }
+    }
+
+    /// Checks what llama.cpp's model loader asserts on (aborting the process) rather than
+    /// reporting: every token of `tokenizer.ggml.tokens` must be distinct. Call before handing
+    /// the file to llama.cpp.
+    pub fn check_for_llama(&self) -> Result<(), GgufError> {
+        if let Some(tokens) = self.str_array("tokenizer.ggml.tokens") {
+            let mut seen = std::collections::HashMap::with_capacity(tokens.len());
+            for (id, t) in tokens.iter().enumerate() {
+                if let Some(first) = seen.insert(t.as_str(), id) {
+                    return Err(GgufError::Vocab(self.path.clone(), format!("token {t:?} appears twice in tokenizer.ggml.tokens (ids {first} and {id})")));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A string value; errors name the file and key.

@@ -25,6 +25,9 @@ pub enum InferError {
     Device(#[from] GgmlError),
     #[error("{}: llama.cpp cannot load this model: {msg}", .path.display())]
     Load { path: PathBuf, msg: String },
+    /// The adapter failed grit's validation (the message names the file and tensor).
+    #[error(transparent)]
+    InvalidAdapter(Box<crate::adapter::AdapterError>),
     #[error("{}: llama.cpp cannot load this LoRA adapter: {msg}", .path.display())]
     Adapter { path: PathBuf, msg: String },
     #[error("cannot create a llama.cpp context (n_ctx {n_ctx}): {msg}")]
@@ -77,8 +80,7 @@ impl Model {
     /// Validates `path` as GGUF (exists, magic, header, not truncated), then loads it with
     /// llama.cpp; llama.cpp's own reason (e.g. an unknown architecture) is reported on failure.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self, InferError> {
-        let gguf = GgufFile::open(path)?;
-        drop(gguf);
+        GgufFile::open(path)?.check_for_llama()?;
         let backend = crate::llama::backend();
         let gpu = resolve_gpu(opts.device)?;
         let gpu_layers = if gpu.is_some() { opts.n_gpu_layers } else { 0 };
@@ -110,7 +112,7 @@ impl Model {
 
     /// Loads only the vocabulary and chat template (no weights): for tokenizing training data.
     pub fn load_vocab_only(path: &Path) -> Result<Self, InferError> {
-        GgufFile::open(path)?;
+        GgufFile::open(path)?.check_for_llama()?;
         let backend = crate::llama::backend();
         crate::llama::clear_log_errors();
         let params = LlamaModelParams::default().with_vocab_only(true);
@@ -120,9 +122,10 @@ impl Model {
     }
 
     /// Loads a LoRA adapter (GGUF) for this model.
+    /// The file is first validated against this model with grit's reader
+    /// ([`crate::adapter::validate_for_base`]): llama.cpp sees only adapters that fit.
     pub fn load_adapter(&mut self, path: &Path) -> Result<LlamaLoraAdapter, InferError> {
-        let gguf = GgufFile::open(path).map_err(InferError::Gguf)?;
-        drop(gguf);
+        crate::adapter::validate_for_base(path, &self.path).map_err(|e| InferError::InvalidAdapter(Box::new(e)))?;
         crate::llama::clear_log_errors();
         self.inner
             .lora_adapter_init(path)

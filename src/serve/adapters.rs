@@ -64,13 +64,16 @@ pub fn resolve_in_dir(dir: &Path, requested: &str) -> Result<PathBuf, String> {
     if req.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
         return Err(format!("path {requested:?} contains '..': adapters load only from inside the adapter folder"));
     }
+    // One message for a missing file, a folder and a path outside (even through a symlink): a
+    // client learns nothing about files outside the adapter folder.
+    let refused = || format!("path {requested:?} is not a file inside the adapter folder (missing, not a file, or outside it; symlinks are followed)");
     let joined = if req.is_absolute() { req.to_path_buf() } else { root.join(req) };
-    let real = joined.canonicalize().map_err(|e| format!("path {requested:?}: {e}"))?;
-    if !real.starts_with(&root) {
-        return Err(format!("path {requested:?} is outside the adapter folder (symlinks are followed)"));
+    if !joined.starts_with(&root) {
+        return Err(refused());
     }
-    if !real.is_file() {
-        return Err(format!("path {requested:?} is not a file"));
+    let real = joined.canonicalize().map_err(|_| refused())?;
+    if !real.starts_with(&root) || !real.is_file() {
+        return Err(refused());
     }
     Ok(real)
 }
@@ -103,6 +106,11 @@ mod tests {
         assert!(resolve_in_dir(&dir, t.join("outside.gguf").to_str().unwrap()).unwrap_err().contains("outside"));
         assert!(resolve_in_dir(&dir, "sub").unwrap_err().contains("not a file"));
         assert!(resolve_in_dir(&dir, "missing.gguf").is_err());
+        // No existence oracle outside the folder: a missing and an existing outside file get the
+        // same message (apart from the path itself).
+        let msg = |p: &Path| resolve_in_dir(&dir, p.to_str().unwrap()).unwrap_err().replace(p.to_str().unwrap(), "P");
+        assert_eq!(msg(&t.join("outside.gguf")), msg(&t.join("nope.gguf")));
+        assert_eq!(msg(&t.join("outside.gguf")), msg(&dir.join("missing.gguf")));
         #[cfg(unix)]
         {
             std::os::unix::fs::symlink(t.join("outside.gguf"), dir.join("link.gguf")).unwrap();

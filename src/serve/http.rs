@@ -1,5 +1,6 @@
 //! The HTTP side of `grit serve`: OpenAI-compatible routes, adapter management, errors in
-//! OpenAI's JSON format, Bearer auth, CORS, body limit, one log line per request.
+//! OpenAI's JSON format, Bearer auth, the local-server guard (Host and Origin checks without
+//! a key, see [`LocalGuard`]), CORS, body limit, one log line per request.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -7,7 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path as UrlPath, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
@@ -37,6 +38,8 @@ pub struct AppState {
     pub timeout: Duration,
     pub adapter_dir: Option<PathBuf>,
     pub api_key: Option<String>,
+    pub guard: LocalGuard,
+    pub max_adapters: usize,
     pub next_id: AtomicUsize,
 }
 
@@ -858,7 +861,14 @@ async fn list_models(State(st): State<St>) -> Response {
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
-async fn get_model(State(st): State<St>, UrlPath(id): UrlPath<String>) -> Result<Response, ApiError> {
+/// A path segment (model or adapter name); one that is not UTF-8 gets an OpenAI-shaped 400.
+fn path_segment(p: Result<UrlPath<String>, PathRejection>) -> Result<String, ApiError> {
+    p.map(|UrlPath(s)| s)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", format!("invalid path: {}", e.body_text())).code("invalid_path"))
+}
+
+async fn get_model(State(st): State<St>, id: Result<UrlPath<String>, PathRejection>) -> Result<Response, ApiError> {
+    let id = path_segment(id)?;
     if id == st.base_name || id == "base" {
         return Ok(axum::Json(model_obj(&st, &st.base_name, None, st.created, None)).into_response());
     }
@@ -884,9 +894,18 @@ async fn load_adapter(State(st): State<St>, body: Result<Bytes, BytesRejection>)
         )
         .code("adapter_exists"));
     }
+    let loaded = st.registry().by_name.len();
+    if loaded >= st.max_adapters {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            format!("{loaded} adapters are loaded, the most this server takes (--max-adapters {}); DELETE /v1/adapters/NAME one first", st.max_adapters),
+        )
+        .code("too_many_adapters"));
+    }
     let real = super::adapters::resolve_in_dir(&dir, &path).map_err(|e| ApiError::bad("path", e))?;
-    let check = real.clone();
-    tokio::task::spawn_blocking(move || crate::gguf::GgufFile::open(&check).map(drop))
+    let (check, base) = (real.clone(), st.model.path.clone());
+    tokio::task::spawn_blocking(move || crate::adapter::validate_for_base(&check, &base).map(drop))
         .await
         .map_err(|e| ApiError::server(e.to_string()))?
         .map_err(|e| ApiError::bad("path", format!("cannot load adapter: {e}")).code("invalid_adapter"))?;
@@ -915,7 +934,8 @@ async fn load_adapter(State(st): State<St>, body: Result<Bytes, BytesRejection>)
     Ok(r)
 }
 
-async fn unload_adapter(State(st): State<St>, UrlPath(name): UrlPath<String>) -> Result<Response, ApiError> {
+async fn unload_adapter(State(st): State<St>, name: Result<UrlPath<String>, PathRejection>) -> Result<Response, ApiError> {
+    let name = path_segment(name)?;
     if st.registry().by_name.get(&name).is_some_and(|e| e.merged.is_some()) {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -979,6 +999,113 @@ async fn auth(State(st): State<St>, req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
+/// What a server without an API key accepts, as trusted local servers do it: without a key,
+/// anyone who can reach the port may use it, and a web page in the user's browser can reach a
+/// loopback port. Two attacks are refused:
+/// - DNS rebinding (a page's own host name re-pointed at 127.0.0.1, so the browser treats the
+///   server as same-origin and reads its answers): the `Host` header must be an IP address, a
+///   loopback name (`localhost`, `*.localhost`), the `--host` name or an `--allowed-host`.
+/// - Cross-site requests (a page POSTing to the server; `text/plain` needs no preflight): a
+///   request with an `Origin` is refused unless that origin is allowed (`--cors-origin`) or is
+///   the server itself, and a POST body must be `application/json`, which a page can only send
+///   cross-site after a CORS preflight the server does not grant.
+///
+/// With `--api-key` neither check applies (a page cannot attach the key without a preflight).
+/// `/health` stays open.
+#[derive(Debug, Clone)]
+pub struct LocalGuard {
+    /// Lower-case host names accepted besides IP addresses and loopback names.
+    hosts: Vec<String>,
+    /// Allowed origins (`*` = any).
+    origins: Vec<String>,
+}
+
+impl LocalGuard {
+    pub fn new(host: &str, allowed_hosts: &[String], cors_origins: &[String]) -> Self {
+        let mut hosts: Vec<String> = allowed_hosts.iter().map(|h| h.trim().to_ascii_lowercase()).collect();
+        hosts.push(host.trim().to_ascii_lowercase());
+        LocalGuard { hosts, origins: cors_origins.to_vec() }
+    }
+
+    /// The host name of a `Host` header value (`name`, `name:port`, `[v6]:port`).
+    fn host_name(value: &str) -> &str {
+        let v = value.trim();
+        if let Some(rest) = v.strip_prefix('[') {
+            return rest.split(']').next().unwrap_or(rest);
+        }
+        match v.rsplit_once(':') {
+            Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) => name,
+            _ => v,
+        }
+    }
+
+    fn host_allowed(&self, value: &str) -> bool {
+        let name = Self::host_name(value).trim_end_matches('.').to_ascii_lowercase();
+        name.parse::<std::net::IpAddr>().is_ok() || name == "localhost" || name.ends_with(".localhost") || self.hosts.contains(&name)
+    }
+
+    fn origin_allowed(&self, origin: &str, host: Option<&str>) -> bool {
+        if self.origins.iter().any(|o| o == "*" || o.eq_ignore_ascii_case(origin)) {
+            return true;
+        }
+        // Same origin: the page was served from this very address.
+        let authority = origin.split_once("://").map(|(_, a)| a);
+        matches!((authority, host), (Some(a), Some(h)) if a.eq_ignore_ascii_case(h))
+    }
+
+    /// Checks one request's headers (no API key configured).
+    fn check(&self, method: &Method, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+        let text = |h: header::HeaderName| headers.get(h).map(|v| v.to_str().unwrap_or("\u{fffd}"));
+        let host = text(header::HOST);
+        if let Some(h) = host {
+            if !self.host_allowed(h) {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "permission_error",
+                    format!(
+                        "Host {h:?} is not allowed: without --api-key this server answers only loopback names and IP addresses \
+                         (a web page could reach it by DNS rebinding); start it with --allowed-host NAME or --api-key KEY"
+                    ),
+                )
+                .code("host_not_allowed"));
+            }
+        }
+        let origin = text(header::ORIGIN);
+        if let Some(o) = origin {
+            if !self.origin_allowed(o, host) {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "permission_error",
+                    format!("requests from web pages (Origin {o:?}) are refused without --api-key; allow that page with --cors-origin {o}"),
+                )
+                .code("origin_not_allowed"));
+            }
+        }
+        if *method == Method::POST && origin.is_none() {
+            let ct = text(header::CONTENT_TYPE).unwrap_or("");
+            let media = ct.split(';').next().unwrap_or("").trim();
+            if !media.eq_ignore_ascii_case("application/json") {
+                return Err(ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "invalid_request_error",
+                    format!("Content-Type {ct:?}: send JSON with `Content-Type: application/json`"),
+                )
+                .code("unsupported_content_type"));
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn local_guard(State(st): State<St>, req: Request, next: Next) -> Response {
+    if st.api_key.is_none() && req.uri().path() != "/health" {
+        if let Err(e) = st.guard.check(req.method(), req.headers()) {
+            return e.into_response();
+        }
+    }
+    next.run(req).await
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -1020,6 +1147,7 @@ pub async fn run(st: St, cfg: &ServeConfig, tx: std::sync::mpsc::Sender<Cmd>) ->
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(cfg.body_limit))
         .layer(middleware::from_fn_with_state(st.clone(), auth))
+        .layer(middleware::from_fn_with_state(st.clone(), local_guard))
         .layer(middleware::from_fn_with_state(st.clone(), log_requests))
         .with_state(st.clone());
     if !cfg.cors_origins.is_empty() {
@@ -1095,6 +1223,34 @@ mod tests {
         assert_eq!(base64(b"fo"), "Zm8=");
         assert_eq!(base64(b"foo"), "Zm9v");
         assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+    }
+
+    #[test]
+    fn the_local_guard_refuses_rebinding_and_cross_site_requests() {
+        use axum::http::HeaderMap;
+        let guard = LocalGuard::new("127.0.0.1", &["my-box.lan".into()], &["http://app.example".into()]);
+        let check = |method: Method, pairs: &[(&'static str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, HeaderValue::from_str(v).unwrap());
+            }
+            guard.check(&method, &h).map_err(|e| e.code.unwrap_or_default())
+        };
+        let json = ("content-type", "application/json; charset=utf-8");
+        for host in ["127.0.0.1:8080", "localhost:8080", "LOCALHOST", "app.localhost:1", "[::1]:8080", "10.0.0.7", "my-box.lan:8080"] {
+            assert_eq!(check(Method::POST, &[("host", host), json]), Ok(()), "{host}");
+        }
+        for host in ["rebind.evil.example", "rebind.evil.example:8080", "localhost.evil.example"] {
+            assert_eq!(check(Method::GET, &[("host", host)]), Err("host_not_allowed"), "{host}");
+        }
+        // Cross-site: a foreign Origin, or a POST body that is not JSON (no preflight needed).
+        assert_eq!(check(Method::POST, &[("host", "127.0.0.1:8080"), ("origin", "http://evil.example"), json]), Err("origin_not_allowed"));
+        assert_eq!(check(Method::POST, &[("host", "127.0.0.1:8080"), ("content-type", "text/plain")]), Err("unsupported_content_type"));
+        assert_eq!(check(Method::POST, &[("host", "127.0.0.1:8080")]), Err("unsupported_content_type"));
+        // The configured origin and the server's own origin are allowed; GETs need no body type.
+        assert_eq!(check(Method::POST, &[("host", "127.0.0.1:8080"), ("origin", "http://app.example"), ("content-type", "text/plain")]), Ok(()));
+        assert_eq!(check(Method::POST, &[("host", "127.0.0.1:8080"), ("origin", "http://127.0.0.1:8080"), json]), Ok(()));
+        assert_eq!(check(Method::GET, &[("host", "127.0.0.1:8080")]), Ok(()));
     }
 
     #[test]

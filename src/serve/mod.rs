@@ -44,8 +44,14 @@ pub struct ServeConfig {
     pub host: String,
     pub port: u16,
     pub api_key: Option<String>,
-    /// Allowed CORS origins (`*` = any); empty = no CORS headers.
+    /// Allowed CORS origins (`*` = any); empty = no CORS headers. Without an API key, requests
+    /// carrying any other `Origin` are refused.
     pub cors_origins: Vec<String>,
+    /// Without an API key, the host names accepted in `Host` besides loopback names, IP
+    /// addresses and `host` (see [`http::LocalGuard`]).
+    pub allowed_hosts: Vec<String>,
+    /// Most adapters loaded at once (start adapters included).
+    pub max_adapters: usize,
     /// Largest request body in bytes.
     pub body_limit: usize,
     /// Longest a generation may take, queueing included.
@@ -88,6 +94,9 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         if !d.is_dir() {
             return Err(ServeError::Option(format!("--adapter-dir {}: not a folder", d.display())));
         }
+    }
+    if cfg.adapters.len() > cfg.max_adapters {
+        return Err(ServeError::Option(format!("{} --adapter flags but --max-adapters {}", cfg.adapters.len(), cfg.max_adapters)));
     }
     let mut seen = std::collections::BTreeSet::new();
     for (name, path) in &cfg.adapters {
@@ -154,7 +163,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         registry.by_name.insert(name, adapters::AdapterEntry { id, path, created: http::unix_now(), merged: Some(idx) });
     }
     for (name, path) in cfg.adapters.iter().filter(|_| cfg.merge.is_none()) {
-        crate::gguf::GgufFile::open(path).map_err(|e| ServeError::Adapter { name: name.clone(), path: path.clone(), msg: e.to_string() })?;
+        crate::adapter::validate_for_base(path, &cfg.model).map_err(|e| ServeError::Adapter { name: name.clone(), path: path.clone(), msg: e.to_string() })?;
         let id = registry.next_id();
         let (rtx, rrx) = tokio::sync::oneshot::channel();
         let _ = tx.send(engine::Cmd::LoadAdapter { id, path: path.clone(), reply: rtx });
@@ -179,6 +188,8 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         timeout: cfg.timeout,
         adapter_dir: cfg.adapter_dir.clone(),
         api_key: cfg.api_key.clone(),
+        guard: http::LocalGuard::new(&cfg.host, &cfg.allowed_hosts, &cfg.cors_origins),
+        max_adapters: cfg.max_adapters,
         next_id: AtomicUsize::new(1),
     });
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 4);

@@ -145,9 +145,17 @@ pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>, headers: &
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
     let body = body.unwrap_or("");
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    // Host and Content-Type default to the address and JSON unless `headers` gives them.
+    let given = |name: &str| headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(name));
+    let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !given("host") {
+        req.push_str(&format!("Host: {addr}\r\n"));
+    }
     if !body.is_empty() || method == "POST" {
-        req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+        if !given("content-type") {
+            req.push_str("Content-Type: application/json\r\n");
+        }
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
