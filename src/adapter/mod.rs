@@ -487,21 +487,9 @@ impl Adapter {
     }
 }
 
-/// Writes `w` to a temporary sibling of `path` and renames it into place.
+/// Writes `w` at `path` atomically ([`GgufWriter::write_atomic`]).
 pub(crate) fn write_gguf_atomic(w: &GgufWriter, path: &Path) -> Result<(), AdapterError> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-    }
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    let res = w.write(&tmp).map_err(AdapterError::from).and_then(|()| {
-        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| io(path, e))
-    });
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res
+    Ok(w.write_atomic(path)?)
 }
 
 /// Reads the GGUF adapter at `path` and checks it against the base model at `base`: grit's

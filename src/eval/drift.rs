@@ -121,10 +121,7 @@ pub fn checkpoint_to_gguf(ck: &Checkpoint, arch: &str, scale: f32, out: &Path) -
     if n == 0 {
         return Err(err(format!("checkpoint step {} holds no adapter tensors", ck.step)));
     }
-    let tmp = out.with_extension("gguf.tmp");
-    w.write(&tmp).map_err(|e| err(e.to_string()))?;
-    std::fs::rename(&tmp, out).map_err(|e| err(e.to_string()))?;
-    Ok(())
+    w.write_atomic(out).map_err(|e| err(e.to_string()))
 }
 
 #[cfg(test)]

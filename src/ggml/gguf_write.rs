@@ -201,22 +201,116 @@ impl GgufWriter {
         self.add_tensor(name, Type::F32, ne, data.iter().flat_map(|x| x.to_le_bytes()).collect())
     }
 
-    /// Writes the file.
-    pub fn write(&self, path: &Path) -> Result<(), GgmlError> {
-        let gerr = |msg: String| GgmlError::Gguf { path: path.to_path_buf(), msg };
-        let cpath = CString::new(path.to_string_lossy().as_bytes()).map_err(|_| gerr("path contains a NUL byte".into()))?;
-        // SAFETY: live context whose tensor data pointers point into self.data.
-        let ok = unsafe { sys::gguf_write_to_file(self.raw(), cpath.as_ptr(), false) };
-        if !ok {
-            return Err(gerr("cannot write the GGUF file".into()));
+    /// Writes the file at `path` so that it appears complete or not at all: into a temporary
+    /// sibling (checked, synced writes), re-opened and checked with grit's GGUF reader (header,
+    /// every tensor inside the file), then renamed over `path` and the folder synced. On any
+    /// error the temporary file is removed and an existing file at `path` is left as it was.
+    pub fn write_atomic(&self, path: &Path) -> Result<(), GgmlError> {
+        let gerr = |e: String| GgmlError::Gguf { path: path.to_path_buf(), msg: e };
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| gerr(format!("cannot create the folder: {e}")))?;
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        let res = self.write(&tmp).and_then(|()| {
+            let f = crate::gguf::GgufFile::open(&tmp).map_err(|e| gerr(format!("the written file does not read back: {e}")))?;
+            // SAFETY: live context.
+            let n = unsafe { sys::gguf_get_n_tensors(self.raw()) } as usize;
+            if f.tensors().len() != n {
+                return Err(gerr(format!("the written file reads back with {} tensors, not {n}", f.tensors().len())));
+            }
+            drop(f);
+            std::fs::rename(&tmp, path).map_err(|e| gerr(format!("cannot rename {} into place: {e}", tmp.display())))?;
+            // The rename itself is durable once the folder is synced (best effort: not every
+            // file system lets a folder be opened for it).
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+            Ok(())
+        });
+        if res.is_err() {
+            let _ = std::fs::remove_file(&tmp);
         }
-        Ok(())
+        res
+    }
+
+    /// Writes the file, checking every write and syncing it to disk: a full disk or an I/O
+    /// error is an error here (ggml's own file writer ignores what `fclose` reports, so a
+    /// full disk could leave a truncated file behind a success).
+    pub fn write(&self, path: &Path) -> Result<(), GgmlError> {
+        use std::io::Write;
+        let gerr = |e: std::io::Error| GgmlError::Gguf { path: path.to_path_buf(), msg: format!("cannot write the GGUF file: {e}") };
+        // SAFETY: live context; gguf_get_meta_data writes exactly gguf_get_meta_size bytes
+        // (header, metadata and tensor infos, padded to the alignment).
+        let (meta, alignment, n) = unsafe {
+            let mut meta = vec![0u8; sys::gguf_get_meta_size(self.raw())];
+            sys::gguf_get_meta_data(self.raw(), meta.as_mut_ptr().cast());
+            (meta, sys::gguf_get_alignment(self.raw()).max(1), sys::gguf_get_n_tensors(self.raw()))
+        };
+        assert_eq!(n as usize, self.data.len(), "one data buffer per tensor");
+        let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(gerr)?);
+        out.write_all(&meta).map_err(gerr)?;
+        // Tensor data in index order, each padded to the alignment, as the offsets say.
+        let mut pos = 0usize;
+        for (id, data) in self.data.iter().enumerate() {
+            // SAFETY: live context, id < n_tensors.
+            let offset = unsafe { sys::gguf_get_tensor_offset(self.raw(), id as i64) };
+            assert_eq!(offset, pos, "tensor {id}: offset {offset}, expected {pos}");
+            out.write_all(data).map_err(gerr)?;
+            let padded = data.len().next_multiple_of(alignment);
+            out.write_all(&vec![0u8; padded - data.len()]).map_err(gerr)?;
+            pos += padded;
+        }
+        let file = out.into_inner().map_err(|e| gerr(e.into_error()))?;
+        file.sync_all().map_err(gerr)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sample(v: f32) -> GgufWriter {
+        let mut w = GgufWriter::new();
+        w.set_str("general.architecture", "llama");
+        w.add_f32("a", &[3, 2], &[v; 6]).unwrap();
+        w.add_f32("b", &[5], &[v; 5]).unwrap();
+        w
+    }
+
+    /// The written file reads back with ggml's reader: same tensors, offsets and bytes.
+    #[test]
+    fn written_files_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.gguf");
+        sample(1.5).write_atomic(&p).unwrap();
+        let f = crate::gguf::GgufFile::open(&p).unwrap();
+        assert_eq!(f.tensors().iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        let bytes = std::fs::read(&p).unwrap();
+        let b = &f.tensors()[1];
+        let at = (f.data_offset() + b.offset) as usize;
+        assert_eq!(&bytes[at..at + 4], &1.5f32.to_le_bytes());
+        assert_eq!(bytes.len() % 32, 0, "the data section ends padded");
+        assert!(!std::fs::read_dir(dir.path()).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".tmp")));
+    }
+
+    /// A full disk is an error (ggml's own writer reported success), and a failed write
+    /// leaves the previous file as it was.
+    #[test]
+    fn a_failed_write_fails_and_keeps_the_old_file() {
+        #[cfg(target_os = "linux")]
+        {
+            let err = sample(1.0).write(Path::new("/dev/full")).unwrap_err().to_string();
+            assert!(err.contains("No space left"), "{err}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.gguf");
+        sample(1.0).write_atomic(&p).unwrap();
+        let before = std::fs::read(&p).unwrap();
+        // Inject a write error: the temporary file's name is taken by a folder.
+        std::fs::create_dir(dir.path().join(format!(".x.gguf.{}.tmp", std::process::id()))).unwrap();
+        assert!(sample(2.0).write_atomic(&p).is_err());
+        assert_eq!(std::fs::read(&p).unwrap(), before);
+    }
 
     #[test]
     fn quantize_round_trip() {

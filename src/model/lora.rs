@@ -323,7 +323,7 @@ impl LoraSet {
             w.add_f32(&format!("{base}.lora_a"), &[m.d_in as i64, m.rank as i64], &self.read_a(i)?)?;
             w.add_f32(&format!("{base}.lora_b"), &[m.rank as i64, m.d_out as i64], &b)?;
         }
-        w.write(path)?;
+        w.write_atomic(path)?;
         Ok(())
     }
 }

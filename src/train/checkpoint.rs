@@ -55,10 +55,27 @@ impl Checkpoint {
         }
         std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
         let res = self.write_into(&tmp).and_then(|()| {
-            if final_dir.exists() {
-                std::fs::remove_dir_all(&final_dir).map_err(|e| io(&final_dir, e))?;
+            // Read back before it becomes visible.
+            let back = Checkpoint::load(&tmp)?;
+            if back.step != self.step || back.tensors.len() != self.tensors.len() {
+                return Err(CheckpointError::Invalid(tmp.clone(), format!("reads back as step {} with {} tensors", back.step, back.tensors.len())));
             }
-            std::fs::rename(&tmp, &final_dir).map_err(|e| io(&final_dir, e))?;
+            // An existing folder of this step moves aside first and goes only once the new one
+            // is in place.
+            let old = dir.join(format!(".step-{}.old-{}", self.step, std::process::id()));
+            let had_old = final_dir.exists();
+            if had_old {
+                std::fs::rename(&final_dir, &old).map_err(|e| io(&final_dir, e))?;
+            }
+            if let Err(e) = std::fs::rename(&tmp, &final_dir) {
+                if had_old {
+                    let _ = std::fs::rename(&old, &final_dir);
+                }
+                return Err(io(&final_dir, e));
+            }
+            if had_old {
+                let _ = std::fs::remove_dir_all(&old);
+            }
             // Make the rename itself durable.
             if let Ok(d) = std::fs::File::open(dir) {
                 let _ = d.sync_all();
