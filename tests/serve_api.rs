@@ -554,6 +554,14 @@ fn a_request_past_the_timeout_gets_504_and_the_server_goes_on() {
     let ev = r.sse();
     assert_eq!(ev.last().map(String::as_str), Some("[DONE]"), "{ev:?}");
     assert!(ev[ev.len() - 2].contains("\"timeout\""), "{ev:?}");
+    // Embeddings keep the same deadline: 64 inputs of ~600 tokens stop with 504 at an input
+    // boundary, not after all of them.
+    let t0 = Instant::now();
+    let inputs: Vec<String> = (0..64).map(|i| format!("{i} {}", "word ".repeat(600))).collect();
+    let r = s.post("/v1/embeddings", &json!({"input": inputs}));
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "timeout");
+    assert!(t0.elapsed() < Duration::from_secs(30), "the embeddings timeout took {:?}", t0.elapsed());
     // A short request still succeeds afterwards.
     let r = s.post("/v1/completions", &greedy("base", 2));
     assert_eq!(r.status, 200, "{}", r.body);

@@ -80,6 +80,19 @@ pub struct EmbedJob {
     pub model: usize,
     pub adapters: Vec<(u64, f32)>,
     pub reply: oneshot::Sender<Result<Vec<Vec<f32>>, Failure>>,
+    /// Set when the client went away: the job stops before its next input.
+    pub cancel: Arc<AtomicBool>,
+    /// When the request must be done (`--timeout`, waiting included).
+    pub deadline: Instant,
+}
+
+/// An embeddings request in progress: one input is decoded per engine pass, between
+/// generation steps, so a large request neither stalls the streams nor outlives its deadline.
+struct EmbedWork {
+    job: Box<EmbedJob>,
+    out: Vec<Vec<f32>>,
+    /// Whether it has left the queue (`Shared::queued`).
+    started: bool,
 }
 
 /// Messages to the engine thread.
@@ -201,6 +214,7 @@ pub fn run(models: &[&LlamaModel], cfg: EngineConfig, rx: Receiver<Cmd>, shared:
     let mut unloading: Vec<u64> = Vec::new();
     let mut lanes: Vec<Lane<'_>> = Vec::new();
     let mut embed_ctx: Option<(usize, Context<'_>)> = None;
+    let mut embeds: VecDeque<EmbedWork> = VecDeque::new();
     let mut waiting: VecDeque<Box<GenJob>> = VecDeque::new();
     let vocab = model.vocab();
     let mut piece = Vec::with_capacity(32);
@@ -212,7 +226,7 @@ pub fn run(models: &[&LlamaModel], cfg: EngineConfig, rx: Receiver<Cmd>, shared:
 
     'outer: loop {
         // 1. Commands: block when there is nothing to do.
-        let busy = lanes.iter().any(|l| l.active() > 0);
+        let busy = lanes.iter().any(|l| l.active() > 0) || !embeds.is_empty();
         let mut first = true;
         loop {
             let cmd = if busy || !first || !waiting.is_empty() {
@@ -230,13 +244,7 @@ pub fn run(models: &[&LlamaModel], cfg: EngineConfig, rx: Receiver<Cmd>, shared:
             first = false;
             match cmd {
                 Cmd::Generate(job) => waiting.push_back(job),
-                Cmd::Embed(job) => {
-                    let r = match models.get(job.model) {
-                        Some(m) => embed(m, job.model, &cfg, &mut embed_ctx, &adapters, &job.inputs, &job.adapters),
-                        None => Err(Failure::Internal(format!("no model {}", job.model))),
-                    };
-                    let _ = job.reply.send(r);
-                }
+                Cmd::Embed(job) => embeds.push_back(EmbedWork { out: Vec::with_capacity(job.inputs.len()), job, started: false }),
                 Cmd::LoadAdapter { id, path, reply } => {
                     let r = Adapter::load(model, &path).map_err(|e| e.to_string());
                     let r = r.map(|a| {
@@ -246,6 +254,12 @@ pub fn run(models: &[&LlamaModel], cfg: EngineConfig, rx: Receiver<Cmd>, shared:
                 }
                 Cmd::UnloadAdapter { id } => unloading.push(id),
                 Cmd::CancelAll => {
+                    for e in embeds.drain(..) {
+                        if !e.started {
+                            shared.queued.fetch_sub(1, Ordering::SeqCst);
+                        }
+                        let _ = e.job.reply.send(Err(Failure::ShuttingDown));
+                    }
                     for job in waiting.drain(..) {
                         shared.queued.fetch_sub(1, Ordering::SeqCst);
                         fail(&job, Failure::ShuttingDown);
@@ -274,12 +288,44 @@ pub fn run(models: &[&LlamaModel], cfg: EngineConfig, rx: Receiver<Cmd>, shared:
                 let _ = ctx.set_adapters(&[]);
             }
             unloading.retain(|id| {
-                let in_use = lanes.iter().any(|l| l.key.1.iter().any(|(a, _)| a == id));
+                let in_use = lanes.iter().any(|l| l.key.1.iter().any(|(a, _)| a == id)) || embeds.iter().any(|e| e.job.adapters.iter().any(|(a, _)| a == id));
                 if !in_use {
                     adapters.remove(id);
                 }
                 in_use
             });
+        }
+
+        // 2b. Embeddings: one input of the oldest request per pass.
+        if let Some(e) = embeds.front_mut() {
+            if !e.started {
+                e.started = true;
+                shared.queued.fetch_sub(1, Ordering::SeqCst);
+            }
+            let reply = if e.job.cancel.load(Ordering::Relaxed) {
+                Some(None)
+            } else if Instant::now() >= e.job.deadline {
+                Some(Some(Err(Failure::Timeout)))
+            } else {
+                let toks = &e.job.inputs[e.out.len()];
+                let r = match models.get(e.job.model) {
+                    Some(m) => embed_one(m, e.job.model, &cfg, &mut embed_ctx, &adapters, toks, &e.job.adapters),
+                    None => Err(Failure::Internal(format!("no model {}", e.job.model))),
+                };
+                match r {
+                    Ok(v) => {
+                        e.out.push(v);
+                        (e.out.len() == e.job.inputs.len()).then(|| Some(Ok(std::mem::take(&mut e.out))))
+                    }
+                    Err(f) => Some(Some(Err(f))),
+                }
+            };
+            if let Some(reply) = reply {
+                let e = embeds.pop_front().expect("front exists");
+                if let Some(r) = reply {
+                    let _ = e.job.reply.send(r);
+                }
+            }
         }
 
         // 3. Admission, first come first served.
@@ -481,6 +527,9 @@ pub fn run(models: &[&LlamaModel], cfg: EngineConfig, rx: Receiver<Cmd>, shared:
         metrics.set_engine_state(shared.queued.load(Ordering::SeqCst), active_total, lanes.len(), adapters.len());
     }
     // Shutdown: fail whatever is left, then free contexts before adapters.
+    for e in embeds.drain(..) {
+        let _ = e.job.reply.send(Err(Failure::ShuttingDown));
+    }
     for job in waiting.drain(..) {
         fail(&job, Failure::ShuttingDown);
     }
@@ -530,15 +579,17 @@ fn apply<'m>(ctx: &mut Context<'m>, adapters: &HashMap<u64, Adapter<'m>>, set: &
     ctx.set_adapters(&list).map_err(|e| e.to_string())
 }
 
-fn embed<'m>(
+/// The unit-length mean-pooled embedding of one input (the embeddings context is made for
+/// `model_idx` when needed; the adapter set is applied each time, as it may have changed).
+fn embed_one<'m>(
     model: &'m LlamaModel,
     model_idx: usize,
     cfg: &EngineConfig,
     ctx: &mut Option<(usize, Context<'m>)>,
     adapters: &HashMap<u64, Adapter<'m>>,
-    inputs: &[Vec<LlamaToken>],
+    toks: &[LlamaToken],
     set: &[(u64, f32)],
-) -> Result<Vec<Vec<f32>>, Failure> {
+) -> Result<Vec<f32>, Failure> {
     if ctx.as_ref().is_none_or(|(m, _)| *m != model_idx) {
         *ctx = None; // free the other model's context first
         let ccfg = ContextConfig { n_ctx_seq: cfg.n_ctx_seq, n_seq: 1, n_batch: cfg.n_ctx_seq, threads: cfg.threads, embeddings: true, offload: cfg.offload };
@@ -547,21 +598,18 @@ fn embed<'m>(
     let (_, ctx) = ctx.as_mut().expect("created above");
     apply(ctx, adapters, set).map_err(Failure::Internal)?;
     let mut batch = Batch::new(cfg.n_ctx_seq as usize, 1);
-    let mut out = Vec::with_capacity(inputs.len());
-    for toks in inputs {
-        ctx.clear_seq(0);
-        batch.clear();
-        for (p, &t) in toks.iter().enumerate() {
-            batch.add(t, p as i32, 0, true).map_err(|e| Failure::Internal(e.to_string()))?;
-        }
-        ctx.decode(&batch).map_err(|e| Failure::Internal(e.to_string()))?;
+    ctx.clear_seq(0);
+    for (p, &t) in toks.iter().enumerate() {
+        batch.add(t, p as i32, 0, true).map_err(|e| Failure::Internal(e.to_string()))?;
+    }
+    let r = ctx.decode(&batch).map_err(|e| Failure::Internal(e.to_string())).and_then(|()| {
         let v = ctx.embeddings_seq(0).ok_or_else(|| Failure::Internal("llama.cpp returned no pooled embedding".into()))?;
         // Unit length, as OpenAI's embeddings are.
         let norm = v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt().max(1e-12);
-        out.push(v.iter().map(|x| (*x as f64 / norm) as f32).collect());
-    }
+        Ok(v.iter().map(|x| (*x as f64 / norm) as f32).collect())
+    });
     ctx.clear_seq(0);
-    Ok(out)
+    r
 }
 
 #[cfg(test)]

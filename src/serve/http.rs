@@ -526,14 +526,9 @@ fn context_check(st: &AppState, p: &mut GenParams, n_prompt: usize) -> Result<()
     Ok(())
 }
 
-async fn generate(st: St, kind: Kind, mut p: GenParams, toks: Vec<llama_cpp_2::token::LlamaToken>, start: Instant) -> Response {
-    if let Err(mut e) = context_check(&st, &mut p, toks.len()) {
-        if kind == Kind::Completion && e.param.as_deref() == Some("messages") {
-            e.param = Some("prompt".into());
-        }
-        return e.into_response();
-    }
-    // Bounded queue: reserve a place or answer 429.
+/// Reserves a place in the bounded queue (generations and embeddings alike; the engine
+/// gives it back when the request starts) or answers 429.
+fn reserve_queue(st: &AppState) -> Result<(), ApiError> {
     let q = st.shared.queued.fetch_add(1, Ordering::SeqCst);
     if q >= st.queue_cap {
         st.shared.queued.fetch_sub(1, Ordering::SeqCst);
@@ -545,6 +540,19 @@ async fn generate(st: St, kind: Kind, mut p: GenParams, toks: Vec<llama_cpp_2::t
         )
         .code("queue_full");
         e.retry_after = Some(1);
+        return Err(e);
+    }
+    Ok(())
+}
+
+async fn generate(st: St, kind: Kind, mut p: GenParams, toks: Vec<llama_cpp_2::token::LlamaToken>, start: Instant) -> Response {
+    if let Err(mut e) = context_check(&st, &mut p, toks.len()) {
+        if kind == Kind::Completion && e.param.as_deref() == Some("messages") {
+            e.param = Some("prompt".into());
+        }
+        return e.into_response();
+    }
+    if let Err(e) = reserve_queue(&st) {
         return e.into_response();
     }
     let (etx, erx) = mpsc::unbounded_channel();
@@ -817,8 +825,18 @@ async fn embeddings(State(st): State<St>, body: Result<Bytes, BytesRejection>) -
         }
     }
     let n_tokens: usize = inputs.iter().map(Vec::len).sum();
+    // The same queue, deadline and cancellation as generation: the engine decodes one input
+    // per pass between generation steps, stops at the deadline (504), and stops when this
+    // handler is dropped because the client went away.
+    reserve_queue(&st)?;
     let (rtx, rrx) = oneshot::channel();
-    st.send(Cmd::Embed(Box::new(EmbedJob { inputs, model: model_idx, adapters, reply: rtx })))?;
+    let cancel = Arc::new(AtomicBool::new(false));
+    let _guard = CancelOnDrop(cancel.clone());
+    let job = EmbedJob { inputs, model: model_idx, adapters, reply: rtx, cancel, deadline: Instant::now() + st.timeout };
+    if let Err(e) = st.send(Cmd::Embed(Box::new(job))) {
+        st.shared.queued.fetch_sub(1, Ordering::SeqCst);
+        return Err(e);
+    }
     let vecs = rrx.await.map_err(|_| ApiError::server("the inference thread stopped"))?.map_err(ApiError::from_failure)?;
     let data: Vec<Value> = vecs
         .iter()
