@@ -15,7 +15,7 @@
 #             count on the same task, same scale 2 (alpha = 2·rank); needs grit's run
 #   grit-nopc GRIT without preconditioning (--ng-warmup STEPS)
 #   grit-nocut GRIT without rank cuts (--rank-start beyond the run: fixed rank 16)
-#   grit-input GRIT with the first rank rule (--rank-signal input --rank-budget event)
+#   grit-output GRIT with the output-energy rank rule (--rank-signal output --rank-budget run)
 # Gain = step-0 eval loss − final eval loss (in-training eval, same tokens for every row).
 #   STEPS=150 THREADS=2 bench/grit_vs_lora.sh           (RUNS=dir keeps the runs there)
 #   TASKS=plays CONFIGS="lora16 grit" bench/grit_vs_lora.sh
@@ -31,7 +31,7 @@ SEQ=${SEQ:-128}
 THREADS=${THREADS:-$(nproc)}
 RUNS=${RUNS:-$(mktemp -d)}
 TASKS=${TASKS:-plays chat}
-CONFIGS=${CONFIGS:-lora16 grit loram grit-nopc grit-nocut grit-input}
+CONFIGS=${CONFIGS:-lora16 grit loram grit-nopc grit-nocut grit-output}
 mkdir -p "$RUNS"
 $GRIT fetch >/dev/null
 PLAYS=$($GRIT fetch | awk '/^plays/ {print $2}')
@@ -74,7 +74,7 @@ run() { # task config
       ;;
     grit-nopc) extra="--method grit --ng-warmup $((STEPS + 1))" ;;
     grit-nocut) extra="--method grit --rank-start $((STEPS + 1))" ;;
-    grit-input) extra="--method grit --rank-signal input --rank-budget event" ;;
+    grit-output) extra="--method grit --rank-signal output --rank-budget run" ;;
     *)
       echo "unknown configuration $cfg" >&2
       return 1
@@ -113,11 +113,11 @@ def load(task, cfg):
     ev = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
     kl = None
     p = d + ".eval.json"
-    if os.path.exists(p):
-        doc = json.load(open(p))
-        adapted = [r for r in doc["rows"] if r.get("adapter")]
-        if adapted:
-            kl = adapted[0].get("general_kl")
+    try:  # missing or unfinished: no KL column
+        adapted = [r for r in json.load(open(p))["rows"] if r.get("adapter")]
+        kl = adapted[0].get("general_kl") if adapted else None
+    except (OSError, ValueError, KeyError):
+        pass
     params = summ.get("trainable_params_final") or summ["trainable_params"]
     return {"first": ev[min(ev)], "last": ev[max(ev)], "gain": ev[min(ev)] - ev[max(ev)], "params": params, "kl": kl,
             "ranks": sorted(set(summ.get("rank_per_module", {}).values()))}

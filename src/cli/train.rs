@@ -214,10 +214,10 @@ pub struct TrainArgs {
     /// GRIT: keep the fewest directions holding this share of the rank signal [default: 0.9].
     #[arg(long, help_heading = "GRIT")]
     pub rank_energy: Option<f64>,
-    /// GRIT: what the rank rule weighs per direction: the update's output energy or Σ_a's eigenvalue [default: output].
+    /// GRIT: what the rank rule weighs per direction: Σ_a's eigenvalue (input) or the update's output energy (output) [default: input].
     #[arg(long, value_enum, help_heading = "GRIT")]
     pub rank_signal: Option<RankSignal>,
-    /// GRIT: τ is a share of what a module held before its first cut (run) or of what each event finds (event) [default: run].
+    /// GRIT: τ is a share of what a module held before its first cut (run) or of what each event finds (event) [default: event].
     #[arg(long, value_enum, help_heading = "GRIT")]
     pub rank_budget: Option<RankBudget>,
     /// GRIT: hard (tensors shrink) or soft (project in place) rank cuts [default: hard].

@@ -71,9 +71,11 @@ pub enum RankSignal {
     /// The update's output energy in direction v_j: λ_j·‖B·v_j‖², whose sum over j is
     /// E‖B·A·x‖² exactly. A direction that A fills with input but B does not use counts
     /// nothing; while B is still zero nothing is cut.
-    #[default]
     Output,
     /// Σ_a's eigenvalue λ_j alone (the method as first written: the input seen through A).
+    /// The default: side by side on the plays task it gained as much with fewer parameters
+    /// (docs/GRIT.md §5).
+    #[default]
     Input,
 }
 
@@ -84,9 +86,10 @@ pub enum RankBudget {
     /// The whole run: the shares a module keeps at its cuts multiply, and every cut keeps
     /// the product ≥ τ. A cut of what an earlier cut left needs τ / (share kept so far), so
     /// repeated events do not ratchet a module to `rank_min`.
-    #[default]
     Run,
     /// Each event on its own: τ of what is left (every event throws away up to 1 − τ more).
+    /// The default, measured with the input signal (docs/GRIT.md §5).
+    #[default]
     Event,
 }
 
@@ -191,8 +194,8 @@ impl Default for GritConfig {
             rank_min: 4,
             rank_max: None,
             rank_cut: RankCut::Hard,
-            rank_signal: RankSignal::Output,
-            rank_budget: RankBudget::Run,
+            rank_signal: RankSignal::Input,
+            rank_budget: RankBudget::Event,
             two_sided: true,
             adaptive_intervals: true,
         }

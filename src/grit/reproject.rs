@@ -2,12 +2,12 @@
 //!
 //! Per module, from its statistics:
 //! 1. eigh(Σ_a) = V_a·diag(λ_1 ≥ … ≥ λ_r)·V_aᵀ;
-//! 2. each eigenvector v_j gets a signal ([`direction_signal`]): the update's output energy
-//!    λ_j·‖B·v_j‖² (default) or λ_j; k = the fewest directions, strongest signal first,
+//! 2. each eigenvector v_j gets a signal ([`direction_signal`]): λ_j (default) or the
+//!    update's output energy λ_j·‖B·v_j‖²; k = the fewest directions, strongest signal first,
 //!    holding a share τ (`rank_energy`) of the total, clamped to [rank_min, min(r, rank_max)]
-//!    ([`rank_by_energy`]); with the run budget (default) τ is a share of what the module
-//!    held before its first cut: a later cut needs τ / (share kept so far). Before
-//!    `rank_start`, k = r;
+//!    ([`rank_by_energy`]); τ is a share of what each event finds (default) or, with the run
+//!    budget, of what the module held before its first cut: a later cut needs τ / (share kept
+//!    so far). Before `rank_start`, k = r;
 //! 3. B's basis: the top-k eigenvectors V_g,k of Σ_g (two-sided, default) or V_a,k;
 //! 4. the cut, written as A_new = Lᵀ·A and B_new = B·W:
 //!    - hard (default): L = V_a,k (r×k), W = V_g,k·(V_g,kᵀ·V_a,k) (r×k), so A_new is k×d_in,
@@ -481,7 +481,7 @@ mod tests {
         assert!(sig.iter().zip([0.0, 0.0, 10.0, 1.25]).all(|(x, y)| (x - y).abs() < 1e-9), "{sig:?}");
         let tr: f64 = (0..4).map(|i| (0..4).map(|c| gb[i * 4 + c] * m.sigma_a[c * 4 + i]).sum::<f64>()).sum();
         assert!((sig.iter().sum::<f64>() - tr).abs() < 1e-9);
-        let cfg = GritConfig { rank_energy: 0.85, rank_min: 1, rank_start: 0, two_sided: false, ..GritConfig::default() };
+        let cfg = GritConfig { rank_energy: 0.85, rank_min: 1, rank_start: 0, two_sided: false, rank_signal: RankSignal::Output, ..GritConfig::default() };
         // Output: 10 / 11.25 = 0.89 ≥ 0.85 → keep e_2 only. Input: 4, 3 → 0.7 < 0.85, + 2 → 0.9 → e_0, e_1, e_2.
         let out = Cut::plan(&m, &gb, &cfg, 1, 4).unwrap();
         assert_eq!(kept_units(&out), vec![2]);
@@ -497,7 +497,15 @@ mod tests {
         // Input signal for round numbers: Σ_a = diag(5, 2, 2, 1), τ = 0.7.
         let m = diagonal_module(&[5.0, 2.0, 2.0, 1.0]);
         let gb = linalg::identity(4);
-        let run = GritConfig { rank_energy: 0.7, rank_min: 1, rank_start: 0, two_sided: false, rank_signal: RankSignal::Input, ..GritConfig::default() };
+        let run = GritConfig {
+            rank_energy: 0.7,
+            rank_min: 1,
+            rank_start: 0,
+            two_sided: false,
+            rank_signal: RankSignal::Input,
+            rank_budget: RankBudget::Run,
+            ..GritConfig::default()
+        };
         let event = GritConfig { rank_budget: RankBudget::Event, ..run.clone() };
         for cfg in [&run, &event] {
             let first = Cut::plan(&m, &gb, cfg, 1, 4).unwrap();
