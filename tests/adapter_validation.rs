@@ -250,3 +250,57 @@ fn mutated_adapters_load_or_fail_cleanly() {
     eprintln!("mutated adapters: {n} cases, {loaded} loaded, {refused} refused");
     assert!(refused > n / 2, "most mutants must be refused ({refused} of {n})");
 }
+
+/// The same for PEFT folders (what `grit export --to gguf`, `merge`, `inspect` and
+/// `serve --merge-adapters` read): byte mutations of the safetensors file (mostly its JSON
+/// header) and of adapter_config.json, through grit's PEFT reader against the base model.
+#[test]
+fn mutated_peft_folders_load_or_fail_cleanly() {
+    use grit::adapter::peft::{read_peft, write_peft, CONFIG, WEIGHTS};
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.gguf");
+    // attn_v: no q/k row permutation, so no head counts are needed to write PEFT.
+    let v_out = 192;
+    write(
+        &good,
+        "llama",
+        &[
+            ("blk.0.attn_v.weight.lora_a", Type::F32, vec![D, R], f32s(D * R, small)),
+            ("blk.0.attn_v.weight.lora_b", Type::F32, vec![R, v_out], f32s(R * v_out, small)),
+        ],
+    );
+    let base = serve_util::model();
+    let peft = dir.path().join("peft");
+    write_peft(&grit::adapter::Adapter::read_gguf(&good).unwrap(), &peft).unwrap();
+    read_peft(&peft, Some(&base)).expect("the unmutated folder reads");
+    let (weights, config) = (std::fs::read(peft.join(WEIGHTS)).unwrap(), std::fs::read(peft.join(CONFIG)).unwrap());
+    let header = 8 + u64::from_le_bytes(weights[..8].try_into().unwrap()) as usize;
+    let mut rng = grit::data::SplitMix64::new(0x7065_6674);
+    let n: usize = std::env::var("GRIT_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let (mut loaded, mut refused) = (0, 0);
+    for case in 0..n {
+        let (mut w, mut c) = (weights.clone(), config.clone());
+        for _ in 0..1 + rng.below(3) {
+            let (buf, span) = if rng.below(3) == 0 { (&mut c, config.len()) } else { (&mut w, header) };
+            match rng.below(4) {
+                0 if buf.len() > 1 => buf.truncate(rng.below(buf.len() as u64) as usize),
+                _ => {
+                    let at = rng.below(span.min(buf.len()).max(1) as u64) as usize;
+                    if at < buf.len() {
+                        buf[at] = [b'0', b'9', b'"', b',', b'[', b'-', 0xff, buf[at] ^ 1][rng.below(8) as usize];
+                    }
+                }
+            }
+        }
+        std::fs::write(peft.join(WEIGHTS), &w).unwrap();
+        std::fs::write(peft.join(CONFIG), &c).unwrap();
+        match read_peft(&peft, Some(&base)) {
+            Ok(_) => loaded += 1,
+            Err(e) => {
+                assert!(!e.to_string().is_empty(), "case {case}");
+                refused += 1;
+            }
+        }
+    }
+    eprintln!("mutated PEFT folders: {n} cases, {loaded} loaded, {refused} refused");
+}
