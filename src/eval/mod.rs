@@ -49,9 +49,6 @@ pub enum EvalError {
     Data(#[from] DataError),
     #[error("{}: {msg}", .0.display(), msg = .1)]
     Adapter(PathBuf, String),
-    /// An adapter file failed grit's validation (the message names the file and tensor).
-    #[error(transparent)]
-    InvalidAdapter(#[from] Box<crate::adapter::AdapterError>),
     #[error("{0}")]
     Llama(String),
     #[error("{0}")]
@@ -302,10 +299,10 @@ fn evaluate_sources(opts: &EvalOptions, sources: &[Source]) -> Result<Vec<EvalRo
     let mut adapters: Vec<LlamaLoraAdapter> = Vec::with_capacity(sources.len());
     let mut drifts: Vec<AdapterDrift> = Vec::with_capacity(sources.len());
     for s in sources {
-        // Validated against the base model before llama.cpp sees it (load_adapter does too).
-        let adapter = crate::adapter::validate_for_base(&s.path, &opts.model).map_err(Box::new)?;
+        // Validated against the base model before llama.cpp sees it; the drift uses that reading.
+        let (lora, adapter) = model.load_checked_adapter(&s.path)?;
         drifts.push(drift::adapter_drift(&adapter, opts.adapter_scale));
-        adapters.push(model.load_adapter(&s.path)?);
+        adapters.push(lora);
     }
     let model = &model;
     let mut scorer = Scorer::new(model, opts.ctx, opts.threads)?;

@@ -125,11 +125,19 @@ impl Model {
     /// The file is first validated against this model with grit's reader
     /// ([`crate::adapter::validate_for_base`]): llama.cpp sees only adapters that fit.
     pub fn load_adapter(&mut self, path: &Path) -> Result<LlamaLoraAdapter, InferError> {
-        crate::adapter::validate_for_base(path, &self.path).map_err(|e| InferError::InvalidAdapter(Box::new(e)))?;
+        self.load_checked_adapter(path).map(|(lora, _)| lora)
+    }
+
+    /// [`Model::load_adapter`], also returning grit's validated reading of the file (A, B,
+    /// ranks and scales) for callers that use its values.
+    pub fn load_checked_adapter(&mut self, path: &Path) -> Result<(LlamaLoraAdapter, crate::adapter::Adapter), InferError> {
+        let adapter = crate::adapter::validate_for_base(path, &self.path).map_err(|e| InferError::InvalidAdapter(Box::new(e)))?;
         crate::llama::clear_log_errors();
-        self.inner
+        let lora = self
+            .inner
             .lora_adapter_init(path)
-            .map_err(|e| InferError::Adapter { path: path.into(), msg: crate::llama::last_log_error().unwrap_or_else(|| e.to_string()) })
+            .map_err(|e| InferError::Adapter { path: path.into(), msg: crate::llama::last_log_error().unwrap_or_else(|| e.to_string()) })?;
+        Ok((lora, adapter))
     }
 
     /// llama.cpp's logits at every position ([n_tokens × n_vocab], row-major) of one sequence,
