@@ -5,7 +5,7 @@
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
-use super::{io, write_gguf_atomic, Adapter, AdapterError};
+use super::{io, Adapter, AdapterError};
 use crate::ggml::{GgufWriter, Type};
 use crate::gguf::GgufFile;
 
@@ -134,7 +134,7 @@ pub fn merge(base: &Path, adapter: &Adapter, scale: f32, ty: MergeType, convert_
         w.add_tensor(&t.name, out_ty, &t.ne, q)?;
         rep.merged_tensors += 1;
     }
-    write_gguf_atomic(&w, out)?;
+    w.write_atomic(out)?;
     rep.bytes = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
     Ok(rep)
 }

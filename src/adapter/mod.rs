@@ -483,13 +483,8 @@ impl Adapter {
             w.add_tensor(&format!("{}.lora_a", m.base), ta, &[m.d_in as i64, m.rank as i64], crate::ggml::quantize(ta, &m.a, m.d_in)?)?;
             w.add_tensor(&format!("{}.lora_b", m.base), tb, &[m.rank as i64, m.d_out as i64], crate::ggml::quantize(tb, &b, m.rank)?)?;
         }
-        write_gguf_atomic(&w, path)
+        Ok(w.write_atomic(path)?)
     }
-}
-
-/// Writes `w` at `path` atomically ([`GgufWriter::write_atomic`]).
-pub(crate) fn write_gguf_atomic(w: &GgufWriter, path: &Path) -> Result<(), AdapterError> {
-    Ok(w.write_atomic(path)?)
 }
 
 /// Reads the GGUF adapter at `path` and checks it against the base model at `base`: grit's

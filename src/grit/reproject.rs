@@ -256,21 +256,8 @@ impl Cut {
 /// ([`Cut::plan`]).
 pub fn gram_b(b: &[f32], d_out: usize, r: usize) -> Vec<f64> {
     assert_eq!(b.len(), d_out * r, "gram_b: {} values, expected {d_out}×{r}", b.len());
-    let mut g = vec![0f64; r * r];
-    for row in b.chunks_exact(r) {
-        for j in 0..r {
-            let x = row[j] as f64;
-            for k in j..r {
-                g[j * r + k] += x * row[k] as f64;
-            }
-        }
-    }
-    for j in 0..r {
-        for k in 0..j {
-            g[j * r + k] = g[k * r + j];
-        }
-    }
-    g
+    let b: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+    linalg::matmul_tn(&b, &b, d_out, r, r)
 }
 
 /// Per eigenvector v_j of Σ_a (the columns of `ea`), what the rank rule weighs: λ_j
