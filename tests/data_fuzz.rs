@@ -2,6 +2,8 @@
 //! through `data::load_file` with the default model's tokenizer (what `grit train` and
 //! `--dry-run` read). Each mutant loads or fails with an error naming the file; a panic fails.
 
+mod common;
+
 use grit::data::{load_file, DataConfig, SplitMix64};
 use grit::infer::{LoadOptions, Model};
 use serde_json::{json, Value};
@@ -32,30 +34,7 @@ fn wild(rng: &mut SplitMix64) -> Value {
 }
 
 fn mutate(v: &mut Value, rng: &mut SplitMix64) {
-    match v {
-        Value::Object(m) if !m.is_empty() && rng.below(3) > 0 => {
-            let keys: Vec<String> = m.keys().cloned().collect();
-            let k = keys[rng.below(keys.len() as u64) as usize].clone();
-            match rng.below(4) {
-                0 => {
-                    m.remove(&k);
-                }
-                1 => {
-                    m.insert(k, wild(rng));
-                }
-                _ => mutate(m.get_mut(&k).expect("key"), rng),
-            }
-        }
-        Value::Object(m) => {
-            m.insert(["messages", "prompt", "text", "role", "content"][rng.below(5) as usize].into(), wild(rng));
-        }
-        Value::Array(a) if !a.is_empty() && rng.below(3) > 0 => {
-            let i = rng.below(a.len() as u64) as usize;
-            mutate(&mut a[i], rng);
-        }
-        Value::Array(a) => a.push(wild(rng)),
-        other => *other = wild(rng),
-    }
+    common::mutate_json(v, rng, &["messages", "prompt", "text", "role", "content"], &wild);
 }
 
 #[test]

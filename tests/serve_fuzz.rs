@@ -5,6 +5,8 @@
 
 mod serve_util;
 
+mod common;
+
 use grit::data::SplitMix64;
 use grit::model::Target;
 use serde_json::{json, Value};
@@ -44,33 +46,8 @@ fn wild(rng: &mut SplitMix64) -> Value {
     }
 }
 
-/// Mutates a JSON value in place: replace, delete or add a field somewhere.
 fn mutate(v: &mut Value, rng: &mut SplitMix64) {
-    match v {
-        Value::Object(m) if !m.is_empty() && rng.below(3) > 0 => {
-            let keys: Vec<String> = m.keys().cloned().collect();
-            let k = &keys[rng.below(keys.len() as u64) as usize];
-            match rng.below(4) {
-                0 => {
-                    m.remove(k);
-                }
-                1 => {
-                    m.insert(k.clone(), wild(rng));
-                }
-                _ => mutate(m.get_mut(k).expect("key"), rng),
-            }
-        }
-        Value::Object(m) => {
-            let k = ["model", "max_tokens", "n", "logprobs", "tools", "adapters", "input", "messages", "stream", "dimensions"][rng.below(10) as usize];
-            m.insert(k.into(), wild(rng));
-        }
-        Value::Array(a) if !a.is_empty() && rng.below(3) > 0 => {
-            let i = rng.below(a.len() as u64) as usize;
-            mutate(&mut a[i], rng);
-        }
-        Value::Array(a) => a.push(wild(rng)),
-        other => *other = wild(rng),
-    }
+    common::mutate_json(v, rng, &["model", "max_tokens", "n", "logprobs", "tools", "adapters", "input", "messages", "stream", "dimensions"], &wild);
 }
 
 #[test]

@@ -76,3 +76,39 @@ pub fn load_options() -> grit::infer::LoadOptions {
         d => grit::infer::LoadOptions { n_gpu_layers: 999, device: d },
     }
 }
+
+/// One JSON-aware mutation for the fuzz tests: somewhere in `v`, a field is removed, replaced
+/// by `wild(rng)` or mutated further, an array element is mutated or one appended, a scalar is
+/// replaced, or one of `new_keys` is added to an object.
+pub fn mutate_json(
+    v: &mut serde_json::Value,
+    rng: &mut grit::data::SplitMix64,
+    new_keys: &[&str],
+    wild: &dyn Fn(&mut grit::data::SplitMix64) -> serde_json::Value,
+) {
+    use serde_json::Value;
+    match v {
+        Value::Object(m) if !m.is_empty() && rng.below(3) > 0 => {
+            let keys: Vec<String> = m.keys().cloned().collect();
+            let k = keys[rng.below(keys.len() as u64) as usize].clone();
+            match rng.below(4) {
+                0 => {
+                    m.remove(&k);
+                }
+                1 => {
+                    m.insert(k, wild(rng));
+                }
+                _ => mutate_json(m.get_mut(&k).expect("key"), rng, new_keys, wild),
+            }
+        }
+        Value::Object(m) => {
+            m.insert(new_keys[rng.below(new_keys.len() as u64) as usize].into(), wild(rng));
+        }
+        Value::Array(a) if !a.is_empty() && rng.below(3) > 0 => {
+            let i = rng.below(a.len() as u64) as usize;
+            mutate_json(&mut a[i], rng, new_keys, wild);
+        }
+        Value::Array(a) => a.push(wild(rng)),
+        other => *other = wild(rng),
+    }
+}
