@@ -144,16 +144,30 @@ pub fn verify_cached(path: &Path, expected: &str) -> Result<(), FetchError> {
     Ok(())
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename: the
+/// temporary file is synced and read back (a full disk or a short write fails here, before
+/// anything is replaced), then renamed over `path` and the folder synced. On error the old
+/// file is untouched and the temporary one removed. grit's one atomic write for everything
+/// but GGUF files (`GgufWriter::write_atomic`, which checks the file with the GGUF reader).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FetchError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| FetchError::Io(dir.into(), e))?;
     let tmp = tmp_sibling(path);
     let res = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        drop(f);
+        if std::fs::read(&tmp)? != bytes {
+            return Err(std::io::Error::other("the written file does not read back as written"));
+        }
+        std::fs::rename(&tmp, path)?;
+        // The rename is durable once the folder is synced (best effort: not every file system
+        // lets a folder be opened for it).
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
     })();
     if let Err(e) = res {
         let _ = std::fs::remove_file(&tmp);
@@ -392,6 +406,21 @@ pub fn chitchat_to_jsonl(raw: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The atomic write replaces the file and leaves nothing behind; a failed one (here the
+    /// temporary file's name is taken by a folder) fails and keeps the old file as it was.
+    #[test]
+    fn atomic_writes_replace_or_keep_the_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.json");
+        write_atomic(&p, b"old").unwrap();
+        write_atomic(&p, b"new").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"new");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file is left");
+        std::fs::create_dir(tmp_sibling(&p)).unwrap();
+        assert!(write_atomic(&p, b"newer").is_err());
+        assert_eq!(std::fs::read(&p).unwrap(), b"new");
+    }
 
     #[test]
     fn chitchat_alternates_merges_and_drops_trailing_user() {
