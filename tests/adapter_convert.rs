@@ -264,6 +264,26 @@ fn adapter_errors_are_clear() {
     let o = gen(&other, true);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--strict"));
+    // `eval` and `serve` apply the same check (library: adapter::check_provenance).
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "To be, or not to be, that is the question. ".repeat(20)).unwrap();
+    let eval = |strict: bool| {
+        let mut a = vec!["eval".to_string(), "--model".into(), s(&other), "--adapter".into(), s(&mixed), "--data".into(), s(&text)];
+        a.extend(["--ctx", "32", "--max-examples", "1"].map(String::from));
+        if strict {
+            a.push("--strict".into());
+        }
+        grit().args(&a).output().unwrap()
+    };
+    let err = String::from_utf8_lossy(&ok(eval(false)).stderr).into_owned();
+    assert!(err.contains("warning") && err.contains("another base model"), "{err}");
+    let o = eval(true);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("another base model"));
+    let o = grit().args(["serve", "--model", &s(&other), "--adapter", &format!("a={}", s(&mixed)), "--strict", "--port", "0"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--adapter a=") && err.contains("another base model"), "{err}");
 }
 
 #[test]

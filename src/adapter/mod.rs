@@ -56,8 +56,9 @@ pub enum AdapterError {
     Architecture { path: PathBuf, adapter: String, base: String, base_path: PathBuf },
     #[error("{p}: '{tensor}': {msg} (is this adapter for another base model?)", p = .path.display())]
     Shape { path: PathBuf, tensor: String, msg: String },
+    /// The adapter records another base model and the policy is [`BaseMismatch::Refuse`].
     #[error("{0}")]
-    Provenance(String),
+    OtherBase(String),
 }
 
 fn io(p: &Path, e: impl ToString) -> AdapterError {
@@ -541,6 +542,26 @@ pub fn check_base(p: &Provenance, adapter_path: &Path, base: &Path) -> Result<Op
     }
     Ok((!diffs.is_empty())
         .then(|| format!("{a}: adapter made for another base model: {b} has {d}", a = adapter_path.display(), b = base.display(), d = diffs.join(", "))))
+}
+
+/// What to do with an adapter whose recorded base model differs from the model it is applied
+/// to: warn (the default: a fine-tune of the same weights under another name still works) or
+/// refuse (`--strict`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BaseMismatch {
+    #[default]
+    Warn,
+    Refuse,
+}
+
+/// [`check_base`] under a policy: `Ok(None)` when the adapter's recorded base agrees with
+/// `base` (or it records none), `Ok(Some(warning))` for the caller to report, and
+/// [`AdapterError::OtherBase`] when the policy refuses. Every command and the server use this.
+pub fn check_provenance(p: &Provenance, adapter_path: &Path, base: &Path, policy: BaseMismatch) -> Result<Option<String>, AdapterError> {
+    match (check_base(p, adapter_path, base)?, policy) {
+        (Some(msg), BaseMismatch::Refuse) => Err(AdapterError::OtherBase(msg)),
+        (other, _) => Ok(other),
+    }
 }
 
 fn short(h: &str) -> &str {

@@ -96,13 +96,21 @@ fn refuse_existing(out: &std::path::Path, overwrite: bool) -> Result<()> {
 
 /// Warns (or fails with `strict`) when the adapter's recorded base differs from `base`.
 pub fn provenance_check(p: &adapter::Provenance, adapter_path: &std::path::Path, base: &std::path::Path, strict: bool) -> Result<()> {
-    if let Some(msg) = adapter::check_base(p, adapter_path, base)? {
-        if strict {
-            bail!("{msg} (--strict)");
-        }
-        eprintln!("grit: warning: {msg}");
+    match adapter::check_provenance(p, adapter_path, base, base_mismatch(strict)) {
+        Ok(Some(msg)) => eprintln!("grit: warning: {msg}"),
+        Ok(None) => {}
+        Err(e) => bail!("{e} (--strict)"),
     }
     Ok(())
+}
+
+/// `--strict` as the library's policy.
+pub fn base_mismatch(strict: bool) -> adapter::BaseMismatch {
+    if strict {
+        adapter::BaseMismatch::Refuse
+    } else {
+        adapter::BaseMismatch::Warn
+    }
 }
 
 pub fn export(a: ExportArgs) -> Result<()> {

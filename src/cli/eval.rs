@@ -19,6 +19,10 @@ pub struct EvalArgs {
     /// Scale applied to every adapter.
     #[arg(long, default_value_t = 1.0, value_parser = super::adapter_scale)]
     pub adapter_scale: f32,
+    /// Refuse an adapter whose recorded base model (name, sha256) differs from --model
+    /// (default: warn).
+    #[arg(long)]
+    pub strict: bool,
     /// Loss/perplexity set: plain text (llama.cpp's windows: --ctx tokens, BOS first, second
     /// half scored) or JSONL/JSON rows (grit train's formats and masking).
     #[arg(long, value_name = "FILE")]
@@ -88,6 +92,7 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
         device: a.model.device,
         adapters: a.adapter.clone(),
         adapter_scale: a.adapter_scale,
+        base_mismatch: super::adapter::base_mismatch(a.strict),
         data: a.data.clone(),
         general: a.general.clone(),
         task: a.task.clone(),

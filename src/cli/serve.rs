@@ -35,6 +35,10 @@ pub struct ServeArgs {
     /// Most adapters loaded at once (start adapters included); more loads get 409.
     #[arg(long, default_value_t = 32)]
     pub max_adapters: usize,
+    /// Refuse adapters (at start and loaded at runtime) whose recorded base model (name,
+    /// sha256) differs from --model (default: a warning in the log).
+    #[arg(long)]
+    pub strict: bool,
     /// A LoRA adapter served under a name, NAME=PATH.gguf (repeatable). Clients pick it with "model": NAME.
     #[arg(long = "adapter", value_name = "NAME=PATH")]
     pub adapters: Vec<String>,
@@ -98,6 +102,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         cors_origins: a.cors_origins,
         allowed_hosts: a.allowed_hosts,
         max_adapters: a.max_adapters,
+        base_mismatch: super::adapter::base_mismatch(a.strict),
         body_limit: a.body_limit,
         timeout: secs("--timeout", a.timeout)?,
         shutdown_grace: secs("--shutdown-grace", a.shutdown_grace)?,

@@ -47,6 +47,8 @@ pub enum EvalError {
     Gguf(#[from] GgufError),
     #[error(transparent)]
     Data(#[from] DataError),
+    #[error(transparent)]
+    AdapterFile(#[from] crate::adapter::AdapterError),
     #[error("{}: {msg}", .0.display(), msg = .1)]
     Adapter(PathBuf, String),
     #[error("{0}")]
@@ -71,6 +73,8 @@ pub struct EvalOptions {
     /// Adapters, one row each (after the base).
     pub adapters: Vec<PathBuf>,
     pub adapter_scale: f32,
+    /// An adapter whose recorded base model differs from `model`: warned about or refused.
+    pub base_mismatch: crate::adapter::BaseMismatch,
     /// Loss/perplexity set.
     pub data: Option<PathBuf>,
     /// General-text set for functional drift (`general_*` fields).
@@ -102,6 +106,7 @@ impl Default for EvalOptions {
             device: crate::ggml::Device::Auto,
             adapters: Vec::new(),
             adapter_scale: 1.0,
+            base_mismatch: crate::adapter::BaseMismatch::Warn,
             data: None,
             general: None,
             task: None,
@@ -301,6 +306,9 @@ fn evaluate_sources(opts: &EvalOptions, sources: &[Source]) -> Result<Vec<EvalRo
     for s in sources {
         // Validated against the base model before llama.cpp sees it; the drift uses that reading.
         let (lora, adapter) = model.load_checked_adapter(&s.path)?;
+        if let Some(warning) = crate::adapter::check_provenance(&adapter.provenance, &s.path, &opts.model, opts.base_mismatch)? {
+            eprintln!("grit: warning: {warning}");
+        }
         drifts.push(drift::adapter_drift(&adapter, opts.adapter_scale));
         adapters.push(lora);
     }

@@ -40,6 +40,7 @@ pub struct AppState {
     pub api_key: Option<String>,
     pub guard: LocalGuard,
     pub max_adapters: usize,
+    pub base_mismatch: crate::adapter::BaseMismatch,
     pub next_id: AtomicUsize,
 }
 
@@ -922,11 +923,17 @@ async fn load_adapter(State(st): State<St>, body: Result<Bytes, BytesRejection>)
         .code("too_many_adapters"));
     }
     let real = super::adapters::resolve_in_dir(&dir, &path).map_err(|e| ApiError::bad("path", e))?;
-    let (check, base) = (real.clone(), st.model.path.clone());
-    tokio::task::spawn_blocking(move || crate::adapter::validate_for_base(&check, &base).map(drop))
-        .await
-        .map_err(|e| ApiError::server(e.to_string()))?
-        .map_err(|e| ApiError::bad("path", format!("cannot load adapter: {e}")).code("invalid_adapter"))?;
+    let (check, base, policy) = (real.clone(), st.model.path.clone(), st.base_mismatch);
+    let warning = tokio::task::spawn_blocking(move || {
+        let ad = crate::adapter::validate_for_base(&check, &base)?;
+        crate::adapter::check_provenance(&ad.provenance, &check, &base, policy)
+    })
+    .await
+    .map_err(|e| ApiError::server(e.to_string()))?
+    .map_err(|e| ApiError::bad("path", format!("cannot load adapter: {e}")).code("invalid_adapter"))?;
+    if let Some(w) = warning {
+        eprintln!("grit serve: warning: {w}");
+    }
     let id = st.registry_mut().next_id();
     let (rtx, rrx) = oneshot::channel();
     st.send(Cmd::LoadAdapter { id, path: real.clone(), reply: rtx })?;
@@ -1148,9 +1155,8 @@ async fn log_requests(State(st): State<St>, req: Request, next: Next) -> Respons
     r
 }
 
-/// Binds and serves until SIGINT/SIGTERM, then lets in-flight requests finish for the grace
-/// period and cancels the rest.
-pub async fn run(st: St, cfg: &ServeConfig, tx: std::sync::mpsc::Sender<Cmd>) -> Result<(), ServeError> {
+/// The routes with every layer, not bound to a socket.
+pub fn router(st: St, cfg: &ServeConfig) -> Result<Router, ServeError> {
     let mut app = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -1188,6 +1194,13 @@ pub async fn run(st: St, cfg: &ServeConfig, tx: std::sync::mpsc::Sender<Cmd>) ->
                 .max_age(Duration::from_secs(3600)),
         );
     }
+    Ok(app)
+}
+
+/// Binds and serves until SIGINT/SIGTERM, then lets in-flight requests finish for the grace
+/// period and cancels the rest.
+pub async fn run(st: St, cfg: &ServeConfig, tx: std::sync::mpsc::Sender<Cmd>) -> Result<(), ServeError> {
+    let app = router(st.clone(), cfg)?;
     let addr = format!("{}:{}", cfg.host, cfg.port);
     let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|err| ServeError::Bind { addr: addr.clone(), err })?;
     let local = listener.local_addr()?;

@@ -52,6 +52,9 @@ pub struct ServeConfig {
     pub allowed_hosts: Vec<String>,
     /// Most adapters loaded at once (start adapters included).
     pub max_adapters: usize,
+    /// An adapter (at start or loaded at runtime) whose recorded base model differs from
+    /// `model`: a warning in the log, or refused.
+    pub base_mismatch: crate::adapter::BaseMismatch,
     /// Largest request body in bytes.
     pub body_limit: usize,
     /// Longest a generation may take, queueing included.
@@ -81,6 +84,50 @@ pub struct ServeConfig {
 
 /// Loads the model and the start adapters, then serves until SIGINT/SIGTERM.
 pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
+    Server::start(cfg)?.run()
+}
+
+/// A started server: the model and the start adapters loaded and the inference thread
+/// running, ready to listen ([`Server::run`]) or to answer requests in process
+/// ([`Server::router`], which the fuzz targets drive). Dropping it stops the inference thread.
+pub struct Server {
+    state: Arc<http::AppState>,
+    tx: std::sync::mpsc::Sender<engine::Cmd>,
+    engine: Option<std::thread::JoinHandle<()>>,
+    cfg: ServeConfig,
+}
+
+impl Server {
+    /// Checks the options, loads the model (and merges or loads the start adapters) and starts
+    /// the inference thread.
+    pub fn start(cfg: ServeConfig) -> Result<Server, ServeError> {
+        start(cfg)
+    }
+
+    /// The HTTP routes with every layer (auth, the local guard, limits, logs, CORS), not bound
+    /// to a socket.
+    pub fn router(&self) -> Result<axum::Router, ServeError> {
+        http::router(self.state.clone(), &self.cfg)
+    }
+
+    /// Binds and serves until SIGINT/SIGTERM (see [`http::run`]).
+    pub fn run(self) -> Result<(), ServeError> {
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 4);
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?;
+        rt.block_on(http::run(self.state.clone(), &self.cfg, self.tx.clone()))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.tx.send(engine::Cmd::Exit);
+        if let Some(e) = self.engine.take() {
+            let _ = e.join();
+        }
+    }
+}
+
+fn start(cfg: ServeConfig) -> Result<Server, ServeError> {
     if cfg.parallel == 0 || cfg.parallel > 256 {
         return Err(ServeError::Option(format!("--parallel {}: must be between 1 and 256", cfg.parallel)));
     }
@@ -163,7 +210,11 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         registry.by_name.insert(name, adapters::AdapterEntry { id, path, created: http::unix_now(), merged: Some(idx) });
     }
     for (name, path) in cfg.adapters.iter().filter(|_| cfg.merge.is_none()) {
-        crate::adapter::validate_for_base(path, &cfg.model).map_err(|e| ServeError::Adapter { name: name.clone(), path: path.clone(), msg: e.to_string() })?;
+        let err = |e: crate::adapter::AdapterError| ServeError::Adapter { name: name.clone(), path: path.clone(), msg: e.to_string() };
+        let ad = crate::adapter::validate_for_base(path, &cfg.model).map_err(err)?;
+        if let Some(w) = crate::adapter::check_provenance(&ad.provenance, path, &cfg.model, cfg.base_mismatch).map_err(err)? {
+            eprintln!("grit serve: warning: {w}");
+        }
         let id = registry.next_id();
         let (rtx, rrx) = tokio::sync::oneshot::channel();
         let _ = tx.send(engine::Cmd::LoadAdapter { id, path: path.clone(), reply: rtx });
@@ -190,12 +241,8 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         api_key: cfg.api_key.clone(),
         guard: http::LocalGuard::new(&cfg.host, &cfg.allowed_hosts, &cfg.cors_origins),
         max_adapters: cfg.max_adapters,
+        base_mismatch: cfg.base_mismatch,
         next_id: AtomicUsize::new(1),
     });
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 4);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?;
-    let res = rt.block_on(http::run(state, &cfg, tx.clone()));
-    let _ = tx.send(engine::Cmd::Exit);
-    let _ = engine.join();
-    res
+    Ok(Server { state, tx, engine: Some(engine), cfg })
 }
