@@ -26,6 +26,7 @@ pub mod infer;
 pub mod llama;
 pub mod model;
 pub mod report;
+pub mod rng;
 pub mod serve;
 pub mod tempdir;
 pub mod train;

@@ -251,7 +251,7 @@ impl LoraSet {
     /// PEFT's initialisation: A ~ U(−1/√d_in, 1/√d_in) (kaiming_uniform with a = √5), B = 0,
     /// so the adapted model starts equal to the base. Deterministic in `seed`.
     pub fn init(&self, seed: u64) -> Result<(), ModelError> {
-        let mut rng = Rng::new(seed);
+        let mut rng = init_rng(seed);
         for m in &self.modules {
             let bound = 1.0 / (m.d_in as f32).sqrt();
             let a: Vec<f32> = (0..m.d_in * m.rank).map(|_| bound * (2.0 * rng.uniform() - 1.0)).collect();
@@ -263,7 +263,7 @@ impl LoraSet {
 
     /// Fills A and B with N(0, std_a²) and N(0, std_b²) values (tests: a non-zero adapter).
     pub fn randomize(&self, seed: u64, std_a: f32, std_b: f32) -> Result<(), ModelError> {
-        let mut rng = Rng::new(seed);
+        let mut rng = init_rng(seed);
         for m in &self.modules {
             let a: Vec<f32> = (0..m.d_in * m.rank).map(|_| std_a * rng.normal()).collect();
             let b: Vec<f32> = (0..m.rank * m.d_out).map(|_| std_b * rng.normal()).collect();
@@ -328,31 +328,10 @@ impl LoraSet {
     }
 }
 
-/// A small deterministic generator (SplitMix64) for initialisation and test data.
-#[derive(Debug, Clone)]
-pub(crate) struct Rng(u64);
-
-impl Rng {
-    pub(crate) fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x6a09_e667_f3bc_c909)
-    }
-    pub(crate) fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    pub(crate) fn uniform(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-    /// Standard normal (Box–Muller).
-    pub(crate) fn normal(&mut self) -> f32 {
-        let u1 = ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-        let u2 = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-    }
+/// The generator for initialisation and test data: grit's SplitMix64 on a seed offset from
+/// the data streams' (so `--seed` draws different numbers for A than for the data order).
+pub(crate) fn init_rng(seed: u64) -> crate::rng::SplitMix64 {
+    crate::rng::SplitMix64::new(seed ^ 0x6a09_e667_f3bc_c909)
 }
 
 #[cfg(test)]
@@ -379,8 +358,8 @@ mod tests {
 
     #[test]
     fn rng_is_deterministic_and_sane() {
-        let mut a = Rng::new(7);
-        let mut b = Rng::new(7);
+        let mut a = init_rng(7);
+        let mut b = init_rng(7);
         let xs: Vec<f32> = (0..10000).map(|_| a.normal()).collect();
         assert!(xs.iter().zip((0..10000).map(|_| b.normal())).all(|(x, y)| *x == y));
         let mean = xs.iter().sum::<f32>() / xs.len() as f32;

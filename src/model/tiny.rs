@@ -8,7 +8,7 @@ use crate::ggml::{quantize, GgufWriter, Type};
 use crate::gguf::{GgufFile, Value};
 
 use super::hparams::Arch;
-use super::lora::Rng;
+use super::lora::init_rng;
 use super::ModelError;
 
 /// The shape and contents of a tiny model.
@@ -97,7 +97,7 @@ pub fn write_tiny_model(path: &Path, spec: &TinySpec, tokenizer_from: &Path) -> 
     w.set_f32(&k("rope.freq_base"), spec.rope_freq_base);
     w.set_f32(&k("attention.layer_norm_rms_epsilon"), spec.rms_eps);
 
-    let mut rng = Rng::new(spec.seed);
+    let mut rng = init_rng(spec.seed);
     let mut normal = |n: usize, std: f32, mean: f32| -> Vec<f32> { (0..n).map(|_| mean + std * rng.normal()).collect() };
     let e = spec.n_embd;
     let (q, kv, ff, v) = (e, spec.n_head_kv * head_dim, spec.n_ff, n_vocab);
