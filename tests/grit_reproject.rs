@@ -103,7 +103,7 @@ fn hard_cut_with_zero_dropped_energy_keeps_the_logits() {
         let cfg = GritConfig {
             rank_energy: 0.9999,
             rank_min: 2,
-            rank_start: 0,
+            rank_start: Some(0),
             rank_cut: RankCut::Hard,
             two_sided,
             rank_signal: RankSignal::Input,
@@ -153,7 +153,7 @@ fn hard_cut_with_zero_dropped_energy_keeps_the_logits() {
     }
 
     // A τ that drops energy: k from the energy rule, B'·A' = B·P_g·P_a·A.
-    let cfg = GritConfig { rank_energy: 0.7, rank_min: 1, rank_start: 0, rank_signal: RankSignal::Input, ..GritConfig::default() };
+    let cfg = GritConfig { rank_energy: 0.7, rank_min: 1, rank_start: Some(0), rank_signal: RankSignal::Input, ..GritConfig::default() };
     let mut ks = Vec::new();
     let mut worst = 0f64;
     for (i, m) in lora.modules().iter().enumerate() {

@@ -199,10 +199,14 @@ pub struct TrainArgs {
     /// GRIT: reproject every N steps (adaptive) [default: 30].
     #[arg(long, help_heading = "GRIT")]
     pub reproject_every: Option<usize>,
-    /// GRIT: no reprojection before step N [default: 30].
+    /// GRIT: the first reprojection and rank cut after this share of the run's steps
+    /// (--reproject-warmup and --rank-start, when given, win) [default: 0.5].
+    #[arg(long, help_heading = "GRIT", value_name = "SHARE")]
+    pub first_cut: Option<f64>,
+    /// GRIT: no reprojection before step N (instead of --first-cut) [default: half the run].
     #[arg(long, help_heading = "GRIT")]
     pub reproject_warmup: Option<usize>,
-    /// GRIT: ranks may change from step N on [default: 30].
+    /// GRIT: ranks may change from step N on (instead of --first-cut) [default: half the run].
     #[arg(long, help_heading = "GRIT")]
     pub rank_start: Option<usize>,
     /// GRIT: smallest rank of a module [default: 4].
@@ -262,7 +266,13 @@ impl TrainArgs {
             ($($f:ident),*) => { $( if let Some(v) = self.$f { c.grit.$f = v; } )* };
         }
         set_grit!(kfac_every, kfac_stats, kfac_beta, invert_every, damping, damping_rel, kfac_pairing, factor_norm, ng_warmup, lambda_k, lambda_r);
-        set_grit!(reg_warmup, reproject_every, reproject_warmup, rank_start, rank_min, rank_energy, rank_cut, rank_signal, rank_budget);
+        set_grit!(reg_warmup, reproject_every, first_cut, rank_min, rank_energy, rank_cut, rank_signal, rank_budget);
+        if self.reproject_warmup.is_some() {
+            c.grit.reproject_warmup = self.reproject_warmup;
+        }
+        if self.rank_start.is_some() {
+            c.grit.rank_start = self.rank_start;
+        }
         if self.damping_abs.is_some() {
             c.grit.damping_abs = self.damping_abs;
         }

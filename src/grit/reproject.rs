@@ -158,7 +158,7 @@ impl Cut {
         let mut order: Vec<usize> = (0..r).collect();
         order.sort_by(|&i, &j| signal[j].total_cmp(&signal[i]).then(i.cmp(&j)));
         let sorted: Vec<f64> = order.iter().map(|&j| signal[j]).collect();
-        let k = if step >= cfg.rank_start {
+        let k = if step >= cfg.rank_start() {
             let hi = r.min(cfg.rank_max.unwrap_or(initial_rank));
             let tau = match cfg.rank_budget {
                 RankBudget::Run => (cfg.rank_energy / m.retained.max(f64::MIN_POSITIVE)).min(1.0),
@@ -416,7 +416,7 @@ mod tests {
     #[test]
     fn no_cut_before_rank_start_and_none_without_statistics() {
         let (m, a, b, _, _) = setup(6, 9, 7, 30);
-        let cfg = GritConfig { rank_energy: 0.5, rank_min: 1, rank_start: 50, two_sided: false, rank_signal: RankSignal::Input, ..GritConfig::default() };
+        let cfg = GritConfig { rank_energy: 0.5, rank_min: 1, rank_start: Some(50), two_sided: false, rank_signal: RankSignal::Input, ..GritConfig::default() };
         let gb = gram_b(&b, 7, 6);
         let cut = Cut::plan(&m, &gb, &cfg, 49, 6).unwrap();
         assert_eq!(cut.new_rank(), 6);
@@ -468,7 +468,8 @@ mod tests {
         assert!(sig.iter().zip([0.0, 0.0, 10.0, 1.25]).all(|(x, y)| (x - y).abs() < 1e-9), "{sig:?}");
         let tr: f64 = (0..4).map(|i| (0..4).map(|c| gb[i * 4 + c] * m.sigma_a[c * 4 + i]).sum::<f64>()).sum();
         assert!((sig.iter().sum::<f64>() - tr).abs() < 1e-9);
-        let cfg = GritConfig { rank_energy: 0.85, rank_min: 1, rank_start: 0, two_sided: false, rank_signal: RankSignal::Output, ..GritConfig::default() };
+        let cfg =
+            GritConfig { rank_energy: 0.85, rank_min: 1, rank_start: Some(0), two_sided: false, rank_signal: RankSignal::Output, ..GritConfig::default() };
         // Output: 10 / 11.25 = 0.89 ≥ 0.85 → keep e_2 only. Input: 4, 3 → 0.7 < 0.85, + 2 → 0.9 → e_0, e_1, e_2.
         let out = Cut::plan(&m, &gb, &cfg, 1, 4).unwrap();
         assert_eq!(kept_units(&out), vec![2]);
@@ -487,7 +488,7 @@ mod tests {
         let run = GritConfig {
             rank_energy: 0.7,
             rank_min: 1,
-            rank_start: 0,
+            rank_start: Some(0),
             two_sided: false,
             rank_signal: RankSignal::Input,
             rank_budget: RankBudget::Run,

@@ -99,7 +99,7 @@ impl Schedule {
             invert_every: cfg.invert_every as f64,
             reproject_every: cfg.reproject_every as f64,
             next_invert: cfg.invert_every.max(1),
-            next_reproject: cfg.reproject_every.max(cfg.reproject_warmup).max(1),
+            next_reproject: cfg.reproject_every.max(cfg.reproject_warmup()).max(1),
             losses: VecDeque::with_capacity(LOSS_WINDOW),
             lambda_abs: cfg.lambda_abs(),
             inversions: 0,
@@ -131,7 +131,7 @@ impl Schedule {
     }
     /// Whether a reprojection follows step t.
     pub fn reproject_due(&self, step: usize, cfg: &GritConfig) -> bool {
-        step >= cfg.reproject_warmup && step >= self.next_reproject
+        step >= cfg.reproject_warmup() && step >= self.next_reproject
     }
 
     /// Call after the inversion that followed step t: adapts the inversion interval (if

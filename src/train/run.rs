@@ -237,6 +237,14 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
         _ => None,
     };
 
+    let mut batcher = data::Batcher::new(&train_ds, cfg.batch_size)?;
+    let total_steps = cfg.steps.unwrap_or_else(|| {
+        let epochs = cfg.epochs.unwrap_or(1.0);
+        ((epochs * batcher.batches_per_epoch() as f64) / cfg.grad_accum as f64).ceil().max(1.0) as usize
+    });
+    // GRIT's first cut as a share of this run's length.
+    cfg.grit.resolve_first_cut(total_steps);
+
     // Backend, frozen weights, adapters, optimizer state.
     let mut backend = Backend::new(BackendOptions { device: cfg.device, n_threads: cfg.threads })?;
     let weights = Weights::load(&file, &backend)?;
@@ -259,11 +267,6 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
     let mut opt = OptState::new(&lora, &backend)?;
     let copies = FrozenCopies::build(&weights, cfg.weight_copies, cfg.forward_copy, &backend)?;
 
-    let mut batcher = data::Batcher::new(&train_ds, cfg.batch_size)?;
-    let total_steps = cfg.steps.unwrap_or_else(|| {
-        let epochs = cfg.epochs.unwrap_or(1.0);
-        ((epochs * batcher.batches_per_epoch() as f64) / cfg.grad_accum as f64).ceil().max(1.0) as usize
-    });
     let eval_seqs: Vec<Sequence> = eval_ds.as_ref().map(data::pack).unwrap_or_default();
     if let Some(path) = &opts.dump_tokens {
         let mut b = batcher.clone();
