@@ -145,6 +145,27 @@ fn bad_input_gets_clear_errors() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.to_lowercase().contains("skipped"), "{text}");
+
+    // The library's dry run returns the statistics (it neither prints nor exits the process).
+    let cfg = grit::train::config::TrainConfig { model: Some(model.clone()), data: Some(bad.clone()), skip_bad_rows: true, ..Default::default() };
+    let opts = grit::train::run::RunOptions {
+        out: dir.path().join("unused"),
+        overwrite: false,
+        resume: false,
+        dry_run: true,
+        stop_after: None,
+        dump_tokens: None,
+        profile: false,
+        cancel: Default::default(),
+    };
+    match grit::train::run::train(cfg, opts).unwrap() {
+        grit::train::run::Outcome::DryRun { train, eval } => {
+            assert!(train.examples >= 1 && train.skipped_rows >= 1, "{train:?}");
+            assert!(eval.is_none());
+        }
+        other => panic!("a dry run trained: {other:?}"),
+    }
+    assert!(!dir.path().join("unused").exists(), "a dry run writes nothing");
 }
 
 /// `--dropout p`: deterministic for a seed (masks are drawn from (seed, step, micro-batch)),

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::fetch;
 use crate::ggml::Device;
 use crate::train::config::TrainConfig;
-use crate::train::run::{RunOptions, TrainError};
+use crate::train::run::{Outcome, RunOptions, TrainError};
 
 pub mod adapter;
 pub mod eval;
@@ -255,9 +255,21 @@ fn train_cmd(a: train::TrainArgs) -> Result<()> {
     };
     let cfg = a.apply(base);
     let stop_after = std::env::var("GRIT_STOP_AFTER_STEP").ok().and_then(|v| v.parse().ok());
-    let opts = RunOptions { out, overwrite: a.overwrite, resume, dry_run: a.dry_run, stop_after, dump_tokens: a.dump_tokens.clone(), profile: a.profile };
-    let s = crate::train::run::train(cfg, opts)?;
-    println!("{}", serde_json::to_string_pretty(&s)?);
+    // Ctrl-C stops the run at the end of the current step, with a checkpoint.
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = cancel.clone();
+    let _ = ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst));
+    let opts =
+        RunOptions { out, overwrite: a.overwrite, resume, dry_run: a.dry_run, stop_after, dump_tokens: a.dump_tokens.clone(), profile: a.profile, cancel };
+    match crate::train::run::train(cfg, opts)? {
+        Outcome::Trained(s) => println!("{}", serde_json::to_string_pretty(&s)?),
+        Outcome::DryRun { train, eval } => {
+            println!("training data\n{train}");
+            if let Some(e) = eval {
+                println!("evaluation data\n{e}");
+            }
+        }
+    }
     Ok(())
 }
 

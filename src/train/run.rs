@@ -75,6 +75,16 @@ pub struct RunOptions {
     pub dump_tokens: Option<PathBuf>,
     /// Time every node of the training steps and print the breakdown at the end.
     pub profile: bool,
+    /// Set from outside (the CLI's Ctrl-C handler) to stop the run at the end of the current
+    /// step, with a checkpoint and the adapter written as at a normal end.
+    pub cancel: Arc<AtomicBool>,
+}
+
+/// What [`train`] did: a run, or (`dry_run`) only read and checked the data.
+#[derive(Debug)]
+pub enum Outcome {
+    Trained(Box<Summary>),
+    DryRun { train: data::DataStats, eval: Option<data::DataStats> },
 }
 
 /// What a finished run reports (also written as `summary.json`).
@@ -169,7 +179,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
 }
 
 /// Runs a training job as configured.
-pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainError> {
+pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainError> {
     cfg.validate()?;
     let is_grit = cfg.method == Method::Grit;
     let data_path = cfg.data.clone().ok_or(TrainError::NoData)?;
@@ -196,11 +206,7 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
         (None, false) => (train_ds, None),
     };
     if opts.dry_run {
-        println!("training data\n{}", train_ds.stats);
-        if let Some(e) = &eval_ds {
-            println!("evaluation data\n{}", e.stats);
-        }
-        std::process::exit(0);
+        return Ok(Outcome::DryRun { train: train_ds.stats.clone(), eval: eval_ds.map(|e| e.stats) });
     }
 
     // Output folder.
@@ -299,12 +305,7 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
         MetricsWriter::create(&out.join("metrics.jsonl")).map_err(|e| io(&out.join("metrics.jsonl"), e))?
     };
 
-    let interrupted = Arc::new(AtomicBool::new(false));
-    {
-        let flag = interrupted.clone();
-        // A second handler registration (tests running several trainings) is harmless to skip.
-        let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
-    }
+    let interrupted = opts.cancel.clone();
 
     eprintln!(
         "grit: {} · {} modules · {} trainable parameters · {} steps · {} sequences/epoch · weight copies {:?} ({} MiB) · device {}",
@@ -636,7 +637,7 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Summary, TrainErr
     };
     let js = serde_json::to_vec_pretty(&summary).map_err(|e| io(&out, e))?;
     write_atomic(&out.join("summary.json"), &js)?;
-    Ok(summary)
+    Ok(Outcome::Trained(Box::new(summary)))
 }
 
 /// A log line above the progress bar, or plainly on stderr when the bar is hidden (not a
