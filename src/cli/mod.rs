@@ -388,13 +388,12 @@ fn chat(a: ChatArgs) -> Result<()> {
     Ok(())
 }
 
-/// Architectures grit's training engine accepts.
-pub fn training_support(arch: &str) -> std::result::Result<(), String> {
-    match arch {
-        "llama" | "qwen2" => Ok(()),
-        "gemma" | "gemma2" | "gemma3" => Err(format!("{arch}: needs a GELU/GEGLU backward, which this ggml lacks")),
-        other => Err(format!("{other}: no training graph for this architecture in grit (supported: llama, qwen2)")),
-    }
+/// Whether grit's training engine accepts `arch` (the one list: [`crate::model::Arch::parse`]).
+fn training_support(arch: &str) -> std::result::Result<(), String> {
+    crate::model::Arch::parse(arch).map(drop).map_err(|e| match e {
+        crate::model::ModelError::UnsupportedArch { arch, missing } => format!("{arch}: {missing}"),
+        other => other.to_string(),
+    })
 }
 
 fn info(a: InfoArgs) -> Result<()> {

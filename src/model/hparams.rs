@@ -15,6 +15,9 @@ pub enum Arch {
 }
 
 impl Arch {
+    /// Every architecture grit trains (the one list: `grit info`, the refusals and the README's).
+    pub const ALL: [Arch; 2] = [Arch::Llama, Arch::Qwen2];
+
     /// The GGUF `general.architecture` name.
     pub fn name(self) -> &'static str {
         match self {
@@ -26,9 +29,10 @@ impl Arch {
     /// Parses `general.architecture`; other architectures are refused with what grit lacks
     /// to train them.
     pub fn parse(arch: &str) -> Result<Self, ModelError> {
+        if let Some(a) = Arch::ALL.into_iter().find(|a| a.name() == arch) {
+            return Ok(a);
+        }
         let missing = match arch {
-            "llama" => return Ok(Arch::Llama),
-            "qwen2" => return Ok(Arch::Qwen2),
             "gemma" | "gemma2" | "gemma3" | "gemma3n" => "its GELU-gated FFN needs a GEGLU (and GELU) backward, which ggml lacks",
             "qwen3" => "per-head Q/K RMS norms are not implemented in grit's graph",
             "qwen2moe" | "qwen3moe" | "mixtral" | "deepseek2" | "olmoe" | "gpt-oss" => "mixture-of-experts layers need a mul_mat_id backward, which ggml lacks",
@@ -37,9 +41,13 @@ impl Arch {
             "falcon" | "gpt2" | "gptneox" | "bloom" | "mpt" | "starcoder" | "phi2" => {
                 "it uses LayerNorm and GELU (a GELU backward is missing in ggml) instead of RMSNorm and SwiGLU"
             }
-            _ => "grit's training graph covers only 'llama' and 'qwen2'",
+            _ => "",
         };
-        Err(ModelError::UnsupportedArch { arch: arch.to_string(), missing: missing.to_string() })
+        let missing = match missing {
+            "" => format!("grit's training graph covers only {}", Arch::ALL.map(Arch::name).join(", ")),
+            m => m.to_string(),
+        };
+        Err(ModelError::UnsupportedArch { arch: arch.to_string(), missing })
     }
 
     /// RoPE layout: NORM for LLaMA, NEOX for Qwen2 (llama.cpp's llama_model_rope_type).
@@ -190,6 +198,11 @@ mod tests {
     fn architectures() {
         assert_eq!(Arch::parse("llama").unwrap(), Arch::Llama);
         assert_eq!(Arch::parse("qwen2").unwrap().rope_mode(), RopeMode::Neox);
+        for a in Arch::ALL {
+            assert_eq!(Arch::parse(a.name()).unwrap(), a);
+        }
+        let err = Arch::parse("mamba").unwrap_err().to_string();
+        assert!(err.contains("covers only llama, qwen2"), "{err}");
         let e = Arch::parse("gemma3").unwrap_err().to_string();
         assert!(e.contains("gemma3") && e.contains("GEGLU"), "{e}");
         let e = Arch::parse("mamba").unwrap_err().to_string();
