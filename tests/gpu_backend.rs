@@ -52,7 +52,8 @@ fn step_graph_check(backend: &Backend, copies_for: &Backend, grit_cfg: Option<&g
     let o = engine::StepOptions { grit: grit_cfg, ..Default::default() };
     let sg = StepGraph::build_with(&ctx, &weights, &lora, &copies, &opt, 64, 63, o);
     let octx = Context::new(engine::opt_capacity(&lora)).unwrap();
-    let og = engine::OptGraph::build_scaled(&octx, &lora, &opt, 1, 1.0, grit_cfg.is_some(), grit_cfg.is_some(), 1.0);
+    let og =
+        engine::OptGraph::build(&octx, &lora, &opt, &engine::OptOptions { precondition: grit_cfg.is_some(), graft: grit_cfg.is_some(), ..Default::default() });
     let cpu_only = cpu_only_nodes(&sg.graph);
     let mut b = Backend::new(BackendOptions { device: if backend.is_gpu() { Device::Gpu } else { Device::Cpu }, n_threads: 2 }).unwrap();
     let mut fallback = b.cpu_fallback_nodes(&sg.graph);

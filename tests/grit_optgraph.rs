@@ -1,4 +1,4 @@
-//! The trainer's optimizer graph with GRIT preconditioning (`OptGraph::build_with`): with
+//! The trainer's optimizer graph with GRIT preconditioning (`OptGraph::build` with `OptOptions::precondition`): with
 //! identity preconditioners it steps exactly as LoRA's graph; with real ones, the gradient
 //! norm it clips by is that of the mean gradients preconditioned on the host.
 
@@ -8,7 +8,7 @@ use grit::grit::linalg;
 use grit::grit::precondition::{self, Preconditioner};
 use grit::grit::{Damping, Pairing};
 use grit::model::{write_tiny_model, LoraConfig, LoraSet, TinySpec, Weights};
-use grit::train::engine::{self, AdamStep, OptGraph, OptState};
+use grit::train::engine::{self, AdamStep, OptGraph, OptOptions, OptState};
 
 #[test]
 fn preconditioned_optimizer_step() {
@@ -50,7 +50,7 @@ fn preconditioned_optimizer_step() {
         }
         lora.mark_params();
         let ctx = Context::new(engine::opt_capacity(&lora)).unwrap();
-        let g = OptGraph::build_grit(&ctx, &lora, &opt, n_micro, 1e6, precond.is_some(), graft);
+        let g = OptGraph::build(&ctx, &lora, &opt, &OptOptions { n_micro, max_grad_norm: 1e6, precondition: precond.is_some(), graft, loss_scale: 1.0 });
         let mut run = backend.compute(&g.graph).unwrap();
         if let (Some(pi), Some(p)) = (&g.precond, precond) {
             pi.set(&mut run, p).unwrap();

@@ -42,7 +42,7 @@ fn many_distinct_ranks_do_not_fragment_the_allocator() {
     let eval = TrainGraph::build(&ectx, &weights, Some(&lora), 256, Outputs::Rows(255), true);
     assert!(backend.compute(&eval.graph).is_ok());
     let octx = Context::new(engine::opt_capacity(&lora)).unwrap();
-    let og = engine::OptGraph::build_grit(&octx, &lora, &opt, 1, 1.0, true, true);
+    let og = engine::OptGraph::build(&octx, &lora, &opt, &engine::OptOptions { precondition: true, graft: true, ..Default::default() });
     assert!(backend.compute(&og.graph).is_ok());
 }
 

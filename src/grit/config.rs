@@ -130,7 +130,7 @@ pub struct GritConfig {
     /// Scale each factor to unit mean eigenvalue before damping (see [`FactorNorm`]).
     pub factor_norm: FactorNorm,
     /// Rescale each preconditioned gradient (per module, A and B) to the raw gradient's norm:
-    /// the preconditioner sets the direction, the gradient the size (see `OptGraph::build_grit`).
+    /// the preconditioner sets the direction, the gradient the size (see `OptOptions::graft`).
     pub graft: bool,
     /// No preconditioning during the first this many steps (reference 0, or 300 on long runs).
     pub ng_warmup: usize,

@@ -116,7 +116,7 @@ pub fn loss_scale(max_rows: usize) -> f32 {
 #[derive(Debug, Clone, Copy)]
 pub struct StepOptions<'c> {
     /// The loss scale S the backward runs at (see [`loss_scale`]); the accumulated gradients
-    /// are S × the true ones until [`OptGraph::build_scaled`] divides them. Default 1.
+    /// are S × the true ones until [`OptGraph::build`] divides them. Default 1.
     pub loss_scale: f32,
     /// GRIT: its regularizer (when λ_K or λ_R > 0) and the K-FAC statistic nodes.
     pub grit: Option<&'c crate::grit::GritConfig>,
@@ -309,49 +309,45 @@ pub struct OptGraph<'g> {
     pub precond: Option<crate::grit::PrecondInputs<'g>>,
 }
 
+/// What the optimizer graph does with the accumulated gradients.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OptOptions {
+    /// Micro-batches accumulated per step (the mean gradient divides by it).
+    pub n_micro: usize,
+    /// Global-norm clipping threshold; 0 turns clipping off. Baked into the graph and also fed
+    /// as the `max_norm` input each step.
+    pub max_grad_norm: f32,
+    /// GRIT: each module's mean gradients are preconditioned before the norm, the clipping and
+    /// AdamW.
+    pub precondition: bool,
+    /// GRIT, with `precondition`: each preconditioned gradient is rescaled to the Frobenius
+    /// norm of the raw one (per module and per factor, A and B): the preconditioner sets the
+    /// direction and the raw gradient the size ("grafting", Agarwal et al. 2020). Without it,
+    /// a preconditioner that changes the gradients' size at its first use (step 11 by default)
+    /// leaves AdamW's second moment, which remembers ~1/(1 − β₂) = 1000 steps, matched to the
+    /// old size: the effective learning rate jumps or drops by that factor for hundreds of
+    /// steps.
+    pub graft: bool,
+    /// The loss scale the accumulators were filled at (see [`StepOptions::loss_scale`]): the
+    /// mean gradient is acc / (n_micro · S).
+    pub loss_scale: f32,
+}
+
+impl Default for OptOptions {
+    fn default() -> Self {
+        OptOptions { n_micro: 1, max_grad_norm: 1.0, precondition: false, graft: false, loss_scale: 1.0 }
+    }
+}
+
 pub fn opt_capacity(lora: &LoraSet) -> Capacity {
     let n = (16 * 2 + 2 * crate::grit::PrecondInputs::TENSORS_PER_MODULE + 2 * 8) * lora.modules().len() + 64;
     Capacity::graph(n, n, false)
 }
 
 impl<'g> OptGraph<'g> {
-    /// `max_grad_norm` = 0 turns clipping off; otherwise it is baked into the graph (and also
-    /// fed as the `max_norm` input each step).
-    pub fn build(ctx: &'g Context, lora: &'g LoraSet, opt: &'g OptState, n_micro: usize, max_grad_norm: f32) -> Self {
-        Self::build_with(ctx, lora, opt, n_micro, max_grad_norm, false)
-    }
-
-    /// With `precondition`, each module's mean gradients are preconditioned (GRIT) before the
-    /// norm, the clipping and AdamW.
-    pub fn build_with(ctx: &'g Context, lora: &'g LoraSet, opt: &'g OptState, n_micro: usize, max_grad_norm: f32, precondition: bool) -> Self {
-        Self::build_grit(ctx, lora, opt, n_micro, max_grad_norm, precondition, false)
-    }
-
-    /// [`OptGraph::build_with`]; with `graft` as well, each preconditioned gradient is rescaled
-    /// to the Frobenius norm of the raw one (per module and per factor, A and B): the
-    /// preconditioner then sets the direction and the raw gradient the size ("grafting",
-    /// Agarwal et al. 2020). Without it, a preconditioner that changes the gradients' size
-    /// at its first use (step 11 by default) leaves AdamW's second moment, which remembers
-    /// ~1/(1 − β₂) = 1000 steps, matched to the old size: the effective learning rate jumps
-    /// or drops by that factor for hundreds of steps.
-    #[allow(clippy::too_many_arguments)]
-    pub fn build_grit(ctx: &'g Context, lora: &'g LoraSet, opt: &'g OptState, n_micro: usize, max_grad_norm: f32, precondition: bool, graft: bool) -> Self {
-        Self::build_scaled(ctx, lora, opt, n_micro, max_grad_norm, precondition, graft, 1.0)
-    }
-
-    /// [`OptGraph::build_grit`] for accumulators filled at loss scale `loss_scale` (see
-    /// [`StepOptions::loss_scale`]): the mean gradient is acc / (n_micro · S).
-    #[allow(clippy::too_many_arguments)]
-    pub fn build_scaled(
-        ctx: &'g Context,
-        lora: &'g LoraSet,
-        opt: &'g OptState,
-        n_micro: usize,
-        max_grad_norm: f32,
-        precondition: bool,
-        graft: bool,
-        loss_scale: f32,
-    ) -> Self {
+    /// The optimizer step over `lora`'s accumulated gradients in `opt`, as `o` says.
+    pub fn build(ctx: &'g Context, lora: &'g LoraSet, opt: &'g OptState, o: &OptOptions) -> Self {
+        let OptOptions { n_micro, max_grad_norm, precondition, graft, loss_scale } = *o;
         let clip = max_grad_norm > 0.0;
         let cap = ctx.capacity();
         let mut graph = ctx.new_graph(cap.graph_nodes, false);

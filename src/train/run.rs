@@ -15,7 +15,7 @@ use crate::model::{Arch, Batch, LoraConfig, LoraSet, ModelError, Outputs, Target
 use super::checkpoint::{self, Checkpoint, NamedTensor};
 use super::config::{ConfigError, Method, TrainConfig};
 use super::copies::FrozenCopies;
-use super::engine::{self, AdamStep, OptGraph, OptState, StepGraph, StepOptions, SLOT_NAMES};
+use super::engine::{self, AdamStep, OptGraph, OptOptions, OptState, StepGraph, StepOptions, SLOT_NAMES};
 use super::grit_run::{self, GritCheckpoint, GritRun};
 use super::metrics::MetricsWriter;
 use super::schedule::lr_at;
@@ -83,7 +83,7 @@ pub struct RunOptions {
 /// What [`train`] did: a run, or (`dry_run`) only read and checked the data.
 #[derive(Debug)]
 pub enum Outcome {
-    Trained(Box<Summary>),
+    Trained(Summary),
     DryRun { train: data::DataStats, eval: Option<data::DataStats> },
 }
 
@@ -389,7 +389,12 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
         }
         let loss_scale = engine::loss_scale(cfg.batch_size * cfg.max_seq_len);
         let opt_ctx = Context::new(engine::opt_capacity(&lora))?;
-        let opt_graph = OptGraph::build_scaled(&opt_ctx, &lora, &opt, cfg.grad_accum, cfg.max_grad_norm, is_grit, is_grit && cfg.grit.graft, loss_scale);
+        let opt_graph = OptGraph::build(
+            &opt_ctx,
+            &lora,
+            &opt,
+            &OptOptions { n_micro: cfg.grad_accum, max_grad_norm: cfg.max_grad_norm, precondition: is_grit, graft: is_grit && cfg.grit.graft, loss_scale },
+        );
         // The step graph is rebuilt only when the batch shape (tokens, trained rows) changes.
         let first = pending.take().unwrap_or_else(|| make_batch(&batcher.next_batch(), cfg.max_seq_len, pad));
         let key = (first.n_tokens(), first.n_rows());
@@ -637,7 +642,7 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
     };
     let js = serde_json::to_vec_pretty(&summary).map_err(|e| io(&out, e))?;
     write_atomic(&out.join("summary.json"), &js)?;
-    Ok(Outcome::Trained(Box::new(summary)))
+    Ok(Outcome::Trained(summary))
 }
 
 /// A log line above the progress bar, or plainly on stderr when the bar is hidden (not a
