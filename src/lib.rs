@@ -14,15 +14,21 @@
 //! - [`report`]: `grit report` (an HTML page of plots over training runs).
 //! - [`cli`]: the `grit` command line (clap derive).
 
+// `unsafe` only inside the FFI fence (`ggml`, `gguf`, `llama`), each block with a SAFETY note.
+#![deny(unsafe_code)]
+
 pub mod adapter;
 pub mod cli;
 pub mod data;
 pub mod eval;
 pub mod fetch;
+#[allow(unsafe_code)]
 pub mod ggml;
+#[allow(unsafe_code)]
 pub mod gguf;
 pub mod grit;
 pub mod infer;
+#[allow(unsafe_code)]
 pub mod llama;
 pub mod model;
 pub mod report;
