@@ -13,14 +13,19 @@
 #   grit      --method grit, default flags (initial rank 16)
 #   loram     --method lora at the uniform rank whose parameter count is nearest GRIT's final
 #             count on the same task, same scale 2 (alpha = 2·rank); needs grit's run
-#   grit-nopc GRIT without preconditioning (--ng-warmup STEPS)
+#   grit-nopc GRIT without preconditioning (--ng-warmup beyond the run)
+#   grit-noreg GRIT without the regularizers (--lambda-k 0 --lambda-r 0)
 #   grit-nocut GRIT without rank cuts (--rank-start beyond the run: fixed rank 16)
+#   grit-early GRIT with the first cut at 20 % of the run (--first-cut 0.2: step 30 of 150,
+#             the earlier default)
+#   grit-run  GRIT with the run budget (--rank-budget run: later cuts do not ratchet)
 #   grit-output GRIT with the output-energy rank rule (--rank-signal output --rank-budget run)
 # Gain = step-0 eval loss − final eval loss (in-training eval, same tokens for every row).
 #   STEPS=150 THREADS=2 bench/grit_vs_lora.sh           (RUNS=dir keeps the runs there)
 #   TASKS=plays CONFIGS="lora16 grit" bench/grit_vs_lora.sh
 #   REUSE=1 RUNS=dir bench/grit_vs_lora.sh               (only print, from earlier runs)
-# Each run takes ~5–10 minutes on 2 cores (150 steps of 128 tokens); the whole table ~1.5–2 h.
+# Each run takes ~5–10 minutes on 2 cores (150 steps of 128 tokens; the chat task adds minutes
+# of tokenization); the whole table of both tasks ~3 h.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${NO_BUILD:-}${REUSE:-}" ] || cargo build --release --bin grit >&2
@@ -31,7 +36,7 @@ SEQ=${SEQ:-128}
 THREADS=${THREADS:-$(nproc)}
 RUNS=${RUNS:-$(mktemp -d)}
 TASKS=${TASKS:-plays chat}
-CONFIGS=${CONFIGS:-lora16 grit loram grit-nopc grit-nocut grit-output}
+CONFIGS=${CONFIGS:-lora16 grit loram grit-nopc grit-noreg grit-nocut grit-early grit-run grit-output}
 mkdir -p "$RUNS"
 $GRIT fetch >/dev/null
 PLAYS=$($GRIT fetch | awk '/^plays/ {print $2}')
@@ -73,7 +78,10 @@ run() { # task config
       extra="--method lora --rank $r --alpha $((2 * r))"
       ;;
     grit-nopc) extra="--method grit --ng-warmup $((STEPS + 1))" ;;
+    grit-noreg) extra="--method grit --lambda-k 0 --lambda-r 0" ;;
     grit-nocut) extra="--method grit --rank-start $((STEPS + 1))" ;;
+    grit-early) extra="--method grit --first-cut 0.2" ;;
+    grit-run) extra="--method grit --rank-budget run" ;;
     grit-output) extra="--method grit --rank-signal output --rank-budget run" ;;
     *)
       echo "unknown configuration $cfg" >&2
