@@ -143,3 +143,30 @@ fn grit_soft_cut_with_accumulation_and_reference_options() {
     assert!(s["rank_per_module"].as_object().unwrap().values().all(|v| v == 8));
     assert!(r.iter().filter_map(|x| x["loss"].as_f64()).all(f64::is_finite));
 }
+
+/// Without `--reproject-warmup`/`--rank-start`, the first reprojection and rank cut come at
+/// `--first-cut` × the run's steps (default half the run); explicit steps still win.
+#[test]
+fn the_first_cut_comes_at_a_share_of_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let first_reprojection = |name: &str, share: Option<&str>| {
+        let out = dir.path().join(name);
+        let mut args = train_args(&model, &out);
+        // Drop the explicit first-cut steps (flag and value).
+        for flag in ["--reproject-warmup", "--rank-start"] {
+            let i = args.iter().position(|a| a == flag).unwrap();
+            args.drain(i..i + 2);
+        }
+        if let Some(s) = share {
+            args.extend(["--first-cut".to_string(), s.to_string()]);
+        }
+        ok(grit().args(&args).output().unwrap());
+        rows(&out).iter().find(|r| r["event"] == "reproject").map(|r| r["step"].as_u64().unwrap())
+    };
+    // 10 steps, --reproject-every 4: the first event at max(4, share × 10).
+    assert_eq!(first_reprojection("half", None), Some(5));
+    assert_eq!(first_reprojection("late", Some("0.8")), Some(8));
+    let o = grit().args(["train", "--method", "grit", "--first-cut", "1.5", "--dry-run", "--data", "x.txt"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("first_cut"), "{}", String::from_utf8_lossy(&o.stderr));
+}
