@@ -41,6 +41,9 @@ pub enum TrainError {
     Checkpoint(#[from] checkpoint::CheckpointError),
     #[error("{p}: {msg}", p = .0.display(), msg = .1)]
     Io(PathBuf, String),
+    /// A checkpoint that reads but does not fit this run (state fields, module count, shapes).
+    #[error("checkpoint step {step} in {p}: {msg}", p = .dir.display())]
+    CheckpointMismatch { dir: PathBuf, step: usize, msg: String },
     #[error("{p}: the output folder is not empty; pass --overwrite to replace its run or --resume {p} to continue it", p = .0.display())]
     OutNotEmpty(PathBuf),
     #[error("no training data: pass --data FILE (JSONL or .txt)")]
@@ -236,10 +239,11 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
         None
     };
     let grit_ck: Option<GritCheckpoint> = match (&resume_ck, is_grit) {
-        (Some(ck), true) => Some(
-            serde_json::from_value(ck.state["grit"].clone())
-                .map_err(|e| TrainError::Io(checkpoint::step_dir(&ckpt_dir, ck.step), format!("state.json: field 'grit': {e}")))?,
-        ),
+        (Some(ck), true) => Some(serde_json::from_value(ck.state["grit"].clone()).map_err(|e| TrainError::CheckpointMismatch {
+            dir: ckpt_dir.clone(),
+            step: ck.step,
+            msg: format!("state.json: field 'grit': {e}"),
+        })?),
         _ => None,
     };
 
@@ -263,7 +267,8 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
     if let Some(gck) = grit_ck {
         // The checkpoint's per-module ranks; every scale stays that of the initial rank.
         if gck.ranks.len() != lora.modules().len() {
-            return Err(TrainError::Io(ckpt_dir.clone(), format!("the checkpoint has {} modules, this run {}", gck.ranks.len(), lora.modules().len())));
+            let msg = format!("it has {} modules, this run {}", gck.ranks.len(), lora.modules().len());
+            return Err(TrainError::CheckpointMismatch { dir: ckpt_dir.clone(), step: resume_ck.as_ref().map_or(0, |c| c.step), msg });
         }
         let specs: Vec<_> = lora.modules().iter().zip(&gck.ranks).map(|(m, &r)| (m.layer, m.target, r, m.scale)).collect();
         lora = LoraSet::with_modules(&weights, &specs, &backend)?;
@@ -292,9 +297,12 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
     let mut eval_initial: Option<f32> = None;
     let mut metrics = if let Some(ck) = resume_ck {
         let step = ck.step;
-        restore(&ck, &lora, &opt)?;
-        let pos: data::DataPosition = serde_json::from_value(ck.state["data"].clone())
-            .map_err(|e| TrainError::Io(checkpoint::step_dir(&ckpt_dir, step), format!("state.json: field 'data': {e}")))?;
+        restore(&ck, &ckpt_dir, &lora, &opt)?;
+        let pos: data::DataPosition = serde_json::from_value(ck.state["data"].clone()).map_err(|e| TrainError::CheckpointMismatch {
+            dir: ckpt_dir.clone(),
+            step,
+            msg: format!("state.json: field 'data': {e}"),
+        })?;
         batcher.restore(pos)?;
         start_step = step;
         elapsed_before = ck.state["elapsed_s"].as_f64().unwrap_or(0.0);
@@ -789,14 +797,12 @@ fn snapshot(step: usize, lora: &LoraSet, opt: &OptState, state: serde_json::Valu
 }
 
 /// Restores parameters and optimizer state from a checkpoint (shapes are checked).
-fn restore(ck: &Checkpoint, lora: &LoraSet, opt: &OptState) -> Result<(), TrainError> {
+fn restore(ck: &Checkpoint, dir: &Path, lora: &LoraSet, opt: &OptState) -> Result<(), TrainError> {
+    let mismatch = |msg: String| TrainError::CheckpointMismatch { dir: dir.to_path_buf(), step: ck.step, msg };
     let get = |name: String, len: usize| -> Result<&Vec<f32>, TrainError> {
-        let t = ck.tensor(&name).ok_or_else(|| TrainError::Io(PathBuf::from(format!("checkpoint step-{}", ck.step)), format!("tensor '{name}' is missing")))?;
+        let t = ck.tensor(&name).ok_or_else(|| mismatch(format!("tensor '{name}' is missing")))?;
         if t.data.len() != len {
-            return Err(TrainError::Io(
-                PathBuf::from(format!("checkpoint step-{}", ck.step)),
-                format!("tensor '{name}' has {} values, this run needs {len} (different --rank/--targets?)", t.data.len()),
-            ));
+            return Err(mismatch(format!("tensor '{name}' has {} values, this run needs {len} (another rank or target list?)", t.data.len())));
         }
         Ok(&t.data)
     };
