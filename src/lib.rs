@@ -33,6 +33,7 @@ pub mod llama;
 pub mod model;
 pub mod report;
 pub mod rng;
+pub mod rundir;
 pub mod serve;
 pub mod tempdir;
 pub mod train;

@@ -40,6 +40,8 @@ fn fake_run(dir: &Path, method: &str, base_loss: f64) {
     let summary = serde_json::json!({
         "method": method, "trainable_params": 16 * 1152 * modules.len(), "tokens_per_s": 93.0, "train_loss": base_loss - 0.7,
         "drift_per_module": drift, "drift_total": 0.3, "rank_per_module": ranks, "steps": 60,
+        "base_model": "model.gguf", "targets": ["attn_q"], "peak_rss_bytes": 1, "wall_s": 1.0, "weight_copies": "q8_0",
+        "eval_loss": null, "eval_loss_initial": null,
     });
     std::fs::write(dir.join("summary.json"), summary.to_string()).unwrap();
 }

@@ -42,7 +42,7 @@ pub struct Run {
     /// Reprojection events: (step, ranks per module, trainable params).
     pub reprojections: Vec<(f64, Vec<f64>, f64)>,
     /// summary.json, when the run finished.
-    pub summary: Option<Value>,
+    pub summary: Option<crate::rundir::Summary>,
     /// Module names of the reprojection rows (in adapter order), when they name them.
     pub reproject_modules: Vec<String>,
 }
@@ -103,9 +103,7 @@ impl Run {
                 run.rank = cfg.get("rank").and_then(|r| r.as_integer()).unwrap_or(0) as usize;
             }
         }
-        if let Ok(b) = std::fs::read(dir.join("summary.json")) {
-            run.summary = serde_json::from_slice(&b).ok();
-        }
+        run.summary = crate::rundir::Summary::read(dir).map_err(|e| ReportError::Run(dir.join(crate::rundir::SUMMARY), e.to_string()))?;
         if run.steps.is_empty() {
             return Err(ReportError::Run(mp, "no training steps recorded yet".into()));
         }
@@ -125,8 +123,7 @@ impl Run {
         let mut names: Vec<String> = self
             .summary
             .as_ref()
-            .and_then(|s| s["rank_per_module"].as_object().or(s["drift_per_module"].as_object()))
-            .map(|m| m.keys().cloned().collect())
+            .map(|s| if s.rank_per_module.is_empty() { s.drift_per_module.keys().cloned().collect() } else { s.rank_per_module.keys().cloned().collect() })
             .unwrap_or_default();
         if names.is_empty() {
             names = self.reproject_modules.clone();
@@ -138,7 +135,7 @@ impl Run {
     /// Trainable parameters over time: (step, params) at the start and at each change.
     fn params_over_time(&self) -> Vec<(f64, f64)> {
         let s = self.summary.as_ref();
-        let initial = s.and_then(|s| s["trainable_params_initial"].as_f64().or(s["trainable_params"].as_f64()));
+        let initial = s.map(|s| s.initial_params() as f64);
         let mut v = Vec::new();
         if let Some(p) = initial.or_else(|| (self.reprojections.is_empty()).then_some(f64::NAN)) {
             if p.is_finite() {
@@ -436,8 +433,8 @@ impl Report {
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                let d = r.summary.as_ref().and_then(|s| s["drift_per_module"].as_object()).map(|m| {
-                    let mut v: Vec<(String, f64)> = m.iter().filter_map(|(k, x)| x.as_f64().map(|x| (k.clone(), x))).collect();
+                let d = r.summary.as_ref().map(|s| &s.drift_per_module).map(|m| {
+                    let mut v: Vec<(String, f64)> = m.iter().map(|(k, x)| (k.clone(), *x)).collect();
                     v.sort_by_key(|(k, _)| module_order(k));
                     v.into_iter().enumerate().map(|(j, (_, x))| (j as f64, x)).collect()
                 });
@@ -476,20 +473,19 @@ pub fn html(rep: &Report) -> String {
     h.push_str("<table id=\"runs\"><tr><th>run</th><th>method</th><th>steps</th><th>final train loss</th><th>eval loss</th><th>tokens/s</th><th>trainable params</th><th>drift ‖ΔW‖_F</th></tr>\n");
     for r in &rep.runs {
         let s = r.summary.as_ref();
-        let f = |k: &str, p: usize| s.and_then(|s| s[k].as_f64()).map(|x| format!("{x:.p$}")).unwrap_or_else(|| "-".into());
+        let f = |x: Option<f64>, p: usize| x.map(|x| format!("{x:.p$}")).unwrap_or_else(|| "-".into());
         let eval = r.evals.last().map(|e| format!("{:.4}", e.1)).unwrap_or_else(|| "-".into());
-        let params =
-            s.and_then(|s| s["trainable_params_final"].as_u64().or(s["trainable_params"].as_u64())).map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+        let params = s.map(|s| s.final_params().to_string()).unwrap_or_else(|| "-".into());
         h.push_str(&format!(
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
             esc(&r.name),
             esc(&r.method),
             r.last_step(),
-            f("train_loss", 4),
+            f(s.and_then(|s| s.train_loss).map(f64::from), 4),
             eval,
-            f("tokens_per_s", 1),
+            f(s.map(|s| s.tokens_per_s), 1),
             params,
-            f("drift_total", 4)
+            f(s.map(|s| s.drift_total), 4)
         ));
     }
     h.push_str("</table>\n");
@@ -631,7 +627,8 @@ mod tests {
         let names = ["blk.0.attn_q.weight", "blk.0.ffn_down.weight", "blk.1.attn_q.weight", "blk.10.attn_q.weight"];
         let drift: serde_json::Map<String, Value> = names.iter().enumerate().map(|(i, n)| (n.to_string(), Value::from(0.1 * (i + 1) as f64))).collect();
         let ranks: serde_json::Map<String, Value> = names.iter().map(|n| (n.to_string(), Value::from(16))).collect();
-        let s = serde_json::json!({"method": method, "trainable_params": 6000, "tokens_per_s": 90.0, "train_loss": 3.0, "drift_per_module": drift, "drift_total": 0.5, "rank_per_module": ranks});
+        let s = serde_json::json!({"method": method, "trainable_params": 6000, "tokens_per_s": 90.0, "train_loss": 3.0, "drift_per_module": drift, "drift_total": 0.5, "rank_per_module": ranks,
+            "base_model": "model.gguf", "targets": ["attn_q"], "steps": 60, "peak_rss_bytes": 1, "wall_s": 1.0, "weight_copies": "q8_0"});
         std::fs::write(dir.join("summary.json"), s.to_string()).unwrap();
     }
 

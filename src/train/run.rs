@@ -90,35 +90,7 @@ pub enum Outcome {
     DryRun { train: data::DataStats, eval: Option<data::DataStats> },
 }
 
-/// What a finished run reports (also written as `summary.json`).
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Summary {
-    pub method: Method,
-    pub base_model: String,
-    pub targets: Vec<String>,
-    pub rank_per_module: std::collections::BTreeMap<String, usize>,
-    pub trainable_params: usize,
-    pub steps: usize,
-    pub train_loss: Option<f32>,
-    pub eval_loss: Option<f32>,
-    pub eval_loss_initial: Option<f32>,
-    pub tokens_per_s: f64,
-    pub peak_rss_bytes: u64,
-    pub wall_s: f64,
-    pub weight_copies: super::config::WeightCopies,
-    /// GRIT: Σ_m r_m·(d_in + d_out) at the start and at the end.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub trainable_params_initial: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub trainable_params_final: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub inversions: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reprojections: Option<usize>,
-    /// ‖s·B·A‖_F per module (every method) and its total (√ of the sum of squares).
-    pub drift_per_module: std::collections::BTreeMap<String, f64>,
-    pub drift_total: f64,
-}
+pub use crate::rundir::Summary;
 
 /// Peak resident memory of this process (VmHWM), bytes.
 pub fn peak_rss_bytes() -> u64 {
@@ -648,8 +620,7 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
         drift_per_module,
         drift_total,
     };
-    let js = serde_json::to_vec_pretty(&summary).map_err(|e| io(&out, e))?;
-    write_atomic(&out.join("summary.json"), &js)?;
+    summary.write(&out).map_err(|e| io(&out, e))?;
     Ok(Outcome::Trained(summary))
 }
 
