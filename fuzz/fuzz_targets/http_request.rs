@@ -88,10 +88,16 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let Some((&[which, headers], body)) = data.split_first_chunk::<2>() else { return };
     let l = live();
     let (method, path) = ENDPOINTS[which as usize % ENDPOINTS.len()];
-    let path = if path.ends_with('/') { format!("{path}{}", String::from_utf8_lossy(&body[..body.len().min(8)])) } else { path.to_string() };
-    if !path.bytes().all(|b| b.is_ascii_graphic()) {
-        return; // not a URI a client can send
-    }
+    // A name segment from the body's first bytes, percent-encoded as a client sends it.
+    let path = if path.ends_with('/') {
+        let seg: String = body[..body.len().min(8)]
+            .iter()
+            .map(|&b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+            .collect();
+        format!("{path}{seg}")
+    } else {
+        path.to_string()
+    };
     let app = l.server.router().unwrap();
     let (status, sse, bytes) = l.rt.block_on(send(app, method, &path, headers, body.to_vec()));
     assert!([200, 201, 400, 403, 404, 405, 409, 413, 415, 429, 504].contains(&status), "{method} {path}: status {status}");
