@@ -320,4 +320,41 @@ mod tests {
         let back: TrainConfig = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back, c);
     }
+
+    /// Every `[default: X]` that `grit train --help` prints with a value is the value
+    /// `TrainConfig::default()` (and its `[grit]` table) really has: the help text and the
+    /// config cannot drift apart silently.
+    #[test]
+    fn help_defaults_are_the_config_defaults() {
+        use clap::CommandFactory;
+        #[derive(clap::Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            args: TrainArgs,
+        }
+        let cfg = toml::Value::try_from(TrainConfig::default()).unwrap();
+        let grit = cfg.get("grit").cloned().unwrap();
+        let (mut checked, mut mismatches) = (0, Vec::new());
+        for arg in Wrap::command().get_arguments() {
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            let Some(default) = help.split("[default: ").nth(1).and_then(|d| d.split(']').next()) else { continue };
+            let id = arg.get_id().as_str();
+            let Some(value) = cfg.get(id).or_else(|| grit.get(id)) else { continue };
+            let agrees = match value {
+                // f32 fields come back as the nearest f64.
+                toml::Value::Float(x) => default.parse::<f64>().ok().map(|d| (d - x).abs() <= 1e-6 * x.abs()),
+                toml::Value::Integer(x) => default.parse::<i64>().ok().map(|d| d == *x),
+                toml::Value::String(x) => Some(default.split_whitespace().next().is_some_and(|d| d.eq_ignore_ascii_case(x))),
+                toml::Value::Array(a) => Some(default == a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(",")),
+                _ => None,
+            };
+            match agrees {
+                Some(true) => checked += 1,
+                Some(false) => mismatches.push(format!("--{id}: help says {default}, the config has {value}")),
+                None => {} // a described default ("half the run", "--rank", "auto = …")
+            }
+        }
+        assert!(mismatches.is_empty(), "{mismatches:#?}");
+        assert!(checked >= 25, "only {checked} defaults compared");
+    }
 }
