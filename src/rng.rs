@@ -49,9 +49,7 @@ impl SplitMix64 {
             v.swap(i, j);
         }
     }
-}
 
-impl SplitMix64 {
     /// Uniform in [0, 1) with 24 bits (an f32's mantissa).
     pub fn uniform(&mut self) -> f32 {
         (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32

@@ -232,7 +232,6 @@ impl GritConfig {
         })
     }
 
-    /// Checks ranges (intervals ≥ 1, 0 < β < 1, 0 < τ ≤ 1, non-negative λs, rank bounds).
     /// Fills the unset `reproject_warmup` and `rank_start` from `first_cut` for a run of
     /// `total_steps` optimizer steps (explicit steps are kept).
     pub fn resolve_first_cut(&mut self, total_steps: usize) {
@@ -252,6 +251,8 @@ impl GritConfig {
         self.rank_start.unwrap_or(UNRESOLVED_FIRST_CUT)
     }
 
+    /// Checks ranges (intervals ≥ 1, 0 < β < 1, 0 < τ ≤ 1, a first-cut share in [0, 1],
+    /// non-negative λs, rank bounds).
     pub fn validate(&self) -> Result<(), GritConfigError> {
         let err = |key, msg: String| Err(GritConfigError { key, msg });
         if !(0.0..=1.0).contains(&self.first_cut) {

@@ -32,21 +32,20 @@ impl Arch {
         if let Some(a) = Arch::ALL.into_iter().find(|a| a.name() == arch) {
             return Ok(a);
         }
-        let missing = match arch {
-            "gemma" | "gemma2" | "gemma3" | "gemma3n" => "its GELU-gated FFN needs a GEGLU (and GELU) backward, which ggml lacks",
-            "qwen3" => "per-head Q/K RMS norms are not implemented in grit's graph",
-            "qwen2moe" | "qwen3moe" | "mixtral" | "deepseek2" | "olmoe" | "gpt-oss" => "mixture-of-experts layers need a mul_mat_id backward, which ggml lacks",
-            "phi3" => "fused QKV/gate-up weights and LongRoPE are not implemented in grit's graph",
-            "granite" => "granite's residual/embedding/logit multipliers are not implemented in grit's graph",
-            "falcon" | "gpt2" | "gptneox" | "bloom" | "mpt" | "starcoder" | "phi2" => {
-                "it uses LayerNorm and GELU (a GELU backward is missing in ggml) instead of RMSNorm and SwiGLU"
+        let known = match arch {
+            "gemma" | "gemma2" | "gemma3" | "gemma3n" => Some("its GELU-gated FFN needs a GEGLU (and GELU) backward, which ggml lacks"),
+            "qwen3" => Some("per-head Q/K RMS norms are not implemented in grit's graph"),
+            "qwen2moe" | "qwen3moe" | "mixtral" | "deepseek2" | "olmoe" | "gpt-oss" => {
+                Some("mixture-of-experts layers need a mul_mat_id backward, which ggml lacks")
             }
-            _ => "",
+            "phi3" => Some("fused QKV/gate-up weights and LongRoPE are not implemented in grit's graph"),
+            "granite" => Some("granite's residual/embedding/logit multipliers are not implemented in grit's graph"),
+            "falcon" | "gpt2" | "gptneox" | "bloom" | "mpt" | "starcoder" | "phi2" => {
+                Some("it uses LayerNorm and GELU (a GELU backward is missing in ggml) instead of RMSNorm and SwiGLU")
+            }
+            _ => None,
         };
-        let missing = match missing {
-            "" => format!("grit's training graph covers only {}", Arch::ALL.map(Arch::name).join(", ")),
-            m => m.to_string(),
-        };
+        let missing = known.map(str::to_string).unwrap_or_else(|| format!("grit's training graph covers only {}", Arch::ALL.map(Arch::name).join(", ")));
         Err(ModelError::UnsupportedArch { arch: arch.to_string(), missing })
     }
 
