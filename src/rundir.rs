@@ -26,6 +26,8 @@ pub enum RunDirError {
     Io { path: std::path::PathBuf, source: std::io::Error },
     #[error("{}: not a grit run summary: {source}", .path.display())]
     Parse { path: std::path::PathBuf, source: serde_json::Error },
+    #[error("{}: cannot encode the run summary: {source}", .path.display())]
+    Encode { path: std::path::PathBuf, source: serde_json::Error },
     #[error(transparent)]
     Write(#[from] crate::fetch::FetchError),
 }
@@ -76,7 +78,7 @@ impl Summary {
     /// Writes `dir/summary.json` atomically.
     pub fn write(&self, dir: &Path) -> Result<(), RunDirError> {
         let path = dir.join(SUMMARY);
-        let js = serde_json::to_vec_pretty(self).map_err(|source| RunDirError::Parse { path: path.clone(), source })?;
+        let js = serde_json::to_vec_pretty(self).map_err(|source| RunDirError::Encode { path: path.clone(), source })?;
         Ok(crate::fetch::write_atomic(&path, &js)?)
     }
 

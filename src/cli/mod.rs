@@ -231,7 +231,7 @@ fn train_cmd(a: train::TrainArgs) -> Result<()> {
                     out.as_ref().map(|o| o.display().to_string()).unwrap_or_default()
                 );
             }
-            let saved = dir.join("config.toml");
+            let saved = dir.join(crate::rundir::CONFIG);
             if !saved.is_file() {
                 return Err(TrainError::NothingToResume(dir.clone()).into());
             }

@@ -377,8 +377,7 @@ fn evaluate_sources(opts: &EvalOptions, sources: &[Source]) -> Result<Vec<EvalRo
 
 /// `tokens_per_s` of the run that wrote `adapter` (its sibling summary.json), if any.
 fn run_tokens_per_s(adapter: &Path) -> Option<f64> {
-    let s = std::fs::read(adapter.parent()?.join("summary.json")).ok()?;
-    serde_json::from_slice::<serde_json::Value>(&s).ok()?["tokens_per_s"].as_f64()
+    Some(crate::rundir::Summary::read(adapter.parent()?).ok()??.tokens_per_s)
 }
 
 /// `grit eval` without `--retention`: the base and each `--adapter`.
@@ -393,7 +392,7 @@ pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport, EvalError> {
 
 /// A run's metrics.jsonl rows (unparseable lines are reported).
 pub fn read_metrics(run: &Path) -> Result<Vec<serde_json::Value>, EvalError> {
-    let p = run.join("metrics.jsonl");
+    let p = run.join(crate::rundir::METRICS);
     let text = std::fs::read_to_string(&p).map_err(|e| EvalError::Retention(format!("{}: {e}", p.display())))?;
     text.lines()
         .enumerate()
@@ -430,16 +429,16 @@ pub fn retention(opts: &EvalOptions, run: &Path) -> Result<EvalReport, EvalError
     if opts.data.is_none() {
         return Err(EvalError::Option { name: "--data", msg: "--retention needs --data general.txt (the set whose loss is tracked)".into() });
     }
-    let cfg_path = run.join("config.toml");
+    let cfg_path = run.join(crate::rundir::CONFIG);
     let cfg = crate::train::config::TrainConfig::from_toml_file(&cfg_path)
         .map_err(|e| EvalError::Retention(format!("{}: not a grit run folder: {e}", run.display())))?;
     let metrics = read_metrics(run)?;
-    let ck_dir = run.join("checkpoints");
+    let ck_dir = run.join(crate::rundir::CHECKPOINTS);
     let mut steps: Vec<usize> = std::fs::read_dir(&ck_dir)
         .map(|rd| rd.filter_map(|e| e.ok()).filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("step-")).and_then(|n| n.parse().ok())).collect())
         .unwrap_or_default();
     steps.sort_unstable();
-    let final_adapter = run.join("adapter.gguf");
+    let final_adapter = run.join(crate::rundir::ADAPTER);
     let final_step = metrics.iter().filter(|r| r.get("loss").is_some()).filter_map(|r| r["step"].as_u64()).max().map(|s| s as usize);
     let n_points = steps.len() + usize::from(final_adapter.is_file());
     if n_points < fit::MIN_POINTS {

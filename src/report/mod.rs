@@ -20,6 +20,8 @@ use crate::eval::drift::module_order;
 pub enum ReportError {
     #[error("{}: {msg}", .0.display(), msg = .1)]
     Run(PathBuf, String),
+    #[error(transparent)]
+    RunDir(#[from] crate::rundir::RunDirError),
     #[error("plot {id}: {msg}")]
     Plot { id: String, msg: String },
     #[error("{}: {msg}", .0.display(), msg = .1)]
@@ -64,7 +66,7 @@ pub fn per_module(v: &Value) -> (Vec<String>, Vec<f64>) {
 impl Run {
     /// Reads `dir/metrics.jsonl` (required), `config.toml` and `summary.json` (when present).
     pub fn load(dir: &Path) -> Result<Run, ReportError> {
-        let mp = dir.join("metrics.jsonl");
+        let mp = dir.join(crate::rundir::METRICS);
         let text = std::fs::read_to_string(&mp).map_err(|e| ReportError::Run(mp.clone(), format!("{e} (is this a grit run folder?)")))?;
         let mut run = Run {
             dir: dir.to_path_buf(),
@@ -95,7 +97,7 @@ impl Run {
                 run.evals.push((step, l));
             }
         }
-        if let Ok(t) = std::fs::read_to_string(dir.join("config.toml")) {
+        if let Ok(t) = std::fs::read_to_string(dir.join(crate::rundir::CONFIG)) {
             if let Ok(cfg) = toml::from_str::<toml::Value>(&t) {
                 if let Some(m) = cfg.get("method").and_then(|m| m.as_str()) {
                     run.method = m.to_string();
@@ -103,7 +105,7 @@ impl Run {
                 run.rank = cfg.get("rank").and_then(|r| r.as_integer()).unwrap_or(0) as usize;
             }
         }
-        run.summary = crate::rundir::Summary::read(dir).map_err(|e| ReportError::Run(dir.join(crate::rundir::SUMMARY), e.to_string()))?;
+        run.summary = crate::rundir::Summary::read(dir)?;
         if run.steps.is_empty() {
             return Err(ReportError::Run(mp, "no training steps recorded yet".into()));
         }

@@ -11,6 +11,7 @@ use crate::data::{self, DataConfig, Dataset, Sequence};
 use crate::ggml::{Backend, BackendOptions, Context};
 use crate::gguf::GgufFile;
 use crate::model::{Arch, Batch, LoraConfig, LoraSet, ModelError, Outputs, Target, TrainGraph, Weights};
+use crate::rundir;
 
 use super::checkpoint::{self, Checkpoint, NamedTensor};
 use super::config::{ConfigError, Method, TrainConfig};
@@ -39,6 +40,8 @@ pub enum TrainError {
     Fetch(#[from] crate::fetch::FetchError),
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::CheckpointError),
+    #[error(transparent)]
+    RunDir(#[from] crate::rundir::RunDirError),
     #[error("{p}: {msg}", p = .0.display(), msg = .1)]
     Io(PathBuf, String),
     /// A checkpoint that reads but does not fit this run (state fields, module count, shapes).
@@ -187,21 +190,21 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
     // Output folder.
     let out = opts.out.clone();
     if opts.resume {
-        if !out.join("config.toml").is_file() {
+        if !out.join(rundir::CONFIG).is_file() {
             return Err(TrainError::NothingToResume(out));
         }
     } else if out.exists() && !is_empty_dir(&out) {
         if !opts.overwrite {
             return Err(TrainError::OutNotEmpty(out));
         }
-        for f in ["adapter.gguf", "metrics.jsonl", "summary.json", "config.toml"] {
+        for f in [rundir::ADAPTER, rundir::METRICS, rundir::SUMMARY, rundir::CONFIG] {
             let _ = std::fs::remove_file(out.join(f));
         }
-        let _ = std::fs::remove_dir_all(out.join("checkpoints"));
+        let _ = std::fs::remove_dir_all(out.join(rundir::CHECKPOINTS));
     }
     std::fs::create_dir_all(&out).map_err(|e| io(&out, e))?;
-    write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
-    let ckpt_dir = out.join("checkpoints");
+    write_atomic(&out.join(rundir::CONFIG), cfg.to_toml().as_bytes())?;
+    let ckpt_dir = out.join(rundir::CHECKPOINTS);
 
     // The checkpoint to resume from (its shapes decide the adapters' ranks).
     let resume_ck = if opts.resume {
@@ -280,9 +283,9 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
         elapsed_before = ck.state["elapsed_s"].as_f64().unwrap_or(0.0);
         eval_initial = ck.state["eval_loss_initial"].as_f64().map(|x| x as f32);
         eprintln!("grit: resuming {} from step {step}", out.display());
-        MetricsWriter::resume(&out.join("metrics.jsonl"), step).map_err(|e| io(&out.join("metrics.jsonl"), e))?
+        MetricsWriter::resume(&out.join(rundir::METRICS), step).map_err(|e| io(&out.join(rundir::METRICS), e))?
     } else {
-        MetricsWriter::create(&out.join("metrics.jsonl")).map_err(|e| io(&out.join("metrics.jsonl"), e))?
+        MetricsWriter::create(&out.join(rundir::METRICS)).map_err(|e| io(&out.join(rundir::METRICS), e))?
     };
 
     let interrupted = opts.cancel.clone();
@@ -588,8 +591,8 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
     let method = if is_grit { "grit" } else { "lora" };
     let prov = crate::adapter::Provenance::for_base(&model_path, method, Some(cfg.to_toml())).map_err(|e| io(&model_path, e))?;
     crate::adapter::Adapter::from_lora_set(&lora, weights.hparams.arch.name(), prov)
-        .and_then(|a| a.write_gguf(&out.join("adapter.gguf"), crate::adapter::AdapterDtype::F32))
-        .map_err(|e| io(&out.join("adapter.gguf"), e))?;
+        .and_then(|a| a.write_gguf(&out.join(rundir::ADAPTER), crate::adapter::AdapterDtype::F32))
+        .map_err(|e| io(&out.join(rundir::ADAPTER), e))?;
 
     let mut drift_per_module = std::collections::BTreeMap::new();
     for (i, m) in lora.modules().iter().enumerate() {
@@ -620,7 +623,7 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
         drift_per_module,
         drift_total,
     };
-    summary.write(&out).map_err(|e| io(&out, e))?;
+    summary.write(&out)?;
     Ok(Outcome::Trained(summary))
 }
 
