@@ -564,6 +564,14 @@ pub fn check_provenance(p: &Provenance, adapter_path: &Path, base: &Path, policy
     }
 }
 
+/// [`validate_for_base`], then [`check_provenance`] under `policy`: the validated adapter and
+/// a warning to report, if any (what `grit serve` does with each adapter it loads).
+pub fn validate_with_provenance(path: &Path, base: &Path, policy: BaseMismatch) -> Result<(Adapter, Option<String>), AdapterError> {
+    let adapter = validate_for_base(path, base)?;
+    let warning = check_provenance(&adapter.provenance, path, base, policy)?;
+    Ok((adapter, warning))
+}
+
 fn short(h: &str) -> &str {
     &h[..h.len().min(12)]
 }

@@ -924,13 +924,10 @@ async fn load_adapter(State(st): State<St>, body: Result<Bytes, BytesRejection>)
     }
     let real = super::adapters::resolve_in_dir(&dir, &path).map_err(|e| ApiError::bad("path", e))?;
     let (check, base, policy) = (real.clone(), st.model.path.clone(), st.base_mismatch);
-    let warning = tokio::task::spawn_blocking(move || {
-        let ad = crate::adapter::validate_for_base(&check, &base)?;
-        crate::adapter::check_provenance(&ad.provenance, &check, &base, policy)
-    })
-    .await
-    .map_err(|e| ApiError::server(e.to_string()))?
-    .map_err(|e| ApiError::bad("path", format!("cannot load adapter: {e}")).code("invalid_adapter"))?;
+    let (_, warning) = tokio::task::spawn_blocking(move || crate::adapter::validate_with_provenance(&check, &base, policy))
+        .await
+        .map_err(|e| ApiError::server(e.to_string()))?
+        .map_err(|e| ApiError::bad("path", format!("cannot load adapter: {e}")).code("invalid_adapter"))?;
     if let Some(w) = warning {
         eprintln!("grit serve: warning: {w}");
     }

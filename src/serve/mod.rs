@@ -210,9 +210,12 @@ fn start(cfg: ServeConfig) -> Result<Server, ServeError> {
         registry.by_name.insert(name, adapters::AdapterEntry { id, path, created: http::unix_now(), merged: Some(idx) });
     }
     for (name, path) in cfg.adapters.iter().filter(|_| cfg.merge.is_none()) {
-        let err = |e: crate::adapter::AdapterError| ServeError::Adapter { name: name.clone(), path: path.clone(), msg: e.to_string() };
-        let ad = crate::adapter::validate_for_base(path, &cfg.model).map_err(err)?;
-        if let Some(w) = crate::adapter::check_provenance(&ad.provenance, path, &cfg.model, cfg.base_mismatch).map_err(err)? {
+        let (_, warning) = crate::adapter::validate_with_provenance(path, &cfg.model, cfg.base_mismatch).map_err(|e| ServeError::Adapter {
+            name: name.clone(),
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
+        if let Some(w) = warning {
             eprintln!("grit serve: warning: {w}");
         }
         let id = registry.next_id();
