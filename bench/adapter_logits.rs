@@ -30,7 +30,8 @@ fn main() -> anyhow::Result<()> {
     if args.len() != 6 {
         anyhow::bail!("usage: adapter_logits MODEL.gguf ADAPTER.gguf TEXT_FILE N OUT_DIR");
     }
-    let (model_path, adapter_path, text_path) = (PathBuf::from(&args[1]), PathBuf::from(&args[2]), PathBuf::from(&args[3]));
+    let (model_path, adapter_path, text_path) =
+        (PathBuf::from(&args[1]), PathBuf::from(&args[2]), PathBuf::from(&args[3]));
     let n: usize = args[4].parse()?;
     let out = PathBuf::from(&args[5]);
     std::fs::create_dir_all(&out)?;
@@ -57,6 +58,10 @@ fn main() -> anyhow::Result<()> {
     g.set_inputs(&mut run, &Batch::causal(&toks, &[], &[])?)?;
     run.run()?;
     write_f32(&out.join("graph.f32"), &run.read_f32(g.logits)?)?;
-    eprintln!("adapter_logits: {n} tokens, vocab {}, written to {}", weights.hparams.n_vocab, out.display());
+    eprintln!(
+        "adapter_logits: {n} tokens, vocab {}, written to {}",
+        weights.hparams.n_vocab,
+        out.display()
+    );
     Ok(())
 }

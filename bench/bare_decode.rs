@@ -28,7 +28,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     backend.void_logs();
     let model = LlamaModel::load_from_file(&backend, path, &LlamaModelParams::default())?;
     let n_ctx = 2048u32;
-    let params = LlamaContextParams::default().with_n_ctx(NonZeroU32::new(n_ctx)).with_n_batch(n_ctx).with_n_threads(threads).with_n_threads_batch(threads);
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(n_ctx))
+        .with_n_batch(n_ctx)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads);
     let mut ctx = model.new_context(&backend, params)?;
     let vocab = model.vocab();
     let tokens = vocab.tokenize(prompt.as_bytes(), true, true);

@@ -17,7 +17,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let std: f32 = args.get(6).map(|s| s.parse()).transpose()?.unwrap_or(0.02);
     let rank: usize = args[3].parse()?;
-    let targets = if args[4] == "all" { Target::ALL.to_vec() } else { args[4].split(',').map(Target::parse).collect::<Result<Vec<_>, _>>()? };
+    let targets = if args[4] == "all" {
+        Target::ALL.to_vec()
+    } else {
+        args[4].split(',').map(Target::parse).collect::<Result<Vec<_>, _>>()?
+    };
     let seed: u64 = args[5].parse()?;
     let backend = Backend::cpu(1)?;
     let weights = Weights::load(&GgufFile::open(Path::new(&args[1]))?, &backend)?;
@@ -25,7 +29,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let lora = LoraSet::new(&weights, &cfg, &backend)?;
     // Small values: the adapter changes greedy outputs without wrecking the model.
     lora.randomize(seed, std, std)?;
-    lora.write_gguf(Path::new(&args[2]), weights.hparams.arch.name(), AdapterScale::Alpha(cfg.alpha))?;
+    lora.write_gguf(
+        Path::new(&args[2]),
+        weights.hparams.arch.name(),
+        AdapterScale::Alpha(cfg.alpha),
+    )?;
     println!("{}", args[2]);
     Ok(())
 }

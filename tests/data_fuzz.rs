@@ -39,10 +39,12 @@ fn mutate(v: &mut Value, rng: &mut SplitMix64) {
 
 #[test]
 fn mutated_data_files_load_or_fail_cleanly() {
-    let model = Model::load(&grit::fetch::ensure_default_model().unwrap(), &LoadOptions::cpu()).unwrap();
+    let model =
+        Model::load(&grit::fetch::ensure_default_model().unwrap(), &LoadOptions::cpu()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut rng = SplitMix64::new(0x6461_7461);
-    let n: usize = std::env::var("GRIT_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let n: usize =
+        std::env::var("GRIT_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
     let (mut ok, mut refused) = (0, 0);
     for case in 0..n {
         let mut rows = seed_rows();
@@ -52,9 +54,15 @@ fn mutated_data_files_load_or_fail_cleanly() {
         }
         // One file kind per case: JSONL, a JSON array, or plain text; some broken at the byte level.
         let (name, mut bytes) = match rng.below(3) {
-            0 => ("d.jsonl", rows.iter().map(|r| r.to_string() + "\n").collect::<String>().into_bytes()),
+            0 => (
+                "d.jsonl",
+                rows.iter().map(|r| r.to_string() + "\n").collect::<String>().into_bytes(),
+            ),
             1 => ("d.json", Value::Array(rows).to_string().into_bytes()),
-            _ => ("d.txt", rows.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("\n\n").into_bytes()),
+            _ => (
+                "d.txt",
+                rows.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("\n\n").into_bytes(),
+            ),
         };
         match rng.below(6) {
             0 => bytes.truncate(rng.below(bytes.len() as u64 + 1) as usize),
@@ -75,7 +83,10 @@ fn mutated_data_files_load_or_fail_cleanly() {
                 }
                 Err(e) => {
                     let msg = e.to_string();
-                    assert!(msg.contains(name), "case {case}: the error does not name the file: {msg}");
+                    assert!(
+                        msg.contains(name),
+                        "case {case}: the error does not name the file: {msg}"
+                    );
                     refused += 1;
                 }
             }

@@ -4,7 +4,10 @@
 
 use std::path::PathBuf;
 
-use grit::data::{causal_segment_mask, load_file, split_eval, Batcher, ChatMessage, DataConfig, Dataset, Example, Format, Tokenizer};
+use grit::data::{
+    causal_segment_mask, load_file, split_eval, Batcher, ChatMessage, DataConfig, Dataset, Example,
+    Format, Tokenizer,
+};
 use grit::infer::{LoadOptions, Model};
 
 fn model() -> Model {
@@ -53,7 +56,8 @@ fn smollm2_chat_masking_and_shakespeare_windows() {
     // --- chat: exactly the assistant contents plus their end-of-turn markers are trained.
     let dir = tempfile::tempdir().expect("tempdir");
     let a1 = "The capital of France is Paris.";
-    let a2 = "Roughly 2.1 million people live in Paris proper — and about 12 million in the metro area!";
+    let a2 =
+        "Roughly 2.1 million people live in Paris proper — and about 12 million in the metro area!";
     let rows = vec![
         serde_json::json!({"messages": [
             {"role": "system", "content": "You are a concise geography tutor."},
@@ -78,7 +82,9 @@ fn smollm2_chat_masking_and_shakespeare_windows() {
         .as_array()
         .expect("messages")
         .iter()
-        .map(|m| ChatMessage::new(m["role"].as_str().unwrap_or(""), m["content"].as_str().unwrap_or("")))
+        .map(|m| {
+            ChatMessage::new(m["role"].as_str().unwrap_or(""), m["content"].as_str().unwrap_or(""))
+        })
         .collect();
     let rendered = tok.apply_chat_template(&msgs, false).expect("template");
     assert_eq!(chat.tokens, tok.tokenize(&rendered, true));
@@ -86,7 +92,9 @@ fn smollm2_chat_masking_and_shakespeare_windows() {
 
     let alpaca = &ds.examples[1];
     assert_eq!(trained_runs(tok, alpaca), vec!["Bonjour<|im_end|>".to_string()]);
-    assert!(tok.decode(&alpaca.tokens).contains("<|im_start|>user\nTranslate to French.\n\nGood morning<|im_end|>"));
+    assert!(tok
+        .decode(&alpaca.tokens)
+        .contains("<|im_start|>user\nTranslate to French.\n\nGood morning<|im_end|>"));
 
     let pc = &ds.examples[2];
     let eos = tok.decode(&[tok.eos()]);
@@ -106,7 +114,8 @@ fn smollm2_chat_masking_and_shakespeare_windows() {
     }
 
     // With train_on_prompt everything but the first token is trained.
-    let all = load_file(&p, tok, &DataConfig { train_on_prompt: true, ..DataConfig::default() }).expect("load");
+    let all = load_file(&p, tok, &DataConfig { train_on_prompt: true, ..DataConfig::default() })
+        .expect("load");
     assert_eq!(all.stats.trained_tokens, all.stats.tokens - all.len());
 
     // --- Shakespeare: one document per file, windows of 256 overlapping by one token.
@@ -135,7 +144,8 @@ fn smollm2_chat_masking_and_shakespeare_windows() {
         assert_eq!(w.tokens, doc[start..end], "window {k}");
     }
     // The windows' tokens decode back to the play.
-    let body: Vec<i32> = doc.iter().copied().filter(|&t| Some(t) != tok.bos() && t != tok.eos()).collect();
+    let body: Vec<i32> =
+        doc.iter().copied().filter(|&t| Some(t) != tok.bos() && t != tok.eos()).collect();
     assert_eq!(tok.decode(&body), play);
 
     let b = Batcher::new(&ds, 4).expect("batcher");

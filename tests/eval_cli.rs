@@ -27,13 +27,23 @@ fn eval_json(args: &[&str]) -> serde_json::Value {
 /// tokens, written out here independently of grit's code: the text is tokenized with the
 /// model's special tokens (BOS), each chunk's first token becomes BOS, logits are computed
 /// for every position, and the second half of each chunk is scored.
-fn reference_perplexity(model_path: &Path, text: &str, n_ctx: usize, n_windows: usize) -> (f64, usize) {
+fn reference_perplexity(
+    model_path: &Path,
+    text: &str,
+    n_ctx: usize,
+    n_windows: usize,
+) -> (f64, usize) {
     let backend = grit::llama::backend();
-    let model = LlamaModel::load_from_file(backend, model_path, &LlamaModelParams::default()).unwrap();
+    let model =
+        LlamaModel::load_from_file(backend, model_path, &LlamaModelParams::default()).unwrap();
     let vocab = model.vocab();
     let tokens = vocab.tokenize(text.as_bytes(), true, false);
     let add_bos = vocab.should_add_bos();
-    let params = LlamaContextParams::default().with_n_ctx(NonZeroU32::new(n_ctx as u32)).with_n_batch(n_ctx as u32).with_n_threads(2).with_n_threads_batch(2);
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(n_ctx as u32))
+        .with_n_batch(n_ctx as u32)
+        .with_n_threads(2)
+        .with_n_threads_batch(2);
     let mut ctx = model.new_context(backend, params).unwrap();
     let n_chunks = (tokens.len() / n_ctx).min(n_windows);
     let (mut nll, mut count) = (0f64, 0usize);
@@ -62,7 +72,16 @@ fn hamlet_perplexity_matches_llama_cpp_within_one_percent() {
     let hamlet = plays().join("hamlet.txt");
     let model = grit::fetch::ensure_default_model().unwrap();
     let n = HAMLET_WINDOWS.to_string();
-    let v = eval_json(&["--data", hamlet.to_str().unwrap(), "--ctx", "512", "--max-examples", &n, "--threads", "2"]);
+    let v = eval_json(&[
+        "--data",
+        hamlet.to_str().unwrap(),
+        "--ctx",
+        "512",
+        "--max-examples",
+        &n,
+        "--threads",
+        "2",
+    ]);
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 1);
     let base = &rows[0];
@@ -74,7 +93,9 @@ fn hamlet_perplexity_matches_llama_cpp_within_one_percent() {
     assert_eq!(count, HAMLET_WINDOWS * 255);
     let ppl = base["perplexity"].as_f64().unwrap();
     let rel = (ppl - ppl_ref).abs() / ppl_ref;
-    eprintln!("hamlet: grit {ppl:.4}, reference {ppl_ref:.4} over {count} tokens (rel. diff {rel:.2e})");
+    eprintln!(
+        "hamlet: grit {ppl:.4}, reference {ppl_ref:.4} over {count} tokens (rel. diff {rel:.2e})"
+    );
     assert!(rel < 0.01, "grit {ppl} vs llama.cpp reference {ppl_ref}");
     assert!((base["loss"].as_f64().unwrap() - ppl.ln()).abs() < 1e-9);
     assert!(ppl > 5.0 && ppl < 200.0, "{ppl}");
@@ -85,10 +106,20 @@ fn synthetic_checkpoint(step: usize, mag: f32) -> Checkpoint {
     let mut tensors = Vec::new();
     for (name, d_in, d_out) in [("attn_q", 576, 576), ("ffn_down", 1536, 576)] {
         let r = 4;
-        let a: Vec<f32> = (0..r * d_in).map(|i| ((i * 37 % 101) as f32 / 101.0 - 0.5) * 0.2).collect();
-        let b: Vec<f32> = (0..d_out * r).map(|i| ((i * 53 % 97) as f32 / 97.0 - 0.5) * mag).collect();
-        tensors.push(NamedTensor { name: format!("blk.0.{name}.weight.lora_a"), shape: vec![r, d_in], data: a });
-        tensors.push(NamedTensor { name: format!("blk.0.{name}.weight.lora_b"), shape: vec![d_out, r], data: b });
+        let a: Vec<f32> =
+            (0..r * d_in).map(|i| ((i * 37 % 101) as f32 / 101.0 - 0.5) * 0.2).collect();
+        let b: Vec<f32> =
+            (0..d_out * r).map(|i| ((i * 53 % 97) as f32 / 97.0 - 0.5) * mag).collect();
+        tensors.push(NamedTensor {
+            name: format!("blk.0.{name}.weight.lora_a"),
+            shape: vec![r, d_in],
+            data: a,
+        });
+        tensors.push(NamedTensor {
+            name: format!("blk.0.{name}.weight.lora_b"),
+            shape: vec![d_out, r],
+            data: b,
+        });
     }
     Checkpoint { step, tensors, state: serde_json::json!({}) }
 }
@@ -104,7 +135,8 @@ fn short_text(dir: &Path) -> PathBuf {
 fn adapters_rows_drift_kl_and_accuracy() {
     let dir = tempfile::tempdir().unwrap();
     let ad = dir.path().join("synthetic.gguf");
-    grit::eval::drift::checkpoint_to_gguf(&synthetic_checkpoint(1, 4.0), "llama", 1.0, &ad).unwrap();
+    grit::eval::drift::checkpoint_to_gguf(&synthetic_checkpoint(1, 4.0), "llama", 1.0, &ad)
+        .unwrap();
     let text = short_text(dir.path());
     let task = dir.path().join("task.jsonl");
     std::fs::write(
@@ -136,7 +168,18 @@ fn adapters_rows_drift_kl_and_accuracy() {
     assert_eq!(rows.len(), 2);
     let (base, a) = (&rows[0], &rows[1]);
     for r in rows {
-        for k in ["name", "adapter", "tokens", "loss", "perplexity", "kl", "perplexity_change", "drift_total", "trainable_params", "accuracy"] {
+        for k in [
+            "name",
+            "adapter",
+            "tokens",
+            "loss",
+            "perplexity",
+            "kl",
+            "perplexity_change",
+            "drift_total",
+            "trainable_params",
+            "accuracy",
+        ] {
             assert!(r.get(k).is_some(), "row lacks {k}: {r}");
         }
     }
@@ -154,7 +197,8 @@ fn adapters_rows_drift_kl_and_accuracy() {
     let per = a["drift_per_module"].as_object().unwrap();
     assert_eq!(per.len(), 2);
     let ck = synthetic_checkpoint(1, 4.0);
-    let want = grit::eval::drift::update_norm(&ck.tensors[0].data, &ck.tensors[1].data, 4, 576, 576, 1.0);
+    let want =
+        grit::eval::drift::update_norm(&ck.tensors[0].data, &ck.tensors[1].data, 4, 576, 576, 1.0);
     assert!((per["blk.0.attn_q.weight"].as_f64().unwrap() - want).abs() < 1e-6 * want);
     assert_eq!(base["drift_total"].as_f64().unwrap(), 0.0);
     // Accuracy: two generation items and one multiple-choice item per row.
@@ -164,10 +208,25 @@ fn adapters_rows_drift_kl_and_accuracy() {
     assert_eq!(acc["choice"].as_f64().unwrap(), 1.0, "cold, not purple: {acc}");
 
     // The human table names every row.
-    let o =
-        ok(grit().args(["eval", "--data", text.to_str().unwrap(), "--ctx", "128", "--max-examples", "1", "--adapter", ad.to_str().unwrap()]).output().unwrap());
+    let o = ok(grit()
+        .args([
+            "eval",
+            "--data",
+            text.to_str().unwrap(),
+            "--ctx",
+            "128",
+            "--max-examples",
+            "1",
+            "--adapter",
+            ad.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap());
     let t = String::from_utf8(o.stdout).unwrap();
-    assert!(t.lines().next().unwrap().contains("loss") && t.contains("base") && t.contains("synthetic"), "{t}");
+    assert!(
+        t.lines().next().unwrap().contains("loss") && t.contains("base") && t.contains("synthetic"),
+        "{t}"
+    );
 }
 
 fn fake_run(dir: &Path, n_checkpoints: usize) {
@@ -179,7 +238,9 @@ fn fake_run(dir: &Path, n_checkpoints: usize) {
     }
     std::fs::write(dir.join("metrics.jsonl"), m).unwrap();
     for k in 1..=n_checkpoints {
-        synthetic_checkpoint(10 * k, 0.6 * (k as f32).sqrt()).save(&dir.join("checkpoints")).unwrap();
+        synthetic_checkpoint(10 * k, 0.6 * (k as f32).sqrt())
+            .save(&dir.join("checkpoints"))
+            .unwrap();
     }
 }
 
@@ -189,7 +250,18 @@ fn retention_fits_the_forgetting_law_over_checkpoints() {
     let text = short_text(dir.path());
     let run = dir.path().join("run");
     fake_run(&run, 5);
-    let v = eval_json(&["--retention", run.to_str().unwrap(), "--data", text.to_str().unwrap(), "--ctx", "128", "--max-examples", "2", "--threads", "2"]);
+    let v = eval_json(&[
+        "--retention",
+        run.to_str().unwrap(),
+        "--data",
+        text.to_str().unwrap(),
+        "--ctx",
+        "128",
+        "--max-examples",
+        "2",
+        "--threads",
+        "2",
+    ]);
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 6, "base + 5 checkpoints");
     let d: Vec<u64> = rows.iter().map(|r| r["train_tokens"].as_u64().unwrap()).collect();
@@ -208,7 +280,18 @@ fn retention_fits_the_forgetting_law_over_checkpoints() {
     // Four checkpoints: refused, saying how many are needed.
     let run4 = dir.path().join("run4");
     fake_run(&run4, 4);
-    let o = grit().args(["eval", "--retention", run4.to_str().unwrap(), "--data", text.to_str().unwrap(), "--ctx", "128"]).output().unwrap();
+    let o = grit()
+        .args([
+            "eval",
+            "--retention",
+            run4.to_str().unwrap(),
+            "--data",
+            text.to_str().unwrap(),
+            "--ctx",
+            "128",
+        ])
+        .output()
+        .unwrap();
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("4 kept checkpoint") && e.contains("at least 5"), "{e}");
@@ -229,7 +312,8 @@ fn bad_input_gives_one_line_errors() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("short.txt") && e.contains("--ctx"), "{e}");
     let task = dir.path().join("t.jsonl");
-    std::fs::write(&task, "{\"prompt\": \"x\", \"choices\": [\"a\", \"b\"], \"answer\": 5}\n").unwrap();
+    std::fs::write(&task, "{\"prompt\": \"x\", \"choices\": [\"a\", \"b\"], \"answer\": 5}\n")
+        .unwrap();
     let o = grit().args(["eval", "--task", task.to_str().unwrap()]).output().unwrap();
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("t.jsonl:1") && e.contains("answer"), "{e}");

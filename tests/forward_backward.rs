@@ -5,20 +5,40 @@
 
 use grit::ggml::{Backend, Computation, Context, Tensor};
 use grit::gguf::GgufFile;
-use grit::model::{write_tiny_model, Batch, LoraConfig, LoraSet, Outputs, TinySpec, TrainGraph, Weights};
+use grit::model::{
+    write_tiny_model, Batch, LoraConfig, LoraSet, Outputs, TinySpec, TrainGraph, Weights,
+};
 
 #[test]
 fn lora_gradients_match_finite_differences() {
     let model_path = grit::fetch::default_model_path();
-    assert!(model_path.exists(), "the default model (tokenizer source) is missing at {}", model_path.display());
+    assert!(
+        model_path.exists(),
+        "the default model (tokenizer source) is missing at {}",
+        model_path.display()
+    );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
-    let spec = TinySpec { n_embd: 32, n_layer: 2, n_head: 4, n_head_kv: 2, n_ff: 64, rope_freqs: true, seed: 11, ..TinySpec::default() };
+    let spec = TinySpec {
+        n_embd: 32,
+        n_layer: 2,
+        n_head: 4,
+        n_head_kv: 2,
+        n_ff: 64,
+        rope_freqs: true,
+        seed: 11,
+        ..TinySpec::default()
+    };
     write_tiny_model(&path, &spec, &model_path).unwrap();
 
     let mut backend = Backend::cpu(0).unwrap();
     let weights = Weights::load(&GgufFile::open(&path).unwrap(), &backend).unwrap();
-    let lora = LoraSet::new(&weights, &LoraConfig { rank: 2, alpha: 4.0, ..LoraConfig::default() }, &backend).unwrap();
+    let lora = LoraSet::new(
+        &weights,
+        &LoraConfig { rank: 2, alpha: 4.0, ..LoraConfig::default() },
+        &backend,
+    )
+    .unwrap();
     lora.randomize(3, 0.1, 0.1).unwrap();
     lora.mark_params();
 
@@ -28,7 +48,14 @@ fn lora_gradients_match_finite_differences() {
     let batch = Batch::causal(&tokens, &rows, &labels).unwrap();
 
     let ctx = Context::new(TrainGraph::capacity(&weights, Some(&lora), true)).unwrap();
-    let mut g = TrainGraph::build(&ctx, &weights, Some(&lora), tokens.len(), Outputs::Rows(rows.len()), true);
+    let mut g = TrainGraph::build(
+        &ctx,
+        &weights,
+        Some(&lora),
+        tokens.len(),
+        Outputs::Rows(rows.len()),
+        true,
+    );
     assert_eq!(g.taps.len(), lora.modules().len());
     g.graph.build_backward_expand(&ctx);
     let mut run = backend.compute(&g.graph).unwrap();
@@ -47,7 +74,8 @@ fn lora_gradients_match_finite_differences() {
             let grad = run.read_f32(g.graph.grad(t).expect("gradient exists")).unwrap();
             let mut order: Vec<usize> = (0..grad.len()).collect();
             order.sort_by(|&x, &y| grad[y].abs().total_cmp(&grad[x].abs()));
-            let mut values = if which == "A" { lora.read_a(i).unwrap() } else { lora.read_b(i).unwrap() };
+            let mut values =
+                if which == "A" { lora.read_a(i).unwrap() } else { lora.read_b(i).unwrap() };
             for &k in order.iter().take(3) {
                 let v = values[k];
                 let mut at = |x: f32| {
@@ -66,12 +94,20 @@ fn lora_gradients_match_finite_differences() {
                 let fd = (lp - lm) / (2.0 * eps);
                 let rel = (fd - grad[k]).abs() / grad[k].abs().max(1e-3);
                 worst = worst.max(rel);
-                println!("{} {which}[{k}]: analytic {:+.5e} finite difference {:+.5e} rel err {rel:.2e}", m.base_name(), grad[k], fd);
+                println!(
+                    "{} {which}[{k}]: analytic {:+.5e} finite difference {:+.5e} rel err {rel:.2e}",
+                    m.base_name(),
+                    grad[k],
+                    fd
+                );
             }
         }
     }
     println!("worst relative error {worst:.2e}");
-    assert!(worst < 5e-3, "LoRA gradients disagree with finite differences (worst relative error {worst})");
+    assert!(
+        worst < 5e-3,
+        "LoRA gradients disagree with finite differences (worst relative error {worst})"
+    );
 }
 
 /// One forward + backward run; returns the loss.
@@ -89,11 +125,24 @@ fn lora_dropout_masks_the_adapter_input() {
     let model_path = grit::fetch::default_model_path();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
-    let spec = TinySpec { n_embd: 32, n_layer: 2, n_head: 4, n_head_kv: 2, n_ff: 64, seed: 5, ..TinySpec::default() };
+    let spec = TinySpec {
+        n_embd: 32,
+        n_layer: 2,
+        n_head: 4,
+        n_head_kv: 2,
+        n_ff: 64,
+        seed: 5,
+        ..TinySpec::default()
+    };
     write_tiny_model(&path, &spec, &model_path).unwrap();
     let mut backend = Backend::cpu(0).unwrap();
     let weights = Weights::load(&GgufFile::open(&path).unwrap(), &backend).unwrap();
-    let lora = LoraSet::new(&weights, &LoraConfig { rank: 2, alpha: 4.0, ..LoraConfig::default() }, &backend).unwrap();
+    let lora = LoraSet::new(
+        &weights,
+        &LoraConfig { rank: 2, alpha: 4.0, ..LoraConfig::default() },
+        &backend,
+    )
+    .unwrap();
     lora.randomize(3, 0.1, 0.1).unwrap();
     lora.mark_params();
     let tokens: Vec<i32> = (0..16).map(|i| (i * 389 + 7) % 5000).collect();
@@ -103,7 +152,15 @@ fn lora_dropout_masks_the_adapter_input() {
 
     let loss_and_grad = |dropout: Option<f32>| -> (f32, Vec<f32>) {
         let ctx = Context::new(TrainGraph::capacity(&weights, Some(&lora), true)).unwrap();
-        let mut g = TrainGraph::build_with_dropout(&ctx, &weights, Some(&lora), tokens.len(), Outputs::Rows(rows.len()), true, dropout.is_some());
+        let mut g = TrainGraph::build_with_dropout(
+            &ctx,
+            &weights,
+            Some(&lora),
+            tokens.len(),
+            Outputs::Rows(rows.len()),
+            true,
+            dropout.is_some(),
+        );
         // q/k/v share one mask, gate/up another: 4 distinct inputs per layer.
         assert_eq!(g.dropout.len(), if dropout.is_some() { 4 * spec.n_layer } else { 0 });
         g.graph.build_backward_expand(&ctx);
@@ -129,7 +186,10 @@ fn lora_dropout_masks_the_adapter_input() {
     let (l_half, g_half) = loss_and_grad(Some(0.5));
     assert_eq!(l_none.to_bits(), l_ones.to_bits(), "all-ones masks must be the identity");
     assert_eq!(g_none, g_ones);
-    assert!((l_half - l_none).abs() > 1e-5, "dropout did not change the loss: {l_none} vs {l_half}");
+    assert!(
+        (l_half - l_none).abs() > 1e-5,
+        "dropout did not change the loss: {l_none} vs {l_half}"
+    );
     let diff = g_none.iter().zip(&g_half).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(diff > 1e-6, "dropout did not change ∇A");
     let _ = &mut backend;

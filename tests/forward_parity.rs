@@ -35,7 +35,10 @@ use std::path::{Path, PathBuf};
 use grit::ggml::{Backend, Context, RopeMode, Type};
 use grit::gguf::GgufFile;
 use grit::infer::Model;
-use grit::model::{write_tiny_model, AdapterScale, Arch, Batch, LoraConfig, LoraSet, Outputs, TinySpec, TrainGraph, Weights};
+use grit::model::{
+    write_tiny_model, AdapterScale, Arch, Batch, LoraConfig, LoraSet, Outputs, TinySpec,
+    TrainGraph, Weights,
+};
 
 const TEXT: &str = "The old lighthouse keeper climbed the spiral stairs every evening, counting the steps \
 as his father had taught him. There were one hundred and twelve of them, worn smooth in the middle \
@@ -53,7 +56,11 @@ fn threads() -> i32 {
 
 fn default_model() -> PathBuf {
     let p = grit::fetch::default_model_path();
-    assert!(p.exists(), "the default model is missing at {} (run `grit fetch` or the model setup first)", p.display());
+    assert!(
+        p.exists(),
+        "the default model is missing at {} (run `grit fetch` or the model setup first)",
+        p.display()
+    );
     p
 }
 
@@ -70,7 +77,12 @@ fn llama_cpp_logits(model: &mut Model, adapter: Option<&Path>, tokens: &[i32]) -
 }
 
 /// grit's training-graph logits for every row ([n_tokens × n_vocab]).
-fn grit_logits(weights: &Weights, lora: Option<&LoraSet>, backend: &mut Backend, batch: &Batch) -> Vec<f32> {
+fn grit_logits(
+    weights: &Weights,
+    lora: Option<&LoraSet>,
+    backend: &mut Backend,
+    batch: &Batch,
+) -> Vec<f32> {
     let ctx = Context::new(TrainGraph::capacity(weights, lora, false)).unwrap();
     let g = TrainGraph::build(&ctx, weights, lora, batch.n_tokens(), Outputs::All, false);
     let mut run = backend.compute(&g.graph).unwrap();
@@ -98,14 +110,26 @@ fn diff(reference: &[f32], ours: &[f32], n_vocab: usize) -> Diff {
         sq += (d as f64).powi(2);
         rsq += (*a as f64).powi(2);
     }
-    let argmax = |r: &[f32]| r.iter().enumerate().fold((0, f32::NEG_INFINITY), |m, (i, &x)| if x > m.1 { (i, x) } else { m }).0;
-    let argmax_mismatch = reference.chunks(n_vocab).zip(ours.chunks(n_vocab)).filter(|(a, b)| argmax(a) != argmax(b)).count();
+    let argmax = |r: &[f32]| {
+        r.iter()
+            .enumerate()
+            .fold((0, f32::NEG_INFINITY), |m, (i, &x)| if x > m.1 { (i, x) } else { m })
+            .0
+    };
+    let argmax_mismatch = reference
+        .chunks(n_vocab)
+        .zip(ours.chunks(n_vocab))
+        .filter(|(a, b)| argmax(a) != argmax(b))
+        .count();
     let n = reference.len() as f64;
     Diff { max, rms: (sq / n).sqrt() as f32, argmax_mismatch, ref_rms: (rsq / n).sqrt() as f32 }
 }
 
 fn report(what: &str, d: Diff) {
-    println!("{what:<58} max |Δlogit| {:>9.3e}  rms {:>9.3e}  (logit rms {:.2}, argmax mismatches {})", d.max, d.rms, d.ref_rms, d.argmax_mismatch);
+    println!(
+        "{what:<58} max |Δlogit| {:>9.3e}  rms {:>9.3e}  (logit rms {:.2}, argmax mismatches {})",
+        d.max, d.rms, d.ref_rms, d.argmax_mismatch
+    );
 }
 
 /// Bounds a case must meet, and how much larger a wrong graph's error must be.
@@ -118,12 +142,27 @@ struct Bounds {
 
 /// Runs one parity case on the first `n_tokens` tokens: zero adapter, random adapter, and
 /// the negative controls.
-fn parity_case(name: &str, model_path: &Path, n_tokens: usize, lora_cfg: &LoraConfig, std_ab: (f32, f32), bounds: &Bounds) {
-    let mut model = Model::load(model_path, &common::load_options()).expect("llama.cpp loads the model");
+fn parity_case(
+    name: &str,
+    model_path: &Path,
+    n_tokens: usize,
+    lora_cfg: &LoraConfig,
+    std_ab: (f32, f32),
+    bounds: &Bounds,
+) {
+    let mut model =
+        Model::load(model_path, &common::load_options()).expect("llama.cpp loads the model");
     parity_case_with(name, &mut model, n_tokens, lora_cfg, std_ab, bounds)
 }
 
-fn parity_case_with(name: &str, model: &mut Model, n_tokens: usize, lora_cfg: &LoraConfig, std_ab: (f32, f32), bounds: &Bounds) {
+fn parity_case_with(
+    name: &str,
+    model: &mut Model,
+    n_tokens: usize,
+    lora_cfg: &LoraConfig,
+    std_ab: (f32, f32),
+    bounds: &Bounds,
+) {
     let model_path = model.path.clone();
     let toks = tokens(model, n_tokens);
     let n = toks.len();
@@ -132,7 +171,11 @@ fn parity_case_with(name: &str, model: &mut Model, n_tokens: usize, lora_cfg: &L
     let n_vocab = weights.hparams.n_vocab;
     let mut backend = common::backend(threads() as usize);
     let batch = Batch::causal(&toks, &[], &[]).unwrap();
-    println!("== {name}: {n} tokens, vocab {n_vocab}, {} layers, arch {}", weights.hparams.n_layer, weights.hparams.arch.name());
+    println!(
+        "== {name}: {n} tokens, vocab {n_vocab}, {} layers, arch {}",
+        weights.hparams.n_layer,
+        weights.hparams.arch.name()
+    );
 
     // 1. Zero adapter (B = 0): grit with a LoRA set whose B is zero vs llama.cpp without one.
     let reference = llama_cpp_logits(model, None, &toks);
@@ -149,7 +192,12 @@ fn parity_case_with(name: &str, model: &mut Model, n_tokens: usize, lora_cfg: &L
     lora.randomize(7, std_ab.0, std_ab.1).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let adapter_path = dir.path().join("adapter.gguf");
-    lora.write_gguf(&adapter_path, weights.hparams.arch.name(), AdapterScale::Alpha(lora_cfg.alpha)).unwrap();
+    lora.write_gguf(
+        &adapter_path,
+        weights.hparams.arch.name(),
+        AdapterScale::Alpha(lora_cfg.alpha),
+    )
+    .unwrap();
     let reference_lora = llama_cpp_logits(model, Some(&adapter_path), &toks);
     let ours_lora = grit_logits(&weights, Some(&lora), &mut backend, &batch);
     let d1 = diff(&reference_lora, &ours_lora, n_vocab);
@@ -166,16 +214,38 @@ fn parity_case_with(name: &str, model: &mut Model, n_tokens: usize, lora_cfg: &L
             unscaled.write_b(i, &lora.read_b(i).unwrap()).unwrap();
             unscaled.set_scale(i, 1.0);
         }
-        controls.push(("LoRA scale left out (s = 1)", diff(&reference_lora, &grit_logits(&weights, Some(&unscaled), &mut backend, &batch), n_vocab)));
+        controls.push((
+            "LoRA scale left out (s = 1)",
+            diff(
+                &reference_lora,
+                &grit_logits(&weights, Some(&unscaled), &mut backend, &batch),
+                n_vocab,
+            ),
+        ));
     }
     {
         let no_mask = Batch { mask: vec![0.0; n * n], ..batch.clone() };
-        controls.push(("no causal mask", diff(&reference_lora, &grit_logits(&weights, Some(&lora), &mut backend, &no_mask), n_vocab)));
+        controls.push((
+            "no causal mask",
+            diff(
+                &reference_lora,
+                &grit_logits(&weights, Some(&lora), &mut backend, &no_mask),
+                n_vocab,
+            ),
+        ));
     }
     {
         let right = weights.hparams.rope.mode;
-        weights.hparams.rope.mode = if right == RopeMode::Norm { RopeMode::Neox } else { RopeMode::Norm };
-        controls.push(("wrong RoPE mode", diff(&reference_lora, &grit_logits(&weights, Some(&lora), &mut backend, &batch), n_vocab)));
+        weights.hparams.rope.mode =
+            if right == RopeMode::Norm { RopeMode::Neox } else { RopeMode::Norm };
+        controls.push((
+            "wrong RoPE mode",
+            diff(
+                &reference_lora,
+                &grit_logits(&weights, Some(&lora), &mut backend, &batch),
+                n_vocab,
+            ),
+        ));
         weights.hparams.rope.mode = right;
     }
     for (what, d) in &controls {
@@ -187,7 +257,12 @@ fn parity_case_with(name: &str, model: &mut Model, n_tokens: usize, lora_cfg: &L
         bounds.max, bounds.rms, bounds.control_factor
     );
     for (what, d) in [("zero adapter", d0), ("random adapter", d1)] {
-        assert!(d.max <= bounds.max && d.rms <= bounds.rms, "{name}, {what}: max {} rms {} exceed the bound", d.max, d.rms);
+        assert!(
+            d.max <= bounds.max && d.rms <= bounds.rms,
+            "{name}, {what}: max {} rms {} exceed the bound",
+            d.max,
+            d.rms
+        );
     }
     for (what, d) in &controls {
         assert!(
@@ -254,7 +329,16 @@ const UNALIGNED: usize = 189;
 #[test]
 fn tiny_llama_f32_matches_llama_cpp() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = TinySpec { n_embd: 64, n_layer: 2, n_head: 4, n_head_kv: 2, tied_output: false, rope_freqs: true, seed: 3, ..TinySpec::default() };
+    let spec = TinySpec {
+        n_embd: 64,
+        n_layer: 2,
+        n_head: 4,
+        n_head_kv: 2,
+        tied_output: false,
+        rope_freqs: true,
+        seed: 3,
+        ..TinySpec::default()
+    };
     let path = tiny(&spec, dir.path(), "tiny-llama.gguf");
     let cfg = LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() };
     // Measured: max 7.6e-6, rms 2.3e-7 (F32 rounding only).
@@ -266,7 +350,15 @@ fn tiny_llama_f32_matches_llama_cpp() {
 #[test]
 fn tiny_qwen2_f32_matches_llama_cpp() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = TinySpec { arch: Arch::Qwen2, n_embd: 64, n_layer: 2, n_head: 4, n_head_kv: 2, seed: 5, ..TinySpec::default() };
+    let spec = TinySpec {
+        arch: Arch::Qwen2,
+        n_embd: 64,
+        n_layer: 2,
+        n_head: 4,
+        n_head_kv: 2,
+        seed: 5,
+        ..TinySpec::default()
+    };
     let path = tiny(&spec, dir.path(), "tiny-qwen2.gguf");
     let cfg = LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() };
     // Measured: max 6.8e-6, rms 2.1e-7.
@@ -279,7 +371,14 @@ fn default_model_matches_llama_cpp_aligned() {
     // Same attention length in both engines: measured bit-identical logits (max |Δ| = 0).
     let cfg = LoraConfig { rank: 8, alpha: 16.0, ..LoraConfig::default() };
     let bounds = Bounds { max: 1e-3, rms: 1e-4, control_factor: 100.0 };
-    parity_case("SmolLM2-135M Q4_1, 256 tokens", &default_model(), ALIGNED, &cfg, (0.03, 0.03), &bounds);
+    parity_case(
+        "SmolLM2-135M Q4_1, 256 tokens",
+        &default_model(),
+        ALIGNED,
+        &cfg,
+        (0.03, 0.03),
+        &bounds,
+    );
 }
 
 #[test]
@@ -289,7 +388,14 @@ fn default_model_matches_llama_cpp_unaligned() {
     // 0.77, rms 0.028 (zero adapter); a wrong graph gives rms ≥ 0.3 (see the controls).
     let cfg = LoraConfig { rank: 8, alpha: 16.0, ..LoraConfig::default() };
     let bounds = Bounds { max: 1.5, rms: 0.06, control_factor: 3.0 };
-    parity_case("SmolLM2-135M Q4_1, 189 tokens", &default_model(), UNALIGNED, &cfg, (0.03, 0.03), &bounds);
+    parity_case(
+        "SmolLM2-135M Q4_1, 189 tokens",
+        &default_model(),
+        UNALIGNED,
+        &cfg,
+        (0.03, 0.03),
+        &bounds,
+    );
 }
 
 #[test]
@@ -302,12 +408,30 @@ fn tiny_quantized_models_match_llama_cpp() {
     let cfg = LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() };
     let exact = Bounds { max: 1e-3, rms: 1e-4, control_factor: 100.0 };
     let repacked_k = Bounds { max: 1.5, rms: 0.2, control_factor: 10.0 };
-    for (ty, n_embd, n_ff, bounds) in
-        [(Type::Q8_0, 64, 128, &exact), (Type::Q4_0, 64, 128, &exact), (Type::Q4_1, 64, 128, &exact), (Type::Q4_K, 256, 512, &repacked_k)]
-    {
-        let spec = TinySpec { n_embd, n_ff, weight_type: ty, tied_output: false, seed: 9, ..TinySpec::default() };
+    for (ty, n_embd, n_ff, bounds) in [
+        (Type::Q8_0, 64, 128, &exact),
+        (Type::Q4_0, 64, 128, &exact),
+        (Type::Q4_1, 64, 128, &exact),
+        (Type::Q4_K, 256, 512, &repacked_k),
+    ] {
+        let spec = TinySpec {
+            n_embd,
+            n_ff,
+            weight_type: ty,
+            tied_output: false,
+            seed: 9,
+            ..TinySpec::default()
+        };
         let path = tiny(&spec, dir.path(), &format!("tiny-{ty}.gguf"));
-        let mut model = Model::load(&path, &common::load_options()).expect("llama.cpp loads the model");
-        parity_case_with(&format!("tiny llama {ty}"), &mut model, ALIGNED, &cfg, (0.1, 0.1), bounds);
+        let mut model =
+            Model::load(&path, &common::load_options()).expect("llama.cpp loads the model");
+        parity_case_with(
+            &format!("tiny llama {ty}"),
+            &mut model,
+            ALIGNED,
+            &cfg,
+            (0.1, 0.1),
+            bounds,
+        );
     }
 }

@@ -20,7 +20,8 @@ fn rnd(seed: &mut u64) -> f32 {
 
 fn run(fused: bool, d: i64, h: i64, g: i64, t: i64, boundary: i64, reps: usize) -> Run {
     let mut backend = Backend::cpu(2).unwrap();
-    let ctx = Context::new(Capacity { tensors: 512, graphs: 2, graph_nodes: 4096, grads: true }).unwrap();
+    let ctx =
+        Context::new(Capacity { tensors: 512, graphs: 2, graph_nodes: 4096, grads: true }).unwrap();
     let q = ctx.new_f32("q", &[d, h, t]).set_input().set_param();
     let k = ctx.new_f32("k", &[d, g, t]).set_input().set_param();
     let v = ctx.new_f32("v", &[d, g, t]).set_input().set_param();
@@ -40,7 +41,8 @@ fn run(fused: bool, d: i64, h: i64, g: i64, t: i64, boundary: i64, reps: usize) 
     graph.build_forward_expand(loss);
     graph.build_backward_expand(&ctx);
     let seed_t = graph.grad_acc(loss).unwrap().set_input();
-    let grads: Vec<Tensor> = [q, k, v].iter().map(|&x| ctx.cont(graph.grad(x).unwrap()).set_output()).collect();
+    let grads: Vec<Tensor> =
+        [q, k, v].iter().map(|&x| ctx.cont(graph.grad(x).unwrap()).set_output()).collect();
     let mut map = FrozenMap::new();
     map.cpu_kernels = fused;
     let extra: Vec<Tensor> = grads.clone();
@@ -66,7 +68,12 @@ fn run(fused: bool, d: i64, h: i64, g: i64, t: i64, boundary: i64, reps: usize) 
         c.run().unwrap();
     }
     let seconds = t0.elapsed().as_secs_f64() / reps.max(1) as f64;
-    Run { out: c.read_f32(o2).unwrap(), grads: grads.iter().map(|&x| c.read_f32(x).unwrap()).collect(), attention: stats.attention, seconds }
+    Run {
+        out: c.read_f32(o2).unwrap(),
+        grads: grads.iter().map(|&x| c.read_f32(x).unwrap()).collect(),
+        attention: stats.attention,
+        seconds,
+    }
 }
 
 fn max_rel(a: &[f32], b: &[f32]) -> f32 {
@@ -85,7 +92,10 @@ fn fused_attention_matches_ggml_ops_and_autodiff() {
         assert!(e < 1e-5, "output: max error {e} (relative to the largest value)");
         for (name, (a, b)) in ["q", "k", "v"].iter().zip(fused.grads.iter().zip(&stock.grads)) {
             let e = max_rel(a, b);
-            assert!(e < 1e-4, "∂{name}: max error {e} (relative to the largest value), shape {d}x{h}x{t}");
+            assert!(
+                e < 1e-4,
+                "∂{name}: max error {e} (relative to the largest value), shape {d}x{h}x{t}"
+            );
         }
     }
 }

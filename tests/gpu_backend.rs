@@ -40,9 +40,14 @@ struct StepGraphCheck {
 /// The LoRA (or GRIT, with its K-FAC statistics) step graph and the optimizer step of the
 /// default model at 64 tokens, built with the kernels `copies_for` chooses, on a fresh
 /// backend of `backend`'s kind.
-fn step_graph_check(backend: &Backend, copies_for: &Backend, grit_cfg: Option<&grit::grit::GritConfig>) -> StepGraphCheck {
+fn step_graph_check(
+    backend: &Backend,
+    copies_for: &Backend,
+    grit_cfg: Option<&grit::grit::GritConfig>,
+) -> StepGraphCheck {
     let weights = Weights::load(&GgufFile::open(model()).unwrap(), backend).unwrap();
-    let lora = LoraSet::new(&weights, &LoraConfig { rank: 4, ..LoraConfig::default() }, backend).unwrap();
+    let lora =
+        LoraSet::new(&weights, &LoraConfig { rank: 4, ..LoraConfig::default() }, backend).unwrap();
     lora.init(1).unwrap();
     lora.mark_params();
     let opt = OptState::new(&lora, backend).unwrap();
@@ -52,10 +57,22 @@ fn step_graph_check(backend: &Backend, copies_for: &Backend, grit_cfg: Option<&g
     let o = engine::StepOptions { grit: grit_cfg, ..Default::default() };
     let sg = StepGraph::build_with(&ctx, &weights, &lora, &copies, &opt, 64, 63, o);
     let octx = Context::new(engine::opt_capacity(&lora)).unwrap();
-    let og =
-        engine::OptGraph::build(&octx, &lora, &opt, &engine::OptOptions { precondition: grit_cfg.is_some(), graft: grit_cfg.is_some(), ..Default::default() });
+    let og = engine::OptGraph::build(
+        &octx,
+        &lora,
+        &opt,
+        &engine::OptOptions {
+            precondition: grit_cfg.is_some(),
+            graft: grit_cfg.is_some(),
+            ..Default::default()
+        },
+    );
     let cpu_only = cpu_only_nodes(&sg.graph);
-    let mut b = Backend::new(BackendOptions { device: if backend.is_gpu() { Device::Gpu } else { Device::Cpu }, n_threads: 2 }).unwrap();
+    let mut b = Backend::new(BackendOptions {
+        device: if backend.is_gpu() { Device::Gpu } else { Device::Cpu },
+        n_threads: 2,
+    })
+    .unwrap();
     let mut fallback = b.cpu_fallback_nodes(&sg.graph);
     fallback.extend(b.cpu_fallback_nodes(&og.graph));
     let alloc = b.compute(&sg.graph).map(|_| ());
@@ -66,7 +83,10 @@ fn step_graph_check(backend: &Backend, copies_for: &Backend, grit_cfg: Option<&g
 fn cpu_step_graphs_hold_cpu_kernels_gpu_step_graphs_none() {
     let cpu = Backend::cpu(2).unwrap();
     let c = step_graph_check(&cpu, &cpu, None);
-    assert!(!c.cpu_only.is_empty(), "the CPU step graph should use grit's CPU kernels (fused attention, tiled transposes)");
+    assert!(
+        !c.cpu_only.is_empty(),
+        "the CPU step graph should use grit's CPU kernels (fused attention, tiled transposes)"
+    );
     c.alloc.expect("the CPU backend runs CPU kernels");
     assert!(c.fallback.is_empty());
     if common::test_device() == Device::Gpu {
@@ -77,8 +97,17 @@ fn cpu_step_graphs_hold_cpu_kernels_gpu_step_graphs_none() {
         let grit_cfg = grit::grit::GritConfig::default();
         for (method, cfg) in [("lora", None), ("grit", Some(&grit_cfg))] {
             let c = step_graph_check(&gpu, &gpu, cfg);
-            assert!(c.cpu_only.is_empty(), "{method}: CPU-only kernels in a GPU step graph: {:?}", c.cpu_only);
-            assert!(c.fallback.is_empty(), "{method}: {} nodes would run on the CPU: {:?}", c.fallback.len(), c.fallback);
+            assert!(
+                c.cpu_only.is_empty(),
+                "{method}: CPU-only kernels in a GPU step graph: {:?}",
+                c.cpu_only
+            );
+            assert!(
+                c.fallback.is_empty(),
+                "{method}: {} nodes would run on the CPU: {:?}",
+                c.fallback.len(),
+                c.fallback
+            );
             c.alloc.expect("the GPU step graph allocates");
         }
         // A graph built with CPU kernels is refused by the GPU backend, naming the node.
@@ -101,7 +130,17 @@ fn gpu_requests_never_fall_back_to_the_cpu() {
     let out = dir.path().join("run");
     let o = grit()
         .env("GRIT_DEVICE", "gpu")
-        .args(["train", "--data", p.join("hamlet.txt").to_str().unwrap(), "--steps", "1", "--max-seq-len", "32", "--eval-every", "0"])
+        .args([
+            "train",
+            "--data",
+            p.join("hamlet.txt").to_str().unwrap(),
+            "--steps",
+            "1",
+            "--max-seq-len",
+            "32",
+            "--eval-every",
+            "0",
+        ])
         .args(["--threads", "2", "--out", out.to_str().unwrap()])
         .output()
         .unwrap();
@@ -112,10 +151,15 @@ fn gpu_requests_never_fall_back_to_the_cpu() {
         let e = Backend::new(BackendOptions { device: Device::Gpu, n_threads: 1 }).unwrap_err();
         assert!(e.to_string().contains("--features vulkan"), "{e}");
         // auto in a CPU build is the CPU, and says so.
-        assert!(!Backend::new(BackendOptions { device: Device::Auto, n_threads: 1 }).unwrap().is_gpu());
+        assert!(!Backend::new(BackendOptions { device: Device::Auto, n_threads: 1 })
+            .unwrap()
+            .is_gpu());
     } else if common::test_device() == Device::Gpu {
         assert!(o.status.success(), "{err}");
-        let line = err.lines().find(|l| l.contains(" · device ")).unwrap_or_else(|| panic!("no device line: {err}"));
+        let line = err
+            .lines()
+            .find(|l| l.contains(" · device "))
+            .unwrap_or_else(|| panic!("no device line: {err}"));
         assert!(!line.contains("device CPU"), "a GPU run reported the CPU: {line}");
         let gpu = common::backend(1);
         assert!(line.contains(&gpu.name()), "{line} does not name {}", gpu.name());
@@ -123,13 +167,26 @@ fn gpu_requests_never_fall_back_to_the_cpu() {
         // reordered step graph once gave loss −142 and NaN gradients on the GPU).
         let cpu_out = dir.path().join("cpu");
         ok(grit()
-            .args(["train", "--device", "cpu", "--data", p.join("hamlet.txt").to_str().unwrap(), "--steps", "1", "--max-seq-len", "32"])
+            .args([
+                "train",
+                "--device",
+                "cpu",
+                "--data",
+                p.join("hamlet.txt").to_str().unwrap(),
+                "--steps",
+                "1",
+                "--max-seq-len",
+                "32",
+            ])
             .args(["--eval-every", "0", "--threads", "2", "--out", cpu_out.to_str().unwrap()])
             .output()
             .unwrap());
         let (g, c) = (&rows(&out)[0], &rows(&cpu_out)[0]);
         let (lg, lc) = (g["loss"].as_f64().unwrap(), c["loss"].as_f64().unwrap());
-        let (ng, nc) = (g["grad_norm"].as_f64().expect("finite GPU grad norm"), c["grad_norm"].as_f64().unwrap());
+        let (ng, nc) = (
+            g["grad_norm"].as_f64().expect("finite GPU grad norm"),
+            c["grad_norm"].as_f64().unwrap(),
+        );
         println!("step 1: loss cpu {lc:.4} gpu {lg:.4}; grad norm cpu {nc:.4} gpu {ng:.4}");
         assert!((lg - lc).abs() < 0.05, "step-1 loss: GPU {lg} vs CPU {lc}");
         assert!((ng / nc - 1.0).abs() < 0.1, "step-1 grad norm: GPU {ng} vs CPU {nc}");
@@ -172,9 +229,22 @@ fn train_args(method: &str, out: &Path, device: &str) -> Vec<String> {
     .collect();
     if method == "grit" {
         a.extend(
-            ["--kfac-every", "1", "--invert-every", "4", "--reproject-every", "8", "--reproject-warmup", "8", "--rank-start", "4", "--rank-min", "2"]
-                .iter()
-                .map(|s| s.to_string()),
+            [
+                "--kfac-every",
+                "1",
+                "--invert-every",
+                "4",
+                "--reproject-every",
+                "8",
+                "--reproject-warmup",
+                "8",
+                "--rank-start",
+                "4",
+                "--rank-min",
+                "2",
+            ]
+            .iter()
+            .map(|s| s.to_string()),
         );
     }
     a
@@ -206,7 +276,13 @@ fn same_curve(method: &str) {
     let (c, g) = (dir.path().join("cpu"), dir.path().join("gpu"));
     let oc = ok(grit().args(train_args(method, &c, "cpu")).output().unwrap());
     let og = ok(grit().args(train_args(method, &g, "gpu")).output().unwrap());
-    let log = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).lines().find(|l| l.contains(" · device ")).unwrap_or("").to_string();
+    let log = |o: &std::process::Output| {
+        String::from_utf8_lossy(&o.stderr)
+            .lines()
+            .find(|l| l.contains(" · device "))
+            .unwrap_or("")
+            .to_string()
+    };
     println!("cpu: {}\ngpu: {}", log(&oc), log(&og));
     assert!(log(&oc).contains("device CPU") && !log(&og).contains("device CPU"));
     let (rc, rg) = (rows(&c), rows(&g));
@@ -220,26 +296,54 @@ fn same_curve(method: &str) {
     for (i, (a, b)) in lc.iter().zip(&lg).enumerate() {
         println!("{method} step {:>2}: cpu {a:.4} gpu {b:.4} Δ {:+.4}", i + 1, b - a);
     }
-    println!("{method}: eval cpu {ec:.4?} gpu {eg:.4?}; worst |Δ| step {worst:.4}, eval {worst_eval:.4}");
+    println!(
+        "{method}: eval cpu {ec:.4?} gpu {eg:.4?}; worst |Δ| step {worst:.4}, eval {worst_eval:.4}"
+    );
     let mean = lc.iter().zip(&lg).map(|(a, b)| (a - b).abs()).sum::<f64>() / lc.len() as f64;
     let (drop_c, drop_g) = (ec[0] - ec[ec.len() - 1], eg[0] - eg[eg.len() - 1]);
     println!("{method}: mean step |Δ| {mean:.4}; eval drop cpu {drop_c:.4} gpu {drop_g:.4}");
-    assert!(worst < 0.3 && mean < 0.1, "{method}: step losses differ by up to {worst} (mean {mean}) between CPU and GPU");
+    assert!(
+        worst < 0.3 && mean < 0.1,
+        "{method}: step losses differ by up to {worst} (mean {mean}) between CPU and GPU"
+    );
     assert!(worst_eval < 0.06, "{method}: eval losses differ by {worst_eval} between CPU and GPU");
     // Training worked on the GPU, as much as on the CPU: the eval loss fell by the same amount.
-    assert!(drop_c > 0.3 && (drop_g / drop_c - 1.0).abs() < 0.1, "eval drop: CPU {drop_c}, GPU {drop_g} ({ec:?} vs {eg:?})");
+    assert!(
+        drop_c > 0.3 && (drop_g / drop_c - 1.0).abs() < 0.1,
+        "eval drop: CPU {drop_c}, GPU {drop_g} ({ec:?} vs {eg:?})"
+    );
     if method == "grit" {
-        let events = |r: &[serde_json::Value], k: &str| r.iter().filter(|x| x["event"] == k).count();
-        assert!(events(&rg, "invert") >= 1 && events(&rg, "reproject") >= 1, "GRIT events missing on the GPU");
-        assert_eq!((events(&rc, "invert"), events(&rc, "reproject")), (events(&rg, "invert"), events(&rg, "reproject")));
+        let events =
+            |r: &[serde_json::Value], k: &str| r.iter().filter(|x| x["event"] == k).count();
+        assert!(
+            events(&rg, "invert") >= 1 && events(&rg, "reproject") >= 1,
+            "GRIT events missing on the GPU"
+        );
+        assert_eq!(
+            (events(&rc, "invert"), events(&rc, "reproject")),
+            (events(&rg, "invert"), events(&rg, "reproject"))
+        );
     }
     // The adapter exports (PEFT) and generates on the GPU.
     let adapter = g.join("adapter.gguf");
     let peft = dir.path().join("peft");
-    ok(grit().args(["export", adapter.to_str().unwrap(), peft.to_str().unwrap(), "--to", "peft"]).output().unwrap());
+    ok(grit()
+        .args(["export", adapter.to_str().unwrap(), peft.to_str().unwrap(), "--to", "peft"])
+        .output()
+        .unwrap());
     assert!(peft.join("adapter_model.safetensors").is_file());
     let o = ok(grit()
-        .args(["generate", "--device", "gpu", "--prompt", "HAMLET. To be", "--max-tokens", "8", "--adapter", adapter.to_str().unwrap()])
+        .args([
+            "generate",
+            "--device",
+            "gpu",
+            "--prompt",
+            "HAMLET. To be",
+            "--max-tokens",
+            "8",
+            "--adapter",
+            adapter.to_str().unwrap(),
+        ])
         .output()
         .unwrap());
     let err = String::from_utf8_lossy(&o.stderr);
@@ -272,16 +376,71 @@ fn grit_shape_changes_on_the_gpu_run_to_the_end() {
     for seed in 0..3 {
         let out = dir.path().join(format!("run{seed}"));
         let o = ok(grit()
-            .args(["train", "--method", "grit", "--device", "gpu", "--model", model.to_str().unwrap(), "--data", p.join("hamlet.txt").to_str().unwrap()])
-            .args(["--eval-data", p.join("macbeth.txt").to_str().unwrap(), "--eval-tokens", "32", "--eval-every", "4", "--steps", "12"])
-            .args(["--max-seq-len", "8", "--threads", "2", "--rank", "8", "--out", out.to_str().unwrap(), "--seed", &seed.to_string()])
-            .args(["--kfac-every", "1", "--invert-every", "2", "--reproject-every", "2", "--reproject-warmup", "2", "--rank-start", "2"])
-            .args(["--rank-min", "1", "--rank-budget", "event", "--rank-signal", "input", "--fixed-intervals"])
+            .args([
+                "train",
+                "--method",
+                "grit",
+                "--device",
+                "gpu",
+                "--model",
+                model.to_str().unwrap(),
+                "--data",
+                p.join("hamlet.txt").to_str().unwrap(),
+            ])
+            .args([
+                "--eval-data",
+                p.join("macbeth.txt").to_str().unwrap(),
+                "--eval-tokens",
+                "32",
+                "--eval-every",
+                "4",
+                "--steps",
+                "12",
+            ])
+            .args([
+                "--max-seq-len",
+                "8",
+                "--threads",
+                "2",
+                "--rank",
+                "8",
+                "--out",
+                out.to_str().unwrap(),
+                "--seed",
+                &seed.to_string(),
+            ])
+            .args([
+                "--kfac-every",
+                "1",
+                "--invert-every",
+                "2",
+                "--reproject-every",
+                "2",
+                "--reproject-warmup",
+                "2",
+                "--rank-start",
+                "2",
+            ])
+            .args([
+                "--rank-min",
+                "1",
+                "--rank-budget",
+                "event",
+                "--rank-signal",
+                "input",
+                "--fixed-intervals",
+            ])
             .output()
             .unwrap());
         let err = String::from_utf8_lossy(&o.stderr);
-        let shape_changes = err.lines().filter(|l| l.contains("reprojection:") && !l.contains(": 0 modules cut")).count();
-        assert!(shape_changes >= 2, "seed {seed}: {shape_changes} reprojections changed shapes\n{err}");
+        let shape_changes = err
+            .lines()
+            .filter(|l| l.contains("reprojection:") && !l.contains(": 0 modules cut"))
+            .count();
+        assert!(
+            shape_changes >= 2,
+            "seed {seed}: {shape_changes} reprojections changed shapes\n{err}"
+        );
         assert_eq!(rows(&out).iter().filter(|r| r["loss"].is_f64()).count(), 12);
     }
 }
@@ -298,14 +457,26 @@ fn serve_answers_a_chat_request_on_the_gpu() {
     let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     assert!(!v["choices"][0]["message"]["content"].as_str().unwrap_or("").is_empty(), "{v}");
     let log = s.log_lines().join("\n");
-    assert!(log.contains("grit serve: device ") && !log.contains("grit serve: device CPU"), "{log}");
+    assert!(
+        log.contains("grit serve: device ") && !log.contains("grit serve: device CPU"),
+        "{log}"
+    );
 }
 
 /// One training micro-step's accumulated LoRA gradients (A and B per module, unscaled).
-fn step_gradients(backend: &mut Backend, model: &Path, mode: WeightCopies) -> Vec<(String, Vec<f32>, Vec<f32>)> {
+fn step_gradients(
+    backend: &mut Backend,
+    model: &Path,
+    mode: WeightCopies,
+) -> Vec<(String, Vec<f32>, Vec<f32>)> {
     use grit::model::Batch;
     let weights = Weights::load(&GgufFile::open(model).unwrap(), backend).unwrap();
-    let lora = LoraSet::new(&weights, &LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() }, backend).unwrap();
+    let lora = LoraSet::new(
+        &weights,
+        &LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() },
+        backend,
+    )
+    .unwrap();
     lora.randomize(3, 0.05, 0.05).unwrap();
     lora.mark_params();
     let opt = OptState::new(&lora, backend).unwrap();
@@ -315,15 +486,23 @@ fn step_gradients(backend: &mut Backend, model: &Path, mode: WeightCopies) -> Ve
     let labels: Vec<i32> = rows.iter().map(|&r| tokens[r as usize + 1]).collect();
     let b = Batch::causal(&tokens, &rows, &labels).unwrap();
     let ctx = Context::new(engine::step_capacity(&weights, &lora)).unwrap();
-    let o = engine::StepOptions { loss_scale: engine::loss_scale(b.n_rows()), ..Default::default() };
-    let sg = StepGraph::build_with(&ctx, &weights, &lora, &copies, &opt, b.n_tokens(), b.n_rows(), o);
+    let o =
+        engine::StepOptions { loss_scale: engine::loss_scale(b.n_rows()), ..Default::default() };
+    let sg =
+        StepGraph::build_with(&ctx, &weights, &lora, &copies, &opt, b.n_tokens(), b.n_rows(), o);
     let mut run = backend.compute(&sg.graph).unwrap();
     sg.train.set_inputs(&mut run, &b).unwrap();
     sg.set_seeds(&mut run).unwrap();
     run.run().unwrap();
     drop(run);
     let unscale = |v: Vec<f32>| v.into_iter().map(|g| g / o.loss_scale).collect::<Vec<f32>>();
-    lora.modules().iter().enumerate().map(|(i, m)| (m.base_name(), unscale(opt.read(i, 2).unwrap()), unscale(opt.read(i, 5).unwrap()))).collect()
+    lora.modules()
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            (m.base_name(), unscale(opt.read(i, 2).unwrap()), unscale(opt.read(i, 5).unwrap()))
+        })
+        .collect()
 }
 
 /// The GPU's step gradients against the CPU's on a tiny model, module by module (a failing
@@ -343,10 +522,23 @@ fn step_gradients_on_the_gpu_match_the_cpu() {
     // attention and repacked matmuls), Q4_1 ≤ 6.5e-2 (its activations are rounded to 8 bits
     // in other places); a wrong graph is off by O(1) (the chunked transient copy of the
     // output layer once gave layer 0 ∂B 2.6× the CPU's on the default model: the `None` case).
-    for (ty, mode, bound) in [(Type::F32, WeightCopies::F32, 5e-3), (Type::Q4_1, WeightCopies::Q8_0, 1e-1), (Type::Q4_1, WeightCopies::None, 1e-1)] {
+    for (ty, mode, bound) in [
+        (Type::F32, WeightCopies::F32, 5e-3),
+        (Type::Q4_1, WeightCopies::Q8_0, 1e-1),
+        (Type::Q4_1, WeightCopies::None, 1e-1),
+    ] {
         let path = dir.path().join(format!("tiny-{}.gguf", ty.name()));
-        let spec =
-            TinySpec { n_embd: 256, n_layer: 2, n_head: 4, n_head_kv: 2, n_ff: 512, weight_type: ty, tied_output: false, seed: 7, ..TinySpec::default() };
+        let spec = TinySpec {
+            n_embd: 256,
+            n_layer: 2,
+            n_head: 4,
+            n_head_kv: 2,
+            n_ff: 512,
+            weight_type: ty,
+            tied_output: false,
+            seed: 7,
+            ..TinySpec::default()
+        };
         write_tiny_model(&path, &spec, &model()).unwrap();
         let cpu = step_gradients(&mut Backend::cpu(2).unwrap(), &path, mode);
         let gpu = step_gradients(&mut common::backend(2), &path, mode);

@@ -11,12 +11,22 @@ use grit::grit::linalg;
 use grit::grit::precondition::{self, PrecondInputs, Preconditioner};
 use grit::grit::regularize::{self, RegGraph};
 use grit::grit::stats::{token_weights, KfacState, StatsGraph};
-use grit::model::{write_tiny_model, Batch, LoraConfig, LoraSet, Outputs, TinySpec, TrainGraph, Weights};
+use grit::model::{
+    write_tiny_model, Batch, LoraConfig, LoraSet, Outputs, TinySpec, TrainGraph, Weights,
+};
 
 fn tiny_model(dir: &std::path::Path) -> std::path::PathBuf {
     let tok = grit::fetch::ensure_default_model().expect("default model (tokenizer source)");
     let path = dir.join("tiny.gguf");
-    let spec = TinySpec { n_embd: 64, n_layer: 2, n_head: 4, n_head_kv: 2, n_ff: 128, seed: 21, ..TinySpec::default() };
+    let spec = TinySpec {
+        n_embd: 64,
+        n_layer: 2,
+        n_head: 4,
+        n_head_kv: 2,
+        n_ff: 128,
+        seed: 21,
+        ..TinySpec::default()
+    };
     write_tiny_model(&path, &spec, &tok).unwrap();
     path
 }
@@ -70,7 +80,12 @@ fn kfac_statistics_from_the_graph_match_the_host_on_a_masked_batch() {
     let path = tiny_model(dir.path());
     let mut backend = Backend::cpu(0).unwrap();
     let weights = Weights::load(&GgufFile::open(&path).unwrap(), &backend).unwrap();
-    let lora = LoraSet::new(&weights, &LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() }, &backend).unwrap();
+    let lora = LoraSet::new(
+        &weights,
+        &LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() },
+        &backend,
+    )
+    .unwrap();
     lora.randomize(5, 0.1, 0.1).unwrap(); // B ≠ 0, so g ≠ 0
     lora.mark_params();
     let b = masked_batch();
@@ -126,11 +141,17 @@ fn kfac_statistics_from_the_graph_match_the_host_on_a_masked_batch() {
         worst_g = worst_g.max(max_abs_diff(&sg, &gg) / linalg::max_abs(&sg));
         // The masked tokens matter: the statistics over every token differ.
         let all: Vec<usize> = (0..n).collect();
-        masked_effect = masked_effect.min(max_abs_diff(&host_gram(&u, r, n, &all), &sa) / linalg::max_abs(&sa));
+        masked_effect =
+            masked_effect.min(max_abs_diff(&host_gram(&u, r, n, &all), &sa) / linalg::max_abs(&sa));
         // Prompt tokens do get a gradient (later trained tokens attend to them) — excluded
         // by the weights, not by being zero.
         prompt_g = prompt_g.max(
-            masked.iter().filter(|&&t| t < 6).map(|&t| (0..r).map(|i| gm[i * n + t].abs()).fold(0.0, f64::max)).fold(0.0, f64::max) / linalg::max_abs(&gm),
+            masked
+                .iter()
+                .filter(|&&t| t < 6)
+                .map(|&t| (0..r).map(|i| gm[i * n + t].abs()).fold(0.0, f64::max))
+                .fold(0.0, f64::max)
+                / linalg::max_abs(&gm),
         );
 
         // g itself against finite differences (layer 0): along Δ = ∇A/‖∇A‖ with
@@ -140,7 +161,9 @@ fn kfac_statistics_from_the_graph_match_the_host_on_a_masked_batch() {
             let norm = grad_a.iter().map(|v| v * v).sum::<f64>().sqrt();
             let a32 = lora.read_a(sm.module).unwrap();
             let eps = 1e-2;
-            let at = |e: f64| -> Vec<f32> { a32.iter().zip(&grad_a).map(|(&v, &d)| (v as f64 + e * d / norm) as f32).collect() };
+            let at = |e: f64| -> Vec<f32> {
+                a32.iter().zip(&grad_a).map(|(&v, &d)| (v as f64 + e * d / norm) as f32).collect()
+            };
             lora.write_a(sm.module, &at(eps)).unwrap();
             let lp = run_loss(&mut run, loss);
             lora.write_a(sm.module, &at(-eps)).unwrap();
@@ -149,7 +172,10 @@ fn kfac_statistics_from_the_graph_match_the_host_on_a_masked_batch() {
             run_loss(&mut run, loss); // restore every node's value for the next modules' reads
             let fd = (lp - lm) / (2.0 * eps);
             let rel = (fd - norm).abs() / norm;
-            println!("{}: dL/dε finite difference {fd:.6e}, Σ_t gᵀΔx {norm:.6e}, rel err {rel:.2e}", m.base_name());
+            println!(
+                "{}: dL/dε finite difference {fd:.6e}, Σ_t gᵀΔx {norm:.6e}, rel err {rel:.2e}",
+                m.base_name()
+            );
             fd_worst = fd_worst.max(rel);
         }
     }
@@ -158,9 +184,15 @@ fn kfac_statistics_from_the_graph_match_the_host_on_a_masked_batch() {
     println!("worst relative error: u {worst_u:.2e}, Σ_a {worst_a:.2e}, Σ_g {worst_g:.2e}; g finite differences {fd_worst:.2e}");
     println!("smallest effect of the masked tokens on Σ_a {masked_effect:.2e}; largest |g| on prompt tokens (relative) {prompt_g:.2e}");
     // f32 graph sums over ≤ 24 tokens vs f64: ~1e-7 relative; bound 1e-5.
-    assert!(worst_u < 1e-5 && worst_a < 1e-5 && worst_g < 1e-5, "graph statistics differ from the host");
+    assert!(
+        worst_u < 1e-5 && worst_a < 1e-5 && worst_g < 1e-5,
+        "graph statistics differ from the host"
+    );
     assert!(fd_worst < 1e-2, "g disagrees with finite differences of the loss ({fd_worst:.2e})");
-    assert!(masked_effect > 1e-3, "masked tokens should change the statistics if they were counted");
+    assert!(
+        masked_effect > 1e-3,
+        "masked tokens should change the statistics if they were counted"
+    );
     assert!(prompt_g > 1e-3, "prompt tokens should carry gradient (excluded only by the weights)");
 
     // Host accumulation of the graph's statistics: EMA over two steps with β = 0.95.
@@ -181,7 +213,12 @@ fn preconditioned_gradients_match_the_host_for_both_pairings_and_dampings() {
     let path = tiny_model(dir.path());
     let mut backend = Backend::cpu(0).unwrap();
     let weights = Weights::load(&GgufFile::open(&path).unwrap(), &backend).unwrap();
-    let lora = LoraSet::new(&weights, &LoraConfig { rank: 16, alpha: 32.0, ..LoraConfig::default() }, &backend).unwrap();
+    let lora = LoraSet::new(
+        &weights,
+        &LoraConfig { rank: 16, alpha: 32.0, ..LoraConfig::default() },
+        &backend,
+    )
+    .unwrap();
 
     let ctx = Context::new(Capacity::graph(64 + 10 * lora.modules().len(), 512, false)).unwrap();
     let mut graph = ctx.new_graph(512, false);
@@ -208,11 +245,18 @@ fn preconditioned_gradients_match_the_host_for_both_pairings_and_dampings() {
         // A decaying spectrum: scale row/column i by 1/(1+i).
         (0..r * r).map(|k| s[k] * scale / ((1 + k / r) * (1 + k % r)) as f64).collect::<Vec<f64>>()
     };
-    let kfac: Vec<(Vec<f64>, Vec<f64>)> = (0..lora.modules().len()).map(|_| (spd(&mut rnd, 1.0 / 40.0), spd(&mut rnd, 1e-10 / 40.0))).collect();
+    let kfac: Vec<(Vec<f64>, Vec<f64>)> = (0..lora.modules().len())
+        .map(|_| (spd(&mut rnd, 1.0 / 40.0), spd(&mut rnd, 1e-10 / 40.0)))
+        .collect();
     let grads: Vec<(Vec<f32>, Vec<f32>)> = lora
         .modules()
         .iter()
-        .map(|m| ((0..m.d_in * r).map(|_| 1e-3 * rnd() as f32).collect(), (0..m.d_out * r).map(|_| 1e-3 * rnd() as f32).collect()))
+        .map(|m| {
+            (
+                (0..m.d_in * r).map(|_| 1e-3 * rnd() as f32).collect(),
+                (0..m.d_out * r).map(|_| 1e-3 * rnd() as f32).collect(),
+            )
+        })
         .collect();
 
     let mut run = backend.compute(&graph).unwrap();
@@ -224,16 +268,33 @@ fn preconditioned_gradients_match_the_host_for_both_pairings_and_dampings() {
     for pairing in [Pairing::Textbook, Pairing::Reference] {
         for damping in [Damping::Relative, Damping::Absolute] {
             let cfg = GritConfig { kfac_pairing: pairing, damping, ..GritConfig::default() };
-            let p: Vec<Preconditioner> =
-                kfac.iter().map(|(sa, sg)| Preconditioner::new(sa, sg, r, pairing, damping, cfg.damping_rel, cfg.lambda_abs())).collect();
+            let p: Vec<Preconditioner> = kfac
+                .iter()
+                .map(|(sa, sg)| {
+                    Preconditioner::new(
+                        sa,
+                        sg,
+                        r,
+                        pairing,
+                        damping,
+                        cfg.damping_rel,
+                        cfg.lambda_abs(),
+                    )
+                })
+                .collect();
             inputs.set(&mut run, &p).unwrap();
             run.run().unwrap();
             let mut w = 0f64;
             for (i, m) in lora.modules().iter().enumerate() {
-                let (ha, hb) = precondition::apply_host(&p[i], &grads[i].0, &grads[i].1, m.d_in, m.d_out);
-                let oa: Vec<f64> = run.read_f32(nodes[i].2).unwrap().iter().map(|&v| v as f64).collect();
-                let ob: Vec<f64> = run.read_f32(nodes[i].3).unwrap().iter().map(|&v| v as f64).collect();
-                w = w.max(max_abs_diff(&ha, &oa) / linalg::max_abs(&ha)).max(max_abs_diff(&hb, &ob) / linalg::max_abs(&hb));
+                let (ha, hb) =
+                    precondition::apply_host(&p[i], &grads[i].0, &grads[i].1, m.d_in, m.d_out);
+                let oa: Vec<f64> =
+                    run.read_f32(nodes[i].2).unwrap().iter().map(|&v| v as f64).collect();
+                let ob: Vec<f64> =
+                    run.read_f32(nodes[i].3).unwrap().iter().map(|&v| v as f64).collect();
+                w = w
+                    .max(max_abs_diff(&ha, &oa) / linalg::max_abs(&ha))
+                    .max(max_abs_diff(&hb, &ob) / linalg::max_abs(&hb));
             }
             let (la, lg) = (p[0].inv_a.lambda_used, p[0].inv_g.lambda_used);
             println!("{pairing:?} / {damping:?}: λ_a {la:.2e} λ_g {lg:.2e}; worst relative difference graph vs host {w:.2e}");
@@ -252,7 +313,12 @@ fn regularizer_value_and_gradients_match_the_host() {
     let path = tiny_model(dir.path());
     let mut backend = Backend::cpu(0).unwrap();
     let weights = Weights::load(&GgufFile::open(&path).unwrap(), &backend).unwrap();
-    let lora = LoraSet::new(&weights, &LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() }, &backend).unwrap();
+    let lora = LoraSet::new(
+        &weights,
+        &LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() },
+        &backend,
+    )
+    .unwrap();
     lora.randomize(8, 0.1, 0.1).unwrap();
     lora.mark_params();
     let r = 4;
@@ -261,7 +327,8 @@ fn regularizer_value_and_gradients_match_the_host() {
     // Statistics and projectors: half the modules with soft-cut projectors (λ_R active).
     let mut kfac = KfacState::new(&lora, KfacStats::Ema, 0.95);
     for (i, m) in kfac.modules.iter_mut().enumerate() {
-        let x: Vec<f64> = (0..r * 6).map(|k| (((k * 37 + i * 11) % 17) as f64 - 8.0) / 8.0).collect();
+        let x: Vec<f64> =
+            (0..r * 6).map(|k| (((k * 37 + i * 11) % 17) as f64 - 8.0) / 8.0).collect();
         m.sigma_a = linalg::matmul(&x, &linalg::transpose(&x, r, 6), r, 6, r);
         m.sigma_g = m.sigma_a.iter().map(|v| v * 0.01).collect();
         if i % 2 == 0 {
@@ -271,7 +338,8 @@ fn regularizer_value_and_gradients_match_the_host() {
             m.proj_g = Some(linalg::matmul(&v, &linalg::transpose(&v, r, 3), r, 3, r));
         }
     }
-    let coeffs: Vec<(Vec<f64>, Vec<f64>)> = kfac.modules.iter().map(|m| regularize::coefficients(m, lambda_k, lambda_r)).collect();
+    let coeffs: Vec<(Vec<f64>, Vec<f64>)> =
+        kfac.modules.iter().map(|m| regularize::coefficients(m, lambda_k, lambda_r)).collect();
 
     // Alone.
     let ctx = Context::new(Capacity::graph(4096, 4096, true)).unwrap();
@@ -288,12 +356,36 @@ fn regularizer_value_and_gradients_match_the_host() {
     let mut reg_grads = Vec::new();
     for (i, m) in lora.modules().iter().enumerate() {
         let (a, b) = (lora.read_a(i).unwrap(), lora.read_b(i).unwrap());
-        want += ramp * regularize::penalty_host(&a, &b, r, m.d_in, m.d_out, &kfac.modules[i], lambda_k, lambda_r);
-        let (ha, hb) = regularize::penalty_grads_host(&a, &b, r, m.d_in, m.d_out, &coeffs[i].0, &coeffs[i].1);
-        let ga: Vec<f64> = run.read_f32(graph.grad(lora.a(m)).unwrap()).unwrap().iter().map(|&v| v as f64).collect();
-        let gb: Vec<f64> = run.read_f32(graph.grad(lora.b(m)).unwrap()).unwrap().iter().map(|&v| v as f64).collect();
-        let (ha, hb): (Vec<f64>, Vec<f64>) = (ha.iter().map(|v| v * ramp).collect(), hb.iter().map(|v| v * ramp).collect());
-        worst_grad = worst_grad.max(max_abs_diff(&ha, &ga) / linalg::max_abs(&ha)).max(max_abs_diff(&hb, &gb) / linalg::max_abs(&hb));
+        want += ramp
+            * regularize::penalty_host(
+                &a,
+                &b,
+                r,
+                m.d_in,
+                m.d_out,
+                &kfac.modules[i],
+                lambda_k,
+                lambda_r,
+            );
+        let (ha, hb) =
+            regularize::penalty_grads_host(&a, &b, r, m.d_in, m.d_out, &coeffs[i].0, &coeffs[i].1);
+        let ga: Vec<f64> = run
+            .read_f32(graph.grad(lora.a(m)).unwrap())
+            .unwrap()
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let gb: Vec<f64> = run
+            .read_f32(graph.grad(lora.b(m)).unwrap())
+            .unwrap()
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let (ha, hb): (Vec<f64>, Vec<f64>) =
+            (ha.iter().map(|v| v * ramp).collect(), hb.iter().map(|v| v * ramp).collect());
+        worst_grad = worst_grad
+            .max(max_abs_diff(&ha, &ga) / linalg::max_abs(&ha))
+            .max(max_abs_diff(&hb, &gb) / linalg::max_abs(&hb));
         reg_grads.push((ga, gb));
     }
     drop(run);
@@ -305,8 +397,16 @@ fn regularizer_value_and_gradients_match_the_host() {
     let b = masked_batch();
     let grads_of = |backend: &mut Backend, with_reg: bool| -> Vec<(Vec<f64>, Vec<f64>)> {
         let cap = TrainGraph::capacity(&weights, Some(&lora), true);
-        let ctx = Context::new(Capacity::graph(cap.tensors + 2000, cap.graph_nodes + 2000, true)).unwrap();
-        let mut g = TrainGraph::build(&ctx, &weights, Some(&lora), b.n_tokens(), Outputs::Rows(b.n_rows()), true);
+        let ctx = Context::new(Capacity::graph(cap.tensors + 2000, cap.graph_nodes + 2000, true))
+            .unwrap();
+        let mut g = TrainGraph::build(
+            &ctx,
+            &weights,
+            Some(&lora),
+            b.n_tokens(),
+            Outputs::Rows(b.n_rows()),
+            true,
+        );
         let reg = with_reg.then(|| {
             let reg = RegGraph::build(&ctx, &lora);
             reg.loss.set_loss();
@@ -324,7 +424,13 @@ fn regularizer_value_and_gradients_match_the_host() {
         lora.modules()
             .iter()
             .map(|m| {
-                let rd = |t| run.read_f32(g.graph.grad(t).unwrap()).unwrap().iter().map(|&v| v as f64).collect::<Vec<f64>>();
+                let rd = |t| {
+                    run.read_f32(g.graph.grad(t).unwrap())
+                        .unwrap()
+                        .iter()
+                        .map(|&v| v as f64)
+                        .collect::<Vec<f64>>()
+                };
                 (rd(lora.a(m)), rd(lora.b(m)))
             })
             .collect()
@@ -333,7 +439,9 @@ fn regularizer_value_and_gradients_match_the_host() {
     let both = grads_of(&mut backend, true);
     let mut worst_sum = 0f64;
     for i in 0..ce.len() {
-        for (c, rg, t) in [(&ce[i].0, &reg_grads[i].0, &both[i].0), (&ce[i].1, &reg_grads[i].1, &both[i].1)] {
+        for (c, rg, t) in
+            [(&ce[i].0, &reg_grads[i].0, &both[i].0), (&ce[i].1, &reg_grads[i].1, &both[i].1)]
+        {
             let sum: Vec<f64> = c.iter().zip(rg).map(|(x, y)| x + y).collect();
             worst_sum = worst_sum.max(max_abs_diff(&sum, t) / linalg::max_abs(&sum));
         }
@@ -355,7 +463,12 @@ fn statistics_and_regularizer_survive_the_frozen_backward_rewrite() {
     let path = tiny_model(dir.path());
     let mut backend = Backend::cpu(0).unwrap();
     let weights = Weights::load(&GgufFile::open(&path).unwrap(), &backend).unwrap();
-    let lora = LoraSet::new(&weights, &LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() }, &backend).unwrap();
+    let lora = LoraSet::new(
+        &weights,
+        &LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() },
+        &backend,
+    )
+    .unwrap();
     lora.randomize(12, 0.1, 0.1).unwrap();
     lora.mark_params();
     // F32 transposed copies: the rewrite is then exact up to summation order.
@@ -367,25 +480,42 @@ fn statistics_and_regularizer_survive_the_frozen_backward_rewrite() {
         m.sigma_a = linalg::identity(4).iter().map(|v| v * 0.3).collect();
         m.sigma_g = linalg::identity(4).iter().map(|v| v * 0.01).collect();
     }
-    let coeffs: Vec<(Vec<f64>, Vec<f64>)> = kfac.modules.iter().map(|m| regularize::coefficients(m, 1e-2, 0.0)).collect();
+    let coeffs: Vec<(Vec<f64>, Vec<f64>)> =
+        kfac.modules.iter().map(|m| regularize::coefficients(m, 1e-2, 0.0)).collect();
 
     type Out = (Vec<(Vec<f32>, Vec<f32>)>, Vec<(Vec<f32>, Vec<f32>)>, f32, f32);
     let run_graph = |backend: &mut Backend, rewrite: bool| -> Out {
         let cap = TrainGraph::capacity(&weights, Some(&lora), true);
-        let ctx = Context::new(Capacity::graph(cap.tensors + 4000, 2 * cap.graph_nodes, true)).unwrap();
-        let mut g = TrainGraph::build(&ctx, &weights, Some(&lora), b.n_tokens(), Outputs::Rows(b.n_rows()), true);
+        let ctx =
+            Context::new(Capacity::graph(cap.tensors + 4000, 2 * cap.graph_nodes, true)).unwrap();
+        let mut g = TrainGraph::build(
+            &ctx,
+            &weights,
+            Some(&lora),
+            b.n_tokens(),
+            Outputs::Rows(b.n_rows()),
+            true,
+        );
         let reg = RegGraph::build(&ctx, &lora);
         reg.loss.set_loss();
         g.graph.build_forward_expand(reg.loss);
         g.graph.build_backward_expand(&ctx);
         let stats = StatsGraph::build(&ctx, &g.graph, &g.taps, &lora);
         let loss = g.loss.unwrap();
-        let seeds = [g.graph.grad_acc(loss).unwrap().set_input(), g.graph.grad_acc(reg.loss).unwrap().set_input()];
-        let grads: Vec<(Tensor, Tensor)> = lora.modules().iter().map(|m| (g.graph.grad(lora.a(m)).unwrap(), g.graph.grad(lora.b(m)).unwrap())).collect();
+        let seeds = [
+            g.graph.grad_acc(loss).unwrap().set_input(),
+            g.graph.grad_acc(reg.loss).unwrap().set_input(),
+        ];
+        let grads: Vec<(Tensor, Tensor)> = lora
+            .modules()
+            .iter()
+            .map(|m| (g.graph.grad(lora.a(m)).unwrap(), g.graph.grad(lora.b(m)).unwrap()))
+            .collect();
         let rebuilt;
         let graph = if rewrite {
             let map = copies.map(&weights);
-            let (gr, st) = grit::ggml::rebuild_frozen_backward(&ctx, &g.graph, &map, &stats.outputs());
+            let (gr, st) =
+                grit::ggml::rebuild_frozen_backward(&ctx, &g.graph, &map, &stats.outputs());
             assert!(st.persistent > 0);
             rebuilt = gr;
             &rebuilt
@@ -407,8 +537,16 @@ fn statistics_and_regularizer_survive_the_frozen_backward_rewrite() {
             run.reset_grads();
         }
         run.run().unwrap();
-        let gr = grads.iter().map(|&(a, bb)| (run.read_f32(a).unwrap(), run.read_f32(bb).unwrap())).collect();
-        (stats.read(&run).unwrap(), gr, run.read_f32(loss).unwrap()[0], run.read_f32(reg.loss).unwrap()[0])
+        let gr = grads
+            .iter()
+            .map(|&(a, bb)| (run.read_f32(a).unwrap(), run.read_f32(bb).unwrap()))
+            .collect();
+        (
+            stats.read(&run).unwrap(),
+            gr,
+            run.read_f32(loss).unwrap()[0],
+            run.read_f32(reg.loss).unwrap()[0],
+        )
     };
     let plain = run_graph(&mut backend, false);
     let rewritten = run_graph(&mut backend, true);
@@ -419,10 +557,18 @@ fn statistics_and_regularizer_survive_the_frozen_backward_rewrite() {
     let mut worst_s = 0f64;
     let mut worst_g = 0f64;
     for i in 0..plain.0.len() {
-        worst_s = worst_s.max(rel(&plain.0[i].0, &rewritten.0[i].0)).max(rel(&plain.0[i].1, &rewritten.0[i].1));
-        worst_g = worst_g.max(rel(&plain.1[i].0, &rewritten.1[i].0)).max(rel(&plain.1[i].1, &rewritten.1[i].1));
+        worst_s = worst_s
+            .max(rel(&plain.0[i].0, &rewritten.0[i].0))
+            .max(rel(&plain.0[i].1, &rewritten.0[i].1));
+        worst_g = worst_g
+            .max(rel(&plain.1[i].0, &rewritten.1[i].0))
+            .max(rel(&plain.1[i].1, &rewritten.1[i].1));
     }
     println!("CE {} / {}, regularizer {} / {}; rewritten vs plain: Σ {worst_s:.2e}, gradients {worst_g:.2e}", plain.2, rewritten.2, plain.3, rewritten.3);
-    assert!(plain.3 > 0.0 && (plain.2 - rewritten.2).abs() < 1e-5 && (plain.3 - rewritten.3).abs() < 1e-6 * plain.3);
+    assert!(
+        plain.3 > 0.0
+            && (plain.2 - rewritten.2).abs() < 1e-5
+            && (plain.3 - rewritten.3).abs() < 1e-6 * plain.3
+    );
     assert!(worst_s < 1e-4 && worst_g < 1e-4, "the rewrite changed the statistics or gradients");
 }

@@ -11,7 +11,9 @@ use grit::grit::linalg;
 use grit::grit::reproject::gram_b;
 use grit::grit::reproject::{rank_by_energy, Cut};
 use grit::grit::stats::{token_weights, KfacState, StatsGraph};
-use grit::model::{write_tiny_model, Batch, LoraConfig, LoraSet, Outputs, TinySpec, TrainGraph, Weights};
+use grit::model::{
+    write_tiny_model, Batch, LoraConfig, LoraSet, Outputs, TinySpec, TrainGraph, Weights,
+};
 
 fn rnd_vec(seed: u64, n: usize, scale: f64) -> Vec<f64> {
     let mut s = seed ^ 0x2545_f491_4f6c_dd1d;
@@ -43,11 +45,17 @@ fn logits(backend: &mut Backend, weights: &Weights, lora: Option<&LoraSet>, b: &
 }
 
 /// Σ_a, Σ_g of every module (LoraSet order) measured by the graph on `b`.
-fn measure(backend: &mut Backend, weights: &Weights, lora: &LoraSet, b: &Batch) -> Vec<(Vec<f32>, Vec<f32>)> {
+fn measure(
+    backend: &mut Backend,
+    weights: &Weights,
+    lora: &LoraSet,
+    b: &Batch,
+) -> Vec<(Vec<f32>, Vec<f32>)> {
     lora.mark_params();
     let cap = TrainGraph::capacity(weights, Some(lora), true);
     let ctx = Context::new(Capacity::graph(cap.tensors + 2000, 2 * cap.graph_nodes, true)).unwrap();
-    let mut g = TrainGraph::build(&ctx, weights, Some(lora), b.n_tokens(), Outputs::Rows(b.n_rows()), true);
+    let mut g =
+        TrainGraph::build(&ctx, weights, Some(lora), b.n_tokens(), Outputs::Rows(b.n_rows()), true);
     g.graph.build_backward_expand(&ctx);
     let stats = StatsGraph::build(&ctx, &g.graph, &g.taps, lora);
     for t in stats.outputs() {
@@ -71,18 +79,43 @@ fn hard_cut_with_zero_dropped_energy_keeps_the_logits() {
     let tok = grit::fetch::ensure_default_model().expect("default model (tokenizer source)");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
-    let spec = TinySpec { n_embd: 64, n_layer: 2, n_head: 4, n_head_kv: 2, n_ff: 128, seed: 3, ..TinySpec::default() };
+    let spec = TinySpec {
+        n_embd: 64,
+        n_layer: 2,
+        n_head: 4,
+        n_head_kv: 2,
+        n_ff: 128,
+        seed: 3,
+        ..TinySpec::default()
+    };
     write_tiny_model(&path, &spec, &tok).unwrap();
     let mut backend = Backend::cpu(0).unwrap();
     let weights = Weights::load(&GgufFile::open(&path).unwrap(), &backend).unwrap();
     let (r, k_true) = (8usize, 3usize);
-    let lora = LoraSet::new(&weights, &LoraConfig { rank: r, alpha: 16.0, ..LoraConfig::default() }, &backend).unwrap();
+    let lora = LoraSet::new(
+        &weights,
+        &LoraConfig { rank: r, alpha: 16.0, ..LoraConfig::default() },
+        &backend,
+    )
+    .unwrap();
     // A = C·D (r×k · k×d_in) and B = E·F (d_out×k · k×r): rank k each, so u = A·x and
     // g = s·Bᵀ·δ live in k-dimensional subspaces.
     for (i, m) in lora.modules().iter().enumerate() {
         let s = 10 * i as u64;
-        let a = linalg::matmul(&rnd_vec(s + 1, r * k_true, 1.0), &rnd_vec(s + 2, k_true * m.d_in, 0.3 / (m.d_in as f64).sqrt()), r, k_true, m.d_in);
-        let b = linalg::matmul(&rnd_vec(s + 3, m.d_out * k_true, 0.2), &rnd_vec(s + 4, k_true * r, 1.0), m.d_out, k_true, r);
+        let a = linalg::matmul(
+            &rnd_vec(s + 1, r * k_true, 1.0),
+            &rnd_vec(s + 2, k_true * m.d_in, 0.3 / (m.d_in as f64).sqrt()),
+            r,
+            k_true,
+            m.d_in,
+        );
+        let b = linalg::matmul(
+            &rnd_vec(s + 3, m.d_out * k_true, 0.2),
+            &rnd_vec(s + 4, k_true * r, 1.0),
+            m.d_out,
+            k_true,
+            r,
+        );
         lora.write_a(i, &a.iter().map(|&v| v as f32).collect::<Vec<_>>()).unwrap();
         lora.write_b(i, &b.iter().map(|&v| v as f32).collect::<Vec<_>>()).unwrap();
     }
@@ -114,13 +147,27 @@ fn hard_cut_with_zero_dropped_energy_keeps_the_logits() {
         let mut rotated = kfac.clone();
         for (i, m) in lora.modules().iter().enumerate() {
             let gb = gram_b(&lora.read_b(i).unwrap(), m.d_out, r);
-            let cut = Cut::plan(&kfac.modules[i], &gb, &cfg, 100, r).expect("module has statistics");
+            let cut =
+                Cut::plan(&kfac.modules[i], &gb, &cfg, 100, r).expect("module has statistics");
             let values = linalg::eigh(&kfac.modules[i].sigma_a, r).values;
-            assert_eq!(cut.k, rank_by_energy(&values, cfg.rank_energy, cfg.rank_min, r), "{}: rank differs from the energy rule", m.base_name());
-            assert_eq!(cut.k, k_true, "{}: Σ_a has rank {k_true}, eigenvalues {values:?}", m.base_name());
+            assert_eq!(
+                cut.k,
+                rank_by_energy(&values, cfg.rank_energy, cfg.rank_min, r),
+                "{}: rank differs from the energy rule",
+                m.base_name()
+            );
+            assert_eq!(
+                cut.k,
+                k_true,
+                "{}: Σ_a has rank {k_true}, eigenvalues {values:?}",
+                m.base_name()
+            );
             assert!(cut.report.energy >= 0.9999);
             specs.push((m.layer, m.target, cut.new_rank(), m.scale));
-            new_data.push((cut.apply_a(&lora.read_a(i).unwrap(), m.d_in), cut.apply_b(&lora.read_b(i).unwrap(), m.d_out)));
+            new_data.push((
+                cut.apply_a(&lora.read_a(i).unwrap(), m.d_in),
+                cut.apply_b(&lora.read_b(i).unwrap(), m.d_out),
+            ));
             cut.apply_stats(&mut rotated.modules[i]);
         }
         let small = LoraSet::with_modules(&weights, &specs, &backend).unwrap();
@@ -149,16 +196,26 @@ fn hard_cut_with_zero_dropped_energy_keeps_the_logits() {
         );
         assert!(adapter_effect > 1e-2, "the adapter should matter ({adapter_effect:.2e})");
         assert!(change < 1e-5, "logits changed by {change:.2e} at a cut with no dropped energy");
-        assert!(worst_rot < 1e-4, "rotated statistics differ from the new graph's ({worst_rot:.2e})");
+        assert!(
+            worst_rot < 1e-4,
+            "rotated statistics differ from the new graph's ({worst_rot:.2e})"
+        );
     }
 
     // A τ that drops energy: k from the energy rule, B'·A' = B·P_g·P_a·A.
-    let cfg = GritConfig { rank_energy: 0.7, rank_min: 1, rank_start: Some(0), rank_signal: RankSignal::Input, ..GritConfig::default() };
+    let cfg = GritConfig {
+        rank_energy: 0.7,
+        rank_min: 1,
+        rank_start: Some(0),
+        rank_signal: RankSignal::Input,
+        ..GritConfig::default()
+    };
     let mut ks = Vec::new();
     let mut worst = 0f64;
     for (i, m) in lora.modules().iter().enumerate() {
         let km = &kfac.modules[i];
-        let cut = Cut::plan(km, &gram_b(&lora.read_b(i).unwrap(), m.d_out, r), &cfg, 100, r).unwrap();
+        let cut =
+            Cut::plan(km, &gram_b(&lora.read_b(i).unwrap(), m.d_out, r), &cfg, 100, r).unwrap();
         let ea = linalg::eigh(&km.sigma_a, r);
         let k = rank_by_energy(&ea.values, 0.7, 1, r);
         assert_eq!(cut.k, k);
@@ -167,9 +224,17 @@ fn hard_cut_with_zero_dropped_energy_keeps_the_logits() {
         let p = |v: &[f64]| linalg::matmul(v, &linalg::transpose(v, r, k), r, k, r);
         let a: Vec<f64> = lora.read_a(i).unwrap().iter().map(|&v| v as f64).collect();
         let bm: Vec<f64> = lora.read_b(i).unwrap().iter().map(|&v| v as f64).collect();
-        let want = linalg::matmul(&linalg::matmul(&linalg::matmul(&bm, &p(&vg), m.d_out, r, r), &p(&va), m.d_out, r, r), &a, m.d_out, r, m.d_in);
-        let an: Vec<f64> = cut.apply_a(&lora.read_a(i).unwrap(), m.d_in).iter().map(|&v| v as f64).collect();
-        let bn: Vec<f64> = cut.apply_b(&lora.read_b(i).unwrap(), m.d_out).iter().map(|&v| v as f64).collect();
+        let want = linalg::matmul(
+            &linalg::matmul(&linalg::matmul(&bm, &p(&vg), m.d_out, r, r), &p(&va), m.d_out, r, r),
+            &a,
+            m.d_out,
+            r,
+            m.d_in,
+        );
+        let an: Vec<f64> =
+            cut.apply_a(&lora.read_a(i).unwrap(), m.d_in).iter().map(|&v| v as f64).collect();
+        let bn: Vec<f64> =
+            cut.apply_b(&lora.read_b(i).unwrap(), m.d_out).iter().map(|&v| v as f64).collect();
         let got = linalg::matmul(&bn, &an, m.d_out, k, m.d_in);
         let d = want.iter().zip(&got).fold(0f64, |mx, (x, y)| mx.max((x - y).abs()));
         worst = worst.max(d / linalg::max_abs(&want));

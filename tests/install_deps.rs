@@ -22,7 +22,11 @@ fn dry_run(libdirs: &[&Path], fake_bin: Option<&Path>, extra: &[&str]) -> Vec<St
         cmd.env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()));
     }
     let out = cmd.output().expect("bash runs");
-    assert!(out.status.success(), "install-deps.sh --dry-run failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "install-deps.sh --dry-run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap().lines().map(str::to_owned).collect()
 }
 
@@ -53,13 +57,22 @@ fn libclang_cpp_alone_is_not_libclang() {
 
 #[test]
 fn every_name_bindgen_loads_counts_as_libclang() {
-    for name in ["libclang.so", "libclang-14.so", "libclang.so.1", "libclang-14.so.1", "libclang-14.0.6.so.14"] {
+    for name in [
+        "libclang.so",
+        "libclang-14.so",
+        "libclang.so.1",
+        "libclang-14.so.1",
+        "libclang-14.0.6.so.14",
+    ] {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("lib");
         touch(&dir, "libclang-cpp.so.14");
         touch(&dir, name);
         let pkgs = dry_run(&[&dir], None, &[]);
-        assert!(!pkgs.iter().any(|p| p == "libclang-dev"), "{name} should satisfy bindgen: {pkgs:?}");
+        assert!(
+            !pkgs.iter().any(|p| p == "libclang-dev"),
+            "{name} should satisfy bindgen: {pkgs:?}"
+        );
     }
     // No folder at all, or one that does not exist: missing.
     let pkgs = dry_run(&[Path::new("/nonexistent/grit-test")], None, &[]);

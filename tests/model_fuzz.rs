@@ -21,7 +21,8 @@ fn mutated_models_load_or_fail_cleanly() {
     let seed = std::fs::read(&good).unwrap();
     let header = header_len(&good);
     let mut rng = grit::data::SplitMix64::new(0x6d6f_6465);
-    let n: usize = std::env::var("GRIT_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let n: usize =
+        std::env::var("GRIT_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
     let path = dir.path().join("mutant.gguf");
     let (mut loaded, mut refused) = (0, 0);
     for case in 0..n {
@@ -60,7 +61,8 @@ fn a_token_listed_twice_is_refused_not_aborted_on() {
     let from = b.windows(key.len()).position(|w| w == key).unwrap();
     let mut pat = 1u64.to_le_bytes().to_vec();
     pat.push(b'b');
-    let at = from + b[from..].windows(pat.len()).position(|w| w == pat.as_slice()).expect("a token \"b\"");
+    let at = from
+        + b[from..].windows(pat.len()).position(|w| w == pat.as_slice()).expect("a token \"b\"");
     b[at + 8] = b'a';
     let bad = dir.path().join("dup.gguf");
     std::fs::write(&bad, &b).unwrap();
@@ -70,7 +72,8 @@ fn a_token_listed_twice_is_refused_not_aborted_on() {
     };
     assert!(err.contains("appears twice") && err.contains("dup.gguf"), "{err}");
     // The command line says the same in one line.
-    let o = common::grit().args(["generate", "--prompt", "x", "--model"]).arg(&bad).output().unwrap();
+    let o =
+        common::grit().args(["generate", "--prompt", "x", "--model"]).arg(&bad).output().unwrap();
     assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("appears twice"));
 }

@@ -11,7 +11,9 @@ use common::{grit, ok};
 /// A run folder shaped like `grit train --out`: metrics.jsonl, config.toml, summary.json.
 fn fake_run(dir: &Path, method: &str, base_loss: f64) {
     std::fs::create_dir_all(dir).unwrap();
-    let modules: Vec<String> = (0..3).flat_map(|l| ["attn_q", "attn_v", "ffn_down"].map(|t| format!("blk.{l}.{t}.weight"))).collect();
+    let modules: Vec<String> = (0..3)
+        .flat_map(|l| ["attn_q", "attn_v", "ffn_down"].map(|t| format!("blk.{l}.{t}.weight")))
+        .collect();
     let mut m = String::new();
     for s in 1..=60 {
         let lr = 2e-4 * (s as f64 / 10.0).min(1.0);
@@ -22,11 +24,17 @@ fn fake_run(dir: &Path, method: &str, base_loss: f64) {
             s * 3
         ));
         if s % 20 == 0 {
-            m.push_str(&format!("{{\"step\":{s},\"eval_loss\":{},\"eval_tokens\":2048}}\n", base_loss + 0.1 - 0.5 * s as f64 / 60.0));
+            m.push_str(&format!(
+                "{{\"step\":{s},\"eval_loss\":{},\"eval_tokens\":2048}}\n",
+                base_loss + 0.1 - 0.5 * s as f64 / 60.0
+            ));
         }
         if method == "grit" && s % 20 == 10 {
-            let ranks: serde_json::Map<String, serde_json::Value> =
-                modules.iter().enumerate().map(|(i, n)| (n.clone(), serde_json::json!(16 - (s / 10) - i % 4))).collect();
+            let ranks: serde_json::Map<String, serde_json::Value> = modules
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.clone(), serde_json::json!(16 - (s / 10) - i % 4)))
+                .collect();
             let params: u64 = ranks.values().map(|r| r.as_u64().unwrap() * 1152).sum();
             let row = serde_json::json!({"step": s, "event": "reproject", "ranks": ranks, "eff_rank": ranks, "trainable_params": params});
             m.push_str(&format!("{row}\n"));
@@ -34,9 +42,13 @@ fn fake_run(dir: &Path, method: &str, base_loss: f64) {
     }
     std::fs::write(dir.join("metrics.jsonl"), m).unwrap();
     std::fs::write(dir.join("config.toml"), format!("method = \"{method}\"\nrank = 16\n")).unwrap();
-    let drift: serde_json::Map<String, serde_json::Value> =
-        modules.iter().enumerate().map(|(i, n)| (n.clone(), serde_json::json!(0.05 + 0.01 * i as f64))).collect();
-    let ranks: serde_json::Map<String, serde_json::Value> = modules.iter().map(|n| (n.clone(), serde_json::json!(16))).collect();
+    let drift: serde_json::Map<String, serde_json::Value> = modules
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.clone(), serde_json::json!(0.05 + 0.01 * i as f64)))
+        .collect();
+    let ranks: serde_json::Map<String, serde_json::Value> =
+        modules.iter().map(|n| (n.clone(), serde_json::json!(16))).collect();
     let summary = serde_json::json!({
         "method": method, "trainable_params": 16 * 1152 * modules.len(), "tokens_per_s": 93.0, "train_loss": base_loss - 0.7,
         "drift_per_module": drift, "drift_total": 0.3, "rank_per_module": ranks, "steps": 60,
@@ -102,11 +114,22 @@ fn report_renders_in_headless_chromium_with_every_plot() {
     let html = dir.path().join("report.html");
     let png = dir.path().join("report.png");
     ok(grit()
-        .args(["report", lora.to_str().unwrap(), gritrun.to_str().unwrap(), "--out", html.to_str().unwrap(), "--png", png.to_str().unwrap()])
+        .args([
+            "report",
+            lora.to_str().unwrap(),
+            gritrun.to_str().unwrap(),
+            "--out",
+            html.to_str().unwrap(),
+            "--png",
+            png.to_str().unwrap(),
+        ])
         .output()
         .unwrap());
     let page = std::fs::read_to_string(&html).unwrap();
-    assert!(!page.contains("<script") && !page.contains("src=\"http") && !page.contains("href=\"http"), "self-contained, no scripts or network");
+    assert!(
+        !page.contains("<script") && !page.contains("src=\"http") && !page.contains("href=\"http"),
+        "self-contained, no scripts or network"
+    );
     let ids = grit::report::plot_ids(2);
 
     // A copy of the page with a probe that writes the layout of every plot into the DOM.
@@ -134,11 +157,24 @@ addEventListener('load', () => {
     std::fs::write(&probed, page.replace("</body>", probe)).unwrap();
     let profile = dir.path().join("profile");
     let url = format!("file://{}", probed.display());
-    let o = run_chromium(&profile, &["--window-size=1000,1000".into(), "--virtual-time-budget=5000".into(), "--dump-dom".into(), url.clone()]);
+    let o = run_chromium(
+        &profile,
+        &[
+            "--window-size=1000,1000".into(),
+            "--virtual-time-budget=5000".into(),
+            "--dump-dom".into(),
+            url.clone(),
+        ],
+    );
     let dom = String::from_utf8_lossy(&o.stdout);
-    let start = dom.find("<pre id=\"layout\">").expect("the probe ran") + "<pre id=\"layout\">".len();
+    let start =
+        dom.find("<pre id=\"layout\">").expect("the probe ran") + "<pre id=\"layout\">".len();
     let end = start + dom[start..].find("</pre>").unwrap();
-    let js = dom[start..end].replace("&quot;", "\"").replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">");
+    let js = dom[start..end]
+        .replace("&quot;", "\"")
+        .replace("&amp;", "&")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">");
     let v: serde_json::Value = serde_json::from_str(&js).unwrap_or_else(|e| panic!("{e}: {js}"));
     let layouts: Vec<Layout> = v["plots"]
         .as_array()
@@ -155,7 +191,11 @@ addEventListener('load', () => {
         })
         .collect();
     let got: Vec<&str> = layouts.iter().map(|l| l.id.as_str()).collect();
-    assert_eq!(got, ids.iter().map(String::as_str).collect::<Vec<_>>(), "every listed plot, in order");
+    assert_eq!(
+        got,
+        ids.iter().map(String::as_str).collect::<Vec<_>>(),
+        "every listed plot, in order"
+    );
     for l in &layouts {
         assert!(l.w >= 400.0 && l.h >= 200.0, "{} has no size: {l:?}", l.id);
         assert!(l.drawn >= 10, "{} draws nothing: {l:?}", l.id);
@@ -165,7 +205,15 @@ addEventListener('load', () => {
     // Screenshot of the whole page: every plot's rectangle has drawn pixels.
     let height = v["height"].as_f64().unwrap().ceil() as u32 + 20;
     let shot = dir.path().join("shot.png");
-    run_chromium(&profile, &[format!("--window-size=1000,{height}"), format!("--screenshot={}", shot.display()), "--virtual-time-budget=5000".into(), url]);
+    run_chromium(
+        &profile,
+        &[
+            format!("--window-size=1000,{height}"),
+            format!("--screenshot={}", shot.display()),
+            "--virtual-time-budget=5000".into(),
+            url,
+        ],
+    );
     let img = grit::report::load_png(&shot).expect("a PNG screenshot");
     assert!(img.width >= 900 && img.height >= height - 40, "{}x{}", img.width, img.height);
     for l in &layouts {

@@ -56,7 +56,8 @@ fn generation_adapters_and_errors() {
     // Health and models: base + a1 with its parent.
     assert_eq!(s.get("/health").json()["status"], "ok");
     let models = s.get("/v1/models").json();
-    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> =
+        models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["smol", "a1"]);
     assert_eq!(models["data"][1]["parent"], "smol");
     assert_eq!(s.get("/v1/models/a1").json()["parent"], "smol");
@@ -81,9 +82,15 @@ fn generation_adapters_and_errors() {
     assert_eq!(v["usage"]["total_tokens"].as_u64().unwrap(), pt + n as u64);
 
     // Explicit adapter list: a1 at scale 1 is the same as model=a1; scale 0 is the base.
-    let t = completion_text(&s, json!({"model": "smol", "prompt": PROMPT, "max_tokens": n, "temperature": 0, "adapters": [{"name": "a1", "scale": 1.0}]}));
+    let t = completion_text(
+        &s,
+        json!({"model": "smol", "prompt": PROMPT, "max_tokens": n, "temperature": 0, "adapters": [{"name": "a1", "scale": 1.0}]}),
+    );
     assert_eq!(t, a1_ref);
-    let t = completion_text(&s, json!({"model": "base", "prompt": PROMPT, "max_tokens": n, "temperature": 0, "adapters": [{"name": "a1", "scale": 0.0}]}));
+    let t = completion_text(
+        &s,
+        json!({"model": "base", "prompt": PROMPT, "max_tokens": n, "temperature": 0, "adapters": [{"name": "a1", "scale": 0.0}]}),
+    );
     assert_eq!(t, base_ref);
 
     // Streaming: the deltas add up to the non-streamed text; chunks end with [DONE].
@@ -120,15 +127,25 @@ fn generation_adapters_and_errors() {
     let r = s.post("/v1/chat/completions", &sc);
     let frames = r.sse();
     assert_eq!(frames.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> = frames[..frames.len() - 1].iter().map(|f| serde_json::from_str(f).unwrap()).collect();
+    let chunks: Vec<Value> =
+        frames[..frames.len() - 1].iter().map(|f| serde_json::from_str(f).unwrap()).collect();
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    let streamed: String = chunks.iter().filter_map(|c| c["choices"].get(0)).filter_map(|c| c["delta"]["content"].as_str()).collect();
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"].get(0))
+        .filter_map(|c| c["delta"]["content"].as_str())
+        .collect();
     assert_eq!(streamed, chat_text);
     let usage = &chunks.last().unwrap()["usage"];
     assert_eq!(usage["completion_tokens"], v["usage"]["completion_tokens"]);
     // The same chat through the model's template in `grit generate` (the prompt the server builds).
     let m = grit::infer::Model::load_vocab_only(&model()).unwrap();
-    let rendered = m.apply_chat(&[("system".into(), "Be brief.".into()), ("user".into(), "Name a colour.".into())]).unwrap();
+    let rendered = m
+        .apply_chat(&[
+            ("system".into(), "Be brief.".into()),
+            ("user".into(), "Name a colour.".into()),
+        ])
+        .unwrap();
     let reference = grit_generate(&rendered, 16, Some(&a1));
     assert!(reference.starts_with(&chat_text), "chat {chat_text:?} vs grit generate {reference:?}");
 
@@ -136,7 +153,10 @@ fn generation_adapters_and_errors() {
     let full = completion_text(&s, greedy("smol", n));
     let cut = full.char_indices().nth(10).map(|(i, _)| i).unwrap();
     let stop = full[cut..cut + 3.min(full.len() - cut)].to_string();
-    let r = s.post("/v1/completions", &json!({"prompt": PROMPT, "max_tokens": n, "temperature": 0, "stop": [stop.clone()]}));
+    let r = s.post(
+        "/v1/completions",
+        &json!({"prompt": PROMPT, "max_tokens": n, "temperature": 0, "stop": [stop.clone()]}),
+    );
     let v = r.json();
     let t = v["choices"][0]["text"].as_str().unwrap();
     assert_eq!(t, &full[..full.find(&stop).unwrap()]);
@@ -150,12 +170,20 @@ fn generation_adapters_and_errors() {
     let r = s.post("/v1/adapters", &json!({"name": "a2", "path": "a2.gguf"}));
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(r.json()["parent"], "smol");
-    let ids: Vec<String> = s.get("/v1/models").json()["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect();
+    let ids: Vec<String> = s.get("/v1/models").json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(ids, ["smol", "a1", "a2"]);
     assert_eq!(completion_text(&s, greedy("a2", n)), a2_ref);
     // Stacking: a1 + 2·a2 differs from each alone (at scale 1 a2 barely moves a1's greedy
     // text: the two random adapters' 16 tokens then agree); a1 + a2 at scale 0 is a1.
-    let stacked = completion_text(&s, json!({"model": "a1", "prompt": PROMPT, "max_tokens": n, "temperature": 0, "adapters": [{"name": "a2", "scale": 2.0}]}));
+    let stacked = completion_text(
+        &s,
+        json!({"model": "a1", "prompt": PROMPT, "max_tokens": n, "temperature": 0, "adapters": [{"name": "a2", "scale": 2.0}]}),
+    );
     assert_ne!(stacked, a1_ref);
     assert_ne!(stacked, a2_ref);
     let same = completion_text(
@@ -163,7 +191,10 @@ fn generation_adapters_and_errors() {
         json!({"prompt": PROMPT, "max_tokens": n, "temperature": 0, "adapters": [{"name": "a2", "scale": 2.0}, {"name": "a1", "scale": 1.0}]}),
     );
     assert_eq!(same, stacked, "stacking does not depend on the order of the list");
-    let t = completion_text(&s, json!({"model": "a1", "prompt": PROMPT, "max_tokens": n, "temperature": 0, "adapters": [{"name": "a2", "scale": 0.0}]}));
+    let t = completion_text(
+        &s,
+        json!({"model": "a1", "prompt": PROMPT, "max_tokens": n, "temperature": 0, "adapters": [{"name": "a2", "scale": 0.0}]}),
+    );
     assert_eq!(t, a1_ref);
     // Name taken → 409; unload → 200, then 404 for the name as a model and as an adapter.
     let r = s.post("/v1/adapters", &json!({"name": "a2", "path": "a2.gguf"}));
@@ -176,7 +207,10 @@ fn generation_adapters_and_errors() {
     // Load errors: traversal, symlink out of the folder, not a GGUF adapter, missing fields.
     for (body, what) in [
         (json!({"name": "x", "path": "../outside.gguf"}), ".."),
-        (json!({"name": "x", "path": dir.path().join("outside.gguf").to_str().unwrap()}), "outside"),
+        (
+            json!({"name": "x", "path": dir.path().join("outside.gguf").to_str().unwrap()}),
+            "outside",
+        ),
         (json!({"name": "x", "path": "link.gguf"}), "outside"),
         (json!({"name": "x", "path": "garbage.gguf"}), "cannot load adapter"),
         (json!({"name": "x", "path": "missing.gguf"}), "missing.gguf"),
@@ -189,15 +223,26 @@ fn generation_adapters_and_errors() {
         assert!(msg.contains(what), "{body}: {msg}");
     }
     // A valid GGUF that is a model, not an adapter: refused before llama.cpp sees it, the server keeps serving.
-    let spec =
-        grit::model::TinySpec { n_embd: 64, n_layer: 1, n_head: 2, n_head_kv: 1, n_ff: 128, weight_type: grit::ggml::Type::F32, seed: 1, ..Default::default() };
+    let spec = grit::model::TinySpec {
+        n_embd: 64,
+        n_layer: 1,
+        n_head: 2,
+        n_head_kv: 1,
+        n_ff: 128,
+        weight_type: grit::ggml::Type::F32,
+        seed: 1,
+        ..Default::default()
+    };
     grit::model::write_tiny_model(&adir.join("tiny.gguf"), &spec, &model()).unwrap();
     let r = s.post("/v1/adapters", &json!({"name": "m", "path": "tiny.gguf"}));
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.error().2.contains("not a LoRA adapter"), "{}", r.body);
     assert_eq!(completion_text(&s, greedy("a1", n)), a1_ref, "still serving after failed loads");
     // Re-load a2 under a new name after the unload.
-    let r = s.post("/v1/adapters", &json!({"name": "a2b", "path": adir.join("a2.gguf").to_str().unwrap()}));
+    let r = s.post(
+        "/v1/adapters",
+        &json!({"name": "a2b", "path": adir.join("a2.gguf").to_str().unwrap()}),
+    );
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(completion_text(&s, greedy("a2b", n)), a2_ref);
 
@@ -221,15 +266,32 @@ fn generation_adapters_and_errors() {
     bad(r#"{"temperature": 0}"#, 400, Some("prompt"), "required");
     bad(r#"{"prompt": "x", "model": "nope"}"#, 404, Some("model"), "nope");
     bad(r#"{"prompt": "x", "adapters": [{"name": "nope"}]}"#, 404, Some("adapters[0]"), "nope");
-    bad(r#"{"prompt": "x", "adapters": [{"name": "a1", "scale": "big"}]}"#, 400, Some("adapters[0]"), "scale");
+    bad(
+        r#"{"prompt": "x", "adapters": [{"name": "a1", "scale": "big"}]}"#,
+        400,
+        Some("adapters[0]"),
+        "scale",
+    );
     bad(r#"{"prompt": "x", "model": "a1", "adapters": ["a1"]}"#, 400, Some("adapters[0]"), "twice");
     // Local-server guard (no API key): DNS rebinding and cross-site requests are refused in
     // OpenAI's error shape, and so is a path segment that is not UTF-8.
     let body = json!({"prompt": PROMPT, "max_tokens": 1}).to_string();
     for (method, path, headers, status, code) in [
         ("GET", "/v1/models", vec![("Host", "rebind.evil.example")], 403, "host_not_allowed"),
-        ("POST", "/v1/completions", vec![("Content-Type", "text/plain"), ("Origin", "http://evil.example")], 403, "origin_not_allowed"),
-        ("POST", "/v1/completions", vec![("Content-Type", "text/plain")], 415, "unsupported_content_type"),
+        (
+            "POST",
+            "/v1/completions",
+            vec![("Content-Type", "text/plain"), ("Origin", "http://evil.example")],
+            403,
+            "origin_not_allowed",
+        ),
+        (
+            "POST",
+            "/v1/completions",
+            vec![("Content-Type", "text/plain")],
+            415,
+            "unsupported_content_type",
+        ),
         ("GET", "/v1/models/%FF", vec![], 400, "invalid_path"),
     ] {
         let r = http(&s.addr, method, path, (method == "POST").then_some(body.as_str()), &headers);
@@ -242,7 +304,10 @@ fn generation_adapters_and_errors() {
     let r = s.post("/v1/completions", &json!({"prompt": long, "max_tokens": 4}));
     assert_eq!(r.status, 400, "{}", r.body);
     assert_eq!(r.json()["error"]["code"], "context_length_exceeded");
-    let r = s.post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": long}], "max_tokens": 4}));
+    let r = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": long}], "max_tokens": 4}),
+    );
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["error"]["code"], "context_length_exceeded");
     let r = s.post("/v1/completions", &json!({"prompt": PROMPT, "max_tokens": 600}));
@@ -275,7 +340,8 @@ fn generation_adapters_and_errors() {
     let r = s.post("/v1/embeddings", &json!({"input": ["hello", "goodbye"], "model": "smol"}));
     assert_eq!(r.status, 200, "{}", r.body);
     let v = r.json();
-    let e0: Vec<f64> = v["data"][0]["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    let e0: Vec<f64> =
+        v["data"][0]["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
     assert_eq!(e0.len(), 576);
     assert!((e0.iter().map(|x| x * x).sum::<f64>() - 1.0).abs() < 1e-3);
     let r = s.post("/v1/embeddings", &json!({"input": "hello", "encoding_format": "base64"}));
@@ -301,7 +367,8 @@ fn generation_adapters_and_errors() {
 
     // One log line per request: count requests made vs. lines logged.
     let lines = s.log_lines();
-    let logged = lines.iter().filter(|l| l.starts_with("grit serve: POST /v1/completions ")).count();
+    let logged =
+        lines.iter().filter(|l| l.starts_with("grit serve: POST /v1/completions ")).count();
     assert!(logged >= 30, "only {logged} completion log lines");
     assert!(lines.iter().any(|l| l.contains("POST /v1/completions 404")));
     assert!(lines.iter().any(|l| l.contains("POST /v1/completions 200 model=a1 stream=true")));
@@ -329,7 +396,10 @@ fn auth_cors_queue_cancel_shutdown() {
     let r = http(&s.addr, "GET", "/v1/models", None, &[]);
     assert_eq!(r.status, 401);
     assert_eq!(r.json()["error"]["code"], "invalid_api_key");
-    assert_eq!(http(&s.addr, "GET", "/v1/models", None, &[("Authorization", "Bearer nope")]).status, 401);
+    assert_eq!(
+        http(&s.addr, "GET", "/v1/models", None, &[("Authorization", "Bearer nope")]).status,
+        401
+    );
     assert_eq!(http(&s.addr, "GET", "/v1/models", None, &auth).status, 200);
     assert_eq!(http(&s.addr, "GET", "/health", None, &[]).status, 200);
     // CORS preflight and simple requests from the allowed origin.
@@ -338,13 +408,29 @@ fn auth_cors_queue_cancel_shutdown() {
         "OPTIONS",
         "/v1/chat/completions",
         None,
-        &[("Origin", "http://app.example"), ("Access-Control-Request-Method", "POST"), ("Access-Control-Request-Headers", "authorization,content-type")],
+        &[
+            ("Origin", "http://app.example"),
+            ("Access-Control-Request-Method", "POST"),
+            ("Access-Control-Request-Headers", "authorization,content-type"),
+        ],
     );
     assert!(r.status == 200 || r.status == 204, "{r:?}");
     assert_eq!(r.header("access-control-allow-origin"), Some("http://app.example"));
-    let r = http(&s.addr, "GET", "/v1/models", None, &[("Authorization", "Bearer sekret"), ("Origin", "http://app.example")]);
+    let r = http(
+        &s.addr,
+        "GET",
+        "/v1/models",
+        None,
+        &[("Authorization", "Bearer sekret"), ("Origin", "http://app.example")],
+    );
     assert_eq!(r.header("access-control-allow-origin"), Some("http://app.example"));
-    let r = http(&s.addr, "GET", "/v1/models", None, &[("Authorization", "Bearer sekret"), ("Origin", "http://evil.example")]);
+    let r = http(
+        &s.addr,
+        "GET",
+        "/v1/models",
+        None,
+        &[("Authorization", "Bearer sekret"), ("Origin", "http://evil.example")],
+    );
     assert_eq!(r.header("access-control-allow-origin"), None);
     // With a key, the local-server guard steps aside: any Host, Origin and body type.
     let body = json!({"prompt": PROMPT, "max_tokens": 1}).to_string();
@@ -353,7 +439,12 @@ fn auth_cors_queue_cancel_shutdown() {
         "POST",
         "/v1/completions",
         Some(&body),
-        &[("Authorization", "Bearer sekret"), ("Host", "rebind.evil.example"), ("Content-Type", "text/plain"), ("Origin", "http://evil.example")],
+        &[
+            ("Authorization", "Bearer sekret"),
+            ("Host", "rebind.evil.example"),
+            ("Content-Type", "text/plain"),
+            ("Origin", "http://evil.example"),
+        ],
     );
     assert_eq!(r.status, 200, "{}", r.body);
 
@@ -395,7 +486,13 @@ fn auth_cors_queue_cancel_shutdown() {
         assert!(t0.elapsed() < Duration::from_secs(60), "B never queued:\n{m}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let r = http(&s.addr, "POST", "/v1/completions", Some(r#"{"prompt": "Hi", "max_tokens": 2}"#), &auth);
+    let r = http(
+        &s.addr,
+        "POST",
+        "/v1/completions",
+        Some(r#"{"prompt": "Hi", "max_tokens": 2}"#),
+        &auth,
+    );
     assert_eq!(r.status, 429, "{}", r.body);
     assert_eq!(r.header("retry-after"), Some("1"));
     assert_eq!(r.json()["error"]["code"], "queue_full");
@@ -408,7 +505,13 @@ fn auth_cors_queue_cancel_shutdown() {
     assert!(a_line.contains("finish=cancelled") && a_line.contains(" 499 "), "{a_line}");
     // A asked for 400 tokens; everything decoded so far (A's part, B's 4, prompts) is far less.
     let m = http(&s.addr, "GET", "/metrics", None, &auth).body;
-    let decoded: f64 = m.lines().find(|l| l.starts_with("grit_decode_tokens_total")).and_then(|l| l.split_whitespace().last()).unwrap().parse().unwrap();
+    let decoded: f64 = m
+        .lines()
+        .find(|l| l.starts_with("grit_decode_tokens_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(decoded < 300.0, "A was not cancelled: {decoded} tokens decoded");
 
     // Graceful shutdown: a streaming request in flight finishes, then the process exits 0.
@@ -427,8 +530,12 @@ fn auth_cors_queue_cancel_shutdown() {
     let r = parse_response(&got);
     let frames = r.sse();
     assert_eq!(frames.last().map(String::as_str), Some("[DONE]"), "{}", r.body);
-    let finish = frames.iter().rev().nth(1).map(|f| serde_json::from_str::<Value>(f).unwrap()).unwrap();
-    assert_eq!(finish["choices"][0]["finish_reason"], "length", "the in-flight request finished normally");
+    let finish =
+        frames.iter().rev().nth(1).map(|f| serde_json::from_str::<Value>(f).unwrap()).unwrap();
+    assert_eq!(
+        finish["choices"][0]["finish_reason"], "length",
+        "the in-flight request finished normally"
+    );
     assert!(status.success(), "exit status {status}");
     assert!(s.log_lines().iter().any(|l| l.contains("shutting down")));
 }
@@ -457,9 +564,18 @@ fn concurrent_requests_batch_and_adapter_sets_interleave() {
     ]);
     // No key: the configured origin may post any body type, the allowed host name is answered.
     let body = json!({"prompt": "Hi", "max_tokens": 1}).to_string();
-    let r = http(&s.addr, "POST", "/v1/completions", Some(&body), &[("Origin", "http://app.example"), ("Content-Type", "text/plain")]);
+    let r = http(
+        &s.addr,
+        "POST",
+        "/v1/completions",
+        Some(&body),
+        &[("Origin", "http://app.example"), ("Content-Type", "text/plain")],
+    );
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(http(&s.addr, "GET", "/v1/models", None, &[("Host", "my-box.lan:8080")]).status, 200);
+    assert_eq!(
+        http(&s.addr, "GET", "/v1/models", None, &[("Host", "my-box.lan:8080")]).status,
+        200
+    );
     let n = 32;
     let mut handles = Vec::new();
     for i in 0..6 {
@@ -479,7 +595,13 @@ fn concurrent_requests_batch_and_adapter_sets_interleave() {
         assert_eq!(r.json()["usage"]["completion_tokens"], n);
     }
     let m = s.get("/metrics").body;
-    let get = |name: &str| -> f64 { m.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().last()).and_then(|v| v.parse().ok()).unwrap() };
+    let get = |name: &str| -> f64 {
+        m.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    };
     let steps = get("grit_decode_steps_total");
     let tokens = get("grit_decode_tokens_total");
     // 6 requests × 32 tokens one at a time would be ≥ 6·31 steps; batching needs far fewer.
@@ -495,33 +617,77 @@ fn merged_adapters_are_models_of_their_own() {
     // Reference: the same merge written by `grit merge`, generated from with `grit generate`.
     let merged = dir.path().join("merged.gguf");
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_grit"))
-        .args(["merge", "--type", "same", "--adapter", a1.to_str().unwrap(), "--out", merged.to_str().unwrap()])
+        .args([
+            "merge",
+            "--type",
+            "same",
+            "--adapter",
+            a1.to_str().unwrap(),
+            "--out",
+            merged.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "grit merge: {}", String::from_utf8_lossy(&o.stderr));
     let n = 16;
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_grit"))
-        .args(["generate", "--json", "--threads", "1", "--ctx", "512", "-n", &n.to_string(), "--prompt", PROMPT, "--model", merged.to_str().unwrap()])
+        .args([
+            "generate",
+            "--json",
+            "--threads",
+            "1",
+            "--ctx",
+            "512",
+            "-n",
+            &n.to_string(),
+            "--prompt",
+            PROMPT,
+            "--model",
+            merged.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "grit generate: {}", String::from_utf8_lossy(&o.stderr));
-    let merged_ref = serde_json::from_slice::<Value>(&o.stdout).unwrap()["text"].as_str().unwrap().to_string();
+    let merged_ref =
+        serde_json::from_slice::<Value>(&o.stdout).unwrap()["text"].as_str().unwrap().to_string();
     let base_ref = grit_generate(PROMPT, n, None);
     assert_ne!(merged_ref, base_ref, "the test adapter must change the greedy text");
 
-    let s = Server::start(&["--adapter", &format!("a1={}", a1.display()), "--merge-adapters", "--ctx", "512", "--parallel", "2"]);
+    let s = Server::start(&[
+        "--adapter",
+        &format!("a1={}", a1.display()),
+        "--merge-adapters",
+        "--ctx",
+        "512",
+        "--parallel",
+        "2",
+    ]);
     let models = s.get("/v1/models").json();
     assert_eq!(models["data"][1]["id"], "a1");
     assert_eq!(models["data"][1]["merged"], true);
     let prefix = format!("grit-serve-{}-", s.child.id());
-    let left: Vec<_> =
-        std::fs::read_dir(std::env::temp_dir()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with(&prefix)).collect();
+    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .collect();
     assert!(left.is_empty(), "merged copies should be gone once loaded: {left:?}");
-    assert_eq!(completion_text(&s, greedy("a1", n)), merged_ref, "merged adapter through the server vs grit generate on the merged model");
-    assert_eq!(completion_text(&s, greedy("base", n)), base_ref, "the base model is still served unchanged");
+    assert_eq!(
+        completion_text(&s, greedy("a1", n)),
+        merged_ref,
+        "merged adapter through the server vs grit generate on the merged model"
+    );
+    assert_eq!(
+        completion_text(&s, greedy("base", n)),
+        base_ref,
+        "the base model is still served unchanged"
+    );
 
     // Merged adapters are not stackable and not unloadable; both say why.
-    let r = s.post("/v1/completions", &json!({"model": "base", "prompt": PROMPT, "max_tokens": 2, "adapters": [{"name": "a1"}]}));
+    let r = s.post(
+        "/v1/completions",
+        &json!({"model": "base", "prompt": PROMPT, "max_tokens": 2, "adapters": [{"name": "a1"}]}),
+    );
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains("adapter_merged"), "{}", r.body);
     let r = s.req("DELETE", "/v1/adapters/a1", None);
@@ -529,7 +695,11 @@ fn merged_adapters_are_models_of_their_own() {
     assert!(r.body.contains("--merge-adapters"), "{}", r.body);
 
     // Embeddings follow the merged model too.
-    let e = |model: &str| s.post("/v1/embeddings", &json!({"model": model, "input": PROMPT})).json()["data"][0]["embedding"].clone();
+    let e = |model: &str| {
+        s.post("/v1/embeddings", &json!({"model": model, "input": PROMPT})).json()["data"][0]
+            ["embedding"]
+            .clone()
+    };
     assert_ne!(e("a1"), e("base"));
 }
 
@@ -561,7 +731,11 @@ fn a_request_past_the_timeout_gets_504_and_the_server_goes_on() {
     let r = s.post("/v1/embeddings", &json!({"input": inputs}));
     assert_eq!(r.status, 504, "{}", r.body);
     assert_eq!(r.json()["error"]["code"], "timeout");
-    assert!(t0.elapsed() < Duration::from_secs(30), "the embeddings timeout took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "the embeddings timeout took {:?}",
+        t0.elapsed()
+    );
     // A short request still succeeds afterwards.
     let r = s.post("/v1/completions", &greedy("base", 2));
     assert_eq!(r.status, 200, "{}", r.body);

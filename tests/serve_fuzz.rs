@@ -15,13 +15,22 @@ use serve_util::{http, write_adapter, Server};
 /// Valid requests to start from: (path, body).
 fn seeds() -> Vec<(&'static str, Value)> {
     vec![
-        ("/v1/completions", json!({"model": "base", "prompt": "Once upon", "max_tokens": 4, "temperature": 0.5, "top_p": 0.9, "stop": ["\n"], "seed": 3})),
-        ("/v1/completions", json!({"model": "a1", "prompt": [1, 2, 3], "max_tokens": 3, "stream": true, "stream_options": {"include_usage": true}})),
+        (
+            "/v1/completions",
+            json!({"model": "base", "prompt": "Once upon", "max_tokens": 4, "temperature": 0.5, "top_p": 0.9, "stop": ["\n"], "seed": 3}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "a1", "prompt": [1, 2, 3], "max_tokens": 3, "stream": true, "stream_options": {"include_usage": true}}),
+        ),
         (
             "/v1/chat/completions",
             json!({"model": "base", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "max_tokens": 3, "top_k": 5}),
         ),
-        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "adapters": [{"name": "a1", "scale": 0.5}]})),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "adapters": [{"name": "a1", "scale": 0.5}]}),
+        ),
         ("/v1/embeddings", json!({"input": ["hello", "world"], "encoding_format": "base64"})),
         ("/v1/embeddings", json!({"input": [[1, 2, 3]], "model": "a1"})),
         ("/v1/adapters", json!({"name": "x1", "path": "a1.gguf"})),
@@ -47,7 +56,23 @@ fn wild(rng: &mut SplitMix64) -> Value {
 }
 
 fn mutate(v: &mut Value, rng: &mut SplitMix64) {
-    common::mutate_json(v, rng, &["model", "max_tokens", "n", "logprobs", "tools", "adapters", "input", "messages", "stream", "dimensions"], &wild);
+    common::mutate_json(
+        v,
+        rng,
+        &[
+            "model",
+            "max_tokens",
+            "n",
+            "logprobs",
+            "tools",
+            "adapters",
+            "input",
+            "messages",
+            "stream",
+            "dimensions",
+        ],
+        &wild,
+    );
 }
 
 #[test]
@@ -56,9 +81,21 @@ fn mutated_request_bodies_get_well_formed_answers() {
     write_adapter(&dir.path().join("a1.gguf"), 4, &[Target::AttnQ], 1);
     let a1 = format!("a1={}", dir.path().join("a1.gguf").display());
     let adir = dir.path().to_str().unwrap();
-    let s = Server::start(&["--adapter", &a1, "--adapter-dir", adir, "--ctx", "256", "--timeout", "3", "--parallel", "2"]);
+    let s = Server::start(&[
+        "--adapter",
+        &a1,
+        "--adapter-dir",
+        adir,
+        "--ctx",
+        "256",
+        "--timeout",
+        "3",
+        "--parallel",
+        "2",
+    ]);
     let mut rng = SplitMix64::new(0x6874_7470);
-    let n: usize = std::env::var("GRIT_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(250);
+    let n: usize =
+        std::env::var("GRIT_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(250);
     let seeds = seeds();
     let mut by_status = std::collections::BTreeMap::new();
     for case in 0..n {
@@ -84,23 +121,43 @@ fn mutated_request_bodies_get_well_formed_answers() {
         }
         let r = http(&s.addr, "POST", path, Some(&text), &[]);
         *by_status.entry(r.status).or_insert(0) += 1;
-        assert!([200, 201, 400, 404, 409, 413, 504].contains(&r.status), "case {case} {path} {text}: {} {}", r.status, r.body);
+        assert!(
+            [200, 201, 400, 404, 409, 413, 504].contains(&r.status),
+            "case {case} {path} {text}: {} {}",
+            r.status,
+            r.body
+        );
         let sse = r.header("content-type").is_some_and(|c| c.starts_with("text/event-stream"));
         if !sse {
-            let v: Value = serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("case {case} {path} {text}: not JSON ({e}): {}", r.body));
+            let v: Value = serde_json::from_str(&r.body).unwrap_or_else(|e| {
+                panic!("case {case} {path} {text}: not JSON ({e}): {}", r.body)
+            });
             if r.status >= 400 {
-                assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "case {case}: {}", r.body);
+                assert!(
+                    v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+                    "case {case}: {}",
+                    r.body
+                );
                 assert!(v["error"]["type"].is_string(), "case {case}: {}", r.body);
             }
         }
         if *path == "/v1/adapters" && r.status == 201 {
             // Keep the adapter count bounded: unload what a mutant loaded.
-            let name = serde_json::from_str::<Value>(&text).ok().and_then(|v| v["name"].as_str().map(str::to_string)).unwrap_or_default();
+            let name = serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v["name"].as_str().map(str::to_string))
+                .unwrap_or_default();
             http(&s.addr, "DELETE", &format!("/v1/adapters/{name}"), None, &[]);
         }
     }
     eprintln!("mutated request bodies: {n} cases, answers by status {by_status:?}");
     assert_eq!(http(&s.addr, "GET", "/health", None, &[]).status, 200);
-    let r = http(&s.addr, "POST", "/v1/completions", Some(&json!({"prompt": "Hi", "max_tokens": 2}).to_string()), &[]);
+    let r = http(
+        &s.addr,
+        "POST",
+        "/v1/completions",
+        Some(&json!({"prompt": "Hi", "max_tokens": 2}).to_string()),
+        &[],
+    );
     assert_eq!(r.status, 200, "{}", r.body);
 }

@@ -18,11 +18,31 @@ fn openai_python() -> PathBuf {
     }
     let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("openai-venv");
     let py = venv.join("bin/python");
-    let ok = |py: &PathBuf| Command::new(py).args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
+    let ok = |py: &PathBuf| {
+        Command::new(py).args(["-c", "import openai"]).status().is_ok_and(|s| s.success())
+    };
     if !ok(&py) {
-        let st = Command::new("python3").args(["-m", "venv"]).arg(&venv).status().expect("python3 -m venv (Debian: apt-get install python3-venv)");
-        assert!(st.success(), "python3 -m venv {} failed (Debian: apt-get install python3-venv)", venv.display());
-        let st = Command::new(&py).args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "openai>=1.40,<3"]).status().unwrap();
+        let st = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 -m venv (Debian: apt-get install python3-venv)");
+        assert!(
+            st.success(),
+            "python3 -m venv {} failed (Debian: apt-get install python3-venv)",
+            venv.display()
+        );
+        let st = Command::new(&py)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "openai>=1.40,<3",
+            ])
+            .status()
+            .unwrap();
         assert!(st.success(), "pip install openai failed");
     }
     assert!(ok(&py), "{} cannot import openai", py.display());
@@ -48,8 +68,18 @@ fn the_openai_python_client_works_against_grit_serve() {
         "2",
     ]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/serve/openai_client.py");
-    let out = Command::new(&py).arg(script).arg(format!("http://{}/v1", s.addr)).arg("k3y").output().unwrap();
-    assert!(out.status.success(), "openai client script failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(&py)
+        .arg(script)
+        .arg(format!("http://{}/v1", s.addr))
+        .arg("k3y")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openai client script failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     println!("{}", serde_json::to_string_pretty(&v).unwrap());
 
@@ -71,7 +101,13 @@ fn the_openai_python_client_works_against_grit_serve() {
     assert_eq!(v["models_after_load"].as_array().unwrap().len(), 3);
     assert_eq!(v["completion_hot"], a1_ref.as_str());
     assert_eq!(v["hot_unload_status"], 200);
-    for (k, status) in [("unknown_model", 404), ("unloaded_adapter", 404), ("bad_temperature", 400), ("context_overflow", 400), ("wrong_key", 401)] {
+    for (k, status) in [
+        ("unknown_model", 404),
+        ("unloaded_adapter", 404),
+        ("bad_temperature", 400),
+        ("context_overflow", 400),
+        ("wrong_key", 401),
+    ] {
         assert_eq!(v["errors"][k][1], status, "{k}: {}", v["errors"][k]);
     }
     assert_eq!(v["embedding_dims"], serde_json::json!([576, 576]));

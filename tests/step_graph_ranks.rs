@@ -30,11 +30,25 @@ fn many_distinct_ranks_do_not_fragment_the_allocator() {
     let copies = FrozenCopies::build(&weights, WeightCopies::F16, false, &backend).unwrap();
     let ctx = Context::new(engine::step_capacity(&weights, &lora)).unwrap();
     let grit = GritConfig::default();
-    let sg = StepGraph::build_with(&ctx, &weights, &lora, &copies, &opt, 256, 256, StepOptions { grit: Some(&grit), ..Default::default() });
+    let sg = StepGraph::build_with(
+        &ctx,
+        &weights,
+        &lora,
+        &copies,
+        &opt,
+        256,
+        256,
+        StepOptions { grit: Some(&grit), ..Default::default() },
+    );
     let run = backend.compute(&sg.graph);
     assert!(run.is_ok(), "allocation failed: {:?}", run.err());
     drop(run);
-    eprintln!("kept {} small nodes ({} KiB); compute buffer {} MiB", sg.kept.0, sg.kept.1 >> 10, backend.compute_buffer_bytes() >> 20);
+    eprintln!(
+        "kept {} small nodes ({} KiB); compute buffer {} MiB",
+        sg.kept.0,
+        sg.kept.1 >> 10,
+        backend.compute_buffer_bytes() >> 20
+    );
     assert!(sg.kept.0 > 0);
     // The evaluation graph and GRIT's optimizer graph (preconditioning, grafting) of the same
     // adapter allocate too.
@@ -42,7 +56,12 @@ fn many_distinct_ranks_do_not_fragment_the_allocator() {
     let eval = TrainGraph::build(&ectx, &weights, Some(&lora), 256, Outputs::Rows(255), true);
     assert!(backend.compute(&eval.graph).is_ok());
     let octx = Context::new(engine::opt_capacity(&lora)).unwrap();
-    let og = engine::OptGraph::build(&octx, &lora, &opt, &engine::OptOptions { precondition: true, graft: true, ..Default::default() });
+    let og = engine::OptGraph::build(
+        &octx,
+        &lora,
+        &opt,
+        &engine::OptOptions { precondition: true, graft: true, ..Default::default() },
+    );
     assert!(backend.compute(&og.graph).is_ok());
 }
 
@@ -102,10 +121,24 @@ fn recomputation_halves_the_step_memory() {
     let lora = LoraSet::new(&weights, &grit::model::LoraConfig::default(), &backend0).unwrap();
     let opt = OptState::new(&lora, &backend0).unwrap();
     let mut sizes = Vec::new();
-    for (mode, recompute) in [(WeightCopies::None, false), (WeightCopies::None, true), (WeightCopies::Q8_0, false), (WeightCopies::Q8_0, true)] {
+    for (mode, recompute) in [
+        (WeightCopies::None, false),
+        (WeightCopies::None, true),
+        (WeightCopies::Q8_0, false),
+        (WeightCopies::Q8_0, true),
+    ] {
         let copies = FrozenCopies::build(&weights, mode, false, &backend0).unwrap();
         let ctx = Context::new(engine::step_capacity(&weights, &lora)).unwrap();
-        let sg = StepGraph::build_with(&ctx, &weights, &lora, &copies, &opt, 256, 256, StepOptions { recompute, ..Default::default() });
+        let sg = StepGraph::build_with(
+            &ctx,
+            &weights,
+            &lora,
+            &copies,
+            &opt,
+            256,
+            256,
+            StepOptions { recompute, ..Default::default() },
+        );
         assert_eq!(sg.recomputed > 0, recompute);
         let mut backend = Backend::cpu(2).unwrap();
         drop(backend.compute(&sg.graph).unwrap());
@@ -113,8 +146,18 @@ fn recomputation_halves_the_step_memory() {
         eprintln!("{mode:?}, recompute {recompute}: step compute buffer {mib} MiB");
         sizes.push(mib);
     }
-    assert!(sizes[1] * 2 < sizes[0], "none: recomputation {} MiB vs {} MiB kept", sizes[1], sizes[0]);
-    assert!(sizes[3] * 2 < sizes[2], "q8_0: recomputation {} MiB vs {} MiB kept", sizes[3], sizes[2]);
+    assert!(
+        sizes[1] * 2 < sizes[0],
+        "none: recomputation {} MiB vs {} MiB kept",
+        sizes[1],
+        sizes[0]
+    );
+    assert!(
+        sizes[3] * 2 < sizes[2],
+        "q8_0: recomputation {} MiB vs {} MiB kept",
+        sizes[3],
+        sizes[2]
+    );
     assert!(sizes[2] < 550, "q8_0 without recomputation: {} MiB", sizes[2]);
 }
 
@@ -135,12 +178,30 @@ fn default_configurations_allocate() {
         for n_tokens in [64usize, 128, 256, 512] {
             for with_grit in [false, true] {
                 let ctx = Context::new(engine::step_capacity(&weights, &lora)).unwrap();
-                let o =
-                    StepOptions { loss_scale: engine::loss_scale(n_tokens), grit: with_grit.then_some(&grit), dropout: false, recompute, fuse_attention: true };
-                let sg = StepGraph::build_with(&ctx, &weights, &lora, &copies, &opt, n_tokens, n_tokens - 1, o);
+                let o = StepOptions {
+                    loss_scale: engine::loss_scale(n_tokens),
+                    grit: with_grit.then_some(&grit),
+                    dropout: false,
+                    recompute,
+                    fuse_attention: true,
+                };
+                let sg = StepGraph::build_with(
+                    &ctx,
+                    &weights,
+                    &lora,
+                    &copies,
+                    &opt,
+                    n_tokens,
+                    n_tokens - 1,
+                    o,
+                );
                 let mut backend = Backend::cpu(2).unwrap();
                 let run = backend.compute(&sg.graph);
-                assert!(run.is_ok(), "{mode:?}, {n_tokens} tokens, grit {with_grit}: {:?}", run.err());
+                assert!(
+                    run.is_ok(),
+                    "{mode:?}, {n_tokens} tokens, grit {with_grit}: {:?}",
+                    run.err()
+                );
             }
         }
     }
@@ -156,15 +217,26 @@ fn gpu_form_grit_step_graph_allocates_at_few_tokens() {
     let model = grit::fetch::ensure_default_model().unwrap();
     let mut backend = Backend::cpu(2).unwrap();
     let weights = Weights::load(&GgufFile::open(&model).unwrap(), &backend).unwrap();
-    let lora = LoraSet::new(&weights, &grit::model::LoraConfig { rank: 4, alpha: 16.0, ..Default::default() }, &backend).unwrap();
+    let lora = LoraSet::new(
+        &weights,
+        &grit::model::LoraConfig { rank: 4, alpha: 16.0, ..Default::default() },
+        &backend,
+    )
+    .unwrap();
     lora.init(3).unwrap();
     let opt = OptState::new(&lora, &backend).unwrap();
-    let copies = FrozenCopies::build(&weights, WeightCopies::Q8_0, false, &backend).unwrap().portable();
+    let copies =
+        FrozenCopies::build(&weights, WeightCopies::Q8_0, false, &backend).unwrap().portable();
     let grit = GritConfig::default();
     for n_tokens in [8, 16] {
         let ctx = Context::new(engine::step_capacity(&weights, &lora)).unwrap();
-        let o = StepOptions { grit: Some(&grit), loss_scale: engine::loss_scale(n_tokens), ..Default::default() };
-        let sg = StepGraph::build_with(&ctx, &weights, &lora, &copies, &opt, n_tokens, n_tokens - 1, o);
+        let o = StepOptions {
+            grit: Some(&grit),
+            loss_scale: engine::loss_scale(n_tokens),
+            ..Default::default()
+        };
+        let sg =
+            StepGraph::build_with(&ctx, &weights, &lora, &copies, &opt, n_tokens, n_tokens - 1, o);
         assert!(grit::ggml::cpu_only_nodes(&sg.graph).is_empty());
         let run = backend.compute(&sg.graph);
         assert!(run.is_ok(), "{n_tokens} tokens: allocation failed: {:?}", run.err());

@@ -51,7 +51,12 @@ fn last_step(out: &Path) -> u64 {
 }
 
 fn run_until(model: &Path, out: &Path, step: u64, signal: i32) {
-    let mut child = grit().args(train_args(model, out)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = grit()
+        .args(train_args(model, out))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let t0 = Instant::now();
     while last_step(out) < step {
         assert!(t0.elapsed() < Duration::from_secs(300), "training never reached step {step}");
@@ -75,15 +80,31 @@ fn outputs_determinism_and_resume() {
     for f in ["adapter.gguf", "metrics.jsonl", "summary.json", "config.toml"] {
         assert!(a.join(f).is_file(), "{f} missing");
     }
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(a.join("summary.json")).unwrap()).unwrap();
-    for k in ["method", "base_model", "targets", "rank_per_module", "trainable_params", "steps", "train_loss", "eval_loss", "peak_rss_bytes", "wall_s"] {
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("summary.json")).unwrap()).unwrap();
+    for k in [
+        "method",
+        "base_model",
+        "targets",
+        "rank_per_module",
+        "trainable_params",
+        "steps",
+        "train_loss",
+        "eval_loss",
+        "peak_rss_bytes",
+        "wall_s",
+    ] {
         assert!(summary.get(k).is_some(), "summary.json lacks {k}");
     }
     assert_eq!(summary["steps"], 12);
     assert_eq!(summary["rank_per_module"].as_object().unwrap().len(), 2 * 7);
     let ra = rows(&a);
     let train_rows = ra.iter().filter(|r| r.get("loss").is_some()).count();
-    let eval_rows: Vec<_> = ra.iter().filter(|r| r.get("eval_loss").is_some()).map(|r| r["step"].as_u64().unwrap()).collect();
+    let eval_rows: Vec<_> = ra
+        .iter()
+        .filter(|r| r.get("eval_loss").is_some())
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
     assert_eq!(train_rows, 12);
     assert_eq!(eval_rows, vec![0, 4, 8, 12]);
     for r in ra.iter().filter(|r| r.get("loss").is_some()) {
@@ -102,7 +123,11 @@ fn outputs_determinism_and_resume() {
     // A non-empty --out is refused.
     let o = grit().args(train_args(&model, &a)).output().unwrap();
     assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--overwrite"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--overwrite"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 
     // Killed with SIGKILL between checkpoints, then resumed: the same rows as uninterrupted.
     let b = dir.path().join("b");
@@ -127,7 +152,17 @@ fn bad_input_gets_clear_errors() {
     std::fs::write(&bad, "{\"text\": \"fine\"}\n{\"messages\": [{\"role\": \"user\"}]}\n").unwrap();
     let out = dir.path().join("o");
     let o = grit()
-        .args(["train", "--model", model.to_str().unwrap(), "--data", bad.to_str().unwrap(), "--out", out.to_str().unwrap(), "--steps", "1"])
+        .args([
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            bad.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "1",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
@@ -136,18 +171,44 @@ fn bad_input_gets_clear_errors() {
     assert!(!err.contains("panicked"), "{err}");
 
     let o = grit()
-        .args(["train", "--model", model.to_str().unwrap(), "--data", bad.to_str().unwrap(), "--out", out.to_str().unwrap(), "--rank", "0"])
+        .args([
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            bad.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--rank",
+            "0",
+        ])
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("--rank"));
 
-    let o = grit().args(["train", "--data", bad.to_str().unwrap(), "--dry-run", "--skip-bad-rows", "--model", model.to_str().unwrap()]).output().unwrap();
+    let o = grit()
+        .args([
+            "train",
+            "--data",
+            bad.to_str().unwrap(),
+            "--dry-run",
+            "--skip-bad-rows",
+            "--model",
+            model.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.to_lowercase().contains("skipped"), "{text}");
 
     // The library's dry run returns the statistics (it neither prints nor exits the process).
-    let cfg = grit::train::config::TrainConfig { model: Some(model.clone()), data: Some(bad.clone()), skip_bad_rows: true, ..Default::default() };
+    let cfg = grit::train::config::TrainConfig {
+        model: Some(model.clone()),
+        data: Some(bad.clone()),
+        skip_bad_rows: true,
+        ..Default::default()
+    };
     let opts = grit::train::run::RunOptions {
         out: dir.path().join("unused"),
         overwrite: false,
@@ -179,14 +240,20 @@ fn dropout_is_seeded_and_resumable() {
         a.extend(["--dropout".to_string(), p.to_string()]);
         a
     };
-    let (a, b, c, z) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("c"), dir.path().join("z"));
+    let (a, b, c, z) =
+        (dir.path().join("a"), dir.path().join("b"), dir.path().join("c"), dir.path().join("z"));
     ok(grit().args(args(&a, "0.2")).output().unwrap());
     ok(grit().args(args(&b, "0.2")).output().unwrap());
     ok(grit().args(args(&z, "0")).output().unwrap());
     let (ra, rz) = (rows(&a), rows(&z));
     assert_eq!(rows(&b), ra, "two dropout runs with one seed differ");
-    let losses = |r: &[serde_json::Value]| r.iter().filter_map(|x| x["loss"].as_f64()).collect::<Vec<_>>();
-    assert_eq!(losses(&ra)[0], losses(&rz)[0], "step 1 starts from B = 0: dropout cannot change its loss");
+    let losses =
+        |r: &[serde_json::Value]| r.iter().filter_map(|x| x["loss"].as_f64()).collect::<Vec<_>>();
+    assert_eq!(
+        losses(&ra)[0],
+        losses(&rz)[0],
+        "step 1 starts from B = 0: dropout cannot change its loss"
+    );
     assert_ne!(losses(&ra), losses(&rz), "--dropout 0.2 trained exactly like --dropout 0");
     let cfg = std::fs::read_to_string(a.join("config.toml")).unwrap();
     assert!(cfg.contains("dropout = 0.2"), "{cfg}");

@@ -12,7 +12,9 @@ use std::io::{Read, Seek, SeekFrom};
 
 use grit::ggml::{dequantize, Backend, Context, GgufWriter, Type};
 use grit::gguf::GgufFile;
-use grit::model::{write_tiny_model, Batch, LoraConfig, LoraSet, Outputs, TinySpec, TrainGraph, Weights};
+use grit::model::{
+    write_tiny_model, Batch, LoraConfig, LoraSet, Outputs, TinySpec, TrainGraph, Weights,
+};
 use grit::train::config::WeightCopies;
 use grit::train::copies::{Forward, FrozenCopies};
 use grit::train::engine::{self, OptState, StepGraph, StepOptions};
@@ -24,7 +26,17 @@ fn tokenizer_source() -> std::path::PathBuf {
 fn tiny(dir: &std::path::Path, ty: Type, seed: u64) -> std::path::PathBuf {
     let path = dir.join(format!("tiny-{}.gguf", ty.name()));
     // n_embd 256 so that K-quants (blocks of 256) fit every matrix row.
-    let spec = TinySpec { n_embd: 256, n_layer: 2, n_head: 4, n_head_kv: 2, n_ff: 512, weight_type: ty, tied_output: false, seed, ..TinySpec::default() };
+    let spec = TinySpec {
+        n_embd: 256,
+        n_layer: 2,
+        n_head: 4,
+        n_head_kv: 2,
+        n_ff: 512,
+        weight_type: ty,
+        tied_output: false,
+        seed,
+        ..TinySpec::default()
+    };
     write_tiny_model(&path, &spec, &tokenizer_source()).unwrap();
     path
 }
@@ -60,7 +72,14 @@ fn batch() -> Batch {
 type Grads = Vec<(Vec<f32>, Vec<f32>)>;
 
 /// Runs one training micro-step; returns the accumulated gradients (A and B per module).
-fn step_grads(backend: &mut Backend, weights: &Weights, lora: &LoraSet, copies: &FrozenCopies, opt: &OptState, b: &Batch) -> Grads {
+fn step_grads(
+    backend: &mut Backend,
+    weights: &Weights,
+    lora: &LoraSet,
+    copies: &FrozenCopies,
+    opt: &OptState,
+    b: &Batch,
+) -> Grads {
     step_grads_with(backend, weights, lora, copies, opt, b, StepOptions::default()).0
 }
 
@@ -88,7 +107,12 @@ fn step_grads_with(
     drop(run);
     let bytes = backend.compute_buffer_bytes();
     let unscale = |v: Vec<f32>| v.into_iter().map(|g| g / o.loss_scale).collect::<Vec<f32>>();
-    ((0..lora.modules().len()).map(|i| (unscale(opt.read(i, 2).unwrap()), unscale(opt.read(i, 5).unwrap()))).collect(), bytes)
+    (
+        (0..lora.modules().len())
+            .map(|i| (unscale(opt.read(i, 2).unwrap()), unscale(opt.read(i, 5).unwrap())))
+            .collect(),
+        bytes,
+    )
 }
 
 /// Activation recomputation (`--recompute`, the default with `--weight-copies none`) runs the
@@ -101,7 +125,12 @@ fn recomputed_activations_give_identical_gradients() {
     let path = tiny(dir.path(), Type::Q4_1, 11);
     let mut backend = common::backend(2);
     let weights = Weights::load(&GgufFile::open(&path).unwrap(), &backend).unwrap();
-    let lora = LoraSet::new(&weights, &LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() }, &backend).unwrap();
+    let lora = LoraSet::new(
+        &weights,
+        &LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() },
+        &backend,
+    )
+    .unwrap();
     lora.randomize(5, 0.05, 0.05).unwrap();
     lora.mark_params();
     let opt = OptState::new(&lora, &backend).unwrap();
@@ -110,11 +139,33 @@ fn recomputed_activations_give_identical_gradients() {
         let copies = FrozenCopies::build(&weights, mode, false, &backend).unwrap();
         // ggml's own attention ops on both sides: recomputation turns the fused attention
         // kernels off, and they round differently (their own test: tests/fused_attention.rs).
-        let (kept, _) = step_grads_with(&mut backend, &weights, &lora, &copies, &opt, &b, StepOptions { fuse_attention: false, ..Default::default() });
-        let (re, _) = step_grads_with(&mut backend, &weights, &lora, &copies, &opt, &b, StepOptions { recompute: true, ..Default::default() });
-        assert!(kept.iter().flat_map(|(a, b)| a.iter().chain(b)).any(|&g| g != 0.0), "{mode:?}: zero gradients");
+        let (kept, _) = step_grads_with(
+            &mut backend,
+            &weights,
+            &lora,
+            &copies,
+            &opt,
+            &b,
+            StepOptions { fuse_attention: false, ..Default::default() },
+        );
+        let (re, _) = step_grads_with(
+            &mut backend,
+            &weights,
+            &lora,
+            &copies,
+            &opt,
+            &b,
+            StepOptions { recompute: true, ..Default::default() },
+        );
+        assert!(
+            kept.iter().flat_map(|(a, b)| a.iter().chain(b)).any(|&g| g != 0.0),
+            "{mode:?}: zero gradients"
+        );
         for (i, (k, r)) in kept.iter().zip(&re).enumerate() {
-            assert!(k.0 == r.0 && k.1 == r.1, "{mode:?}: module {i}: recomputation changed the gradients");
+            assert!(
+                k.0 == r.0 && k.1 == r.1,
+                "{mode:?}: module {i}: recomputation changed the gradients"
+            );
         }
     }
 }
@@ -191,7 +242,12 @@ fn check(ty: Type, mode: WeightCopies, eps: f32) -> f64 {
             }
         }
     }
-    println!("{:>5} base, copies {:?}: worst relative error {worst:.2e} ({:.1} s)", ty.name(), mode, t0.elapsed().as_secs_f64());
+    println!(
+        "{:>5} base, copies {:?}: worst relative error {worst:.2e} ({:.1} s)",
+        ty.name(),
+        mode,
+        t0.elapsed().as_secs_f64()
+    );
     worst
 }
 
@@ -206,7 +262,10 @@ fn lora_gradients_match_finite_differences_for_every_base_type_and_copy_mode() {
     // the types: the copy kernels are the same ggml ops for every base type.
     let cases: Vec<(Type, WeightCopies)> = if common::test_device() == grit::ggml::Device::Cpu {
         let modes = [WeightCopies::None, WeightCopies::Q8_0, WeightCopies::F16, WeightCopies::F32];
-        [Type::F32, Type::Q4_0, Type::Q4_1, Type::Q8_0, Type::Q4_K].into_iter().flat_map(|t| modes.map(|m| (t, m))).collect()
+        [Type::F32, Type::Q4_0, Type::Q4_1, Type::Q8_0, Type::Q4_K]
+            .into_iter()
+            .flat_map(|t| modes.map(|m| (t, m)))
+            .collect()
     } else {
         vec![
             (Type::F32, WeightCopies::F32),
@@ -242,14 +301,26 @@ fn rewritten_backward_equals_stock_autodiff() {
         let path = tiny(dir.path(), ty, 5);
         let mut backend = common::backend(0);
         let weights = Weights::load(&GgufFile::open(&path).unwrap(), &backend).unwrap();
-        let lora = LoraSet::new(&weights, &LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() }, &backend).unwrap();
+        let lora = LoraSet::new(
+            &weights,
+            &LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() },
+            &backend,
+        )
+        .unwrap();
         lora.randomize(9, 0.05, 0.05).unwrap();
         lora.mark_params();
         let opt = OptState::new(&lora, &backend).unwrap();
         let b = batch();
 
         let ctx = Context::new(engine::step_capacity(&weights, &lora)).unwrap();
-        let mut g = TrainGraph::build(&ctx, &weights, Some(&lora), b.n_tokens(), Outputs::Rows(b.n_rows()), true);
+        let mut g = TrainGraph::build(
+            &ctx,
+            &weights,
+            Some(&lora),
+            b.n_tokens(),
+            Outputs::Rows(b.n_rows()),
+            true,
+        );
         g.graph.build_backward_expand(&ctx);
         let mut run = backend.compute(&g.graph).unwrap();
         g.set_inputs(&mut run, &b).unwrap();
@@ -258,26 +329,50 @@ fn rewritten_backward_equals_stock_autodiff() {
         let stock: Vec<(Vec<f32>, Vec<f32>)> = lora
             .modules()
             .iter()
-            .map(|m| (run.read_f32(g.graph.grad(lora.a(m)).unwrap()).unwrap(), run.read_f32(g.graph.grad(lora.b(m)).unwrap()).unwrap()))
+            .map(|m| {
+                (
+                    run.read_f32(g.graph.grad(lora.a(m)).unwrap()).unwrap(),
+                    run.read_f32(g.graph.grad(lora.b(m)).unwrap()).unwrap(),
+                )
+            })
             .collect();
         drop(run);
 
-        for (mode, bound) in [(WeightCopies::F32, 1e-5f32), (WeightCopies::F16, 5e-3), (WeightCopies::None, 5e-3), (WeightCopies::Q8_0, 3e-2)] {
+        for (mode, bound) in [
+            (WeightCopies::F32, 1e-5f32),
+            (WeightCopies::F16, 5e-3),
+            (WeightCopies::None, 5e-3),
+            (WeightCopies::Q8_0, 3e-2),
+        ] {
             // The stored weights in the forward, as stock autodiff multiplies them (the exact
             // Q4_1 split rounds activations like Q4_0, not Q4_1: see the FD test for it).
-            let copies = FrozenCopies::build_with(&weights, mode, Forward::Stored, &backend).unwrap();
+            let copies =
+                FrozenCopies::build_with(&weights, mode, Forward::Stored, &backend).unwrap();
             // ggml's own attention ops, as on the stock side: the fused kernels round
             // differently, and on the Q8_0 base that moves activations across Q8_0 rounding
             // steps (1.4e-2 here); they are checked by tests/fused_attention.rs and, with the
             // whole step, by the finite-difference test above.
-            let ours = step_grads_with(&mut backend, &weights, &lora, &copies, &opt, &b, StepOptions { fuse_attention: false, ..Default::default() }).0;
+            let ours = step_grads_with(
+                &mut backend,
+                &weights,
+                &lora,
+                &copies,
+                &opt,
+                &b,
+                StepOptions { fuse_attention: false, ..Default::default() },
+            )
+            .0;
             // Per module and factor: ‖ours − stock‖ / ‖stock‖.
             let rel = |s: &[f32], o: &[f32]| {
                 let d: f64 = s.iter().zip(o).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
                 let n: f64 = s.iter().map(|x| (*x as f64).powi(2)).sum();
                 (d / n.max(1e-30)).sqrt() as f32
             };
-            let worst = stock.iter().zip(&ours).map(|(s, o)| rel(&s.0, &o.0).max(rel(&s.1, &o.1))).fold(0f32, f32::max);
+            let worst = stock
+                .iter()
+                .zip(&ours)
+                .map(|(s, o)| rel(&s.0, &o.0).max(rel(&s.1, &o.1)))
+                .fold(0f32, f32::max);
             println!("{:>5} base, copies {mode:?}: worst relative difference to stock autodiff {worst:.2e}", ty.name());
             if !(worst < bound) {
                 failures.push(format!("{} / {mode:?}: {worst:.2e} ≥ {bound:.0e}", ty.name()));

@@ -72,7 +72,11 @@ fn grit_cuts_ranks_exports_and_resumes_across_cuts() {
     let events = |kind: &str| ra.iter().filter(|r| r["event"] == kind).cloned().collect::<Vec<_>>();
     let inv = events("invert");
     let rep = events("reproject");
-    for r in inv.iter().chain(&rep).chain(ra.iter().filter(|r| r.get("loss").is_some() || r.get("eval_loss").is_some())) {
+    for r in inv
+        .iter()
+        .chain(&rep)
+        .chain(ra.iter().filter(|r| r.get("loss").is_some() || r.get("eval_loss").is_some()))
+    {
         println!("{r}");
     }
     assert!(inv.len() >= 3, "inversion rows: {inv:?}");
@@ -88,21 +92,43 @@ fn grit_cuts_ranks_exports_and_resumes_across_cuts() {
     assert_eq!(ra.iter().filter(|r| r.get("loss").is_some()).count(), 10);
     assert!(ra.iter().filter_map(|r| r["loss"].as_f64()).all(f64::is_finite));
 
-    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(a.join("summary.json")).unwrap()).unwrap();
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("summary.json")).unwrap()).unwrap();
     println!("summary: {s}");
-    let (p0, p1) = (s["trainable_params_initial"].as_u64().unwrap(), s["trainable_params_final"].as_u64().unwrap());
+    let (p0, p1) = (
+        s["trainable_params_initial"].as_u64().unwrap(),
+        s["trainable_params_final"].as_u64().unwrap(),
+    );
     assert!(p1 < p0, "no parameter reduction: {p0} → {p1}");
-    let ranks: BTreeSet<u64> = s["rank_per_module"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).collect();
+    let ranks: BTreeSet<u64> =
+        s["rank_per_module"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).collect();
     assert!(ranks.len() >= 2, "every module has the same rank: {ranks:?}");
-    assert!(s["inversions"].as_u64().unwrap() >= 3 && s["reprojections"].as_u64().unwrap() >= 2, "{s}");
-    assert!(s["drift_per_module"].as_object().unwrap().len() == 14 && s["drift_total"].as_f64().unwrap() > 0.0);
+    assert!(
+        s["inversions"].as_u64().unwrap() >= 3 && s["reprojections"].as_u64().unwrap() >= 2,
+        "{s}"
+    );
+    assert!(
+        s["drift_per_module"].as_object().unwrap().len() == 14
+            && s["drift_total"].as_f64().unwrap() > 0.0
+    );
 
     // The adapter keeps each module's rank; llama.cpp loads and generates with it.
     let f = grit::gguf::GgufFile::open(a.join("adapter.gguf")).unwrap();
-    let adapter_ranks: BTreeSet<i64> = f.tensors().iter().filter(|t| t.name.ends_with(".lora_a")).map(|t| t.ne[1]).collect();
+    let adapter_ranks: BTreeSet<i64> =
+        f.tensors().iter().filter(|t| t.name.ends_with(".lora_a")).map(|t| t.ne[1]).collect();
     assert!(adapter_ranks.len() >= 2, "adapter ranks {adapter_ranks:?}");
     let o = ok(grit()
-        .args(["generate", "--prompt", "To be", "--max-tokens", "4", "--model", model.to_str().unwrap(), "--adapter", a.join("adapter.gguf").to_str().unwrap()])
+        .args([
+            "generate",
+            "--prompt",
+            "To be",
+            "--max-tokens",
+            "4",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            a.join("adapter.gguf").to_str().unwrap(),
+        ])
         .output()
         .unwrap());
     assert!(!o.stdout.is_empty());
@@ -111,7 +137,11 @@ fn grit_cuts_ranks_exports_and_resumes_across_cuts() {
     // same rows as uninterrupted.
     for stop in [4, 5] {
         let b = dir.path().join(format!("b{stop}"));
-        let o = grit().args(train_args(&model, &b)).env("GRIT_STOP_AFTER_STEP", stop.to_string()).output().unwrap();
+        let o = grit()
+            .args(train_args(&model, &b))
+            .env("GRIT_STOP_AFTER_STEP", stop.to_string())
+            .output()
+            .unwrap();
         assert!(!o.status.success(), "the run was meant to stop at step {stop}");
         ok(grit().args(["train", "--resume", b.to_str().unwrap()]).output().unwrap());
         assert_eq!(rows(&b), ra, "resume from step {stop} differs from the uninterrupted run");
@@ -132,14 +162,34 @@ fn grit_soft_cut_with_accumulation_and_reference_options() {
     let ev = args.iter().position(|a| a == "--eval-every").unwrap();
     args[ev + 1] = "0".into();
     args.extend(
-        ["--rank-cut", "soft", "--grad-accum", "2", "--kfac-pairing", "reference", "--damping", "absolute", "--lambda-r", "1e-2"].iter().map(|s| s.to_string()),
+        [
+            "--rank-cut",
+            "soft",
+            "--grad-accum",
+            "2",
+            "--kfac-pairing",
+            "reference",
+            "--damping",
+            "absolute",
+            "--lambda-r",
+            "1e-2",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
     );
     ok(grit().args(&args).output().unwrap());
     let r = rows(&out);
-    assert!(r.iter().any(|x| x["event"] == "reproject" && x["step"] == 4), "no reprojection at step 4");
+    assert!(
+        r.iter().any(|x| x["event"] == "reproject" && x["step"] == 4),
+        "no reprojection at step 4"
+    );
     assert!(r.iter().filter(|x| x["event"] == "invert").count() >= 2);
-    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
-    assert_eq!(s["trainable_params_final"], s["trainable_params_initial"], "a soft cut keeps the shapes");
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(
+        s["trainable_params_final"], s["trainable_params_initial"],
+        "a soft cut keeps the shapes"
+    );
     assert!(s["rank_per_module"].as_object().unwrap().values().all(|v| v == 8));
     assert!(r.iter().filter_map(|x| x["loss"].as_f64()).all(f64::is_finite));
 }
@@ -167,6 +217,13 @@ fn the_first_cut_comes_at_a_share_of_the_run() {
     // 10 steps, --reproject-every 4: the first event at max(4, share × 10).
     assert_eq!(first_reprojection("half", None), Some(5));
     assert_eq!(first_reprojection("late", Some("0.8")), Some(8));
-    let o = grit().args(["train", "--method", "grit", "--first-cut", "1.5", "--dry-run", "--data", "x.txt"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&o.stderr).contains("first_cut"), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = grit()
+        .args(["train", "--method", "grit", "--first-cut", "1.5", "--dry-run", "--data", "x.txt"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("first_cut"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

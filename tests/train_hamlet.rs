@@ -36,11 +36,18 @@ fn lora_on_hamlet_improves_macbeth_and_exports_a_working_adapter() {
     assert!(last.1 <= 0.97 * first.1, "eval loss {} is not ≤ 0.97 × {}", last.1, first.1);
 
     // The adapter loads in llama.cpp and changes what the model says.
-    let prompt = ["generate", "--prompt", "HAMLET. To be, or not to be,", "--max-tokens", "16", "--json"];
+    let prompt =
+        ["generate", "--prompt", "HAMLET. To be, or not to be,", "--max-tokens", "16", "--json"];
     let base = grit().args(prompt).output().unwrap();
-    let tuned = grit().args(prompt).arg("--adapter").arg(out.join("adapter.gguf")).output().unwrap();
+    let tuned =
+        grit().args(prompt).arg("--adapter").arg(out.join("adapter.gguf")).output().unwrap();
     assert!(tuned.status.success(), "{}", String::from_utf8_lossy(&tuned.stderr));
-    let text = |o: &std::process::Output| serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["text"].as_str().unwrap().to_string();
+    let text = |o: &std::process::Output| {
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["text"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
     println!("base: {:?}\ntuned: {:?}", text(&base), text(&tuned));
     assert_ne!(text(&base), text(&tuned), "the adapter changes nothing");
 }

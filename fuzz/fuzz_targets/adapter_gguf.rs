@@ -11,7 +11,11 @@ use grit::infer::{LoadOptions, Model};
 
 fn base() -> &'static Mutex<Model> {
     static M: OnceLock<Mutex<Model>> = OnceLock::new();
-    M.get_or_init(|| Mutex::new(Model::load(&common::env().model, &LoadOptions::cpu()).expect("the tiny model loads")))
+    M.get_or_init(|| {
+        Mutex::new(
+            Model::load(&common::env().model, &LoadOptions::cpu()).expect("the tiny model loads"),
+        )
+    })
 }
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {

@@ -29,7 +29,8 @@ pub fn env() -> &'static Env {
         grit::llama::init_logging(false);
         let dir = tempfile::tempdir().expect("temporary folder");
         let model = dir.path().join("tiny.gguf");
-        let from = grit::fetch::ensure_default_model().expect("the default model (run `grit fetch` once)");
+        let from =
+            grit::fetch::ensure_default_model().expect("the default model (run `grit fetch` once)");
         write_tiny_model(&model, &TinySpec::default(), &from).expect("tiny model");
         let adapter = dir.path().join("good.gguf");
         write_adapter(&model, &adapter);
@@ -49,7 +50,12 @@ pub fn env() -> &'static Env {
 fn write_adapter(model: &Path, out: &Path) {
     let backend = Backend::cpu(1).unwrap();
     let weights = Weights::load(&GgufFile::open(model).unwrap(), &backend).unwrap();
-    let cfg = LoraConfig { targets: vec![Target::AttnQ, Target::AttnV], rank: 4, alpha: 8.0, ..LoraConfig::default() };
+    let cfg = LoraConfig {
+        targets: vec![Target::AttnQ, Target::AttnV],
+        rank: 4,
+        alpha: 8.0,
+        ..LoraConfig::default()
+    };
     let lora = LoraSet::new(&weights, &cfg, &backend).unwrap();
     lora.randomize(7, 0.04, 0.04).unwrap();
     lora.write_gguf(out, weights.hparams.arch.name(), AdapterScale::Alpha(cfg.alpha)).unwrap();

@@ -12,7 +12,9 @@ use grit::infer::Model;
 
 fn tokenizer() -> &'static Model {
     static M: OnceLock<Model> = OnceLock::new();
-    M.get_or_init(|| Model::load_vocab_only(&common::env().model).expect("the tiny model's vocabulary loads"))
+    M.get_or_init(|| {
+        Model::load_vocab_only(&common::env().model).expect("the tiny model's vocabulary loads")
+    })
 }
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
@@ -21,7 +23,8 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let name = ["d.jsonl", "d.json", "d.txt"][kind as usize % 3];
     let path = e.dir.path().join(name);
     std::fs::write(&path, body).unwrap();
-    let cfg = DataConfig { max_seq_len: 64, skip_bad_rows: kind & 0x80 != 0, ..DataConfig::default() };
+    let cfg =
+        DataConfig { max_seq_len: 64, skip_bad_rows: kind & 0x80 != 0, ..DataConfig::default() };
     match load_file(&path, tokenizer(), &cfg) {
         Ok(ds) => assert!(!ds.is_empty(), "Ok with no examples"),
         Err(err) => {

@@ -48,7 +48,11 @@ fn live() -> &'static Live {
             threads: 1,
             n_batch: 256,
         };
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
         Live { server: Server::start(cfg).expect("the server starts"), rt }
     })
 }
@@ -65,22 +69,39 @@ const ENDPOINTS: [(&str, &str); 9] = [
     ("PUT", "/v1/completions"),
 ];
 
-async fn send(app: axum::Router, method: &str, path: &str, headers: u8, body: Vec<u8>) -> (u16, bool, Vec<u8>) {
-    let mut req = Request::builder().method(Method::from_bytes(method.as_bytes()).unwrap()).uri(path);
+async fn send(
+    app: axum::Router,
+    method: &str,
+    path: &str,
+    headers: u8,
+    body: Vec<u8>,
+) -> (u16, bool, Vec<u8>) {
+    let mut req =
+        Request::builder().method(Method::from_bytes(method.as_bytes()).unwrap()).uri(path);
     // Bits of `headers`: JSON content type, an Origin (allowed or not), a foreign Host.
-    req = req.header(header::HOST, if headers & 8 != 0 { "rebind.evil.example" } else { "127.0.0.1:8080" });
+    req = req.header(
+        header::HOST,
+        if headers & 8 != 0 { "rebind.evil.example" } else { "127.0.0.1:8080" },
+    );
     if headers & 1 == 0 {
         req = req.header(header::CONTENT_TYPE, "application/json");
     } else if headers & 2 != 0 {
         req = req.header(header::CONTENT_TYPE, "text/plain");
     }
     if headers & 4 != 0 {
-        req = req.header(header::ORIGIN, if headers & 16 != 0 { "http://ok.example" } else { "http://evil.example" });
+        req = req.header(
+            header::ORIGIN,
+            if headers & 16 != 0 { "http://ok.example" } else { "http://evil.example" },
+        );
     }
     let r = app.oneshot(req.body(Body::from(body)).unwrap()).await.expect("the router answers");
-    let sse = r.headers().get(header::CONTENT_TYPE).is_some_and(|c| c.as_bytes().starts_with(b"text/event-stream"));
+    let sse = r
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|c| c.as_bytes().starts_with(b"text/event-stream"));
     let status = r.status().as_u16();
-    let bytes = axum::body::to_bytes(r.into_body(), 64 << 20).await.expect("the body reads to the end");
+    let bytes =
+        axum::body::to_bytes(r.into_body(), 64 << 20).await.expect("the body reads to the end");
     (status, sse, bytes.to_vec())
 }
 
@@ -92,7 +113,13 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let path = if path.ends_with('/') {
         let seg: String = body[..body.len().min(8)]
             .iter()
-            .map(|&b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+            .map(|&b| {
+                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
             .collect();
         format!("{path}{seg}")
     } else {
@@ -100,12 +127,16 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     };
     let app = l.server.router().unwrap();
     let (status, sse, bytes) = l.rt.block_on(send(app, method, &path, headers, body.to_vec()));
-    assert!([200, 201, 400, 403, 404, 405, 409, 413, 415, 429, 504].contains(&status), "{method} {path}: status {status}");
+    assert!(
+        [200, 201, 400, 403, 404, 405, 409, 413, 415, 429, 504].contains(&status),
+        "{method} {path}: status {status}"
+    );
     if !sse {
         let v: serde_json::Value = if path == "/metrics" && status == 200 {
             serde_json::Value::Null
         } else {
-            serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{method} {path}: {status} not JSON ({e})"))
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|e| panic!("{method} {path}: {status} not JSON ({e})"))
         };
         if status >= 400 {
             assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{status}: {v}");

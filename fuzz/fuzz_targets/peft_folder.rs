@@ -18,7 +18,8 @@ fn seed() -> &'static (Vec<u8>, Vec<u8>, usize) {
         let mut adapter = grit::adapter::Adapter::read_gguf(&e.adapter).unwrap();
         // Head counts for the llama q/k row permutation (what `grit train` records).
         let spec = grit::model::TinySpec::default();
-        (adapter.provenance.n_head, adapter.provenance.n_head_kv) = (Some(spec.n_head as u32), Some(spec.n_head_kv as u32));
+        (adapter.provenance.n_head, adapter.provenance.n_head_kv) =
+            (Some(spec.n_head as u32), Some(spec.n_head_kv as u32));
         write_peft(&adapter, &dir).unwrap();
         read_peft(&dir, Some(&e.model)).expect("the good folder reads");
         let w = std::fs::read(dir.join(WEIGHTS)).unwrap();

@@ -23,7 +23,10 @@ pub fn inspect(path: &Path, base: Option<&Path>) -> Result<Value, AdapterError> 
 }
 
 fn describe_adapter(a: &Adapter, format: &str) -> Value {
-    let targets: Vec<Target> = Target::ALL.into_iter().filter(|t| a.modules.iter().any(|m| m.target == Some(*t))).collect();
+    let targets: Vec<Target> = Target::ALL
+        .into_iter()
+        .filter(|t| a.modules.iter().any(|m| m.target == Some(*t)))
+        .collect();
     let mut rows: BTreeMap<usize, BTreeMap<&str, usize>> = BTreeMap::new();
     let mut per_target: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let mut dtypes: BTreeMap<String, usize> = BTreeMap::new();
@@ -110,7 +113,10 @@ pub fn render(v: &Value) -> String {
         let _ = writeln!(o, "architecture {}", str_of(&v["architecture"]));
         let _ = writeln!(o, "name         {}", str_of(&v["name"]));
         let _ = writeln!(o, "parameters   {}", v["parameters"]);
-        let types: Vec<String> = v["tensor_types"].as_object().map(|m| m.iter().map(|(k, n)| format!("{k} ×{n}")).collect()).unwrap_or_default();
+        let types: Vec<String> = v["tensor_types"]
+            .as_object()
+            .map(|m| m.iter().map(|(k, n)| format!("{k} ×{n}")).collect())
+            .unwrap_or_default();
         let _ = writeln!(o, "tensor types {}", types.join(", "));
         match &v["merged"] {
             Value::Null => {
@@ -137,11 +143,18 @@ pub fn render(v: &Value) -> String {
         "modules      {}, parameters {}, ranks {}..{} ({} distinct)",
         v["modules"], v["parameters"], v["rank_min"], v["rank_max"], v["distinct_ranks"]
     );
-    let scales: Vec<String> = v["scales"].as_object().map(|m| m.iter().map(|(k, n)| format!("{k} ×{n}")).collect()).unwrap_or_default();
-    let alpha = if v["alpha"].is_null() { String::new() } else { format!("; file alpha {}", v["alpha"]) };
+    let scales: Vec<String> = v["scales"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, n)| format!("{k} ×{n}")).collect())
+        .unwrap_or_default();
+    let alpha =
+        if v["alpha"].is_null() { String::new() } else { format!("; file alpha {}", v["alpha"]) };
     let folded = if v["scale_folded"] == true { " (training scales folded into B)" } else { "" };
     let _ = writeln!(o, "scales       {}{alpha}{folded}", scales.join(", "));
-    let dtypes: Vec<String> = v["dtypes"].as_object().map(|m| m.iter().map(|(k, n)| format!("{k} ×{n}")).collect()).unwrap_or_default();
+    let dtypes: Vec<String> = v["dtypes"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, n)| format!("{k} ×{n}")).collect())
+        .unwrap_or_default();
     let _ = writeln!(o, "dtypes       {}", dtypes.join(", "));
     let p = &v["provenance"];
     let _ = writeln!(
@@ -152,7 +165,8 @@ pub fn render(v: &Value) -> String {
         str_of(&p["method"]),
         str_of(&p["grit_version"])
     );
-    let targets: Vec<String> = v["targets"].as_array().map(|a| a.iter().map(str_of).collect()).unwrap_or_default();
+    let targets: Vec<String> =
+        v["targets"].as_array().map(|a| a.iter().map(str_of).collect()).unwrap_or_default();
     if !targets.is_empty() {
         let _ = writeln!(o, "\nrank per layer:");
         let _ = write!(o, "{:>5}", "layer");
@@ -162,7 +176,16 @@ pub fn render(v: &Value) -> String {
         let _ = writeln!(o, " {:>9}", "params");
         let dims: BTreeMap<(u64, String), u64> = v["module_list"]
             .as_array()
-            .map(|a| a.iter().filter_map(|m| Some(((m["layer"].as_u64()?, m["target"].as_str()?.to_string()), m["params"].as_u64()?))).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|m| {
+                        Some((
+                            (m["layer"].as_u64()?, m["target"].as_str()?.to_string()),
+                            m["params"].as_u64()?,
+                        ))
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
         for row in v["rank_table"].as_array().into_iter().flatten() {
             let l = row["layer"].as_u64().unwrap_or(0);

@@ -53,9 +53,13 @@ pub struct MergeReport {
 }
 
 fn read_bytes(file: &mut std::fs::File, g: &GgufFile, name: &str) -> Result<Vec<u8>, AdapterError> {
-    let t = g.tensor(name).ok_or_else(|| AdapterError::Invalid(g.path().into(), format!("no tensor '{name}'")))?;
+    let t = g
+        .tensor(name)
+        .ok_or_else(|| AdapterError::Invalid(g.path().into(), format!("no tensor '{name}'")))?;
     let mut bytes = vec![0u8; t.size as usize];
-    file.seek(SeekFrom::Start(g.data_offset() + t.offset)).and_then(|_| file.read_exact(&mut bytes)).map_err(|e| io(g.path(), e))?;
+    file.seek(SeekFrom::Start(g.data_offset() + t.offset))
+        .and_then(|_| file.read_exact(&mut bytes))
+        .map_err(|e| io(g.path(), e))?;
     Ok(bytes)
 }
 
@@ -80,17 +84,33 @@ fn add_delta(w: &mut [f32], a: &[f32], b: &[f32], rank: usize, d_in: usize, k: f
 
 /// Merges `adapter` at `scale` into the model `base` and writes `out` atomically.
 /// With `convert_all`, every other matrix (2-D tensor) is converted to `ty` as well.
-pub fn merge(base: &Path, adapter: &Adapter, scale: f32, ty: MergeType, convert_all: bool, out: &Path) -> Result<MergeReport, AdapterError> {
+pub fn merge(
+    base: &Path,
+    adapter: &Adapter,
+    scale: f32,
+    ty: MergeType,
+    convert_all: bool,
+    out: &Path,
+) -> Result<MergeReport, AdapterError> {
     if !scale.is_finite() {
-        return Err(AdapterError::Invalid(base.into(), format!("--scale {scale} is not a finite number")));
+        return Err(AdapterError::Invalid(
+            base.into(),
+            format!("--scale {scale} is not a finite number"),
+        ));
     }
     let g = GgufFile::open(base)?;
     adapter.check_fits(&g)?;
     let mut w = GgufWriter::new();
     w.copy_keys_from(base, |_| true)?;
-    w.set_str("grit.merged.adapter", &adapter.source.as_deref().map(|p| p.display().to_string()).unwrap_or_default());
+    w.set_str(
+        "grit.merged.adapter",
+        &adapter.source.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+    );
     if let Some(src) = adapter.source.as_deref().filter(|p| p.is_file()) {
-        w.set_str("grit.merged.adapter_sha256", &crate::fetch::sha256_file(src).map_err(|e| io(src, e))?);
+        w.set_str(
+            "grit.merged.adapter_sha256",
+            &crate::fetch::sha256_file(src).map_err(|e| io(src, e))?,
+        );
     }
     w.set_f32("grit.merged.scale", scale);
     w.set_u32("grit.merged.modules", adapter.modules.len() as u32);
@@ -100,18 +120,32 @@ pub fn merge(base: &Path, adapter: &Adapter, scale: f32, ty: MergeType, convert_
     }
     w.set_str("grit.version", crate::VERSION);
     let mut file = std::fs::File::open(base).map_err(|e| io(base, e))?;
-    let mut rep = MergeReport { merged_tensors: 0, copied_tensors: 0, converted_tensors: 0, merged_types: Default::default(), bytes: 0 };
+    let mut rep = MergeReport {
+        merged_tensors: 0,
+        copied_tensors: 0,
+        converted_tensors: 0,
+        merged_types: Default::default(),
+        bytes: 0,
+    };
     for t in g.tensors() {
         let bytes = read_bytes(&mut file, &g, &t.name)?;
         let Some(m) = adapter.modules.iter().find(|m| m.base == t.name) else {
             let (src, dst) = (Type(t.ggml_type), ty.ggml(Type(t.ggml_type)));
             if convert_all && t.ne[1] > 1 && t.ne[2] <= 1 && src != dst {
                 if !src.can_dequantize() && src != Type::F32 {
-                    return Err(AdapterError::Dtype { path: base.into(), tensor: t.name.clone(), dtype: t.type_name() });
+                    return Err(AdapterError::Dtype {
+                        path: base.into(),
+                        tensor: t.name.clone(),
+                        dtype: t.type_name(),
+                    });
                 }
                 let v = crate::ggml::dequantize(src, &bytes, t.n_elements() as usize)?;
-                let q = crate::ggml::quantize(dst, &v, t.ne[0] as usize)
-                    .map_err(|e| AdapterError::Invalid(base.into(), format!("tensor '{}': {e}; choose another --type", t.name)))?;
+                let q = crate::ggml::quantize(dst, &v, t.ne[0] as usize).map_err(|e| {
+                    AdapterError::Invalid(
+                        base.into(),
+                        format!("tensor '{}': {e}; choose another --type", t.name),
+                    )
+                })?;
                 w.add_tensor(&t.name, dst, &t.ne, q)?;
                 rep.converted_tensors += 1;
                 continue;
@@ -122,14 +156,22 @@ pub fn merge(base: &Path, adapter: &Adapter, scale: f32, ty: MergeType, convert_
         };
         let base_ty = Type(t.ggml_type);
         if !base_ty.can_dequantize() && base_ty != Type::F32 {
-            return Err(AdapterError::Dtype { path: base.into(), tensor: t.name.clone(), dtype: t.type_name() });
+            return Err(AdapterError::Dtype {
+                path: base.into(),
+                tensor: t.name.clone(),
+                dtype: t.type_name(),
+            });
         }
         let n = t.n_elements() as usize;
         let mut wv = crate::ggml::dequantize(base_ty, &bytes, n)?;
         add_delta(&mut wv, &m.a, &m.b, m.rank, m.d_in, scale * m.scale);
         let out_ty = ty.ggml(base_ty);
-        let q = crate::ggml::quantize(out_ty, &wv, m.d_in)
-            .map_err(|e| AdapterError::Invalid(base.into(), format!("tensor '{}' ({}×{}): {e}; choose another --type", t.name, m.d_in, m.d_out)))?;
+        let q = crate::ggml::quantize(out_ty, &wv, m.d_in).map_err(|e| {
+            AdapterError::Invalid(
+                base.into(),
+                format!("tensor '{}' ({}×{}): {e}; choose another --type", t.name, m.d_in, m.d_out),
+            )
+        })?;
         *rep.merged_types.entry(out_ty.name()).or_default() += 1;
         w.add_tensor(&t.name, out_ty, &t.ne, q)?;
         rep.merged_tensors += 1;

@@ -102,7 +102,11 @@ pub struct Provenance {
 
 impl Provenance {
     /// The provenance of an adapter for the base model `base` (name, sha256, size, heads).
-    pub fn for_base(base: &Path, method: &str, hparams: Option<String>) -> Result<Self, AdapterError> {
+    pub fn for_base(
+        base: &Path,
+        method: &str,
+        hparams: Option<String>,
+    ) -> Result<Self, AdapterError> {
         let f = GgufFile::open(base)?;
         let arch = f.architecture()?;
         let sha = base_sha256(base)?;
@@ -176,10 +180,19 @@ const KEY_SCALE_FOLDED: &str = "grit.scale_folded";
 pub fn base_sha256(path: &Path) -> Result<String, AdapterError> {
     let mut stamp = path.as_os_str().to_owned();
     stamp.push(".sha256");
-    if let (Ok(s), Ok(m)) = (std::fs::read_to_string(PathBuf::from(stamp)), std::fs::metadata(path)) {
+    if let (Ok(s), Ok(m)) = (std::fs::read_to_string(PathBuf::from(stamp)), std::fs::metadata(path))
+    {
         let f: Vec<&str> = s.split_whitespace().collect();
-        let mtime = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos().to_string());
-        if f.len() == 3 && f[0].len() == 64 && f[1] == m.len().to_string() && Some(f[2].to_string()) == mtime {
+        let mtime = m
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos().to_string());
+        if f.len() == 3
+            && f[0].len() == 64
+            && f[1] == m.len().to_string()
+            && Some(f[2].to_string()) == mtime
+        {
             return Ok(f[0].to_string());
         }
     }
@@ -249,7 +262,11 @@ impl Adapter {
 
     /// The adapter held by `lora` (values read from its backend buffer), for a base model of
     /// architecture `arch`.
-    pub fn from_lora_set(lora: &LoraSet, arch: &str, provenance: Provenance) -> Result<Self, AdapterError> {
+    pub fn from_lora_set(
+        lora: &LoraSet,
+        arch: &str,
+        provenance: Provenance,
+    ) -> Result<Self, AdapterError> {
         let mut modules = Vec::with_capacity(lora.modules().len());
         for (i, m) in lora.modules().iter().enumerate() {
             modules.push(AdapterModule {
@@ -265,17 +282,31 @@ impl Adapter {
                 dtype: "f32".into(),
             });
         }
-        Ok(Adapter { arch: arch.into(), modules, provenance, source: None, file_alpha: None, scale_folded: false })
+        Ok(Adapter {
+            arch: arch.into(),
+            modules,
+            provenance,
+            source: None,
+            file_alpha: None,
+            scale_folded: false,
+        })
     }
 
     /// A [`LoraSet`] over `weights` holding this adapter (ranks, scales, values), e.g. to run
     /// grit's training graph with it. Shapes are checked against the base.
-    pub fn to_lora_set(&self, weights: &crate::model::Weights, backend: &crate::ggml::Backend) -> Result<LoraSet, AdapterError> {
+    pub fn to_lora_set(
+        &self,
+        weights: &crate::model::Weights,
+        backend: &crate::ggml::Backend,
+    ) -> Result<LoraSet, AdapterError> {
         let path = self.path_or("<adapter>");
         let mut specs = Vec::with_capacity(self.modules.len());
         for m in &self.modules {
             let (Some(layer), Some(target)) = (m.layer, m.target) else {
-                return Err(AdapterError::Invalid(path, format!("'{}' is not a module grit's training graph adapts", m.base)));
+                return Err(AdapterError::Invalid(
+                    path,
+                    format!("'{}' is not a module grit's training graph adapts", m.base),
+                ));
             };
             specs.push((layer, target, m.rank, m.scale));
         }
@@ -285,7 +316,10 @@ impl Adapter {
                 return Err(AdapterError::Shape {
                     path: path.clone(),
                     tensor: m.base.clone(),
-                    msg: format!("adapter is {}×{} (d_in×d_out) but the base tensor is {}×{}", m.d_in, m.d_out, lm.d_in, lm.d_out),
+                    msg: format!(
+                        "adapter is {}×{} (d_in×d_out) but the base tensor is {}×{}",
+                        m.d_in, m.d_out, lm.d_in, lm.d_out
+                    ),
                 });
             }
             set.write_a(i, &m.a)?;
@@ -299,7 +333,12 @@ impl Adapter {
     pub fn check_fits(&self, base: &GgufFile) -> Result<(), AdapterError> {
         let arch = base.architecture()?;
         if arch != self.arch {
-            return Err(AdapterError::Architecture { path: self.path_or("<adapter>"), adapter: self.arch.clone(), base: arch, base_path: base.path().into() });
+            return Err(AdapterError::Architecture {
+                path: self.path_or("<adapter>"),
+                adapter: self.arch.clone(),
+                base: arch,
+                base_path: base.path().into(),
+            });
         }
         let path = self.path_or("<adapter>");
         for m in &self.modules {
@@ -308,11 +347,18 @@ impl Adapter {
                 tensor: m.base.clone(),
                 msg: format!("the base model {} has no such tensor", base.path().display()),
             })?;
-            if t.ne[0] as usize != m.d_in || t.ne[1] as usize != m.d_out || t.ne[2] > 1 || t.ne[3] > 1 {
+            if t.ne[0] as usize != m.d_in
+                || t.ne[1] as usize != m.d_out
+                || t.ne[2] > 1
+                || t.ne[3] > 1
+            {
                 return Err(AdapterError::Shape {
                     path: path.clone(),
                     tensor: m.base.clone(),
-                    msg: format!("adapter is {}×{} (d_in×d_out) but the base tensor is {}×{}", m.d_in, m.d_out, t.ne[0], t.ne[1]),
+                    msg: format!(
+                        "adapter is {}×{} (d_in×d_out) but the base tensor is {}×{}",
+                        m.d_in, m.d_out, t.ne[0], t.ne[1]
+                    ),
                 });
             }
         }
@@ -324,31 +370,53 @@ impl Adapter {
         let f = GgufFile::open(path)?;
         let ty = f.get_str("general.type").unwrap_or_default();
         if ty != "adapter" {
-            return Err(AdapterError::NotAdapter(path.into(), format!("general.type is '{ty}', expected 'adapter'")));
+            return Err(AdapterError::NotAdapter(
+                path.into(),
+                format!("general.type is '{ty}', expected 'adapter'"),
+            ));
         }
         let aty = f.get_str("adapter.type").unwrap_or_default();
         if aty != "lora" {
-            return Err(AdapterError::NotAdapter(path.into(), format!("adapter.type is '{aty}', expected 'lora'")));
+            return Err(AdapterError::NotAdapter(
+                path.into(),
+                format!("adapter.type is '{aty}', expected 'lora'"),
+            ));
         }
         let arch = f.architecture()?;
         let alpha = match f.get("adapter.lora.alpha") {
             None => 0.0,
             Some(crate::gguf::Value::F64(v)) => v as f32,
-            Some(v) => return Err(AdapterError::Invalid(path.into(), format!("adapter.lora.alpha is {v}, expected a float32"))),
+            Some(v) => {
+                return Err(AdapterError::Invalid(
+                    path.into(),
+                    format!("adapter.lora.alpha is {v}, expected a float32"),
+                ))
+            }
         };
         if !alpha.is_finite() {
-            return Err(AdapterError::Invalid(path.into(), format!("adapter.lora.alpha is {alpha}, expected a finite number")));
+            return Err(AdapterError::Invalid(
+                path.into(),
+                format!("adapter.lora.alpha is {alpha}, expected a finite number"),
+            ));
         }
         let mut file = std::fs::File::open(path).map_err(|e| io(path, e))?;
         let data_offset = f.data_offset();
         let mut read = |name: &str| -> Result<(Vec<f32>, String), AdapterError> {
-            let t = f.tensor(name).ok_or_else(|| AdapterError::Invalid(path.into(), format!("no tensor '{name}'")))?;
+            let t = f
+                .tensor(name)
+                .ok_or_else(|| AdapterError::Invalid(path.into(), format!("no tensor '{name}'")))?;
             let ty = Type(t.ggml_type);
             if ![Type::F32, Type::F16, Type::BF16, Type::Q8_0].contains(&ty) {
-                return Err(AdapterError::Dtype { path: path.into(), tensor: name.into(), dtype: t.type_name() });
+                return Err(AdapterError::Dtype {
+                    path: path.into(),
+                    tensor: name.into(),
+                    dtype: t.type_name(),
+                });
             }
             let mut bytes = vec![0u8; t.size as usize];
-            file.seek(SeekFrom::Start(data_offset + t.offset)).and_then(|_| file.read_exact(&mut bytes)).map_err(|e| io(path, e))?;
+            file.seek(SeekFrom::Start(data_offset + t.offset))
+                .and_then(|_| file.read_exact(&mut bytes))
+                .map_err(|e| io(path, e))?;
             let n = t.n_elements() as usize;
             let bytes = &bytes[..ty.row_size(n).unwrap_or(bytes.len()).min(bytes.len())];
             Ok((crate::ggml::dequantize(ty, bytes, n)?, t.type_name()))
@@ -358,16 +426,27 @@ impl Adapter {
         for name in &names {
             if let Some(base) = name.strip_suffix(".lora_b") {
                 if !names.iter().any(|n| n == &format!("{base}.lora_a")) {
-                    return Err(AdapterError::MissingHalf { path: path.into(), tensor: base.into(), missing: "lora_a" });
+                    return Err(AdapterError::MissingHalf {
+                        path: path.into(),
+                        tensor: base.into(),
+                        missing: "lora_a",
+                    });
                 }
                 continue;
             }
             let Some(base) = name.strip_suffix(".lora_a") else {
-                return Err(AdapterError::Invalid(path.into(), format!("tensor '{name}' is neither a .lora_a nor a .lora_b")));
+                return Err(AdapterError::Invalid(
+                    path.into(),
+                    format!("tensor '{name}' is neither a .lora_a nor a .lora_b"),
+                ));
             };
             let bname = format!("{base}.lora_b");
             if !names.contains(&bname) {
-                return Err(AdapterError::MissingHalf { path: path.into(), tensor: base.into(), missing: "lora_b" });
+                return Err(AdapterError::MissingHalf {
+                    path: path.into(),
+                    tensor: base.into(),
+                    missing: "lora_b",
+                });
             }
             // Shapes first, from the tensor infos: nothing is read from a file whose tensors
             // do not form a [d_in, r]·[r, d_out] pair.
@@ -377,7 +456,11 @@ impl Adapter {
                 return Err(AdapterError::Shape {
                     path: path.into(),
                     tensor: base.into(),
-                    msg: format!("lora_a {:?} and lora_b {:?} do not form a [d_in, r]·[r, d_out] pair", &ane[..2], &bne[..2]),
+                    msg: format!(
+                        "lora_a {:?} and lora_b {:?} do not form a [d_in, r]·[r, d_out] pair",
+                        &ane[..2],
+                        &bne[..2]
+                    ),
                 });
             }
             let rank = ane[1] as usize;
@@ -390,7 +473,8 @@ impl Adapter {
             }
             let (a, adt) = read(name)?;
             let (b, bdt) = read(&bname)?;
-            let (layer, target) = parse_base_name(base).map_or((None, None), |(l, t)| (Some(l), Some(t)));
+            let (layer, target) =
+                parse_base_name(base).map_or((None, None), |(l, t)| (Some(l), Some(t)));
             modules.push(AdapterModule {
                 base: base.into(),
                 layer,
@@ -406,14 +490,24 @@ impl Adapter {
             });
         }
         if modules.is_empty() {
-            return Err(AdapterError::NotAdapter(path.into(), "it holds no .lora_a/.lora_b tensors".into()));
+            return Err(AdapterError::NotAdapter(
+                path.into(),
+                "it holds no .lora_a/.lora_b tensors".into(),
+            ));
         }
         let provenance = Provenance::from_pairs(|k| match f.get(k)? {
             crate::gguf::Value::Str(s) => Some(s),
             v => Some(v.to_string()),
         });
         let scale_folded = matches!(f.get(KEY_SCALE_FOLDED), Some(crate::gguf::Value::Bool(true)));
-        let adapter = Adapter { arch, modules, provenance, source: Some(path.into()), file_alpha: Some(alpha), scale_folded };
+        let adapter = Adapter {
+            arch,
+            modules,
+            provenance,
+            source: Some(path.into()),
+            file_alpha: Some(alpha),
+            scale_folded,
+        };
         adapter.check_values()?;
         Ok(adapter)
     }
@@ -424,11 +518,17 @@ impl Adapter {
         let path = self.path_or("<adapter>");
         for m in &self.modules {
             if !m.scale.is_finite() {
-                return Err(AdapterError::Invalid(path, format!("'{}' has scale {} (alpha/r); it must be finite", m.base, m.scale)));
+                return Err(AdapterError::Invalid(
+                    path,
+                    format!("'{}' has scale {} (alpha/r); it must be finite", m.base, m.scale),
+                ));
             }
             for (half, values) in [("lora_a", &m.a), ("lora_b", &m.b)] {
                 if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-                    let what = format!("'{}' {half} holds {} at element {i}; an adapter's values must be finite", m.base, values[i]);
+                    let what = format!(
+                        "'{}' {half} holds {} at element {i}; an adapter's values must be finite",
+                        m.base, values[i]
+                    );
                     return Err(AdapterError::Invalid(path, what));
                 }
             }
@@ -441,7 +541,10 @@ impl Adapter {
     pub fn uniform_alpha(&self) -> Option<f32> {
         let first = self.modules.first()?;
         let alpha = first.scale * first.rank as f32;
-        (alpha != 0.0 && alpha.is_finite() && self.modules.iter().all(|m| alpha / m.rank as f32 == m.scale)).then_some(alpha)
+        (alpha != 0.0
+            && alpha.is_finite()
+            && self.modules.iter().all(|m| alpha / m.rank as f32 == m.scale))
+        .then_some(alpha)
     }
 
     /// Writes the adapter in llama.cpp's GGUF LoRA format, atomically (temporary sibling,
@@ -452,7 +555,14 @@ impl Adapter {
                 return Err(AdapterError::Shape {
                     path: path.into(),
                     tensor: m.base.clone(),
-                    msg: format!("A holds {} and B {} values for rank {} and {}×{}", m.a.len(), m.b.len(), m.rank, m.d_in, m.d_out),
+                    msg: format!(
+                        "A holds {} and B {} values for rank {} and {}×{}",
+                        m.a.len(),
+                        m.b.len(),
+                        m.rank,
+                        m.d_in,
+                        m.d_out
+                    ),
                 });
             }
         }
@@ -479,10 +589,21 @@ impl Adapter {
             AdapterDtype::Q8_0 => Type::F16,
         };
         for m in &self.modules {
-            let b: Vec<f32> = if fold { m.b.iter().map(|x| x * m.scale).collect() } else { m.b.clone() };
+            let b: Vec<f32> =
+                if fold { m.b.iter().map(|x| x * m.scale).collect() } else { m.b.clone() };
             let (ta, tb) = (ty(m.d_in), ty(m.rank));
-            w.add_tensor(&format!("{}.lora_a", m.base), ta, &[m.d_in as i64, m.rank as i64], crate::ggml::quantize(ta, &m.a, m.d_in)?)?;
-            w.add_tensor(&format!("{}.lora_b", m.base), tb, &[m.rank as i64, m.d_out as i64], crate::ggml::quantize(tb, &b, m.rank)?)?;
+            w.add_tensor(
+                &format!("{}.lora_a", m.base),
+                ta,
+                &[m.d_in as i64, m.rank as i64],
+                crate::ggml::quantize(ta, &m.a, m.d_in)?,
+            )?;
+            w.add_tensor(
+                &format!("{}.lora_b", m.base),
+                tb,
+                &[m.rank as i64, m.d_out as i64],
+                crate::ggml::quantize(tb, &b, m.rank)?,
+            )?;
         }
         Ok(w.write_atomic(path)?)
     }
@@ -521,7 +642,11 @@ pub fn gguf_provenance(path: &Path) -> Result<Provenance, AdapterError> {
 /// Compares an adapter's provenance `p` (of the adapter at `adapter_path`) with the base
 /// model `base` it is being applied to. Returns the differences as one message (None when
 /// they agree or the adapter records nothing).
-pub fn check_base(p: &Provenance, adapter_path: &Path, base: &Path) -> Result<Option<String>, AdapterError> {
+pub fn check_base(
+    p: &Provenance,
+    adapter_path: &Path,
+    base: &Path,
+) -> Result<Option<String>, AdapterError> {
     if p.base_name.is_none() && p.base_sha256.is_none() {
         return Ok(None);
     }
@@ -530,18 +655,31 @@ pub fn check_base(p: &Provenance, adapter_path: &Path, base: &Path) -> Result<Op
     let name = f.get_str("general.name").ok();
     if let Some(want) = &p.base_name {
         if name.as_deref() != Some(want.as_str()) {
-            diffs.push(format!("name '{}' (adapter trained on '{want}')", name.as_deref().unwrap_or("<none>")));
+            diffs.push(format!(
+                "name '{}' (adapter trained on '{want}')",
+                name.as_deref().unwrap_or("<none>")
+            ));
         }
     }
     if let Some(want) = &p.base_sha256 {
         let size_differs = p.base_size.is_some_and(|s| s != f.file_len());
         let got = if size_differs { None } else { Some(base_sha256(base)?) };
         if got.as_deref() != Some(want.as_str()) {
-            diffs.push(format!("sha256 {} (adapter trained on {})", got.as_deref().map(short).unwrap_or("differs (other file size)"), short(want)));
+            diffs.push(format!(
+                "sha256 {} (adapter trained on {})",
+                got.as_deref().map(short).unwrap_or("differs (other file size)"),
+                short(want)
+            ));
         }
     }
-    Ok((!diffs.is_empty())
-        .then(|| format!("{a}: adapter made for another base model: {b} has {d}", a = adapter_path.display(), b = base.display(), d = diffs.join(", "))))
+    Ok((!diffs.is_empty()).then(|| {
+        format!(
+            "{a}: adapter made for another base model: {b} has {d}",
+            a = adapter_path.display(),
+            b = base.display(),
+            d = diffs.join(", ")
+        )
+    }))
 }
 
 /// What to do with an adapter whose recorded base model differs from the model it is applied
@@ -557,7 +695,12 @@ pub enum BaseMismatch {
 /// [`check_base`] under a policy: `Ok(None)` when the adapter's recorded base agrees with
 /// `base` (or it records none), `Ok(Some(warning))` for the caller to report, and
 /// [`AdapterError::OtherBase`] when the policy refuses. Every command and the server use this.
-pub fn check_provenance(p: &Provenance, adapter_path: &Path, base: &Path, policy: BaseMismatch) -> Result<Option<String>, AdapterError> {
+pub fn check_provenance(
+    p: &Provenance,
+    adapter_path: &Path,
+    base: &Path,
+    policy: BaseMismatch,
+) -> Result<Option<String>, AdapterError> {
     match (check_base(p, adapter_path, base)?, policy) {
         (Some(msg), BaseMismatch::Refuse) => Err(AdapterError::OtherBase(msg)),
         (other, _) => Ok(other),
@@ -566,7 +709,11 @@ pub fn check_provenance(p: &Provenance, adapter_path: &Path, base: &Path, policy
 
 /// [`validate_for_base`], then [`check_provenance`] under `policy`: the validated adapter and
 /// a warning to report, if any (what `grit serve` does with each adapter it loads).
-pub fn validate_with_provenance(path: &Path, base: &Path, policy: BaseMismatch) -> Result<(Adapter, Option<String>), AdapterError> {
+pub fn validate_with_provenance(
+    path: &Path,
+    base: &Path,
+    policy: BaseMismatch,
+) -> Result<(Adapter, Option<String>), AdapterError> {
     let adapter = validate_for_base(path, base)?;
     let warning = check_provenance(&adapter.provenance, path, base, policy)?;
     Ok((adapter, warning))
@@ -599,7 +746,14 @@ mod tests {
                 dtype: "f32".into(),
             });
         }
-        Adapter { arch: "llama".into(), modules, provenance: Provenance::default(), source: None, file_alpha: None, scale_folded: false }
+        Adapter {
+            arch: "llama".into(),
+            modules,
+            provenance: Provenance::default(),
+            source: None,
+            file_alpha: None,
+            scale_folded: false,
+        }
     }
 
     #[test]
@@ -644,7 +798,12 @@ mod tests {
         a.write_gguf(&p16, AdapterDtype::F16).unwrap();
         let c = Adapter::read_gguf(&p16).unwrap();
         assert_eq!(c.modules[0].dtype, "f16");
-        let err = a.modules[0].a.iter().zip(&c.modules[0].a).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let err = a.modules[0]
+            .a
+            .iter()
+            .zip(&c.modules[0].a)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
         assert!(err < 1e-3 && err > 0.0, "{err}");
     }
 
@@ -667,7 +826,13 @@ mod tests {
         w.set_str("general.architecture", "llama");
         w.set_str("general.type", "adapter");
         w.set_str("adapter.type", "lora");
-        w.add_tensor("blk.0.attn_q.weight.lora_a", Type::Q4_0, &[32, 2], crate::ggml::quantize(Type::Q4_0, &[0.5; 64], 32).unwrap()).unwrap();
+        w.add_tensor(
+            "blk.0.attn_q.weight.lora_a",
+            Type::Q4_0,
+            &[32, 2],
+            crate::ggml::quantize(Type::Q4_0, &[0.5; 64], 32).unwrap(),
+        )
+        .unwrap();
         w.add_f32("blk.0.attn_q.weight.lora_b", &[2, 4], &[0.0; 8]).unwrap();
         w.write(&p).unwrap();
         let e = Adapter::read_gguf(&p).unwrap_err().to_string();

@@ -50,12 +50,20 @@ fn permutes_qk(arch: &str, path: &Path) -> Result<bool, AdapterError> {
     match arch {
         "llama" => Ok(true),
         "qwen2" => Ok(false),
-        other => Err(AdapterError::Invalid(path.into(), format!("PEFT conversion supports the llama and qwen2 architectures, not '{other}'"))),
+        other => Err(AdapterError::Invalid(
+            path.into(),
+            format!("PEFT conversion supports the llama and qwen2 architectures, not '{other}'"),
+        )),
     }
 }
 
 /// Heads to permute B's rows over, for a module of `target` (None: no permutation).
-fn perm_heads(arch: &str, target: Option<Target>, prov: &Provenance, path: &Path) -> Result<Option<usize>, AdapterError> {
+fn perm_heads(
+    arch: &str,
+    target: Option<Target>,
+    prov: &Provenance,
+    path: &Path,
+) -> Result<Option<usize>, AdapterError> {
     if !permutes_qk(arch, path)? {
         return Ok(None);
     }
@@ -74,7 +82,14 @@ fn perm_heads(arch: &str, target: Option<Target>, prov: &Provenance, path: &Path
 
 /// Permutes the `d_out` rows (each `row` values long) of `b` from HF order to GGUF order
 /// (`to_gguf`) or back, over `n_head` heads.
-pub fn permute_rows(b: &[f32], row: usize, n_head: usize, to_gguf: bool, what: &str, path: &Path) -> Result<Vec<f32>, AdapterError> {
+pub fn permute_rows(
+    b: &[f32],
+    row: usize,
+    n_head: usize,
+    to_gguf: bool,
+    what: &str,
+    path: &Path,
+) -> Result<Vec<f32>, AdapterError> {
     let d_out = b.len() / row.max(1);
     if n_head == 0 || !d_out.is_multiple_of(n_head) || !(d_out / n_head).is_multiple_of(2) {
         return Err(AdapterError::Shape {
@@ -122,23 +137,37 @@ pub fn write_peft(adapter: &Adapter, dir: &Path) -> Result<(), AdapterError> {
     let mut alpha_of = BTreeMap::new();
     for m in &adapter.modules {
         let (Some(layer), Some(target)) = (m.layer, m.target) else {
-            return Err(AdapterError::Invalid(src.clone(), format!("'{}' has no Hugging Face PEFT module name grit knows", m.base)));
+            return Err(AdapterError::Invalid(
+                src.clone(),
+                format!("'{}' has no Hugging Face PEFT module name grit knows", m.base),
+            ));
         };
         let name = hf_name(layer, target);
         let b = match perm_heads(&adapter.arch, Some(target), &adapter.provenance, &src)? {
             Some(n) => permute_rows(&m.b, m.rank, n, false, &m.base, &src)?,
             None => m.b.clone(),
         };
-        tensors.push((format!("base_model.model.{name}.lora_A.weight"), vec![m.rank, m.d_in], f32_bytes(&m.a)));
-        tensors.push((format!("base_model.model.{name}.lora_B.weight"), vec![m.d_out, m.rank], f32_bytes(&b)));
+        tensors.push((
+            format!("base_model.model.{name}.lora_A.weight"),
+            vec![m.rank, m.d_in],
+            f32_bytes(&m.a),
+        ));
+        tensors.push((
+            format!("base_model.model.{name}.lora_B.weight"),
+            vec![m.d_out, m.rank],
+            f32_bytes(&b),
+        ));
         rank_of.insert(name.clone(), m.rank);
         // alpha_t = s_t·r_t exactly in f64 (an f32 times a small integer), so alpha/r = s_t.
         alpha_of.insert(name, m.scale as f64 * m.rank as f64);
     }
     let r = mode(rank_of.values().copied()).unwrap_or(8);
-    let alpha = mode(alpha_of.values().map(|a| a.to_bits())).map(f64::from_bits).unwrap_or(r as f64);
-    let rank_pattern: BTreeMap<&String, usize> = rank_of.iter().filter(|(_, &x)| x != r).map(|(k, &x)| (k, x)).collect();
-    let alpha_pattern: BTreeMap<&String, f64> = alpha_of.iter().filter(|(_, &x)| x != alpha).map(|(k, &x)| (k, x)).collect();
+    let alpha =
+        mode(alpha_of.values().map(|a| a.to_bits())).map(f64::from_bits).unwrap_or(r as f64);
+    let rank_pattern: BTreeMap<&String, usize> =
+        rank_of.iter().filter(|(_, &x)| x != r).map(|(k, &x)| (k, x)).collect();
+    let alpha_pattern: BTreeMap<&String, f64> =
+        alpha_of.iter().filter(|(_, &x)| x != alpha).map(|(k, &x)| (k, x)).collect();
     let p = &adapter.provenance;
     let config = json!({
         "peft_type": "LORA",
@@ -173,7 +202,8 @@ pub fn write_peft(adapter: &Adapter, dir: &Path) -> Result<(), AdapterError> {
     }
     let mut views = Vec::with_capacity(tensors.len());
     for (name, shape, bytes) in &tensors {
-        let v = TensorView::new(Dtype::F32, shape.clone(), bytes).map_err(|e| io(dir, format!("tensor {name}: {e}")))?;
+        let v = TensorView::new(Dtype::F32, shape.clone(), bytes)
+            .map_err(|e| io(dir, format!("tensor {name}: {e}")))?;
         views.push((name.clone(), v));
     }
     let bytes = safetensors::serialize(views, &Some(meta)).map_err(|e| io(dir, e))?;
@@ -190,7 +220,9 @@ pub fn write_peft(adapter: &Adapter, dir: &Path) -> Result<(), AdapterError> {
 /// it (keys are taken literally).
 fn pattern<'a>(pat: Option<&'a serde_json::Map<String, Value>>, module: &str) -> Option<&'a Value> {
     let pat = pat?;
-    pat.iter().find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}"))).map(|(_, v)| v)
+    pat.iter()
+        .find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}")))
+        .map(|(_, v)| v)
 }
 
 /// Splits `base_model.model.model.layers.N.self_attn.q_proj.lora_A[.adapter].weight` into
@@ -211,13 +243,29 @@ fn parse_peft_name(name: &str) -> Option<(String, usize, Target, bool)> {
     Some((module, layer, target, is_a))
 }
 
-fn to_f32(view: &safetensors::tensor::TensorView<'_>, name: &str, path: &Path) -> Result<Vec<f32>, AdapterError> {
+fn to_f32(
+    view: &safetensors::tensor::TensorView<'_>,
+    name: &str,
+    path: &Path,
+) -> Result<Vec<f32>, AdapterError> {
     let d = view.data();
     Ok(match view.dtype() {
-        Dtype::F32 => d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        Dtype::F16 => d.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        Dtype::BF16 => d.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        other => return Err(AdapterError::Dtype { path: path.into(), tensor: name.into(), dtype: format!("{other:?}") }),
+        Dtype::F32 => {
+            d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+        }
+        Dtype::F16 => {
+            d.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+        }
+        Dtype::BF16 => {
+            d.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+        }
+        other => {
+            return Err(AdapterError::Dtype {
+                path: path.into(),
+                tensor: name.into(),
+                dtype: format!("{other:?}"),
+            })
+        }
     })
 }
 
@@ -240,13 +288,19 @@ pub fn read_peft(dir: &Path, base: Option<&Path>) -> Result<Adapter, AdapterErro
         if !p.is_file() {
             return Err(AdapterError::NotAdapter(
                 dir.into(),
-                format!("no {} (a PEFT folder holds {CONFIG} and {WEIGHTS})", p.file_name().unwrap_or_default().to_string_lossy()),
+                format!(
+                    "no {} (a PEFT folder holds {CONFIG} and {WEIGHTS})",
+                    p.file_name().unwrap_or_default().to_string_lossy()
+                ),
             ));
         }
     }
     let text = std::fs::read_to_string(&cpath).map_err(|e| io(&cpath, e))?;
-    let cfg: Value = serde_json::from_str(&text).map_err(|e| AdapterError::Invalid(cpath.clone(), format!("not JSON: {e}")))?;
-    let bad = |field: &str, why: String| AdapterError::Invalid(cpath.clone(), format!("field '{field}': {why}"));
+    let cfg: Value = serde_json::from_str(&text)
+        .map_err(|e| AdapterError::Invalid(cpath.clone(), format!("not JSON: {e}")))?;
+    let bad = |field: &str, why: String| {
+        AdapterError::Invalid(cpath.clone(), format!("field '{field}': {why}"))
+    };
     if let Some(t) = cfg.get("peft_type").and_then(Value::as_str) {
         if t != "LORA" {
             return Err(bad("peft_type", format!("'{t}' is not LORA")));
@@ -261,15 +315,26 @@ pub fn read_peft(dir: &Path, base: Option<&Path>) -> Result<Adapter, AdapterErro
             return Err(bad(field, "not supported by llama.cpp's LoRA format (grit needs fan_in_fan_out false, use_dora false, bias \"none\")".into()));
         }
     }
-    let r_default = cfg.get("r").and_then(Value::as_u64).ok_or_else(|| bad("r", "missing or not a positive integer".into()))? as usize;
-    let alpha_default = cfg.get("lora_alpha").and_then(Value::as_f64).ok_or_else(|| bad("lora_alpha", "missing or not a number".into()))?;
+    let r_default =
+        cfg.get("r")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| bad("r", "missing or not a positive integer".into()))? as usize;
+    let alpha_default = cfg
+        .get("lora_alpha")
+        .and_then(Value::as_f64)
+        .ok_or_else(|| bad("lora_alpha", "missing or not a number".into()))?;
     let rslora = cfg.get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
     let rank_pattern = cfg.get("rank_pattern").and_then(Value::as_object);
     let alpha_pattern = cfg.get("alpha_pattern").and_then(Value::as_object);
 
     let raw = std::fs::read(&wpath).map_err(|e| io(&wpath, e))?;
-    let st = safetensors::SafeTensors::deserialize(&raw).map_err(|e| AdapterError::Invalid(wpath.clone(), format!("not a safetensors file: {e}")))?;
-    let meta = safetensors::SafeTensors::read_metadata(&raw).ok().and_then(|(_, m)| m.metadata().clone()).unwrap_or_default();
+    let st = safetensors::SafeTensors::deserialize(&raw).map_err(|e| {
+        AdapterError::Invalid(wpath.clone(), format!("not a safetensors file: {e}"))
+    })?;
+    let meta = safetensors::SafeTensors::read_metadata(&raw)
+        .ok()
+        .and_then(|(_, m)| m.metadata().clone())
+        .unwrap_or_default();
     let mut provenance = Provenance::from_pairs(|k| meta.get(k).cloned());
     let mut arch = meta.get(KEY_ARCH).cloned();
     let base_file = match base {
@@ -278,13 +343,22 @@ pub fn read_peft(dir: &Path, base: Option<&Path>) -> Result<Adapter, AdapterErro
             let base_arch = f.architecture()?;
             if let Some(a) = &arch {
                 if *a != base_arch {
-                    return Err(AdapterError::Architecture { path: dir.into(), adapter: a.clone(), base: base_arch, base_path: b.into() });
+                    return Err(AdapterError::Architecture {
+                        path: dir.into(),
+                        adapter: a.clone(),
+                        base: base_arch,
+                        base_path: b.into(),
+                    });
                 }
             }
             arch = Some(base_arch);
             let method = provenance.method.clone().unwrap_or_else(|| "peft".into());
             let hp = provenance.hparams.clone().or_else(|| Some(text.clone()));
-            provenance = Provenance { method: Some(method), hparams: hp, ..Provenance::for_base(b, "peft", None)? };
+            provenance = Provenance {
+                method: Some(method),
+                hparams: hp,
+                ..Provenance::for_base(b, "peft", None)?
+            };
             Some(f)
         }
         None => None,
@@ -297,7 +371,8 @@ pub fn read_peft(dir: &Path, base: Option<&Path>) -> Result<Adapter, AdapterErro
     }
 
     // Pair the halves.
-    let mut halves: BTreeMap<(usize, Target), (String, Option<String>, Option<String>)> = BTreeMap::new();
+    let mut halves: BTreeMap<(usize, Target), (String, Option<String>, Option<String>)> =
+        BTreeMap::new();
     for name in st.names() {
         let (module, layer, target, is_a) = parse_peft_name(name).ok_or_else(|| {
             AdapterError::Invalid(
@@ -317,20 +392,35 @@ pub fn read_peft(dir: &Path, base: Option<&Path>) -> Result<Adapter, AdapterErro
     }
     let mut modules = Vec::new();
     for ((layer, target), (module, a_name, b_name)) in halves {
-        let a_name = a_name.ok_or_else(|| AdapterError::MissingHalf { path: wpath.clone(), tensor: module.clone(), missing: "lora_A" })?;
-        let b_name = b_name.ok_or_else(|| AdapterError::MissingHalf { path: wpath.clone(), tensor: module.clone(), missing: "lora_B" })?;
-        let get = |n: &str| st.tensor(n).map_err(|e| AdapterError::Invalid(wpath.clone(), format!("tensor '{n}': {e}")));
+        let a_name = a_name.ok_or_else(|| AdapterError::MissingHalf {
+            path: wpath.clone(),
+            tensor: module.clone(),
+            missing: "lora_A",
+        })?;
+        let b_name = b_name.ok_or_else(|| AdapterError::MissingHalf {
+            path: wpath.clone(),
+            tensor: module.clone(),
+            missing: "lora_B",
+        })?;
+        let get = |n: &str| {
+            st.tensor(n)
+                .map_err(|e| AdapterError::Invalid(wpath.clone(), format!("tensor '{n}': {e}")))
+        };
         let (av, bv) = (get(&a_name)?, get(&b_name)?);
         let (ash, bsh) = (av.shape().to_vec(), bv.shape().to_vec());
         if ash.len() != 2 || bsh.len() != 2 || ash[0] != bsh[1] || ash[0] == 0 {
             return Err(AdapterError::Shape {
                 path: wpath.clone(),
                 tensor: module.clone(),
-                msg: format!("lora_A {ash:?} and lora_B {bsh:?} do not form an [r, d_in]·[d_out, r] pair"),
+                msg: format!(
+                    "lora_A {ash:?} and lora_B {bsh:?} do not form an [r, d_in]·[d_out, r] pair"
+                ),
             });
         }
         let rank = ash[0];
-        let r_cfg = pattern(rank_pattern, &module).and_then(Value::as_u64).map_or(r_default, |v| v as usize);
+        let r_cfg = pattern(rank_pattern, &module)
+            .and_then(Value::as_u64)
+            .map_or(r_default, |v| v as usize);
         if r_cfg != rank {
             return Err(AdapterError::Shape {
                 path: wpath.clone(),
@@ -338,7 +428,8 @@ pub fn read_peft(dir: &Path, base: Option<&Path>) -> Result<Adapter, AdapterErro
                 msg: format!("the tensors have rank {rank} but {CONFIG} gives r = {r_cfg}"),
             });
         }
-        let alpha = pattern(alpha_pattern, &module).and_then(Value::as_f64).unwrap_or(alpha_default);
+        let alpha =
+            pattern(alpha_pattern, &module).and_then(Value::as_f64).unwrap_or(alpha_default);
         let scale = if rslora { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 } as f32;
         let base_name = format!("blk.{layer}.{}.weight", target.name());
         debug_assert_eq!(parse_base_name(&base_name), Some((layer, target)));
@@ -363,7 +454,14 @@ pub fn read_peft(dir: &Path, base: Option<&Path>) -> Result<Adapter, AdapterErro
     // GGUF order: by layer, then target.
     modules.sort_by_key(|m| (m.layer, m.target));
     let scale_folded = meta.get(super::KEY_SCALE_FOLDED).is_some_and(|v| v == "true");
-    let adapter = Adapter { arch, modules, provenance, source: Some(dir.into()), file_alpha: None, scale_folded };
+    let adapter = Adapter {
+        arch,
+        modules,
+        provenance,
+        source: Some(dir.into()),
+        file_alpha: None,
+        scale_folded,
+    };
     adapter.check_values()?;
     if let Some(f) = &base_file {
         adapter.check_fits(f)?;
@@ -398,9 +496,17 @@ mod tests {
 
     #[test]
     fn peft_names() {
-        let (m, l, t, a) = parse_peft_name("base_model.model.model.layers.12.mlp.down_proj.lora_B.weight").unwrap();
-        assert_eq!((m.as_str(), l, t, a), ("model.layers.12.mlp.down_proj", 12, Target::FfnDown, false));
-        let (_, _, t, a) = parse_peft_name("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight").unwrap();
+        let (m, l, t, a) =
+            parse_peft_name("base_model.model.model.layers.12.mlp.down_proj.lora_B.weight")
+                .unwrap();
+        assert_eq!(
+            (m.as_str(), l, t, a),
+            ("model.layers.12.mlp.down_proj", 12, Target::FfnDown, false)
+        );
+        let (_, _, t, a) = parse_peft_name(
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight",
+        )
+        .unwrap();
         assert_eq!((t, a), (Target::AttnQ, true));
         assert!(parse_peft_name("base_model.model.lm_head.lora_A.weight").is_none());
     }

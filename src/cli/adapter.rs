@@ -95,7 +95,12 @@ fn refuse_existing(out: &std::path::Path, overwrite: bool) -> Result<()> {
 }
 
 /// Warns (or fails with `strict`) when the adapter's recorded base differs from `base`.
-pub fn provenance_check(p: &adapter::Provenance, adapter_path: &std::path::Path, base: &std::path::Path, strict: bool) -> Result<()> {
+pub fn provenance_check(
+    p: &adapter::Provenance,
+    adapter_path: &std::path::Path,
+    base: &std::path::Path,
+    strict: bool,
+) -> Result<()> {
     match adapter::check_provenance(p, adapter_path, base, base_mismatch(strict)) {
         Ok(Some(msg)) => eprintln!("grit: warning: {msg}"),
         Ok(None) => {}
@@ -147,7 +152,13 @@ pub fn export(a: ExportArgs) -> Result<()> {
         Format::Gguf => ad.write_gguf(&a.output, a.dtype)?,
     }
     let ranks: std::collections::BTreeSet<usize> = ad.modules.iter().map(|m| m.rank).collect();
-    eprintln!("grit: wrote {} ({} modules, {} parameters, ranks {:?})", a.output.display(), ad.modules.len(), ad.n_params(), ranks);
+    eprintln!(
+        "grit: wrote {} ({} modules, {} parameters, ranks {:?})",
+        a.output.display(),
+        ad.modules.len(),
+        ad.n_params(),
+        ranks
+    );
     Ok(())
 }
 
@@ -158,16 +169,25 @@ pub fn merge(a: MergeArgs) -> Result<()> {
     };
     refuse_existing(&a.out, a.overwrite)?;
     if a.out.canonicalize().ok().is_some_and(|o| base.canonicalize().ok() == Some(o)) {
-        bail!("{}: --out is the base model itself; write the merged model elsewhere", a.out.display());
+        bail!(
+            "{}: --out is the base model itself; write the merged model elsewhere",
+            a.out.display()
+        );
     }
     let ad = adapter::load_any(&a.adapter, Some(&base))?;
     provenance_check(&ad.provenance, &a.adapter, &base, a.strict)?;
     let t0 = std::time::Instant::now();
     let rep = adapter::merge::merge(&base, &ad, a.scale, a.ty, a.convert_all, &a.out)?;
     if a.json {
-        println!("{}", serde_json::to_string(&serde_json::json!({"out": a.out, "report": rep, "seconds": t0.elapsed().as_secs_f64()}))?);
+        println!(
+            "{}",
+            serde_json::to_string(
+                &serde_json::json!({"out": a.out, "report": rep, "seconds": t0.elapsed().as_secs_f64()})
+            )?
+        );
     } else {
-        let types: Vec<String> = rep.merged_types.iter().map(|(k, n)| format!("{k} ×{n}")).collect();
+        let types: Vec<String> =
+            rep.merged_types.iter().map(|(k, n)| format!("{k} ×{n}")).collect();
         println!(
             "{}: merged {} tensors ({}), converted {}, copied {}, {:.1} MiB, {:.1} s",
             a.out.display(),

@@ -160,10 +160,21 @@ pub fn table(rep: &EvalReport) -> String {
             c.push(r.train_tokens.map(|s| s.to_string()).unwrap_or_else(|| "0".into()));
         }
         if has_data {
-            c.extend([r.tokens.to_string(), opt(r.loss, 4), opt(r.perplexity, 3), opt(r.perplexity_change, 3), opt(r.kl, 4)]);
+            c.extend([
+                r.tokens.to_string(),
+                opt(r.loss, 4),
+                opt(r.perplexity, 3),
+                opt(r.perplexity_change, 3),
+                opt(r.kl, 4),
+            ]);
         }
         if has_general {
-            c.extend([opt(r.general_loss, 4), opt(r.general_perplexity, 3), opt(r.general_perplexity_change, 3), opt(r.general_kl, 4)]);
+            c.extend([
+                opt(r.general_loss, 4),
+                opt(r.general_perplexity, 3),
+                opt(r.general_perplexity_change, 3),
+                opt(r.general_kl, 4),
+            ]);
         }
         if has_acc {
             match &r.accuracy {
@@ -176,7 +187,11 @@ pub fn table(rep: &EvalReport) -> String {
                         }
                     };
                     c.extend([g(a.exact), g(a.normalized), g(a.contains)]);
-                    c.push(if a.choice_n > 0 { format!("{:.1}%", 100.0 * a.choice) } else { "-".into() });
+                    c.push(if a.choice_n > 0 {
+                        format!("{:.1}%", 100.0 * a.choice)
+                    } else {
+                        "-".into()
+                    });
                 }
                 None => c.extend(["-".into(), "-".into(), "-".into(), "-".into()]),
             }
@@ -189,7 +204,8 @@ pub fn table(rep: &EvalReport) -> String {
         cells.push(c);
     }
     let ncol = cells[0].len();
-    let widths: Vec<usize> = (0..ncol).map(|j| cells.iter().map(|r| r[j].chars().count()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> =
+        (0..ncol).map(|j| cells.iter().map(|r| r[j].chars().count()).max().unwrap_or(0)).collect();
     let mut out = String::new();
     for (i, r) in cells.iter().enumerate() {
         let line: Vec<String> = r

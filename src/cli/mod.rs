@@ -81,7 +81,10 @@ impl ModelArgs {
     }
     pub fn load(&self) -> Result<Model> {
         let path = self.resolve()?;
-        let model = Model::load(&path, &LoadOptions { n_gpu_layers: self.gpu_layers, device: self.device })?;
+        let model = Model::load(
+            &path,
+            &LoadOptions { n_gpu_layers: self.gpu_layers, device: self.device },
+        )?;
         eprintln!("grit: device {}", model.device_label());
         Ok(model)
     }
@@ -259,8 +262,16 @@ fn train_cmd(a: train::TrainArgs) -> Result<()> {
     let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = cancel.clone();
     let _ = ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst));
-    let opts =
-        RunOptions { out, overwrite: a.overwrite, resume, dry_run: a.dry_run, stop_after, dump_tokens: a.dump_tokens.clone(), profile: a.profile, cancel };
+    let opts = RunOptions {
+        out,
+        overwrite: a.overwrite,
+        resume,
+        dry_run: a.dry_run,
+        stop_after,
+        dump_tokens: a.dump_tokens.clone(),
+        profile: a.profile,
+        cancel,
+    };
     match crate::train::run::train(cfg, opts)? {
         Outcome::Trained(s) => println!("{}", serde_json::to_string_pretty(&s)?),
         Outcome::DryRun { train, eval } => {
@@ -283,7 +294,10 @@ pub(crate) fn adapter_scale(s: &str) -> Result<f32, String> {
     Ok(v)
 }
 
-fn load_with_adapter(margs: &ModelArgs, aargs: &AdapterArgs) -> Result<(Model, Option<llama_cpp_2::model::LlamaLoraAdapter>)> {
+fn load_with_adapter(
+    margs: &ModelArgs,
+    aargs: &AdapterArgs,
+) -> Result<(Model, Option<llama_cpp_2::model::LlamaLoraAdapter>)> {
     let mut model = margs.load()?;
     let adapter = match &aargs.adapter {
         Some(p) => {
@@ -457,7 +471,11 @@ fn info(a: InfoArgs) -> Result<()> {
         return Ok(());
     }
     let show = |v: Option<u64>| v.map(|x| x.to_string()).unwrap_or_else(|| "?".into());
-    println!("file            {} ({:.1} MiB)", path.display(), g.file_len() as f64 / (1024.0 * 1024.0));
+    println!(
+        "file            {} ({:.1} MiB)",
+        path.display(),
+        g.file_len() as f64 / (1024.0 * 1024.0)
+    );
     println!("architecture    {arch}");
     if let Ok(name) = g.get_str("general.name") {
         println!("name            {name}");
@@ -473,7 +491,9 @@ fn info(a: InfoArgs) -> Result<()> {
         show(get_u("feed_forward_length"))
     );
     println!("vocabulary      {vocab}");
-    let fmt_types = |v: &[(String, usize)]| v.iter().map(|(t, n)| format!("{t} ×{n}")).collect::<Vec<_>>().join(", ");
+    let fmt_types = |v: &[(String, usize)]| {
+        v.iter().map(|(t, n)| format!("{t} ×{n}")).collect::<Vec<_>>().join(", ")
+    };
     println!("layer weights   {}", fmt_types(&layer_types));
     println!("all tensors     {}", fmt_types(&types));
     println!("chat template   {}", if chat_template { "yes" } else { "no" });
@@ -484,18 +504,30 @@ fn info(a: InfoArgs) -> Result<()> {
     println!("backends        {}", crate::llama::compiled_backends().join(", "));
     for (i, d) in crate::ggml::devices().iter().enumerate() {
         let mem = if d.memory_total > 0 {
-            format!(", {:.1}/{:.1} GiB free", d.memory_free as f64 / (1u64 << 30) as f64, d.memory_total as f64 / (1u64 << 30) as f64)
+            format!(
+                ", {:.1}/{:.1} GiB free",
+                d.memory_free as f64 / (1u64 << 30) as f64,
+                d.memory_total as f64 / (1u64 << 30) as f64
+            )
         } else {
             String::new()
         };
-        println!("{:<16}{} ({}, {}{mem}): {}", if i == 0 { "devices" } else { "" }, d.name, d.backend, d.kind, d.description);
+        println!(
+            "{:<16}{} ({}, {}{mem}): {}",
+            if i == 0 { "devices" } else { "" },
+            d.name,
+            d.backend,
+            d.kind,
+            d.description
+        );
     }
     println!("system info     {sys}");
     Ok(())
 }
 
 fn fetch_cmd(a: FetchArgs) -> Result<()> {
-    let model = if a.force { fetch::refetch_default_model()? } else { fetch::ensure_default_model()? };
+    let model =
+        if a.force { fetch::refetch_default_model()? } else { fetch::ensure_default_model()? };
     println!("model       {}", model.display());
     if a.model_only {
         return Ok(());

@@ -90,7 +90,12 @@ fn secs(flag: &str, v: f64) -> Result<Duration> {
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
-    let adapters = a.adapters.iter().map(|s| parse_spec(s)).collect::<std::result::Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
+    let adapters = a
+        .adapters
+        .iter()
+        .map(|s| parse_spec(s))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
     let cfg = ServeConfig {
         model: a.model.resolve()?,
         model_name: a.model_name,

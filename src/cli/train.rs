@@ -241,8 +241,31 @@ impl TrainArgs {
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = self.$f.clone() { c.$f = v; } )* };
         }
-        set!(method, eval_split, targets, rank, alpha, dropout, lr, lr_schedule, warmup, weight_decay, max_grad_norm);
-        set!(adam_beta1, adam_beta2, adam_eps, batch_size, grad_accum, max_seq_len, eval_every, eval_tokens, threads, seed);
+        set!(
+            method,
+            eval_split,
+            targets,
+            rank,
+            alpha,
+            dropout,
+            lr,
+            lr_schedule,
+            warmup,
+            weight_decay,
+            max_grad_norm
+        );
+        set!(
+            adam_beta1,
+            adam_beta2,
+            adam_eps,
+            batch_size,
+            grad_accum,
+            max_seq_len,
+            eval_every,
+            eval_tokens,
+            threads,
+            seed
+        );
         set!(save_every, weight_copies, recompute, device);
         if self.model.is_some() {
             c.model = self.model.clone();
@@ -265,8 +288,29 @@ impl TrainArgs {
         macro_rules! set_grit {
             ($($f:ident),*) => { $( if let Some(v) = self.$f { c.grit.$f = v; } )* };
         }
-        set_grit!(kfac_every, kfac_stats, kfac_beta, invert_every, damping, damping_rel, kfac_pairing, factor_norm, ng_warmup, lambda_k, lambda_r);
-        set_grit!(reg_warmup, reproject_every, first_cut, rank_min, rank_energy, rank_cut, rank_signal, rank_budget);
+        set_grit!(
+            kfac_every,
+            kfac_stats,
+            kfac_beta,
+            invert_every,
+            damping,
+            damping_rel,
+            kfac_pairing,
+            factor_norm,
+            ng_warmup,
+            lambda_k,
+            lambda_r
+        );
+        set_grit!(
+            reg_warmup,
+            reproject_every,
+            first_cut,
+            rank_min,
+            rank_energy,
+            rank_cut,
+            rank_signal,
+            rank_budget
+        );
         if self.reproject_warmup.is_some() {
             c.grit.reproject_warmup = self.reproject_warmup;
         }
@@ -313,10 +357,19 @@ mod tests {
         assert_eq!(c.seed, 5);
         assert!(c.rslora);
         assert_eq!(c.alpha, 32.0);
-        let base: TrainConfig = toml::from_str("method = \"grit\"\n[grit]\nrank_energy = 0.8\nkfac_every = 3").unwrap();
-        let args = TrainArgs { kfac_every: Some(1), rank_cut: Some(RankCut::Soft), one_sided: true, ..Default::default() };
+        let base: TrainConfig =
+            toml::from_str("method = \"grit\"\n[grit]\nrank_energy = 0.8\nkfac_every = 3").unwrap();
+        let args = TrainArgs {
+            kfac_every: Some(1),
+            rank_cut: Some(RankCut::Soft),
+            one_sided: true,
+            ..Default::default()
+        };
         let c = args.apply(base);
-        assert_eq!((c.grit.kfac_every, c.grit.rank_energy, c.grit.rank_cut, c.grit.two_sided), (1, 0.8, RankCut::Soft, false));
+        assert_eq!(
+            (c.grit.kfac_every, c.grit.rank_energy, c.grit.rank_cut, c.grit.two_sided),
+            (1, 0.8, RankCut::Soft, false)
+        );
         let back: TrainConfig = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back, c);
     }
@@ -337,20 +390,31 @@ mod tests {
         let (mut checked, mut mismatches) = (0, Vec::new());
         for arg in Wrap::command().get_arguments() {
             let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
-            let Some(default) = help.split("[default: ").nth(1).and_then(|d| d.split(']').next()) else { continue };
+            let Some(default) = help.split("[default: ").nth(1).and_then(|d| d.split(']').next())
+            else {
+                continue;
+            };
             let id = arg.get_id().as_str();
             let Some(value) = cfg.get(id).or_else(|| grit.get(id)) else { continue };
             let agrees = match value {
                 // f32 fields come back as the nearest f64.
-                toml::Value::Float(x) => default.parse::<f64>().ok().map(|d| (d - x).abs() <= 1e-6 * x.abs()),
+                toml::Value::Float(x) => {
+                    default.parse::<f64>().ok().map(|d| (d - x).abs() <= 1e-6 * x.abs())
+                }
                 toml::Value::Integer(x) => default.parse::<i64>().ok().map(|d| d == *x),
-                toml::Value::String(x) => Some(default.split_whitespace().next().is_some_and(|d| d.eq_ignore_ascii_case(x))),
-                toml::Value::Array(a) => Some(default == a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(",")),
+                toml::Value::String(x) => Some(
+                    default.split_whitespace().next().is_some_and(|d| d.eq_ignore_ascii_case(x)),
+                ),
+                toml::Value::Array(a) => Some(
+                    default == a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(","),
+                ),
                 _ => None,
             };
             match agrees {
                 Some(true) => checked += 1,
-                Some(false) => mismatches.push(format!("--{id}: help says {default}, the config has {value}")),
+                Some(false) => {
+                    mismatches.push(format!("--{id}: help says {default}, the config has {value}"))
+                }
                 None => {} // a described default ("half the run", "--rank", "auto = …")
             }
         }

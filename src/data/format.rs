@@ -143,8 +143,15 @@ fn content(obj: &Map<String, Value>, key: &str, path: &str) -> Result<String, Ro
                 };
                 match p.get("type") {
                     Some(Value::String(t)) if t == "text" => {}
-                    Some(Value::String(t)) => return Err(RowError::field(format!("{ppath}.type"), format!("is '{t}'; only text parts are supported"))),
-                    Some(v) => return Err(RowError::field(format!("{ppath}.type"), not_a("a string", v))),
+                    Some(Value::String(t)) => {
+                        return Err(RowError::field(
+                            format!("{ppath}.type"),
+                            format!("is '{t}'; only text parts are supported"),
+                        ))
+                    }
+                    Some(v) => {
+                        return Err(RowError::field(format!("{ppath}.type"), not_a("a string", v)))
+                    }
                     None => return Err(RowError::field(format!("{ppath}.type"), "is missing")),
                 }
                 out.push_str(&req_str(p, "text", &format!("{ppath}.text"))?);
@@ -200,7 +207,12 @@ fn sharegpt(obj: &Map<String, Value>) -> Result<Vec<ChatMessage>, RowError> {
             "human" | "user" => "user",
             "gpt" | "assistant" | "model" | "chatgpt" | "bing" | "bard" => "assistant",
             "tool" | "function_response" | "observation" => "tool",
-            other => return Err(RowError::field(format!("{path}.from"), format!("is '{other}', not one of system, human, user, gpt, assistant, tool"))),
+            other => {
+                return Err(RowError::field(
+                    format!("{path}.from"),
+                    format!("is '{other}', not one of system, human, user, gpt, assistant, tool"),
+                ))
+            }
         };
         let content = content(m, "value", &format!("{path}.value"))?;
         out.push(ChatMessage { role: role.to_string(), content });
@@ -239,7 +251,9 @@ pub(crate) fn parse_row(v: &Value) -> Result<Record, RowError> {
     }
     if obj.contains_key("prompt") || obj.contains_key("completion") {
         // Conversational prompt/completion: lists of messages; only the completion is trained.
-        if matches!(obj.get("prompt"), Some(Value::Array(_))) || matches!(obj.get("completion"), Some(Value::Array(_))) {
+        if matches!(obj.get("prompt"), Some(Value::Array(_)))
+            || matches!(obj.get("completion"), Some(Value::Array(_)))
+        {
             let prompt = messages(obj, "prompt")?;
             let completion = messages(obj, "completion")?;
             let mut train = vec![false; prompt.len()];
@@ -340,9 +354,27 @@ mod tests {
         let r = parse_row(&json!({"prompt": "a", "completion": "b"})).unwrap();
         assert_eq!(r, Record::PromptCompletion { prompt: "a".into(), completion: "b".into() });
         let r = parse_row(&json!({"instruction": "i", "output": "o"})).unwrap();
-        assert_eq!(r, Record::Alpaca { system: None, instruction: "i".into(), input: String::new(), output: "o".into() });
-        let r = parse_row(&json!({"instruction": "i", "input": null, "output": "o", "system": "s"})).unwrap();
-        assert_eq!(r, Record::Alpaca { system: Some("s".into()), instruction: "i".into(), input: String::new(), output: "o".into() });
+        assert_eq!(
+            r,
+            Record::Alpaca {
+                system: None,
+                instruction: "i".into(),
+                input: String::new(),
+                output: "o".into()
+            }
+        );
+        let r =
+            parse_row(&json!({"instruction": "i", "input": null, "output": "o", "system": "s"}))
+                .unwrap();
+        assert_eq!(
+            r,
+            Record::Alpaca {
+                system: Some("s".into()),
+                instruction: "i".into(),
+                input: String::new(),
+                output: "o".into()
+            }
+        );
         assert_eq!(parse_row(&json!({"text": "t", "meta": 1})).unwrap(), Record::Text("t".into()));
     }
 
@@ -375,7 +407,9 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let e = err(json!({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user"}]}));
+        let e = err(
+            json!({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user"}]}),
+        );
         assert_eq!(e.field.as_deref(), Some("messages[2].content"));
         assert_eq!(e.problem, "is missing");
         let e = err(json!({"messages": [{"role": "user", "content": 3}]}));
@@ -398,7 +432,11 @@ mod tests {
         assert_eq!(e.field.as_deref(), Some("conversations[0].from"));
         let e = err(json!({"foo": 1}));
         assert!(e.field.is_none());
-        assert!(e.problem.contains("unknown row format") && e.problem.contains("foo"), "{}", e.problem);
+        assert!(
+            e.problem.contains("unknown row format") && e.problem.contains("foo"),
+            "{}",
+            e.problem
+        );
         let e = err(json!([1, 2]));
         assert!(e.problem.contains("not a JSON object"));
     }

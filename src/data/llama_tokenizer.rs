@@ -18,7 +18,9 @@ impl Tokenizer for Model {
             }
         }
         if !text.is_empty() {
-            out.extend(self.inner.vocab().tokenize(text.as_bytes(), false, true).into_iter().map(|t| t.0));
+            out.extend(
+                self.inner.vocab().tokenize(text.as_bytes(), false, true).into_iter().map(|t| t.0),
+            );
         }
         out
     }
@@ -54,15 +56,22 @@ impl Tokenizer for Model {
         self.inner.chat_template(None).is_ok()
     }
 
-    fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, DataError> {
-        let tmpl = self.inner.chat_template(None).map_err(|_| DataError::NoChatTemplate { model: self.path.display().to_string() })?;
+    fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, DataError> {
+        let tmpl = self
+            .inner
+            .chat_template(None)
+            .map_err(|_| DataError::NoChatTemplate { model: self.path.display().to_string() })?;
         let msgs = messages
             .iter()
             .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| DataError::Template(format!("a message contains a NUL byte ({e})")))?;
-        self.inner
-            .apply_chat_template(&tmpl, &msgs, add_generation_prompt)
-            .map_err(|e| DataError::Template(format!("llama.cpp could not apply the chat template: {e}")))
+        self.inner.apply_chat_template(&tmpl, &msgs, add_generation_prompt).map_err(|e| {
+            DataError::Template(format!("llama.cpp could not apply the chat template: {e}"))
+        })
     }
 }

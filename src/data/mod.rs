@@ -106,7 +106,10 @@ impl Default for DataConfig {
 impl DataConfig {
     pub fn validate(&self) -> Result<(), DataError> {
         if self.max_seq_len < 2 {
-            return Err(DataError::Config { name: "--max-seq-len", msg: format!("{} must be at least 2", self.max_seq_len) });
+            return Err(DataError::Config {
+                name: "--max-seq-len",
+                msg: format!("{} must be at least 2", self.max_seq_len),
+            });
         }
         Ok(())
     }
@@ -173,7 +176,8 @@ impl Dataset {
         }
         s.max_seq_len = self.config.max_seq_len;
         let lengths: Vec<usize> = self.examples.iter().map(|e| e.tokens.len()).collect();
-        s.packed_sequences = plan(&lengths, self.config.max_seq_len, self.config.pack, self.config.seed).len();
+        s.packed_sequences =
+            plan(&lengths, self.config.max_seq_len, self.config.pack, self.config.seed).len();
     }
 
     /// Appends `other`'s examples and load-time counts (same configuration assumed).
@@ -201,7 +205,11 @@ enum FileKind {
 }
 
 fn file_kind(path: &Path, text: &str) -> FileKind {
-    let ext = path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).unwrap_or_default();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase())
+        .unwrap_or_default();
     let first = text.trim_start().chars().next();
     match ext.as_str() {
         "txt" | "text" | "md" => FileKind::PlainText,
@@ -265,14 +273,29 @@ impl<'a> Loader<'a> {
             };
             (err, false)
         })?;
-        let enc = render::encode_record(self.tok, &rec, self.cfg.train_on_prompt).map_err(|e| match e {
-            DataError::NoChatTemplate { model } => (
-                DataError::Row { loc: loc.to_string(), msg: format!("this {} row needs a chat template, and the model {model} has none", rec.format().name()) },
-                true,
-            ),
-            DataError::Template(msg) => (DataError::Row { loc: loc.to_string(), msg: format!("chat template: {msg}") }, false),
-            other => (other, true),
-        })?;
+        let enc =
+            render::encode_record(self.tok, &rec, self.cfg.train_on_prompt).map_err(
+                |e| match e {
+                    DataError::NoChatTemplate { model } => (
+                        DataError::Row {
+                            loc: loc.to_string(),
+                            msg: format!(
+                                "this {} row needs a chat template, and the model {model} has none",
+                                rec.format().name()
+                            ),
+                        },
+                        true,
+                    ),
+                    DataError::Template(msg) => (
+                        DataError::Row {
+                            loc: loc.to_string(),
+                            msg: format!("chat template: {msg}"),
+                        },
+                        false,
+                    ),
+                    other => (other, true),
+                },
+            )?;
         self.push(enc, rec.format());
         Ok(())
     }
@@ -320,15 +343,25 @@ impl<'a> Loader<'a> {
     }
 
     fn json_array(&mut self, name: &str, text: &str) -> Result<(), DataError> {
-        let v: Value = serde_json::from_str(text).map_err(|e| DataError::Json { loc: format!("{name}:{}", e.line()), col: e.column(), msg: json_msg(&e) })?;
+        let v: Value = serde_json::from_str(text).map_err(|e| DataError::Json {
+            loc: format!("{name}:{}", e.line()),
+            col: e.column(),
+            msg: json_msg(&e),
+        })?;
         let Value::Array(rows) = v else {
-            return Err(DataError::Row { loc: format!("{name}:1"), msg: "expected a JSON array of rows".into() });
+            return Err(DataError::Row {
+                loc: format!("{name}:1"),
+                msg: "expected a JSON array of rows".into(),
+            });
         };
         let offsets = format::array_element_offsets(text);
         let line_of = |k: usize| -> String {
             match offsets.get(k) {
                 Some(&off) if offsets.len() == rows.len() => {
-                    format!("{name}:{}", text.as_bytes()[..off].iter().filter(|&&b| b == b'\n').count() + 1)
+                    format!(
+                        "{name}:{}",
+                        text.as_bytes()[..off].iter().filter(|&&b| b == b'\n').count() + 1
+                    )
                 }
                 _ => format!("{name}: row {}", k + 1),
             }
@@ -384,19 +417,31 @@ pub fn load_file(path: &Path, tok: &dyn Tokenizer, cfg: &DataConfig) -> Result<D
         let why = if ld.rows == 0 {
             "no data (the file is empty)".to_string()
         } else if ld.stats.skipped_rows == ld.rows {
-            format!("all {} rows were malformed and skipped (first: {})", ld.rows, ld.stats.skipped_reasons.first().cloned().unwrap_or_default())
+            format!(
+                "all {} rows were malformed and skipped (first: {})",
+                ld.rows,
+                ld.stats.skipped_reasons.first().cloned().unwrap_or_default()
+            )
         } else {
-            format!("no example has anything to train ({} dropped, {} skipped)", ld.stats.dropped_examples, ld.stats.skipped_rows)
+            format!(
+                "no example has anything to train ({} dropped, {} skipped)",
+                ld.stats.dropped_examples, ld.stats.skipped_rows
+            )
         };
         return Err(DataError::Empty { what: name, why });
     }
-    let mut ds = Dataset { examples: ld.examples, stats: ld.stats, config: cfg.clone(), eos: tok.eos() };
+    let mut ds =
+        Dataset { examples: ld.examples, stats: ld.stats, config: cfg.clone(), eos: tok.eos() };
     ds.refresh_stats();
     Ok(ds)
 }
 
 /// Reads several files into one dataset (in order).
-pub fn load_files(paths: &[PathBuf], tok: &dyn Tokenizer, cfg: &DataConfig) -> Result<Dataset, DataError> {
+pub fn load_files(
+    paths: &[PathBuf],
+    tok: &dyn Tokenizer,
+    cfg: &DataConfig,
+) -> Result<Dataset, DataError> {
     let mut it = paths.iter();
     let Some(first) = it.next() else {
         return Err(DataError::Config { name: "--data", msg: "no data file given".into() });
@@ -413,11 +458,17 @@ pub fn load_files(paths: &[PathBuf], tok: &dyn Tokenizer, cfg: &DataConfig) -> R
 /// each side. The load-time counts (skipped rows, dropped examples) stay with `train`.
 pub fn split_eval(ds: Dataset, fraction: f64, seed: u64) -> Result<(Dataset, Dataset), DataError> {
     if !(fraction.is_finite() && fraction > 0.0 && fraction < 1.0) {
-        return Err(DataError::Config { name: "--eval-split", msg: format!("{fraction} must be between 0 and 1 (exclusive)") });
+        return Err(DataError::Config {
+            name: "--eval-split",
+            msg: format!("{fraction} must be between 0 and 1 (exclusive)"),
+        });
     }
     let n = ds.examples.len();
     if n < 2 {
-        return Err(DataError::Config { name: "--eval-split", msg: format!("the data has {n} example(s); a split needs at least 2") });
+        return Err(DataError::Config {
+            name: "--eval-split",
+            msg: format!("the data has {n} example(s); a split needs at least 2"),
+        });
     }
     let n_eval = ((n as f64 * fraction).round() as usize).clamp(1, n - 1);
     let mut idx: Vec<usize> = (0..n).collect();
@@ -462,7 +513,8 @@ mod tests {
     }
 
     fn trained_text(tok: &dyn Tokenizer, e: &Example) -> String {
-        let t: Vec<i32> = e.tokens.iter().zip(&e.trained).filter(|(_, &f)| f).map(|(&t, _)| t).collect();
+        let t: Vec<i32> =
+            e.tokens.iter().zip(&e.trained).filter(|(_, &f)| f).map(|(&t, _)| t).collect();
         tok.decode(&t)
     }
 
@@ -482,9 +534,15 @@ mod tests {
         let ds = load_file(&p, &tok, &cfg()).unwrap();
         assert_eq!(ds.len(), 5);
         let got: Vec<String> = ds.examples.iter().map(|e| trained_text(&tok, e)).collect();
-        assert_eq!(got, vec!["Hello<|im_end|>", "4</s>", "yes<|im_end|>", "plain</s>", "b<|im_end|>"]);
+        assert_eq!(
+            got,
+            vec!["Hello<|im_end|>", "4</s>", "yes<|im_end|>", "plain</s>", "b<|im_end|>"]
+        );
         let f = &ds.stats.formats;
-        assert_eq!((f[&Format::Chat], f[&Format::PromptCompletion], f[&Format::Alpaca], f[&Format::Text]), (2, 1, 1, 1));
+        assert_eq!(
+            (f[&Format::Chat], f[&Format::PromptCompletion], f[&Format::Alpaca], f[&Format::Text]),
+            (2, 1, 1, 1)
+        );
         assert_eq!(ds.stats.examples, 5);
         let tokens: usize = ds.examples.iter().map(|e| e.tokens.len()).sum();
         let trained: usize = ds.examples.iter().map(|e| e.n_trained()).sum();
@@ -515,8 +573,14 @@ mod tests {
                 r#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user"}]}"#,
                 "field 'messages[2].content' is missing",
             ),
-            (r#"{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "b"}]}"#, "field 'messages[0].content' is not a string"),
-            (r#"{"prompt": "a", "completion": null}"#, "field 'completion' is not a string (found null)"),
+            (
+                r#"{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "b"}]}"#,
+                "field 'messages[0].content' is not a string",
+            ),
+            (
+                r#"{"prompt": "a", "completion": null}"#,
+                "field 'completion' is not a string (found null)",
+            ),
             (r#"{"instruction": "a"}"#, "field 'output' is missing"),
             (r#"{"text": "a""#, "invalid JSON at column 12"),
             (r#"{"foo": 1}"#, "unknown row format"),
@@ -541,17 +605,24 @@ mod tests {
     fn skip_bad_rows_counts_them() {
         let dir = tempfile::tempdir().unwrap();
         let tok = FakeTok::chatml();
-        let body = "{\"text\": \"a\"}\n{\"text\": 1}\nnot json\n{\"messages\": []}\n{\"text\": \"b\"}\n";
+        let body =
+            "{\"text\": \"a\"}\n{\"text\": 1}\nnot json\n{\"messages\": []}\n{\"text\": \"b\"}\n";
         let p = write(&dir, "d.jsonl", body);
         let ds = load_file(&p, &tok, &DataConfig { skip_bad_rows: true, ..cfg() }).unwrap();
         assert_eq!(ds.len(), 2);
         assert_eq!(ds.stats.skipped_rows, 3);
         assert_eq!(ds.stats.skipped_reasons.len(), 3);
-        assert!(ds.stats.skipped_reasons[0].contains("d.jsonl:2: field 'text'"), "{:?}", ds.stats.skipped_reasons);
+        assert!(
+            ds.stats.skipped_reasons[0].contains("d.jsonl:2: field 'text'"),
+            "{:?}",
+            ds.stats.skipped_reasons
+        );
         assert!(ds.stats.to_string().contains("skipped bad rows   3"));
         // Only bad rows: an error that says so.
         let p = write(&dir, "bad.jsonl", "nope\n{\"x\": 1}\n");
-        let e = load_file(&p, &tok, &DataConfig { skip_bad_rows: true, ..cfg() }).unwrap_err().to_string();
+        let e = load_file(&p, &tok, &DataConfig { skip_bad_rows: true, ..cfg() })
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("all 2 rows were malformed"), "{e}");
     }
 
@@ -559,8 +630,14 @@ mod tests {
     fn chat_rows_without_a_template_fail_even_when_skipping() {
         let dir = tempfile::tempdir().unwrap();
         let tok = FakeTok { template: FakeTemplate::None, ..FakeTok::chatml() };
-        let p = write(&dir, "d.jsonl", "{\"text\": \"a\"}\n{\"messages\": [{\"role\": \"assistant\", \"content\": \"x\"}]}\n");
-        let e = load_file(&p, &tok, &DataConfig { skip_bad_rows: true, ..cfg() }).unwrap_err().to_string();
+        let p = write(
+            &dir,
+            "d.jsonl",
+            "{\"text\": \"a\"}\n{\"messages\": [{\"role\": \"assistant\", \"content\": \"x\"}]}\n",
+        );
+        let e = load_file(&p, &tok, &DataConfig { skip_bad_rows: true, ..cfg() })
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("d.jsonl:2") && e.contains("needs a chat template"), "{e}");
     }
 
@@ -588,7 +665,10 @@ mod tests {
         }
         let t = ds.stats.to_string();
         assert!(t.contains("1 examples, 16 tokens lost (max_seq_len 16)"), "{t}");
-        assert!(t.contains("1 examples with nothing to train (1 of them cut by truncation)"), "{t}");
+        assert!(
+            t.contains("1 examples with nothing to train (1 of them cut by truncation)"),
+            "{t}"
+        );
     }
 
     #[test]
@@ -681,9 +761,11 @@ mod tests {
     fn config_is_validated() {
         let dir = tempfile::tempdir().unwrap();
         let p = write(&dir, "d.jsonl", "{\"text\": \"a\"}\n");
-        let e = load_file(&p, &FakeTok::chatml(), &DataConfig { max_seq_len: 1, ..cfg() }).unwrap_err();
+        let e =
+            load_file(&p, &FakeTok::chatml(), &DataConfig { max_seq_len: 1, ..cfg() }).unwrap_err();
         assert!(e.to_string().contains("--max-seq-len"));
-        let e = load_file(&dir.path().join("missing.jsonl"), &FakeTok::chatml(), &cfg()).unwrap_err();
+        let e =
+            load_file(&dir.path().join("missing.jsonl"), &FakeTok::chatml(), &cfg()).unwrap_err();
         assert!(e.to_string().contains("missing.jsonl"));
     }
 }

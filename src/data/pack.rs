@@ -203,15 +203,22 @@ impl Batcher {
     /// sequences. Errors when there is nothing to train or `batch_size` is 0.
     pub fn new(ds: &Dataset, batch_size: usize) -> Result<Self, DataError> {
         if batch_size == 0 {
-            return Err(DataError::Config { name: "--batch-size", msg: "must be at least 1".into() });
+            return Err(DataError::Config {
+                name: "--batch-size",
+                msg: "must be at least 1".into(),
+            });
         }
         let seqs = pack(ds);
         if seqs.is_empty() {
-            return Err(DataError::Empty { what: ds.stats.files.join(", "), why: "no training sequences".into() });
+            return Err(DataError::Empty {
+                what: ds.stats.files.join(", "),
+                why: "no training sequences".into(),
+            });
         }
         let seed = ds.config.seed;
         let fingerprint = fingerprint(&seqs, seed);
-        let mut b = Batcher { seqs, batch_size, seed, epoch: 0, index: 0, order: Vec::new(), fingerprint };
+        let mut b =
+            Batcher { seqs, batch_size, seed, epoch: 0, index: 0, order: Vec::new(), fingerprint };
         b.order = b.permutation(0);
         Ok(b)
     }
@@ -257,7 +264,11 @@ impl Batcher {
             )));
         }
         if p.index as usize > self.seqs.len() {
-            return Err(DataError::Position(format!("index {} is past the {} sequences of an epoch", p.index, self.seqs.len())));
+            return Err(DataError::Position(format!(
+                "index {} is past the {} sequences of an epoch",
+                p.index,
+                self.seqs.len()
+            )));
         }
         self.epoch = p.epoch;
         self.index = p.index;
@@ -328,7 +339,8 @@ mod tests {
     }
 
     fn dataset(lengths: &[usize], max: usize, seed: u64) -> Dataset {
-        let examples: Vec<Example> = lengths.iter().enumerate().map(|(i, &l)| ex(l, 1000 * (i as i32 + 1))).collect();
+        let examples: Vec<Example> =
+            lengths.iter().enumerate().map(|(i, &l)| ex(l, 1000 * (i as i32 + 1))).collect();
         let config = DataConfig { max_seq_len: max, seed, ..DataConfig::default() };
         let mut ds = Dataset { examples, stats: DataStats::default(), config, eos: 2 };
         ds.refresh_stats();
@@ -363,7 +375,8 @@ mod tests {
         let first_len = s.segment.iter().filter(|&&g| g == 0).count();
         let (a, b) = if first_len == 3 { (1000, 2000) } else { (2000, 1000) };
         let la = first_len;
-        let expect_tokens: Vec<i32> = (0..la as i32).map(|k| a + k).chain((0..(7 - la) as i32).map(|k| b + k)).collect();
+        let expect_tokens: Vec<i32> =
+            (0..la as i32).map(|k| a + k).chain((0..(7 - la) as i32).map(|k| b + k)).collect();
         assert_eq!(s.tokens, expect_tokens);
         for i in 0..7 {
             let last_of_seg = i + 1 == la || i + 1 == 7;
@@ -381,7 +394,12 @@ mod tests {
 
     #[test]
     fn loss_mask_follows_the_label_token() {
-        let e = Example { tokens: vec![5, 6, 7, 8], trained: vec![false, false, true, true], format: Format::Chat, truncated: 0 };
+        let e = Example {
+            tokens: vec![5, 6, 7, 8],
+            trained: vec![false, false, true, true],
+            format: Format::Chat,
+            truncated: 0,
+        };
         let s = Sequence::from_examples(&[&e], 2);
         assert_eq!(s.labels, vec![6, 7, 8, 2]);
         assert_eq!(s.loss_mask, vec![0.0, 1.0, 1.0, 0.0]);
@@ -465,7 +483,10 @@ mod tests {
         let mut c = Batcher::new(&other, 2).unwrap();
         let e = c.restore(p).unwrap_err().to_string();
         assert!(e.contains("fingerprint"), "{e}");
-        let e = c.restore(DataPosition { epoch: 0, index: 10_000, fingerprint: 0 }).unwrap_err().to_string();
+        let e = c
+            .restore(DataPosition { epoch: 0, index: 10_000, fingerprint: 0 })
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("past"), "{e}");
         // A position exactly at an epoch end reads as the next epoch's start.
         let mut d = Batcher::new(&ds, 1).unwrap();

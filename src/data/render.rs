@@ -74,7 +74,9 @@ impl<'a> Mapper<'a> {
             // Pieces may carry bytes the text lacks (SentencePiece's leading space): shift.
             let shift = pos.saturating_sub(self.text.len());
             let mut offs = vec![(0usize, 0usize); lead];
-            offs.extend(ends.into_iter().map(|(s, e)| (s.saturating_sub(shift), e.saturating_sub(shift))));
+            offs.extend(
+                ends.into_iter().map(|(s, e)| (s.saturating_sub(shift), e.saturating_sub(shift))),
+            );
             offs.resize(self.tokens.len(), (self.text.len(), self.text.len()));
             self.offsets = Some(offs);
         }
@@ -140,7 +142,10 @@ fn encode_spans(tok: &dyn Tokenizer, text: &str, spans: &[Span], train_all: bool
         };
         ranges.push(range);
     }
-    let mut out = Encoded { tokens: Vec::with_capacity(n + ranges.len()), trained: Vec::with_capacity(n + ranges.len()) };
+    let mut out = Encoded {
+        tokens: Vec::with_capacity(n + ranges.len()),
+        trained: Vec::with_capacity(n + ranges.len()),
+    };
     let mut flags = vec![train_all; n];
     let mut inserts: Vec<usize> = Vec::new();
     for &(a, b, ins) in &ranges {
@@ -173,7 +178,12 @@ fn encode_spans(tok: &dyn Tokenizer, text: &str, spans: &[Span], train_all: bool
 }
 
 /// Renders a chat with the template and marks the trained assistant turns.
-fn encode_chat(tok: &dyn Tokenizer, messages: &[ChatMessage], train: &[bool], train_all: bool) -> Result<Encoded, DataError> {
+fn encode_chat(
+    tok: &dyn Tokenizer,
+    messages: &[ChatMessage],
+    train: &[bool],
+    train_all: bool,
+) -> Result<Encoded, DataError> {
     let full = tok.apply_chat_template(messages, false)?;
     let mut spans = Vec::new();
     let mut prev_end = 0usize;
@@ -202,7 +212,11 @@ fn encode_chat(tok: &dyn Tokenizer, messages: &[ChatMessage], train: &[bool], tr
             None => start,
         };
         let through = tok.apply_chat_template(&messages[..=i], false)?;
-        let end = if through.len() >= content_end && full.starts_with(&through) { through.len() } else { content_end };
+        let end = if through.len() >= content_end && full.starts_with(&through) {
+            through.len()
+        } else {
+            content_end
+        };
         spans.push(Span { start, content_end, end });
         prev_end = end;
     }
@@ -210,7 +224,11 @@ fn encode_chat(tok: &dyn Tokenizer, messages: &[ChatMessage], train: &[bool], tr
 }
 
 /// Tokenizes one record. `train_all` (`train_on_prompt`) trains every token.
-pub(crate) fn encode_record(tok: &dyn Tokenizer, rec: &Record, train_all: bool) -> Result<Encoded, DataError> {
+pub(crate) fn encode_record(
+    tok: &dyn Tokenizer,
+    rec: &Record,
+    train_all: bool,
+) -> Result<Encoded, DataError> {
     match rec {
         Record::Chat { messages, train } => encode_chat(tok, messages, train, train_all),
         Record::PromptCompletion { prompt, completion } => {
@@ -220,7 +238,11 @@ pub(crate) fn encode_record(tok: &dyn Tokenizer, rec: &Record, train_all: bool) 
         }
         Record::Alpaca { system, instruction, input, output } => {
             if tok.has_chat_template() {
-                let user = if input.trim().is_empty() { instruction.clone() } else { format!("{instruction}\n\n{input}") };
+                let user = if input.trim().is_empty() {
+                    instruction.clone()
+                } else {
+                    format!("{instruction}\n\n{input}")
+                };
                 let mut messages = Vec::with_capacity(3);
                 if let Some(s) = system {
                     messages.push(ChatMessage::new("system", s.clone()));
@@ -248,7 +270,8 @@ pub(crate) fn encode_record(tok: &dyn Tokenizer, rec: &Record, train_all: bool) 
 
 /// The Stanford Alpaca prompt (with `system`, if given, replacing its first sentence(s)).
 pub fn alpaca_prompt(system: Option<&str>, instruction: &str, input: &str) -> String {
-    let tmpl = if input.trim().is_empty() { ALPACA_PROMPT_NO_INPUT } else { ALPACA_PROMPT_WITH_INPUT };
+    let tmpl =
+        if input.trim().is_empty() { ALPACA_PROMPT_NO_INPUT } else { ALPACA_PROMPT_WITH_INPUT };
     let mut p = tmpl.replace("{instruction}", instruction).replace("{input}", input);
     if let Some(s) = system {
         if let Some(cut) = p.find("\n\n### Instruction:") {
@@ -290,12 +313,14 @@ mod tests {
     use crate::data::testutil::{FakeTemplate, FakeTok, EOS, IM_END};
 
     fn trained_text(tok: &dyn Tokenizer, e: &Encoded) -> String {
-        let t: Vec<i32> = e.tokens.iter().zip(&e.trained).filter(|(_, &f)| f).map(|(&t, _)| t).collect();
+        let t: Vec<i32> =
+            e.tokens.iter().zip(&e.trained).filter(|(_, &f)| f).map(|(&t, _)| t).collect();
         tok.decode(&t)
     }
 
     fn chat(msgs: &[(&str, &str)]) -> Record {
-        let messages: Vec<ChatMessage> = msgs.iter().map(|(r, c)| ChatMessage::new(*r, *c)).collect();
+        let messages: Vec<ChatMessage> =
+            msgs.iter().map(|(r, c)| ChatMessage::new(*r, *c)).collect();
         let train = messages.iter().map(|m| m.role == "assistant").collect();
         Record::Chat { messages, train }
     }
@@ -303,7 +328,13 @@ mod tests {
     #[test]
     fn chatml_trains_assistant_turns_and_end_of_turn() {
         let tok = FakeTok::chatml();
-        let rec = chat(&[("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"), ("user", "Bye"), ("assistant", "Ciao")]);
+        let rec = chat(&[
+            ("system", "Be brief."),
+            ("user", "Hi"),
+            ("assistant", "Hello!"),
+            ("user", "Bye"),
+            ("assistant", "Ciao"),
+        ]);
         let e = encode_record(&tok, &rec, false).unwrap();
         assert_eq!(trained_text(&tok, &e), "Hello!<|im_end|>Ciao<|im_end|>");
         assert_eq!(e.tokens[0], tok.bos().unwrap());
@@ -354,7 +385,10 @@ mod tests {
     #[test]
     fn prompt_completion_plain_concatenation_with_eos() {
         let tok = FakeTok::chatml();
-        let rec = Record::PromptCompletion { prompt: "Q: capital of France?\nA:".into(), completion: " Paris".into() };
+        let rec = Record::PromptCompletion {
+            prompt: "Q: capital of France?\nA:".into(),
+            completion: " Paris".into(),
+        };
         let e = encode_record(&tok, &rec, false).unwrap();
         assert_eq!(trained_text(&tok, &e), " Paris</s>");
         assert_eq!(*e.tokens.last().unwrap(), EOS);
@@ -373,7 +407,12 @@ mod tests {
     #[test]
     fn alpaca_uses_the_chat_template_when_there_is_one() {
         let tok = FakeTok::chatml();
-        let rec = Record::Alpaca { system: None, instruction: "Add.".into(), input: "2+2".into(), output: "4".into() };
+        let rec = Record::Alpaca {
+            system: None,
+            instruction: "Add.".into(),
+            input: "2+2".into(),
+            output: "4".into(),
+        };
         let e = encode_record(&tok, &rec, false).unwrap();
         assert_eq!(trained_text(&tok, &e), "4<|im_end|>");
         assert!(tok.decode(&e.tokens).contains("<|im_start|>user\nAdd.\n\n2+2<|im_end|>"));
@@ -382,14 +421,27 @@ mod tests {
     #[test]
     fn alpaca_without_template_uses_the_alpaca_prompt() {
         let tok = FakeTok { template: FakeTemplate::None, ..FakeTok::chatml() };
-        let rec = Record::Alpaca { system: None, instruction: "Add.".into(), input: String::new(), output: "4".into() };
+        let rec = Record::Alpaca {
+            system: None,
+            instruction: "Add.".into(),
+            input: String::new(),
+            output: "4".into(),
+        };
         let e = encode_record(&tok, &rec, false).unwrap();
         assert_eq!(trained_text(&tok, &e), "4</s>");
         let text = tok.decode(&e.tokens);
-        assert!(text.starts_with("<s>Below is an instruction that describes a task. Write"), "{text}");
+        assert!(
+            text.starts_with("<s>Below is an instruction that describes a task. Write"),
+            "{text}"
+        );
         assert!(text.ends_with("### Instruction:\nAdd.\n\n### Response:\n4</s>"), "{text}");
         let p = alpaca_prompt(Some("You add."), "Add.", "2+2");
-        assert!(p.starts_with("You add.\n\n### Instruction:\nAdd.\n\n### Input:\n2+2\n\n### Response:\n"), "{p}");
+        assert!(
+            p.starts_with(
+                "You add.\n\n### Instruction:\nAdd.\n\n### Input:\n2+2\n\n### Response:\n"
+            ),
+            "{p}"
+        );
     }
 
     #[test]
@@ -418,7 +470,8 @@ mod tests {
         for (k, win) in w.iter().enumerate() {
             assert!(win.tokens.len() <= 8);
             assert_eq!(win.tokens[0], all[k * 7]);
-            targets.extend(win.tokens.iter().zip(&win.trained).filter(|(_, &f)| f).map(|(&t, _)| t));
+            targets
+                .extend(win.tokens.iter().zip(&win.trained).filter(|(_, &f)| f).map(|(&t, _)| t));
         }
         let mut expected = all[1..].to_vec();
         expected.push(EOS);

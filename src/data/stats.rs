@@ -83,20 +83,53 @@ impl fmt::Display for DataStats {
         if !self.files.is_empty() {
             row(f, "files", self.files.join(", "))?;
         }
-        let formats: Vec<String> = self.formats.iter().map(|(k, v)| format!("{} {}", k.name(), thousands(*v))).collect();
-        let ex = if formats.is_empty() { thousands(self.examples) } else { format!("{} ({})", thousands(self.examples), formats.join(", ")) };
+        let formats: Vec<String> =
+            self.formats.iter().map(|(k, v)| format!("{} {}", k.name(), thousands(*v))).collect();
+        let ex = if formats.is_empty() {
+            thousands(self.examples)
+        } else {
+            format!("{} ({})", thousands(self.examples), formats.join(", "))
+        };
         row(f, "examples", ex)?;
-        row(f, "tokens", format!("{} (longest example {})", thousands(self.tokens), thousands(self.longest_example)))?;
-        row(f, "trained tokens", format!("{} ({:.1}% masked)", thousands(self.trained_tokens), 100.0 * self.masked_fraction()))?;
+        row(
+            f,
+            "tokens",
+            format!(
+                "{} (longest example {})",
+                thousands(self.tokens),
+                thousands(self.longest_example)
+            ),
+        )?;
+        row(
+            f,
+            "trained tokens",
+            format!(
+                "{} ({:.1}% masked)",
+                thousands(self.trained_tokens),
+                100.0 * self.masked_fraction()
+            ),
+        )?;
         row(
             f,
             "truncated",
-            format!("{} examples, {} tokens lost (max_seq_len {})", thousands(self.truncated_examples), thousands(self.truncated_tokens), self.max_seq_len),
+            format!(
+                "{} examples, {} tokens lost (max_seq_len {})",
+                thousands(self.truncated_examples),
+                thousands(self.truncated_tokens),
+                self.max_seq_len
+            ),
         )?;
         if self.dropped_examples > 0 {
-            let why =
-                if self.dropped_by_truncation > 0 { format!(" ({} of them cut by truncation)", thousands(self.dropped_by_truncation)) } else { String::new() };
-            row(f, "dropped", format!("{} examples with nothing to train{why}", thousands(self.dropped_examples)))?;
+            let why = if self.dropped_by_truncation > 0 {
+                format!(" ({} of them cut by truncation)", thousands(self.dropped_by_truncation))
+            } else {
+                String::new()
+            };
+            row(
+                f,
+                "dropped",
+                format!("{} examples with nothing to train{why}", thousands(self.dropped_examples)),
+            )?;
         }
         row(f, "skipped bad rows", thousands(self.skipped_rows))?;
         for r in &self.skipped_reasons {
@@ -105,7 +138,11 @@ impl fmt::Display for DataStats {
         if self.skipped_rows > self.skipped_reasons.len() {
             writeln!(f, "    … and {} more", self.skipped_rows - self.skipped_reasons.len())?;
         }
-        row(f, "packed sequences", format!("{} ({:.1}% full)", thousands(self.packed_sequences), 100.0 * self.fill()))
+        row(
+            f,
+            "packed sequences",
+            format!("{} ({:.1}% full)", thousands(self.packed_sequences), 100.0 * self.fill()),
+        )
     }
 }
 

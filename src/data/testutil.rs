@@ -8,7 +8,8 @@ pub const BOS: i32 = 1;
 pub const EOS: i32 = 2;
 pub const IM_START: i32 = 3;
 pub const IM_END: i32 = 4;
-const SPECIALS: [(&str, i32); 4] = [("<s>", BOS), ("</s>", EOS), ("<|im_start|>", IM_START), ("<|im_end|>", IM_END)];
+const SPECIALS: [(&str, i32); 4] =
+    [("<s>", BOS), ("</s>", EOS), ("<|im_start|>", IM_START), ("<|im_end|>", IM_END)];
 const BYTE0: i32 = 10;
 const MERGED0: i32 = 300;
 
@@ -51,7 +52,11 @@ impl Tokenizer for FakeTok {
                     continue 'outer;
                 }
             }
-            if self.merge_space_letter && b[i] == b' ' && i + 1 < b.len() && b[i + 1].is_ascii_alphabetic() {
+            if self.merge_space_letter
+                && b[i] == b' '
+                && i + 1 < b.len()
+                && b[i + 1].is_ascii_alphabetic()
+            {
                 out.push(MERGED0 + b[i + 1] as i32);
                 i += 2;
                 continue;
@@ -91,7 +96,11 @@ impl Tokenizer for FakeTok {
         self.template != FakeTemplate::None
     }
 
-    fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, DataError> {
+    fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, DataError> {
         let mut s = String::new();
         match self.template {
             FakeTemplate::ChatMl => {

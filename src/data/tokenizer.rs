@@ -48,7 +48,11 @@ pub trait Tokenizer {
 
     /// Renders `messages` with the model's chat template; with `add_generation_prompt` the
     /// text ends with the header that opens an assistant turn.
-    fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, DataError>;
+    fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, DataError>;
 
     /// The text of `tokens` (special tokens rendered), invalid UTF-8 replaced.
     fn decode(&self, tokens: &[i32]) -> String {

@@ -34,7 +34,12 @@ pub enum TaskItem {
 /// The language-model operations accuracy needs (llama.cpp in grit; a table in tests).
 pub trait TaskModel {
     /// Greedy continuation of `prompt` (BOS added as the model wants).
-    fn greedy(&mut self, prompt: &str, max_new: usize, stop: &[String]) -> Result<String, EvalError>;
+    fn greedy(
+        &mut self,
+        prompt: &str,
+        max_new: usize,
+        stop: &[String],
+    ) -> Result<String, EvalError>;
     /// Σ log p(continuation | prompt).
     fn loglik(&mut self, prompt: &str, continuation: &str) -> Result<f64, EvalError>;
 }
@@ -57,8 +62,16 @@ pub struct Accuracy {
 
 /// Lower-case, punctuation removed, articles dropped, whitespace collapsed.
 pub fn normalize(s: &str) -> String {
-    let lower: String = s.to_lowercase().chars().map(|c| if c.is_alphanumeric() || c.is_whitespace() { c } else { ' ' }).collect();
-    lower.split_whitespace().filter(|w| !matches!(*w, "a" | "an" | "the")).collect::<Vec<_>>().join(" ")
+    let lower: String = s
+        .to_lowercase()
+        .chars()
+        .map(|c| if c.is_alphanumeric() || c.is_whitespace() { c } else { ' ' })
+        .collect();
+    lower
+        .split_whitespace()
+        .filter(|w| !matches!(*w, "a" | "an" | "the"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 pub fn exact_match(pred: &str, reference: &str) -> bool {
@@ -81,7 +94,9 @@ pub fn contains_match(pred: &str, reference: &str) -> bool {
 fn field<'a>(v: &'a Value, loc: &str, key: &str) -> Result<&'a str, EvalError> {
     match v.get(key) {
         Some(Value::String(s)) => Ok(s),
-        Some(other) => Err(EvalError::Task(format!("{loc}: field '{key}' is not a string (found {other})"))),
+        Some(other) => {
+            Err(EvalError::Task(format!("{loc}: field '{key}' is not a string (found {other})")))
+        }
         None => Err(EvalError::Task(format!("{loc}: field '{key}' is missing"))),
     }
 }
@@ -98,36 +113,61 @@ pub fn parse_item(v: &Value, loc: &str, tok: &dyn Tokenizer) -> Result<TaskItem,
         let choices = items
             .iter()
             .enumerate()
-            .map(|(i, c)| c.as_str().map(str::to_string).ok_or_else(|| EvalError::Task(format!("{loc}: field 'choices[{i}]' is not a string"))))
+            .map(|(i, c)| {
+                c.as_str().map(str::to_string).ok_or_else(|| {
+                    EvalError::Task(format!("{loc}: field 'choices[{i}]' is not a string"))
+                })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         if choices.len() < 2 {
-            return Err(EvalError::Task(format!("{loc}: field 'choices' needs at least 2 choices")));
+            return Err(EvalError::Task(format!(
+                "{loc}: field 'choices' needs at least 2 choices"
+            )));
         }
         let prompt = field(v, loc, "prompt")?.to_string();
         let answer = match v.get("answer") {
             Some(Value::Number(n)) => match n.as_u64() {
                 Some(k) if (k as usize) < choices.len() => k as usize,
-                _ => return Err(EvalError::Task(format!("{loc}: field 'answer' {n} is not an index into the {} choices", choices.len()))),
+                _ => {
+                    return Err(EvalError::Task(format!(
+                        "{loc}: field 'answer' {n} is not an index into the {} choices",
+                        choices.len()
+                    )))
+                }
             },
-            Some(Value::String(s)) => choices
-                .iter()
-                .position(|c| c == s || c.trim() == s.trim())
-                .ok_or_else(|| EvalError::Task(format!("{loc}: field 'answer' \"{s}\" is none of the choices")))?,
-            Some(other) => return Err(EvalError::Task(format!("{loc}: field 'answer' must be an index or a choice (found {other})"))),
+            Some(Value::String(s)) => {
+                choices.iter().position(|c| c == s || c.trim() == s.trim()).ok_or_else(|| {
+                    EvalError::Task(format!("{loc}: field 'answer' \"{s}\" is none of the choices"))
+                })?
+            }
+            Some(other) => {
+                return Err(EvalError::Task(format!(
+                    "{loc}: field 'answer' must be an index or a choice (found {other})"
+                )))
+            }
             None => return Err(EvalError::Task(format!("{loc}: field 'answer' is missing"))),
         };
         return Ok(TaskItem::Choice { prompt, choices, answer });
     }
-    let chat =
-        |msgs: Vec<ChatMessage>| -> Result<String, EvalError> { tok.apply_chat_template(&msgs, true).map_err(|e| EvalError::Task(format!("{loc}: {e}"))) };
+    let chat = |msgs: Vec<ChatMessage>| -> Result<String, EvalError> {
+        tok.apply_chat_template(&msgs, true).map_err(|e| EvalError::Task(format!("{loc}: {e}")))
+    };
     if let Some(m) = v.get("messages") {
         let Value::Array(items) = m else {
             return Err(EvalError::Task(format!("{loc}: field 'messages' is not an array")));
         };
         let mut msgs = Vec::new();
         for (i, it) in items.iter().enumerate() {
-            let role = field(it, loc, "role").map_err(|_| EvalError::Task(format!("{loc}: field 'messages[{i}].role' is missing or not a string")))?;
-            let content = field(it, loc, "content").map_err(|_| EvalError::Task(format!("{loc}: field 'messages[{i}].content' is missing or not a string")))?;
+            let role = field(it, loc, "role").map_err(|_| {
+                EvalError::Task(format!(
+                    "{loc}: field 'messages[{i}].role' is missing or not a string"
+                ))
+            })?;
+            let content = field(it, loc, "content").map_err(|_| {
+                EvalError::Task(format!(
+                    "{loc}: field 'messages[{i}].content' is missing or not a string"
+                ))
+            })?;
             msgs.push(ChatMessage::new(role, content));
         }
         let Some(last) = msgs.pop() else {
@@ -146,7 +186,11 @@ pub fn parse_item(v: &Value, loc: &str, tok: &dyn Tokenizer) -> Result<TaskItem,
         };
         let user = if input.is_empty() { ins.to_string() } else { format!("{ins}\n\n{input}") };
         let answer = field(v, loc, "output")?.to_string();
-        let prompt = if tok.has_chat_template() { chat(vec![ChatMessage::new("user", user)])? } else { crate::data::render::alpaca_prompt(None, ins, input) };
+        let prompt = if tok.has_chat_template() {
+            chat(vec![ChatMessage::new("user", user)])?
+        } else {
+            crate::data::render::alpaca_prompt(None, ins, input)
+        };
         return Ok(TaskItem::Generate { prompt, answer });
     }
     if v.get("prompt").is_some() {
@@ -161,9 +205,14 @@ pub fn parse_item(v: &Value, loc: &str, tok: &dyn Tokenizer) -> Result<TaskItem,
 }
 
 /// Reads a task file (JSONL); errors name `file:line` and the field.
-pub fn load_items(path: &std::path::Path, tok: &dyn Tokenizer, limit: usize) -> Result<Vec<TaskItem>, EvalError> {
+pub fn load_items(
+    path: &std::path::Path,
+    tok: &dyn Tokenizer,
+    limit: usize,
+) -> Result<Vec<TaskItem>, EvalError> {
     let name = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| EvalError::Task(format!("{name}: {e}")))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| EvalError::Task(format!("{name}: {e}")))?;
     let mut items = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -173,7 +222,9 @@ pub fn load_items(path: &std::path::Path, tok: &dyn Tokenizer, limit: usize) -> 
             break;
         }
         let loc = format!("{name}:{}", i + 1);
-        let v: Value = serde_json::from_str(line).map_err(|e| EvalError::Task(format!("{loc}: invalid JSON at column {}: {e}", e.column())))?;
+        let v: Value = serde_json::from_str(line).map_err(|e| {
+            EvalError::Task(format!("{loc}: invalid JSON at column {}: {e}", e.column()))
+        })?;
         items.push(parse_item(&v, &loc, tok)?);
     }
     if items.is_empty() {
@@ -243,7 +294,12 @@ mod tests {
     }
 
     impl TaskModel for Table {
-        fn greedy(&mut self, prompt: &str, _max_new: usize, stop: &[String]) -> Result<String, EvalError> {
+        fn greedy(
+            &mut self,
+            prompt: &str,
+            _max_new: usize,
+            stop: &[String],
+        ) -> Result<String, EvalError> {
             let mut s = self.answers.get(prompt).cloned().unwrap_or_default();
             for st in stop {
                 if let Some(p) = s.find(st.as_str()) {
@@ -279,13 +335,16 @@ mod tests {
             r#"{"prompt": "Q:", "choices": [" yes", " no"], "answer": " yes"}"#,
         ];
         let tok = FakeTok::chatml();
-        let items: Vec<TaskItem> = rows.iter().map(|r| parse_item(&serde_json::from_str(r).unwrap(), "t:1", &tok).unwrap()).collect();
+        let items: Vec<TaskItem> = rows
+            .iter()
+            .map(|r| parse_item(&serde_json::from_str(r).unwrap(), "t:1", &tok).unwrap())
+            .collect();
         let mut m = Table {
             answers: [
                 ("Capital of France?", "Paris"),           // exact
-                ("2+2=", " 4.\nand more"),                 // contains (after the stop: normalized too)
+                ("2+2=", " 4.\nand more"), // contains (after the stop: normalized too)
                 ("Color of the sky?", "The sky is blue."), // contains only
-                ("Largest planet?", "Saturn"),             // wrong
+                ("Largest planet?", "Saturn"), // wrong
             ]
             .iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
@@ -315,7 +374,9 @@ mod tests {
     fn chat_rows_use_the_template_and_bad_rows_name_the_field() {
         let tok = FakeTok::chatml();
         let v = serde_json::json!({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]});
-        let TaskItem::Generate { prompt, answer } = parse_item(&v, "f:3", &tok).unwrap() else { panic!() };
+        let TaskItem::Generate { prompt, answer } = parse_item(&v, "f:3", &tok).unwrap() else {
+            panic!()
+        };
         assert_eq!(answer, "Hello");
         assert!(prompt.contains("Hi") && !prompt.contains("Hello"), "{prompt}");
         let bad = [
@@ -327,7 +388,9 @@ mod tests {
             (r#"{"foo": 1}"#, "unknown task row"),
         ];
         for (row, want) in bad {
-            let e = parse_item(&serde_json::from_str(row).unwrap(), "f:3", &tok).unwrap_err().to_string();
+            let e = parse_item(&serde_json::from_str(row).unwrap(), "f:3", &tok)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("f:3") && e.contains(want), "{e}");
         }
     }

@@ -67,7 +67,14 @@ pub fn adapter_drift(adapter: &Adapter, user_scale: f32) -> AdapterDrift {
         .iter()
         .map(|m| ModuleDrift {
             // A is [r × d_in] and B [d_out × r], row-major, as in the GGUF file.
-            norm: update_norm(&m.a, &m.b, m.rank, m.d_in, m.d_out, m.scale as f64 * user_scale as f64),
+            norm: update_norm(
+                &m.a,
+                &m.b,
+                m.rank,
+                m.d_in,
+                m.d_out,
+                m.scale as f64 * user_scale as f64,
+            ),
             name: m.base.clone(),
             rank: m.rank,
             d_in: m.d_in,
@@ -92,7 +99,12 @@ pub fn module_order(name: &str) -> (usize, usize, String) {
 
 /// Writes a checkpoint's adapter (A, B of every module) as a llama.cpp LoRA GGUF with the
 /// scale `scale` folded into B (alpha 0, so llama.cpp applies it at scale 1), atomically.
-pub fn checkpoint_to_gguf(ck: &Checkpoint, arch: &str, scale: f32, out: &Path) -> Result<(), EvalError> {
+pub fn checkpoint_to_gguf(
+    ck: &Checkpoint,
+    arch: &str,
+    scale: f32,
+    out: &Path,
+) -> Result<(), EvalError> {
     let mut w = crate::ggml::GgufWriter::new();
     w.set_str("general.architecture", arch);
     w.set_str("general.type", "adapter");
@@ -105,17 +117,26 @@ pub fn checkpoint_to_gguf(ck: &Checkpoint, arch: &str, scale: f32, out: &Path) -
         let Some(base) = t.name.strip_suffix(".lora_a") else {
             continue;
         };
-        let b = ck.tensor(&format!("{base}.lora_b")).ok_or_else(|| err(format!("checkpoint step {}: {base}.lora_b is missing", ck.step)))?;
+        let b = ck
+            .tensor(&format!("{base}.lora_b"))
+            .ok_or_else(|| err(format!("checkpoint step {}: {base}.lora_b is missing", ck.step)))?;
         // Checkpoint shapes (row-major): A [r, d_in], B [d_out, r].
         let (&[r, d_in], &[d_out, rb]) = (t.shape.as_slice(), b.shape.as_slice()) else {
-            return Err(err(format!("checkpoint step {}: {base}: unexpected shapes {:?} / {:?}", ck.step, t.shape, b.shape)));
+            return Err(err(format!(
+                "checkpoint step {}: {base}: unexpected shapes {:?} / {:?}",
+                ck.step, t.shape, b.shape
+            )));
         };
         if r != rb {
-            return Err(err(format!("checkpoint step {}: {base}: ranks {r} and {rb} differ", ck.step)));
+            return Err(err(format!(
+                "checkpoint step {}: {base}: ranks {r} and {rb} differ",
+                ck.step
+            )));
         }
         let bs: Vec<f32> = b.data.iter().map(|x| x * scale).collect();
         w.add_f32(&t.name, &[d_in as i64, r as i64], &t.data).map_err(|e| err(e.to_string()))?;
-        w.add_f32(&format!("{base}.lora_b"), &[r as i64, d_out as i64], &bs).map_err(|e| err(e.to_string()))?;
+        w.add_f32(&format!("{base}.lora_b"), &[r as i64, d_out as i64], &bs)
+            .map_err(|e| err(e.to_string()))?;
         n += 1;
     }
     if n == 0 {
@@ -154,9 +175,21 @@ mod tests {
     #[test]
     fn checkpoints_round_trip_through_gguf() {
         use crate::train::checkpoint::NamedTensor;
-        let a = NamedTensor { name: "blk.0.attn_q.weight.lora_a".into(), shape: vec![2, 3], data: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0] };
-        let b = NamedTensor { name: "blk.0.attn_q.weight.lora_b".into(), shape: vec![4, 2], data: vec![0.5; 8] };
-        let ck = Checkpoint { step: 7, tensors: vec![a.clone(), b.clone()], state: serde_json::json!({}) };
+        let a = NamedTensor {
+            name: "blk.0.attn_q.weight.lora_a".into(),
+            shape: vec![2, 3],
+            data: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+        };
+        let b = NamedTensor {
+            name: "blk.0.attn_q.weight.lora_b".into(),
+            shape: vec![4, 2],
+            data: vec![0.5; 8],
+        };
+        let ck = Checkpoint {
+            step: 7,
+            tensors: vec![a.clone(), b.clone()],
+            state: serde_json::json!({}),
+        };
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("ck.gguf");
         checkpoint_to_gguf(&ck, "llama", 2.0, &p).unwrap();

@@ -59,7 +59,8 @@ fn linear(x: &[f64], y: &[f64]) -> (f64, f64, f64) {
 /// Minimizes `f` over [lo, hi]: a grid of `n` points, then golden-section search around the best.
 fn minimize(lo: f64, hi: f64, n: usize, f: impl Fn(f64) -> f64) -> f64 {
     let step = (hi - lo) / (n - 1) as f64;
-    let best = (0..n).map(|i| lo + step * i as f64).min_by(|a, b| f(*a).total_cmp(&f(*b))).unwrap_or(lo);
+    let best =
+        (0..n).map(|i| lo + step * i as f64).min_by(|a, b| f(*a).total_cmp(&f(*b))).unwrap_or(lo);
     let (mut a, mut b) = ((best - step).max(lo), (best + step).min(hi));
     let g = (5f64.sqrt() - 1.0) / 2.0;
     for _ in 0..60 {
@@ -82,10 +83,14 @@ fn minimize(lo: f64, hi: f64, n: usize, f: impl Fn(f64) -> f64) -> f64 {
 /// Fits L(D) = L0 + a·D^β/(1 + γ_r·r_eff) + E to `points` (D, L) with `l0` the base loss.
 /// `r_eff` (one per point) enables the curvature factor; None fits the plain power law.
 pub fn fit_law(l0: f64, points: &[(f64, f64)], r_eff: Option<&[f64]>) -> Result<LawFit, EvalError> {
-    let pts: Vec<(usize, f64, f64)> = points.iter().enumerate().filter(|(_, p)| p.0 > 0.0).map(|(i, p)| (i, p.0, p.1)).collect();
+    let pts: Vec<(usize, f64, f64)> =
+        points.iter().enumerate().filter(|(_, p)| p.0 > 0.0).map(|(i, p)| (i, p.0, p.1)).collect();
     let need = MIN_POINTS + usize::from(r_eff.is_some());
     if pts.len() < need {
-        return Err(EvalError::Retention(format!("the forgetting-law fit needs at least {need} checkpoints with D > 0, got {}", pts.len())));
+        return Err(EvalError::Retention(format!(
+            "the forgetting-law fit needs at least {need} checkpoints with D > 0, got {}",
+            pts.len()
+        )));
     }
     if pts.iter().any(|p| !p.1.is_finite() || !p.2.is_finite()) || !l0.is_finite() {
         return Err(EvalError::Retention("a loss or token count is not finite".into()));
@@ -98,7 +103,11 @@ pub fn fit_law(l0: f64, points: &[(f64, f64)], r_eff: Option<&[f64]>) -> Result<
         None => vec![0.0; pts.len()],
     };
     let sse_at = |beta: f64, gamma: f64| -> (f64, f64, f64) {
-        let x: Vec<f64> = pts.iter().zip(&rr).map(|(p, r)| (p.1 / d_ref).powf(beta) / (1.0 + gamma * r)).collect();
+        let x: Vec<f64> = pts
+            .iter()
+            .zip(&rr)
+            .map(|(p, r)| (p.1 / d_ref).powf(beta) / (1.0 + gamma * r))
+            .collect();
         linear(&x, &y)
     };
     let best_beta = |gamma: f64| minimize(1e-3, 3.0, 61, |b| sse_at(b, gamma).2);
@@ -125,7 +134,16 @@ pub fn fit_law(l0: f64, points: &[(f64, f64)], r_eff: Option<&[f64]>) -> Result<
     } else {
         0.0
     };
-    Ok(LawFit { l0, a: a_scaled / d_ref.powf(beta), beta, e, gamma_r: gamma, r2, rmse: (sse / y.len() as f64).sqrt(), n: y.len() })
+    Ok(LawFit {
+        l0,
+        a: a_scaled / d_ref.powf(beta),
+        beta,
+        e,
+        gamma_r: gamma,
+        r2,
+        rmse: (sse / y.len() as f64).sqrt(),
+        n: y.len(),
+    })
 }
 
 #[cfg(test)]

@@ -198,7 +198,10 @@ pub struct Retention {
 
 /// The row name of an adapter: its run folder for `RUN/adapter.gguf`, else the file stem.
 pub fn adapter_name(p: &Path) -> String {
-    let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string());
+    let stem = p
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| p.display().to_string());
     if stem == "adapter" {
         if let Some(parent) = p.parent().and_then(|d| d.file_name()) {
             return parent.to_string_lossy().into_owned();
@@ -210,7 +213,11 @@ pub fn adapter_name(p: &Path) -> String {
 /// Whether a file is read as plain text (llama.cpp windows) rather than JSON rows: the same
 /// rule as the training data pipeline (extension, else the first character).
 fn is_plain_text(path: &Path, head: &str) -> bool {
-    let ext = path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).unwrap_or_default();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase())
+        .unwrap_or_default();
     match ext.as_str() {
         "txt" | "text" | "md" => true,
         "jsonl" | "ndjson" | "json" => false,
@@ -219,27 +226,54 @@ fn is_plain_text(path: &Path, head: &str) -> bool {
 }
 
 /// Tokenizes a set into scored sequences (see the module docs).
-pub fn prepare_set(model: &Model, path: &Path, opts: &EvalOptions, max_examples: usize) -> Result<Vec<ScoredSeq>, EvalError> {
-    let bytes = std::fs::read(path).map_err(|e| EvalError::Text { path: path.into(), msg: e.to_string() })?;
+pub fn prepare_set(
+    model: &Model,
+    path: &Path,
+    opts: &EvalOptions,
+    max_examples: usize,
+) -> Result<Vec<ScoredSeq>, EvalError> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| EvalError::Text { path: path.into(), msg: e.to_string() })?;
     let head = String::from_utf8_lossy(&bytes[..bytes.len().min(4096)]).into_owned();
     let mut seqs = if is_plain_text(path, &head) {
-        let text = String::from_utf8(bytes)
-            .map_err(|e| EvalError::Text { path: path.into(), msg: format!("invalid UTF-8 at byte {}", e.utf8_error().valid_up_to()) })?;
+        let text = String::from_utf8(bytes).map_err(|e| EvalError::Text {
+            path: path.into(),
+            msg: format!("invalid UTF-8 at byte {}", e.utf8_error().valid_up_to()),
+        })?;
         // llama.cpp's perplexity tool: tokenize with the model's special tokens added (BOS),
         // without parsing special-token text.
-        let tokens: Vec<i32> = model.inner.vocab().tokenize(text.as_bytes(), true, false).into_iter().map(|t| t.0).collect();
+        let tokens: Vec<i32> = model
+            .inner
+            .vocab()
+            .tokenize(text.as_bytes(), true, false)
+            .into_iter()
+            .map(|t| t.0)
+            .collect();
         let w = score::text_windows(&tokens, opts.ctx, Tokenizer::bos(model));
         if w.is_empty() {
             return Err(EvalError::Text {
                 path: path.into(),
-                msg: format!("{} tokens is less than one window of --ctx {} tokens; lower --ctx", tokens.len(), opts.ctx),
+                msg: format!(
+                    "{} tokens is less than one window of --ctx {} tokens; lower --ctx",
+                    tokens.len(),
+                    opts.ctx
+                ),
             });
         }
         w
     } else {
-        let cfg = DataConfig { max_seq_len: opts.ctx, train_on_prompt: opts.train_on_prompt, skip_bad_rows: opts.skip_bad_rows, seed: 0, pack: false };
+        let cfg = DataConfig {
+            max_seq_len: opts.ctx,
+            train_on_prompt: opts.train_on_prompt,
+            skip_bad_rows: opts.skip_bad_rows,
+            seed: 0,
+            pack: false,
+        };
         let ds = crate::data::load_file(path, model, &cfg)?;
-        ds.examples.into_iter().map(|e| ScoredSeq { targets: score::example_targets(&e.trained), tokens: e.tokens }).collect()
+        ds.examples
+            .into_iter()
+            .map(|e| ScoredSeq { targets: score::example_targets(&e.trained), tokens: e.tokens })
+            .collect()
     };
     if max_examples > 0 {
         seqs.truncate(max_examples);
@@ -250,7 +284,13 @@ pub fn prepare_set(model: &Model, path: &Path, opts: &EvalOptions, max_examples:
 fn set_scores(accs: &[Acc]) -> Vec<SetScores> {
     let base_ppl = accs[0].perplexity();
     accs.iter()
-        .map(|a| SetScores { tokens: a.n, loss: a.loss(), perplexity: a.perplexity(), kl: a.mean_kl(), perplexity_change: a.perplexity() - base_ppl })
+        .map(|a| SetScores {
+            tokens: a.n,
+            loss: a.loss(),
+            perplexity: a.perplexity(),
+            kl: a.mean_kl(),
+            perplexity_change: a.perplexity() - base_ppl,
+        })
         .collect()
 }
 
@@ -261,7 +301,12 @@ struct LlamaTask<'a, 'm> {
 }
 
 impl TaskModel for LlamaTask<'_, '_> {
-    fn greedy(&mut self, prompt: &str, max_new: usize, stop: &[String]) -> Result<String, EvalError> {
+    fn greedy(
+        &mut self,
+        prompt: &str,
+        max_new: usize,
+        stop: &[String],
+    ) -> Result<String, EvalError> {
         let toks = Tokenizer::tokenize(self.model, prompt, true);
         self.scorer.greedy(&toks, max_new, stop)
     }
@@ -295,18 +340,32 @@ fn progress_line(enabled: bool, what: &str) -> impl FnMut(usize, usize) + '_ {
 /// Evaluates the base and each source adapter (see the module docs).
 fn evaluate_sources(opts: &EvalOptions, sources: &[Source]) -> Result<Vec<EvalRow>, EvalError> {
     if opts.ctx < 8 {
-        return Err(EvalError::Option { name: "--ctx", msg: format!("{} must be at least 8", opts.ctx) });
+        return Err(EvalError::Option {
+            name: "--ctx",
+            msg: format!("{} must be at least 8", opts.ctx),
+        });
     }
     if opts.data.is_none() && opts.task.is_none() && opts.general.is_none() {
-        return Err(EvalError::Option { name: "--data", msg: "nothing to evaluate: pass --data FILE (and/or --general, --task)".into() });
+        return Err(EvalError::Option {
+            name: "--data",
+            msg: "nothing to evaluate: pass --data FILE (and/or --general, --task)".into(),
+        });
     }
-    let mut model = Model::load(&opts.model, &LoadOptions { n_gpu_layers: opts.gpu_layers, device: opts.device })?;
+    let mut model = Model::load(
+        &opts.model,
+        &LoadOptions { n_gpu_layers: opts.gpu_layers, device: opts.device },
+    )?;
     let mut adapters: Vec<LlamaLoraAdapter> = Vec::with_capacity(sources.len());
     let mut drifts: Vec<AdapterDrift> = Vec::with_capacity(sources.len());
     for s in sources {
         // Validated against the base model before llama.cpp sees it; the drift uses that reading.
         let (lora, adapter) = model.load_checked_adapter(&s.path)?;
-        if let Some(warning) = crate::adapter::check_provenance(&adapter.provenance, &s.path, &opts.model, opts.base_mismatch)? {
+        if let Some(warning) = crate::adapter::check_provenance(
+            &adapter.provenance,
+            &s.path,
+            &opts.model,
+            opts.base_mismatch,
+        )? {
             eprintln!("grit: warning: {warning}");
         }
         drifts.push(drift::adapter_drift(&adapter, opts.adapter_scale));
@@ -320,15 +379,31 @@ fn evaluate_sources(opts: &EvalOptions, sources: &[Source]) -> Result<Vec<EvalRo
     if let Some(p) = &opts.data {
         let seqs = prepare_set(model, p, opts, opts.max_examples)?;
         let what = format!("{} ({} sequences × {n_rows} rows)", p.display(), seqs.len());
-        let accs = score::score_all(&mut scorer, &mut adapters, opts.adapter_scale, &seqs, progress_line(opts.progress, &what))?;
+        let accs = score::score_all(
+            &mut scorer,
+            &mut adapters,
+            opts.adapter_scale,
+            &seqs,
+            progress_line(opts.progress, &what),
+        )?;
         data_scores = Some(set_scores(&accs));
     }
     let mut general_scores: Option<Vec<SetScores>> = None;
     if let Some(p) = &opts.general {
-        let n = if opts.general_max_examples > 0 { opts.general_max_examples } else { opts.max_examples };
+        let n = if opts.general_max_examples > 0 {
+            opts.general_max_examples
+        } else {
+            opts.max_examples
+        };
         let seqs = prepare_set(model, p, opts, n)?;
         let what = format!("{} ({} sequences × {n_rows} rows)", p.display(), seqs.len());
-        let accs = score::score_all(&mut scorer, &mut adapters, opts.adapter_scale, &seqs, progress_line(opts.progress, &what))?;
+        let accs = score::score_all(
+            &mut scorer,
+            &mut adapters,
+            opts.adapter_scale,
+            &seqs,
+            progress_line(opts.progress, &what),
+        )?;
         general_scores = Some(set_scores(&accs));
     }
     let mut accuracies: Option<Vec<Accuracy>> = None;
@@ -339,7 +414,13 @@ fn evaluate_sources(opts: &EvalOptions, sources: &[Source]) -> Result<Vec<EvalRo
             scorer.use_adapter(&mut adapters, r.checked_sub(1), opts.adapter_scale)?;
             let what = format!("{} row {}/{n_rows}", p.display(), r + 1);
             let mut tm = LlamaTask { scorer: &mut scorer, model };
-            v.push(accuracy::score(&mut tm, &items, opts.max_new_tokens, &opts.stop, progress_line(opts.progress, &what))?);
+            v.push(accuracy::score(
+                &mut tm,
+                &items,
+                opts.max_new_tokens,
+                &opts.stop,
+                progress_line(opts.progress, &what),
+            )?);
         }
         accuracies = Some(v);
     }
@@ -369,7 +450,13 @@ fn evaluate_sources(opts: &EvalOptions, sources: &[Source]) -> Result<Vec<EvalRo
             trainable_params: Some(dr.map(|d| d.params()).unwrap_or(0)),
             train_tokens_per_s: src.and_then(|s| s.train_tokens_per_s),
             step: src.and_then(|s| s.step),
-            train_tokens: src.and_then(|s| s.train_tokens).or(if src.is_none() && sources.iter().any(|s| s.train_tokens.is_some()) { Some(0) } else { None }),
+            train_tokens: src.and_then(|s| s.train_tokens).or(
+                if src.is_none() && sources.iter().any(|s| s.train_tokens.is_some()) {
+                    Some(0)
+                } else {
+                    None
+                },
+            ),
         });
     }
     Ok(rows)
@@ -385,7 +472,13 @@ pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport, EvalError> {
     let sources: Vec<Source> = opts
         .adapters
         .iter()
-        .map(|p| Source { name: adapter_name(p), path: p.clone(), step: None, train_tokens: None, train_tokens_per_s: run_tokens_per_s(p) })
+        .map(|p| Source {
+            name: adapter_name(p),
+            path: p.clone(),
+            step: None,
+            train_tokens: None,
+            train_tokens_per_s: run_tokens_per_s(p),
+        })
         .collect();
     Ok(EvalReport { rows: evaluate_sources(opts, &sources)?, retention: None })
 }
@@ -393,11 +486,16 @@ pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport, EvalError> {
 /// A run's metrics.jsonl rows (unparseable lines are reported).
 pub fn read_metrics(run: &Path) -> Result<Vec<serde_json::Value>, EvalError> {
     let p = run.join(crate::rundir::METRICS);
-    let text = std::fs::read_to_string(&p).map_err(|e| EvalError::Retention(format!("{}: {e}", p.display())))?;
+    let text = std::fs::read_to_string(&p)
+        .map_err(|e| EvalError::Retention(format!("{}: {e}", p.display())))?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).map_err(|e| EvalError::Retention(format!("{}:{}: invalid JSON: {e}", p.display(), i + 1))))
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| {
+                EvalError::Retention(format!("{}:{}: invalid JSON: {e}", p.display(), i + 1))
+            })
+        })
         .collect()
 }
 
@@ -405,7 +503,9 @@ pub fn read_metrics(run: &Path) -> Result<Vec<serde_json::Value>, EvalError> {
 pub fn tokens_through(metrics: &[serde_json::Value], step: usize) -> u64 {
     metrics
         .iter()
-        .filter(|r| r.get("loss").is_some() && r["step"].as_u64().is_some_and(|s| s as usize <= step))
+        .filter(|r| {
+            r.get("loss").is_some() && r["step"].as_u64().is_some_and(|s| s as usize <= step)
+        })
         .map(|r| r["tokens"].as_u64().unwrap_or(0))
         .sum()
 }
@@ -415,7 +515,9 @@ pub fn tokens_through(metrics: &[serde_json::Value], step: usize) -> u64 {
 pub fn eff_rank_at(metrics: &[serde_json::Value], step: usize, initial: f64) -> f64 {
     metrics
         .iter()
-        .filter(|r| r["event"] == "reproject" && r["step"].as_u64().is_some_and(|s| s as usize <= step))
+        .filter(|r| {
+            r["event"] == "reproject" && r["step"].as_u64().is_some_and(|s| s as usize <= step)
+        })
         .map(|r| crate::report::per_module(&r["eff_rank"]).1)
         .filter(|v| !v.is_empty())
         .map(|v| v.iter().sum::<f64>() / v.len() as f64)
@@ -427,19 +529,37 @@ pub fn eff_rank_at(metrics: &[serde_json::Value], step: usize, initial: f64) -> 
 /// adapter, and the forgetting law fitted to their loss on `--data`.
 pub fn retention(opts: &EvalOptions, run: &Path) -> Result<EvalReport, EvalError> {
     if opts.data.is_none() {
-        return Err(EvalError::Option { name: "--data", msg: "--retention needs --data general.txt (the set whose loss is tracked)".into() });
+        return Err(EvalError::Option {
+            name: "--data",
+            msg: "--retention needs --data general.txt (the set whose loss is tracked)".into(),
+        });
     }
     let cfg_path = run.join(crate::rundir::CONFIG);
-    let cfg = crate::train::config::TrainConfig::from_toml_file(&cfg_path)
-        .map_err(|e| EvalError::Retention(format!("{}: not a grit run folder: {e}", run.display())))?;
+    let cfg = crate::train::config::TrainConfig::from_toml_file(&cfg_path).map_err(|e| {
+        EvalError::Retention(format!("{}: not a grit run folder: {e}", run.display()))
+    })?;
     let metrics = read_metrics(run)?;
     let ck_dir = run.join(crate::rundir::CHECKPOINTS);
     let mut steps: Vec<usize> = std::fs::read_dir(&ck_dir)
-        .map(|rd| rd.filter_map(|e| e.ok()).filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("step-")).and_then(|n| n.parse().ok())).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()
+                        .and_then(|n| n.strip_prefix("step-"))
+                        .and_then(|n| n.parse().ok())
+                })
+                .collect()
+        })
         .unwrap_or_default();
     steps.sort_unstable();
     let final_adapter = run.join(crate::rundir::ADAPTER);
-    let final_step = metrics.iter().filter(|r| r.get("loss").is_some()).filter_map(|r| r["step"].as_u64()).max().map(|s| s as usize);
+    let final_step = metrics
+        .iter()
+        .filter(|r| r.get("loss").is_some())
+        .filter_map(|r| r["step"].as_u64())
+        .max()
+        .map(|s| s as usize);
     let n_points = steps.len() + usize::from(final_adapter.is_file());
     if n_points < fit::MIN_POINTS {
         return Err(EvalError::Retention(format!(
@@ -455,11 +575,15 @@ pub fn retention(opts: &EvalOptions, run: &Path) -> Result<EvalReport, EvalError
     let scale = cfg.scale_for_rank(cfg.rank);
     let tmp = crate::tempdir::TempDir::new_in(&std::env::temp_dir(), "grit-retention")
         .map_err(|e| EvalError::Retention(format!("{}: {e}", std::env::temp_dir().display())))?;
-    let run_name = run.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| run.display().to_string());
+    let run_name = run
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| run.display().to_string());
     let mut sources = Vec::new();
     for &s in &steps {
         let dir = crate::train::checkpoint::step_dir(&ck_dir, s);
-        let ck = crate::train::checkpoint::Checkpoint::load(&dir).map_err(|e| EvalError::Retention(e.to_string()))?;
+        let ck = crate::train::checkpoint::Checkpoint::load(&dir)
+            .map_err(|e| EvalError::Retention(e.to_string()))?;
         let path = tmp.path().join(format!("step-{s}.gguf"));
         drift::checkpoint_to_gguf(&ck, &arch, scale, &path)?;
         sources.push(Source {
@@ -486,17 +610,25 @@ pub fn retention(opts: &EvalOptions, run: &Path) -> Result<EvalReport, EvalError
     // The adapter paths of checkpoints point into the temporary folder: name the checkpoint.
     for (row, s) in rows.iter_mut().skip(1).zip(&sources) {
         if s.path.starts_with(tmp.path()) {
-            row.adapter = s.step.map(|k| crate::train::checkpoint::step_dir(&ck_dir, k).display().to_string());
+            row.adapter = s
+                .step
+                .map(|k| crate::train::checkpoint::step_dir(&ck_dir, k).display().to_string());
         }
     }
     let l0 = rows[0].loss.unwrap_or(f64::NAN);
-    let points: Vec<(f64, f64)> = rows[1..].iter().map(|r| (r.train_tokens.unwrap_or(0) as f64, r.loss.unwrap_or(f64::NAN))).collect();
+    let points: Vec<(f64, f64)> = rows[1..]
+        .iter()
+        .map(|r| (r.train_tokens.unwrap_or(0) as f64, r.loss.unwrap_or(f64::NAN)))
+        .collect();
     let power_law = fit::fit_law(l0, &points, None)?;
     let has_ranks = metrics.iter().any(|r| r["event"] == "reproject");
     let (curvature, curvature_note) = if !has_ranks {
         (None, Some("the run recorded no effective ranks (no reprojection events): the curvature factor is not fitted".to_string()))
     } else {
-        let r_eff: Vec<f64> = rows[1..].iter().map(|r| eff_rank_at(&metrics, r.step.unwrap_or(0), cfg.rank as f64)).collect();
+        let r_eff: Vec<f64> = rows[1..]
+            .iter()
+            .map(|r| eff_rank_at(&metrics, r.step.unwrap_or(0), cfg.rank as f64))
+            .collect();
         match fit::fit_law(l0, &points, Some(&r_eff)) {
             Ok(f) => (
                 Some(f),
@@ -505,7 +637,15 @@ pub fn retention(opts: &EvalOptions, run: &Path) -> Result<EvalReport, EvalError
             Err(e) => (None, Some(e.to_string())),
         }
     };
-    Ok(EvalReport { rows, retention: Some(Retention { run: run.display().to_string(), power_law, curvature, curvature_note }) })
+    Ok(EvalReport {
+        rows,
+        retention: Some(Retention {
+            run: run.display().to_string(),
+            power_law,
+            curvature,
+            curvature_note,
+        }),
+    })
 }
 
 #[cfg(test)]

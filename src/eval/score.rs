@@ -100,14 +100,25 @@ impl<'m> Scorer<'m> {
     }
 
     /// Applies `adapters[k]` at `scale` (replacing any other), or with `None` the bare model.
-    pub fn use_adapter(&mut self, adapters: &mut [LlamaLoraAdapter], which: Option<usize>, scale: f32) -> Result<(), EvalError> {
+    pub fn use_adapter(
+        &mut self,
+        adapters: &mut [LlamaLoraAdapter],
+        which: Option<usize>,
+        scale: f32,
+    ) -> Result<(), EvalError> {
         if which == self.current {
             return Ok(());
         }
         match which {
-            Some(k) => self.ctx.lora_adapter_set(&mut adapters[k], scale).map_err(|e| EvalError::Llama(format!("cannot apply the adapter: {e}")))?,
+            Some(k) => self
+                .ctx
+                .lora_adapter_set(&mut adapters[k], scale)
+                .map_err(|e| EvalError::Llama(format!("cannot apply the adapter: {e}")))?,
             // llama-cpp-2 clears every adapter of the context; the argument is not used.
-            None => self.ctx.lora_adapter_remove(&mut adapters[0]).map_err(|e| EvalError::Llama(format!("cannot remove the adapter: {e}")))?,
+            None => self
+                .ctx
+                .lora_adapter_remove(&mut adapters[0])
+                .map_err(|e| EvalError::Llama(format!("cannot remove the adapter: {e}")))?,
         }
         self.current = which;
         Ok(())
@@ -119,9 +130,18 @@ impl<'m> Scorer<'m> {
 
     /// Decodes `tokens` from position 0 (cache cleared), asking logits at `want` (increasing
     /// positions), and calls `f(k, logits)` for the k-th wanted position.
-    pub fn logits(&mut self, tokens: &[i32], want: &[usize], mut f: impl FnMut(usize, &[f32])) -> Result<(), EvalError> {
+    pub fn logits(
+        &mut self,
+        tokens: &[i32],
+        want: &[usize],
+        mut f: impl FnMut(usize, &[f32]),
+    ) -> Result<(), EvalError> {
         if tokens.len() > self.n_ctx {
-            return Err(EvalError::Llama(format!("a sequence of {} tokens exceeds the context of {}", tokens.len(), self.n_ctx)));
+            return Err(EvalError::Llama(format!(
+                "a sequence of {} tokens exceeds the context of {}",
+                tokens.len(),
+                self.n_ctx
+            )));
         }
         self.ctx.clear_kv_cache();
         let n_batch = self.ctx.n_batch() as usize;
@@ -137,9 +157,13 @@ impl<'m> Scorer<'m> {
                 if out {
                     w += 1;
                 }
-                batch.add(LlamaToken(t), pos as i32, &[0], out).map_err(|e| EvalError::Llama(format!("batch: {e}")))?;
+                batch
+                    .add(LlamaToken(t), pos as i32, &[0], out)
+                    .map_err(|e| EvalError::Llama(format!("batch: {e}")))?;
             }
-            self.ctx.decode(&mut batch).map_err(|e| EvalError::Llama(format!("decode failed at token {base}: {e}")))?;
+            self.ctx
+                .decode(&mut batch)
+                .map_err(|e| EvalError::Llama(format!("decode failed at token {base}: {e}")))?;
             // Read this chunk's outputs by their index in the batch.
             let mut k = first_w;
             for (i, _) in chunk.iter().enumerate() {
@@ -150,7 +174,11 @@ impl<'m> Scorer<'m> {
             }
         }
         if w != want.len() {
-            return Err(EvalError::Llama(format!("scored position {} lies outside a sequence of {} tokens", want[w], tokens.len())));
+            return Err(EvalError::Llama(format!(
+                "scored position {} lies outside a sequence of {} tokens",
+                want[w],
+                tokens.len()
+            )));
         }
         Ok(())
     }
@@ -174,7 +202,12 @@ impl<'m> Scorer<'m> {
 
     /// Greedy continuation of `prompt` (tokens), at most `max_new` tokens, ending at an
     /// end-of-generation token or before the first stop string.
-    pub fn greedy(&mut self, prompt: &[i32], max_new: usize, stop: &[String]) -> Result<String, EvalError> {
+    pub fn greedy(
+        &mut self,
+        prompt: &[i32],
+        max_new: usize,
+        stop: &[String],
+    ) -> Result<String, EvalError> {
         if prompt.is_empty() {
             return Err(EvalError::Llama("empty prompt".into()));
         }
@@ -202,8 +235,12 @@ impl<'m> Scorer<'m> {
                 break;
             }
             batch.clear();
-            batch.add(tok, pos as i32, &[0], true).map_err(|e| EvalError::Llama(format!("batch: {e}")))?;
-            self.ctx.decode(&mut batch).map_err(|e| EvalError::Llama(format!("decode failed at token {pos}: {e}")))?;
+            batch
+                .add(tok, pos as i32, &[0], true)
+                .map_err(|e| EvalError::Llama(format!("batch: {e}")))?;
+            self.ctx
+                .decode(&mut batch)
+                .map_err(|e| EvalError::Llama(format!("decode failed at token {pos}: {e}")))?;
             next = argmax(self.ctx.get_logits_ith(0));
         }
         stream.finish(&mut |_| {});

@@ -92,10 +92,14 @@ pub(crate) fn fuse<'a>(ctx: &'a Context, graph: &Graph<'a>) -> Fused<'a> {
         if kq_r.len() != 1 || p_r.len() != 3 {
             continue;
         }
-        let Some(dvt) = p_r.iter().copied().find(|n| n.op() == sys::GGML_OP_OUT_PROD && is(n.src(0), p)) else {
+        let Some(dvt) =
+            p_r.iter().copied().find(|n| n.op() == sys::GGML_OP_OUT_PROD && is(n.src(0), p))
+        else {
             continue;
         };
-        let Some(ds) = p_r.iter().copied().find(|n| n.op() == sys::GGML_OP_SOFT_MAX_BACK && is(n.src(1), p)) else {
+        let Some(ds) =
+            p_r.iter().copied().find(|n| n.op() == sys::GGML_OP_SOFT_MAX_BACK && is(n.src(1), p))
+        else {
             continue;
         };
         let Some(d_o) = dvt.src(1) else { continue };
@@ -104,18 +108,31 @@ pub(crate) fn fuse<'a>(ctx: &'a Context, graph: &Graph<'a>) -> Fused<'a> {
             && is(dp.src(0), vt)
             && dp.src(1).is_some_and(|x| x.op() == sys::GGML_OP_TRANSPOSE && is(x.src(0), d_o))
             && readers_of(dp).len() == 1;
-        if !dp_ok || f32_param(ds, 0) != f32_param(p, 0) || d_o.ne() != on || d_o.ty() != Type::F32 || d_o.nb()[0] != 4 {
+        if !dp_ok
+            || f32_param(ds, 0) != f32_param(p, 0)
+            || d_o.ne() != on
+            || d_o.ty() != Type::F32
+            || d_o.nb()[0] != 4
+        {
             continue;
         }
         let ds_r = readers_of(ds);
         let Some(ds_t) = ds_r.iter().copied().find(|n| n.op() == sys::GGML_OP_TRANSPOSE) else {
             continue;
         };
-        let Some(dk) = ds_r.iter().copied().find(|n| n.op() == sys::GGML_OP_OUT_PROD && is(n.src(0), q) && is(n.src(1), ds)) else {
+        let Some(dk) = ds_r
+            .iter()
+            .copied()
+            .find(|n| n.op() == sys::GGML_OP_OUT_PROD && is(n.src(0), q) && is(n.src(1), ds))
+        else {
             continue;
         };
         let ds_t_r = readers_of(ds_t);
-        let Some(dq) = ds_t_r.first().copied().filter(|n| ds_t_r.len() == 1 && n.op() == sys::GGML_OP_OUT_PROD && is(n.src(0), k)) else {
+        let Some(dq) = ds_t_r
+            .first()
+            .copied()
+            .filter(|n| ds_t_r.len() == 1 && n.op() == sys::GGML_OP_OUT_PROD && is(n.src(0), k))
+        else {
             continue;
         };
         if ds_r.len() != 2 || dq.ne() != on || dk.ne() != on || dvt.ne() != [t, d, h, 1] {
@@ -129,12 +146,39 @@ pub(crate) fn fuse<'a>(ctx: &'a Context, graph: &Graph<'a>) -> Fused<'a> {
         // (ggml copies the pointers into src); the kernels read exactly these sources with the
         // shapes checked above and write their own result. The user data is the softmax scale's
         // bit pattern, not a pointer.
-        let fwd = ctx.wrap(unsafe { sys::ggml_custom_4d(ctx.raw(), sys::GGML_TYPE_F32, d, t, h, 1, args.as_mut_ptr(), 4, Some(attention_forward), -1, ud) });
+        let fwd = ctx.wrap(unsafe {
+            sys::ggml_custom_4d(
+                ctx.raw(),
+                sys::GGML_TYPE_F32,
+                d,
+                t,
+                h,
+                1,
+                args.as_mut_ptr(),
+                4,
+                Some(attention_forward),
+                -1,
+                ud,
+            )
+        });
         fwd.set_name("attn_fused");
         let mut bargs = [q.raw(), k.raw(), vt.raw(), mask.raw(), d_o.raw()];
         // SAFETY: as above; the result holds ∂Q, ∂K and ∂Vᵀ per query head one after another.
-        let bwd =
-            ctx.wrap(unsafe { sys::ggml_custom_4d(ctx.raw(), sys::GGML_TYPE_F32, d, t, 3 * h, 1, bargs.as_mut_ptr(), 5, Some(attention_backward), -1, ud) });
+        let bwd = ctx.wrap(unsafe {
+            sys::ggml_custom_4d(
+                ctx.raw(),
+                sys::GGML_TYPE_F32,
+                d,
+                t,
+                3 * h,
+                1,
+                bargs.as_mut_ptr(),
+                5,
+                Some(attention_backward),
+                -1,
+                ud,
+            )
+        });
         bwd.set_name("attn_fused_back");
         let block = (d * t * h * 4) as usize;
         let (nd, nt) = (d as usize, t as usize);
@@ -178,7 +222,12 @@ impl View {
     /// The indices and `n` must lie inside the tensor.
     unsafe fn row(&self, i1: usize, i2: usize, n: usize) -> &[f32] {
         // SAFETY: per the contract; rows are contiguous F32.
-        unsafe { std::slice::from_raw_parts(self.data.add(i1 * self.nb[1] + i2 * self.nb[2]) as *const f32, n) }
+        unsafe {
+            std::slice::from_raw_parts(
+                self.data.add(i1 * self.nb[1] + i2 * self.nb[2]) as *const f32,
+                n,
+            )
+        }
     }
 }
 
@@ -398,7 +447,13 @@ impl Problem {
     ///
     /// # Safety
     /// As for the views; `kt` holds Kᵀ of this head's key/value head.
-    unsafe fn probabilities(&self, i: usize, h: usize, kt: &[f32], p: &mut [f32]) -> Option<(usize, usize)> {
+    unsafe fn probabilities(
+        &self,
+        i: usize,
+        h: usize,
+        kt: &[f32],
+        p: &mut [f32],
+    ) -> Option<(usize, usize)> {
         // SAFETY: i < T ≤ mask rows, h < H.
         let (mrow, qrow) = unsafe { (self.mask.row(i, 0, self.t), self.q.row(i, h, self.d)) };
         let (lo, hi) = key_range(mrow)?;
@@ -418,7 +473,12 @@ impl Problem {
 
 /// Forward: dst [D, T, H], row (i, h) = Σ_j P_ij · v_j. Jobs are (head, every R-th row) pairs
 /// so that causal rows of all lengths spread evenly over the threads.
-unsafe extern "C" fn attention_forward(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, userdata: *mut c_void) {
+unsafe extern "C" fn attention_forward(
+    dst: *mut sys::ggml_tensor,
+    ith: c_int,
+    nth: c_int,
+    userdata: *mut c_void,
+) {
     // SAFETY: called by ggml for a node made by `fuse` with allocated sources and result.
     let pb = unsafe { Problem::of(dst, userdata) };
     let (d, t, h) = (pb.d, pb.t, pb.h);
@@ -445,7 +505,9 @@ unsafe extern "C" fn attention_forward(dst: *mut sys::ggml_tensor, ith: c_int, n
             // SAFETY: i < T, hh < H.
             match unsafe { pb.probabilities(i, hh, &kt, &mut p) } {
                 None => o.fill(0.0),
-                Some((lo, hi)) => combine_rows(o, &p[lo..hi], |j| &vr[(lo + j) * d..(lo + j + 1) * d]),
+                Some((lo, hi)) => {
+                    combine_rows(o, &p[lo..hi], |j| &vr[(lo + j) * d..(lo + j + 1) * d])
+                }
             }
         }
     }
@@ -453,7 +515,12 @@ unsafe extern "C" fn attention_forward(dst: *mut sys::ggml_tensor, ith: c_int, n
 
 /// Backward: dst [D, T, 3H] = ∂Q [D, T, H], then ∂K per query head [D, T, H], then ∂Vᵀ per
 /// query head [T, D, H]. One job per head (its ∂K and ∂Vᵀ accumulate over all query rows).
-unsafe extern "C" fn attention_backward(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, userdata: *mut c_void) {
+unsafe extern "C" fn attention_backward(
+    dst: *mut sys::ggml_tensor,
+    ith: c_int,
+    nth: c_int,
+    userdata: *mut c_void,
+) {
     // SAFETY: called by ggml for a node made by `fuse` with allocated sources and result.
     let pb = unsafe { Problem::of(dst, userdata) };
     // SAFETY: source 4 is ∂O [D, T, H] with contiguous rows (checked in `fuse`).

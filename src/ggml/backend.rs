@@ -11,7 +11,17 @@ use super::context::{as_bytes, from_bytes_f32, tensor_read, tensor_write, Graph,
 use super::GgmlError;
 
 /// Which device runs the graphs (`--device`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Device {
     /// The GPU when this binary was built with a GPU backend and ggml finds a device, else the
@@ -59,7 +69,11 @@ fn device_info(dev: sys::ggml_backend_dev_t) -> DeviceInfo {
         DeviceInfo {
             name: cstr(sys::ggml_backend_dev_name(dev)),
             description: cstr(sys::ggml_backend_dev_description(dev)),
-            backend: if reg.is_null() { String::new() } else { cstr(sys::ggml_backend_reg_name(reg)) },
+            backend: if reg.is_null() {
+                String::new()
+            } else {
+                cstr(sys::ggml_backend_reg_name(reg))
+            },
             kind: match sys::ggml_backend_dev_type(dev) {
                 sys::GGML_BACKEND_DEVICE_TYPE_CPU => "cpu",
                 sys::GGML_BACKEND_DEVICE_TYPE_GPU => "gpu",
@@ -75,7 +89,9 @@ fn device_info(dev: sys::ggml_backend_dev_t) -> DeviceInfo {
 pub fn devices() -> Vec<DeviceInfo> {
     let _ = crate::llama::backend();
     // SAFETY: the registry is initialised by llama.cpp's backend init; indices < count.
-    (0..unsafe { sys::ggml_backend_dev_count() }).map(|i| device_info(unsafe { sys::ggml_backend_dev_get(i) })).collect()
+    (0..unsafe { sys::ggml_backend_dev_count() })
+        .map(|i| device_info(unsafe { sys::ggml_backend_dev_get(i) }))
+        .collect()
 }
 
 /// The first GPU ggml found, if any.
@@ -102,11 +118,15 @@ fn gpu_device(device: Device) -> Result<Option<sys::ggml_backend_dev_t>, GgmlErr
 }
 
 fn no_gpu_reason() -> String {
-    let compiled: Vec<&str> = crate::llama::compiled_backends().into_iter().filter(|b| *b != "cpu").collect();
+    let compiled: Vec<&str> =
+        crate::llama::compiled_backends().into_iter().filter(|b| *b != "cpu").collect();
     if compiled.is_empty() {
         return "--device gpu: this grit was built without a GPU backend (build with --features vulkan, cuda or metal)".into();
     }
-    let mut why = format!("--device gpu: this grit has the {} backend but ggml found no GPU device", compiled.join("/"));
+    let mut why = format!(
+        "--device gpu: this grit has the {} backend but ggml found no GPU device",
+        compiled.join("/")
+    );
     if compiled.contains(&"vulkan") {
         why.push_str(" (a Vulkan device of type CPU, such as Mesa's lavapipe, is used only with GGML_VK_VISIBLE_DEVICES set, e.g. GGML_VK_VISIBLE_DEVICES=0)");
     }
@@ -133,7 +153,10 @@ impl BufferType {
     /// only mul_mat).
     pub fn cpu() -> Self {
         // SAFETY: returns a pointer to a static buffer type.
-        BufferType(NonNull::new(unsafe { sys::ggml_backend_cpu_buffer_type() }).expect("no CPU buffer type"))
+        BufferType(
+            NonNull::new(unsafe { sys::ggml_backend_cpu_buffer_type() })
+                .expect("no CPU buffer type"),
+        )
     }
     /// The CPU backend's repacking buffer type ("CPU_REPACK"), if this build has one: weights
     /// uploaded into it are rearranged for ggml's fastest matmul kernels (e.g. Q4_0 in 8×8
@@ -148,11 +171,17 @@ impl BufferType {
                 return None;
             }
             let dev = sys::ggml_backend_reg_dev_get(reg, 0);
-            let f = sys::ggml_backend_reg_get_proc_address(reg, c"ggml_backend_dev_get_extra_bufts".as_ptr());
+            let f = sys::ggml_backend_reg_get_proc_address(
+                reg,
+                c"ggml_backend_dev_get_extra_bufts".as_ptr(),
+            );
             if f.is_null() || dev.is_null() {
                 return None;
             }
-            type ExtraBufts = unsafe extern "C" fn(sys::ggml_backend_dev_t) -> *mut sys::ggml_backend_buffer_type_t;
+            type ExtraBufts = unsafe extern "C" fn(
+                sys::ggml_backend_dev_t,
+            )
+                -> *mut sys::ggml_backend_buffer_type_t;
             let f: ExtraBufts = std::mem::transmute(f);
             let mut p = f(dev);
             while !p.is_null() && !(*p).is_null() {
@@ -225,7 +254,10 @@ impl Drop for Backend {
 
 impl fmt::Debug for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Backend").field("name", &self.name()).field("n_threads", &self.n_threads).finish()
+        f.debug_struct("Backend")
+            .field("name", &self.name())
+            .field("n_threads", &self.n_threads)
+            .finish()
     }
 }
 
@@ -261,18 +293,24 @@ impl Backend {
         keep_vulkan_node_order();
         // llama.cpp's backend init registers the compiled-in devices and installs grit's log hook.
         let _ = crate::llama::backend();
-        let n_threads = if opts.n_threads > 0 { opts.n_threads } else { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) };
+        let n_threads = if opts.n_threads > 0 {
+            opts.n_threads
+        } else {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        };
         let mut backends = Vec::new();
         let dev = gpu_device(opts.device)?;
         let gpu = dev.map(device_info);
         if let (Some(dev), Some(info)) = (dev, &gpu) {
             // SAFETY: dev is a registered device; null params select defaults.
             let b = unsafe { sys::ggml_backend_dev_init(dev, std::ptr::null()) };
-            backends.push(NonNull::new(b).ok_or_else(|| GgmlError::BackendInit(info.name.clone()))?);
+            backends
+                .push(NonNull::new(b).ok_or_else(|| GgmlError::BackendInit(info.name.clone()))?);
         }
         let is_gpu = gpu.is_some();
         // SAFETY: creates a CPU backend (null on failure).
-        let cpu = NonNull::new(unsafe { sys::ggml_backend_cpu_init() }).ok_or_else(|| GgmlError::BackendInit("CPU".into()))?;
+        let cpu = NonNull::new(unsafe { sys::ggml_backend_cpu_init() })
+            .ok_or_else(|| GgmlError::BackendInit("CPU".into()))?;
         // SAFETY: cpu is a CPU backend, as ggml_backend_cpu_set_n_threads requires.
         unsafe { sys::ggml_backend_cpu_set_n_threads(cpu.as_ptr(), n_threads as i32) };
         backends.push(cpu);
@@ -290,7 +328,10 @@ impl Backend {
     /// The device for logs: `CPU (2 threads)` or `Vulkan0 (llvmpipe (LLVM 15.0.6, 256 bits))`.
     pub fn label(&self) -> String {
         match &self.gpu {
-            Some(d) => format!("{} ({}), CPU fallback with {} threads", d.name, d.description, self.n_threads),
+            Some(d) => format!(
+                "{} ({}), CPU fallback with {} threads",
+                d.name, d.description, self.n_threads
+            ),
             None => format!("CPU ({} threads)", self.n_threads),
         }
     }
@@ -346,7 +387,13 @@ impl Backend {
             let user = (&mut **r) as *mut super::profile::Recorder as *mut std::ffi::c_void;
             // SAFETY: the recorder is boxed (stable address) and owned by self, which also owns
             // the scheduler; the callback only runs inside graph computations of this backend.
-            unsafe { sys::ggml_backend_sched_set_eval_callback(s.as_ptr(), Some(super::profile::eval_callback), user) };
+            unsafe {
+                sys::ggml_backend_sched_set_eval_callback(
+                    s.as_ptr(),
+                    Some(super::profile::eval_callback),
+                    user,
+                )
+            };
         }
     }
 
@@ -364,7 +411,16 @@ impl Backend {
         let mut raw: Vec<sys::ggml_backend_t> = self.backends.iter().map(|b| b.as_ptr()).collect();
         // SAFETY: live backends with the CPU last; null bufts = each backend's default buffer
         // type; not parallel; op_offload off (weights already live on the primary device).
-        let s = unsafe { sys::ggml_backend_sched_new(raw.as_mut_ptr(), std::ptr::null_mut(), raw.len() as i32, need, false, false) };
+        let s = unsafe {
+            sys::ggml_backend_sched_new(
+                raw.as_mut_ptr(),
+                std::ptr::null_mut(),
+                raw.len() as i32,
+                need,
+                false,
+                false,
+            )
+        };
         let s = NonNull::new(s).expect("ggml_backend_sched_new returned null");
         self.install_callback(s);
         self.sched = Some(s);
@@ -375,7 +431,10 @@ impl Backend {
     /// Allocates `graph`'s tensors in the scheduler's compute buffer and returns the
     /// [`Computation`] that sets inputs, runs the graph and reads outputs. The computation
     /// borrows the backend: allocating another graph ends it.
-    pub fn compute<'s, 'a>(&'s mut self, graph: &'s Graph<'a>) -> Result<Computation<'s, 'a>, GgmlError> {
+    pub fn compute<'s, 'a>(
+        &'s mut self,
+        graph: &'s Graph<'a>,
+    ) -> Result<Computation<'s, 'a>, GgmlError> {
         if self.is_gpu {
             // grit's custom ops are CPU kernels: on a GPU backend the scheduler would quietly
             // run them on the CPU, with copies to and from the device around each.
@@ -410,12 +469,28 @@ impl Backend {
                 .backends
                 .iter()
                 // SAFETY: live scheduler and backends.
-                .map(|b| unsafe { sys::ggml_backend_sched_get_buffer_size(sched.as_ptr(), b.as_ptr()) })
+                .map(|b| unsafe {
+                    sys::ggml_backend_sched_get_buffer_size(sched.as_ptr(), b.as_ptr())
+                })
                 .sum();
-            return Err(GgmlError::Alloc { what: format!("a graph of {} nodes", graph.n_nodes()), buffer_type: self.name(), bytes });
+            return Err(GgmlError::Alloc {
+                what: format!("a graph of {} nodes", graph.n_nodes()),
+                buffer_type: self.name(),
+                bytes,
+            });
         }
-        let recorder = self.recorder.as_mut().map_or(std::ptr::null_mut(), |r| (&mut **r) as *mut super::profile::Recorder);
-        Ok(Computation { sched, backend_name: self.name(), graph, members, recorder, _backend: std::marker::PhantomData })
+        let recorder = self
+            .recorder
+            .as_mut()
+            .map_or(std::ptr::null_mut(), |r| (&mut **r) as *mut super::profile::Recorder);
+        Ok(Computation {
+            sched,
+            backend_name: self.name(),
+            graph,
+            members,
+            recorder,
+            _backend: std::marker::PhantomData,
+        })
     }
 
     /// The nodes of `graph` that the GPU backend cannot run (`ggml_backend_supports_op`),
@@ -478,7 +553,15 @@ fn keep_vulkan_node_order() {
 pub fn cpu_only_nodes(graph: &Graph<'_>) -> Vec<String> {
     (0..graph.n_nodes())
         .map(|i| graph.node(i))
-        .filter(|t| matches!(t.op(), sys::GGML_OP_CUSTOM | sys::GGML_OP_MAP_CUSTOM1 | sys::GGML_OP_MAP_CUSTOM2 | sys::GGML_OP_MAP_CUSTOM3))
+        .filter(|t| {
+            matches!(
+                t.op(),
+                sys::GGML_OP_CUSTOM
+                    | sys::GGML_OP_MAP_CUSTOM1
+                    | sys::GGML_OP_MAP_CUSTOM2
+                    | sys::GGML_OP_MAP_CUSTOM3
+            )
+        })
         .map(|t| t.name())
         .collect()
 }
@@ -514,7 +597,9 @@ fn forget_compute_allocation(members: &HashSet<usize>) {
         // two allocation fields of compute-buffer tensors are cleared.
         unsafe {
             let buf = (*t).buffer;
-            if !buf.is_null() && sys::ggml_backend_buffer_get_usage(buf) == sys::GGML_BACKEND_BUFFER_USAGE_COMPUTE {
+            if !buf.is_null()
+                && sys::ggml_backend_buffer_get_usage(buf) == sys::GGML_BACKEND_BUFFER_USAGE_COMPUTE
+            {
                 (*t).data = std::ptr::null_mut();
                 (*t).buffer = std::ptr::null_mut();
             }
@@ -572,13 +657,15 @@ impl<'s, 'a> Computation<'s, 'a> {
         }
         // SAFETY: the scheduler holds this graph's allocation (made in Backend::compute and
         // not reset since: the backend is mutably borrowed for 's).
-        let status = unsafe { sys::ggml_backend_sched_graph_compute(self.sched.as_ptr(), self.graph.raw()) };
+        let status =
+            unsafe { sys::ggml_backend_sched_graph_compute(self.sched.as_ptr(), self.graph.raw()) };
         // SAFETY: as above; the recorder is owned by the borrowed backend.
         if let Some(r) = unsafe { self.recorder.as_mut() } {
             r.profile.runs += 1;
             // SAFETY: live scheduler that just computed this graph.
             unsafe {
-                r.profile.splits += sys::ggml_backend_sched_get_n_splits(self.sched.as_ptr()).max(0) as usize;
+                r.profile.splits +=
+                    sys::ggml_backend_sched_get_n_splits(self.sched.as_ptr()).max(0) as usize;
             }
         }
         if status != sys::GGML_STATUS_SUCCESS {
@@ -637,7 +724,10 @@ mod tests {
                 run.run().unwrap();
                 assert_eq!(run.read_f32(y).unwrap(), expect, "round {round}");
             }
-            assert!(!x.is_allocated() && !y.is_allocated(), "round {round}: the small graph kept its compute-buffer addresses");
+            assert!(
+                !x.is_allocated() && !y.is_allocated(),
+                "round {round}: the small graph kept its compute-buffer addresses"
+            );
             assert!(w.is_allocated(), "the persistent tensor lost its data");
             {
                 let mut run = backend.compute(&g2).unwrap();
@@ -675,8 +765,15 @@ mod tests {
             }
             nodes.push(backend.profile().unwrap().by_category.values().map(|c| c.1).sum::<usize>());
             backend.renew().unwrap();
-            assert_eq!(backend.compute_buffer_bytes(), 0, "a renewed backend starts without a compute buffer");
+            assert_eq!(
+                backend.compute_buffer_bytes(),
+                0,
+                "a renewed backend starts without a compute buffer"
+            );
         }
-        assert!(nodes[0] > 0 && nodes[1] == 2 * nodes[0], "nodes timed after each round: {nodes:?}");
+        assert!(
+            nodes[0] > 0 && nodes[1] == 2 * nodes[0],
+            "nodes timed after each round: {nodes:?}"
+        );
     }
 }

@@ -49,7 +49,9 @@ impl Type {
     pub fn name(self) -> String {
         match self.traits() {
             // SAFETY: type_name is a static NUL-terminated string (or null for removed types).
-            Some(t) if !t.type_name.is_null() => unsafe { CStr::from_ptr(t.type_name) }.to_string_lossy().into_owned(),
+            Some(t) if !t.type_name.is_null() => {
+                unsafe { CStr::from_ptr(t.type_name) }.to_string_lossy().into_owned()
+            }
             _ => format!("type{}", self.0),
         }
     }
@@ -145,7 +147,16 @@ impl Capacity {
     }
     fn bytes(&self) -> usize {
         // SAFETY: pure functions of their arguments.
-        let (t, g) = unsafe { (sys::ggml_tensor_overhead(), if self.graphs > 0 { sys::ggml_graph_overhead_custom(self.graph_nodes, self.grads) } else { 0 }) };
+        let (t, g) = unsafe {
+            (
+                sys::ggml_tensor_overhead(),
+                if self.graphs > 0 {
+                    sys::ggml_graph_overhead_custom(self.graph_nodes, self.grads)
+                } else {
+                    0
+                },
+            )
+        };
         self.tensors * t + self.graphs * g + 4096
     }
 }
@@ -211,7 +222,11 @@ impl Context {
         // Initialises ggml once (and grit's log hook) without changing the log verbosity.
         let _ = crate::llama::backend();
         let bytes = cap.bytes();
-        let params = sys::ggml_init_params { mem_size: bytes, mem_buffer: std::ptr::null_mut(), no_alloc: true };
+        let params = sys::ggml_init_params {
+            mem_size: bytes,
+            mem_buffer: std::ptr::null_mut(),
+            no_alloc: true,
+        };
         // SAFETY: ggml allocates its own pool of `bytes` (mem_buffer is null); no_alloc means
         // tensors get no data in the pool.
         let ptr = unsafe { sys::ggml_init(params) };
@@ -251,7 +266,11 @@ impl Context {
     }
 
     pub(crate) fn wrap<'a>(&'a self, p: *mut sys::ggml_tensor) -> Tensor<'a> {
-        Tensor { ptr: NonNull::new(p).expect("ggml returned a null tensor"), owner: self.id, _ctx: PhantomData }
+        Tensor {
+            ptr: NonNull::new(p).expect("ggml returned a null tensor"),
+            owner: self.id,
+            _ctx: PhantomData,
+        }
     }
 
     /// The tensor a [`TensorId`] names. Panics if the id belongs to another context.
@@ -267,7 +286,9 @@ impl Context {
         let c = CString::new(name).ok()?;
         // SAFETY: valid context and NUL-terminated name; the result (if any) is owned by self.
         let p = unsafe { sys::ggml_get_tensor(self.raw(), c.as_ptr()) };
-        NonNull::new(p).map(|ptr| Tensor { ptr, owner: self.id, _ctx: PhantomData }).filter(|t| t.is_leaf())
+        NonNull::new(p)
+            .map(|ptr| Tensor { ptr, owner: self.id, _ctx: PhantomData })
+            .filter(|t| t.is_leaf())
     }
 
     // ---- creating tensors ------------------------------------------------------------------
@@ -283,7 +304,9 @@ impl Context {
         );
         self.room(1);
         // SAFETY: valid context with room; ne has ne.len() (1..=4) valid elements.
-        self.wrap(unsafe { sys::ggml_new_tensor(self.raw(), ty.0 as sys::ggml_type, ne.len() as i32, ne.as_ptr()) })
+        self.wrap(unsafe {
+            sys::ggml_new_tensor(self.raw(), ty.0 as sys::ggml_type, ne.len() as i32, ne.as_ptr())
+        })
     }
 
     /// A named F32 tensor.
@@ -325,9 +348,16 @@ impl Context {
         }
         // SAFETY: valid no_alloc context and a buffer type from BufferType (static in ggml).
         let (size, buf) = unsafe {
-            (sys::ggml_backend_alloc_ctx_tensors_from_buft_size(self.raw(), buft.raw()), sys::ggml_backend_alloc_ctx_tensors_from_buft(self.raw(), buft.raw()))
+            (
+                sys::ggml_backend_alloc_ctx_tensors_from_buft_size(self.raw(), buft.raw()),
+                sys::ggml_backend_alloc_ctx_tensors_from_buft(self.raw(), buft.raw()),
+            )
         };
-        let buf = NonNull::new(buf).ok_or_else(|| GgmlError::Alloc { what: format!("{} tensors", fresh.len()), buffer_type: buft.name(), bytes: size })?;
+        let buf = NonNull::new(buf).ok_or_else(|| GgmlError::Alloc {
+            what: format!("{} tensors", fresh.len()),
+            buffer_type: buft.name(),
+            bytes: size,
+        })?;
         self.buffers.borrow_mut().push(buf);
         self.owned.borrow_mut().extend(fresh);
         Ok(size)
@@ -369,7 +399,11 @@ impl Context {
     pub fn new_graph(&self, size: usize, grads: bool) -> Graph<'_> {
         // SAFETY: pure function.
         let need = unsafe { sys::ggml_graph_overhead_custom(size, grads) };
-        assert!(self.free_bytes() >= need, "ggml context full: no room for a graph of {size} nodes (capacity {:?})", self.capacity);
+        assert!(
+            self.free_bytes() >= need,
+            "ggml context full: no room for a graph of {size} nodes (capacity {:?})",
+            self.capacity
+        );
         // SAFETY: valid context with room for the graph object.
         let g = unsafe { sys::ggml_new_graph_custom(self.raw(), size, grads) };
         Graph {
@@ -391,7 +425,10 @@ impl Context {
     /// (b's dims 2 and 3 may be multiples of a's: broadcasting, as in GQA).
     pub fn mul_mat<'a>(&'a self, a: Tensor<'a>, b: Tensor<'a>) -> Tensor<'a> {
         let (x, y) = (a.ne(), b.ne());
-        assert!(x[0] == y[0] && y[2] % x[2] == 0 && y[3] % x[3] == 0 && !a.is_transposed(), "mul_mat: cannot multiply {a:?} by {b:?}");
+        assert!(
+            x[0] == y[0] && y[2] % x[2] == 0 && y[3] % x[3] == 0 && !a.is_transposed(),
+            "mul_mat: cannot multiply {a:?} by {b:?}"
+        );
         self.room(1);
         // SAFETY: see the note above the ops.
         self.wrap(unsafe { sys::ggml_mul_mat(self.raw(), a.raw(), b.raw()) })
@@ -399,7 +436,11 @@ impl Context {
 
     /// Accumulates a matmul in F32 on backends that would otherwise use F16 (attention scores).
     pub fn mul_mat_prec_f32(&self, t: Tensor<'_>) {
-        assert_eq!(t.op(), sys::GGML_OP_MUL_MAT, "mul_mat_prec_f32 on a tensor that is not a mul_mat");
+        assert_eq!(
+            t.op(),
+            sys::GGML_OP_MUL_MAT,
+            "mul_mat_prec_f32 on a tensor that is not a mul_mat"
+        );
         // SAFETY: t is a live mul_mat node; this sets one of its op params.
         unsafe { sys::ggml_mul_mat_set_prec(t.raw(), sys::GGML_PREC_F32) }
     }
@@ -416,7 +457,10 @@ impl Context {
     /// Rows `idx` (I32 [n]) of `a` [k, rows] → F32 [k, n] (dequantizes quantized rows).
     pub fn get_rows<'a>(&'a self, a: Tensor<'a>, idx: Tensor<'a>) -> Tensor<'a> {
         let (x, i) = (a.ne(), idx.ne());
-        assert!(idx.ty() == Type::I32 && x[2] == i[1] && x[3] == i[2] && i[3] == 1, "get_rows: {a:?} with indices {idx:?}");
+        assert!(
+            idx.ty() == Type::I32 && x[2] == i[1] && x[3] == i[2] && i[3] == 1,
+            "get_rows: {a:?} with indices {idx:?}"
+        );
         self.room(1);
         // SAFETY: see the note above the ops.
         self.wrap(unsafe { sys::ggml_get_rows(self.raw(), a.raw(), idx.raw()) })
@@ -498,11 +542,28 @@ impl Context {
 
     /// RoPE on `a` [head_dim, n_head, n_tokens] at positions `pos` (I32 [n_tokens]), with
     /// optional per-frequency factors (F32 [n_dims/2], LLaMA 3).
-    pub fn rope_ext<'a>(&'a self, a: Tensor<'a>, pos: Tensor<'a>, freq_factors: Option<Tensor<'a>>, p: &RopeParams) -> Tensor<'a> {
-        assert!(pos.ty() == Type::I32 && pos.is_vector() && a.ne()[2] == pos.ne()[0], "rope_ext: {a:?} with positions {pos:?}");
-        assert!(p.n_dims as i64 <= a.ne()[0] && p.n_dims.is_multiple_of(2), "rope_ext: n_dims {} for {a:?}", p.n_dims);
+    pub fn rope_ext<'a>(
+        &'a self,
+        a: Tensor<'a>,
+        pos: Tensor<'a>,
+        freq_factors: Option<Tensor<'a>>,
+        p: &RopeParams,
+    ) -> Tensor<'a> {
+        assert!(
+            pos.ty() == Type::I32 && pos.is_vector() && a.ne()[2] == pos.ne()[0],
+            "rope_ext: {a:?} with positions {pos:?}"
+        );
+        assert!(
+            p.n_dims as i64 <= a.ne()[0] && p.n_dims.is_multiple_of(2),
+            "rope_ext: n_dims {} for {a:?}",
+            p.n_dims
+        );
         if let Some(f) = freq_factors {
-            assert!(f.ty() == Type::F32 && f.ne()[0] as usize >= p.n_dims / 2, "rope_ext: freq factors {f:?} for n_dims {}", p.n_dims);
+            assert!(
+                f.ty() == Type::F32 && f.ne()[0] as usize >= p.n_dims / 2,
+                "rope_ext: freq factors {f:?} for n_dims {}",
+                p.n_dims
+            );
         }
         self.room(1);
         let c = freq_factors.map_or(std::ptr::null_mut(), |f| f.raw());
@@ -527,16 +588,30 @@ impl Context {
     }
 
     /// softmax(scale · a + mask) over ne[0]; `mask` F32/F16 [ne0, ≥ne1, (broadcast)].
-    pub fn soft_max_ext<'a>(&'a self, a: Tensor<'a>, mask: Option<Tensor<'a>>, scale: f32, max_bias: f32) -> Tensor<'a> {
+    pub fn soft_max_ext<'a>(
+        &'a self,
+        a: Tensor<'a>,
+        mask: Option<Tensor<'a>>,
+        scale: f32,
+        max_bias: f32,
+    ) -> Tensor<'a> {
         assert!(a.is_contiguous(), "soft_max_ext: {a:?} is not contiguous");
         if let Some(m) = mask {
             let (x, y) = (a.ne(), m.ne());
             assert!(
-                (m.ty() == Type::F32 || m.ty() == Type::F16) && m.is_contiguous() && y[0] == x[0] && y[1] >= x[1] && x[2] % y[2] == 0 && x[3] % y[3] == 0,
+                (m.ty() == Type::F32 || m.ty() == Type::F16)
+                    && m.is_contiguous()
+                    && y[0] == x[0]
+                    && y[1] >= x[1]
+                    && x[2] % y[2] == 0
+                    && x[3] % y[3] == 0,
                 "soft_max_ext: mask {m:?} does not fit {a:?}"
             );
         }
-        assert!(max_bias == 0.0 || mask.is_some(), "soft_max_ext: ALiBi (max_bias > 0) needs a mask");
+        assert!(
+            max_bias == 0.0 || mask.is_some(),
+            "soft_max_ext: ALiBi (max_bias > 0) needs a mask"
+        );
         self.room(1);
         let m = mask.map_or(std::ptr::null_mut(), |m| m.raw());
         // SAFETY: see the note above the ops; m is null or a live mask tensor.
@@ -558,7 +633,10 @@ impl Context {
     /// Mean over rows of the cross entropy: -Σ_i labels[i, r] · log softmax(logits[:, r])[i] / rows.
     /// `logits` and `labels` are F32 [n_classes, rows]; the result is a scalar [1].
     pub fn cross_entropy_loss<'a>(&'a self, logits: Tensor<'a>, labels: Tensor<'a>) -> Tensor<'a> {
-        assert!(logits.ne() == labels.ne(), "cross_entropy_loss: logits {logits:?} and labels {labels:?} differ in shape");
+        assert!(
+            logits.ne() == labels.ne(),
+            "cross_entropy_loss: logits {logits:?} and labels {labels:?} differ in shape"
+        );
         self.room(1);
         // SAFETY: see the note above the ops.
         self.wrap(unsafe { sys::ggml_cross_entropy_loss(self.raw(), logits.raw(), labels.raw()) })
@@ -629,7 +707,14 @@ impl Context {
         // SAFETY: see the note above the ops.
         self.wrap(unsafe { sys::ggml_reshape_3d(self.raw(), a.raw(), ne0, ne1, ne2) })
     }
-    pub fn reshape_4d<'a>(&'a self, a: Tensor<'a>, ne0: i64, ne1: i64, ne2: i64, ne3: i64) -> Tensor<'a> {
+    pub fn reshape_4d<'a>(
+        &'a self,
+        a: Tensor<'a>,
+        ne0: i64,
+        ne1: i64,
+        ne2: i64,
+        ne3: i64,
+    ) -> Tensor<'a> {
         Self::assert_reshape(a, &[ne0, ne1, ne2, ne3]);
         self.room(1);
         // SAFETY: see the note above the ops.
@@ -639,12 +724,17 @@ impl Context {
     pub fn permute<'a>(&'a self, a: Tensor<'a>, axes: [i32; 4]) -> Tensor<'a> {
         let mut seen = [false; 4];
         for &x in &axes {
-            assert!((0..4).contains(&x) && !seen[x as usize], "permute: {axes:?} is not a permutation of 0..4");
+            assert!(
+                (0..4).contains(&x) && !seen[x as usize],
+                "permute: {axes:?} is not a permutation of 0..4"
+            );
             seen[x as usize] = true;
         }
         self.room(1);
         // SAFETY: see the note above the ops; axes is a permutation.
-        self.wrap(unsafe { sys::ggml_permute(self.raw(), a.raw(), axes[0], axes[1], axes[2], axes[3]) })
+        self.wrap(unsafe {
+            sys::ggml_permute(self.raw(), a.raw(), axes[0], axes[1], axes[2], axes[3])
+        })
     }
     /// Swaps dims 0 and 1 (a view).
     pub fn transpose<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
@@ -659,7 +749,10 @@ impl Context {
             + (ne[2] - 1).max(0) as usize * nb[1]
             + (ne[3] - 1).max(0) as usize * nb[2]
             + a.ty().row_size(ne[0] as usize).unwrap_or(usize::MAX);
-        assert!(ne.iter().all(|&d| d > 0) && last <= a.n_bytes(), "view: ne {ne:?} nb {nb:?} offset {offset} reaches outside {a:?}");
+        assert!(
+            ne.iter().all(|&d| d > 0) && last <= a.n_bytes(),
+            "view: ne {ne:?} nb {nb:?} offset {offset} reaches outside {a:?}"
+        );
     }
     /// A 1-d view of `ne0` elements starting at byte `offset`.
     pub fn view_1d<'a>(&'a self, a: Tensor<'a>, ne0: i64, offset: usize) -> Tensor<'a> {
@@ -669,35 +762,92 @@ impl Context {
         self.wrap(unsafe { sys::ggml_view_1d(self.raw(), a.raw(), ne0, offset) })
     }
     /// A 2-d view with row stride `nb1` bytes.
-    pub fn view_2d<'a>(&'a self, a: Tensor<'a>, ne0: i64, ne1: i64, nb1: usize, offset: usize) -> Tensor<'a> {
+    pub fn view_2d<'a>(
+        &'a self,
+        a: Tensor<'a>,
+        ne0: i64,
+        ne1: i64,
+        nb1: usize,
+        offset: usize,
+    ) -> Tensor<'a> {
         Self::assert_view(a, [ne0, ne1, 1, 1], [nb1, 0, 0], offset);
         self.room(1);
         // SAFETY: see the note above the ops; the view lies inside `a` (checked).
         self.wrap(unsafe { sys::ggml_view_2d(self.raw(), a.raw(), ne0, ne1, nb1, offset) })
     }
     /// A 3-d view with strides `nb1`, `nb2` bytes.
-    pub fn view_3d<'a>(&'a self, a: Tensor<'a>, ne: [i64; 3], nb1: usize, nb2: usize, offset: usize) -> Tensor<'a> {
+    pub fn view_3d<'a>(
+        &'a self,
+        a: Tensor<'a>,
+        ne: [i64; 3],
+        nb1: usize,
+        nb2: usize,
+        offset: usize,
+    ) -> Tensor<'a> {
         Self::assert_view(a, [ne[0], ne[1], ne[2], 1], [nb1, nb2, 0], offset);
         self.room(1);
         // SAFETY: see the note above the ops; the view lies inside `a` (checked).
-        self.wrap(unsafe { sys::ggml_view_3d(self.raw(), a.raw(), ne[0], ne[1], ne[2], nb1, nb2, offset) })
+        self.wrap(unsafe {
+            sys::ggml_view_3d(self.raw(), a.raw(), ne[0], ne[1], ne[2], nb1, nb2, offset)
+        })
     }
     /// A 4-d view with strides `nb` = [nb1, nb2, nb3] bytes.
-    pub fn view_4d<'a>(&'a self, a: Tensor<'a>, ne: [i64; 4], nb: [usize; 3], offset: usize) -> Tensor<'a> {
+    pub fn view_4d<'a>(
+        &'a self,
+        a: Tensor<'a>,
+        ne: [i64; 4],
+        nb: [usize; 3],
+        offset: usize,
+    ) -> Tensor<'a> {
         Self::assert_view(a, ne, nb, offset);
         self.room(1);
         // SAFETY: see the note above the ops; the view lies inside `a` (checked).
-        self.wrap(unsafe { sys::ggml_view_4d(self.raw(), a.raw(), ne[0], ne[1], ne[2], ne[3], nb[0], nb[1], nb[2], offset) })
+        self.wrap(unsafe {
+            sys::ggml_view_4d(
+                self.raw(),
+                a.raw(),
+                ne[0],
+                ne[1],
+                ne[2],
+                ne[3],
+                nb[0],
+                nb[1],
+                nb[2],
+                offset,
+            )
+        })
     }
 
     /// One AdamW step on parameter `a` (an op; see ggml_opt_step_adamw). `params` is F32 [7]:
     /// alpha (lr), beta1, beta2, eps, wd, beta1h, beta2h.
-    pub fn opt_step_adamw<'a>(&'a self, a: Tensor<'a>, grad: Tensor<'a>, m: Tensor<'a>, v: Tensor<'a>, params: Tensor<'a>) -> Tensor<'a> {
-        assert!(a.ne() == grad.ne() && a.ne() == m.ne() && a.ne() == v.ne(), "opt_step_adamw: shapes of {a:?}, {grad:?}, {m:?}, {v:?}");
-        assert!(params.ty() == Type::F32 && params.n_elements() == 7, "opt_step_adamw: params {params:?} must be F32 [7]");
+    pub fn opt_step_adamw<'a>(
+        &'a self,
+        a: Tensor<'a>,
+        grad: Tensor<'a>,
+        m: Tensor<'a>,
+        v: Tensor<'a>,
+        params: Tensor<'a>,
+    ) -> Tensor<'a> {
+        assert!(
+            a.ne() == grad.ne() && a.ne() == m.ne() && a.ne() == v.ne(),
+            "opt_step_adamw: shapes of {a:?}, {grad:?}, {m:?}, {v:?}"
+        );
+        assert!(
+            params.ty() == Type::F32 && params.n_elements() == 7,
+            "opt_step_adamw: params {params:?} must be F32 [7]"
+        );
         self.room(1);
         // SAFETY: see the note above the ops.
-        self.wrap(unsafe { sys::ggml_opt_step_adamw(self.raw(), a.raw(), grad.raw(), m.raw(), v.raw(), params.raw()) })
+        self.wrap(unsafe {
+            sys::ggml_opt_step_adamw(
+                self.raw(),
+                a.raw(),
+                grad.raw(),
+                m.raw(),
+                v.raw(),
+                params.raw(),
+            )
+        })
     }
 }
 
@@ -720,7 +870,10 @@ impl<'a> Tensor<'a> {
     /// made with [`Context::new_tensor`] (an op result refers to its sources, whose lifetime
     /// the id could not carry); panics otherwise.
     pub fn id(self) -> TensorId {
-        assert!(self.owner != 0 && self.is_leaf(), "TensorId of {self:?}, which is not a leaf tensor of a context");
+        assert!(
+            self.owner != 0 && self.is_leaf(),
+            "TensorId of {self:?}, which is not a leaf tensor of a context"
+        );
         TensorId { ptr: self.ptr, owner: self.owner }
     }
     /// Made by `new_tensor`: no op, no sources, not a view.
@@ -818,7 +971,10 @@ impl<'a> Tensor<'a> {
     }
     /// Marks the tensor as the loss (a scalar) that backward differentiates.
     pub fn set_loss(self) -> Self {
-        assert!(self.ty() == Type::F32 && self.n_elements() == 1, "set_loss on {self:?}: the loss must be an F32 scalar");
+        assert!(
+            self.ty() == Type::F32 && self.n_elements() == 1,
+            "set_loss on {self:?}: the loss must be an F32 scalar"
+        );
         // SAFETY: live F32 scalar tensor; sets a flag.
         unsafe { sys::ggml_set_loss(self.raw()) };
         self
@@ -829,7 +985,11 @@ impl<'a> Tensor<'a> {
 
     pub(crate) fn expect_type(self, ty: Type) -> Result<(), GgmlError> {
         if self.ty() != ty {
-            return Err(GgmlError::TensorType { tensor: self.name(), actual: self.ty().name(), expected: ty.name() });
+            return Err(GgmlError::TensorType {
+                tensor: self.name(),
+                actual: self.ty().name(),
+                expected: ty.name(),
+            });
         }
         Ok(())
     }
@@ -907,7 +1067,8 @@ pub struct Graph<'a> {
     n_leafs: usize,
     /// Every node's sources as built, before a multi-device scheduler redirected some of them
     /// (see [`Graph::restore_sources`]).
-    sources: std::cell::RefCell<std::collections::HashMap<usize, [*mut sys::ggml_tensor; SRC_SLOTS]>>,
+    sources:
+        std::cell::RefCell<std::collections::HashMap<usize, [*mut sys::ggml_tensor; SRC_SLOTS]>>,
     _inv: PhantomData<fn(&'a ()) -> &'a ()>,
 }
 
@@ -946,7 +1107,8 @@ impl<'a> Graph<'a> {
     /// Every node's readers among the graph's nodes, keyed by the read tensor (nodes and leafs).
     /// Every node's readers among the graph's nodes, keyed by the read tensor (nodes and leafs).
     pub(crate) fn readers(&self) -> std::collections::HashMap<usize, Vec<Tensor<'a>>> {
-        let mut r: std::collections::HashMap<usize, Vec<Tensor<'a>>> = std::collections::HashMap::new();
+        let mut r: std::collections::HashMap<usize, Vec<Tensor<'a>>> =
+            std::collections::HashMap::new();
         for i in 0..self.n_nodes() {
             let n = self.node(i);
             for k in 0..10 {
@@ -982,7 +1144,9 @@ impl<'a> Graph<'a> {
             let t = self.node(i);
             // SAFETY: live node; reads two fields.
             let (view, flags) = unsafe { (!(*t.raw()).view_src.is_null(), (*t.raw()).flags) };
-            if view || flags & (sys::GGML_TENSOR_FLAG_INPUT | sys::GGML_TENSOR_FLAG_OUTPUT) as i32 != 0 {
+            if view
+                || flags & (sys::GGML_TENSOR_FLAG_INPUT | sys::GGML_TENSOR_FLAG_OUTPUT) as i32 != 0
+            {
                 continue;
             }
             let nb = t.n_bytes();
@@ -1049,9 +1213,18 @@ impl<'a> Graph<'a> {
     pub fn build_backward_expand(&mut self, ctx: &'a Context) {
         let n = self.n_nodes();
         assert!(n > 0, "build_backward_expand on an empty graph");
-        assert!(self.size >= 4 * n, "graph of {} nodes is too small for the backward of {n} forward nodes (make it ≥ {})", self.size, 4 * n);
-        let params: Vec<Tensor<'a>> = (0..n).map(|i| self.node(i)).filter(|t| t.is_param()).collect();
-        assert!(!params.is_empty(), "build_backward_expand: no parameter in the graph (Tensor::set_param)");
+        assert!(
+            self.size >= 4 * n,
+            "graph of {} nodes is too small for the backward of {n} forward nodes (make it ≥ {})",
+            self.size,
+            4 * n
+        );
+        let params: Vec<Tensor<'a>> =
+            (0..n).map(|i| self.node(i)).filter(|t| t.is_param()).collect();
+        assert!(
+            !params.is_empty(),
+            "build_backward_expand: no parameter in the graph (Tensor::set_param)"
+        );
         assert!(
             (0..n).any(|i| self.node(i).flags() & sys::GGML_TENSOR_FLAG_LOSS as i32 != 0),
             "build_backward_expand: no loss in the graph (Tensor::set_loss)"
@@ -1084,7 +1257,8 @@ impl<'a> Graph<'a> {
     /// Every tensor the graph touches: nodes, their sources and the tensors they view.
     pub(crate) fn members(&self) -> HashSet<usize> {
         let mut seen = HashSet::new();
-        let mut stack: Vec<*mut sys::ggml_tensor> = (0..self.n_nodes()).map(|i| self.node(i).raw()).collect();
+        let mut stack: Vec<*mut sys::ggml_tensor> =
+            (0..self.n_nodes()).map(|i| self.node(i).raw()).collect();
         while let Some(p) = stack.pop() {
             if p.is_null() || !seen.insert(p as usize) {
                 continue;

@@ -29,12 +29,23 @@ impl Context {
     /// CPU kernel: ggml's `cont` copies a transposed tensor element by element at ~1.5 GB/s
     /// here, this one in 32×32 tiles several times faster. A custom op: the CPU backend only.
     pub fn cont_cpu<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
-        assert!(a.ty() == super::Type::F32 && a.ne()[3] == 1, "cont_cpu: {a:?} is not a 3-D F32 tensor");
+        assert!(
+            a.ty() == super::Type::F32 && a.ne()[3] == 1,
+            "cont_cpu: {a:?} is not a 3-D F32 tensor"
+        );
         self.room(1);
         // SAFETY: live context and tensor; the callback is a plain function that reads `a`
         // within its shape and strides and writes the contiguous result (same shape, F32) that
         // ggml_map_custom1 allocates; no user data.
-        self.wrap(unsafe { sys::ggml_map_custom1(self.raw(), a.raw(), Some(strided_copy_f32), -1, std::ptr::null_mut()) })
+        self.wrap(unsafe {
+            sys::ggml_map_custom1(
+                self.raw(),
+                a.raw(),
+                Some(strided_copy_f32),
+                -1,
+                std::ptr::null_mut(),
+            )
+        })
     }
 
     /// Sets every byte of an allocated tensor of this context to 0.
@@ -127,7 +138,13 @@ impl<'a> Tensor<'a> {
     pub(crate) unsafe fn rewrite_as_mul_mat(self, a: Tensor<'a>, b: Tensor<'a>) {
         let (ane, bne, ne) = (a.ne(), b.ne(), self.ne());
         assert!(
-            ane[0] == bne[0] && ne[0] == ane[1] && ne[1] == bne[1] && ne[2] == bne[2] && ne[3] == bne[3] && bne[2] % ane[2] == 0 && bne[3] % ane[3] == 0,
+            ane[0] == bne[0]
+                && ne[0] == ane[1]
+                && ne[1] == bne[1]
+                && ne[2] == bne[2]
+                && ne[3] == bne[3]
+                && bne[2] % ane[2] == 0
+                && bne[3] % ane[3] == 0,
             "rewrite as mul_mat: {a:?} × {b:?} does not give {self:?}"
         );
         // SAFETY: the caller guarantees exclusivity (and the shapes, checked above).
@@ -142,7 +159,13 @@ impl<'a> Tensor<'a> {
     pub(crate) unsafe fn rewrite_as_out_prod(self, a: Tensor<'a>, b: Tensor<'a>) {
         let (ane, bne, ne) = (a.ne(), b.ne(), self.ne());
         assert!(
-            ane[1] == bne[1] && ne[0] == ane[0] && ne[1] == bne[0] && ane[2] == 1 && bne[2] == 1 && ne[2] == 1 && a.nb()[0] == 4,
+            ane[1] == bne[1]
+                && ne[0] == ane[0]
+                && ne[1] == bne[0]
+                && ane[2] == 1
+                && bne[2] == 1
+                && ne[2] == 1
+                && a.nb()[0] == 4,
             "rewrite as out_prod: {a:?} ⊗ {b:?} does not give {self:?}"
         );
         // SAFETY: the caller guarantees exclusivity (and the shapes, checked above).
@@ -159,7 +182,10 @@ impl<'a> Tensor<'a> {
     pub(crate) unsafe fn rewrite_as_view(self, src: Tensor<'a>, offset: usize, nb: [usize; 4]) {
         let ne = self.ne();
         let last = offset + (0..4).map(|i| (ne[i] as usize - 1) * nb[i]).sum::<usize>() + 4;
-        assert!(self.ty() == super::Type::F32 && nb[0] == 4 && last <= src.n_bytes(), "rewrite as view: {self:?} at {offset} does not fit in {src:?}");
+        assert!(
+            self.ty() == super::Type::F32 && nb[0] == 4 && last <= src.n_bytes(),
+            "rewrite as view: {self:?} at {offset} does not fit in {src:?}"
+        );
         // SAFETY: the caller guarantees exclusivity and the layout; fields of a live tensor are
         // plain data. ggml's views keep the offset in op_params and point view_src at the
         // viewed tensor, which is what the allocator and the backends read.
@@ -167,7 +193,11 @@ impl<'a> Tensor<'a> {
             let t = &mut *self.raw();
             t.op = sys::GGML_OP_VIEW;
             t.op_params = [0; 16];
-            std::ptr::copy_nonoverlapping(&offset as *const usize as *const u8, t.op_params.as_mut_ptr() as *mut u8, std::mem::size_of::<usize>());
+            std::ptr::copy_nonoverlapping(
+                &offset as *const usize as *const u8,
+                t.op_params.as_mut_ptr() as *mut u8,
+                std::mem::size_of::<usize>(),
+            );
             t.src = [std::ptr::null_mut(); 10];
             t.src[0] = src.raw();
             t.view_src = src.raw();
@@ -183,7 +213,10 @@ impl<'a> Tensor<'a> {
     /// # Safety
     /// As for [`Tensor::rewrite_as_mul_mat`].
     pub(crate) unsafe fn rewrite_as_add(self, a: Tensor<'a>, b: Tensor<'a>) {
-        assert!(a.ne() == self.ne() && b.ne() == self.ne(), "rewrite as add: {a:?} + {b:?} does not give {self:?}");
+        assert!(
+            a.ne() == self.ne() && b.ne() == self.ne(),
+            "rewrite as add: {a:?} + {b:?} does not give {self:?}"
+        );
         // SAFETY: the caller guarantees exclusivity (and the shapes, checked above).
         unsafe { self.set_binary_op(sys::GGML_OP_ADD, a, b) };
     }
@@ -202,20 +235,30 @@ mod tests {
         for ne in [[37i64, 70, 1], [64, 256, 9], [1, 33, 2], [300, 5, 3]] {
             let ctx = Context::new(Capacity::graph(16, 64, false)).unwrap();
             let x = ctx.new_f32("x", &ne).set_input();
-            let views = [ctx.transpose(x), ctx.permute(x, [0, 2, 1, 3]), ctx.permute(x, [2, 0, 1, 3])];
+            let views =
+                [ctx.transpose(x), ctx.permute(x, [0, 2, 1, 3]), ctx.permute(x, [2, 0, 1, 3])];
             let mut g = ctx.new_graph(64, false);
-            let pairs: Vec<_> = views.iter().map(|&v| (ctx.cont(v).set_output(), ctx.cont_cpu(v).set_output())).collect();
+            let pairs: Vec<_> = views
+                .iter()
+                .map(|&v| (ctx.cont(v).set_output(), ctx.cont_cpu(v).set_output()))
+                .collect();
             for &(a, b) in &pairs {
                 g.build_forward_expand(a);
                 g.build_forward_expand(b);
             }
-            let data: Vec<f32> = (0..ne.iter().product::<i64>()).map(|i| i as f32 * 0.5 - 7.0).collect();
+            let data: Vec<f32> =
+                (0..ne.iter().product::<i64>()).map(|i| i as f32 * 0.5 - 7.0).collect();
             let mut run = backend.compute(&g).unwrap();
             run.write_f32(x, &data).unwrap();
             run.run().unwrap();
             for &(a, b) in &pairs {
                 assert_eq!(a.ne(), b.ne());
-                assert_eq!(run.read_f32(a).unwrap(), run.read_f32(b).unwrap(), "shape {ne:?}, view {:?}", a.ne());
+                assert_eq!(
+                    run.read_f32(a).unwrap(),
+                    run.read_f32(b).unwrap(),
+                    "shape {ne:?}, view {:?}",
+                    a.ne()
+                );
             }
         }
     }

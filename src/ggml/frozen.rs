@@ -53,7 +53,13 @@ pub struct FrozenMap<'a> {
 
 impl<'a> FrozenMap<'a> {
     pub fn new() -> Self {
-        Self { map: HashMap::new(), forward: HashMap::new(), split: HashMap::new(), cpu_kernels: false, fuse_attention: true }
+        Self {
+            map: HashMap::new(),
+            forward: HashMap::new(),
+            split: HashMap::new(),
+            cpu_kernels: false,
+            fuse_attention: true,
+        }
     }
     /// Uses `copy` (same shape as `w`, another type) wherever the forward multiplies by `w`.
     pub fn insert_forward(&mut self, w: Tensor<'a>, copy: Tensor<'a>) {
@@ -65,13 +71,22 @@ impl<'a> FrozenMap<'a> {
     /// (C·s is an outer-product sum over the d_in/32 blocks, see [`small_inner`]).
     pub fn insert_forward_split(&mut self, w: Tensor<'a>, w0: Tensor<'a>, ct: Tensor<'a>) {
         let ne = w.ne();
-        assert!(w0.ne() == ne && ct.ne()[1] * 32 == ne[0] && ct.ne()[0] == ne[1] && ct.ty() == Type::F32, "split {w0:?} + {ct:?} does not match {w:?}");
+        assert!(
+            w0.ne() == ne
+                && ct.ne()[1] * 32 == ne[0]
+                && ct.ne()[0] == ne[1]
+                && ct.ty() == Type::F32,
+            "split {w0:?} + {ct:?} does not match {w:?}"
+        );
         self.split.insert(w.raw() as usize, (w0, ct));
     }
     pub fn insert(&mut self, w: Tensor<'a>, how: FrozenGrad<'a>) {
         if let FrozenGrad::Transposed(t) = how {
             let (ne_w, ne_t) = (w.ne(), t.ne());
-            assert!(ne_w[0] == ne_t[1] && ne_w[1] == ne_t[0] && ne_w[2] == 1 && ne_t[2] == 1, "transposed copy {t:?} does not match {w:?}");
+            assert!(
+                ne_w[0] == ne_t[1] && ne_w[1] == ne_t[0] && ne_w[2] == 1 && ne_t[2] == 1,
+                "transposed copy {t:?} does not match {w:?}"
+            );
         }
         self.map.insert(w.raw() as usize, how);
     }
@@ -94,7 +109,11 @@ fn transposed<'a>(ctx: &'a Context, t: Tensor<'a>, cpu: bool) -> Tensor<'a> {
             }
         }
     }
-    let tt = if cpu && t.ty() == Type::F32 && t.ne()[3] == 1 { ctx.cont_cpu(ctx.transpose(t)) } else { ctx.cont(ctx.transpose(t)) };
+    let tt = if cpu && t.ty() == Type::F32 && t.ne()[3] == 1 {
+        ctx.cont_cpu(ctx.transpose(t))
+    } else {
+        ctx.cont(ctx.transpose(t))
+    };
     // Named after the source (the profile sorts LoRA's products by the names they read).
     let name: String = t.name().chars().take(48).collect();
     tt.set_name(&format!("{name} (T)"))
@@ -166,7 +185,12 @@ pub struct RewriteStats {
 /// Gradient bookkeeping of the old graph (`grad`, `grad_acc`, `ggml_graph_reset`) does not
 /// carry over: read the gradient tensors you need from the old graph first, and set the
 /// loss gradient (the old graph's `grad_acc(loss)`) to 1 yourself.
-pub fn rebuild_frozen_backward<'a>(ctx: &'a Context, graph: &Graph<'a>, frozen: &FrozenMap<'a>, extra: &[Tensor<'a>]) -> (Graph<'a>, RewriteStats) {
+pub fn rebuild_frozen_backward<'a>(
+    ctx: &'a Context,
+    graph: &Graph<'a>,
+    frozen: &FrozenMap<'a>,
+    extra: &[Tensor<'a>],
+) -> (Graph<'a>, RewriteStats) {
     rebuild_backward(ctx, graph, frozen, extra, None)
 }
 
@@ -186,8 +210,18 @@ pub fn rebuild_backward<'a>(
     let dups = if recompute.is_some() { graph.n_nodes() } else { 0 };
     // A product turned into an outer-product sum brings ≤ 3 new nodes (a transposed copy and
     // two views).
-    let n_mul_mat = (0..graph.n_nodes()).filter(|&i| graph.node(i).op() == sys::GGML_OP_MUL_MAT).count();
-    let size = graph.size().max(graph.n_nodes() + 2 * frozen.len() * 8 + 6 * frozen.split.len() + 3 * n_mul_mat + 128 + extra.len() + 16 + dups);
+    let n_mul_mat =
+        (0..graph.n_nodes()).filter(|&i| graph.node(i).op() == sys::GGML_OP_MUL_MAT).count();
+    let size = graph.size().max(
+        graph.n_nodes()
+            + 2 * frozen.len() * 8
+            + 6 * frozen.split.len()
+            + 3 * n_mul_mat
+            + 128
+            + extra.len()
+            + 16
+            + dups,
+    );
     let mut out = ctx.new_graph(size, false);
     // Transposed copies made for the out_prod rewrite, shared by nodes with the same source
     // (q/k/v and gate/up read the same activations).
@@ -199,7 +233,8 @@ pub fn rebuild_backward<'a>(
     // a gradient accumulation or statistic then runs as soon as its inputs exist, so those
     // inputs are freed early instead of all staying alive until the end of the graph (which
     // raises peak memory and, with hundreds of small tensors, exhausts ggml's allocator).
-    let index: HashMap<usize, usize> = (0..graph.n_nodes()).map(|i| (graph.node(i).raw() as usize, i)).collect();
+    let index: HashMap<usize, usize> =
+        (0..graph.n_nodes()).map(|i| (graph.node(i).raw() as usize, i)).collect();
     let mut due: HashMap<usize, Vec<Tensor<'a>>> = HashMap::new();
     let mut first = Vec::new();
     for &t in extra {
@@ -215,9 +250,14 @@ pub fn rebuild_backward<'a>(
     // are skipped below. Not with recomputation: there the fused backward made the step's
     // compute buffer grow by ~65 MiB on the default model (189 → 254 MiB at 256 tokens;
     // measured 2026-11-29, cause not yet found), against the point of that mode.
-    let fused = if frozen.cpu_kernels && frozen.fuse_attention && recompute.is_none() { super::attention::fuse(ctx, graph) } else { Default::default() };
+    let fused = if frozen.cpu_kernels && frozen.fuse_attention && recompute.is_none() {
+        super::attention::fuse(ctx, graph)
+    } else {
+        Default::default()
+    };
     stats.attention = fused.backward.len();
-    let fused_backward: HashMap<usize, Tensor<'a>> = fused.backward.iter().map(|t| (t.raw() as usize, *t)).collect();
+    let fused_backward: HashMap<usize, Tensor<'a>> =
+        fused.backward.iter().map(|t| (t.raw() as usize, *t)).collect();
     let mut redirected = std::collections::HashSet::new();
     // The forward's frozen matmuls first (faster copies, exact splits), so that recomputed
     // segments duplicate the rewritten forward.
@@ -243,7 +283,11 @@ pub fn rebuild_backward<'a>(
             // s [d_in/32, T]: x summed over each block of 32 inputs (shared by q/k/v, gate/up).
             let s = *block_sums.entry(x.raw() as usize).or_insert_with(|| {
                 let xc = if x.is_contiguous() { x } else { ctx.cont(x) };
-                ctx.reshape_2d(ctx.sum_rows(ctx.reshape_3d(xc, 32, ne[0] / 32, ne[1])), ne[0] / 32, ne[1])
+                ctx.reshape_2d(
+                    ctx.sum_rows(ctx.reshape_3d(xc, 32, ne[0] / 32, ne[1])),
+                    ne[0] / 32,
+                    ne[1],
+                )
             });
             // C·s [d_out, T] from Cᵀ [d_out, d_in/32].
             let cs = if frozen.cpu_kernels && small_inner(ne[0] / 32, c.ne()[0]) {
@@ -255,11 +299,18 @@ pub fn rebuild_backward<'a>(
             // graph is not allocated while rebuilt.
             unsafe { node.rewrite_as_add(ctx.mul_mat(w0, x), cs) };
             stats.forward += 1;
-        } else if frozen.cpu_kernels && flat(w) && flat(x) && flat(node) && small_inner(w.ne()[0], w.ne()[1]) {
+        } else if frozen.cpu_kernels
+            && flat(w)
+            && flat(x)
+            && flat(node)
+            && small_inner(w.ne()[0], w.ne()[1])
+        {
             // LoRA's B·u and the like: an outer-product sum (see `small_inner`).
-            let wt = *transposes.entry(w.raw() as usize).or_insert_with(|| transposed(ctx, w, frozen.cpu_kernels)); // [m, k]
-                                                                                                                    // SAFETY: OUT_PROD(wᵀ [m, k], xᵀ [n, k]) is F32 [m, n] like the node; the graph
-                                                                                                                    // is not allocated while rebuilt.
+            let wt = *transposes
+                .entry(w.raw() as usize)
+                .or_insert_with(|| transposed(ctx, w, frozen.cpu_kernels)); // [m, k]
+                                                                            // SAFETY: OUT_PROD(wᵀ [m, k], xᵀ [n, k]) is F32 [m, n] like the node; the graph
+                                                                            // is not allocated while rebuilt.
             unsafe { node.rewrite_as_out_prod(wt, ctx.transpose(x)) };
             stats.outer += 1;
         }
@@ -276,7 +327,8 @@ pub fn rebuild_backward<'a>(
         if let Some(segs) = segments.as_mut() {
             if !segs.is_forward(node) {
                 // The fused attention backward reads forward activations too.
-                if let Some(&b) = node.src(0).and_then(|s| fused_backward.get(&(s.raw() as usize))) {
+                if let Some(&b) = node.src(0).and_then(|s| fused_backward.get(&(s.raw() as usize)))
+                {
                     if redirected.insert(b.raw() as usize) {
                         // SAFETY: as below.
                         unsafe { segs.redirect(ctx, b) };
@@ -312,7 +364,11 @@ pub fn rebuild_backward<'a>(
                                 // chunked form wrong (row views at byte offsets into the
                                 // quantized weight; measured on lavapipe: ∂B of layer 0 2.6×
                                 // the CPU's on the default model, exact in one piece).
-                                let n_chunks = if frozen.cpu_kernels { transient_chunks(d_in, d_out) } else { 1 };
+                                let n_chunks = if frozen.cpu_kernels {
+                                    transient_chunks(d_in, d_out)
+                                } else {
+                                    1
+                                };
                                 let rows = (d_out + n_chunks - 1) / n_chunks;
                                 let mut parts = Vec::new();
                                 let mut r0 = 0;
@@ -324,8 +380,20 @@ pub fn rebuild_backward<'a>(
                                         // Rows r0..r0+n of W [d_in, d_out] (whole quantized rows)
                                         // and of ∂L/∂y [d_out, T] (a strided view).
                                         (
-                                            ctx.view_2d(w, d_in, n, w.nb()[1], r0 as usize * w.nb()[1]),
-                                            ctx.view_2d(dy, n, dy.ne()[1], dy.nb()[1], r0 as usize * dy.nb()[0]),
+                                            ctx.view_2d(
+                                                w,
+                                                d_in,
+                                                n,
+                                                w.nb()[1],
+                                                r0 as usize * w.nb()[1],
+                                            ),
+                                            ctx.view_2d(
+                                                dy,
+                                                n,
+                                                dy.ne()[1],
+                                                dy.nb()[1],
+                                                r0 as usize * dy.nb()[0],
+                                            ),
                                         )
                                     };
                                     // A cast, not a cpy into a new tensor: that tensor would be a graph
@@ -337,13 +405,18 @@ pub fn rebuild_backward<'a>(
                                     r0 += n;
                                 }
                                 let (last_w, last_dy) = parts.pop().expect("at least one chunk");
-                                let acc = parts.into_iter().map(|(a, b)| ctx.mul_mat(a, b)).reduce(|acc, p| ctx.add(acc, p));
+                                let acc = parts
+                                    .into_iter()
+                                    .map(|(a, b)| ctx.mul_mat(a, b))
+                                    .reduce(|acc, p| ctx.add(acc, p));
                                 // SAFETY: as above; with chunks the node becomes
                                 // ADD(Σ earlier chunks, last chunk), F32 [d_in, T] as well.
                                 unsafe {
                                     match acc {
                                         None => node.rewrite_as_mul_mat(last_w, last_dy),
-                                        Some(acc) => node.rewrite_as_add(acc, ctx.mul_mat(last_w, last_dy)),
+                                        Some(acc) => {
+                                            node.rewrite_as_add(acc, ctx.mul_mat(last_w, last_dy))
+                                        }
                                     }
                                 }
                             }
@@ -366,9 +439,14 @@ pub fn rebuild_backward<'a>(
                 // With a small inner dimension (LoRA's A·∂u: k = rank) the outer-product sum is
                 // the faster form already (see `small_inner`): kept.
                 let all_flat = flat(a) && flat(b) && flat(node);
-                let keep = frozen.cpu_kernels && a.nb()[0] == 4 && small_inner(a.ne()[1], a.ne()[0]);
+                let keep =
+                    frozen.cpu_kernels && a.nb()[0] == 4 && small_inner(a.ne()[1], a.ne()[0]);
                 if all_flat && !keep {
-                    let mut tr = |t: Tensor<'a>| *transposes.entry(t.raw() as usize).or_insert_with(|| transposed(ctx, t, frozen.cpu_kernels));
+                    let mut tr = |t: Tensor<'a>| {
+                        *transposes
+                            .entry(t.raw() as usize)
+                            .or_insert_with(|| transposed(ctx, t, frozen.cpu_kernels))
+                    };
                     let at = tr(a); // [k, n]
                     let bt = tr(b); // [k, p]
                                     // SAFETY: as above: MUL_MAT(aᵀ [k, n], bᵀ [k, p]) is F32 [n, p] like the node.
@@ -389,7 +467,11 @@ pub fn rebuild_backward<'a>(
                     // [n, p, B] like the node; the graph is not allocated while rebuilt.
                     unsafe { node.rewrite_as_mul_mat(at, g) };
                     stats.out_prods += 1;
-                } else if !frozen.cpu_kernels && a.ty() == Type::F32 && b.ty() == Type::F32 && !(a.is_contiguous() && b.is_contiguous()) {
+                } else if !frozen.cpu_kernels
+                    && a.ty() == Type::F32
+                    && b.ty() == Type::F32
+                    && !(a.is_contiguous() && b.is_contiguous())
+                {
                     // GPU backends: attention's batched products (∂Q, ∂K, ∂V, ∂P) read
                     // permuted or transposed views, and ggml-vulkan's out_prod takes only
                     // contiguous operands: the scheduler would run all of them on the CPU,
@@ -455,9 +537,18 @@ fn dim01_contiguous(t: Tensor<'_>) -> bool {
 /// logits' gradient) allocated to the end of the graph: ~200 MiB on the default model at
 /// 256 tokens.
 fn drop_unused_views<'a>(ctx: &'a Context, graph: Graph<'a>, size: usize) -> Graph<'a> {
-    let is_view_op = |t: Tensor<'a>| matches!(t.op(), sys::GGML_OP_VIEW | sys::GGML_OP_RESHAPE | sys::GGML_OP_PERMUTE | sys::GGML_OP_TRANSPOSE);
+    let is_view_op = |t: Tensor<'a>| {
+        matches!(
+            t.op(),
+            sys::GGML_OP_VIEW
+                | sys::GGML_OP_RESHAPE
+                | sys::GGML_OP_PERMUTE
+                | sys::GGML_OP_TRANSPOSE
+        )
+    };
     let nodes: Vec<Tensor<'a>> = (0..graph.n_nodes()).map(|i| graph.node(i)).collect();
-    let mut readers: HashMap<usize, usize> = graph.readers().into_iter().map(|(k, v)| (k, v.len())).collect();
+    let mut readers: HashMap<usize, usize> =
+        graph.readers().into_iter().map(|(k, v)| (k, v.len())).collect();
     let mut dropped = std::collections::HashSet::new();
     // Reverse order: dropping a view may leave the view it was made from unread.
     for t in nodes.iter().rev() {

@@ -20,7 +20,9 @@ pub fn quantize(ty: Type, data: &[f32], n_per_row: usize) -> Result<Vec<u8>, Ggm
     if n_per_row == 0 || !data.len().is_multiple_of(n_per_row) {
         return Err(err(format!("{} values are not whole rows of {n_per_row}", data.len())));
     }
-    let row = ty.row_size(n_per_row).ok_or_else(|| err(format!("rows of {n_per_row} are not a multiple of the block size {}", ty.block_size())))?;
+    let row = ty.row_size(n_per_row).ok_or_else(|| {
+        err(format!("rows of {n_per_row} are not a multiple of the block size {}", ty.block_size()))
+    })?;
     // SAFETY: pure query of a valid type id (checked by row_size above).
     if unsafe { sys::ggml_quantize_requires_imatrix(ty.0 as sys::ggml_type) } {
         return Err(err("this type needs an importance matrix".into()));
@@ -30,7 +32,15 @@ pub fn quantize(ty: Type, data: &[f32], n_per_row: usize) -> Result<Vec<u8>, Ggm
     // SAFETY: src holds nrows × n_per_row floats, dst holds nrows rows of `row` bytes (the
     // size ggml writes for this type); no imatrix, which the type does not require.
     let written = unsafe {
-        sys::ggml_quantize_chunk(ty.0 as sys::ggml_type, data.as_ptr(), out.as_mut_ptr().cast(), 0, nrows as i64, n_per_row as i64, std::ptr::null())
+        sys::ggml_quantize_chunk(
+            ty.0 as sys::ggml_type,
+            data.as_ptr(),
+            out.as_mut_ptr().cast(),
+            0,
+            nrows as i64,
+            n_per_row as i64,
+            std::ptr::null(),
+        )
     };
     if written != out.len() {
         return Err(err(format!("ggml wrote {written} bytes, expected {}", out.len())));
@@ -90,7 +100,10 @@ impl GgufWriter {
     pub fn new() -> Self {
         // SAFETY: allocates an empty GGUF context.
         let ctx = unsafe { sys::gguf_init_empty() };
-        GgufWriter { ctx: NonNull::new(ctx).expect("gguf_init_empty returned null"), data: Vec::new() }
+        GgufWriter {
+            ctx: NonNull::new(ctx).expect("gguf_init_empty returned null"),
+            data: Vec::new(),
+        }
     }
     fn raw(&self) -> *mut sys::gguf_context {
         self.ctx.as_ptr()
@@ -130,11 +143,16 @@ impl GgufWriter {
 
     /// Copies every metadata key of the GGUF file `path` for which `keep(key)` holds
     /// (e.g. the `tokenizer.` keys of a model), overwriting keys of the same name.
-    pub fn copy_keys_from(&mut self, path: &Path, keep: impl Fn(&str) -> bool) -> Result<usize, GgmlError> {
+    pub fn copy_keys_from(
+        &mut self,
+        path: &Path,
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<usize, GgmlError> {
         let gerr = |msg: String| GgmlError::Gguf { path: path.to_path_buf(), msg };
         // Validate (exists, magic, header) with grit's reader first, for a precise error.
         drop(crate::gguf::GgufFile::open(path).map_err(|e| gerr(e.to_string()))?);
-        let cpath = CString::new(path.to_string_lossy().as_bytes()).map_err(|_| gerr("path contains a NUL byte".into()))?;
+        let cpath = CString::new(path.to_string_lossy().as_bytes())
+            .map_err(|_| gerr("path contains a NUL byte".into()))?;
         let params = sys::gguf_init_params { no_alloc: true, ctx: std::ptr::null_mut() };
         // SAFETY: NUL-terminated path; metadata only (no_alloc, null ctx out-pointer).
         let src = unsafe { sys::gguf_init_from_file(cpath.as_ptr(), params) };
@@ -145,7 +163,9 @@ impl GgufWriter {
         let n = unsafe {
             let tmp = sys::gguf_init_empty();
             sys::gguf_set_kv(tmp, src.as_ptr());
-            let keys: Vec<CString> = (0..sys::gguf_get_n_kv(tmp)).map(|i| std::ffi::CStr::from_ptr(sys::gguf_get_key(tmp, i)).to_owned()).collect();
+            let keys: Vec<CString> = (0..sys::gguf_get_n_kv(tmp))
+                .map(|i| std::ffi::CStr::from_ptr(sys::gguf_get_key(tmp, i)).to_owned())
+                .collect();
             let mut kept = 0;
             for k in &keys {
                 if keep(&k.to_string_lossy()) {
@@ -164,7 +184,13 @@ impl GgufWriter {
 
     /// Adds a tensor named `name` of type `ty` and shape `ne` (ggml order) with its stored
     /// bytes `data` (already in `ty`'s format).
-    pub fn add_tensor(&mut self, name: &str, ty: Type, ne: &[i64], data: Vec<u8>) -> Result<(), GgmlError> {
+    pub fn add_tensor(
+        &mut self,
+        name: &str,
+        ty: Type,
+        ne: &[i64],
+        data: Vec<u8>,
+    ) -> Result<(), GgmlError> {
         let bad = |msg: String| GgmlError::Gguf { path: PathBuf::from("<gguf writer>"), msg };
         if name.len() >= 64 {
             return Err(bad(format!("tensor name '{name}' is longer than GGUF's 63 bytes")));
@@ -175,11 +201,18 @@ impl GgufWriter {
             return Err(bad(format!("duplicate tensor '{name}'")));
         }
         let rows: i64 = ne.iter().skip(1).product();
-        let row = ty
-            .row_size(ne.first().copied().unwrap_or(0).max(0) as usize)
-            .ok_or_else(|| bad(format!("tensor '{name}': ne[0] of {ne:?} is not a multiple of {ty}'s block size")))?;
+        let row =
+            ty.row_size(ne.first().copied().unwrap_or(0).max(0) as usize).ok_or_else(|| {
+                bad(format!(
+                    "tensor '{name}': ne[0] of {ne:?} is not a multiple of {ty}'s block size"
+                ))
+            })?;
         if data.len() != row * rows as usize {
-            return Err(GgmlError::Size { tensor: name.into(), expected: row * rows as usize, got: data.len() });
+            return Err(GgmlError::Size {
+                tensor: name.into(),
+                expected: row * rows as usize,
+                got: data.len(),
+            });
         }
         // A throwaway metadata context describes the tensor; gguf copies the struct.
         let meta = Context::new(Capacity::tensors(1))?;
@@ -212,14 +245,19 @@ impl GgufWriter {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
         let res = self.write(&tmp).and_then(|()| {
-            let f = crate::gguf::GgufFile::open(&tmp).map_err(|e| gerr(format!("the written file does not read back: {e}")))?;
+            let f = crate::gguf::GgufFile::open(&tmp)
+                .map_err(|e| gerr(format!("the written file does not read back: {e}")))?;
             // SAFETY: live context.
             let n = unsafe { sys::gguf_get_n_tensors(self.raw()) } as usize;
             if f.tensors().len() != n {
-                return Err(gerr(format!("the written file reads back with {} tensors, not {n}", f.tensors().len())));
+                return Err(gerr(format!(
+                    "the written file reads back with {} tensors, not {n}",
+                    f.tensors().len()
+                )));
             }
             drop(f);
-            std::fs::rename(&tmp, path).map_err(|e| gerr(format!("cannot rename {} into place: {e}", tmp.display())))?;
+            std::fs::rename(&tmp, path)
+                .map_err(|e| gerr(format!("cannot rename {} into place: {e}", tmp.display())))?;
             // The rename itself is durable once the folder is synced (best effort: not every
             // file system lets a folder be opened for it).
             if let Ok(d) = std::fs::File::open(dir) {
@@ -238,7 +276,10 @@ impl GgufWriter {
     /// full disk could leave a truncated file behind a success).
     pub fn write(&self, path: &Path) -> Result<(), GgmlError> {
         use std::io::Write;
-        let gerr = |e: std::io::Error| GgmlError::Gguf { path: path.to_path_buf(), msg: format!("cannot write the GGUF file: {e}") };
+        let gerr = |e: std::io::Error| GgmlError::Gguf {
+            path: path.to_path_buf(),
+            msg: format!("cannot write the GGUF file: {e}"),
+        };
         // SAFETY: live context; gguf_get_meta_data writes exactly gguf_get_meta_size bytes
         // (header, metadata and tensor infos, padded to the alignment).
         let (meta, alignment, n) = unsafe {
@@ -290,7 +331,11 @@ mod tests {
         let at = (f.data_offset() + b.offset) as usize;
         assert_eq!(&bytes[at..at + 4], &1.5f32.to_le_bytes());
         assert_eq!(bytes.len() % 32, 0, "the data section ends padded");
-        assert!(!std::fs::read_dir(dir.path()).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".tmp")));
+        assert!(!std::fs::read_dir(dir.path()).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".tmp")));
     }
 
     /// A full disk is an error (ggml's own writer reported success), and a failed write
@@ -307,7 +352,8 @@ mod tests {
         sample(1.0).write_atomic(&p).unwrap();
         let before = std::fs::read(&p).unwrap();
         // Inject a write error: the temporary file's name is taken by a folder.
-        std::fs::create_dir(dir.path().join(format!(".x.gguf.{}.tmp", std::process::id()))).unwrap();
+        std::fs::create_dir(dir.path().join(format!(".x.gguf.{}.tmp", std::process::id())))
+            .unwrap();
         assert!(sample(2.0).write_atomic(&p).is_err());
         assert_eq!(std::fs::read(&p).unwrap(), before);
     }

@@ -46,9 +46,15 @@ mod gguf_write;
 pub mod profile;
 mod recompute;
 
-pub use backend::{cpu_only_nodes, devices, resolve_gpu, Backend, BackendOptions, BufferType, Computation, Device, DeviceInfo};
+pub use backend::{
+    cpu_only_nodes, devices, resolve_gpu, Backend, BackendOptions, BufferType, Computation, Device,
+    DeviceInfo,
+};
 pub use context::{Capacity, Context, Graph, RopeMode, RopeParams, Tensor, TensorId, Type};
-pub use frozen::{rebuild_backward, rebuild_frozen_backward, transient_chunks, FrozenGrad, FrozenMap, RewriteStats};
+pub use frozen::{
+    rebuild_backward, rebuild_frozen_backward, transient_chunks, FrozenGrad, FrozenMap,
+    RewriteStats,
+};
 pub use gguf_write::{dequantize, quantize, GgufWriter};
 pub use recompute::Segments;
 

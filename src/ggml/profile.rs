@@ -43,7 +43,12 @@ pub struct NodeInfo {
 
 impl Recorder {
     pub(crate) fn new(categorize: fn(&NodeInfo) -> String) -> Self {
-        Recorder { last: Instant::now(), sched: std::ptr::null_mut(), profile: Profile::default(), categorize }
+        Recorder {
+            last: Instant::now(),
+            sched: std::ptr::null_mut(),
+            profile: Profile::default(),
+            categorize,
+        }
     }
     pub(crate) fn restart(&mut self) {
         self.last = Instant::now();
@@ -60,7 +65,11 @@ fn name_of(t: *const sys::ggml_tensor) -> String {
 
 /// The scheduler's evaluation callback: observe every node; on observation, charge the time
 /// since the previous one to the node's category.
-pub(crate) unsafe extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user: *mut c_void) -> bool {
+pub(crate) unsafe extern "C" fn eval_callback(
+    t: *mut sys::ggml_tensor,
+    ask: bool,
+    user: *mut c_void,
+) -> bool {
     if ask {
         return true;
     }
@@ -88,10 +97,24 @@ pub(crate) unsafe extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: boo
             if s.is_null() {
                 String::new()
             } else {
-                format!("{:?}{}{}", (&(*s).ne)[..3].to_vec(), if sys::ggml_is_contiguous(s) { "" } else { "nc" }, (*s).type_ as i32)
+                format!(
+                    "{:?}{}{}",
+                    (&(*s).ne)[..3].to_vec(),
+                    if sys::ggml_is_contiguous(s) { "" } else { "nc" },
+                    (*s).type_ as i32
+                )
             }
         };
-        cat = unsafe { format!("{} {} {:?} <- {} {}", cat, info.op, &info.ne[..3], d((*t).src[0]), d((*t).src[1])) };
+        cat = unsafe {
+            format!(
+                "{} {} {:?} <- {} {}",
+                cat,
+                info.op,
+                &info.ne[..3],
+                d((*t).src[0]),
+                d((*t).src[1])
+            )
+        };
     }
     if !rec.sched.is_null() {
         // SAFETY: the scheduler computing this graph (owned by the backend that owns the
@@ -126,7 +149,10 @@ impl Profile {
         rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
         let mut out = format!("{:<34} {:>10} {:>7} {:>7}\n", "part", "seconds", "share", "nodes");
         for (k, (s, n)) in rows {
-            out.push_str(&format!("{k:<34} {s:>10.3} {:>6.1}% {n:>7}\n", 100.0 * s / self.total_s.max(1e-12)));
+            out.push_str(&format!(
+                "{k:<34} {s:>10.3} {:>6.1}% {n:>7}\n",
+                100.0 * s / self.total_s.max(1e-12)
+            ));
         }
         out.push_str(&format!("{:<34} {:>10.3}\n", "total", self.total_s));
         if !self.by_backend_op.is_empty() {
@@ -137,7 +163,11 @@ impl Profile {
                 out.push_str(&format!("  {be:<10} {op:<24} {s:>10.3} {n:>7}\n"));
             }
             let r = self.runs.max(1) as f64;
-            out.push_str(&format!("scheduler: {:.1} splits (device switches) per graph run ({} runs)\n", self.splits as f64 / r, self.runs));
+            out.push_str(&format!(
+                "scheduler: {:.1} splits (device switches) per graph run ({} runs)\n",
+                self.splits as f64 / r,
+                self.runs
+            ));
         }
         out
     }
@@ -171,7 +201,11 @@ pub fn peak_memory<'a>(graph: &super::Graph<'a>) -> PeakMemory {
     use std::collections::{HashMap, HashSet};
     let n = graph.n_nodes();
     let root = view_root;
-    let pinned = |t: super::Tensor<'a>| (t.op() == sys::GGML_OP_NONE) || (t.flags() & (sys::GGML_TENSOR_FLAG_INPUT | sys::GGML_TENSOR_FLAG_OUTPUT) as i32) != 0;
+    let pinned = |t: super::Tensor<'a>| {
+        (t.op() == sys::GGML_OP_NONE)
+            || (t.flags() & (sys::GGML_TENSOR_FLAG_INPUT | sys::GGML_TENSOR_FLAG_OUTPUT) as i32)
+                != 0
+    };
     // Remaining consumers of each (root) tensor.
     let mut uses: HashMap<usize, usize> = HashMap::new();
     for i in 0..n {
@@ -203,7 +237,8 @@ pub fn peak_memory<'a>(graph: &super::Graph<'a>) -> PeakMemory {
         if cur > best.bytes {
             best.bytes = cur;
             best.at_node = i;
-            let mut v: Vec<_> = live.values().map(|t| (t.name(), op_name(t.op()), t.n_bytes())).collect();
+            let mut v: Vec<_> =
+                live.values().map(|t| (t.name(), op_name(t.op()), t.n_bytes())).collect();
             v.sort_by_key(|e| std::cmp::Reverse(e.2));
             best.live = v;
         }

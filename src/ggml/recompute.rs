@@ -105,7 +105,8 @@ impl<'a> Segments<'a> {
         if let Some(&d) = self.dups.get(&key) {
             return d;
         }
-        let srcs: Vec<Option<Tensor<'a>>> = (0..MAX_SRC).map(|i| t.src(i).map(|s| self.dup(ctx, s))).collect();
+        let srcs: Vec<Option<Tensor<'a>>> =
+            (0..MAX_SRC).map(|i| t.src(i).map(|s| self.dup(ctx, s))).collect();
         let view = t.view_source().map(|v| self.dup(ctx, v));
         ctx.room(1);
         let ne = t.ne();

@@ -113,7 +113,10 @@ impl Drop for GgufFile {
 
 impl fmt::Debug for GgufFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GgufFile").field("path", &self.path).field("tensors", &self.tensors.len()).finish()
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("tensors", &self.tensors.len())
+            .finish()
     }
 }
 
@@ -131,20 +134,27 @@ impl GgufFile {
         }
         let file_len = meta.len();
         let mut magic = [0u8; 4];
-        let n = std::fs::File::open(&path).and_then(|mut f| f.read(&mut magic)).map_err(|e| GgufError::Io(path.clone(), e))?;
+        let n = std::fs::File::open(&path)
+            .and_then(|mut f| f.read(&mut magic))
+            .map_err(|e| GgufError::Io(path.clone(), e))?;
         if n < 4 || &magic != b"GGUF" {
-            let shown: String = magic[..n].iter().map(|&b| if b.is_ascii_graphic() { b as char } else { '.' }).collect();
+            let shown: String = magic[..n]
+                .iter()
+                .map(|&b| if b.is_ascii_graphic() { b as char } else { '.' })
+                .collect();
             return Err(GgufError::NotGguf(path, shown));
         }
-        let cpath =
-            CString::new(path.to_string_lossy().as_bytes()).map_err(|_| GgufError::Io(path.clone(), std::io::Error::other("path contains a NUL byte")))?;
+        let cpath = CString::new(path.to_string_lossy().as_bytes()).map_err(|_| {
+            GgufError::Io(path.clone(), std::io::Error::other("path contains a NUL byte"))
+        })?;
         crate::llama::ensure_logging();
         crate::llama::clear_log_errors();
         let params = sys::gguf_init_params { no_alloc: true, ctx: std::ptr::null_mut() };
         // SAFETY: valid NUL-terminated path; no_alloc with a null ctx pointer reads metadata only.
         let ctx = unsafe { sys::gguf_init_from_file(cpath.as_ptr(), params) };
         if ctx.is_null() {
-            let why = crate::llama::last_log_error().unwrap_or_else(|| "ggml could not parse it".into());
+            let why =
+                crate::llama::last_log_error().unwrap_or_else(|| "ggml could not parse it".into());
             return Err(GgufError::BadHeader(path, why));
         }
         let mut file = GgufFile { path, ctx, file_len, tensors: Vec::new() };
@@ -154,11 +164,15 @@ impl GgufFile {
 
     fn index_tensors(&mut self) -> Result<(), GgufError> {
         // SAFETY: ctx is a valid gguf_context for all calls below; ids are in range.
-        let (n, data_offset) = unsafe { (sys::gguf_get_n_tensors(self.ctx), sys::gguf_get_data_offset(self.ctx) as u64) };
+        let (n, data_offset) = unsafe {
+            (sys::gguf_get_n_tensors(self.ctx), sys::gguf_get_data_offset(self.ctx) as u64)
+        };
         for id in 0..n {
             // SAFETY: id < n_tensors; name is a NUL-terminated string owned by ctx; ne has 4 elements.
             let info = unsafe {
-                let name = CStr::from_ptr(sys::gguf_get_tensor_name(self.ctx, id)).to_string_lossy().into_owned();
+                let name = CStr::from_ptr(sys::gguf_get_tensor_name(self.ctx, id))
+                    .to_string_lossy()
+                    .into_owned();
                 let ne_ptr = sys::gguf_get_tensor_ne(self.ctx, id);
                 let ne = [*ne_ptr, *ne_ptr.add(1), *ne_ptr.add(2), *ne_ptr.add(3)];
                 TensorInfo {
@@ -171,7 +185,12 @@ impl GgufFile {
             };
             let end = data_offset + info.offset + info.size;
             if end > self.file_len {
-                return Err(GgufError::Truncated { path: self.path.clone(), tensor: info.name, end, len: self.file_len });
+                return Err(GgufError::Truncated {
+                    path: self.path.clone(),
+                    tensor: info.name,
+                    end,
+                    len: self.file_len,
+                });
             }
             self.tensors.push(info);
         }
@@ -199,7 +218,13 @@ impl GgufFile {
     /// All metadata keys, in file order.
     pub fn keys(&self) -> Vec<String> {
         // SAFETY: valid ctx; key ids in range; keys are NUL-terminated strings owned by ctx.
-        unsafe { (0..sys::gguf_get_n_kv(self.ctx)).map(|i| CStr::from_ptr(sys::gguf_get_key(self.ctx, i)).to_string_lossy().into_owned()).collect() }
+        unsafe {
+            (0..sys::gguf_get_n_kv(self.ctx))
+                .map(|i| {
+                    CStr::from_ptr(sys::gguf_get_key(self.ctx, i)).to_string_lossy().into_owned()
+                })
+                .collect()
+        }
     }
 
     /// A metadata value, or None when the key is absent.
@@ -225,10 +250,15 @@ impl GgufFile {
                 sys::GGUF_TYPE_FLOAT32 => Value::F64(sys::gguf_get_val_f32(self.ctx, id) as f64),
                 sys::GGUF_TYPE_FLOAT64 => Value::F64(sys::gguf_get_val_f64(self.ctx, id)),
                 sys::GGUF_TYPE_BOOL => Value::Bool(sys::gguf_get_val_bool(self.ctx, id)),
-                sys::GGUF_TYPE_STRING => Value::Str(CStr::from_ptr(sys::gguf_get_val_str(self.ctx, id)).to_string_lossy().into_owned()),
+                sys::GGUF_TYPE_STRING => Value::Str(
+                    CStr::from_ptr(sys::gguf_get_val_str(self.ctx, id))
+                        .to_string_lossy()
+                        .into_owned(),
+                ),
                 sys::GGUF_TYPE_ARRAY => {
                     let et = sys::gguf_get_arr_type(self.ctx, id);
-                    let elem = CStr::from_ptr(sys::gguf_type_name(et)).to_string_lossy().into_owned();
+                    let elem =
+                        CStr::from_ptr(sys::gguf_type_name(et)).to_string_lossy().into_owned();
                     Value::Array { elem, len: sys::gguf_get_arr_n(self.ctx, id) }
                 }
                 other => Value::Str(format!("<gguf type {other}>")),
@@ -243,11 +273,22 @@ impl GgufFile {
         // with indices below its length.
         unsafe {
             let id = sys::gguf_find_key(self.ctx, ckey.as_ptr());
-            if id < 0 || sys::gguf_get_kv_type(self.ctx, id) != sys::GGUF_TYPE_ARRAY || sys::gguf_get_arr_type(self.ctx, id) != sys::GGUF_TYPE_STRING {
+            if id < 0
+                || sys::gguf_get_kv_type(self.ctx, id) != sys::GGUF_TYPE_ARRAY
+                || sys::gguf_get_arr_type(self.ctx, id) != sys::GGUF_TYPE_STRING
+            {
                 return None;
             }
             let n = sys::gguf_get_arr_n(self.ctx, id);
-            Some((0..n).map(|i| CStr::from_ptr(sys::gguf_get_arr_str(self.ctx, id, i)).to_string_lossy().into_owned()).collect())
+            Some(
+                (0..n)
+                    .map(|i| {
+                        CStr::from_ptr(sys::gguf_get_arr_str(self.ctx, id, i))
+                            .to_string_lossy()
+                            .into_owned()
+                    })
+                    .collect(),
+            )
         }
     }
 
@@ -270,7 +311,9 @@ impl GgufFile {
     pub fn get_str(&self, key: &str) -> Result<String, GgufError> {
         match self.get(key) {
             Some(Value::Str(s)) => Ok(s),
-            Some(v) => Err(GgufError::KeyType(self.path.clone(), key.into(), format!("{v}"), "string")),
+            Some(v) => {
+                Err(GgufError::KeyType(self.path.clone(), key.into(), format!("{v}"), "string"))
+            }
             None => Err(GgufError::MissingKey(self.path.clone(), key.into())),
         }
     }
@@ -280,7 +323,12 @@ impl GgufFile {
         match self.get(key) {
             Some(Value::U64(v)) => Ok(v),
             Some(Value::I64(v)) if v >= 0 => Ok(v as u64),
-            Some(v) => Err(GgufError::KeyType(self.path.clone(), key.into(), format!("{v}"), "unsigned integer")),
+            Some(v) => Err(GgufError::KeyType(
+                self.path.clone(),
+                key.into(),
+                format!("{v}"),
+                "unsigned integer",
+            )),
             None => Err(GgufError::MissingKey(self.path.clone(), key.into())),
         }
     }
@@ -289,7 +337,9 @@ impl GgufFile {
     pub fn get_f64(&self, key: &str) -> Result<f64, GgufError> {
         match self.get(key) {
             Some(Value::F64(v)) => Ok(v),
-            Some(v) => Err(GgufError::KeyType(self.path.clone(), key.into(), format!("{v}"), "float")),
+            Some(v) => {
+                Err(GgufError::KeyType(self.path.clone(), key.into(), format!("{v}"), "float"))
+            }
             None => Err(GgufError::MissingKey(self.path.clone(), key.into())),
         }
     }

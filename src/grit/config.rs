@@ -256,11 +256,17 @@ impl GritConfig {
     pub fn validate(&self) -> Result<(), GritConfigError> {
         let err = |key, msg: String| Err(GritConfigError { key, msg });
         if !(0.0..=1.0).contains(&self.first_cut) {
-            return err("first_cut", format!("{} is not a share of the run in [0, 1]", self.first_cut));
+            return err(
+                "first_cut",
+                format!("{} is not a share of the run in [0, 1]", self.first_cut),
+            );
         }
-        for (key, v) in
-            [("kfac_every", self.kfac_every), ("invert_every", self.invert_every), ("reproject_every", self.reproject_every), ("rank_min", self.rank_min)]
-        {
+        for (key, v) in [
+            ("kfac_every", self.kfac_every),
+            ("invert_every", self.invert_every),
+            ("reproject_every", self.reproject_every),
+            ("rank_min", self.rank_min),
+        ] {
             if v == 0 {
                 return err(key, "must be at least 1".into());
             }
@@ -271,7 +277,12 @@ impl GritConfig {
         if !(self.rank_energy > 0.0 && self.rank_energy <= 1.0) {
             return err("rank_energy", format!("{} is not in (0, 1]", self.rank_energy));
         }
-        for (key, v) in [("damping_rel", self.damping_rel), ("lambda_k", self.lambda_k), ("lambda_r", self.lambda_r), ("damping_abs", self.lambda_abs())] {
+        for (key, v) in [
+            ("damping_rel", self.damping_rel),
+            ("lambda_k", self.lambda_k),
+            ("lambda_r", self.lambda_r),
+            ("damping_abs", self.lambda_abs()),
+        ] {
             if !(v >= 0.0 && v.is_finite()) {
                 return err(key, format!("{v} is not a finite number ≥ 0"));
             }
@@ -279,7 +290,8 @@ impl GritConfig {
         if self.damping == Damping::Absolute && self.lambda_abs() <= 0.0 {
             return err("damping_abs", "absolute damping needs λ > 0".into());
         }
-        if self.damping == Damping::Relative && self.damping_rel <= 0.0 && self.lambda_abs() <= 0.0 {
+        if self.damping == Damping::Relative && self.damping_rel <= 0.0 && self.lambda_abs() <= 0.0
+        {
             return err("damping_rel", "relative damping needs λ_rel > 0 or λ_abs > 0".into());
         }
         if let Some(m) = self.rank_max {
@@ -317,15 +329,36 @@ mod tests {
     #[test]
     fn defaults_are_the_documented_defaults_and_round_trip() {
         let c = GritConfig::default();
-        assert_eq!((c.kfac_every, c.invert_every, c.reproject_every, c.reproject_warmup(), c.rank_start(), c.rank_min), (5, 10, 30, 30, 30, 4));
-        assert_eq!((c.kfac_beta, c.kfac_stats, c.damping, c.kfac_pairing, c.ng_warmup), (0.95, KfacStats::Ema, Damping::Relative, Pairing::Textbook, 0));
-        assert_eq!((c.lambda_k, c.lambda_r, c.rank_cut, c.two_sided), (1e-5, 1e-4, RankCut::Hard, true));
+        assert_eq!(
+            (
+                c.kfac_every,
+                c.invert_every,
+                c.reproject_every,
+                c.reproject_warmup(),
+                c.rank_start(),
+                c.rank_min
+            ),
+            (5, 10, 30, 30, 30, 4)
+        );
+        assert_eq!(
+            (c.kfac_beta, c.kfac_stats, c.damping, c.kfac_pairing, c.ng_warmup),
+            (0.95, KfacStats::Ema, Damping::Relative, Pairing::Textbook, 0)
+        );
+        assert_eq!(
+            (c.lambda_k, c.lambda_r, c.rank_cut, c.two_sided),
+            (1e-5, 1e-4, RankCut::Hard, true)
+        );
         c.validate().unwrap();
         let t = toml::to_string(&c).unwrap();
         assert_eq!(toml::from_str::<GritConfig>(&t).unwrap(), c);
         // serde(default): a partial file keeps the other defaults.
-        let p: GritConfig = toml::from_str("rank_energy = 0.95\nrank_cut = \"soft\"\nkfac_stats = \"mean\"").unwrap();
-        assert_eq!((p.rank_energy, p.rank_cut, p.kfac_stats, p.kfac_every), (0.95, RankCut::Soft, KfacStats::Mean, 5));
+        let p: GritConfig =
+            toml::from_str("rank_energy = 0.95\nrank_cut = \"soft\"\nkfac_stats = \"mean\"")
+                .unwrap();
+        assert_eq!(
+            (p.rank_energy, p.rank_cut, p.kfac_stats, p.kfac_every),
+            (0.95, RankCut::Soft, KfacStats::Mean, 5)
+        );
         assert!(toml::from_str::<GritConfig>("rank_energi = 0.9").is_err());
         assert_eq!(c.lambda_abs(), 0.0);
         assert_eq!(GritConfig { damping: Damping::Absolute, ..c.clone() }.lambda_abs(), 1e-3);

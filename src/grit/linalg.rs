@@ -139,7 +139,9 @@ pub struct Damped {
 /// Why a damped factorization failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum LinalgError {
-    #[error("matrix is not positive definite even with damping {lambda_max:e} (requested {lambda:e})")]
+    #[error(
+        "matrix is not positive definite even with damping {lambda_max:e} (requested {lambda:e})"
+    )]
     NotPositiveDefinite { lambda: f64, lambda_max: f64 },
     #[error("matrix has a non-finite entry")]
     NonFinite,
@@ -160,7 +162,10 @@ pub fn cholesky_damped(s: &[f64], n: usize, lambda: f64) -> Result<Damped, Linal
             return Ok(Damped { l, lambda: lam, attempt });
         }
     }
-    Err(LinalgError::NotPositiveDefinite { lambda, lambda_max: lambda * DAMPING_ESCALATION[DAMPING_ESCALATION.len() - 1] })
+    Err(LinalgError::NotPositiveDefinite {
+        lambda,
+        lambda_max: lambda * DAMPING_ESCALATION[DAMPING_ESCALATION.len() - 1],
+    })
 }
 
 /// (L·Lᵀ)⁻¹ from a lower-triangular Cholesky factor L (n×n): L⁻¹ by forward substitution,
@@ -236,8 +241,11 @@ pub fn eigh(s: &[f64], n: usize) -> Eigh {
     let mut sweeps = 0;
     if norm > 0.0 && norm.is_finite() {
         while sweeps < 100 {
-            let off: f64 =
-                (0..n).flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j))).map(|(i, j)| a[i * n + j] * a[i * n + j]).sum::<f64>().sqrt();
+            let off: f64 = (0..n)
+                .flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j)))
+                .map(|(i, j)| a[i * n + j] * a[i * n + j])
+                .sum::<f64>()
+                .sqrt();
             if off <= 1e-15 * norm {
                 break;
             }
@@ -280,7 +288,8 @@ pub fn eigh(s: &[f64], n: usize) -> Eigh {
     let mut vectors = vec![0.0; n * n];
     for (jn, &j) in order.iter().enumerate() {
         // Sign: largest-magnitude component positive.
-        let imax = (0..n).max_by(|&x, &y| v[x * n + j].abs().total_cmp(&v[y * n + j].abs())).unwrap_or(0);
+        let imax =
+            (0..n).max_by(|&x, &y| v[x * n + j].abs().total_cmp(&v[y * n + j].abs())).unwrap_or(0);
         let sign = if v[imax * n + j] < 0.0 { -1.0 } else { 1.0 };
         for i in 0..n {
             vectors[i * n + jn] = sign * v[i * n + j];
@@ -350,7 +359,10 @@ mod tests {
         assert!(matches!(e, LinalgError::NotPositiveDefinite { .. }), "{e}");
         // λ = 0 on a singular matrix: one try, fails.
         assert!(cholesky_damped(&s, 3, 0.0).is_err());
-        assert!(matches!(cholesky_damped(&[f64::NAN, 0.0, 0.0, 1.0], 2, 1.0), Err(LinalgError::NonFinite)));
+        assert!(matches!(
+            cholesky_damped(&[f64::NAN, 0.0, 0.0, 1.0], 2, 1.0),
+            Err(LinalgError::NonFinite)
+        ));
     }
 
     #[test]
@@ -372,7 +384,9 @@ mod tests {
         close(&e.values, &[3.0, 1.0], 1e-14);
         let h = std::f64::consts::FRAC_1_SQRT_2;
         assert!((e.vectors[0] - h).abs() < 1e-14 && (e.vectors[2] - h).abs() < 1e-14);
-        assert!((e.vectors[1].abs() - h).abs() < 1e-14 && (e.vectors[1] + e.vectors[3]).abs() < 1e-14);
+        assert!(
+            (e.vectors[1].abs() - h).abs() < 1e-14 && (e.vectors[1] + e.vectors[3]).abs() < 1e-14
+        );
         // Diagonal with a repeated eigenvalue and a zero one.
         let e = eigh(&[0.0, 0.0, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 5.0], 3);
         close(&e.values, &[5.0, 5.0, 0.0], 0.0);

@@ -61,7 +61,10 @@ pub mod reproject;
 pub mod schedule;
 pub mod stats;
 
-pub use config::{Damping, FactorNorm, GritConfig, GritConfigError, KfacStats, Pairing, RankBudget, RankCut, RankSignal};
+pub use config::{
+    Damping, FactorNorm, GritConfig, GritConfigError, KfacStats, Pairing, RankBudget, RankCut,
+    RankSignal,
+};
 pub use precondition::{PrecondInputs, Preconditioner};
 pub use regularize::RegGraph;
 pub use reproject::{Cut, ReprojectReport};

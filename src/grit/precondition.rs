@@ -83,10 +83,20 @@ pub struct FactorInverse {
 /// (Σ + λI)⁻¹ with escalating damping, or the identity (see the module docs).
 pub fn damped_inverse(sigma: &[f64], r: usize, lambda: f64) -> FactorInverse {
     match linalg::inverse_spd(sigma, r, lambda) {
-        Ok((inverse, d)) => FactorInverse { inverse, lambda, lambda_used: d.lambda, attempt: d.attempt, fallback: None },
-        Err(e) => {
-            FactorInverse { inverse: linalg::identity(r), lambda, lambda_used: 0.0, attempt: linalg::DAMPING_ESCALATION.len(), fallback: Some(e.to_string()) }
-        }
+        Ok((inverse, d)) => FactorInverse {
+            inverse,
+            lambda,
+            lambda_used: d.lambda,
+            attempt: d.attempt,
+            fallback: None,
+        },
+        Err(e) => FactorInverse {
+            inverse: linalg::identity(r),
+            lambda,
+            lambda_used: 0.0,
+            attempt: linalg::DAMPING_ESCALATION.len(),
+            fallback: Some(e.to_string()),
+        },
     }
 }
 
@@ -109,12 +119,32 @@ pub struct Preconditioner {
 impl Preconditioner {
     /// No preconditioning (before `ng_warmup`, or before the first inversion).
     pub fn identity(rank: usize) -> Self {
-        let id = FactorInverse { inverse: linalg::identity(rank), lambda: 0.0, lambda_used: 0.0, attempt: 0, fallback: Some("identity".into()) };
-        Preconditioner { rank, left_a: linalg::identity(rank), right_b: linalg::identity(rank), inv_a: id.clone(), inv_g: id }
+        let id = FactorInverse {
+            inverse: linalg::identity(rank),
+            lambda: 0.0,
+            lambda_used: 0.0,
+            attempt: 0,
+            fallback: Some("identity".into()),
+        };
+        Preconditioner {
+            rank,
+            left_a: linalg::identity(rank),
+            right_b: linalg::identity(rank),
+            inv_a: id.clone(),
+            inv_g: id,
+        }
     }
 
     /// Inverts both factors of a module with damping `mode` and pairs them.
-    pub fn new(sigma_a: &[f64], sigma_g: &[f64], r: usize, pairing: Pairing, mode: Damping, lambda_rel: f64, lambda_abs: f64) -> Self {
+    pub fn new(
+        sigma_a: &[f64],
+        sigma_g: &[f64],
+        r: usize,
+        pairing: Pairing,
+        mode: Damping,
+        lambda_rel: f64,
+        lambda_abs: f64,
+    ) -> Self {
         let inv_a = damped_inverse(sigma_a, r, damping(sigma_a, r, mode, lambda_rel, lambda_abs));
         let inv_g = damped_inverse(sigma_g, r, damping(sigma_g, r, mode, lambda_rel, lambda_abs));
         let (left_a, right_b) = match pairing {
@@ -129,10 +159,27 @@ impl Preconditioner {
     /// absolute mode).
     pub fn for_module(m: &ModuleKfac, cfg: &GritConfig, lambda_abs: f64) -> Self {
         match cfg.factor_norm {
-            FactorNorm::None => Self::new(&m.sigma_a, &m.sigma_g, m.rank, cfg.kfac_pairing, cfg.damping, cfg.damping_rel, lambda_abs),
+            FactorNorm::None => Self::new(
+                &m.sigma_a,
+                &m.sigma_g,
+                m.rank,
+                cfg.kfac_pairing,
+                cfg.damping,
+                cfg.damping_rel,
+                lambda_abs,
+            ),
             FactorNorm::Trace => {
-                let (sa, sg) = (normalize_trace(&m.sigma_a, m.rank), normalize_trace(&m.sigma_g, m.rank));
-                Self::new(&sa, &sg, m.rank, cfg.kfac_pairing, cfg.damping, cfg.damping_rel, lambda_abs)
+                let (sa, sg) =
+                    (normalize_trace(&m.sigma_a, m.rank), normalize_trace(&m.sigma_g, m.rank));
+                Self::new(
+                    &sa,
+                    &sg,
+                    m.rank,
+                    cfg.kfac_pairing,
+                    cfg.damping,
+                    cfg.damping_rel,
+                    lambda_abs,
+                )
             }
         }
     }
@@ -149,7 +196,13 @@ impl Preconditioner {
 
 /// The f64 reference: (left_a·∇A, ∇B·right_b) for ∇A r×d_in and ∇B d_out×r, row-major
 /// (the memory of ggml's [d_in, r] and [r, d_out]).
-pub fn apply_host(p: &Preconditioner, grad_a: &[f32], grad_b: &[f32], d_in: usize, d_out: usize) -> (Vec<f64>, Vec<f64>) {
+pub fn apply_host(
+    p: &Preconditioner,
+    grad_a: &[f32],
+    grad_b: &[f32],
+    d_in: usize,
+    d_out: usize,
+) -> (Vec<f64>, Vec<f64>) {
     let r = p.rank;
     let ga: Vec<f64> = grad_a.iter().map(|&x| x as f64).collect();
     let gb: Vec<f64> = grad_b.iter().map(|&x| x as f64).collect();
@@ -167,11 +220,23 @@ pub fn apply_host(p: &Preconditioner, grad_a: &[f32], grad_b: &[f32], d_in: usiz
 ///   `(c, i) = Σ_j ∇A[j][c]·M[i][j] = (M·∇A)[i][c]` (M symmetric).
 /// - ∇B' = ∇B·N: a = N [r, r], b = ∇B [r, d_out] → [r, d_out], entry (i, o) =
 ///   `Σ_j N[i][j]·∇B[o][j] = (∇B·N)[o][i]` (N symmetric).
-pub fn precondition<'g>(ctx: &'g Context, grad_a: Tensor<'g>, grad_b: Tensor<'g>, left_a: Tensor<'g>, right_b: Tensor<'g>) -> (Tensor<'g>, Tensor<'g>) {
+pub fn precondition<'g>(
+    ctx: &'g Context,
+    grad_a: Tensor<'g>,
+    grad_b: Tensor<'g>,
+    left_a: Tensor<'g>,
+    right_b: Tensor<'g>,
+) -> (Tensor<'g>, Tensor<'g>) {
     let (na, nb) = (grad_a.ne(), grad_b.ne());
     let r = na[1];
-    assert!(nb[0] == r && na[2] == 1 && nb[2] == 1, "precondition: ∇A {grad_a:?} and ∇B {grad_b:?} do not share a rank");
-    assert!(left_a.ne()[..2] == [r, r] && right_b.ne()[..2] == [r, r], "precondition: {left_a:?} / {right_b:?} are not {r}×{r}");
+    assert!(
+        nb[0] == r && na[2] == 1 && nb[2] == 1,
+        "precondition: ∇A {grad_a:?} and ∇B {grad_b:?} do not share a rank"
+    );
+    assert!(
+        left_a.ne()[..2] == [r, r] && right_b.ne()[..2] == [r, r],
+        "precondition: {left_a:?} / {right_b:?} are not {r}×{r}"
+    );
     let ga_t = ctx.cont(ctx.transpose(grad_a)); // [r, d_in]
     let ga = ctx.mul_mat(ga_t, left_a); // [d_in, r]
     let gb = ctx.mul_mat(right_b, grad_b); // [r, d_out]
@@ -197,15 +262,28 @@ impl<'g> PrecondInputs<'g> {
             .map(|m| {
                 let r = m.rank as i64;
                 let base = m.base_name();
-                (ctx.new_f32(&format!("{base}.grit_pa"), &[r, r]).set_input(), ctx.new_f32(&format!("{base}.grit_pb"), &[r, r]).set_input())
+                (
+                    ctx.new_f32(&format!("{base}.grit_pa"), &[r, r]).set_input(),
+                    ctx.new_f32(&format!("{base}.grit_pb"), &[r, r]).set_input(),
+                )
             })
             .collect();
         PrecondInputs { modules }
     }
 
     /// Uploads one preconditioner per module.
-    pub fn set(&self, run: &mut Computation<'_, 'g>, p: &[Preconditioner]) -> Result<(), GgmlError> {
-        assert_eq!(p.len(), self.modules.len(), "PrecondInputs::set: {} preconditioners for {} modules", p.len(), self.modules.len());
+    pub fn set(
+        &self,
+        run: &mut Computation<'_, 'g>,
+        p: &[Preconditioner],
+    ) -> Result<(), GgmlError> {
+        assert_eq!(
+            p.len(),
+            self.modules.len(),
+            "PrecondInputs::set: {} preconditioners for {} modules",
+            p.len(),
+            self.modules.len()
+        );
         for (&(a, b), p) in self.modules.iter().zip(p) {
             run.write_f32(a, &p.left_a_f32())?;
             run.write_f32(b, &p.right_b_f32())?;
@@ -219,7 +297,9 @@ mod tests {
     use super::*;
 
     fn spd(seed: u64, r: usize, scale: f64) -> Vec<f64> {
-        let x: Vec<f64> = (0..r * (r + 2)).map(|k| (((k as u64 + 1) * (seed * 7919 + 13) % 1009) as f64 / 1009.0) - 0.5).collect();
+        let x: Vec<f64> = (0..r * (r + 2))
+            .map(|k| (((k as u64 + 1) * (seed * 7919 + 13) % 1009) as f64 / 1009.0) - 0.5)
+            .collect();
         let s = linalg::matmul(&x, &linalg::transpose(&x, r, r + 2), r, r + 2, r);
         s.iter().map(|v| v * scale).collect()
     }
@@ -245,8 +325,12 @@ mod tests {
             assert_eq!(t.right_b, f.left_a);
             // (Σ + λ_used I)·inverse = I.
             for (s, inv) in [(&sa, &t.inv_a), (&sg, &t.inv_g)] {
-                let p = linalg::matmul(&linalg::add_diag(s, r, inv.lambda_used), &inv.inverse, r, r, r);
-                let e = p.iter().zip(linalg::identity(r)).fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+                let p =
+                    linalg::matmul(&linalg::add_diag(s, r, inv.lambda_used), &inv.inverse, r, r, r);
+                let e = p
+                    .iter()
+                    .zip(linalg::identity(r))
+                    .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
                 assert!(e < 1e-9, "{mode:?}: residual {e}");
             }
             if mode == Damping::Absolute {
@@ -269,8 +353,12 @@ mod tests {
             m
         };
         let m1 = module(sa.clone(), sg.clone());
-        let m2 = module(sa.iter().map(|x| x * 1e6).collect(), sg.iter().map(|x| x * 1e-6).collect());
-        let (p1, p2) = (Preconditioner::for_module(&m1, &cfg, 0.0), Preconditioner::for_module(&m2, &cfg, 0.0));
+        let m2 =
+            module(sa.iter().map(|x| x * 1e6).collect(), sg.iter().map(|x| x * 1e-6).collect());
+        let (p1, p2) = (
+            Preconditioner::for_module(&m1, &cfg, 0.0),
+            Preconditioner::for_module(&m2, &cfg, 0.0),
+        );
         for (x, y) in p1.left_a.iter().zip(&p2.left_a).chain(p1.right_b.iter().zip(&p2.right_b)) {
             assert!((x - y).abs() <= 1e-9 * x.abs().max(1.0), "{x} vs {y}");
         }
@@ -280,7 +368,19 @@ mod tests {
         assert!(mean_eig > 1.0 / (1.0 + l) - 1e-9 && mean_eig < 1.0 / l + 1e-9, "{mean_eig}");
         assert!(normalize_trace(&vec![0.0; r * r], r).iter().all(|&x| x == 0.0));
         // A zero factor with λ = 0 falls back to the identity.
-        let z = Preconditioner::new(&sa, &vec![0.0; r * r], r, Pairing::Textbook, Damping::Relative, 0.1, 0.0);
-        assert!(z.inv_g.fallback.is_some() && z.left_a == linalg::identity(r) && z.inv_a.fallback.is_none());
+        let z = Preconditioner::new(
+            &sa,
+            &vec![0.0; r * r],
+            r,
+            Pairing::Textbook,
+            Damping::Relative,
+            0.1,
+            0.0,
+        );
+        assert!(
+            z.inv_g.fallback.is_some()
+                && z.left_a == linalg::identity(r)
+                && z.inv_a.fallback.is_none()
+        );
     }
 }

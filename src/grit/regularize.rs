@@ -49,9 +49,18 @@ use super::stats::ModuleKfac;
 
 /// tr(C_a·A·Aᵀ) + tr(C_g·Bᵀ·B) for one module, F32 `[1]`. `a` ne = [d_in, r], `b` ne =
 /// [r, d_out], `c_a`, `c_g` F32 [r, r] symmetric.
-pub fn module_penalty<'g>(ctx: &'g Context, a: Tensor<'g>, b: Tensor<'g>, c_a: Tensor<'g>, c_g: Tensor<'g>) -> Tensor<'g> {
+pub fn module_penalty<'g>(
+    ctx: &'g Context,
+    a: Tensor<'g>,
+    b: Tensor<'g>,
+    c_a: Tensor<'g>,
+    c_g: Tensor<'g>,
+) -> Tensor<'g> {
     let r = a.ne()[1];
-    assert!(b.ne()[0] == r && c_a.ne()[..2] == [r, r] && c_g.ne()[..2] == [r, r], "module_penalty: A {a:?}, B {b:?}, C {c_a:?} / {c_g:?}");
+    assert!(
+        b.ne()[0] == r && c_a.ne()[..2] == [r, r] && c_g.ne()[..2] == [r, r],
+        "module_penalty: A {a:?}, B {b:?}, C {c_a:?} / {c_g:?}"
+    );
     let aat = ctx.mul_mat(a, a); // [r, r] = A·Aᵀ
     let ta = ctx.sum(ctx.mul(aat, c_a)); // tr(C_a·A·Aᵀ)
     let cb = ctx.mul_mat(c_g, b); // [r, d_out]: column o = C_g·b_o
@@ -97,8 +106,19 @@ impl<'g> RegGraph<'g> {
     }
 
     /// Uploads the ramp factor and each module's (C_a, C_g) ([`coefficients`]).
-    pub fn set(&self, run: &mut Computation<'_, 'g>, ramp: f64, coeffs: &[(Vec<f64>, Vec<f64>)]) -> Result<(), GgmlError> {
-        assert_eq!(coeffs.len(), self.modules.len(), "RegGraph::set: {} coefficient pairs for {} modules", coeffs.len(), self.modules.len());
+    pub fn set(
+        &self,
+        run: &mut Computation<'_, 'g>,
+        ramp: f64,
+        coeffs: &[(Vec<f64>, Vec<f64>)],
+    ) -> Result<(), GgmlError> {
+        assert_eq!(
+            coeffs.len(),
+            self.modules.len(),
+            "RegGraph::set: {} coefficient pairs for {} modules",
+            coeffs.len(),
+            self.modules.len()
+        );
         run.write_f32(self.ramp, &[ramp as f32])?;
         for (&(ta, tg), (ca, cg)) in self.modules.iter().zip(coeffs) {
             run.write_f32(ta, &ca.iter().map(|&x| x as f32).collect::<Vec<_>>())?;
@@ -132,12 +152,22 @@ pub fn coefficients(m: &ModuleKfac, lambda_k: f64, lambda_r: f64) -> (Vec<f64>, 
 /// λ_R·[‖(I − P_a)·A‖²_F + ‖B·(I − P_g)‖²_F], A r×d_in and B d_out×r row-major, P = None
 /// meaning the identity.
 #[allow(clippy::too_many_arguments)]
-pub fn penalty_host(a: &[f32], b: &[f32], r: usize, d_in: usize, d_out: usize, m: &ModuleKfac, lambda_k: f64, lambda_r: f64) -> f64 {
+pub fn penalty_host(
+    a: &[f32],
+    b: &[f32],
+    r: usize,
+    d_in: usize,
+    d_out: usize,
+    m: &ModuleKfac,
+    lambda_k: f64,
+    lambda_r: f64,
+) -> f64 {
     let a: Vec<f64> = a.iter().map(|&x| x as f64).collect();
     let b: Vec<f64> = b.iter().map(|&x| x as f64).collect();
     let aat = linalg::matmul(&a, &linalg::transpose(&a, r, d_in), r, d_in, r);
     let btb = linalg::matmul_tn(&b, &b, d_out, r, r);
-    let curv = linalg::trace(&linalg::matmul(&m.sigma_a, &aat, r, r, r), r) + linalg::trace(&linalg::matmul(&m.sigma_g, &btb, r, r, r), r);
+    let curv = linalg::trace(&linalg::matmul(&m.sigma_a, &aat, r, r, r), r)
+        + linalg::trace(&linalg::matmul(&m.sigma_g, &btb, r, r, r), r);
     let frob2 = |x: &[f64]| x.iter().map(|v| v * v).sum::<f64>();
     let q = |p: &Option<Vec<f64>>| -> Vec<f64> {
         match p {
@@ -145,12 +175,21 @@ pub fn penalty_host(a: &[f32], b: &[f32], r: usize, d_in: usize, d_out: usize, m
             None => vec![0.0; r * r],
         }
     };
-    let proj = frob2(&linalg::matmul(&q(&m.proj_a), &a, r, r, d_in)) + frob2(&linalg::matmul(&b, &q(&m.proj_g), d_out, r, r));
+    let proj = frob2(&linalg::matmul(&q(&m.proj_a), &a, r, r, d_in))
+        + frob2(&linalg::matmul(&b, &q(&m.proj_g), d_out, r, r));
     lambda_k * curv + lambda_r * proj
 }
 
 /// ∂penalty/∂A = 2·C_a·A (r×d_in) and ∂penalty/∂B = 2·B·C_g (d_out×r) in f64 (tests).
-pub fn penalty_grads_host(a: &[f32], b: &[f32], r: usize, d_in: usize, d_out: usize, c_a: &[f64], c_g: &[f64]) -> (Vec<f64>, Vec<f64>) {
+pub fn penalty_grads_host(
+    a: &[f32],
+    b: &[f32],
+    r: usize,
+    d_in: usize,
+    d_out: usize,
+    c_a: &[f64],
+    c_g: &[f64],
+) -> (Vec<f64>, Vec<f64>) {
     let a: Vec<f64> = a.iter().map(|&x| 2.0 * x as f64).collect();
     let b: Vec<f64> = b.iter().map(|&x| 2.0 * x as f64).collect();
     (linalg::matmul(c_a, &a, r, r, d_in), linalg::matmul(&b, c_g, d_out, r, r))
@@ -181,8 +220,12 @@ mod tests {
         let bf: Vec<f64> = b.iter().map(|&v| v as f64).collect();
         let aat = linalg::matmul(&af, &linalg::transpose(&af, r, d_in), r, d_in, r);
         let btb = linalg::matmul_tn(&bf, &bf, d_out, r, r);
-        let combined = linalg::trace(&linalg::matmul(&ca, &aat, r, r, r), r) + linalg::trace(&linalg::matmul(&cg, &btb, r, r, r), r);
+        let combined = linalg::trace(&linalg::matmul(&ca, &aat, r, r, r), r)
+            + linalg::trace(&linalg::matmul(&cg, &btb, r, r, r), r);
         let literal = penalty_host(&a, &b, r, d_in, d_out, &m, 1e-2, 3e-2);
-        assert!((combined - literal).abs() < 1e-12 * literal.abs().max(1.0), "{combined} vs {literal}");
+        assert!(
+            (combined - literal).abs() < 1e-12 * literal.abs().max(1.0),
+            "{combined} vs {literal}"
+        );
     }
 }

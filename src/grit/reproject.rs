@@ -62,7 +62,8 @@ use super::stats::ModuleKfac;
 pub fn rank_by_energy(values: &[f64], tau: f64, lo: usize, hi: usize) -> usize {
     let hi = hi.min(values.len()).max(1);
     let lo = lo.clamp(1, hi);
-    let pos: Vec<f64> = values.iter().map(|&v| if v.is_finite() && v > 0.0 { v } else { 0.0 }).collect();
+    let pos: Vec<f64> =
+        values.iter().map(|&v| if v.is_finite() && v > 0.0 { v } else { 0.0 }).collect();
     let total: f64 = pos.iter().sum();
     if total <= 0.0 {
         return hi;
@@ -145,7 +146,13 @@ impl Cut {
     /// completed steps). `gram_b` is BᵀB (r×r row-major) of the module's current B, for the
     /// output-energy signal. `initial_rank` bounds the rank when `cfg.rank_max` is None.
     /// Returns None for a module without statistics (no update yet, or Σ_a with no energy).
-    pub fn plan(m: &ModuleKfac, gram_b: &[f64], cfg: &GritConfig, step: usize, initial_rank: usize) -> Option<Cut> {
+    pub fn plan(
+        m: &ModuleKfac,
+        gram_b: &[f64],
+        cfg: &GritConfig,
+        step: usize,
+        initial_rank: usize,
+    ) -> Option<Cut> {
         let r = m.rank;
         assert_eq!(gram_b.len(), r * r, "Cut::plan: BᵀB of {} values for rank {r}", gram_b.len());
         let energy = linalg::trace(&m.sigma_a, r);
@@ -169,7 +176,10 @@ impl Cut {
             r
         };
         // r×k: the kept eigenvectors of Σ_a, strongest signal first.
-        let va: Vec<f64> = (0..r).flat_map(|i| order[..k].iter().map(move |&j| (i, j))).map(|(i, j)| ea.vectors[i * r + j]).collect();
+        let va: Vec<f64> = (0..r)
+            .flat_map(|i| order[..k].iter().map(move |&j| (i, j)))
+            .map(|(i, j)| ea.vectors[i * r + j])
+            .collect();
         let (vg, energy_g) = if cfg.two_sided {
             let eg = linalg::eigh(&m.sigma_g, r);
             (eg.top(k), captured_energy(&eg.values, k))
@@ -239,7 +249,11 @@ impl Cut {
     /// Rotates the module's statistics into the new coordinates: Σ_a' = Lᵀ·Σ_a·L,
     /// Σ_g' = Wᵀ·Σ_g·W; stores P_a, P_g (soft) or clears them (hard).
     pub fn apply_stats(&self, m: &mut ModuleKfac) {
-        assert_eq!(m.rank, self.r, "Cut::apply_stats: module has rank {}, the cut was planned for {}", m.rank, self.r);
+        assert_eq!(
+            m.rank, self.r,
+            "Cut::apply_stats: module has rank {}, the cut was planned for {}",
+            m.rank, self.r
+        );
         let n = self.new_rank();
         let sa = linalg::congruence(&m.sigma_a, &self.l, self.r, n);
         let sg = linalg::congruence(&m.sigma_g, &self.w, self.r, n);
@@ -273,7 +287,9 @@ pub fn direction_signal(ea: &linalg::Eigh, gram_b: &[f64], signal: RankSignal) -
                 RankSignal::Input => lambda,
                 RankSignal::Output => {
                     let v = |i: usize| ea.vectors[i * r + j];
-                    let q: f64 = (0..r).map(|i| v(i) * (0..r).map(|c| gram_b[i * r + c] * v(c)).sum::<f64>()).sum();
+                    let q: f64 = (0..r)
+                        .map(|i| v(i) * (0..r).map(|c| gram_b[i * r + c] * v(c)).sum::<f64>())
+                        .sum();
                     lambda * q.max(0.0)
                 }
             }
@@ -331,18 +347,40 @@ mod tests {
     }
 
     /// A module with statistics from synthetic u and g samples (t tokens), plus A and B.
-    fn setup(r: usize, d_in: usize, d_out: usize, t: usize) -> (ModuleKfac, Vec<f32>, Vec<f32>, Vec<f64>, Vec<f64>) {
+    fn setup(
+        r: usize,
+        d_in: usize,
+        d_out: usize,
+        t: usize,
+    ) -> (ModuleKfac, Vec<f32>, Vec<f32>, Vec<f64>, Vec<f64>) {
         // u = A·x with x random, g random with a decaying spectrum.
-        let a: Vec<f32> = rnd(1, r * d_in).iter().enumerate().map(|(i, &v)| (v * (1.0 / (1.0 + (i / d_in) as f64))) as f32).collect();
+        let a: Vec<f32> = rnd(1, r * d_in)
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| (v * (1.0 / (1.0 + (i / d_in) as f64))) as f32)
+            .collect();
         let b: Vec<f32> = rnd(2, d_out * r).iter().map(|&v| v as f32).collect();
         let x = rnd(3, d_in * t); // d_in×t
         let af: Vec<f64> = a.iter().map(|&v| v as f64).collect();
         let u = linalg::matmul(&af, &x, r, d_in, t); // r×t
-        let g: Vec<f64> = rnd(4, r * t).iter().enumerate().map(|(i, &v)| v / (1.0 + (i / t) as f64)).collect();
-        let gram = |v: &[f64]| linalg::matmul(v, &linalg::transpose(v, r, t), r, t, r).iter().map(|x| x / t as f64).collect::<Vec<_>>();
-        let mut st = KfacState::with_modules([("blk.0.attn_q.weight".to_string(), r)], KfacStats::Ema, 0.95);
+        let g: Vec<f64> =
+            rnd(4, r * t).iter().enumerate().map(|(i, &v)| v / (1.0 + (i / t) as f64)).collect();
+        let gram = |v: &[f64]| {
+            linalg::matmul(v, &linalg::transpose(v, r, t), r, t, r)
+                .iter()
+                .map(|x| x / t as f64)
+                .collect::<Vec<_>>()
+        };
+        let mut st =
+            KfacState::with_modules([("blk.0.attn_q.weight".to_string(), r)], KfacStats::Ema, 0.95);
         let (sa, sg) = (gram(&u), gram(&g));
-        st.accumulate(0, &sa.iter().map(|&v| v as f32).collect::<Vec<_>>(), &sg.iter().map(|&v| v as f32).collect::<Vec<_>>(), t, 1.0);
+        st.accumulate(
+            0,
+            &sa.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+            &sg.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+            t,
+            1.0,
+        );
         st.commit();
         (st.modules.remove(0), a, b, u, g)
     }
@@ -352,7 +390,13 @@ mod tests {
         let (r, d_in, d_out, t) = (8, 12, 10, 40);
         for two_sided in [true, false] {
             let (m, a, b, u, g) = setup(r, d_in, d_out, t);
-            let cfg = GritConfig { rank_energy: 0.8, rank_min: 2, two_sided, rank_signal: RankSignal::Input, ..GritConfig::default() };
+            let cfg = GritConfig {
+                rank_energy: 0.8,
+                rank_min: 2,
+                two_sided,
+                rank_signal: RankSignal::Input,
+                ..GritConfig::default()
+            };
             let gb = gram_b(&b, d_out, r);
             let cut = Cut::plan(&m, &gb, &cfg, 100, r).unwrap();
             let k = cut.k;
@@ -368,17 +412,42 @@ mod tests {
             let p = |v: &[f64]| linalg::matmul(v, &linalg::transpose(v, r, k), r, k, r);
             let af: Vec<f64> = a.iter().map(|&v| v as f64).collect();
             let bf: Vec<f64> = b.iter().map(|&v| v as f64).collect();
-            let want = linalg::matmul(&linalg::matmul(&linalg::matmul(&bf, &p(&vg), d_out, r, r), &p(&va), d_out, r, r), &af, d_out, r, d_in);
-            let got = linalg::matmul(&bn.iter().map(|&v| v as f64).collect::<Vec<_>>(), &an.iter().map(|&v| v as f64).collect::<Vec<_>>(), d_out, k, d_in);
+            let want = linalg::matmul(
+                &linalg::matmul(&linalg::matmul(&bf, &p(&vg), d_out, r, r), &p(&va), d_out, r, r),
+                &af,
+                d_out,
+                r,
+                d_in,
+            );
+            let got = linalg::matmul(
+                &bn.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+                &an.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+                d_out,
+                k,
+                d_in,
+            );
             let scale = linalg::max_abs(&want);
-            let err = linalg::max_abs(&want.iter().zip(&got).map(|(x, y)| x - y).collect::<Vec<_>>());
-            assert!(err <= 1e-6 * scale, "two_sided {two_sided}: |B'A' − B·P_g·P_a·A| = {err:e} (scale {scale:e})");
+            let err =
+                linalg::max_abs(&want.iter().zip(&got).map(|(x, y)| x - y).collect::<Vec<_>>());
+            assert!(
+                err <= 1e-6 * scale,
+                "two_sided {two_sided}: |B'A' − B·P_g·P_a·A| = {err:e} (scale {scale:e})"
+            );
             // The soft cut gives the same product with the shapes kept.
-            let soft = Cut::plan(&m, &gb, &GritConfig { rank_cut: RankCut::Soft, ..cfg.clone() }, 100, r).unwrap();
+            let soft =
+                Cut::plan(&m, &gb, &GritConfig { rank_cut: RankCut::Soft, ..cfg.clone() }, 100, r)
+                    .unwrap();
             assert_eq!(soft.new_rank(), r);
             let (asf, bsf) = (soft.apply_a(&a, d_in), soft.apply_b(&b, d_out));
-            let got_s = linalg::matmul(&bsf.iter().map(|&v| v as f64).collect::<Vec<_>>(), &asf.iter().map(|&v| v as f64).collect::<Vec<_>>(), d_out, r, d_in);
-            let err_s = linalg::max_abs(&want.iter().zip(&got_s).map(|(x, y)| x - y).collect::<Vec<_>>());
+            let got_s = linalg::matmul(
+                &bsf.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+                &asf.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+                d_out,
+                r,
+                d_in,
+            );
+            let err_s =
+                linalg::max_abs(&want.iter().zip(&got_s).map(|(x, y)| x - y).collect::<Vec<_>>());
             assert!(err_s <= 1e-6 * scale);
             // Rotated statistics = statistics of the rotated samples u' = Lᵀu, g' = Wᵀg.
             let mut m2 = m.clone();
@@ -386,9 +455,15 @@ mod tests {
             assert_eq!(m2.rank, k);
             let u2 = linalg::matmul_tn(&cut.l, &u, r, k, t);
             let g2 = linalg::matmul_tn(&cut.w, &g, r, k, t);
-            let gram = |v: &[f64]| linalg::matmul(v, &linalg::transpose(v, k, t), k, t, k).iter().map(|x| x / t as f64).collect::<Vec<_>>();
+            let gram = |v: &[f64]| {
+                linalg::matmul(v, &linalg::transpose(v, k, t), k, t, k)
+                    .iter()
+                    .map(|x| x / t as f64)
+                    .collect::<Vec<_>>()
+            };
             for (s, want) in [(&m2.sigma_a, gram(&u2)), (&m2.sigma_g, gram(&g2))] {
-                let e = linalg::max_abs(&s.iter().zip(&want).map(|(x, y)| x - y).collect::<Vec<_>>());
+                let e =
+                    linalg::max_abs(&s.iter().zip(&want).map(|(x, y)| x - y).collect::<Vec<_>>());
                 assert!(e <= 1e-6 * linalg::max_abs(&want), "rotated Σ differs by {e:e}");
             }
             // Σ_a' is diagonal with the kept eigenvalues.
@@ -398,7 +473,11 @@ mod tests {
             if !two_sided {
                 // One-sided: Σ_g' = V_a,kᵀ·Σ_g·V_a,k exactly as docs/GRIT.md states.
                 let spec = linalg::congruence(&m.sigma_g, &va, r, k);
-                assert!(linalg::max_abs(&spec.iter().zip(&m2.sigma_g).map(|(x, y)| x - y).collect::<Vec<_>>()) < 1e-12);
+                assert!(
+                    linalg::max_abs(
+                        &spec.iter().zip(&m2.sigma_g).map(|(x, y)| x - y).collect::<Vec<_>>()
+                    ) < 1e-12
+                );
             }
             // Moments: first moments transform like the gradients; second stay non-negative.
             let ga: Vec<f32> = rnd(7, r * d_in).iter().map(|&v| v as f32).collect();
@@ -407,7 +486,8 @@ mod tests {
             assert_eq!(ma, left_t(&cut.w, r, k, &ga, d_in));
             assert!(va2.iter().all(|&x| x >= 0.0) && va2.len() == k * d_in);
             let gb: Vec<f32> = rnd(8, d_out * r).iter().map(|&v| v as f32).collect();
-            let (mb, vb) = cut.apply_moments_b(&gb, &gb.iter().map(|x| x * x).collect::<Vec<_>>(), d_out);
+            let (mb, vb) =
+                cut.apply_moments_b(&gb, &gb.iter().map(|x| x * x).collect::<Vec<_>>(), d_out);
             assert_eq!(mb, right(&gb, d_out, &cut.l, r, k));
             assert!(vb.iter().all(|&x| x >= 0.0) && vb.len() == d_out * k);
         }
@@ -416,7 +496,14 @@ mod tests {
     #[test]
     fn no_cut_before_rank_start_and_none_without_statistics() {
         let (m, a, b, _, _) = setup(6, 9, 7, 30);
-        let cfg = GritConfig { rank_energy: 0.5, rank_min: 1, rank_start: Some(50), two_sided: false, rank_signal: RankSignal::Input, ..GritConfig::default() };
+        let cfg = GritConfig {
+            rank_energy: 0.5,
+            rank_min: 1,
+            rank_start: Some(50),
+            two_sided: false,
+            rank_signal: RankSignal::Input,
+            ..GritConfig::default()
+        };
         let gb = gram_b(&b, 7, 6);
         let cut = Cut::plan(&m, &gb, &cfg, 49, 6).unwrap();
         assert_eq!(cut.new_rank(), 6);
@@ -425,15 +512,31 @@ mod tests {
         // k = r: nothing changes, the product is unchanged.
         let (an, bn) = (cut.apply_a(&a, 9), cut.apply_b(&b, 7));
         let prod = |b: &[f32], a: &[f32], k| {
-            linalg::matmul(&b.iter().map(|&v| v as f64).collect::<Vec<_>>(), &a.iter().map(|&v| v as f64).collect::<Vec<_>>(), 7, k, 9)
+            linalg::matmul(
+                &b.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+                &a.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+                7,
+                k,
+                9,
+            )
         };
         let (p0, p1) = (prod(&b, &a, 6), prod(&bn, &an, 6));
-        assert!(linalg::max_abs(&p0.iter().zip(&p1).map(|(x, y)| x - y).collect::<Vec<_>>()) < 1e-5);
+        assert!(
+            linalg::max_abs(&p0.iter().zip(&p1).map(|(x, y)| x - y).collect::<Vec<_>>()) < 1e-5
+        );
         assert!(Cut::plan(&m, &gb, &cfg, 50, 6).unwrap().new_rank() < 6);
         // rank_max caps from rank_start on.
-        let capped = Cut::plan(&m, &gb, &GritConfig { rank_energy: 1.0, rank_max: Some(3), ..cfg.clone() }, 50, 6).unwrap();
+        let capped = Cut::plan(
+            &m,
+            &gb,
+            &GritConfig { rank_energy: 1.0, rank_max: Some(3), ..cfg.clone() },
+            50,
+            6,
+        )
+        .unwrap();
         assert_eq!(capped.new_rank(), 3);
-        assert!(Cut::plan(&ModuleKfac::new("x".into(), 4), &linalg::identity(4), &cfg, 100, 4).is_none());
+        assert!(Cut::plan(&ModuleKfac::new("x".into(), 4), &linalg::identity(4), &cfg, 100, 4)
+            .is_none());
     }
 
     /// A module whose Σ_a is diag(`values`) (eigenvectors: the unit vectors), from one
@@ -444,7 +547,8 @@ mod tests {
         for (j, &v) in values.iter().enumerate() {
             sa[j * r + j] = v as f32;
         }
-        let mut st = KfacState::with_modules([("blk.0.attn_q.weight".to_string(), r)], KfacStats::Ema, 0.95);
+        let mut st =
+            KfacState::with_modules([("blk.0.attn_q.weight".to_string(), r)], KfacStats::Ema, 0.95);
         st.accumulate(0, &sa, &sa, 1, 1.0);
         st.commit();
         st.modules.remove(0)
@@ -453,7 +557,9 @@ mod tests {
     /// Indices j of the unit vectors e_j that the cut keeps (A_new = Lᵀ·A: column c of L).
     fn kept_units(cut: &Cut) -> Vec<usize> {
         let (r, n) = (cut.r, cut.new_rank());
-        (0..n).map(|c| (0..r).find(|&i| cut.l[i * n + c].abs() > 0.999).expect("a unit vector")).collect()
+        (0..n)
+            .map(|c| (0..r).find(|&i| cut.l[i * n + c].abs() > 0.999).expect("a unit vector"))
+            .collect()
     }
 
     #[test]
@@ -465,16 +571,28 @@ mod tests {
         // Signals λ_j·‖B·e_j‖²: 0, 0, 2·5 = 10, 1·1.25 = 1.25; their sum is tr(BᵀB·Σ_a) = E‖B·u‖².
         let ea = linalg::eigh(&m.sigma_a, 4);
         let sig = direction_signal(&ea, &gb, RankSignal::Output);
-        assert!(sig.iter().zip([0.0, 0.0, 10.0, 1.25]).all(|(x, y)| (x - y).abs() < 1e-9), "{sig:?}");
-        let tr: f64 = (0..4).map(|i| (0..4).map(|c| gb[i * 4 + c] * m.sigma_a[c * 4 + i]).sum::<f64>()).sum();
+        assert!(
+            sig.iter().zip([0.0, 0.0, 10.0, 1.25]).all(|(x, y)| (x - y).abs() < 1e-9),
+            "{sig:?}"
+        );
+        let tr: f64 =
+            (0..4).map(|i| (0..4).map(|c| gb[i * 4 + c] * m.sigma_a[c * 4 + i]).sum::<f64>()).sum();
         assert!((sig.iter().sum::<f64>() - tr).abs() < 1e-9);
-        let cfg =
-            GritConfig { rank_energy: 0.85, rank_min: 1, rank_start: Some(0), two_sided: false, rank_signal: RankSignal::Output, ..GritConfig::default() };
+        let cfg = GritConfig {
+            rank_energy: 0.85,
+            rank_min: 1,
+            rank_start: Some(0),
+            two_sided: false,
+            rank_signal: RankSignal::Output,
+            ..GritConfig::default()
+        };
         // Output: 10 / 11.25 = 0.89 ≥ 0.85 → keep e_2 only. Input: 4, 3 → 0.7 < 0.85, + 2 → 0.9 → e_0, e_1, e_2.
         let out = Cut::plan(&m, &gb, &cfg, 1, 4).unwrap();
         assert_eq!(kept_units(&out), vec![2]);
         assert!((out.report.energy - 10.0 / 11.25).abs() < 1e-9);
-        let inp = Cut::plan(&m, &gb, &GritConfig { rank_signal: RankSignal::Input, ..cfg.clone() }, 1, 4).unwrap();
+        let inp =
+            Cut::plan(&m, &gb, &GritConfig { rank_signal: RankSignal::Input, ..cfg.clone() }, 1, 4)
+                .unwrap();
         assert_eq!(kept_units(&inp), vec![0, 1, 2]);
         // While B is zero the update has no output energy: nothing is cut.
         assert!(Cut::plan(&m, &[0.0; 16], &cfg, 1, 4).unwrap().is_noop());

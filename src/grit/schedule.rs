@@ -161,7 +161,8 @@ impl Schedule {
         let before = self.reproject_every;
         if cfg.adaptive_intervals {
             if let Some(f) = trend_factor(self.losses.make_contiguous()) {
-                self.reproject_every = (before * f).clamp(REPROJECT_INTERVAL.0, REPROJECT_INTERVAL.1);
+                self.reproject_every =
+                    (before * f).clamp(REPROJECT_INTERVAL.0, REPROJECT_INTERVAL.1);
             }
         }
         self.next_reproject = step + (self.reproject_every.round() as usize).max(1);

@@ -42,7 +42,10 @@ pub type FactorPair = (Vec<f32>, Vec<f32>);
 /// Σ = v·diag(w)·vᵀ for v F32 `[r, n]` and w F32 `[n]` → F32 `[r, r]` (ggml ops).
 pub fn weighted_gram<'g>(ctx: &'g Context, v: Tensor<'g>, w: Tensor<'g>) -> Tensor<'g> {
     let (ne, nw) = (v.ne(), w.ne());
-    assert!(ne[2] == 1 && ne[3] == 1 && nw[0] == ne[1] && w.is_vector(), "weighted_gram: v {v:?} with weights {w:?}");
+    assert!(
+        ne[2] == 1 && ne[3] == 1 && nw[0] == ne[1] && w.is_vector(),
+        "weighted_gram: v {v:?} with weights {w:?}"
+    );
     // The two [n, r] temporaries are kept for the whole graph (marked as outputs): freed one
     // by one between the backward's large tensors, hundreds of these small blocks exhaust
     // ggml's allocator free list ("out of free blocks") on a 30-layer model. They cost
@@ -57,7 +60,10 @@ pub fn weighted_gram<'g>(ctx: &'g Context, v: Tensor<'g>, w: Tensor<'g>) -> Tens
 pub fn token_weights(n_tokens: usize, counted: &[i32]) -> (Vec<f32>, usize) {
     let mut mark = vec![false; n_tokens];
     for &t in counted {
-        assert!(t >= 0 && (t as usize) < n_tokens, "token_weights: index {t} outside {n_tokens} tokens");
+        assert!(
+            t >= 0 && (t as usize) < n_tokens,
+            "token_weights: index {t} outside {n_tokens} tokens"
+        );
         mark[t as usize] = true;
     }
     let n = mark.iter().filter(|&&m| m).count();
@@ -98,13 +104,24 @@ impl<'g> StatsGraph<'g> {
     /// pass (`graph.build_backward_expand` called). The nodes are *not* added to `graph`:
     /// add [`StatsGraph::outputs`] to the graph that is run (e.g. as `extra` of
     /// `rebuild_frozen_backward`, or with `build_forward_expand`). They are marked as outputs.
-    pub fn build(ctx: &'g Context, graph: &Graph<'g>, taps: &[LoraTap<'g>], lora: &LoraSet) -> Self {
+    pub fn build(
+        ctx: &'g Context,
+        graph: &Graph<'g>,
+        taps: &[LoraTap<'g>],
+        lora: &LoraSet,
+    ) -> Self {
         Self::build_scaled(ctx, graph, taps, lora, 1.0)
     }
 
     /// [`StatsGraph::build`] for a backward run at a loss scale S: each gradient is multiplied
     /// by `grad_scale` = 1/S first.
-    pub fn build_scaled(ctx: &'g Context, graph: &Graph<'g>, taps: &[LoraTap<'g>], lora: &LoraSet, grad_scale: f32) -> Self {
+    pub fn build_scaled(
+        ctx: &'g Context,
+        graph: &Graph<'g>,
+        taps: &[LoraTap<'g>],
+        lora: &LoraSet,
+        grad_scale: f32,
+    ) -> Self {
         let n_tokens = taps.first().map_or(1, |t| t.u.ne()[1]);
         let weights = ctx.new_f32("grit.token_weights", &[n_tokens]).set_input();
         let mut modules = Vec::with_capacity(taps.len());
@@ -113,14 +130,31 @@ impl<'g> StatsGraph<'g> {
                 .modules()
                 .iter()
                 .position(|m| m.layer == tap.layer && m.target == tap.target)
-                .unwrap_or_else(|| panic!("tap blk.{}.{} has no module in the LoRA set", tap.layer, tap.target));
-            let g = graph.grad(tap.u).unwrap_or_else(|| panic!("no gradient for {:?}: call build_backward_expand before StatsGraph::build", tap.u));
+                .unwrap_or_else(|| {
+                    panic!("tap blk.{}.{} has no module in the LoRA set", tap.layer, tap.target)
+                });
+            let g = graph.grad(tap.u).unwrap_or_else(|| {
+                panic!(
+                    "no gradient for {:?}: call build_backward_expand before StatsGraph::build",
+                    tap.u
+                )
+            });
             let g = if grad_scale == 1.0 { g } else { ctx.scale(g, grad_scale) };
             assert_eq!(tap.u.ne()[1], n_tokens, "taps with different token counts");
             let name = lora.modules()[module].base_name();
-            let sigma_a = weighted_gram(ctx, tap.u, weights).set_name(&format!("{name}.grit_sa")).set_output();
-            let sigma_g = weighted_gram(ctx, g, weights).set_name(&format!("{name}.grit_sg")).set_output();
-            modules.push(ModuleStatsNodes { module, rank: tap.u.ne()[0] as usize, u: tap.u, g, sigma_a, sigma_g });
+            let sigma_a = weighted_gram(ctx, tap.u, weights)
+                .set_name(&format!("{name}.grit_sa"))
+                .set_output();
+            let sigma_g =
+                weighted_gram(ctx, g, weights).set_name(&format!("{name}.grit_sg")).set_output();
+            modules.push(ModuleStatsNodes {
+                module,
+                rank: tap.u.ne()[0] as usize,
+                u: tap.u,
+                g,
+                sigma_a,
+                sigma_g,
+            });
         }
         modules.sort_by_key(|m| m.module);
         StatsGraph { weights, modules }
@@ -132,13 +166,20 @@ impl<'g> StatsGraph<'g> {
     }
 
     /// Writes the per-token weights (after `Backend::compute`).
-    pub fn set_weights(&self, run: &mut Computation<'_, 'g>, weights: &[f32]) -> Result<(), GgmlError> {
+    pub fn set_weights(
+        &self,
+        run: &mut Computation<'_, 'g>,
+        weights: &[f32],
+    ) -> Result<(), GgmlError> {
         run.write_f32(self.weights, weights)
     }
 
     /// Reads (Σ_a, Σ_g) of every module after a run, r×r row-major each, in module order.
     pub fn read(&self, run: &Computation<'_, 'g>) -> Result<Vec<FactorPair>, GgmlError> {
-        self.modules.iter().map(|m| Ok((run.read_f32(m.sigma_a)?, run.read_f32(m.sigma_g)?))).collect()
+        self.modules
+            .iter()
+            .map(|m| Ok((run.read_f32(m.sigma_a)?, run.read_f32(m.sigma_g)?)))
+            .collect()
     }
 }
 
@@ -227,19 +268,40 @@ impl KfacState {
         Self::with_modules(lora.modules().iter().map(|m| (m.base_name(), m.rank)), mode, beta)
     }
     /// Empty statistics for modules given as (name, rank).
-    pub fn with_modules(modules: impl IntoIterator<Item = (String, usize)>, mode: KfacStats, beta: f64) -> Self {
+    pub fn with_modules(
+        modules: impl IntoIterator<Item = (String, usize)>,
+        mode: KfacStats,
+        beta: f64,
+    ) -> Self {
         assert!(beta > 0.0 && beta < 1.0, "KfacState: β = {beta} is not in (0, 1)");
-        KfacState { mode, beta, modules: modules.into_iter().map(|(n, r)| ModuleKfac::new(n, r)).collect() }
+        KfacState {
+            mode,
+            beta,
+            modules: modules.into_iter().map(|(n, r)| ModuleKfac::new(n, r)).collect(),
+        }
     }
 
     /// Adds one micro-batch's statistics of module `i`: Σ_a and Σ_g as read from the graph
     /// (means over its `n_tokens` counted tokens), Σ_g multiplied by `g_scale`² (1 for GRIT's
     /// g as is). Micro-batches of one step are combined as a token-weighted mean; call
     /// [`KfacState::commit`] once per step to fold that mean into the statistics.
-    pub fn accumulate(&mut self, i: usize, sigma_a: &[f32], sigma_g: &[f32], n_tokens: usize, g_scale: f64) {
+    pub fn accumulate(
+        &mut self,
+        i: usize,
+        sigma_a: &[f32],
+        sigma_g: &[f32],
+        n_tokens: usize,
+        g_scale: f64,
+    ) {
         let m = &mut self.modules[i];
         let rr = m.rank * m.rank;
-        assert!(sigma_a.len() == rr && sigma_g.len() == rr, "accumulate: {} / {} values for rank {}", sigma_a.len(), sigma_g.len(), m.rank);
+        assert!(
+            sigma_a.len() == rr && sigma_g.len() == rr,
+            "accumulate: {} / {} values for rank {}",
+            sigma_a.len(),
+            sigma_g.len(),
+            m.rank
+        );
         if n_tokens == 0 {
             return;
         }

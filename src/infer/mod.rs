@@ -86,15 +86,23 @@ impl Model {
         let gpu_layers = if gpu.is_some() { opts.n_gpu_layers } else { 0 };
         crate::llama::clear_log_errors();
         let params = LlamaModelParams::default().with_n_gpu_layers(gpu_layers);
-        let inner = LlamaModel::load_from_file(backend, path, &params)
-            .map_err(|e| InferError::Load { path: path.into(), msg: crate::llama::last_log_error().unwrap_or_else(|| e.to_string()) })?;
+        let inner =
+            LlamaModel::load_from_file(backend, path, &params).map_err(|e| InferError::Load {
+                path: path.into(),
+                msg: crate::llama::last_log_error().unwrap_or_else(|| e.to_string()),
+            })?;
         Ok(Model { path: path.into(), inner, gpu, gpu_layers })
     }
 
     /// Where the model runs, for logs: `CPU` or `Vulkan0 (llvmpipe ...), 31 layers offloaded`.
     pub fn device_label(&self) -> String {
         match &self.gpu {
-            Some(d) => format!("{} ({}), {} layers offloaded", d.name, d.description, self.gpu_layers.min(self.inner.n_layer())),
+            Some(d) => format!(
+                "{} ({}), {} layers offloaded",
+                d.name,
+                d.description,
+                self.gpu_layers.min(self.inner.n_layer())
+            ),
             None => "CPU".into(),
         }
     }
@@ -107,7 +115,9 @@ impl Model {
     /// Context parameters with this model's device placement (no GPU ops for a CPU model,
     /// even in a GPU build).
     pub fn context_params(&self) -> LlamaContextParams {
-        LlamaContextParams::default().with_op_offload(self.offload()).with_offload_kqv(self.offload())
+        LlamaContextParams::default()
+            .with_op_offload(self.offload())
+            .with_offload_kqv(self.offload())
     }
 
     /// Loads only the vocabulary and chat template (no weights): for tokenizing training data.
@@ -116,8 +126,11 @@ impl Model {
         let backend = crate::llama::backend();
         crate::llama::clear_log_errors();
         let params = LlamaModelParams::default().with_vocab_only(true);
-        let inner = LlamaModel::load_from_file(backend, path, &params)
-            .map_err(|e| InferError::Load { path: path.into(), msg: crate::llama::last_log_error().unwrap_or_else(|| e.to_string()) })?;
+        let inner =
+            LlamaModel::load_from_file(backend, path, &params).map_err(|e| InferError::Load {
+                path: path.into(),
+                msg: crate::llama::last_log_error().unwrap_or_else(|| e.to_string()),
+            })?;
         Ok(Model { path: path.into(), inner, gpu: None, gpu_layers: 0 })
     }
 
@@ -130,13 +143,17 @@ impl Model {
 
     /// [`Model::load_adapter`], also returning grit's validated reading of the file (A, B,
     /// ranks and scales) for callers that use its values.
-    pub fn load_checked_adapter(&mut self, path: &Path) -> Result<(LlamaLoraAdapter, crate::adapter::Adapter), InferError> {
-        let adapter = crate::adapter::validate_for_base(path, &self.path).map_err(|e| InferError::InvalidAdapter(Box::new(e)))?;
+    pub fn load_checked_adapter(
+        &mut self,
+        path: &Path,
+    ) -> Result<(LlamaLoraAdapter, crate::adapter::Adapter), InferError> {
+        let adapter = crate::adapter::validate_for_base(path, &self.path)
+            .map_err(|e| InferError::InvalidAdapter(Box::new(e)))?;
         crate::llama::clear_log_errors();
-        let lora = self
-            .inner
-            .lora_adapter_init(path)
-            .map_err(|e| InferError::Adapter { path: path.into(), msg: crate::llama::last_log_error().unwrap_or_else(|| e.to_string()) })?;
+        let lora = self.inner.lora_adapter_init(path).map_err(|e| InferError::Adapter {
+            path: path.into(),
+            msg: crate::llama::last_log_error().unwrap_or_else(|| e.to_string()),
+        })?;
         Ok((lora, adapter))
     }
 
@@ -144,7 +161,12 @@ impl Model {
     /// optionally with an adapter at scale 1, in one batch with an F32 KV cache and flash
     /// attention off (as grit's training graph computes): the reference the parity tests and
     /// `bench/adapter_logits.rs` compare against.
-    pub fn logits_all(&mut self, adapter: Option<&Path>, tokens: &[i32], threads: i32) -> Result<Vec<f32>, InferError> {
+    pub fn logits_all(
+        &mut self,
+        adapter: Option<&Path>,
+        tokens: &[i32],
+        threads: i32,
+    ) -> Result<Vec<f32>, InferError> {
         use llama_cpp_2::context::params::KvCacheType;
         let n = tokens.len();
         let mut lora = adapter.map(|p| self.load_adapter(p)).transpose()?;
@@ -159,13 +181,21 @@ impl Model {
             .with_type_k(KvCacheType::F32)
             .with_type_v(KvCacheType::F32)
             .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED);
-        let mut ctx = self.inner.new_context(crate::llama::backend(), params).map_err(|e| InferError::Context { n_ctx, msg: e.to_string() })?;
+        let mut ctx = self
+            .inner
+            .new_context(crate::llama::backend(), params)
+            .map_err(|e| InferError::Context { n_ctx, msg: e.to_string() })?;
         if let Some(l) = lora.as_mut() {
-            ctx.lora_adapter_set(l, 1.0).map_err(|e| InferError::Adapter { path: adapter.unwrap_or(Path::new("")).into(), msg: e.to_string() })?;
+            ctx.lora_adapter_set(l, 1.0).map_err(|e| InferError::Adapter {
+                path: adapter.unwrap_or(Path::new("")).into(),
+                msg: e.to_string(),
+            })?;
         }
         let mut batch = LlamaBatch::new(n, 1);
         for (i, &t) in tokens.iter().enumerate() {
-            batch.add(LlamaToken(t), i as i32, &[0], true).map_err(|e| InferError::Decode { pos: i, msg: e.to_string() })?;
+            batch
+                .add(LlamaToken(t), i as i32, &[0], true)
+                .map_err(|e| InferError::Decode { pos: i, msg: e.to_string() })?;
         }
         ctx.decode(&mut batch).map_err(|e| InferError::Decode { pos: 0, msg: e.to_string() })?;
         Ok((0..n).flat_map(|i| ctx.get_logits_ith(i as i32).to_vec()).collect())
@@ -173,13 +203,18 @@ impl Model {
 
     /// Renders chat messages with the model's own template, ending with the assistant prefix.
     pub fn apply_chat(&self, messages: &[(String, String)]) -> Result<String, InferError> {
-        let tmpl = self.inner.chat_template(None).map_err(|_| InferError::NoChatTemplate(self.path.clone()))?;
+        let tmpl = self
+            .inner
+            .chat_template(None)
+            .map_err(|_| InferError::NoChatTemplate(self.path.clone()))?;
         let msgs = messages
             .iter()
             .map(|(r, c)| LlamaChatMessage::new(r.clone(), c.clone()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| InferError::Template(e.to_string()))?;
-        self.inner.apply_chat_template(&tmpl, &msgs, true).map_err(|e| InferError::Template(e.to_string()))
+        self.inner
+            .apply_chat_template(&tmpl, &msgs, true)
+            .map_err(|e| InferError::Template(e.to_string()))
     }
 
     pub fn has_chat_template(&self) -> bool {
@@ -209,7 +244,15 @@ pub struct SampleOptions {
 
 impl Default for SampleOptions {
     fn default() -> Self {
-        Self { max_tokens: 128, temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0, stop: Vec::new(), ignore_eos: false }
+        Self {
+            max_tokens: 128,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
     }
 }
 
@@ -217,16 +260,28 @@ impl SampleOptions {
     /// Checks ranges; errors name the flag.
     pub fn validate(&self) -> Result<(), InferError> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(InferError::Option { name: "--temperature", msg: format!("{} must be ≥ 0", self.temperature) });
+            return Err(InferError::Option {
+                name: "--temperature",
+                msg: format!("{} must be ≥ 0", self.temperature),
+            });
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(InferError::Option { name: "--top-p", msg: format!("{} must be in (0, 1]", self.top_p) });
+            return Err(InferError::Option {
+                name: "--top-p",
+                msg: format!("{} must be in (0, 1]", self.top_p),
+            });
         }
         if self.top_k < 0 {
-            return Err(InferError::Option { name: "--top-k", msg: format!("{} must be ≥ 0", self.top_k) });
+            return Err(InferError::Option {
+                name: "--top-k",
+                msg: format!("{} must be ≥ 0", self.top_k),
+            });
         }
         if self.stop.iter().any(|s| s.is_empty()) {
-            return Err(InferError::Option { name: "--stop", msg: "an empty stop string would stop at once".into() });
+            return Err(InferError::Option {
+                name: "--stop",
+                msg: "an empty stop string would stop at once".into(),
+            });
         }
         Ok(())
     }
@@ -303,39 +358,66 @@ pub struct Session<'m> {
 
 impl<'m> Session<'m> {
     pub fn new(model: &'m Model, opts: &ContextOptions) -> Result<Self, InferError> {
-        let n_ctx = if opts.n_ctx > 0 { opts.n_ctx } else { model.inner.n_ctx_train().clamp(256, 4096) };
+        let n_ctx =
+            if opts.n_ctx > 0 { opts.n_ctx } else { model.inner.n_ctx_train().clamp(256, 4096) };
         let threads = resolve_threads(opts.threads);
-        let params =
-            model.context_params().with_n_ctx(NonZeroU32::new(n_ctx)).with_n_batch(n_ctx.min(2048)).with_n_threads(threads).with_n_threads_batch(threads);
+        let params = model
+            .context_params()
+            .with_n_ctx(NonZeroU32::new(n_ctx))
+            .with_n_batch(n_ctx.min(2048))
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads);
         crate::llama::clear_log_errors();
-        let ctx = model
-            .inner
-            .new_context(crate::llama::backend(), params)
-            .map_err(|e| InferError::Context { n_ctx, msg: crate::llama::last_log_error().unwrap_or_else(|| e.to_string()) })?;
+        let ctx = model.inner.new_context(crate::llama::backend(), params).map_err(|e| {
+            InferError::Context {
+                n_ctx,
+                msg: crate::llama::last_log_error().unwrap_or_else(|| e.to_string()),
+            }
+        })?;
         Ok(Session { model, ctx, n_ctx })
     }
 
     /// Applies one adapter at `scale` (replacing any previous one).
-    pub fn set_adapter(&mut self, adapter: &mut LlamaLoraAdapter, scale: f32) -> Result<(), InferError> {
-        self.ctx.lora_adapter_set(adapter, scale).map_err(|e| InferError::Adapter { path: PathBuf::from("<adapter>"), msg: e.to_string() })
+    pub fn set_adapter(
+        &mut self,
+        adapter: &mut LlamaLoraAdapter,
+        scale: f32,
+    ) -> Result<(), InferError> {
+        self.ctx.lora_adapter_set(adapter, scale).map_err(|e| InferError::Adapter {
+            path: PathBuf::from("<adapter>"),
+            msg: e.to_string(),
+        })
     }
 
     /// Generates from `prompt` (BOS added as the model wants), streaming text pieces to
     /// `on_text` as they become final. Clears the KV cache first.
-    pub fn generate(&mut self, prompt: &str, opts: &SampleOptions, mut on_text: impl FnMut(&str)) -> Result<Generation, InferError> {
+    pub fn generate(
+        &mut self,
+        prompt: &str,
+        opts: &SampleOptions,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<Generation, InferError> {
         opts.validate()?;
         let tokens = self.model.tokenize(prompt, true);
         if tokens.is_empty() {
             return Err(InferError::Option { name: "--prompt", msg: "the prompt is empty".into() });
         }
         if tokens.len() + opts.max_tokens > self.n_ctx as usize {
-            return Err(InferError::PromptTooLong { n_prompt: tokens.len(), n_ctx: self.n_ctx, max_tokens: opts.max_tokens });
+            return Err(InferError::PromptTooLong {
+                n_prompt: tokens.len(),
+                n_ctx: self.n_ctx,
+                max_tokens: opts.max_tokens,
+            });
         }
         self.ctx.clear_kv_cache();
         let mut sampler = opts.sampler();
         let vocab = self.model.inner.vocab();
         let n_batch = self.ctx.n_batch() as usize;
-        let mut gen = Generation { prompt_tokens: tokens.len(), finish_reason: "length", ..Default::default() };
+        let mut gen = Generation {
+            prompt_tokens: tokens.len(),
+            finish_reason: "length",
+            ..Default::default()
+        };
 
         // Prompt, in chunks of n_batch; logits only for the last token.
         let t0 = Instant::now();
@@ -345,9 +427,13 @@ impl<'m> Session<'m> {
             let base = ci * n_batch;
             for (i, &t) in chunk.iter().enumerate() {
                 let pos = base + i;
-                batch.add(t, pos as i32, &[0], pos + 1 == tokens.len()).map_err(|e| InferError::Decode { pos, msg: e.to_string() })?;
+                batch
+                    .add(t, pos as i32, &[0], pos + 1 == tokens.len())
+                    .map_err(|e| InferError::Decode { pos, msg: e.to_string() })?;
             }
-            self.ctx.decode(&mut batch).map_err(|e| InferError::Decode { pos: base, msg: e.to_string() })?;
+            self.ctx
+                .decode(&mut batch)
+                .map_err(|e| InferError::Decode { pos: base, msg: e.to_string() })?;
         }
         gen.prompt_s = t0.elapsed().as_secs_f64();
 
@@ -373,8 +459,12 @@ impl<'m> Session<'m> {
                 break;
             }
             batch.clear();
-            batch.add(tok, n_past as i32, &[0], true).map_err(|e| InferError::Decode { pos: n_past, msg: e.to_string() })?;
-            self.ctx.decode(&mut batch).map_err(|e| InferError::Decode { pos: n_past, msg: e.to_string() })?;
+            batch
+                .add(tok, n_past as i32, &[0], true)
+                .map_err(|e| InferError::Decode { pos: n_past, msg: e.to_string() })?;
+            self.ctx
+                .decode(&mut batch)
+                .map_err(|e| InferError::Decode { pos: n_past, msg: e.to_string() })?;
             logits_idx = 0;
         }
         stream.finish(&mut on_text);
@@ -396,7 +486,12 @@ pub struct StopStream {
 
 impl StopStream {
     pub fn new(stops: &[String]) -> Self {
-        Self { stops: stops.to_vec(), bytes: Vec::new(), pending: String::new(), emitted: String::new() }
+        Self {
+            stops: stops.to_vec(),
+            bytes: Vec::new(),
+            pending: String::new(),
+            emitted: String::new(),
+        }
     }
 
     fn emit(&mut self, upto: usize, on_text: &mut impl FnMut(&str)) {
@@ -422,7 +517,8 @@ impl StopStream {
                 Err(e) => {
                     let good = e.valid_up_to();
                     // SAFETY-free: the prefix up to valid_up_to is valid UTF-8.
-                    self.pending.push_str(std::str::from_utf8(&self.bytes[..good]).unwrap_or_default());
+                    self.pending
+                        .push_str(std::str::from_utf8(&self.bytes[..good]).unwrap_or_default());
                     match e.error_len() {
                         Some(bad) => {
                             self.pending.push('\u{FFFD}');

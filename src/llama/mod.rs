@@ -38,7 +38,8 @@ unsafe extern "C" fn log_callback(level: u32, text: *const c_char, _user: *mut c
     // SAFETY: llama.cpp passes a NUL-terminated string that lives for the duration of the call.
     let msg = unsafe { CStr::from_ptr(text) }.to_string_lossy();
     // try_with: a thread being torn down has no capture left (never panic across the FFI).
-    let effective = if level == LEVEL_CONT { LAST_LEVEL.try_with(|l| l.get()).unwrap_or(0) } else { level };
+    let effective =
+        if level == LEVEL_CONT { LAST_LEVEL.try_with(|l| l.get()).unwrap_or(0) } else { level };
     let _ = LAST_LEVEL.try_with(|l| l.set(effective));
     if VERBOSE.load(Ordering::Relaxed) {
         eprint!("{msg}");
@@ -131,7 +132,10 @@ pub fn system_info() -> String {
 /// The compute devices ggml sees (name and description), e.g. `CPU`, `CUDA0`.
 pub fn devices() -> Vec<(String, String)> {
     let _ = backend();
-    llama_cpp_2::list_llama_ggml_backend_devices().into_iter().map(|d| (d.name, d.description)).collect()
+    llama_cpp_2::list_llama_ggml_backend_devices()
+        .into_iter()
+        .map(|d| (d.name, d.description))
+        .collect()
 }
 
 /// Backends compiled into this binary (cargo features).
@@ -177,7 +181,10 @@ mod tests {
             std::thread::spawn(move || {
                 clear_log_errors();
                 for i in 0..200 {
-                    let line = std::ffi::CString::new(format!("llama_model_load: error loading model: {who} {i}\n")).unwrap();
+                    let line = std::ffi::CString::new(format!(
+                        "llama_model_load: error loading model: {who} {i}\n"
+                    ))
+                    .unwrap();
                     log(LEVEL_ERROR, &line);
                     log(LEVEL_CONT, c" (continued)");
                     std::thread::yield_now();

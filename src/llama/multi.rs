@@ -55,15 +55,22 @@ unsafe impl Send for Adapter<'_> {}
 impl<'m> Adapter<'m> {
     /// Loads a GGUF LoRA adapter for `model`. llama.cpp checks the architecture and shapes.
     pub fn load(model: &'m LlamaModel, path: &Path) -> Result<Self, MultiError> {
-        let cpath = CString::new(path.to_string_lossy().as_bytes())
-            .map_err(|_| MultiError::AdapterLoad { path: path.into(), msg: "the path contains a NUL byte".into() })?;
+        let cpath = CString::new(path.to_string_lossy().as_bytes()).map_err(|_| {
+            MultiError::AdapterLoad {
+                path: path.into(),
+                msg: "the path contains a NUL byte".into(),
+            }
+        })?;
         super::clear_log_errors();
         // SAFETY: the model pointer is valid for 'm; the path is a NUL-terminated C string that
         // outlives the call. A null return means failure (reported below).
         let raw = unsafe { sys::llama_adapter_lora_init(model_ptr(model), cpath.as_ptr()) };
         match NonNull::new(raw) {
             Some(ptr) => Ok(Adapter { ptr, _model: PhantomData }),
-            None => Err(MultiError::AdapterLoad { path: path.into(), msg: super::last_log_error().unwrap_or_else(|| "unknown error".into()) }),
+            None => Err(MultiError::AdapterLoad {
+                path: path.into(),
+                msg: super::last_log_error().unwrap_or_else(|| "unknown error".into()),
+            }),
         }
     }
 
@@ -73,7 +80,14 @@ impl<'m> Adapter<'m> {
         let mut buf = vec![0u8; 256];
         // SAFETY: valid adapter pointer; the buffer is writable for its length and llama.cpp
         // NUL-terminates within it; a negative return means "not found".
-        let n = unsafe { sys::llama_adapter_meta_val_str(self.ptr.as_ptr(), ckey.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        let n = unsafe {
+            sys::llama_adapter_meta_val_str(
+                self.ptr.as_ptr(),
+                ckey.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
         if n < 0 {
             return None;
         }
@@ -145,7 +159,13 @@ impl<'m> Context<'m> {
             n_seq: cfg.n_seq,
             msg: super::last_log_error().unwrap_or_else(|| "unknown error".into()),
         })?;
-        Ok(Context { ptr, n_vocab: model.n_vocab() as usize, n_embd: model.n_embd() as usize, cfg, _model: PhantomData })
+        Ok(Context {
+            ptr,
+            n_vocab: model.n_vocab() as usize,
+            n_embd: model.n_embd() as usize,
+            cfg,
+            _model: PhantomData,
+        })
     }
 
     pub fn config(&self) -> &ContextConfig {
@@ -154,9 +174,14 @@ impl<'m> Context<'m> {
 
     /// Applies exactly these adapters with these scales (an empty list removes all).
     pub fn set_adapters(&mut self, adapters: &[(&Adapter<'m>, f32)]) -> Result<(), MultiError> {
-        let mut ptrs: Vec<*mut sys::llama_adapter_lora> = adapters.iter().map(|(a, _)| a.ptr.as_ptr()).collect();
+        let mut ptrs: Vec<*mut sys::llama_adapter_lora> =
+            adapters.iter().map(|(a, _)| a.ptr.as_ptr()).collect();
         let mut scales: Vec<f32> = adapters.iter().map(|(_, s)| *s).collect();
-        let (pp, sp) = if ptrs.is_empty() { (std::ptr::null_mut(), std::ptr::null_mut()) } else { (ptrs.as_mut_ptr(), scales.as_mut_ptr()) };
+        let (pp, sp) = if ptrs.is_empty() {
+            (std::ptr::null_mut(), std::ptr::null_mut())
+        } else {
+            (ptrs.as_mut_ptr(), scales.as_mut_ptr())
+        };
         // SAFETY: valid context; the arrays hold `len` valid adapter pointers and scales and live
         // across the call (llama.cpp copies them into its own map); null/0 clears the set.
         let rc = unsafe { sys::llama_set_adapters_lora(self.ptr.as_ptr(), pp, ptrs.len(), sp) };
@@ -176,7 +201,8 @@ impl<'m> Context<'m> {
             let msg = match rc {
                 1 => "no KV cache slot for the batch".to_string(),
                 2 => "aborted".to_string(),
-                _ => super::last_log_error().unwrap_or_else(|| "invalid batch or internal error".into()),
+                _ => super::last_log_error()
+                    .unwrap_or_else(|| "invalid batch or internal error".into()),
             };
             return Err(MultiError::Decode { code: rc, msg });
         }
@@ -262,7 +288,13 @@ impl Batch {
 
     /// Appends `token` at position `pos` of sequence `seq`; `output` asks for its logits.
     /// Returns the entry's index.
-    pub fn add(&mut self, token: LlamaToken, pos: i32, seq: i32, output: bool) -> Result<i32, MultiError> {
+    pub fn add(
+        &mut self,
+        token: LlamaToken,
+        pos: i32,
+        seq: i32,
+        output: bool,
+    ) -> Result<i32, MultiError> {
         let i = self.raw.n_tokens as usize;
         if i >= self.cap || seq < 0 || seq >= self.n_seq {
             return Err(MultiError::BatchFull(self.cap));

@@ -45,7 +45,9 @@ impl Arch {
             }
             _ => None,
         };
-        let missing = known.map(str::to_string).unwrap_or_else(|| format!("grit's training graph covers only {}", Arch::ALL.map(Arch::name).join(", ")));
+        let missing = known.map(str::to_string).unwrap_or_else(|| {
+            format!("grit's training graph covers only {}", Arch::ALL.map(Arch::name).join(", "))
+        });
         Err(ModelError::UnsupportedArch { arch: arch.to_string(), missing })
     }
 
@@ -107,12 +109,19 @@ impl LlamaHparams {
         let n_head_kv = get_opt("attention.head_count_kv")?.unwrap_or(n_head);
         let n_ff = get("feed_forward_length")?;
         let n_ctx_train = get("context_length")?;
-        let rms_eps = get_f("attention.layer_norm_rms_epsilon")?.ok_or_else(|| bad(k("attention.layer_norm_rms_epsilon"), "missing".into()))?;
+        let rms_eps = get_f("attention.layer_norm_rms_epsilon")?
+            .ok_or_else(|| bad(k("attention.layer_norm_rms_epsilon"), "missing".into()))?;
         if n_embd == 0 || n_layer == 0 || n_head == 0 || n_ff == 0 {
-            return Err(bad(k("embedding_length/block_count/head_count/feed_forward_length"), "must be positive".into()));
+            return Err(bad(
+                k("embedding_length/block_count/head_count/feed_forward_length"),
+                "must be positive".into(),
+            ));
         }
         if n_head_kv == 0 || !n_head.is_multiple_of(n_head_kv) {
-            return Err(bad(k("attention.head_count_kv"), format!("{n_head_kv} does not divide head_count {n_head}")));
+            return Err(bad(
+                k("attention.head_count_kv"),
+                format!("{n_head_kv} does not divide head_count {n_head}"),
+            ));
         }
         let head_dim = get_opt("attention.key_length")?.unwrap_or(n_embd / n_head);
         let head_dim_v = get_opt("attention.value_length")?.unwrap_or(n_embd / n_head);
@@ -121,7 +130,12 @@ impl LlamaHparams {
         }
         let n_rot = get_opt("rope.dimension_count")?.unwrap_or(head_dim);
         if n_rot != head_dim {
-            return Err(bad(k("rope.dimension_count"), format!("{n_rot} differs from the head size {head_dim} (partial RoPE is not supported)")));
+            return Err(bad(
+                k("rope.dimension_count"),
+                format!(
+                    "{n_rot} differs from the head size {head_dim} (partial RoPE is not supported)"
+                ),
+            ));
         }
 
         // RoPE scaling, as llama.cpp's llama_model::load_hparams / llama_context.
@@ -130,7 +144,12 @@ impl LlamaHparams {
             _ => "linear".into(),
         };
         if scaling != "none" && scaling != "linear" {
-            return Err(bad(k("rope.scaling.type"), format!("'{scaling}' RoPE scaling is not supported for training (none/linear only)")));
+            return Err(bad(
+                k("rope.scaling.type"),
+                format!(
+                    "'{scaling}' RoPE scaling is not supported for training (none/linear only)"
+                ),
+            ));
         }
         let factor = match get_f("rope.scaling.factor")? {
             Some(f) => f,
@@ -149,7 +168,10 @@ impl LlamaHparams {
         let n_vocab = match file.tensor("token_embd.weight") {
             Some(t) => t.ne[1] as usize,
             None => {
-                return Err(ModelError::MissingTensor { file: fname.clone(), tensor: "token_embd.weight".into() });
+                return Err(ModelError::MissingTensor {
+                    file: fname.clone(),
+                    tensor: "token_embd.weight".into(),
+                });
             }
         };
 

@@ -56,7 +56,13 @@ impl Batch {
     /// One causal sequence: positions 0..n, logits for `rows`, which predict `labels`.
     pub fn causal(tokens: &[i32], rows: &[i32], labels: &[i32]) -> Result<Self, ModelError> {
         let n = tokens.len();
-        let b = Batch { tokens: tokens.to_vec(), positions: (0..n as i32).collect(), mask: causal_mask(n), rows: rows.to_vec(), labels: labels.to_vec() };
+        let b = Batch {
+            tokens: tokens.to_vec(),
+            positions: (0..n as i32).collect(),
+            mask: causal_mask(n),
+            rows: rows.to_vec(),
+            labels: labels.to_vec(),
+        };
         b.validate(None)?;
         Ok(b)
     }
@@ -81,7 +87,9 @@ impl Batch {
         if self.mask.len() != n * n {
             return err(format!("mask has {} values, expected {n}×{n}", self.mask.len()));
         }
-        if let Some(j) = (0..n).find(|&j| self.mask[j * n..(j + 1) * n].iter().all(|&x| x == f32::NEG_INFINITY)) {
+        if let Some(j) =
+            (0..n).find(|&j| self.mask[j * n..(j + 1) * n].iter().all(|&x| x == f32::NEG_INFINITY))
+        {
             return err(format!("mask row {j} masks every token (its softmax would be undefined)"));
         }
         if !self.labels.is_empty() && self.labels.len() != self.rows.len() {
@@ -91,7 +99,9 @@ impl Batch {
             return err(format!("row {r} is outside the {n} tokens"));
         }
         if let Some(v) = n_vocab {
-            if let Some(t) = self.tokens.iter().chain(&self.labels).find(|&&t| t < 0 || t as usize >= v) {
+            if let Some(t) =
+                self.tokens.iter().chain(&self.labels).find(|&&t| t < 0 || t as usize >= v)
+            {
                 return err(format!("token id {t} is outside the vocabulary of {v}"));
             }
         }
@@ -184,7 +194,11 @@ impl DropoutInput {
 /// SplitMix64 stream of (`seed`, `step`, `micro`, mask index), so a resumed run draws the
 /// same masks without storing generator state.
 pub fn dropout_mask(len: usize, p: f32, seed: u64, step: u64, micro: u64, index: u64) -> Vec<f32> {
-    let mut rng = crate::data::SplitMix64::stream(seed ^ 0xD0D0_0000_0000_0000, step.wrapping_mul(1 << 20) ^ micro, index);
+    let mut rng = crate::data::SplitMix64::stream(
+        seed ^ 0xD0D0_0000_0000_0000,
+        step.wrapping_mul(1 << 20) ^ micro,
+        index,
+    );
     let keep = 1.0 / (1.0 - p);
     // Keep when a uniform 53-bit draw in [0, 1) is ≥ p.
     (0..len)
@@ -214,7 +228,14 @@ impl<'g> TrainGraph<'g> {
 
     /// Builds the graph in `ctx` for `n_tokens` tokens. With `with_loss`, adds the labels
     /// input and the mean cross-entropy loss (marked as the graph's loss).
-    pub fn build(ctx: &'g Context, weights: &'g Weights, lora: Option<&'g LoraSet>, n_tokens: usize, outputs: Outputs, with_loss: bool) -> Self {
+    pub fn build(
+        ctx: &'g Context,
+        weights: &'g Weights,
+        lora: Option<&'g LoraSet>,
+        n_tokens: usize,
+        outputs: Outputs,
+        with_loss: bool,
+    ) -> Self {
         Self::build_with_dropout(ctx, weights, lora, n_tokens, outputs, with_loss, false)
     }
 
@@ -260,7 +281,8 @@ impl<'g> TrainGraph<'g> {
         let (labels, loss) = if with_loss {
             let n_rows = logits.ne()[1];
             let labels = ctx.new_f32("labels", &[hp.n_vocab as i64, n_rows]).set_input();
-            let loss = ctx.cross_entropy_loss(logits, labels).set_name("loss").set_output().set_loss(); // [1]
+            let loss =
+                ctx.cross_entropy_loss(logits, labels).set_name("loss").set_output().set_loss(); // [1]
             graph.build_forward_expand(loss);
             (Some(labels), Some(loss))
         } else {
@@ -285,33 +307,58 @@ impl<'g> TrainGraph<'g> {
     }
 
     /// Fills the dropout masks (if any) for micro-batch `micro` of optimizer step `step`.
-    pub fn set_dropout(&self, run: &mut Computation<'_, 'g>, p: f32, seed: u64, step: u64, micro: u64) -> Result<(), ModelError> {
+    pub fn set_dropout(
+        &self,
+        run: &mut Computation<'_, 'g>,
+        p: f32,
+        seed: u64,
+        step: u64,
+        micro: u64,
+    ) -> Result<(), ModelError> {
         for (i, d) in self.dropout.iter().enumerate() {
             let ne = d.mask.ne();
-            run.write_f32(d.mask, &dropout_mask((ne[0] * ne[1]) as usize, p, seed, step, micro, i as u64))?;
+            run.write_f32(
+                d.mask,
+                &dropout_mask((ne[0] * ne[1]) as usize, p, seed, step, micro, i as u64),
+            )?;
         }
         Ok(())
     }
 
     /// Writes a batch into the graph's inputs (after [`Backend::compute`](crate::ggml::Backend::compute)).
-    pub fn set_inputs(&self, run: &mut Computation<'_, 'g>, batch: &Batch) -> Result<(), ModelError> {
+    pub fn set_inputs(
+        &self,
+        run: &mut Computation<'_, 'g>,
+        batch: &Batch,
+    ) -> Result<(), ModelError> {
         batch.validate(Some(self.n_vocab))?;
         if batch.n_tokens() != self.n_tokens {
-            return Err(ModelError::Batch(format!("{} tokens for a graph built for {}", batch.n_tokens(), self.n_tokens)));
+            return Err(ModelError::Batch(format!(
+                "{} tokens for a graph built for {}",
+                batch.n_tokens(),
+                self.n_tokens
+            )));
         }
         run.write_i32(self.tokens, &batch.tokens)?;
         run.write_i32(self.positions, &batch.positions)?;
         run.write_f32(self.mask, &batch.mask)?;
         if let Some(rows) = self.rows {
             if batch.n_rows() != rows.ne()[0] as usize {
-                return Err(ModelError::Batch(format!("{} rows for a graph built for {}", batch.n_rows(), rows.ne()[0])));
+                return Err(ModelError::Batch(format!(
+                    "{} rows for a graph built for {}",
+                    batch.n_rows(),
+                    rows.ne()[0]
+                )));
             }
             run.write_i32(rows, &batch.rows)?;
         }
         if let Some(labels) = self.labels {
             let n_rows = labels.ne()[1] as usize;
             if batch.labels.len() != n_rows {
-                return Err(ModelError::Batch(format!("{} labels for a graph with {n_rows} output rows", batch.labels.len())));
+                return Err(ModelError::Batch(format!(
+                    "{} labels for a graph with {n_rows} output rows",
+                    batch.labels.len()
+                )));
             }
             run.write_f32(labels, &batch.one_hot(self.n_vocab))?;
         }
@@ -363,7 +410,9 @@ impl<'w> Llama<'w> {
         let mut x = ctx.get_rows(self.tok_embd, tokens); // [n_embd, n_tokens]
         blocks.push(x);
         for (il, l) in self.layers.iter().enumerate() {
-            let mut lin = |target: Target, w, b, x: Tensor<'g>| self.linear(ctx, il, target, w, b, x, taps, masks);
+            let mut lin = |target: Target, w, b, x: Tensor<'g>| {
+                self.linear(ctx, il, target, w, b, x, taps, masks)
+            };
             // self-attention block
             let h = self.norm(ctx, x, l.attn_norm); // [n_embd, n_tokens]
             let q = lin(Target::AttnQ, l.attn_q, l.attn_q_b, h); // [n_embd_q, n_tokens]
@@ -429,7 +478,12 @@ impl<'w> Llama<'w> {
                         let mask = match ms.iter().find(|d| d.layer == il && d.input == input) {
                             Some(d) => d.mask,
                             None => {
-                                let t = ctx.new_f32(&format!("blk.{il}.dropout.{}", input.name()), &[x.ne()[0], x.ne()[1]]).set_input();
+                                let t = ctx
+                                    .new_f32(
+                                        &format!("blk.{il}.dropout.{}", input.name()),
+                                        &[x.ne()[0], x.ne()[1]],
+                                    )
+                                    .set_input();
                                 ms.push(DropoutMask { layer: il, input, mask: t });
                                 t
                             }
@@ -452,7 +506,15 @@ impl<'w> Llama<'w> {
 
     /// Causal multi-head attention with GQA (llama.cpp's build_attn_mha, non-flash path):
     /// softmax(scale · K·Q + mask) applied to V, per head. q [n_embd_q, n], k/v [n_embd_kv, n].
-    fn attention<'g>(&self, ctx: &'g Context, q: Tensor<'g>, k: Tensor<'g>, v: Tensor<'g>, pos: Tensor<'g>, mask: Tensor<'g>) -> Tensor<'g>
+    fn attention<'g>(
+        &self,
+        ctx: &'g Context,
+        q: Tensor<'g>,
+        k: Tensor<'g>,
+        v: Tensor<'g>,
+        pos: Tensor<'g>,
+        mask: Tensor<'g>,
+    ) -> Tensor<'g>
     where
         'w: 'g,
     {

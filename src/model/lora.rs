@@ -23,7 +23,15 @@ pub enum Target {
 
 impl Target {
     /// Every target, in graph order (also grit's default set).
-    pub const ALL: [Target; 7] = [Target::AttnQ, Target::AttnK, Target::AttnV, Target::AttnOutput, Target::FfnGate, Target::FfnUp, Target::FfnDown];
+    pub const ALL: [Target; 7] = [
+        Target::AttnQ,
+        Target::AttnK,
+        Target::AttnV,
+        Target::AttnOutput,
+        Target::FfnGate,
+        Target::FfnUp,
+        Target::FfnDown,
+    ];
 
     /// The GGUF tensor stem (`attn_q`, ..., `ffn_down`), also the `--targets` spelling.
     pub fn name(self) -> &'static str {
@@ -90,7 +98,13 @@ pub struct LoraConfig {
 
 impl Default for LoraConfig {
     fn default() -> Self {
-        LoraConfig { targets: Target::ALL.to_vec(), rank: 16, alpha: 32.0, rslora: false, layers: None }
+        LoraConfig {
+            targets: Target::ALL.to_vec(),
+            rank: 16,
+            alpha: 32.0,
+            rslora: false,
+            layers: None,
+        }
     }
 }
 
@@ -149,7 +163,10 @@ pub struct LoraSet {
 
 impl std::fmt::Debug for LoraSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LoraSet").field("modules", &self.modules.len()).field("params", &self.n_params()).finish()
+        f.debug_struct("LoraSet")
+            .field("modules", &self.modules.len())
+            .field("params", &self.n_params())
+            .finish()
     }
 }
 
@@ -169,7 +186,9 @@ impl LoraSet {
         let layers: Vec<usize> = match &cfg.layers {
             Some(l) => {
                 if let Some(&bad) = l.iter().find(|&&i| i >= n_layer) {
-                    return Err(ModelError::Lora(format!("layer {bad} does not exist (the model has {n_layer})")));
+                    return Err(ModelError::Lora(format!(
+                        "layer {bad} does not exist (the model has {n_layer})"
+                    )));
                 }
                 l.clone()
             }
@@ -185,16 +204,25 @@ impl LoraSet {
     }
 
     /// Adapters with a rank and scale per module: `(layer, target, rank, scale)`.
-    pub fn with_modules(weights: &Weights, specs: &[(usize, Target, usize, f32)], backend: &Backend) -> Result<Self, ModelError> {
+    pub fn with_modules(
+        weights: &Weights,
+        specs: &[(usize, Target, usize, f32)],
+        backend: &Backend,
+    ) -> Result<Self, ModelError> {
         let ctx = Context::new(Capacity::tensors(2 * specs.len().max(1)))?;
         let mut modules = Vec::with_capacity(specs.len());
         let mut index = HashMap::new();
         for &(layer, target, rank, scale) in specs {
             if layer >= weights.hparams.n_layer {
-                return Err(ModelError::Lora(format!("layer {layer} does not exist (the model has {})", weights.hparams.n_layer)));
+                return Err(ModelError::Lora(format!(
+                    "layer {layer} does not exist (the model has {})",
+                    weights.hparams.n_layer
+                )));
             }
             if rank == 0 {
-                return Err(ModelError::Lora(format!("blk.{layer}.{target}: rank must be at least 1")));
+                return Err(ModelError::Lora(format!(
+                    "blk.{layer}.{target}: rank must be at least 1"
+                )));
             }
             if index.contains_key(&(layer, target)) {
                 return Err(ModelError::Lora(format!("blk.{layer}.{target} is listed twice")));
@@ -205,7 +233,16 @@ impl LoraSet {
             let a = ctx.new_f32(&format!("{base}.lora_a"), &[d_in as i64, rank as i64]); // A: [d_in, r]
             let b = ctx.new_f32(&format!("{base}.lora_b"), &[rank as i64, d_out as i64]); // B: [r, d_out]
             index.insert((layer, target), modules.len());
-            modules.push(LoraModule { layer, target, rank, d_in, d_out, scale, a: a.id(), b: b.id() });
+            modules.push(LoraModule {
+                layer,
+                target,
+                rank,
+                d_in,
+                d_out,
+                scale,
+                a: a.id(),
+                b: b.id(),
+            });
         }
         ctx.allocate(backend.param_buffer_type())?;
         let set = LoraSet { ctx, modules, index };
@@ -254,7 +291,8 @@ impl LoraSet {
         let mut rng = init_rng(seed);
         for m in &self.modules {
             let bound = 1.0 / (m.d_in as f32).sqrt();
-            let a: Vec<f32> = (0..m.d_in * m.rank).map(|_| bound * (2.0 * rng.uniform() - 1.0)).collect();
+            let a: Vec<f32> =
+                (0..m.d_in * m.rank).map(|_| bound * (2.0 * rng.uniform() - 1.0)).collect();
             self.ctx.write_f32(self.a(m), &a)?;
             self.ctx.write_f32(self.b(m), &vec![0.0; m.rank * m.d_out])?;
         }
@@ -290,7 +328,12 @@ impl LoraSet {
     /// Writes the adapter in llama.cpp's GGUF LoRA format (`general.type = adapter`,
     /// `adapter.type = lora`, tensors `<base>.lora_a` [d_in, r] and `<base>.lora_b` [r, d_out],
     /// F32) for a base model of architecture `arch`.
-    pub fn write_gguf(&self, path: &Path, arch: &str, scale: AdapterScale) -> Result<(), ModelError> {
+    pub fn write_gguf(
+        &self,
+        path: &Path,
+        arch: &str,
+        scale: AdapterScale,
+    ) -> Result<(), ModelError> {
         let mut w = GgufWriter::new();
         w.set_str("general.architecture", arch);
         w.set_str("general.type", "adapter");
@@ -320,7 +363,11 @@ impl LoraSet {
             if scale == AdapterScale::FoldIntoB {
                 b.iter_mut().for_each(|x| *x *= m.scale);
             }
-            w.add_f32(&format!("{base}.lora_a"), &[m.d_in as i64, m.rank as i64], &self.read_a(i)?)?;
+            w.add_f32(
+                &format!("{base}.lora_a"),
+                &[m.d_in as i64, m.rank as i64],
+                &self.read_a(i)?,
+            )?;
             w.add_f32(&format!("{base}.lora_b"), &[m.rank as i64, m.d_out as i64], &b)?;
         }
         w.write_atomic(path)?;

@@ -50,7 +50,9 @@ mod tiny;
 mod weights;
 
 pub use hparams::{Arch, LlamaHparams};
-pub use llama::{causal_mask, dropout_mask, Batch, DropoutInput, DropoutMask, LoraTap, Outputs, TrainGraph};
+pub use llama::{
+    causal_mask, dropout_mask, Batch, DropoutInput, DropoutMask, LoraTap, Outputs, TrainGraph,
+};
 pub use lora::{AdapterScale, LoraConfig, LoraModule, LoraSet, Target};
 pub use tiny::{write_tiny_model, TinySpec};
 pub use weights::{Layer, Weights};

@@ -59,10 +59,21 @@ impl Default for TinySpec {
 
 /// Writes a random model of `spec` to `path`, with the tokenizer of the GGUF model
 /// `tokenizer_from` (every `tokenizer.*` key). Returns the vocabulary size.
-pub fn write_tiny_model(path: &Path, spec: &TinySpec, tokenizer_from: &Path) -> Result<usize, ModelError> {
+pub fn write_tiny_model(
+    path: &Path,
+    spec: &TinySpec,
+    tokenizer_from: &Path,
+) -> Result<usize, ModelError> {
     let bad = |m: String| ModelError::Tiny(m);
-    if spec.n_head == 0 || spec.n_head_kv == 0 || !spec.n_head.is_multiple_of(spec.n_head_kv) || !spec.n_embd.is_multiple_of(spec.n_head) {
-        return Err(bad(format!("{} heads / {} kv heads / n_embd {} do not fit together", spec.n_head, spec.n_head_kv, spec.n_embd)));
+    if spec.n_head == 0
+        || spec.n_head_kv == 0
+        || !spec.n_head.is_multiple_of(spec.n_head_kv)
+        || !spec.n_embd.is_multiple_of(spec.n_head)
+    {
+        return Err(bad(format!(
+            "{} heads / {} kv heads / n_embd {} do not fit together",
+            spec.n_head, spec.n_head_kv, spec.n_embd
+        )));
     }
     let head_dim = spec.n_embd / spec.n_head;
     if !head_dim.is_multiple_of(2) {
@@ -70,13 +81,22 @@ pub fn write_tiny_model(path: &Path, spec: &TinySpec, tokenizer_from: &Path) -> 
     }
     for (what, n) in [("n_embd", spec.n_embd), ("n_ff", spec.n_ff)] {
         if spec.weight_type.row_size(n).is_none() {
-            return Err(bad(format!("{what} = {n} is not a multiple of {}'s block size {}", spec.weight_type, spec.weight_type.block_size())));
+            return Err(bad(format!(
+                "{what} = {n} is not a multiple of {}'s block size {}",
+                spec.weight_type,
+                spec.weight_type.block_size()
+            )));
         }
     }
     let src = GgufFile::open(tokenizer_from)?;
     let n_vocab = match src.get("tokenizer.ggml.tokens") {
         Some(Value::Array { len, .. }) if len > 0 => len,
-        _ => return Err(ModelError::Gguf(crate::gguf::GgufError::MissingKey(tokenizer_from.into(), "tokenizer.ggml.tokens".into()))),
+        _ => {
+            return Err(ModelError::Gguf(crate::gguf::GgufError::MissingKey(
+                tokenizer_from.into(),
+                "tokenizer.ggml.tokens".into(),
+            )))
+        }
     };
     drop(src);
 
@@ -98,11 +118,18 @@ pub fn write_tiny_model(path: &Path, spec: &TinySpec, tokenizer_from: &Path) -> 
     w.set_f32(&k("attention.layer_norm_rms_epsilon"), spec.rms_eps);
 
     let mut rng = init_rng(spec.seed);
-    let mut normal = |n: usize, std: f32, mean: f32| -> Vec<f32> { (0..n).map(|_| mean + std * rng.normal()).collect() };
+    let mut normal = |n: usize, std: f32, mean: f32| -> Vec<f32> {
+        (0..n).map(|_| mean + std * rng.normal()).collect()
+    };
     let e = spec.n_embd;
     let (q, kv, ff, v) = (e, spec.n_head_kv * head_dim, spec.n_ff, n_vocab);
     // Matrices: N(0, 1/d_in), so activations stay O(1); embeddings N(0, 0.5²).
-    let mut matrix = |w: &mut GgufWriter, name: &str, d_in: usize, d_out: usize, std: f32| -> Result<(), ModelError> {
+    let mut matrix = |w: &mut GgufWriter,
+                      name: &str,
+                      d_in: usize,
+                      d_out: usize,
+                      std: f32|
+     -> Result<(), ModelError> {
         let x = normal(d_in * d_out, std, 0.0);
         let data = quantize(spec.weight_type, &x, d_in)?;
         w.add_tensor(name, spec.weight_type, &[d_in as i64, d_out as i64], data)?;
@@ -123,7 +150,9 @@ pub fn write_tiny_model(path: &Path, spec: &TinySpec, tokenizer_from: &Path) -> 
         matrix(&mut w, &n("ffn_down.weight"), ff, e, 1.0 / (ff as f32).sqrt())?;
     }
     // Vectors (F32): norm gains near 1, biases small.
-    let mut normal = |n: usize, std: f32, mean: f32| -> Vec<f32> { (0..n).map(|_| mean + std * rng.normal()).collect() };
+    let mut normal = |n: usize, std: f32, mean: f32| -> Vec<f32> {
+        (0..n).map(|_| mean + std * rng.normal()).collect()
+    };
     w.add_f32("output_norm.weight", &[e as i64], &normal(e, 0.1, 1.0))?;
     for i in 0..spec.n_layer {
         let n = |t: &str| format!("blk.{i}.{t}");
@@ -137,11 +166,14 @@ pub fn write_tiny_model(path: &Path, spec: &TinySpec, tokenizer_from: &Path) -> 
     }
     if spec.rope_freqs {
         if spec.arch != Arch::Llama {
-            return Err(bad("rope frequency factors are used by the llama architecture only".into()));
+            return Err(bad(
+                "rope frequency factors are used by the llama architecture only".into()
+            ));
         }
         // LLaMA 3 style: 1 for high frequencies, growing to 8 for the lowest.
         let half = head_dim / 2;
-        let f: Vec<f32> = (0..half).map(|i| 1.0 + 7.0 * (i as f32 / (half - 1).max(1) as f32).powi(2)).collect();
+        let f: Vec<f32> =
+            (0..half).map(|i| 1.0 + 7.0 * (i as f32 / (half - 1).max(1) as f32).powi(2)).collect();
         w.add_f32("rope_freqs.weight", &[half as i64], &f)?;
     }
     w.write(path)?;

@@ -73,7 +73,11 @@ pub struct Weights {
 
 impl std::fmt::Debug for Weights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Weights").field("source", &self.source).field("hparams", &self.hparams).field("bytes", &self.bytes).finish()
+        f.debug_struct("Weights")
+            .field("source", &self.source)
+            .field("hparams", &self.hparams)
+            .field("bytes", &self.bytes)
+            .finish()
     }
 }
 
@@ -90,7 +94,13 @@ impl Weights {
     pub fn load(file: &GgufFile, backend: &Backend) -> Result<Self, ModelError> {
         let hp = LlamaHparams::from_gguf(file)?;
         let fname = file.path().display().to_string();
-        let (e, q, kv, ff, v) = (hp.n_embd as i64, hp.n_embd_q() as i64, hp.n_embd_kv() as i64, hp.n_ff as i64, hp.n_vocab as i64);
+        let (e, q, kv, ff, v) = (
+            hp.n_embd as i64,
+            hp.n_embd_q() as i64,
+            hp.n_embd_kv() as i64,
+            hp.n_ff as i64,
+            hp.n_vocab as i64,
+        );
 
         for i in 0..hp.n_layer {
             for (t, why) in [
@@ -111,10 +121,18 @@ impl Weights {
         ];
         // llama.cpp uses rope frequency factors (LLaMA 3) for the llama graph only.
         if hp.arch == Arch::Llama {
-            wants.push(Want { name: "rope_freqs.weight".into(), shape: vec![hp.rope.n_dims as i64 / 2], required: false });
+            wants.push(Want {
+                name: "rope_freqs.weight".into(),
+                shape: vec![hp.rope.n_dims as i64 / 2],
+                required: false,
+            });
         }
         for i in 0..hp.n_layer {
-            let w = |t: &str, shape: Vec<i64>, required: bool| Want { name: format!("blk.{i}.{t}"), shape, required };
+            let w = |t: &str, shape: Vec<i64>, required: bool| Want {
+                name: format!("blk.{i}.{t}"),
+                shape,
+                required,
+            };
             wants.extend([
                 w("attn_norm.weight", vec![e], true),
                 w("attn_q.weight", vec![e, q], true),
@@ -140,18 +158,30 @@ impl Weights {
         for want in &wants {
             let Some(info) = file.tensor(&want.name) else {
                 if want.required {
-                    return Err(ModelError::MissingTensor { file: fname, tensor: want.name.clone() });
+                    return Err(ModelError::MissingTensor {
+                        file: fname,
+                        tensor: want.name.clone(),
+                    });
                 }
                 continue;
             };
             let mut expected = [1i64; 4];
             expected[..want.shape.len()].copy_from_slice(&want.shape);
             if info.ne != expected {
-                return Err(ModelError::Shape { file: fname, tensor: want.name.clone(), expected: want.shape.clone(), got: info.ne.to_vec() });
+                return Err(ModelError::Shape {
+                    file: fname,
+                    tensor: want.name.clone(),
+                    expected: want.shape.clone(),
+                    got: info.ne.to_vec(),
+                });
             }
             let ty = Type(info.ggml_type);
             if !ty.can_dequantize() || ty.row_size(info.ne[0] as usize).is_none() {
-                return Err(ModelError::TensorType { file: fname, tensor: want.name.clone(), ty: ty.name() });
+                return Err(ModelError::TensorType {
+                    file: fname,
+                    tensor: want.name.clone(),
+                    ty: ty.name(),
+                });
             }
             found.push((want, info));
         }
@@ -281,7 +311,13 @@ mod tests {
         let mut w = GgufWriter::new();
         w.set_str("general.architecture", arch);
         let k = |s: &str| format!("{arch}.{s}");
-        for (key, v) in [("context_length", 64), ("embedding_length", 8), ("block_count", 1), ("feed_forward_length", 16), ("attention.head_count", 2)] {
+        for (key, v) in [
+            ("context_length", 64),
+            ("embedding_length", 8),
+            ("block_count", 1),
+            ("feed_forward_length", 16),
+            ("attention.head_count", 2),
+        ] {
             w.set_u32(&k(key), v);
         }
         w.set_f32(&k("attention.layer_norm_rms_epsilon"), 1e-5);
@@ -289,7 +325,8 @@ mod tests {
             if name == skip {
                 return;
             }
-            let ne: Vec<i64> = if name == bad_shape { ne.iter().map(|d| d + 1).collect() } else { ne.to_vec() };
+            let ne: Vec<i64> =
+                if name == bad_shape { ne.iter().map(|d| d + 1).collect() } else { ne.to_vec() };
             let n: i64 = ne.iter().product();
             w.add_f32(name, &ne, &vec![0.5; n as usize]).unwrap();
         };

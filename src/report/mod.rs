@@ -54,7 +54,8 @@ pub struct Run {
 pub fn per_module(v: &Value) -> (Vec<String>, Vec<f64>) {
     match v {
         Value::Object(m) => {
-            let mut kv: Vec<(&String, f64)> = m.iter().filter_map(|(k, x)| x.as_f64().map(|x| (k, x))).collect();
+            let mut kv: Vec<(&String, f64)> =
+                m.iter().filter_map(|(k, x)| x.as_f64().map(|x| (k, x))).collect();
             kv.sort_by_key(|(k, _)| module_order(k));
             (kv.iter().map(|(k, _)| k.to_string()).collect(), kv.iter().map(|(_, x)| *x).collect())
         }
@@ -67,10 +68,15 @@ impl Run {
     /// Reads `dir/metrics.jsonl` (required), `config.toml` and `summary.json` (when present).
     pub fn load(dir: &Path) -> Result<Run, ReportError> {
         let mp = dir.join(crate::rundir::METRICS);
-        let text = std::fs::read_to_string(&mp).map_err(|e| ReportError::Run(mp.clone(), format!("{e} (is this a grit run folder?)")))?;
+        let text = std::fs::read_to_string(&mp).map_err(|e| {
+            ReportError::Run(mp.clone(), format!("{e} (is this a grit run folder?)"))
+        })?;
         let mut run = Run {
             dir: dir.to_path_buf(),
-            name: dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| dir.display().to_string()),
+            name: dir
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| dir.display().to_string()),
             method: "lora".into(),
             rank: 0,
             steps: Vec::new(),
@@ -83,16 +89,27 @@ impl Run {
             if line.trim().is_empty() {
                 continue;
             }
-            let v: Value = serde_json::from_str(line).map_err(|e| ReportError::Run(mp.clone(), format!("line {}: invalid JSON: {e}", i + 1)))?;
+            let v: Value = serde_json::from_str(line).map_err(|e| {
+                ReportError::Run(mp.clone(), format!("line {}: invalid JSON: {e}", i + 1))
+            })?;
             let step = v["step"].as_f64().unwrap_or(0.0);
             if v["event"] == "reproject" {
                 let (names, ranks) = per_module(&v["ranks"]);
                 if run.reproject_modules.is_empty() {
                     run.reproject_modules = names;
                 }
-                run.reprojections.push((step, ranks, v["trainable_params"].as_f64().unwrap_or(f64::NAN)));
+                run.reprojections.push((
+                    step,
+                    ranks,
+                    v["trainable_params"].as_f64().unwrap_or(f64::NAN),
+                ));
             } else if let Some(l) = v["loss"].as_f64() {
-                run.steps.push((step, l, v["lr"].as_f64().unwrap_or(f64::NAN), v["tokens_per_s"].as_f64().unwrap_or(f64::NAN)));
+                run.steps.push((
+                    step,
+                    l,
+                    v["lr"].as_f64().unwrap_or(f64::NAN),
+                    v["tokens_per_s"].as_f64().unwrap_or(f64::NAN),
+                ));
             } else if let Some(l) = v["eval_loss"].as_f64() {
                 run.evals.push((step, l));
             }
@@ -125,7 +142,13 @@ impl Run {
         let mut names: Vec<String> = self
             .summary
             .as_ref()
-            .map(|s| if s.rank_per_module.is_empty() { s.drift_per_module.keys().cloned().collect() } else { s.rank_per_module.keys().cloned().collect() })
+            .map(|s| {
+                if s.rank_per_module.is_empty() {
+                    s.drift_per_module.keys().cloned().collect()
+                } else {
+                    s.rank_per_module.keys().cloned().collect()
+                }
+            })
             .unwrap_or_default();
         if names.is_empty() {
             names = self.reproject_modules.clone();
@@ -157,7 +180,8 @@ impl Run {
 
     /// Rank of every module over time: (from step, to step, ranks).
     fn rank_intervals(&self) -> Vec<(f64, f64, Vec<f64>)> {
-        let n = self.modules().len().max(self.reprojections.first().map(|r| r.1.len()).unwrap_or(0));
+        let n =
+            self.modules().len().max(self.reprojections.first().map(|r| r.1.len()).unwrap_or(0));
         let end = self.last_step();
         let mut v = Vec::new();
         let mut from = 0.0;
@@ -217,15 +241,28 @@ fn range(vals: impl Iterator<Item = f64>, zero: bool) -> (f64, f64) {
 }
 
 fn color(i: usize) -> RGBColor {
-    const C: [RGBColor; 6] =
-        [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(148, 103, 189), RGBColor(255, 127, 14), RGBColor(23, 190, 207)];
+    const C: [RGBColor; 6] = [
+        RGBColor(31, 119, 180),
+        RGBColor(214, 39, 40),
+        RGBColor(44, 160, 44),
+        RGBColor(148, 103, 189),
+        RGBColor(255, 127, 14),
+        RGBColor(23, 190, 207),
+    ];
     C[i % C.len()]
 }
 
 type Series = (String, RGBColor, Vec<(f64, f64)>, bool);
 
 /// A line chart of several series (name, colour, points, with markers).
-fn line_chart(id: &str, title: &str, x_desc: &str, y_desc: &str, series: &[Series], zero: bool) -> Result<String, ReportError> {
+fn line_chart(
+    id: &str,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[Series],
+    zero: bool,
+) -> Result<String, ReportError> {
     let err = |e: String| ReportError::Plot { id: id.into(), msg: e };
     let (x0, x1) = range(series.iter().flat_map(|s| s.2.iter().map(|p| p.0)), true);
     let (y0, y1) = range(series.iter().flat_map(|s| s.2.iter().map(|p| p.1)), zero);
@@ -253,7 +290,8 @@ fn line_chart(id: &str, title: &str, x_desc: &str, y_desc: &str, series: &[Serie
         let mut drawn = 0;
         for (name, c, pts, markers) in series {
             let c = *c;
-            let pts: Vec<(f64, f64)> = pts.iter().copied().filter(|p| p.0.is_finite() && p.1.is_finite()).collect();
+            let pts: Vec<(f64, f64)> =
+                pts.iter().copied().filter(|p| p.0.is_finite() && p.1.is_finite()).collect();
             if pts.is_empty() {
                 continue;
             }
@@ -262,9 +300,13 @@ fn line_chart(id: &str, title: &str, x_desc: &str, y_desc: &str, series: &[Serie
                 .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
                 .map_err(|e| err(e.to_string()))?
                 .label(name.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
+                });
             if *markers {
-                chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, c.filled()))).map_err(|e| err(e.to_string()))?;
+                chart
+                    .draw_series(pts.iter().map(|&p| Circle::new(p, 4, c.filled())))
+                    .map_err(|e| err(e.to_string()))?;
             }
         }
         if drawn > 0 {
@@ -278,7 +320,11 @@ fn line_chart(id: &str, title: &str, x_desc: &str, y_desc: &str, series: &[Serie
         } else {
             let (cx, cy) = ((x0 + x1) / 2.0, (y0 + y1) / 2.0);
             chart
-                .draw_series(std::iter::once(Text::new("no data yet", (cx, cy), ("sans-serif", 18).into_font().color(&BLACK))))
+                .draw_series(std::iter::once(Text::new(
+                    "no data yet",
+                    (cx, cy),
+                    ("sans-serif", 18).into_font().color(&BLACK),
+                )))
                 .map_err(|e| err(e.to_string()))?;
         }
         root.present().map_err(|e| err(e.to_string()))?;
@@ -357,12 +403,20 @@ fn heatmap(id: &str, title: &str, run: &Run) -> Result<(String, Option<String>),
             .y_desc("module (layer-major)")
             .y_label_formatter(&|y| {
                 let k = y.floor() as usize;
-                labels.get(k).map(|n| n.trim_start_matches("blk.").trim_end_matches(".weight").to_string()).unwrap_or_else(|| format!("{k}"))
+                labels
+                    .get(k)
+                    .map(|n| n.trim_start_matches("blk.").trim_end_matches(".weight").to_string())
+                    .unwrap_or_else(|| format!("{k}"))
             })
             .draw()
             .map_err(|e| err(e.to_string()))?;
         let cells = iv.iter().flat_map(|(a, b, ranks)| {
-            ranks.iter().enumerate().map(move |(m, r)| Rectangle::new([(*a, m as f64), (*b, m as f64 + 1.0)], rank_color(r / max_rank).filled()))
+            ranks.iter().enumerate().map(move |(m, r)| {
+                Rectangle::new(
+                    [(*a, m as f64), (*b, m as f64 + 1.0)],
+                    rank_color(r / max_rank).filled(),
+                )
+            })
         });
         chart.draw_series(cells).map_err(|e| err(e.to_string()))?;
         // Colour bar, in pixels of its own area: bottom = rank 0, top = the largest rank.
@@ -370,19 +424,28 @@ fn heatmap(id: &str, title: &str, run: &Run) -> Result<(String, Option<String>),
         let y_of = |r: f64| bottom - ((bottom - top) as f64 * r / max_rank).round() as i32;
         let bands = 40;
         for i in 0..bands {
-            let (a, b) = (max_rank * i as f64 / bands as f64, max_rank * (i + 1) as f64 / bands as f64);
-            bar.draw(&Rectangle::new([(8, y_of(b)), (32, y_of(a))], rank_color(b / max_rank).filled())).map_err(|e| err(e.to_string()))?;
+            let (a, b) =
+                (max_rank * i as f64 / bands as f64, max_rank * (i + 1) as f64 / bands as f64);
+            bar.draw(&Rectangle::new(
+                [(8, y_of(b)), (32, y_of(a))],
+                rank_color(b / max_rank).filled(),
+            ))
+            .map_err(|e| err(e.to_string()))?;
         }
         let style = ("sans-serif", 13).into_font().color(&BLACK);
         for k in 0..=4 {
             let r = max_rank * k as f64 / 4.0;
-            bar.draw(&Text::new(format!("{r:.0}"), (38, y_of(r) - 6), style.clone())).map_err(|e| err(e.to_string()))?;
+            bar.draw(&Text::new(format!("{r:.0}"), (38, y_of(r) - 6), style.clone()))
+                .map_err(|e| err(e.to_string()))?;
         }
         bar.draw(&Text::new("rank", (8, top - 20), style)).map_err(|e| err(e.to_string()))?;
         root.present().map_err(|e| err(e.to_string()))?;
     }
     let note = if run.reprojections.is_empty() {
-        Some(format!("{}: no reprojection events; every module keeps rank {} for the whole run.", run.name, run.rank))
+        Some(format!(
+            "{}: no reprojection events; every module keeps rank {} for the whole run.",
+            run.name, run.rank
+        ))
     } else {
         Some(format!(
             "{}: {} reprojection events; ranks between {} and {}.",
@@ -399,12 +462,19 @@ impl Report {
     /// Makes every plot for `runs` (overlaid where they share axes).
     pub fn build(runs: &[Run]) -> Result<Report, ReportError> {
         let mut plots = Vec::new();
-        let mut push = |id: &str, title: &str, svg: String, note: Option<String>| plots.push(Plot { id: id.into(), title: title.into(), svg, note });
+        let mut push = |id: &str, title: &str, svg: String, note: Option<String>| {
+            plots.push(Plot { id: id.into(), title: title.into(), svg, note })
+        };
 
         let mut loss: Vec<Series> = Vec::new();
         for (i, r) in runs.iter().enumerate() {
             let raw: Vec<(f64, f64)> = r.steps.iter().map(|s| (s.0, s.1)).collect();
-            loss.push((format!("{} train (mean of 10 steps)", r.label()), color(i), smooth(&raw, 10), false));
+            loss.push((
+                format!("{} train (mean of 10 steps)", r.label()),
+                color(i),
+                smooth(&raw, 10),
+                false,
+            ));
             if !r.evals.is_empty() {
                 loss.push((format!("{} eval", r.label()), color(i), r.evals.clone(), true));
             }
@@ -417,26 +487,62 @@ impl Report {
             Some("Lines: training loss, trailing mean over 10 steps; dots: evaluation loss on the held-out set.".into()),
         );
 
-        let lr: Vec<Series> = runs.iter().enumerate().map(|(i, r)| (r.label(), color(i), r.steps.iter().map(|s| (s.0, s.2)).collect(), false)).collect();
+        let lr: Vec<Series> = runs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                (r.label(), color(i), r.steps.iter().map(|s| (s.0, s.2)).collect(), false)
+            })
+            .collect();
         let t = "Learning rate";
         push("plot-lr", t, line_chart("plot-lr", t, "step", "learning rate", &lr, true)?, None);
 
-        let tps: Vec<Series> = runs.iter().enumerate().map(|(i, r)| (r.label(), color(i), r.steps.iter().map(|s| (s.0, s.3)).collect(), false)).collect();
+        let tps: Vec<Series> = runs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                (r.label(), color(i), r.steps.iter().map(|s| (s.0, s.3)).collect(), false)
+            })
+            .collect();
         let t = "Training throughput";
-        push("plot-tokens-per-s", t, line_chart("plot-tokens-per-s", t, "step", "tokens/s", &tps, true)?, None);
+        push(
+            "plot-tokens-per-s",
+            t,
+            line_chart("plot-tokens-per-s", t, "step", "tokens/s", &tps, true)?,
+            None,
+        );
 
-        let params: Vec<Series> = runs.iter().enumerate().map(|(i, r)| (r.label(), color(i), r.params_over_time(), true)).collect();
+        let params: Vec<Series> = runs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.label(), color(i), r.params_over_time(), true))
+            .collect();
         let t = "Trainable parameters over time";
-        let missing: Vec<String> = runs.iter().filter(|r| r.params_over_time().is_empty()).map(|r| r.name.clone()).collect();
-        let note = (!missing.is_empty()).then(|| format!("Not known yet for {} (no summary.json and no reprojection).", missing.join(", ")));
-        push("plot-trainable-params", t, line_chart("plot-trainable-params", t, "step", "Σ r·(d_in + d_out)", &params, true)?, note);
+        let missing: Vec<String> = runs
+            .iter()
+            .filter(|r| r.params_over_time().is_empty())
+            .map(|r| r.name.clone())
+            .collect();
+        let note = (!missing.is_empty()).then(|| {
+            format!(
+                "Not known yet for {} (no summary.json and no reprojection).",
+                missing.join(", ")
+            )
+        });
+        push(
+            "plot-trainable-params",
+            t,
+            line_chart("plot-trainable-params", t, "step", "Σ r·(d_in + d_out)", &params, true)?,
+            note,
+        );
 
         let drift: Vec<Series> = runs
             .iter()
             .enumerate()
             .map(|(i, r)| {
                 let d = r.summary.as_ref().map(|s| &s.drift_per_module).map(|m| {
-                    let mut v: Vec<(String, f64)> = m.iter().map(|(k, x)| (k.clone(), *x)).collect();
+                    let mut v: Vec<(String, f64)> =
+                        m.iter().map(|(k, x)| (k.clone(), *x)).collect();
                     v.sort_by_key(|(k, _)| module_order(k));
                     v.into_iter().enumerate().map(|(j, (_, x))| (j as f64, x)).collect()
                 });
@@ -444,12 +550,21 @@ impl Report {
             })
             .collect();
         let t = "Drift per module ‖s·B·A‖_F";
-        let missing: Vec<String> = runs.iter().filter(|r| r.summary.is_none()).map(|r| r.name.clone()).collect();
+        let missing: Vec<String> =
+            runs.iter().filter(|r| r.summary.is_none()).map(|r| r.name.clone()).collect();
         let mut note = String::from("x: module index, layer-major (attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down within a layer).");
         if !missing.is_empty() {
-            note.push_str(&format!(" Not available for {} (the run has not finished: no summary.json).", missing.join(", ")));
+            note.push_str(&format!(
+                " Not available for {} (the run has not finished: no summary.json).",
+                missing.join(", ")
+            ));
         }
-        push("plot-drift", t, line_chart("plot-drift", t, "module", "‖s·B·A‖_F", &drift, true)?, Some(note));
+        push(
+            "plot-drift",
+            t,
+            line_chart("plot-drift", t, "module", "‖s·B·A‖_F", &drift, true)?,
+            Some(note),
+        );
 
         for (k, r) in runs.iter().enumerate() {
             let id = format!("plot-rank-{k}");
@@ -471,11 +586,16 @@ pub fn html(rep: &Report) -> String {
     h.push_str("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>grit report</title>\n<style>\n");
     h.push_str("body{font-family:sans-serif;margin:24px;color:#222;max-width:960px}table{border-collapse:collapse;margin:12px 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}figure.plot{margin:24px 0;border:1px solid #ddd;padding:8px}figure.plot h2{font-size:16px;margin:4px 0 8px}figcaption{font-size:13px;color:#555}\n");
     h.push_str("</style></head><body>\n");
-    h.push_str(&format!("<h1>grit report</h1>\n<p>grit {} · {} run(s)</p>\n", crate::VERSION, rep.runs.len()));
+    h.push_str(&format!(
+        "<h1>grit report</h1>\n<p>grit {} · {} run(s)</p>\n",
+        crate::VERSION,
+        rep.runs.len()
+    ));
     h.push_str("<table id=\"runs\"><tr><th>run</th><th>method</th><th>steps</th><th>final train loss</th><th>eval loss</th><th>tokens/s</th><th>trainable params</th><th>drift ‖ΔW‖_F</th></tr>\n");
     for r in &rep.runs {
         let s = r.summary.as_ref();
-        let f = |x: Option<f64>, p: usize| x.map(|x| format!("{x:.p$}")).unwrap_or_else(|| "-".into());
+        let f =
+            |x: Option<f64>, p: usize| x.map(|x| format!("{x:.p$}")).unwrap_or_else(|| "-".into());
         let eval = r.evals.last().map(|e| format!("{:.4}", e.1)).unwrap_or_else(|| "-".into());
         let params = s.map(|s| s.final_params().to_string()).unwrap_or_else(|| "-".into());
         h.push_str(&format!(
@@ -492,10 +612,18 @@ pub fn html(rep: &Report) -> String {
     }
     h.push_str("</table>\n");
     for p in &rep.plots {
-        h.push_str(&format!("<figure class=\"plot\" id=\"{}\">\n<h2>{}</h2>\n", esc(&p.id), esc(&p.title)));
+        h.push_str(&format!(
+            "<figure class=\"plot\" id=\"{}\">\n<h2>{}</h2>\n",
+            esc(&p.id),
+            esc(&p.title)
+        ));
         // The SVG's own XML declaration, if any, cannot appear inside HTML.
         let svg = p.svg.trim_start();
-        let svg = if svg.starts_with("<?xml") { svg.split_once("?>").map(|x| x.1).unwrap_or(svg) } else { svg };
+        let svg = if svg.starts_with("<?xml") {
+            svg.split_once("?>").map(|x| x.1).unwrap_or(svg)
+        } else {
+            svg
+        };
         h.push_str(svg);
         if let Some(n) = &p.note {
             h.push_str(&format!("\n<figcaption>{}</figcaption>", esc(n)));
@@ -507,7 +635,8 @@ pub fn html(rep: &Report) -> String {
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
-    crate::fetch::write_atomic(path, bytes).map_err(|e| ReportError::Write(path.into(), e.to_string()))
+    crate::fetch::write_atomic(path, bytes)
+        .map_err(|e| ReportError::Write(path.into(), e.to_string()))
 }
 
 /// Writes the HTML page atomically.
@@ -521,7 +650,11 @@ fn stacked_svg(rep: &Report) -> String {
     let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{}\" viewBox=\"0 0 {W} {}\">\n", H * n, H * n);
     for (i, p) in rep.plots.iter().enumerate() {
         let body = p.svg.trim_start();
-        let body = if body.starts_with("<?xml") { body.split_once("?>").map(|x| x.1).unwrap_or(body) } else { body };
+        let body = if body.starts_with("<?xml") {
+            body.split_once("?>").map(|x| x.1).unwrap_or(body)
+        } else {
+            body
+        };
         // Nested <svg> placed at its row.
         let body = body.replacen("<svg ", &format!("<svg x=\"0\" y=\"{}\" ", H * i as u32), 1);
         s.push_str(&body);
@@ -538,7 +671,8 @@ pub fn write_png(rep: &Report, path: &Path) -> Result<(), ReportError> {
     {
         let db = opt.fontdb_mut();
         db.load_system_fonts();
-        let families: Vec<String> = db.faces().flat_map(|f| f.families.iter().map(|x| x.0.clone())).collect();
+        let families: Vec<String> =
+            db.faces().flat_map(|f| f.families.iter().map(|x| x.0.clone())).collect();
         if families.is_empty() {
             return Err(ReportError::Png("no fonts found on this system for the plot text; install one (e.g. apt-get install fonts-dejavu-core)".into()));
         }
@@ -549,9 +683,11 @@ pub fn write_png(rep: &Report, path: &Path) -> Result<(), ReportError> {
             .unwrap_or_else(|| families[0].clone());
         db.set_sans_serif_family(pick);
     }
-    let tree = usvg::Tree::from_str(&stacked_svg(rep), &opt).map_err(|e| ReportError::Png(format!("SVG: {e}")))?;
+    let tree = usvg::Tree::from_str(&stacked_svg(rep), &opt)
+        .map_err(|e| ReportError::Png(format!("SVG: {e}")))?;
     let size = tree.size().to_int_size();
-    let mut pixmap = tiny_skia::Pixmap::new(size.width(), size.height()).ok_or_else(|| ReportError::Png("empty image".into()))?;
+    let mut pixmap = tiny_skia::Pixmap::new(size.width(), size.height())
+        .ok_or_else(|| ReportError::Png("empty image".into()))?;
     pixmap.fill(tiny_skia::Color::WHITE);
     resvg::render(&tree, tiny_skia::Transform::default(), &mut pixmap.as_mut());
     let png = pixmap.encode_png().map_err(|e| ReportError::Png(e.to_string()))?;
@@ -588,13 +724,18 @@ impl Image {
 
 /// Reads a PNG file.
 pub fn load_png(path: &Path) -> Result<Image, ReportError> {
-    let p = resvg::tiny_skia::Pixmap::load_png(path).map_err(|e| ReportError::Png(format!("{}: {e}", path.display())))?;
+    let p = resvg::tiny_skia::Pixmap::load_png(path)
+        .map_err(|e| ReportError::Png(format!("{}: {e}", path.display())))?;
     Ok(Image { width: p.width(), height: p.height(), rgba: p.data().to_vec() })
 }
 
 /// Ids of the plots a report over `n_runs` runs has (in page order).
 pub fn plot_ids(n_runs: usize) -> Vec<String> {
-    let mut v: Vec<String> = ["plot-loss", "plot-lr", "plot-tokens-per-s", "plot-trainable-params", "plot-drift"].iter().map(|s| s.to_string()).collect();
+    let mut v: Vec<String> =
+        ["plot-loss", "plot-lr", "plot-tokens-per-s", "plot-trainable-params", "plot-drift"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
     v.extend((0..n_runs).map(|k| format!("plot-rank-{k}")));
     v
 }
@@ -614,7 +755,10 @@ mod tests {
                 80.0 + s as f64
             ));
             if s % 5 == 0 {
-                m.push_str(&format!("{{\"step\":{s},\"eval_loss\":{},\"eval_tokens\":512}}\n", 4.1 - 0.04 * s as f64));
+                m.push_str(&format!(
+                    "{{\"step\":{s},\"eval_loss\":{},\"eval_tokens\":512}}\n",
+                    4.1 - 0.04 * s as f64
+                ));
             }
             if reproject && s % 10 == 5 {
                 m.push_str(&format!(
@@ -625,10 +769,21 @@ mod tests {
             }
         }
         std::fs::write(dir.join("metrics.jsonl"), m).unwrap();
-        std::fs::write(dir.join("config.toml"), format!("method = \"{method}\"\nrank = 16\n")).unwrap();
-        let names = ["blk.0.attn_q.weight", "blk.0.ffn_down.weight", "blk.1.attn_q.weight", "blk.10.attn_q.weight"];
-        let drift: serde_json::Map<String, Value> = names.iter().enumerate().map(|(i, n)| (n.to_string(), Value::from(0.1 * (i + 1) as f64))).collect();
-        let ranks: serde_json::Map<String, Value> = names.iter().map(|n| (n.to_string(), Value::from(16))).collect();
+        std::fs::write(dir.join("config.toml"), format!("method = \"{method}\"\nrank = 16\n"))
+            .unwrap();
+        let names = [
+            "blk.0.attn_q.weight",
+            "blk.0.ffn_down.weight",
+            "blk.1.attn_q.weight",
+            "blk.10.attn_q.weight",
+        ];
+        let drift: serde_json::Map<String, Value> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.to_string(), Value::from(0.1 * (i + 1) as f64)))
+            .collect();
+        let ranks: serde_json::Map<String, Value> =
+            names.iter().map(|n| (n.to_string(), Value::from(16))).collect();
         let s = serde_json::json!({"method": method, "trainable_params": 6000, "tokens_per_s": 90.0, "train_loss": 3.0, "drift_per_module": drift, "drift_total": 0.5, "rank_per_module": ranks,
             "base_model": "model.gguf", "targets": ["attn_q"], "steps": 60, "peak_rss_bytes": 1, "wall_s": 1.0, "weight_copies": "q8_0"});
         std::fs::write(dir.join("summary.json"), s.to_string()).unwrap();
@@ -639,7 +794,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         fake_run(&dir.path().join("lora"), "lora", false);
         fake_run(&dir.path().join("grit"), "grit", true);
-        let runs = vec![Run::load(&dir.path().join("lora")).unwrap(), Run::load(&dir.path().join("grit")).unwrap()];
+        let runs = vec![
+            Run::load(&dir.path().join("lora")).unwrap(),
+            Run::load(&dir.path().join("grit")).unwrap(),
+        ];
         assert_eq!(runs[1].reprojections.len(), 2);
         assert_eq!(runs[0].evals.len(), 4);
         assert_eq!(runs[1].modules()[3], "blk.10.attn_q.weight");
@@ -661,7 +819,14 @@ mod tests {
         assert!(!page.contains("http://") || !page.contains("<script"), "no scripts");
         assert!(!page.contains("<?xml"));
         for p in &rep.plots {
-            assert!(p.svg.matches("<polyline").count() + p.svg.matches("<rect").count() + p.svg.matches("<path").count() > 3, "{} is empty", p.id);
+            assert!(
+                p.svg.matches("<polyline").count()
+                    + p.svg.matches("<rect").count()
+                    + p.svg.matches("<path").count()
+                    > 3,
+                "{} is empty",
+                p.id
+            );
         }
         let out = dir.path().join("r.html");
         write_html(&rep, &out).unwrap();

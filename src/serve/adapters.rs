@@ -34,7 +34,9 @@ pub fn check_name(name: &str, base_names: &[&str]) -> Result<(), String> {
         return Err(format!("adapter name {name:?} must have 1 to 64 characters"));
     }
     if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
-        return Err(format!("adapter name {name:?} may contain only letters, digits, '.', '_' and '-'"));
+        return Err(format!(
+            "adapter name {name:?} may contain only letters, digits, '.', '_' and '-'"
+        ));
     }
     if base_names.contains(&name) {
         return Err(format!("adapter name {name:?} is the base model's name"));
@@ -62,11 +64,15 @@ pub fn resolve_in_dir(dir: &Path, requested: &str) -> Result<PathBuf, String> {
     let root = dir.canonicalize().map_err(|e| format!("--adapter-dir {}: {e}", dir.display()))?;
     let req = Path::new(requested);
     if req.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-        return Err(format!("path {requested:?} contains '..': adapters load only from inside the adapter folder"));
+        return Err(format!(
+            "path {requested:?} contains '..': adapters load only from inside the adapter folder"
+        ));
     }
     // One message for a missing file, a folder and a path outside (even through a symlink): a
     // client learns nothing about files outside the adapter folder.
-    let refused = || format!("path {requested:?} is not a file inside the adapter folder (missing, not a file, or outside it; symlinks are followed)");
+    let refused = || {
+        format!("path {requested:?} is not a file inside the adapter folder (missing, not a file, or outside it; symlinks are followed)")
+    };
     let joined = if req.is_absolute() { req.to_path_buf() } else { root.join(req) };
     if !joined.starts_with(&root) {
         return Err(refused());
@@ -103,12 +109,16 @@ mod tests {
         assert!(resolve_in_dir(&dir, "sub/a.gguf").is_ok());
         assert!(resolve_in_dir(&dir, dir.join("sub/a.gguf").to_str().unwrap()).is_ok());
         assert!(resolve_in_dir(&dir, "../outside.gguf").unwrap_err().contains(".."));
-        assert!(resolve_in_dir(&dir, t.join("outside.gguf").to_str().unwrap()).unwrap_err().contains("outside"));
+        assert!(resolve_in_dir(&dir, t.join("outside.gguf").to_str().unwrap())
+            .unwrap_err()
+            .contains("outside"));
         assert!(resolve_in_dir(&dir, "sub").unwrap_err().contains("not a file"));
         assert!(resolve_in_dir(&dir, "missing.gguf").is_err());
         // No existence oracle outside the folder: a missing and an existing outside file get the
         // same message (apart from the path itself).
-        let msg = |p: &Path| resolve_in_dir(&dir, p.to_str().unwrap()).unwrap_err().replace(p.to_str().unwrap(), "P");
+        let msg = |p: &Path| {
+            resolve_in_dir(&dir, p.to_str().unwrap()).unwrap_err().replace(p.to_str().unwrap(), "P")
+        };
         assert_eq!(msg(&t.join("outside.gguf")), msg(&t.join("nope.gguf")));
         assert_eq!(msg(&t.join("outside.gguf")), msg(&dir.join("missing.gguf")));
         #[cfg(unix)]

@@ -196,7 +196,13 @@ fn sample(logits: &[f32], sampler: &mut Option<LlamaSampler>) -> LlamaToken {
     match sampler {
         None => argmax(logits),
         Some(s) => {
-            let mut arr = LlamaTokenDataArray::from_iter(logits.iter().enumerate().map(|(i, &l)| LlamaTokenData::new(LlamaToken(i as i32), l, 0.0)), false);
+            let mut arr = LlamaTokenDataArray::from_iter(
+                logits
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &l)| LlamaTokenData::new(LlamaToken(i as i32), l, 0.0)),
+                false,
+            );
             arr.apply_sampler(s);
             let tok = arr.selected_token().unwrap_or_else(|| argmax(logits));
             s.accept(tok);
@@ -244,7 +250,11 @@ pub fn run(models: &[&LlamaModel], cfg: EngineConfig, rx: Receiver<Cmd>, shared:
             first = false;
             match cmd {
                 Cmd::Generate(job) => waiting.push_back(job),
-                Cmd::Embed(job) => embeds.push_back(EmbedWork { out: Vec::with_capacity(job.inputs.len()), job, started: false }),
+                Cmd::Embed(job) => embeds.push_back(EmbedWork {
+                    out: Vec::with_capacity(job.inputs.len()),
+                    job,
+                    started: false,
+                }),
                 Cmd::LoadAdapter { id, path, reply } => {
                     let r = Adapter::load(model, &path).map_err(|e| e.to_string());
                     let r = r.map(|a| {
@@ -283,12 +293,15 @@ pub fn run(models: &[&LlamaModel], cfg: EngineConfig, rx: Receiver<Cmd>, shared:
 
         // 2. Unloads: drop lanes that use an unloading adapter once idle, then free it.
         if !unloading.is_empty() {
-            lanes.retain(|l| !(l.active() == 0 && l.key.1.iter().any(|(id, _)| unloading.contains(id))));
+            lanes.retain(|l| {
+                !(l.active() == 0 && l.key.1.iter().any(|(id, _)| unloading.contains(id)))
+            });
             if let Some((_, ctx)) = embed_ctx.as_mut() {
                 let _ = ctx.set_adapters(&[]);
             }
             unloading.retain(|id| {
-                let in_use = lanes.iter().any(|l| l.key.1.iter().any(|(a, _)| a == id)) || embeds.iter().any(|e| e.job.adapters.iter().any(|(a, _)| a == id));
+                let in_use = lanes.iter().any(|l| l.key.1.iter().any(|(a, _)| a == id))
+                    || embeds.iter().any(|e| e.job.adapters.iter().any(|(a, _)| a == id));
                 if !in_use {
                     adapters.remove(id);
                 }
@@ -309,13 +322,22 @@ pub fn run(models: &[&LlamaModel], cfg: EngineConfig, rx: Receiver<Cmd>, shared:
             } else {
                 let toks = &e.job.inputs[e.out.len()];
                 let r = match models.get(e.job.model) {
-                    Some(m) => embed_one(m, e.job.model, &cfg, &mut embed_ctx, &adapters, toks, &e.job.adapters),
+                    Some(m) => embed_one(
+                        m,
+                        e.job.model,
+                        &cfg,
+                        &mut embed_ctx,
+                        &adapters,
+                        toks,
+                        &e.job.adapters,
+                    ),
                     None => Err(Failure::Internal(format!("no model {}", e.job.model))),
                 };
                 match r {
                     Ok(v) => {
                         e.out.push(v);
-                        (e.out.len() == e.job.inputs.len()).then(|| Some(Ok(std::mem::take(&mut e.out))))
+                        (e.out.len() == e.job.inputs.len())
+                            .then(|| Some(Ok(std::mem::take(&mut e.out))))
                     }
                     Err(f) => Some(Some(Err(f))),
                 }
@@ -340,20 +362,36 @@ pub fn run(models: &[&LlamaModel], cfg: EngineConfig, rx: Receiver<Cmd>, shared:
                 }
                 continue;
             }
-            if let Some(gone) = job.adapters.iter().position(|(id, _)| !adapters.contains_key(id) || unloading.contains(id)) {
+            if let Some(gone) = job
+                .adapters
+                .iter()
+                .position(|(id, _)| !adapters.contains_key(id) || unloading.contains(id))
+            {
                 let job = waiting.remove(i).expect("index in range");
                 shared.queued.fetch_sub(1, Ordering::SeqCst);
-                fail(&job, Failure::AdapterGone(job.adapter_names.get(gone).cloned().unwrap_or_default()));
+                fail(
+                    &job,
+                    Failure::AdapterGone(job.adapter_names.get(gone).cloned().unwrap_or_default()),
+                );
                 continue;
             }
             let key = lane_key(job.model, &job.adapters);
-            let lane_idx = match lanes.iter().position(|l| l.key == key && !l.draining && l.free_slot().is_some()) {
+            let lane_idx = match lanes
+                .iter()
+                .position(|l| l.key == key && !l.draining && l.free_slot().is_some())
+            {
                 Some(li) => Some(li),
                 None if lanes.iter().any(|l| l.key == key && !l.draining) => None, // lane full: wait
                 None => {
                     // A new lane: room, or evict an idle lane, or ask the least loaded to drain.
                     if lanes.len() >= cfg.max_lanes {
-                        if let Some(idle) = lanes.iter().enumerate().filter(|(_, l)| l.active() == 0).min_by_key(|(_, l)| l.last_used).map(|(i, _)| i) {
+                        if let Some(idle) = lanes
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, l)| l.active() == 0)
+                            .min_by_key(|(_, l)| l.last_used)
+                            .map(|(i, _)| i)
+                        {
                             lanes.remove(idle);
                         } else if !lanes.iter().any(|l| l.draining) {
                             if let Some(l) = lanes.iter_mut().min_by_key(|l| l.active()) {
@@ -395,7 +433,16 @@ pub fn run(models: &[&LlamaModel], cfg: EngineConfig, rx: Receiver<Cmd>, shared:
             lane.last_used = Instant::now();
             let sampler = make_sampler(&job.sampling);
             let stream = StopStream::new(&job.sampling.stop);
-            lane.slots[si] = Some(Slot { job, n_prompt_done: 0, pos: 0, next: None, logits_idx: None, sampler, stream, completion_tokens: 0 });
+            lane.slots[si] = Some(Slot {
+                job,
+                n_prompt_done: 0,
+                pos: 0,
+                next: None,
+                logits_idx: None,
+                sampler,
+                stream,
+                completion_tokens: 0,
+            });
         }
         // Drained lanes go away so the waiting adapter set gets its lane next round.
         lanes.retain(|l| !(l.draining && l.active() == 0));
@@ -444,7 +491,8 @@ pub fn run(models: &[&LlamaModel], cfg: EngineConfig, rx: Receiver<Cmd>, shared:
                 while slot.n_prompt_done < n && lane.batch.len() < cap {
                     let p = slot.n_prompt_done;
                     let last = p + 1 == n;
-                    let idx = lane.batch.add(slot.job.tokens[p], p as i32, si as i32, last).unwrap_or(-1);
+                    let idx =
+                        lane.batch.add(slot.job.tokens[p], p as i32, si as i32, last).unwrap_or(-1);
                     if last {
                         slot.logits_idx = Some(idx);
                     }
@@ -515,8 +563,11 @@ pub fn run(models: &[&LlamaModel], cfg: EngineConfig, rx: Receiver<Cmd>, shared:
                                 let _ = events.send(Event::Text(t.to_string(), n_done));
                             });
                         }
-                        let _ =
-                            events.send(Event::Done { finish_reason: reason, prompt_tokens: slot.job.tokens.len(), completion_tokens: slot.completion_tokens });
+                        let _ = events.send(Event::Done {
+                            finish_reason: reason,
+                            prompt_tokens: slot.job.tokens.len(),
+                            completion_tokens: slot.completion_tokens,
+                        });
                         *s = None;
                         lane.ctx.clear_seq(si as i32);
                     }
@@ -524,7 +575,12 @@ pub fn run(models: &[&LlamaModel], cfg: EngineConfig, rx: Receiver<Cmd>, shared:
             }
             active_total += lane.active();
         }
-        metrics.set_engine_state(shared.queued.load(Ordering::SeqCst), active_total, lanes.len(), adapters.len());
+        metrics.set_engine_state(
+            shared.queued.load(Ordering::SeqCst),
+            active_total,
+            lanes.len(),
+            adapters.len(),
+        );
     }
     // Shutdown: fail whatever is left, then free contexts before adapters.
     for e in embeds.drain(..) {
@@ -549,7 +605,13 @@ fn unreachable_full() {
     debug_assert!(false, "batch overflow while adding decode tokens");
 }
 
-fn new_lane<'m>(model: &'m LlamaModel, cfg: &EngineConfig, adapters: &HashMap<u64, Adapter<'m>>, set: &[(u64, f32)], key: LaneKey) -> Result<Lane<'m>, String> {
+fn new_lane<'m>(
+    model: &'m LlamaModel,
+    cfg: &EngineConfig,
+    adapters: &HashMap<u64, Adapter<'m>>,
+    set: &[(u64, f32)],
+    key: LaneKey,
+) -> Result<Lane<'m>, String> {
     let ccfg = ContextConfig {
         n_ctx_seq: cfg.n_ctx_seq,
         n_seq: cfg.parallel,
@@ -570,7 +632,11 @@ fn new_lane<'m>(model: &'m LlamaModel, cfg: &EngineConfig, adapters: &HashMap<u6
     })
 }
 
-fn apply<'m>(ctx: &mut Context<'m>, adapters: &HashMap<u64, Adapter<'m>>, set: &[(u64, f32)]) -> Result<(), String> {
+fn apply<'m>(
+    ctx: &mut Context<'m>,
+    adapters: &HashMap<u64, Adapter<'m>>,
+    set: &[(u64, f32)],
+) -> Result<(), String> {
     let mut list = Vec::with_capacity(set.len());
     for (id, scale) in set {
         let a = adapters.get(id).ok_or_else(|| format!("adapter {id} is not loaded"))?;
@@ -592,8 +658,18 @@ fn embed_one<'m>(
 ) -> Result<Vec<f32>, Failure> {
     if ctx.as_ref().is_none_or(|(m, _)| *m != model_idx) {
         *ctx = None; // free the other model's context first
-        let ccfg = ContextConfig { n_ctx_seq: cfg.n_ctx_seq, n_seq: 1, n_batch: cfg.n_ctx_seq, threads: cfg.threads, embeddings: true, offload: cfg.offload };
-        *ctx = Some((model_idx, Context::new(model, ccfg).map_err(|e| Failure::Internal(e.to_string()))?));
+        let ccfg = ContextConfig {
+            n_ctx_seq: cfg.n_ctx_seq,
+            n_seq: 1,
+            n_batch: cfg.n_ctx_seq,
+            threads: cfg.threads,
+            embeddings: true,
+            offload: cfg.offload,
+        };
+        *ctx = Some((
+            model_idx,
+            Context::new(model, ccfg).map_err(|e| Failure::Internal(e.to_string()))?,
+        ));
     }
     let (_, ctx) = ctx.as_mut().expect("created above");
     apply(ctx, adapters, set).map_err(Failure::Internal)?;
@@ -603,7 +679,9 @@ fn embed_one<'m>(
         batch.add(t, p as i32, 0, true).map_err(|e| Failure::Internal(e.to_string()))?;
     }
     let r = ctx.decode(&batch).map_err(|e| Failure::Internal(e.to_string())).and_then(|()| {
-        let v = ctx.embeddings_seq(0).ok_or_else(|| Failure::Internal("llama.cpp returned no pooled embedding".into()))?;
+        let v = ctx
+            .embeddings_seq(0)
+            .ok_or_else(|| Failure::Internal("llama.cpp returned no pooled embedding".into()))?;
         // Unit length, as OpenAI's embeddings are.
         let norm = v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt().max(1e-12);
         Ok(v.iter().map(|x| (*x as f64 / norm) as f32).collect())

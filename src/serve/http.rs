@@ -23,7 +23,10 @@ use super::{ServeConfig, ServeError};
 use crate::infer::Model;
 
 pub fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 pub struct AppState {
@@ -78,7 +81,14 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into(), kind, param: None, code: None, retry_after: None }
+        ApiError {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            code: None,
+            retry_after: None,
+        }
     }
     fn bad(param: &str, message: impl Into<String>) -> Self {
         let mut e = Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message);
@@ -90,7 +100,11 @@ impl ApiError {
         self
     }
     fn not_found_model(name: &str) -> Self {
-        let mut e = Self::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("The model `{name}` does not exist (see GET /v1/models)"));
+        let mut e = Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("The model `{name}` does not exist (see GET /v1/models)"),
+        );
         e.param = Some("model".into());
         e.code("model_not_found")
     }
@@ -99,12 +113,24 @@ impl ApiError {
     }
     fn from_failure(f: Failure) -> Self {
         match f {
-            Failure::AdapterGone(n) => {
-                Self::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("adapter `{n}` was unloaded before the request started"))
-                    .code("model_not_found")
-            }
-            Failure::Timeout => Self::new(StatusCode::GATEWAY_TIMEOUT, "timeout", "the request took longer than the server's --timeout").code("timeout"),
-            Failure::ShuttingDown => Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the server is shutting down").code("shutting_down"),
+            Failure::AdapterGone(n) => Self::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                format!("adapter `{n}` was unloaded before the request started"),
+            )
+            .code("model_not_found"),
+            Failure::Timeout => Self::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                "the request took longer than the server's --timeout",
+            )
+            .code("timeout"),
+            Failure::ShuttingDown => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "the server is shutting down",
+            )
+            .code("shutting_down"),
             Failure::Internal(m) => Self::server(m),
         }
     }
@@ -134,18 +160,35 @@ struct LogNote(String);
 fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Map<String, Value>, ApiError> {
     let bytes = body.map_err(|rej| {
         if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", "the request body is larger than the server's --body-limit")
-                .code("request_too_large")
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "the request body is larger than the server's --body-limit",
+            )
+            .code("request_too_large")
         } else {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", format!("cannot read the request body: {}", rej.body_text()))
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                format!("cannot read the request body: {}", rej.body_text()),
+            )
         }
     })?;
     let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", format!("malformed JSON in the request body: {e}")).code("invalid_json")
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            format!("malformed JSON in the request body: {e}"),
+        )
+        .code("invalid_json")
     })?;
     match v {
         Value::Object(m) => Ok(m),
-        _ => Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", "the request body must be a JSON object")),
+        _ => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "the request body must be a JSON object",
+        )),
     }
 }
 
@@ -153,25 +196,35 @@ fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Map<String, Value>,
 fn opt_f64(m: &Map<String, Value>, k: &str) -> Result<Option<f64>, ApiError> {
     match m.get(k) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_f64().map(Some).ok_or_else(|| ApiError::bad(k, format!("`{k}` must be a number"))),
+        Some(v) => {
+            v.as_f64().map(Some).ok_or_else(|| ApiError::bad(k, format!("`{k}` must be a number")))
+        }
     }
 }
 fn opt_i64(m: &Map<String, Value>, k: &str) -> Result<Option<i64>, ApiError> {
     match m.get(k) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_i64().map(Some).ok_or_else(|| ApiError::bad(k, format!("`{k}` must be an integer"))),
+        Some(v) => v
+            .as_i64()
+            .map(Some)
+            .ok_or_else(|| ApiError::bad(k, format!("`{k}` must be an integer"))),
     }
 }
 fn opt_bool(m: &Map<String, Value>, k: &str) -> Result<Option<bool>, ApiError> {
     match m.get(k) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_bool().map(Some).ok_or_else(|| ApiError::bad(k, format!("`{k}` must be true or false"))),
+        Some(v) => v
+            .as_bool()
+            .map(Some)
+            .ok_or_else(|| ApiError::bad(k, format!("`{k}` must be true or false"))),
     }
 }
 fn opt_str<'a>(m: &'a Map<String, Value>, k: &str) -> Result<Option<&'a str>, ApiError> {
     match m.get(k) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_str().map(Some).ok_or_else(|| ApiError::bad(k, format!("`{k}` must be a string"))),
+        Some(v) => {
+            v.as_str().map(Some).ok_or_else(|| ApiError::bad(k, format!("`{k}` must be a string")))
+        }
     }
 }
 
@@ -195,7 +248,10 @@ struct GenParams {
 /// `"base"`, or an adapter's name (applied at scale 1); `adapters` stacks more, each
 /// `{"name": .., "scale": ..}` (scale default 1). A merged adapter (`--merge-adapters`) is a
 /// model of its own: it is chosen through `model` and cannot be stacked.
-fn resolve_adapters(st: &AppState, m: &Map<String, Value>) -> Result<(String, usize, Vec<(u64, f32)>, Vec<String>), ApiError> {
+fn resolve_adapters(
+    st: &AppState,
+    m: &Map<String, Value>,
+) -> Result<(String, usize, Vec<(u64, f32)>, Vec<String>), ApiError> {
     let model = opt_str(m, "model")?.unwrap_or("base").to_string();
     let reg = st.registry();
     let mut set: Vec<(u64, f32, String)> = Vec::new();
@@ -220,13 +276,25 @@ fn resolve_adapters(st: &AppState, m: &Map<String, Value>) -> Result<(String, us
                         let name = opt_str(o, "name")
                             .map_err(|_| ApiError::bad(&p, format!("`{p}.name` must be a string")))?
                             .ok_or_else(|| ApiError::bad(&p, format!("`{p}` needs a \"name\"")))?;
-                        let scale = opt_f64(o, "scale").map_err(|_| ApiError::bad(&p, format!("`{p}.scale` must be a number")))?.unwrap_or(1.0);
+                        let scale = opt_f64(o, "scale")
+                            .map_err(|_| {
+                                ApiError::bad(&p, format!("`{p}.scale` must be a number"))
+                            })?
+                            .unwrap_or(1.0);
                         (name, scale)
                     }
-                    _ => return Err(ApiError::bad(&p, format!("`{p}` must be {{\"name\": .., \"scale\": ..}} or a name"))),
+                    _ => {
+                        return Err(ApiError::bad(
+                            &p,
+                            format!("`{p}` must be {{\"name\": .., \"scale\": ..}} or a name"),
+                        ))
+                    }
                 };
                 if !scale.is_finite() || scale.abs() > 100.0 {
-                    return Err(ApiError::bad(&p, format!("`{p}.scale` {scale} must be a finite number in [-100, 100]")));
+                    return Err(ApiError::bad(
+                        &p,
+                        format!("`{p}.scale` {scale} must be a finite number in [-100, 100]"),
+                    ));
                 }
                 let e = reg.by_name.get(name).ok_or_else(|| {
                     let mut e = ApiError::not_found_model(name);
@@ -243,12 +311,20 @@ fn resolve_adapters(st: &AppState, m: &Map<String, Value>) -> Result<(String, us
                     .code("adapter_merged"));
                 }
                 if set.iter().any(|(id, _, _)| *id == e.id) {
-                    return Err(ApiError::bad(&p, format!("adapter `{name}` is listed twice (the `model` counts)")));
+                    return Err(ApiError::bad(
+                        &p,
+                        format!("adapter `{name}` is listed twice (the `model` counts)"),
+                    ));
                 }
                 set.push((e.id, scale as f32, name.to_string()));
             }
         }
-        Some(_) => return Err(ApiError::bad("adapters", "`adapters` must be a list of {\"name\": .., \"scale\": ..}")),
+        Some(_) => {
+            return Err(ApiError::bad(
+                "adapters",
+                "`adapters` must be a list of {\"name\": .., \"scale\": ..}",
+            ))
+        }
     }
     set.sort_by_key(|(id, _, _)| *id);
     let names = set.iter().map(|(_, _, n)| n.clone()).collect();
@@ -276,7 +352,10 @@ fn gen_params(st: &AppState, m: &Map<String, Value>) -> Result<GenParams, ApiErr
     }
     let temperature = opt_f64(m, "temperature")?.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::bad("temperature", format!("`temperature` {temperature} must be between 0 and 2")));
+        return Err(ApiError::bad(
+            "temperature",
+            format!("`temperature` {temperature} must be between 0 and 2"),
+        ));
     }
     let top_p = opt_f64(m, "top_p")?.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
@@ -288,9 +367,17 @@ fn gen_params(st: &AppState, m: &Map<String, Value>) -> Result<GenParams, ApiErr
     }
     let seed = match opt_i64(m, "seed")? {
         Some(s) if (0..=u32::MAX as i64).contains(&s) => s as u32,
-        Some(s) => return Err(ApiError::bad("seed", format!("`seed` {s} must be between 0 and {}", u32::MAX))),
+        Some(s) => {
+            return Err(ApiError::bad(
+                "seed",
+                format!("`seed` {s} must be between 0 and {}", u32::MAX),
+            ))
+        }
         None => {
-            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0);
             t ^ (st.next_id.load(Ordering::Relaxed) as u32).wrapping_mul(2654435761)
         }
     };
@@ -301,7 +388,9 @@ fn gen_params(st: &AppState, m: &Map<String, Value>) -> Result<GenParams, ApiErr
             let v: Option<Vec<String>> = a.iter().map(|x| x.as_str().map(str::to_string)).collect();
             v.ok_or_else(|| ApiError::bad("stop", "`stop` must be a string or a list of strings"))?
         }
-        Some(_) => return Err(ApiError::bad("stop", "`stop` must be a string or a list of strings")),
+        Some(_) => {
+            return Err(ApiError::bad("stop", "`stop` must be a string or a list of strings"))
+        }
     };
     if stop.len() > 4 {
         return Err(ApiError::bad("stop", "`stop` takes at most 4 strings"));
@@ -322,7 +411,9 @@ fn gen_params(st: &AppState, m: &Map<String, Value>) -> Result<GenParams, ApiErr
     let include_usage = match m.get("stream_options") {
         Some(Value::Object(o)) => opt_bool(o, "include_usage")?.unwrap_or(false),
         None | Some(Value::Null) => false,
-        Some(_) => return Err(ApiError::bad("stream_options", "`stream_options` must be an object")),
+        Some(_) => {
+            return Err(ApiError::bad("stream_options", "`stream_options` must be an object"))
+        }
     };
     Ok(GenParams {
         model,
@@ -348,19 +439,35 @@ fn gen_params(st: &AppState, m: &Map<String, Value>) -> Result<GenParams, ApiErr
 fn chat_messages(m: &Map<String, Value>) -> Result<Vec<(String, String)>, ApiError> {
     let msgs = match m.get("messages") {
         Some(Value::Array(a)) if !a.is_empty() => a,
-        Some(Value::Array(_)) => return Err(ApiError::bad("messages", "`messages` must not be empty")),
+        Some(Value::Array(_)) => {
+            return Err(ApiError::bad("messages", "`messages` must not be empty"))
+        }
         None => return Err(ApiError::bad("messages", "`messages` is required")),
-        Some(_) => return Err(ApiError::bad("messages", "`messages` must be a list of {\"role\", \"content\"} objects")),
+        Some(_) => {
+            return Err(ApiError::bad(
+                "messages",
+                "`messages` must be a list of {\"role\", \"content\"} objects",
+            ))
+        }
     };
     let mut out = Vec::with_capacity(msgs.len());
     for (i, msg) in msgs.iter().enumerate() {
         let p = format!("messages[{i}]");
-        let o = msg.as_object().ok_or_else(|| ApiError::bad(&p, format!("`{p}` must be an object")))?;
-        let role = o.get("role").and_then(Value::as_str).ok_or_else(|| ApiError::bad(&p, format!("`{p}.role` must be a string")))?;
+        let o =
+            msg.as_object().ok_or_else(|| ApiError::bad(&p, format!("`{p}` must be an object")))?;
+        let role = o
+            .get("role")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::bad(&p, format!("`{p}.role` must be a string")))?;
         let role = match role {
             "system" | "user" | "assistant" | "tool" => role,
             "developer" => "system",
-            other => return Err(ApiError::bad(&p, format!("`{p}.role` {other:?} is not one of system, developer, user, assistant, tool"))),
+            other => return Err(ApiError::bad(
+                &p,
+                format!(
+                    "`{p}.role` {other:?} is not one of system, developer, user, assistant, tool"
+                ),
+            )),
         };
         let content = match o.get("content") {
             None | Some(Value::Null) => String::new(),
@@ -375,7 +482,12 @@ fn chat_messages(m: &Map<String, Value>) -> Result<Vec<(String, String)>, ApiErr
                 }
                 s
             }
-            Some(_) => return Err(ApiError::bad(&p, format!("`{p}.content` must be a string or a list of text parts"))),
+            Some(_) => {
+                return Err(ApiError::bad(
+                    &p,
+                    format!("`{p}.content` must be a string or a list of text parts"),
+                ))
+            }
         };
         out.push((role.to_string(), content));
     }
@@ -383,24 +495,43 @@ fn chat_messages(m: &Map<String, Value>) -> Result<Vec<(String, String)>, ApiErr
 }
 
 /// The completion prompt: a string, a one-string list, or a list of token ids.
-fn completion_prompt(st: &AppState, m: &Map<String, Value>) -> Result<Vec<llama_cpp_2::token::LlamaToken>, ApiError> {
+fn completion_prompt(
+    st: &AppState,
+    m: &Map<String, Value>,
+) -> Result<Vec<llama_cpp_2::token::LlamaToken>, ApiError> {
     let n_vocab = st.model.inner.n_vocab();
     let from_ids = |a: &[Value]| -> Result<Vec<llama_cpp_2::token::LlamaToken>, ApiError> {
         a.iter()
             .map(|x| match x.as_i64() {
-                Some(t) if t >= 0 && t < n_vocab as i64 => Ok(llama_cpp_2::token::LlamaToken(t as i32)),
-                _ => Err(ApiError::bad("prompt", format!("`prompt` token ids must be integers in [0, {n_vocab})"))),
+                Some(t) if t >= 0 && t < n_vocab as i64 => {
+                    Ok(llama_cpp_2::token::LlamaToken(t as i32))
+                }
+                _ => Err(ApiError::bad(
+                    "prompt",
+                    format!("`prompt` token ids must be integers in [0, {n_vocab})"),
+                )),
             })
             .collect()
     };
     let toks = match m.get("prompt") {
         None | Some(Value::Null) => return Err(ApiError::bad("prompt", "`prompt` is required")),
         Some(Value::String(s)) => st.model.tokenize(s, true),
-        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => st.model.tokenize(a[0].as_str().unwrap_or_default(), true),
+        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
+            st.model.tokenize(a[0].as_str().unwrap_or_default(), true)
+        }
         Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_number) => from_ids(a)?,
-        Some(Value::Array(a)) if a.len() == 1 && a[0].is_array() => from_ids(a[0].as_array().map(Vec::as_slice).unwrap_or_default())?,
-        Some(Value::Array(a)) if a.len() > 1 => return Err(ApiError::bad("prompt", "`prompt`: one prompt per request (n = 1)")),
-        Some(_) => return Err(ApiError::bad("prompt", "`prompt` must be a string, a list with one string, or a list of token ids")),
+        Some(Value::Array(a)) if a.len() == 1 && a[0].is_array() => {
+            from_ids(a[0].as_array().map(Vec::as_slice).unwrap_or_default())?
+        }
+        Some(Value::Array(a)) if a.len() > 1 => {
+            return Err(ApiError::bad("prompt", "`prompt`: one prompt per request (n = 1)"))
+        }
+        Some(_) => {
+            return Err(ApiError::bad(
+                "prompt",
+                "`prompt` must be a string, a list with one string, or a list of token ids",
+            ))
+        }
     };
     Ok(toks)
 }
@@ -449,7 +580,12 @@ impl Drop for GenLog {
         );
         self.st.shared.metrics.request(self.endpoint, status);
         if self.done && self.status == 200 {
-            self.st.shared.metrics.generation(&self.model, self.prompt_tokens, self.completion_tokens, secs);
+            self.st.shared.metrics.generation(
+                &self.model,
+                self.prompt_tokens,
+                self.completion_tokens,
+                secs,
+            );
         }
     }
 }
@@ -471,9 +607,13 @@ async fn chat(State(st): State<St>, body: Result<Bytes, BytesRejection>) -> Resp
         let p = gen_params(&st, &m)?;
         let msgs = chat_messages(&m)?;
         if !st.model.has_chat_template() {
-            return Err(ApiError::bad("messages", "this model has no chat template: use /v1/completions"));
+            return Err(ApiError::bad(
+                "messages",
+                "this model has no chat template: use /v1/completions",
+            ));
         }
-        let prompt = st.model.apply_chat(&msgs).map_err(|e| ApiError::bad("messages", e.to_string()))?;
+        let prompt =
+            st.model.apply_chat(&msgs).map_err(|e| ApiError::bad("messages", e.to_string()))?;
         let toks = st.model.tokenize(&prompt, true);
         Ok((p, toks))
     }
@@ -537,7 +677,10 @@ fn reserve_queue(st: &AppState) -> Result<(), ApiError> {
         let mut e = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limit_error",
-            format!("the server is busy: {q} requests are waiting (--queue {}); retry later", st.queue_cap),
+            format!(
+                "the server is busy: {q} requests are waiting (--queue {}); retry later",
+                st.queue_cap
+            ),
         )
         .code("queue_full");
         e.retry_after = Some(1);
@@ -546,7 +689,13 @@ fn reserve_queue(st: &AppState) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn generate(st: St, kind: Kind, mut p: GenParams, toks: Vec<llama_cpp_2::token::LlamaToken>, start: Instant) -> Response {
+async fn generate(
+    st: St,
+    kind: Kind,
+    mut p: GenParams,
+    toks: Vec<llama_cpp_2::token::LlamaToken>,
+    start: Instant,
+) -> Response {
     if let Err(mut e) = context_check(&st, &mut p, toks.len()) {
         if kind == Kind::Completion && e.param.as_deref() == Some("messages") {
             e.param = Some("prompt".into());
@@ -599,7 +748,14 @@ fn usage(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-async fn full_reply(kind: Kind, p: GenParams, id: String, mut rx: mpsc::UnboundedReceiver<Event>, guard: CancelOnDrop, mut log: GenLog) -> Response {
+async fn full_reply(
+    kind: Kind,
+    p: GenParams,
+    id: String,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    guard: CancelOnDrop,
+    mut log: GenLog,
+) -> Response {
     let mut text = String::new();
     let created = unix_now();
     loop {
@@ -679,7 +835,8 @@ impl StreamState {
                 json!({"index": 0, "text": delta_or_text, "logprobs": null, "finish_reason": finish})
             }
         };
-        let object = if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+        let object =
+            if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
         let mut v = json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [choice], "system_fingerprint": format!("grit-{}", crate::VERSION)});
         if self.include_usage {
             v["usage"] = Value::Null;
@@ -688,7 +845,14 @@ impl StreamState {
     }
 }
 
-fn stream_reply(kind: Kind, p: GenParams, id: String, rx: mpsc::UnboundedReceiver<Event>, guard: CancelOnDrop, log: GenLog) -> Response {
+fn stream_reply(
+    kind: Kind,
+    p: GenParams,
+    id: String,
+    rx: mpsc::UnboundedReceiver<Event>,
+    guard: CancelOnDrop,
+    log: GenLog,
+) -> Response {
     let mut s = StreamState {
         kind,
         model: p.model,
@@ -727,7 +891,11 @@ fn stream_reply(kind: Kind, p: GenParams, id: String, rx: mpsc::UnboundedReceive
                     let c = s.chunk(d, Some(finish_reason));
                     s.out.push_back(c);
                     if s.include_usage {
-                        let object = if s.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+                        let object = if s.kind == Kind::Chat {
+                            "chat.completion.chunk"
+                        } else {
+                            "text_completion"
+                        };
                         let v = json!({"id": s.id, "object": object, "created": s.created, "model": s.model, "choices": [], "usage": usage(prompt_tokens, completion_tokens)});
                         s.out.push_back(format!("data: {v}\n\n"));
                     }
@@ -772,7 +940,9 @@ fn base64(bytes: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut o = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for c in bytes.chunks(3) {
-        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
         o.push(T[(n >> 18) as usize & 63] as char);
         o.push(T[(n >> 12) as usize & 63] as char);
         o.push(if c.len() > 1 { T[(n >> 6) as usize & 63] as char } else { '=' });
@@ -781,23 +951,39 @@ fn base64(bytes: &[u8]) -> String {
     o
 }
 
-async fn embeddings(State(st): State<St>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn embeddings(
+    State(st): State<St>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let m = parse_body(body)?;
     let (model, model_idx, adapters, _) = resolve_adapters(&st, &m)?;
     let b64 = match opt_str(&m, "encoding_format")? {
         None | Some("float") => false,
         Some("base64") => true,
-        Some(o) => return Err(ApiError::bad("encoding_format", format!("`encoding_format` {o:?} must be \"float\" or \"base64\""))),
+        Some(o) => {
+            return Err(ApiError::bad(
+                "encoding_format",
+                format!("`encoding_format` {o:?} must be \"float\" or \"base64\""),
+            ))
+        }
     };
     if m.get("dimensions").is_some_and(|v| !v.is_null()) {
-        return Err(ApiError::bad("dimensions", "`dimensions` is not supported: the embedding size is the model's"));
+        return Err(ApiError::bad(
+            "dimensions",
+            "`dimensions` is not supported: the embedding size is the model's",
+        ));
     }
     let n_vocab = st.model.inner.n_vocab() as i64;
     let ids = |a: &[Value]| -> Result<Vec<llama_cpp_2::token::LlamaToken>, ApiError> {
         a.iter()
             .map(|x| match x.as_i64() {
-                Some(t) if (0..n_vocab).contains(&t) => Ok(llama_cpp_2::token::LlamaToken(t as i32)),
-                _ => Err(ApiError::bad("input", format!("`input` token ids must be integers in [0, {n_vocab})"))),
+                Some(t) if (0..n_vocab).contains(&t) => {
+                    Ok(llama_cpp_2::token::LlamaToken(t as i32))
+                }
+                _ => Err(ApiError::bad(
+                    "input",
+                    format!("`input` token ids must be integers in [0, {n_vocab})"),
+                )),
             })
             .collect()
     };
@@ -807,11 +993,17 @@ async fn embeddings(State(st): State<St>, body: Result<Bytes, BytesRejection>) -
             a.iter().map(|s| st.model.tokenize(s.as_str().unwrap_or_default(), true)).collect()
         }
         Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_number) => vec![ids(a)?],
-        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_array) => {
-            a.iter().map(|x| ids(x.as_array().map(Vec::as_slice).unwrap_or_default())).collect::<Result<_, _>>()?
-        }
+        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_array) => a
+            .iter()
+            .map(|x| ids(x.as_array().map(Vec::as_slice).unwrap_or_default()))
+            .collect::<Result<_, _>>()?,
         None | Some(Value::Null) => return Err(ApiError::bad("input", "`input` is required")),
-        _ => return Err(ApiError::bad("input", "`input` must be a string, a list of strings, or token ids")),
+        _ => {
+            return Err(ApiError::bad(
+                "input",
+                "`input` must be a string, a list of strings, or token ids",
+            ))
+        }
     };
     if inputs.len() > 256 {
         return Err(ApiError::bad("input", "`input` takes at most 256 items"));
@@ -821,8 +1013,15 @@ async fn embeddings(State(st): State<St>, body: Result<Bytes, BytesRejection>) -
             return Err(ApiError::bad("input", format!("`input[{i}]` is empty")));
         }
         if t.len() > st.n_ctx_seq as usize {
-            return Err(ApiError::bad("input", format!("`input[{i}]` has {} tokens, more than the context of {}", t.len(), st.n_ctx_seq))
-                .code("context_length_exceeded"));
+            return Err(ApiError::bad(
+                "input",
+                format!(
+                    "`input[{i}]` has {} tokens, more than the context of {}",
+                    t.len(),
+                    st.n_ctx_seq
+                ),
+            )
+            .code("context_length_exceeded"));
         }
     }
     let n_tokens: usize = inputs.iter().map(Vec::len).sum();
@@ -833,12 +1032,22 @@ async fn embeddings(State(st): State<St>, body: Result<Bytes, BytesRejection>) -
     let (rtx, rrx) = oneshot::channel();
     let cancel = Arc::new(AtomicBool::new(false));
     let _guard = CancelOnDrop(cancel.clone());
-    let job = EmbedJob { inputs, model: model_idx, adapters, reply: rtx, cancel, deadline: Instant::now() + st.timeout };
+    let job = EmbedJob {
+        inputs,
+        model: model_idx,
+        adapters,
+        reply: rtx,
+        cancel,
+        deadline: Instant::now() + st.timeout,
+    };
     if let Err(e) = st.send(Cmd::Embed(Box::new(job))) {
         st.shared.queued.fetch_sub(1, Ordering::SeqCst);
         return Err(e);
     }
-    let vecs = rrx.await.map_err(|_| ApiError::server("the inference thread stopped"))?.map_err(ApiError::from_failure)?;
+    let vecs = rrx
+        .await
+        .map_err(|_| ApiError::server("the inference thread stopped"))?
+        .map_err(ApiError::from_failure)?;
     let data: Vec<Value> = vecs
         .iter()
         .enumerate()
@@ -858,7 +1067,13 @@ async fn embeddings(State(st): State<St>, body: Result<Bytes, BytesRejection>) -
 // ---------------------------------------------------------------------------------------------
 // Models and adapters
 
-fn model_obj(st: &AppState, id: &str, parent: Option<&str>, created: u64, path: Option<&std::path::Path>) -> Value {
+fn model_obj(
+    st: &AppState,
+    id: &str,
+    parent: Option<&str>,
+    created: u64,
+    path: Option<&std::path::Path>,
+) -> Value {
     let mut v = json!({"id": id, "object": "model", "created": created, "owned_by": "grit", "parent": parent, "root": st.base_name});
     if let Some(p) = path {
         v["path"] = json!(p);
@@ -882,34 +1097,61 @@ async fn list_models(State(st): State<St>) -> Response {
 
 /// A path segment (model or adapter name); one that is not UTF-8 gets an OpenAI-shaped 400.
 fn path_segment(p: Result<UrlPath<String>, PathRejection>) -> Result<String, ApiError> {
-    p.map(|UrlPath(s)| s)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", format!("invalid path: {}", e.body_text())).code("invalid_path"))
+    p.map(|UrlPath(s)| s).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            format!("invalid path: {}", e.body_text()),
+        )
+        .code("invalid_path")
+    })
 }
 
-async fn get_model(State(st): State<St>, id: Result<UrlPath<String>, PathRejection>) -> Result<Response, ApiError> {
+async fn get_model(
+    State(st): State<St>,
+    id: Result<UrlPath<String>, PathRejection>,
+) -> Result<Response, ApiError> {
     let id = path_segment(id)?;
     if id == st.base_name || id == "base" {
-        return Ok(axum::Json(model_obj(&st, &st.base_name, None, st.created, None)).into_response());
+        return Ok(
+            axum::Json(model_obj(&st, &st.base_name, None, st.created, None)).into_response()
+        );
     }
     let reg = st.registry();
     let e = reg.by_name.get(&id).ok_or_else(|| ApiError::not_found_model(&id))?;
     Ok(axum::Json(adapter_obj(&st, &id, e)).into_response())
 }
 
-async fn load_adapter(State(st): State<St>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn load_adapter(
+    State(st): State<St>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let m = parse_body(body)?;
     let Some(dir) = st.adapter_dir.clone() else {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, "permission_error", "loading adapters at runtime is off: start grit serve with --adapter-dir DIR")
-            .code("adapter_dir_not_set"));
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "loading adapters at runtime is off: start grit serve with --adapter-dir DIR",
+        )
+        .code("adapter_dir_not_set"));
     };
-    let name = opt_str(&m, "name")?.ok_or_else(|| ApiError::bad("name", "`name` is required"))?.to_string();
-    let path = opt_str(&m, "path")?.ok_or_else(|| ApiError::bad("path", "`path` is required (relative to the adapter folder)"))?.to_string();
-    super::adapters::check_name(&name, &[st.base_name.as_str(), "base"]).map_err(|e| ApiError::bad("name", e))?;
+    let name = opt_str(&m, "name")?
+        .ok_or_else(|| ApiError::bad("name", "`name` is required"))?
+        .to_string();
+    let path = opt_str(&m, "path")?
+        .ok_or_else(|| {
+            ApiError::bad("path", "`path` is required (relative to the adapter folder)")
+        })?
+        .to_string();
+    super::adapters::check_name(&name, &[st.base_name.as_str(), "base"])
+        .map_err(|e| ApiError::bad("name", e))?;
     if st.registry().by_name.contains_key(&name) {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "invalid_request_error",
-            format!("an adapter named `{name}` is already loaded; DELETE /v1/adapters/{name} first"),
+            format!(
+                "an adapter named `{name}` is already loaded; DELETE /v1/adapters/{name} first"
+            ),
         )
         .code("adapter_exists"));
     }
@@ -922,41 +1164,62 @@ async fn load_adapter(State(st): State<St>, body: Result<Bytes, BytesRejection>)
         )
         .code("too_many_adapters"));
     }
-    let real = super::adapters::resolve_in_dir(&dir, &path).map_err(|e| ApiError::bad("path", e))?;
+    let real =
+        super::adapters::resolve_in_dir(&dir, &path).map_err(|e| ApiError::bad("path", e))?;
     let (check, base, policy) = (real.clone(), st.model.path.clone(), st.base_mismatch);
-    let (_, warning) = tokio::task::spawn_blocking(move || crate::adapter::validate_with_provenance(&check, &base, policy))
-        .await
-        .map_err(|e| ApiError::server(e.to_string()))?
-        .map_err(|e| ApiError::bad("path", format!("cannot load adapter: {e}")).code("invalid_adapter"))?;
+    let (_, warning) = tokio::task::spawn_blocking(move || {
+        crate::adapter::validate_with_provenance(&check, &base, policy)
+    })
+    .await
+    .map_err(|e| ApiError::server(e.to_string()))?
+    .map_err(|e| {
+        ApiError::bad("path", format!("cannot load adapter: {e}")).code("invalid_adapter")
+    })?;
     if let Some(w) = warning {
         eprintln!("grit serve: warning: {w}");
     }
     let id = st.registry_mut().next_id();
     let (rtx, rrx) = oneshot::channel();
     st.send(Cmd::LoadAdapter { id, path: real.clone(), reply: rtx })?;
-    rrx.await
-        .map_err(|_| ApiError::server("the inference thread stopped"))?
-        .map_err(|e| ApiError::bad("path", format!("cannot load adapter: {e}")).code("invalid_adapter"))?;
+    rrx.await.map_err(|_| ApiError::server("the inference thread stopped"))?.map_err(|e| {
+        ApiError::bad("path", format!("cannot load adapter: {e}")).code("invalid_adapter")
+    })?;
     let created = unix_now();
     {
         let mut reg = st.registry_mut();
         if reg.by_name.contains_key(&name) {
             drop(reg);
             st.send(Cmd::UnloadAdapter { id })?;
-            return Err(
-                ApiError::new(StatusCode::CONFLICT, "invalid_request_error", format!("an adapter named `{name}` was loaded meanwhile")).code("adapter_exists")
-            );
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                format!("an adapter named `{name}` was loaded meanwhile"),
+            )
+            .code("adapter_exists"));
         }
-        reg.by_name.insert(name.clone(), super::adapters::AdapterEntry { id, path: real.clone(), created, merged: None });
+        reg.by_name.insert(
+            name.clone(),
+            super::adapters::AdapterEntry { id, path: real.clone(), created, merged: None },
+        );
     }
     eprintln!("grit serve: adapter {name} ← {}", real.display());
-    let mut r = (StatusCode::CREATED, axum::Json(adapter_obj(&st, &name, &super::adapters::AdapterEntry { id, path: real.clone(), created, merged: None })))
+    let mut r = (
+        StatusCode::CREATED,
+        axum::Json(adapter_obj(
+            &st,
+            &name,
+            &super::adapters::AdapterEntry { id, path: real.clone(), created, merged: None },
+        )),
+    )
         .into_response();
     r.extensions_mut().insert(LogNote(format!("loaded {name}")));
     Ok(r)
 }
 
-async fn unload_adapter(State(st): State<St>, name: Result<UrlPath<String>, PathRejection>) -> Result<Response, ApiError> {
+async fn unload_adapter(
+    State(st): State<St>,
+    name: Result<UrlPath<String>, PathRejection>,
+) -> Result<Response, ApiError> {
     let name = path_segment(name)?;
     if st.registry().by_name.get(&name).is_some_and(|e| e.merged.is_some()) {
         return Err(ApiError::new(
@@ -978,7 +1241,8 @@ async fn unload_adapter(State(st): State<St>, name: Result<UrlPath<String>, Path
 }
 
 async fn list_adapters(State(st): State<St>) -> Response {
-    let data: Vec<Value> = st.registry().by_name.iter().map(|(n, e)| adapter_obj(&st, n, e)).collect();
+    let data: Vec<Value> =
+        st.registry().by_name.iter().map(|(n, e)| adapter_obj(&st, n, e)).collect();
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
@@ -992,11 +1256,20 @@ async fn metrics(State(st): State<St>) -> Response {
 }
 
 async fn not_found(req: Request) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("no route {} {}", req.method(), req.uri().path())).code("unknown_url")
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        format!("no route {} {}", req.method(), req.uri().path()),
+    )
+    .code("unknown_url")
 }
 
 async fn method_not_allowed(req: Request) -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", format!("{} is not allowed on {}", req.method(), req.uri().path()))
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1012,9 +1285,13 @@ async fn auth(State(st): State<St>, req: Request, next: Next) -> Response {
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .is_some_and(|k| constant_time_eq(k.trim().as_bytes(), key.as_bytes()));
             if !ok {
-                return ApiError::new(StatusCode::UNAUTHORIZED, "invalid_request_error", "missing or wrong API key: send `Authorization: Bearer KEY`")
-                    .code("invalid_api_key")
-                    .into_response();
+                return ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_request_error",
+                    "missing or wrong API key: send `Authorization: Bearer KEY`",
+                )
+                .code("invalid_api_key")
+                .into_response();
             }
         }
     }
@@ -1044,7 +1321,8 @@ pub struct LocalGuard {
 
 impl LocalGuard {
     pub fn new(host: &str, allowed_hosts: &[String], cors_origins: &[String]) -> Self {
-        let mut hosts: Vec<String> = allowed_hosts.iter().map(|h| h.trim().to_ascii_lowercase()).collect();
+        let mut hosts: Vec<String> =
+            allowed_hosts.iter().map(|h| h.trim().to_ascii_lowercase()).collect();
         hosts.push(host.trim().to_ascii_lowercase());
         LocalGuard { hosts, origins: cors_origins.to_vec() }
     }
@@ -1063,7 +1341,10 @@ impl LocalGuard {
 
     fn host_allowed(&self, value: &str) -> bool {
         let name = Self::host_name(value).trim_end_matches('.').to_ascii_lowercase();
-        name.parse::<std::net::IpAddr>().is_ok() || name == "localhost" || name.ends_with(".localhost") || self.hosts.contains(&name)
+        name.parse::<std::net::IpAddr>().is_ok()
+            || name == "localhost"
+            || name.ends_with(".localhost")
+            || self.hosts.contains(&name)
     }
 
     fn origin_allowed(&self, origin: &str, host: Option<&str>) -> bool {
@@ -1139,12 +1420,23 @@ async fn log_requests(State(st): State<St>, req: Request, next: Next) -> Respons
     let path = req.uri().path().to_string();
     let r = next.run(req).await;
     if r.extensions().get::<SelfLogged>().is_none() {
-        let note = r.extensions().get::<LogNote>().map(|n| format!(" — {}", n.0)).unwrap_or_default();
-        eprintln!("grit serve: {method} {path} {} {:.1}ms{note}", r.status().as_u16(), start.elapsed().as_secs_f64() * 1e3);
+        let note =
+            r.extensions().get::<LogNote>().map(|n| format!(" — {}", n.0)).unwrap_or_default();
+        eprintln!(
+            "grit serve: {method} {path} {} {:.1}ms{note}",
+            r.status().as_u16(),
+            start.elapsed().as_secs_f64() * 1e3
+        );
         let endpoint = match path.as_str() {
             p if p.starts_with("/v1/adapters/") => "/v1/adapters/{name}",
             p if p.starts_with("/v1/models/") => "/v1/models/{id}",
-            "/health" | "/metrics" | "/v1/models" | "/v1/adapters" | "/v1/embeddings" | "/v1/completions" | "/v1/chat/completions" => path.as_str(),
+            "/health"
+            | "/metrics"
+            | "/v1/models"
+            | "/v1/adapters"
+            | "/v1/embeddings"
+            | "/v1/completions"
+            | "/v1/chat/completions" => path.as_str(),
             _ => "other",
         };
         st.shared.metrics.request(endpoint, r.status().as_u16());
@@ -1179,7 +1471,11 @@ pub fn router(st: St, cfg: &ServeConfig) -> Result<Router, ServeError> {
             let list = cfg
                 .cors_origins
                 .iter()
-                .map(|o| HeaderValue::from_str(o).map_err(|_| ServeError::Option(format!("--cors-origin {o:?}: not a valid origin"))))
+                .map(|o| {
+                    HeaderValue::from_str(o).map_err(|_| {
+                        ServeError::Option(format!("--cors-origin {o:?}: not a valid origin"))
+                    })
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             AllowOrigin::list(list)
         };
@@ -1196,10 +1492,16 @@ pub fn router(st: St, cfg: &ServeConfig) -> Result<Router, ServeError> {
 
 /// Binds and serves until SIGINT/SIGTERM, then lets in-flight requests finish for the grace
 /// period and cancels the rest.
-pub async fn run(st: St, cfg: &ServeConfig, tx: std::sync::mpsc::Sender<Cmd>) -> Result<(), ServeError> {
+pub async fn run(
+    st: St,
+    cfg: &ServeConfig,
+    tx: std::sync::mpsc::Sender<Cmd>,
+) -> Result<(), ServeError> {
     let app = router(st.clone(), cfg)?;
     let addr = format!("{}:{}", cfg.host, cfg.port);
-    let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|err| ServeError::Bind { addr: addr.clone(), err })?;
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|err| ServeError::Bind { addr: addr.clone(), err })?;
     let local = listener.local_addr()?;
     eprintln!(
         "grit serve: {} on http://{local} (context {} per request, {} parallel per adapter set, up to {} adapter sets, queue {})",
@@ -1208,7 +1510,10 @@ pub async fn run(st: St, cfg: &ServeConfig, tx: std::sync::mpsc::Sender<Cmd>) ->
     let grace = cfg.shutdown_grace;
     let shutdown = async move {
         wait_for_signal().await;
-        eprintln!("grit serve: shutting down: finishing in-flight requests (at most {:.0} s)", grace.as_secs_f64());
+        eprintln!(
+            "grit serve: shutting down: finishing in-flight requests (at most {:.0} s)",
+            grace.as_secs_f64()
+        );
         tokio::spawn(async move {
             tokio::time::sleep(grace).await;
             eprintln!("grit serve: grace period over: cancelling the requests still running");
@@ -1256,7 +1561,8 @@ mod tests {
     #[test]
     fn the_local_guard_refuses_rebinding_and_cross_site_requests() {
         use axum::http::HeaderMap;
-        let guard = LocalGuard::new("127.0.0.1", &["my-box.lan".into()], &["http://app.example".into()]);
+        let guard =
+            LocalGuard::new("127.0.0.1", &["my-box.lan".into()], &["http://app.example".into()]);
         let check = |method: Method, pairs: &[(&'static str, &str)]| {
             let mut h = HeaderMap::new();
             for (k, v) in pairs {
@@ -1265,19 +1571,55 @@ mod tests {
             guard.check(&method, &h).map_err(|e| e.code.unwrap_or_default())
         };
         let json = ("content-type", "application/json; charset=utf-8");
-        for host in ["127.0.0.1:8080", "localhost:8080", "LOCALHOST", "app.localhost:1", "[::1]:8080", "10.0.0.7", "my-box.lan:8080"] {
+        for host in [
+            "127.0.0.1:8080",
+            "localhost:8080",
+            "LOCALHOST",
+            "app.localhost:1",
+            "[::1]:8080",
+            "10.0.0.7",
+            "my-box.lan:8080",
+        ] {
             assert_eq!(check(Method::POST, &[("host", host), json]), Ok(()), "{host}");
         }
         for host in ["rebind.evil.example", "rebind.evil.example:8080", "localhost.evil.example"] {
             assert_eq!(check(Method::GET, &[("host", host)]), Err("host_not_allowed"), "{host}");
         }
         // Cross-site: a foreign Origin, or a POST body that is not JSON (no preflight needed).
-        assert_eq!(check(Method::POST, &[("host", "127.0.0.1:8080"), ("origin", "http://evil.example"), json]), Err("origin_not_allowed"));
-        assert_eq!(check(Method::POST, &[("host", "127.0.0.1:8080"), ("content-type", "text/plain")]), Err("unsupported_content_type"));
-        assert_eq!(check(Method::POST, &[("host", "127.0.0.1:8080")]), Err("unsupported_content_type"));
+        assert_eq!(
+            check(
+                Method::POST,
+                &[("host", "127.0.0.1:8080"), ("origin", "http://evil.example"), json]
+            ),
+            Err("origin_not_allowed")
+        );
+        assert_eq!(
+            check(Method::POST, &[("host", "127.0.0.1:8080"), ("content-type", "text/plain")]),
+            Err("unsupported_content_type")
+        );
+        assert_eq!(
+            check(Method::POST, &[("host", "127.0.0.1:8080")]),
+            Err("unsupported_content_type")
+        );
         // The configured origin and the server's own origin are allowed; GETs need no body type.
-        assert_eq!(check(Method::POST, &[("host", "127.0.0.1:8080"), ("origin", "http://app.example"), ("content-type", "text/plain")]), Ok(()));
-        assert_eq!(check(Method::POST, &[("host", "127.0.0.1:8080"), ("origin", "http://127.0.0.1:8080"), json]), Ok(()));
+        assert_eq!(
+            check(
+                Method::POST,
+                &[
+                    ("host", "127.0.0.1:8080"),
+                    ("origin", "http://app.example"),
+                    ("content-type", "text/plain")
+                ]
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            check(
+                Method::POST,
+                &[("host", "127.0.0.1:8080"), ("origin", "http://127.0.0.1:8080"), json]
+            ),
+            Ok(())
+        );
         assert_eq!(check(Method::GET, &[("host", "127.0.0.1:8080")]), Ok(()));
     }
 

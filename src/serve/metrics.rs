@@ -71,7 +71,13 @@ impl Metrics {
     }
 
     /// A finished generation for `model`.
-    pub fn generation(&self, model: &str, prompt_tokens: usize, completion_tokens: usize, seconds: f64) {
+    pub fn generation(
+        &self,
+        model: &str,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+        seconds: f64,
+    ) {
         self.with(|m| {
             let e = m.models.entry(model.to_string()).or_default();
             e.requests += 1;
@@ -166,7 +172,9 @@ mod tests {
         m.request("/v1/completions", 200);
         m.generation("base", 5, 7, 0.3);
         let t = m.render();
-        assert!(t.contains("grit_http_requests_total{endpoint=\"/v1/completions\",status=\"200\"} 1"));
+        assert!(
+            t.contains("grit_http_requests_total{endpoint=\"/v1/completions\",status=\"200\"} 1")
+        );
         assert!(t.contains("grit_completion_tokens_total{model=\"base\"} 7"));
         assert!(t.contains("grit_request_duration_seconds_bucket{model=\"base\",le=\"0.25\"} 0"));
         assert!(t.contains("grit_request_duration_seconds_bucket{model=\"base\",le=\"0.5\"} 1"));

@@ -112,8 +112,12 @@ impl Server {
 
     /// Binds and serves until SIGINT/SIGTERM (see [`http::run`]).
     pub fn run(self) -> Result<(), ServeError> {
-        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 4);
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?;
+        let threads =
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 4);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()?;
         rt.block_on(http::run(self.state.clone(), &self.cfg, self.tx.clone()))
     }
 }
@@ -129,7 +133,10 @@ impl Drop for Server {
 
 fn start(cfg: ServeConfig) -> Result<Server, ServeError> {
     if cfg.parallel == 0 || cfg.parallel > 256 {
-        return Err(ServeError::Option(format!("--parallel {}: must be between 1 and 256", cfg.parallel)));
+        return Err(ServeError::Option(format!(
+            "--parallel {}: must be between 1 and 256",
+            cfg.parallel
+        )));
     }
     if cfg.max_contexts == 0 {
         return Err(ServeError::Option("--max-contexts 0: at least one context is needed".into()));
@@ -143,22 +150,38 @@ fn start(cfg: ServeConfig) -> Result<Server, ServeError> {
         }
     }
     if cfg.adapters.len() > cfg.max_adapters {
-        return Err(ServeError::Option(format!("{} --adapter flags but --max-adapters {}", cfg.adapters.len(), cfg.max_adapters)));
+        return Err(ServeError::Option(format!(
+            "{} --adapter flags but --max-adapters {}",
+            cfg.adapters.len(),
+            cfg.max_adapters
+        )));
     }
     let mut seen = std::collections::BTreeSet::new();
     for (name, path) in &cfg.adapters {
         if !seen.insert(name.clone()) {
-            return Err(ServeError::Adapter { name: name.clone(), path: path.clone(), msg: "the name is used twice".into() });
+            return Err(ServeError::Adapter {
+                name: name.clone(),
+                path: path.clone(),
+                msg: "the name is used twice".into(),
+            });
         }
     }
-    let model = Arc::new(Model::load(&cfg.model, &LoadOptions { n_gpu_layers: cfg.gpu_layers, device: cfg.device })?);
+    let model = Arc::new(Model::load(
+        &cfg.model,
+        &LoadOptions { n_gpu_layers: cfg.gpu_layers, device: cfg.device },
+    )?);
     eprintln!("grit serve: device {}", model.device_label());
     let base_name = cfg.model_name.clone().unwrap_or_else(|| {
-        let f = cfg.model.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+        let f = cfg
+            .model
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into());
         f.strip_suffix(".gguf").map(str::to_string).unwrap_or(f)
     });
     for (name, path) in &cfg.adapters {
-        adapters::check_name(name, &[base_name.as_str(), "base"]).map_err(|msg| ServeError::Adapter { name: name.clone(), path: path.clone(), msg })?;
+        adapters::check_name(name, &[base_name.as_str(), "base"])
+            .map_err(|msg| ServeError::Adapter { name: name.clone(), path: path.clone(), msg })?;
     }
     // --merge-adapters: each start adapter becomes a merged model copy (index 1, 2, ...).
     let mut models = vec![model.clone()];
@@ -167,15 +190,29 @@ fn start(cfg: ServeConfig) -> Result<Server, ServeError> {
         {
             let dir = crate::tempdir::TempDir::new_in(&std::env::temp_dir(), "grit-serve")?;
             for (name, path) in &cfg.adapters {
-                let err = |msg: String| ServeError::Adapter { name: name.clone(), path: path.clone(), msg };
+                let err = |msg: String| ServeError::Adapter {
+                    name: name.clone(),
+                    path: path.clone(),
+                    msg,
+                };
                 let t0 = std::time::Instant::now();
-                let ad = crate::adapter::load_any(path, Some(&cfg.model)).map_err(|e| err(e.to_string()))?;
+                let ad = crate::adapter::load_any(path, Some(&cfg.model))
+                    .map_err(|e| err(e.to_string()))?;
                 let out = dir.path().join(format!("{name}.gguf"));
-                crate::adapter::merge::merge(&cfg.model, &ad, 1.0, ty, false, &out).map_err(|e| err(e.to_string()))?;
-                let m = Model::load(&out, &LoadOptions { n_gpu_layers: cfg.gpu_layers, device: cfg.device }).map_err(|e| err(e.to_string()))?;
+                crate::adapter::merge::merge(&cfg.model, &ad, 1.0, ty, false, &out)
+                    .map_err(|e| err(e.to_string()))?;
+                let m = Model::load(
+                    &out,
+                    &LoadOptions { n_gpu_layers: cfg.gpu_layers, device: cfg.device },
+                )
+                .map_err(|e| err(e.to_string()))?;
                 models.push(Arc::new(m));
                 merged.push((name.clone(), path.clone(), models.len() - 1));
-                eprintln!("grit serve: adapter {name} ← {} (merged, {ty:?} tensors, {:.1} s)", path.display(), t0.elapsed().as_secs_f64());
+                eprintln!(
+                    "grit serve: adapter {name} ← {} (merged, {ty:?} tensors, {:.1} s)",
+                    path.display(),
+                    t0.elapsed().as_secs_f64()
+                );
             }
             // The merged files go as soon as they are loaded, so nothing is left behind even
             // if the server is killed: llama.cpp has mapped or read them, and on Unix a
@@ -187,7 +224,10 @@ fn start(cfg: ServeConfig) -> Result<Server, ServeError> {
     let n_ctx = if cfg.n_ctx > 0 { cfg.n_ctx } else { n_ctx_train.clamp(256, 4096) };
     // llama.cpp rounds each sequence's context up to a multiple of 256.
     let n_ctx_seq = n_ctx.div_ceil(256) * 256;
-    let shared = Arc::new(engine::Shared { queued: AtomicUsize::new(0), metrics: Arc::new(metrics::Metrics::default()) });
+    let shared = Arc::new(engine::Shared {
+        queued: AtomicUsize::new(0),
+        metrics: Arc::new(metrics::Metrics::default()),
+    });
     let ecfg = engine::EngineConfig {
         n_ctx_seq,
         parallel: cfg.parallel,
@@ -200,21 +240,28 @@ fn start(cfg: ServeConfig) -> Result<Server, ServeError> {
     let engine_models = models.clone();
     let engine_shared = shared.clone();
     let engine = std::thread::Builder::new().name("grit-engine".into()).spawn(move || {
-        let refs: Vec<&llama_cpp_2::model::LlamaModel> = engine_models.iter().map(|m| &m.inner).collect();
+        let refs: Vec<&llama_cpp_2::model::LlamaModel> =
+            engine_models.iter().map(|m| &m.inner).collect();
         engine::run(&refs, ecfg, rx, engine_shared)
     })?;
 
     let mut registry = adapters::Registry::default();
     for (name, path, idx) in merged {
         let id = registry.next_id();
-        registry.by_name.insert(name, adapters::AdapterEntry { id, path, created: http::unix_now(), merged: Some(idx) });
+        registry.by_name.insert(
+            name,
+            adapters::AdapterEntry { id, path, created: http::unix_now(), merged: Some(idx) },
+        );
     }
     for (name, path) in cfg.adapters.iter().filter(|_| cfg.merge.is_none()) {
-        let (_, warning) = crate::adapter::validate_with_provenance(path, &cfg.model, cfg.base_mismatch).map_err(|e| ServeError::Adapter {
-            name: name.clone(),
-            path: path.clone(),
-            msg: e.to_string(),
-        })?;
+        let (_, warning) =
+            crate::adapter::validate_with_provenance(path, &cfg.model, cfg.base_mismatch).map_err(
+                |e| ServeError::Adapter {
+                    name: name.clone(),
+                    path: path.clone(),
+                    msg: e.to_string(),
+                },
+            )?;
         if let Some(w) = warning {
             eprintln!("grit serve: warning: {w}");
         }
@@ -223,10 +270,20 @@ fn start(cfg: ServeConfig) -> Result<Server, ServeError> {
         let _ = tx.send(engine::Cmd::LoadAdapter { id, path: path.clone(), reply: rtx });
         match rrx.blocking_recv() {
             Ok(Ok(())) => {}
-            Ok(Err(msg)) => return Err(ServeError::Adapter { name: name.clone(), path: path.clone(), msg }),
+            Ok(Err(msg)) => {
+                return Err(ServeError::Adapter { name: name.clone(), path: path.clone(), msg })
+            }
             Err(_) => return Err(ServeError::Option("the inference thread stopped".into())),
         }
-        registry.by_name.insert(name.clone(), adapters::AdapterEntry { id, path: path.clone(), created: http::unix_now(), merged: None });
+        registry.by_name.insert(
+            name.clone(),
+            adapters::AdapterEntry {
+                id,
+                path: path.clone(),
+                created: http::unix_now(),
+                merged: None,
+            },
+        );
         eprintln!("grit serve: adapter {name} ← {}", path.display());
     }
 

@@ -58,7 +58,10 @@ impl Checkpoint {
             // Read back before it becomes visible.
             let back = Checkpoint::load(&tmp)?;
             if back.step != self.step || back.tensors.len() != self.tensors.len() {
-                return Err(CheckpointError::Invalid(tmp.clone(), format!("reads back as step {} with {} tensors", back.step, back.tensors.len())));
+                return Err(CheckpointError::Invalid(
+                    tmp.clone(),
+                    format!("reads back as step {} with {} tensors", back.step, back.tensors.len()),
+                ));
             }
             // An existing folder of this step moves aside first and goes only once the new one
             // is in place.
@@ -89,19 +92,26 @@ impl Checkpoint {
     }
 
     fn write_into(&self, tmp: &Path) -> Result<(), CheckpointError> {
-        let bytes: Vec<Vec<u8>> = self.tensors.iter().map(|t| t.data.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+        let bytes: Vec<Vec<u8>> = self
+            .tensors
+            .iter()
+            .map(|t| t.data.iter().flat_map(|x| x.to_le_bytes()).collect())
+            .collect();
         let mut views = Vec::with_capacity(self.tensors.len());
         for (t, b) in self.tensors.iter().zip(&bytes) {
-            let v = TensorView::new(Dtype::F32, t.shape.clone(), b).map_err(|e| io(tmp, format!("tensor {}: {e}", t.name)))?;
+            let v = TensorView::new(Dtype::F32, t.shape.clone(), b)
+                .map_err(|e| io(tmp, format!("tensor {}: {e}", t.name)))?;
             views.push((t.name.clone(), v));
         }
         let mut meta = std::collections::HashMap::new();
         meta.insert("format".to_string(), "grit-checkpoint".to_string());
         let st_path = tmp.join(TENSORS);
-        safetensors::serialize_to_file(views, &Some(meta), &st_path).map_err(|e| io(&st_path, e))?;
+        safetensors::serialize_to_file(views, &Some(meta), &st_path)
+            .map_err(|e| io(&st_path, e))?;
         let state_path = tmp.join(STATE);
         let doc = serde_json::json!({"step": self.step, "state": self.state});
-        std::fs::write(&state_path, serde_json::to_vec_pretty(&doc).unwrap_or_default()).map_err(|e| io(&state_path, e))?;
+        std::fs::write(&state_path, serde_json::to_vec_pretty(&doc).unwrap_or_default())
+            .map_err(|e| io(&state_path, e))?;
         for f in [&st_path, &state_path] {
             std::fs::File::open(f).and_then(|h| h.sync_all()).map_err(|e| io(f, e))?;
         }
@@ -112,20 +122,35 @@ impl Checkpoint {
     pub fn load(dir: &Path) -> Result<Self, CheckpointError> {
         let state_path = dir.join(STATE);
         let text = std::fs::read(&state_path).map_err(|e| io(&state_path, e))?;
-        let doc: serde_json::Value = serde_json::from_slice(&text).map_err(|e| CheckpointError::Invalid(state_path.clone(), e.to_string()))?;
-        let step = doc["step"].as_u64().ok_or_else(|| CheckpointError::Invalid(state_path.clone(), "field 'step' missing".into()))? as usize;
+        let doc: serde_json::Value = serde_json::from_slice(&text)
+            .map_err(|e| CheckpointError::Invalid(state_path.clone(), e.to_string()))?;
+        let step = doc["step"].as_u64().ok_or_else(|| {
+            CheckpointError::Invalid(state_path.clone(), "field 'step' missing".into())
+        })? as usize;
         let st_path = dir.join(TENSORS);
         let raw = std::fs::read(&st_path).map_err(|e| io(&st_path, e))?;
-        let st = safetensors::SafeTensors::deserialize(&raw).map_err(|e| CheckpointError::Invalid(st_path.clone(), e.to_string()))?;
+        let st = safetensors::SafeTensors::deserialize(&raw)
+            .map_err(|e| CheckpointError::Invalid(st_path.clone(), e.to_string()))?;
         let mut by_name = BTreeMap::new();
         for (name, view) in st.tensors() {
             if view.dtype() != Dtype::F32 {
-                return Err(CheckpointError::Invalid(st_path.clone(), format!("tensor {name} is {:?}, expected F32", view.dtype())));
+                return Err(CheckpointError::Invalid(
+                    st_path.clone(),
+                    format!("tensor {name} is {:?}, expected F32", view.dtype()),
+                ));
             }
-            let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let data = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
             by_name.insert(name.clone(), NamedTensor { name, shape: view.shape().to_vec(), data });
         }
-        Ok(Checkpoint { step, tensors: by_name.into_values().collect(), state: doc["state"].clone() })
+        Ok(Checkpoint {
+            step,
+            tensors: by_name.into_values().collect(),
+            state: doc["state"].clone(),
+        })
     }
 
     pub fn tensor(&self, name: &str) -> Option<&NamedTensor> {
@@ -136,7 +161,16 @@ impl Checkpoint {
 /// The checkpoint steps present under `dir`, ascending (temporary folders ignored).
 pub fn list_steps(dir: &Path) -> Vec<usize> {
     let mut steps: Vec<usize> = std::fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok()).filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("step-")).and_then(|s| s.parse().ok())).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()
+                        .and_then(|n| n.strip_prefix("step-"))
+                        .and_then(|s| s.parse().ok())
+                })
+                .collect()
+        })
         .unwrap_or_default();
     steps.sort_unstable();
     steps
@@ -162,7 +196,11 @@ mod tests {
         Checkpoint {
             step,
             tensors: vec![
-                NamedTensor { name: "a".into(), shape: vec![2, 3], data: vec![1.0, -2.0, 3.5, 0.0, f32::MIN_POSITIVE, 7.0] },
+                NamedTensor {
+                    name: "a".into(),
+                    shape: vec![2, 3],
+                    data: vec![1.0, -2.0, 3.5, 0.0, f32::MIN_POSITIVE, 7.0],
+                },
                 NamedTensor { name: "b".into(), shape: vec![1], data: vec![0.25] },
             ],
             state: serde_json::json!({"rng": 42, "data": {"epoch": 1, "index": 3}}),
@@ -178,7 +216,8 @@ mod tests {
         let back = Checkpoint::load(&p).unwrap();
         assert_eq!(back, c);
         // No temporary folders remain.
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 1, "{names:?}");
     }
 

@@ -117,7 +117,8 @@ pub struct TrainConfig {
 }
 
 /// The default LoRA targets: every linear layer of a LLaMA block.
-pub const DEFAULT_TARGETS: [&str; 7] = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
+pub const DEFAULT_TARGETS: [&str; 7] =
+    ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
 
 impl TrainConfig {
     /// Whether the step graph recomputes activations (resolving `auto`).
@@ -189,8 +190,11 @@ fn bad(field: &'static str, msg: impl Into<String>) -> ConfigError {
 impl TrainConfig {
     /// Reads a TOML file holding any subset of the fields (unknown keys are errors).
     pub fn from_toml_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File(path.into(), e.to_string()))?;
-        toml::from_str(&text).map_err(|e| ConfigError::File(path.into(), e.to_string().replace('\n', " ").trim().to_string()))
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::File(path.into(), e.to_string()))?;
+        toml::from_str(&text).map_err(|e| {
+            ConfigError::File(path.into(), e.to_string().replace('\n', " ").trim().to_string())
+        })
     }
 
     pub fn to_toml(&self) -> String {
@@ -256,11 +260,16 @@ impl TrainConfig {
             return Err(bad("--targets", "needs at least one module"));
         }
         if self.method == Method::Grit {
-            self.grit.validate().map_err(|e| ConfigError::Field { field: "GRIT setting", msg: e.to_string() })?;
+            self.grit
+                .validate()
+                .map_err(|e| ConfigError::Field { field: "GRIT setting", msg: e.to_string() })?;
         }
         for t in &self.targets {
             if !DEFAULT_TARGETS.contains(&t.as_str()) {
-                return Err(bad("--targets", format!("unknown module '{t}' (known: {})", DEFAULT_TARGETS.join(", "))));
+                return Err(bad(
+                    "--targets",
+                    format!("unknown module '{t}' (known: {})", DEFAULT_TARGETS.join(", ")),
+                ));
             }
         }
         Ok(())
@@ -274,7 +283,10 @@ mod tests {
     #[test]
     fn defaults_match_documented_flags() {
         let c = TrainConfig::default();
-        assert_eq!((c.rank, c.alpha, c.lr, c.warmup, c.batch_size, c.max_seq_len), (16, 32.0, 2e-4, 10, 1, 256));
+        assert_eq!(
+            (c.rank, c.alpha, c.lr, c.warmup, c.batch_size, c.max_seq_len),
+            (16, 32.0, 2e-4, 10, 1, 256)
+        );
         assert_eq!((c.eval_every, c.eval_tokens, c.seed), (20, 8192, 0));
         assert_eq!(c.scale_for_rank(16), 2.0);
         c.validate().unwrap();

@@ -6,7 +6,10 @@
 //! the quantized weights stay resident and the backward dequantizes one layer's weight at a
 //! time (transient F16 copy).
 
-use crate::ggml::{dequantize, quantize, Backend, BufferType, Capacity, Context, FrozenGrad, FrozenMap, Tensor, TensorId, Type};
+use crate::ggml::{
+    dequantize, quantize, Backend, BufferType, Capacity, Context, FrozenGrad, FrozenMap, Tensor,
+    TensorId, Type,
+};
 use crate::model::{ModelError, Weights};
 
 use super::config::WeightCopies;
@@ -91,13 +94,28 @@ impl FrozenCopies {
     /// `forward_copy`: give weights whose type has no fast matmul kernel a Q8_0 copy for the
     /// forward pass (faster, but the adapter then trains against requantized weights);
     /// otherwise Q4_1 weights get their exact split ([`Forward::Split`]).
-    pub fn build(weights: &Weights, mode: WeightCopies, forward_copy: bool, backend: &Backend) -> Result<Self, ModelError> {
-        Self::build_with(weights, mode, if forward_copy { Forward::Q8_0 } else { Forward::Split }, backend)
+    pub fn build(
+        weights: &Weights,
+        mode: WeightCopies,
+        forward_copy: bool,
+        backend: &Backend,
+    ) -> Result<Self, ModelError> {
+        Self::build_with(
+            weights,
+            mode,
+            if forward_copy { Forward::Q8_0 } else { Forward::Split },
+            backend,
+        )
     }
 
     /// [`FrozenCopies::build`] with the forward's treatment chosen explicitly. With
     /// `WeightCopies::None` (or `Stock`) the forward always multiplies the stored weights.
-    pub fn build_with(weights: &Weights, mode: WeightCopies, forward: Forward, backend: &Backend) -> Result<Self, ModelError> {
+    pub fn build_with(
+        weights: &Weights,
+        mode: WeightCopies,
+        forward: Forward,
+        backend: &Backend,
+    ) -> Result<Self, ModelError> {
         let frozen = frozen_matmul_weights(weights);
         if mode == WeightCopies::Stock {
             return Ok(FrozenCopies {
@@ -141,7 +159,8 @@ impl FrozenCopies {
                 let c = ctx.new_tensor(Type::F32, &[w.ne()[1], w.ne()[0] / 32]);
                 c.set_name(&format!("{}.q4_1_offsets", w.name()));
                 split_planned.push((w, c));
-            } else if forward == Forward::Q8_0 && needs_forward_copy(w.ty()) && w.ne()[0] % 32 == 0 {
+            } else if forward == Forward::Q8_0 && needs_forward_copy(w.ty()) && w.ne()[0] % 32 == 0
+            {
                 let t = ctx.new_tensor(Type::Q8_0, &[w.ne()[0], w.ne()[1]]);
                 t.set_name(&format!("{}.q8", w.name()));
                 fwd_planned.push((w, t));
@@ -179,7 +198,8 @@ impl FrozenCopies {
             Ok((c4, qs, b))
         };
         let repacked = match BufferType::cpu_repack().filter(|_| !backend.is_gpu()) {
-            Some(r) => Some(plan_q4(r)?).filter(|(c4, qs, _)| qs.iter().all(|&q| c4.tensor(q).has_backend_extra())),
+            Some(r) => Some(plan_q4(r)?)
+                .filter(|(c4, qs, _)| qs.iter().all(|&q| c4.tensor(q).has_backend_extra())),
             None => None,
         };
         let (ctx_q4, q_ids, q_bytes) = match repacked {
@@ -230,7 +250,17 @@ impl FrozenCopies {
             ctx.write_f32(c, &ct)?;
             split.push((w.id(), q, c.id()));
         }
-        Ok(FrozenCopies { mode, ctx: Some(ctx), pairs, transient: Vec::new(), forward, split, ctx_q4: Some(ctx_q4), bytes, cpu: !backend.is_gpu() })
+        Ok(FrozenCopies {
+            mode,
+            ctx: Some(ctx),
+            pairs,
+            transient: Vec::new(),
+            forward,
+            split,
+            ctx_q4: Some(ctx_q4),
+            bytes,
+            cpu: !backend.is_gpu(),
+        })
     }
 
     /// The same copies, with the graph rewrite choosing what it does for a GPU backend (ggml's
@@ -294,7 +324,11 @@ mod tests {
         let w0 = dequantize(Type::Q4_0, &q40, data.len()).unwrap();
         assert_eq!(c.len(), data.len() / 32);
         for (i, (&a, &b)) in w.iter().zip(&w0).enumerate() {
-            assert!((a - (b + c[i / 32])).abs() <= 1e-6 * a.abs().max(1e-3), "element {i}: {a} vs {b} + {}", c[i / 32]);
+            assert!(
+                (a - (b + c[i / 32])).abs() <= 1e-6 * a.abs().max(1e-3),
+                "element {i}: {a} vs {b} + {}",
+                c[i / 32]
+            );
         }
     }
 }

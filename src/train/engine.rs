@@ -21,7 +21,8 @@ pub struct OptState {
 }
 
 /// Names of the optimizer-state tensors of module `base` in checkpoints.
-pub const SLOT_NAMES: [&str; 6] = ["adam_m_a", "adam_v_a", "grad_acc_a", "adam_m_b", "adam_v_b", "grad_acc_b"];
+pub const SLOT_NAMES: [&str; 6] =
+    ["adam_m_a", "adam_v_a", "grad_acc_a", "adam_m_b", "adam_v_b", "grad_acc_b"];
 
 impl OptState {
     pub fn new(lora: &LoraSet, backend: &Backend) -> Result<Self, ModelError> {
@@ -31,7 +32,8 @@ impl OptState {
             let a = [m.d_in as i64, m.rank as i64];
             let b = [m.rank as i64, m.d_out as i64];
             let base = m.base_name();
-            let mk = |k: usize, ne: &[i64]| ctx.new_f32(&format!("{base}.{}", SLOT_NAMES[k]), ne).id();
+            let mk =
+                |k: usize, ne: &[i64]| ctx.new_f32(&format!("{base}.{}", SLOT_NAMES[k]), ne).id();
             slots.push([mk(0, &a), mk(1, &a), mk(2, &a), mk(3, &b), mk(4, &b), mk(5, &b)]);
         }
         let bytes = ctx.allocate(backend.param_buffer_type())?;
@@ -133,7 +135,13 @@ pub struct StepOptions<'c> {
 
 impl Default for StepOptions<'_> {
     fn default() -> Self {
-        StepOptions { loss_scale: 1.0, grit: None, dropout: false, recompute: false, fuse_attention: true }
+        StepOptions {
+            loss_scale: 1.0,
+            grit: None,
+            dropout: false,
+            recompute: false,
+            fuse_attention: true,
+        }
     }
 }
 
@@ -174,7 +182,11 @@ pub fn step_capacity(weights: &Weights, lora: &LoraSet) -> Capacity {
     // Recomputation duplicates at most every forward node.
     let extra = extra + TrainGraph::capacity(weights, Some(lora), false).graph_nodes;
     // GRIT: regularizer and statistics nodes (and their gradients).
-    let extra = extra + 2 * (crate::grit::RegGraph::TENSORS_PER_MODULE + crate::grit::StatsGraph::TENSORS_PER_MODULE + 4) * lora.modules().len();
+    let extra = extra
+        + 2 * (crate::grit::RegGraph::TENSORS_PER_MODULE
+            + crate::grit::StatsGraph::TENSORS_PER_MODULE
+            + 4)
+            * lora.modules().len();
     Capacity::graph(base.graph_nodes + extra, base.graph_nodes + extra, true)
 }
 
@@ -206,7 +218,15 @@ impl<'g> StepGraph<'g> {
     ) -> Self {
         let (grit, dropout) = (o.grit, o.dropout);
         lora.mark_params();
-        let mut train = TrainGraph::build_with_dropout(ctx, weights, Some(lora), n_tokens, Outputs::Rows(n_rows), true, dropout);
+        let mut train = TrainGraph::build_with_dropout(
+            ctx,
+            weights,
+            Some(lora),
+            n_tokens,
+            Outputs::Rows(n_rows),
+            true,
+            dropout,
+        );
         let loss = train.loss.expect("training graph has a loss");
         let reg = grit.filter(|g| g.lambda_k > 0.0 || g.lambda_r > 0.0).map(|_| {
             let reg = crate::grit::RegGraph::build(ctx, lora);
@@ -215,13 +235,20 @@ impl<'g> StepGraph<'g> {
             reg
         });
         train.graph.build_backward_expand(ctx);
-        let loss_grad = train.graph.grad_acc(loss).expect("the loss has a gradient accumulator").set_input();
+        let loss_grad =
+            train.graph.grad_acc(loss).expect("the loss has a gradient accumulator").set_input();
         let reg = reg.map(|r| {
-            let seed = train.graph.grad_acc(r.loss).expect("the regularizer has a gradient accumulator").set_input();
+            let seed = train
+                .graph
+                .grad_acc(r.loss)
+                .expect("the regularizer has a gradient accumulator")
+                .set_input();
             (r, seed)
         });
         let scale = o.loss_scale;
-        let stats = grit.map(|_| crate::grit::StatsGraph::build_scaled(ctx, &train.graph, &train.taps, lora, 1.0 / scale));
+        let stats = grit.map(|_| {
+            crate::grit::StatsGraph::build_scaled(ctx, &train.graph, &train.taps, lora, 1.0 / scale)
+        });
         // Accumulate each parameter's gradient into its persistent slot: acc ← acc + ∂L/∂θ.
         let mut extra = vec![loss];
         if let Some((r, _)) = &reg {
@@ -232,7 +259,10 @@ impl<'g> StepGraph<'g> {
         }
         for (i, m) in lora.modules().iter().enumerate() {
             for (param, slot) in [(lora.a(m), 2usize), (lora.b(m), 5usize)] {
-                let g = train.graph.grad(param).unwrap_or_else(|| panic!("no gradient for {}", param.name()));
+                let g = train
+                    .graph
+                    .grad(param)
+                    .unwrap_or_else(|| panic!("no gradient for {}", param.name()));
                 let acc = opt.tensor(i, slot);
                 extra.push(ctx.cpy(ctx.add(acc, g), acc));
             }
@@ -241,7 +271,13 @@ impl<'g> StepGraph<'g> {
         map.fuse_attention = o.fuse_attention;
         // Recomputation: only the residual stream between blocks stays allocated from the
         // forward to the backward; each block's intermediates are recomputed from it.
-        let (graph, rw) = crate::ggml::rebuild_backward(ctx, &train.graph, &map, &extra, o.recompute.then_some(&train.blocks[..]));
+        let (graph, rw) = crate::ggml::rebuild_backward(
+            ctx,
+            &train.graph,
+            &map,
+            &extra,
+            o.recompute.then_some(&train.blocks[..]),
+        );
         let recomputed = rw.recomputed;
         // The adapter's own tensors (rank-space activations and their gradients, ∇A, ∇B, K-FAC
         // products) come in as many sizes as there are ranks; kept allocated, they cannot
@@ -264,7 +300,10 @@ impl<'g> StepGraph<'g> {
 
 impl<'g> StepGraph<'g> {
     /// Seeds the backward: ∂(S·L)/∂L = S for the loss and GRIT's regularizer.
-    pub fn set_seeds(&self, run: &mut crate::ggml::Computation<'_, 'g>) -> Result<(), crate::ggml::GgmlError> {
+    pub fn set_seeds(
+        &self,
+        run: &mut crate::ggml::Computation<'_, 'g>,
+    ) -> Result<(), crate::ggml::GgmlError> {
         run.write_f32(self.loss_grad, &[self.loss_scale])?;
         if let Some((_, seed)) = &self.reg {
             run.write_f32(*seed, &[self.loss_scale])?;
@@ -335,12 +374,20 @@ pub struct OptOptions {
 
 impl Default for OptOptions {
     fn default() -> Self {
-        OptOptions { n_micro: 1, max_grad_norm: 1.0, precondition: false, graft: false, loss_scale: 1.0 }
+        OptOptions {
+            n_micro: 1,
+            max_grad_norm: 1.0,
+            precondition: false,
+            graft: false,
+            loss_scale: 1.0,
+        }
     }
 }
 
 pub fn opt_capacity(lora: &LoraSet) -> Capacity {
-    let n = (16 * 2 + 2 * crate::grit::PrecondInputs::TENSORS_PER_MODULE + 2 * 8) * lora.modules().len() + 64;
+    let n = (16 * 2 + 2 * crate::grit::PrecondInputs::TENSORS_PER_MODULE + 2 * 8)
+        * lora.modules().len()
+        + 64;
     Capacity::graph(n, n, false)
 }
 
@@ -369,7 +416,13 @@ impl<'g> OptGraph<'g> {
             let (ga, gb) = (mean(0), mean(3));
             let (ga, gb) = match &precond {
                 Some(p) => {
-                    let (pa, pb) = crate::grit::precondition::precondition(ctx, ga, gb, p.modules[i].0, p.modules[i].1);
+                    let (pa, pb) = crate::grit::precondition::precondition(
+                        ctx,
+                        ga,
+                        gb,
+                        p.modules[i].0,
+                        p.modules[i].1,
+                    );
                     if graft {
                         // g' = P·g · ‖g‖ / ‖P·g‖ (0 stays 0).
                         let graft = |raw: Tensor<'g>, pre: Tensor<'g>| {
@@ -393,8 +446,9 @@ impl<'g> OptGraph<'g> {
                 grads.push((param, g, opt.tensor(i, k), opt.tensor(i, k + 1)));
             }
         }
-        let norm = ctx.sqrt(sumsq.expect("at least one parameter")).set_name("grad_norm").set_output(); // [1]
-                                                                                                        // factor = max_norm / max(norm, max_norm) = min(1, max_norm / norm)
+        let norm =
+            ctx.sqrt(sumsq.expect("at least one parameter")).set_name("grad_norm").set_output(); // [1]
+                                                                                                 // factor = max_norm / max(norm, max_norm) = min(1, max_norm / norm)
         let factor = clip.then(|| ctx.div(max_norm, ctx.clamp(norm, max_grad_norm, f32::MAX))); // [1]
         graph.build_forward_expand(norm);
         for (param, g, m, v) in grads {
@@ -414,7 +468,11 @@ pub fn eval_capacity(weights: &Weights, lora: &LoraSet) -> Capacity {
 }
 
 /// Runs the eval graph over `batch`; returns the mean loss over its rows.
-pub fn eval_batch(backend: &mut Backend, g: &TrainGraph<'_>, batch: &Batch) -> Result<f32, ModelError> {
+pub fn eval_batch(
+    backend: &mut Backend,
+    g: &TrainGraph<'_>,
+    batch: &Batch,
+) -> Result<f32, ModelError> {
     let mut run = backend.compute(&g.graph)?;
     g.set_inputs(&mut run, batch)?;
     run.run()?;
@@ -424,7 +482,10 @@ pub fn eval_batch(backend: &mut Backend, g: &TrainGraph<'_>, batch: &Batch) -> R
 /// Names the part of a training step a graph node belongs to, for `grit train --profile`.
 pub fn categorize(n: &crate::ggml::profile::NodeInfo) -> String {
     let frozen = |s: &str| {
-        (s.ends_with(".weight") || s.ends_with(".weight.q8") || s.ends_with(".weight.q4_0") || s.ends_with(".q4_1_offsets"))
+        (s.ends_with(".weight")
+            || s.ends_with(".weight.q8")
+            || s.ends_with(".weight.q4_0")
+            || s.ends_with(".q4_1_offsets"))
             && !s.contains("lora")
             && !s.contains("norm")
     };
@@ -436,10 +497,14 @@ pub fn categorize(n: &crate::ggml::profile::NodeInfo) -> String {
         "MUL_MAT" if s0.ends_with(".T") => "frozen matmuls: backward (copies)".into(),
         "MUL_MAT" if output(s0) => "output layer: forward".into(),
         "MUL_MAT" if frozen(s0) => "frozen matmuls: forward".into(),
-        "MUL_MAT" if n.name.is_empty() || s0.contains("(copy") => "frozen matmuls: backward (transient)".into(),
+        "MUL_MAT" if n.name.is_empty() || s0.contains("(copy") => {
+            "frozen matmuls: backward (transient)".into()
+        }
         "MUL_MAT" | "OUT_PROD" if lora(s0) || lora(s1) || lora(&n.name) => "LoRA matmuls".into(),
         "OUT_PROD" if s0.ends_with(".q4_1_offsets") => "frozen matmuls: forward".into(),
-        "OUT_PROD" if frozen(s0) || output(s0) => "frozen matmuls: backward (stock out_prod)".into(),
+        "OUT_PROD" if frozen(s0) || output(s0) => {
+            "frozen matmuls: backward (stock out_prod)".into()
+        }
         "MUL_MAT" | "OUT_PROD" => "attention matmuls".into(),
         "SOFT_MAX" | "SOFT_MAX_BACK" => "attention softmax".into(),
         "CROSS_ENTROPY_LOSS" | "CROSS_ENTROPY_LOSS_BACK" => "loss".into(),

@@ -7,7 +7,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ggml::Backend;
-use crate::grit::{regularize, reproject::gram_b, stats, Cut, GritConfig, KfacState, Preconditioner, Schedule};
+use crate::grit::{
+    regularize, reproject::gram_b, stats, Cut, GritConfig, KfacState, Preconditioner, Schedule,
+};
 use crate::model::{LoraSet, ModelError, Weights};
 
 use super::engine::OptState;
@@ -104,7 +106,12 @@ impl GritRun {
 
     /// Recomputes the regularizer coefficients from the current statistics.
     pub fn update_coeffs(&mut self) {
-        self.coeffs = self.kfac.modules.iter().map(|m| regularize::coefficients(m, self.cfg.lambda_k, self.cfg.lambda_r)).collect();
+        self.coeffs = self
+            .kfac
+            .modules
+            .iter()
+            .map(|m| regularize::coefficients(m, self.cfg.lambda_k, self.cfg.lambda_r))
+            .collect();
     }
 
     /// The preconditioners step t uses: the inverses once computed and after `ng_warmup`,
@@ -132,13 +139,23 @@ impl GritRun {
 
     /// Recomputes every module's damped inverses after step t; returns the metrics row.
     pub fn invert(&mut self, step: usize) -> serde_json::Value {
-        self.precond = self.kfac.modules.iter().map(|m| Preconditioner::for_module(m, &self.cfg, self.schedule.lambda_abs)).collect();
+        self.precond = self
+            .kfac
+            .modules
+            .iter()
+            .map(|m| Preconditioner::for_module(m, &self.cfg, self.schedule.lambda_abs))
+            .collect();
         self.inverted = true;
         let n = self.precond.len().max(1) as f64;
         let mean_a = self.precond.iter().map(|p| p.inv_a.lambda_used).sum::<f64>() / n;
         let mean_g = self.precond.iter().map(|p| p.inv_g.lambda_used).sum::<f64>() / n;
-        let escalated = self.precond.iter().filter(|p| p.inv_a.attempt > 0 || p.inv_g.attempt > 0).count();
-        let fallbacks = self.precond.iter().filter(|p| p.inv_a.fallback.is_some() || p.inv_g.fallback.is_some()).count();
+        let escalated =
+            self.precond.iter().filter(|p| p.inv_a.attempt > 0 || p.inv_g.attempt > 0).count();
+        let fallbacks = self
+            .precond
+            .iter()
+            .filter(|p| p.inv_a.fallback.is_some() || p.inv_g.fallback.is_some())
+            .count();
         let lambda_abs = self.schedule.lambda_abs;
         let change = self.schedule.on_inversion(step, &self.cfg);
         serde_json::json!({
@@ -168,12 +185,19 @@ impl GritRun {
         let mut specs = Vec::new();
         let mut data = Vec::new();
         let mut changed = false;
-        let (mut ranks, mut energy, mut eff_rank) = (serde_json::Map::new(), serde_json::Map::new(), serde_json::Map::new());
+        let (mut ranks, mut energy, mut eff_rank) =
+            (serde_json::Map::new(), serde_json::Map::new(), serde_json::Map::new());
         let mut cut_modules = Vec::new();
         for (i, m) in lora.modules().iter().enumerate() {
             let name = m.base_name();
             let b = lora.read_b(i)?;
-            let cut = Cut::plan(&self.kfac.modules[i], &gram_b(&b, m.d_out, m.rank), &self.cfg, step, self.initial_rank);
+            let cut = Cut::plan(
+                &self.kfac.modules[i],
+                &gram_b(&b, m.d_out, m.rank),
+                &self.cfg,
+                step,
+                self.initial_rank,
+            );
             if let Some(c) = &cut {
                 energy.insert(name.clone(), c.report.energy.into());
                 eff_rank.insert(name.clone(), c.report.eff_rank.into());
@@ -192,7 +216,14 @@ impl GritRun {
                 }
                 _ => {
                     specs.push((m.layer, m.target, m.rank, m.scale));
-                    data.push([lora.read_a(i)?, b, opt.read(i, 0)?, opt.read(i, 1)?, opt.read(i, 3)?, opt.read(i, 4)?]);
+                    data.push([
+                        lora.read_a(i)?,
+                        b,
+                        opt.read(i, 0)?,
+                        opt.read(i, 1)?,
+                        opt.read(i, 3)?,
+                        opt.read(i, 4)?,
+                    ]);
                 }
             }
             ranks.insert(name, specs[i].2.into());
@@ -210,7 +241,11 @@ impl GritRun {
             for &i in &cut_modules {
                 let r = self.kfac.modules[i].rank;
                 self.precond[i] = if self.inverted {
-                    Preconditioner::for_module(&self.kfac.modules[i], &self.cfg, self.schedule.lambda_abs)
+                    Preconditioner::for_module(
+                        &self.kfac.modules[i],
+                        &self.cfg,
+                        self.schedule.lambda_abs,
+                    )
                 } else {
                     Preconditioner::identity(r)
                 };
@@ -220,7 +255,8 @@ impl GritRun {
         } else {
             None
         };
-        let params: usize = specs.iter().zip(lora.modules()).map(|(s, m)| s.2 * (m.d_in + m.d_out)).sum();
+        let params: usize =
+            specs.iter().zip(lora.modules()).map(|(s, m)| s.2 * (m.d_in + m.d_out)).sum();
         let change = self.schedule.on_reprojection(step, &self.cfg);
         let row = serde_json::json!({
             "step": step, "event": "reproject", "ranks": ranks, "energy": energy, "eff_rank": eff_rank,
@@ -240,7 +276,8 @@ pub fn drift(lora: &LoraSet, i: usize) -> Result<f64, ModelError> {
     let mut gb = vec![0f64; r * r];
     for j in 0..r {
         for k in j..r {
-            let s: f64 = (0..m.d_in).map(|c| a[j * m.d_in + c] as f64 * a[k * m.d_in + c] as f64).sum();
+            let s: f64 =
+                (0..m.d_in).map(|c| a[j * m.d_in + c] as f64 * a[k * m.d_in + c] as f64).sum();
             ga[j * r + k] = s;
             ga[k * r + j] = s;
             let t: f64 = (0..m.d_out).map(|o| b[o * r + j] as f64 * b[o * r + k] as f64).sum();

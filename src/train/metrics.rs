@@ -68,7 +68,12 @@ mod tests {
         let mut w = MetricsWriter::resume(&p, 3).unwrap();
         w.write(&serde_json::json!({"step": 4})).unwrap();
         let text = std::fs::read_to_string(&p).unwrap();
-        let steps: Vec<u64> = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
+        let steps: Vec<u64> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()
+            })
+            .collect();
         assert_eq!(steps, vec![0, 1, 2, 3, 4]);
     }
 }

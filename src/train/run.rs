@@ -10,13 +10,17 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::data::{self, DataConfig, Dataset, Sequence};
 use crate::ggml::{Backend, BackendOptions, Context};
 use crate::gguf::GgufFile;
-use crate::model::{Arch, Batch, LoraConfig, LoraSet, ModelError, Outputs, Target, TrainGraph, Weights};
+use crate::model::{
+    Arch, Batch, LoraConfig, LoraSet, ModelError, Outputs, Target, TrainGraph, Weights,
+};
 use crate::rundir;
 
 use super::checkpoint::{self, Checkpoint, NamedTensor};
 use super::config::{ConfigError, Method, TrainConfig};
 use super::copies::FrozenCopies;
-use super::engine::{self, AdamStep, OptGraph, OptOptions, OptState, StepGraph, StepOptions, SLOT_NAMES};
+use super::engine::{
+    self, AdamStep, OptGraph, OptOptions, OptState, StepGraph, StepOptions, SLOT_NAMES,
+};
 use super::grit_run::{self, GritCheckpoint, GritRun};
 use super::metrics::MetricsWriter;
 use super::schedule::lr_at;
@@ -106,7 +110,12 @@ pub fn rss_bytes() -> u64 {
 fn proc_status_kib(key: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
         .unwrap_or(0)
 }
 /// MemAvailable from /proc/meminfo, bytes (None where unknown).
@@ -125,15 +134,21 @@ pub fn mem_available_bytes() -> Option<u64> {
 /// trained rows and their labels.
 pub fn make_batch(seqs: &[Sequence], seq_len: usize, pad: i32) -> Batch {
     let n = seqs.len() * seq_len;
-    let mut b =
-        Batch { tokens: Vec::with_capacity(n), positions: Vec::with_capacity(n), mask: vec![f32::NEG_INFINITY; n * n], rows: Vec::new(), labels: Vec::new() };
+    let mut b = Batch {
+        tokens: Vec::with_capacity(n),
+        positions: Vec::with_capacity(n),
+        mask: vec![f32::NEG_INFINITY; n * n],
+        rows: Vec::new(),
+        labels: Vec::new(),
+    };
     for (k, s) in seqs.iter().enumerate() {
         let mut s = s.clone();
         s.pad_to(seq_len, pad);
         let off = k * seq_len;
         let m = data::causal_segment_mask(&s);
         for q in 0..seq_len {
-            b.mask[(off + q) * n + off..(off + q) * n + off + seq_len].copy_from_slice(&m[q * seq_len..(q + 1) * seq_len]);
+            b.mask[(off + q) * n + off..(off + q) * n + off + seq_len]
+                .copy_from_slice(&m[q * seq_len..(q + 1) * seq_len]);
         }
         b.tokens.extend_from_slice(&s.tokens);
         b.positions.extend_from_slice(&s.pos);
@@ -173,18 +188,28 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
     let tok = crate::infer::Model::load_vocab_only(&model_path)?;
 
     // Data.
-    let dcfg = DataConfig { max_seq_len: cfg.max_seq_len, train_on_prompt: cfg.train_on_prompt, skip_bad_rows: cfg.skip_bad_rows, seed: cfg.seed, pack: true };
-    let train_ds = data::load_file(&data_path, &tok, &dcfg)?;
-    let (train_ds, eval_ds): (Dataset, Option<Dataset>) = match (&cfg.eval_data, cfg.eval_split > 0.0) {
-        (Some(p), _) => (train_ds, Some(data::load_file(p, &tok, &dcfg)?)),
-        (None, true) => {
-            let (t, e) = data::split_eval(train_ds, cfg.eval_split, cfg.seed)?;
-            (t, Some(e))
-        }
-        (None, false) => (train_ds, None),
+    let dcfg = DataConfig {
+        max_seq_len: cfg.max_seq_len,
+        train_on_prompt: cfg.train_on_prompt,
+        skip_bad_rows: cfg.skip_bad_rows,
+        seed: cfg.seed,
+        pack: true,
     };
+    let train_ds = data::load_file(&data_path, &tok, &dcfg)?;
+    let (train_ds, eval_ds): (Dataset, Option<Dataset>) =
+        match (&cfg.eval_data, cfg.eval_split > 0.0) {
+            (Some(p), _) => (train_ds, Some(data::load_file(p, &tok, &dcfg)?)),
+            (None, true) => {
+                let (t, e) = data::split_eval(train_ds, cfg.eval_split, cfg.seed)?;
+                (t, Some(e))
+            }
+            (None, false) => (train_ds, None),
+        };
     if opts.dry_run {
-        return Ok(Outcome::DryRun { train: train_ds.stats.clone(), eval: eval_ds.map(|e| e.stats) });
+        return Ok(Outcome::DryRun {
+            train: train_ds.stats.clone(),
+            eval: eval_ds.map(|e| e.stats),
+        });
     }
 
     // Output folder.
@@ -208,24 +233,31 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
 
     // The checkpoint to resume from (its shapes decide the adapters' ranks).
     let resume_ck = if opts.resume {
-        let step = *checkpoint::list_steps(&ckpt_dir).last().ok_or_else(|| TrainError::NothingToResume(out.clone()))?;
+        let step = *checkpoint::list_steps(&ckpt_dir)
+            .last()
+            .ok_or_else(|| TrainError::NothingToResume(out.clone()))?;
         Some(Checkpoint::load(&checkpoint::step_dir(&ckpt_dir, step))?)
     } else {
         None
     };
     let grit_ck: Option<GritCheckpoint> = match (&resume_ck, is_grit) {
-        (Some(ck), true) => Some(serde_json::from_value(ck.state["grit"].clone()).map_err(|e| TrainError::CheckpointMismatch {
-            dir: ckpt_dir.clone(),
-            step: ck.step,
-            msg: format!("state.json: field 'grit': {e}"),
-        })?),
+        (Some(ck), true) => {
+            Some(serde_json::from_value(ck.state["grit"].clone()).map_err(|e| {
+                TrainError::CheckpointMismatch {
+                    dir: ckpt_dir.clone(),
+                    step: ck.step,
+                    msg: format!("state.json: field 'grit': {e}"),
+                }
+            })?)
+        }
         _ => None,
     };
 
     let mut batcher = data::Batcher::new(&train_ds, cfg.batch_size)?;
     let total_steps = cfg.steps.unwrap_or_else(|| {
         let epochs = cfg.epochs.unwrap_or(1.0);
-        ((epochs * batcher.batches_per_epoch() as f64) / cfg.grad_accum as f64).ceil().max(1.0) as usize
+        ((epochs * batcher.batches_per_epoch() as f64) / cfg.grad_accum as f64).ceil().max(1.0)
+            as usize
     });
     // GRIT's first cut as a share of this run's length.
     cfg.grit.resolve_first_cut(total_steps);
@@ -235,17 +267,28 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
     let weights = Weights::load(&file, &backend)?;
     drop(file);
     let targets = cfg.targets.iter().map(|t| Target::parse(t)).collect::<Result<Vec<_>, _>>()?;
-    let lcfg = LoraConfig { targets, rank: cfg.rank, alpha: cfg.alpha, rslora: cfg.rslora, layers: None };
+    let lcfg =
+        LoraConfig { targets, rank: cfg.rank, alpha: cfg.alpha, rslora: cfg.rslora, layers: None };
     let mut lora = LoraSet::new(&weights, &lcfg, &backend)?;
     lora.init(cfg.seed)?;
     let mut grit: Option<GritRun> = is_grit.then(|| GritRun::new(&cfg.grit, &lora, cfg.rank));
     if let Some(gck) = grit_ck {
         // The checkpoint's per-module ranks; every scale stays that of the initial rank.
         if gck.ranks.len() != lora.modules().len() {
-            let msg = format!("it has {} modules, this run {}", gck.ranks.len(), lora.modules().len());
-            return Err(TrainError::CheckpointMismatch { dir: ckpt_dir.clone(), step: resume_ck.as_ref().map_or(0, |c| c.step), msg });
+            let msg =
+                format!("it has {} modules, this run {}", gck.ranks.len(), lora.modules().len());
+            return Err(TrainError::CheckpointMismatch {
+                dir: ckpt_dir.clone(),
+                step: resume_ck.as_ref().map_or(0, |c| c.step),
+                msg,
+            });
         }
-        let specs: Vec<_> = lora.modules().iter().zip(&gck.ranks).map(|(m, &r)| (m.layer, m.target, r, m.scale)).collect();
+        let specs: Vec<_> = lora
+            .modules()
+            .iter()
+            .zip(&gck.ranks)
+            .map(|(m, &r)| (m.layer, m.target, r, m.scale))
+            .collect();
         lora = LoraSet::with_modules(&weights, &specs, &backend)?;
         grit = Some(GritRun::from_checkpoint(&cfg.grit, gck, cfg.rank));
     }
@@ -270,23 +313,27 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
     let mut start_step = 0usize;
     let mut elapsed_before = 0.0f64;
     let mut eval_initial: Option<f32> = None;
-    let mut metrics = if let Some(ck) = resume_ck {
-        let step = ck.step;
-        restore(&ck, &ckpt_dir, &lora, &opt)?;
-        let pos: data::DataPosition = serde_json::from_value(ck.state["data"].clone()).map_err(|e| TrainError::CheckpointMismatch {
-            dir: ckpt_dir.clone(),
-            step,
-            msg: format!("state.json: field 'data': {e}"),
-        })?;
-        batcher.restore(pos)?;
-        start_step = step;
-        elapsed_before = ck.state["elapsed_s"].as_f64().unwrap_or(0.0);
-        eval_initial = ck.state["eval_loss_initial"].as_f64().map(|x| x as f32);
-        eprintln!("grit: resuming {} from step {step}", out.display());
-        MetricsWriter::resume(&out.join(rundir::METRICS), step).map_err(|e| io(&out.join(rundir::METRICS), e))?
-    } else {
-        MetricsWriter::create(&out.join(rundir::METRICS)).map_err(|e| io(&out.join(rundir::METRICS), e))?
-    };
+    let mut metrics =
+        if let Some(ck) = resume_ck {
+            let step = ck.step;
+            restore(&ck, &ckpt_dir, &lora, &opt)?;
+            let pos: data::DataPosition = serde_json::from_value(ck.state["data"].clone())
+                .map_err(|e| TrainError::CheckpointMismatch {
+                    dir: ckpt_dir.clone(),
+                    step,
+                    msg: format!("state.json: field 'data': {e}"),
+                })?;
+            batcher.restore(pos)?;
+            start_step = step;
+            elapsed_before = ck.state["elapsed_s"].as_f64().unwrap_or(0.0);
+            eval_initial = ck.state["eval_loss_initial"].as_f64().map(|x| x as f32);
+            eprintln!("grit: resuming {} from step {step}", out.display());
+            MetricsWriter::resume(&out.join(rundir::METRICS), step)
+                .map_err(|e| io(&out.join(rundir::METRICS), e))?
+        } else {
+            MetricsWriter::create(&out.join(rundir::METRICS))
+                .map_err(|e| io(&out.join(rundir::METRICS), e))?
+        };
 
     let interrupted = opts.cancel.clone();
 
@@ -307,7 +354,11 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
     // Device bytes of the largest evaluation compute buffer (GPU: the evaluation's own context
     // holds it while the training buffers stay allocated).
     let eval_buffer = std::cell::Cell::new(0usize);
-    let evaluate = |backend: &mut Backend, lora: &LoraSet, step: usize, metrics: &mut MetricsWriter| -> Result<Option<f32>, TrainError> {
+    let evaluate = |backend: &mut Backend,
+                    lora: &LoraSet,
+                    step: usize,
+                    metrics: &mut MetricsWriter|
+     -> Result<Option<f32>, TrainError> {
         if eval_seqs.is_empty() {
             return Ok(None);
         }
@@ -318,14 +369,25 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
         // run): the step graph made the allocator free the eval-sized buffer while the Vulkan
         // context went on being used; see docs/ENGINE.md.
         let (loss, tokens) = if backend.is_gpu() {
-            let mut own = Backend::new(BackendOptions { device: cfg.device, n_threads: cfg.threads })?;
-            let r = run_eval(&mut own, &weights, lora, &eval_seqs, cfg.max_seq_len, pad, cfg.eval_tokens)?;
+            let mut own =
+                Backend::new(BackendOptions { device: cfg.device, n_threads: cfg.threads })?;
+            let r = run_eval(
+                &mut own,
+                &weights,
+                lora,
+                &eval_seqs,
+                cfg.max_seq_len,
+                pad,
+                cfg.eval_tokens,
+            )?;
             eval_buffer.set(eval_buffer.get().max(own.primary_compute_buffer_bytes()));
             r
         } else {
             run_eval(backend, &weights, lora, &eval_seqs, cfg.max_seq_len, pad, cfg.eval_tokens)?
         };
-        metrics.write(&serde_json::json!({"step": step, "eval_loss": loss, "eval_tokens": tokens})).map_err(|e| io(metrics.path(), e))?;
+        metrics
+            .write(&serde_json::json!({"step": step, "eval_loss": loss, "eval_tokens": tokens}))
+            .map_err(|e| io(metrics.path(), e))?;
         Ok(Some(loss))
     };
     if start_step == 0 {
@@ -376,10 +438,18 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
             &opt_ctx,
             &lora,
             &opt,
-            &OptOptions { n_micro: cfg.grad_accum, max_grad_norm: cfg.max_grad_norm, precondition: is_grit, graft: is_grit && cfg.grit.graft, loss_scale },
+            &OptOptions {
+                n_micro: cfg.grad_accum,
+                max_grad_norm: cfg.max_grad_norm,
+                precondition: is_grit,
+                graft: is_grit && cfg.grit.graft,
+                loss_scale,
+            },
         );
         // The step graph is rebuilt only when the batch shape (tokens, trained rows) changes.
-        let first = pending.take().unwrap_or_else(|| make_batch(&batcher.next_batch(), cfg.max_seq_len, pad));
+        let first = pending
+            .take()
+            .unwrap_or_else(|| make_batch(&batcher.next_batch(), cfg.max_seq_len, pad));
         let key = (first.n_tokens(), first.n_rows());
         let ctx = Context::new(engine::step_capacity(&weights, &lora))?;
         let sg = StepGraph::build_with(
@@ -390,7 +460,13 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
             &opt,
             key.0,
             key.1,
-            StepOptions { loss_scale, grit: is_grit.then_some(&cfg.grit), dropout: cfg.dropout > 0.0, recompute: cfg.recompute(), fuse_attention: true },
+            StepOptions {
+                loss_scale,
+                grit: is_grit.then_some(&cfg.grit),
+                dropout: cfg.dropout > 0.0,
+                recompute: cfg.recompute(),
+                fuse_attention: true,
+            },
         );
         if !memory_checked {
             memory_checked = true;
@@ -418,7 +494,8 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
                     sg.graph.n_nodes(),
                     p.pinned_bytes >> 20
                 );
-                let mut by_op: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+                let mut by_op: std::collections::BTreeMap<String, (usize, usize)> =
+                    Default::default();
                 for (_, op, b) in &p.live {
                     let e = by_op.entry(op.clone()).or_default();
                     e.0 += b;
@@ -427,7 +504,10 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
                 let mut ops: Vec<_> = by_op.into_iter().collect();
                 ops.sort_by_key(|e| std::cmp::Reverse(e.1 .0));
                 for (op, (b, k)) in ops.iter().take(12) {
-                    eprintln!("  {op:>16}: {:>6.1} MiB in {k} tensors", *b as f64 / (1 << 20) as f64);
+                    eprintln!(
+                        "  {op:>16}: {:>6.1} MiB in {k} tensors",
+                        *b as f64 / (1 << 20) as f64
+                    );
                 }
                 for (name, op, b) in p.live.iter().take(8) {
                     eprintln!("  {name} ({op}): {:.1} MiB", *b as f64 / (1 << 20) as f64);
@@ -442,12 +522,21 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
             );
             check_memory(&weights, &copies, &lora, &opt, compute)?;
             if let Some(gpu) = backend.gpu() {
-                check_device_memory(gpu, &weights, &copies, &lora, &opt, backend.primary_compute_buffer_bytes() + eval_buffer.get())?;
+                check_device_memory(
+                    gpu,
+                    &weights,
+                    &copies,
+                    &lora,
+                    &opt,
+                    backend.primary_compute_buffer_bytes() + eval_buffer.get(),
+                )?;
             }
         }
         let mut next = Some(first);
         loop {
-            let batch = next.take().unwrap_or_else(|| make_batch(&batcher.next_batch(), cfg.max_seq_len, pad));
+            let batch = next
+                .take()
+                .unwrap_or_else(|| make_batch(&batcher.next_batch(), cfg.max_seq_len, pad));
             if (batch.n_tokens(), batch.n_rows()) != key {
                 pending = Some(batch);
                 continue 'shapes;
@@ -455,7 +544,13 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
             {
                 let mut run = backend.compute(&sg.graph)?;
                 sg.train.set_inputs(&mut run, &batch)?;
-                sg.train.set_dropout(&mut run, cfg.dropout, cfg.seed, step as u64 + 1, micro as u64)?;
+                sg.train.set_dropout(
+                    &mut run,
+                    cfg.dropout,
+                    cfg.seed,
+                    step as u64 + 1,
+                    micro as u64,
+                )?;
                 sg.set_seeds(&mut run)?;
                 let mut n_counted = 0;
                 if let (Some(st), Some(g)) = (&sg.stats, &grit) {
@@ -463,7 +558,11 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
                     n_counted = n;
                     st.set_weights(&mut run, &w)?;
                     if let Some((reg, _)) = &sg.reg {
-                        reg.set(&mut run, crate::grit::schedule::reg_ramp(step + 1, g.cfg.reg_warmup), &g.coeffs)?;
+                        reg.set(
+                            &mut run,
+                            crate::grit::schedule::reg_ramp(step + 1, g.cfg.reg_warmup),
+                            &g.coeffs,
+                        )?;
                     }
                 }
                 run.run()?;
@@ -487,7 +586,14 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
             // Optimizer step: mean gradient, clipping, AdamW (one graph).
             let loss = loss_sum / cfg.grad_accum as f32;
             let lr = lr_at(cfg.lr_schedule, cfg.lr, cfg.warmup, step, total_steps);
-            let adam = AdamStep { lr, beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_eps, weight_decay: cfg.weight_decay, t: step as u64 + 1 };
+            let adam = AdamStep {
+                lr,
+                beta1: cfg.adam_beta1,
+                beta2: cfg.adam_beta2,
+                eps: cfg.adam_eps,
+                weight_decay: cfg.weight_decay,
+                t: step as u64 + 1,
+            };
             if let Some(g) = &mut grit {
                 if g.schedule.kfac_due(step + 1, &g.cfg) {
                     g.commit();
@@ -513,7 +619,10 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
             metrics
                 .write(&serde_json::json!({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tps, "elapsed_s": elapsed}))
                 .map_err(|e| io(metrics.path(), e))?;
-            bar.set_message(format!("loss {loss:.4} · lr {lr:.2e} · {tps:.0} tok/s · {} MiB", rss_bytes() >> 20));
+            bar.set_message(format!(
+                "loss {loss:.4} · lr {lr:.2e} · {tps:.0} tok/s · {} MiB",
+                rss_bytes() >> 20
+            ));
             bar.set_position(step as u64);
 
             // GRIT events after the step: inversion, reprojection (new shapes: swapped in below).
@@ -525,7 +634,13 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
                 }
                 if g.schedule.reproject_due(step, &g.cfg) {
                     let (row, new) = g.reproject(step, &weights, &lora, &opt, &backend)?;
-                    log_line(&bar, format!("step {step}: reprojection: {} modules cut, {} trainable parameters", row["modules_cut"], row["trainable_params"]));
+                    log_line(
+                        &bar,
+                        format!(
+                            "step {step}: reprojection: {} modules cut, {} trainable parameters",
+                            row["modules_cut"], row["trainable_params"]
+                        ),
+                    );
                     metrics.write(&row).map_err(|e| io(metrics.path(), e))?;
                     replacement = new;
                 }
@@ -544,7 +659,10 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
             }
             let stop_here = opts.stop_after == Some(step) && !is_last;
             let ctrl_c = interrupted.load(Ordering::SeqCst) && !is_last;
-            if (cfg.save_every > 0 && step.is_multiple_of(cfg.save_every) && !is_last) || stop_here || ctrl_c {
+            if (cfg.save_every > 0 && step.is_multiple_of(cfg.save_every) && !is_last)
+                || stop_here
+                || ctrl_c
+            {
                 let mut state = serde_json::json!({
                     "data": batcher.position(),
                     "elapsed_s": elapsed,
@@ -552,7 +670,8 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
                     "total_steps": total_steps,
                 });
                 if let Some(g) = &grit {
-                    state["grit"] = serde_json::to_value(g.checkpoint(cur_lora)).map_err(|e| io(&ckpt_dir, e))?;
+                    state["grit"] = serde_json::to_value(g.checkpoint(cur_lora))
+                        .map_err(|e| io(&ckpt_dir, e))?;
                 }
                 let dir = snapshot(step, cur_lora, cur_opt, state).save(&ckpt_dir)?;
                 if let Some(k) = cfg.keep_checkpoints {
@@ -575,7 +694,12 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
     bar.finish_and_clear();
     if let Some(p) = backend.profile() {
         let n = (step - start_step).max(1) as f64;
-        eprintln!("where the time of {} steps went (per step: {:.3} s; evaluation included):\n{}", step - start_step, p.total_s / n, p.table());
+        eprintln!(
+            "where the time of {} steps went (per step: {:.3} s; evaluation included):\n{}",
+            step - start_step,
+            p.total_s / n,
+            p.table()
+        );
     }
 
     if let Some((l, o)) = replacement.take() {
@@ -589,7 +713,8 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
     // The adapter file carries provenance (base name/sha256, method, hyper-parameters) and
     // reproduces every module's scale exactly (see crate::adapter).
     let method = if is_grit { "grit" } else { "lora" };
-    let prov = crate::adapter::Provenance::for_base(&model_path, method, Some(cfg.to_toml())).map_err(|e| io(&model_path, e))?;
+    let prov = crate::adapter::Provenance::for_base(&model_path, method, Some(cfg.to_toml()))
+        .map_err(|e| io(&model_path, e))?;
     crate::adapter::Adapter::from_lora_set(&lora, weights.hparams.arch.name(), prov)
         .and_then(|a| a.write_gguf(&out.join(rundir::ADAPTER), crate::adapter::AdapterDtype::F32))
         .map_err(|e| io(&out.join(rundir::ADAPTER), e))?;
@@ -644,11 +769,23 @@ fn tok_eos(ds: &Dataset) -> i32 {
 /// Refuses to start when the run would not fit in available memory.
 /// Bytes a run holds while it trains: base weights, weight copies, adapters with optimizer
 /// state, and the step's compute buffer.
-fn run_bytes(weights: &Weights, copies: &FrozenCopies, lora: &LoraSet, opt: &OptState, compute: usize) -> u64 {
+fn run_bytes(
+    weights: &Weights,
+    copies: &FrozenCopies,
+    lora: &LoraSet,
+    opt: &OptState,
+    compute: usize,
+) -> u64 {
     (weights.bytes() + copies.bytes() + 4 * lora.n_params() + opt.bytes() + compute) as u64
 }
 
-fn check_memory(weights: &Weights, copies: &FrozenCopies, lora: &LoraSet, opt: &OptState, compute: usize) -> Result<(), TrainError> {
+fn check_memory(
+    weights: &Weights,
+    copies: &FrozenCopies,
+    lora: &LoraSet,
+    opt: &OptState,
+    compute: usize,
+) -> Result<(), TrainError> {
     let need = run_bytes(weights, copies, lora, opt, compute);
     let Some(avail) = mem_available_bytes() else {
         return Ok(());
@@ -679,7 +816,12 @@ fn log_cpu_fallback(backend: &Backend, graph: &crate::ggml::Graph<'_>) {
         *by_op.entry(op).or_default() += 1;
     }
     let ops: Vec<String> = by_op.iter().map(|(op, n)| format!("{op} ×{n}")).collect();
-    eprintln!("grit: {} step-graph nodes run on the CPU ({} lacks them): {}", nodes.len(), backend.name(), ops.join(", "));
+    eprintln!(
+        "grit: {} step-graph nodes run on the CPU ({} lacks them): {}",
+        nodes.len(),
+        backend.name(),
+        ops.join(", ")
+    );
 }
 
 /// Refuses to start when the run would not fit in the GPU's memory (as free when grit
@@ -695,7 +837,12 @@ fn check_device_memory(
 ) -> Result<(), TrainError> {
     let need = run_bytes(weights, copies, lora, opt, compute);
     let avail = gpu.memory_free as u64;
-    eprintln!("grit: device memory: {} MiB needed of {} MiB free on {}", need >> 20, avail >> 20, gpu.name);
+    eprintln!(
+        "grit: device memory: {} MiB needed of {} MiB free on {}",
+        need >> 20,
+        avail >> 20,
+        gpu.name
+    );
     if avail > 0 && need > avail {
         let mut hint = String::from("lower --max-seq-len or --batch-size");
         if copies.bytes() > 0 {
@@ -707,7 +854,12 @@ fn check_device_memory(
             copies.bytes() >> 20,
             compute >> 20
         ));
-        return Err(TrainError::DeviceMemory { device: gpu.name.clone(), need_mib: need >> 20, avail_mib: avail >> 20, hint });
+        return Err(TrainError::DeviceMemory {
+            device: gpu.name.clone(),
+            need_mib: need >> 20,
+            avail_mib: avail >> 20,
+            hint,
+        });
     }
     Ok(())
 }
@@ -742,7 +894,14 @@ fn run_eval(
     while i < batches.len() {
         let n_rows = batches[i].n_rows();
         let ctx = Context::new(engine::eval_capacity(weights, lora))?;
-        let g = TrainGraph::build(&ctx, weights, Some(lora), batches[i].n_tokens(), Outputs::Rows(n_rows), true);
+        let g = TrainGraph::build(
+            &ctx,
+            weights,
+            Some(lora),
+            batches[i].n_tokens(),
+            Outputs::Rows(n_rows),
+            true,
+        );
         while i < batches.len() && batches[i].n_rows() == n_rows {
             let l = engine::eval_batch(backend, &g, &batches[i])?;
             total += l as f64 * n_rows as f64;
@@ -760,11 +919,23 @@ fn snapshot(step: usize, lora: &LoraSet, opt: &OptState, state: serde_json::Valu
         let base = m.base_name();
         let a_shape = vec![m.rank, m.d_in];
         let b_shape = vec![m.d_out, m.rank];
-        tensors.push(NamedTensor { name: format!("{base}.lora_a"), shape: a_shape.clone(), data: lora.read_a(i).unwrap_or_default() });
-        tensors.push(NamedTensor { name: format!("{base}.lora_b"), shape: b_shape.clone(), data: lora.read_b(i).unwrap_or_default() });
+        tensors.push(NamedTensor {
+            name: format!("{base}.lora_a"),
+            shape: a_shape.clone(),
+            data: lora.read_a(i).unwrap_or_default(),
+        });
+        tensors.push(NamedTensor {
+            name: format!("{base}.lora_b"),
+            shape: b_shape.clone(),
+            data: lora.read_b(i).unwrap_or_default(),
+        });
         for (k, name) in SLOT_NAMES.iter().enumerate() {
             let shape = if k < 3 { a_shape.clone() } else { b_shape.clone() };
-            tensors.push(NamedTensor { name: format!("{base}.{name}"), shape, data: opt.read(i, k).unwrap_or_default() });
+            tensors.push(NamedTensor {
+                name: format!("{base}.{name}"),
+                shape,
+                data: opt.read(i, k).unwrap_or_default(),
+            });
         }
     }
     Checkpoint { step, tensors, state }
@@ -772,7 +943,8 @@ fn snapshot(step: usize, lora: &LoraSet, opt: &OptState, state: serde_json::Valu
 
 /// Restores parameters and optimizer state from a checkpoint (shapes are checked).
 fn restore(ck: &Checkpoint, dir: &Path, lora: &LoraSet, opt: &OptState) -> Result<(), TrainError> {
-    let mismatch = |msg: String| TrainError::CheckpointMismatch { dir: dir.to_path_buf(), step: ck.step, msg };
+    let mismatch =
+        |msg: String| TrainError::CheckpointMismatch { dir: dir.to_path_buf(), step: ck.step, msg };
     let get = |name: String, len: usize| -> Result<&Vec<f32>, TrainError> {
         let t = ck.tensor(&name).ok_or_else(|| mismatch(format!("tensor '{name}' is missing")))?;
         if t.data.len() != len {
@@ -799,8 +971,20 @@ mod tests {
 
     #[test]
     fn batches_are_block_diagonal_with_trained_rows() {
-        let s = Sequence { tokens: vec![5, 6, 7], labels: vec![6, 7, 2], loss_mask: vec![1.0, 1.0, 0.0], segment: vec![0, 0, 0], pos: vec![0, 1, 2] };
-        let t = Sequence { tokens: vec![8, 9], labels: vec![9, 2], loss_mask: vec![1.0, 0.0], segment: vec![0, 0], pos: vec![0, 1] };
+        let s = Sequence {
+            tokens: vec![5, 6, 7],
+            labels: vec![6, 7, 2],
+            loss_mask: vec![1.0, 1.0, 0.0],
+            segment: vec![0, 0, 0],
+            pos: vec![0, 1, 2],
+        };
+        let t = Sequence {
+            tokens: vec![8, 9],
+            labels: vec![9, 2],
+            loss_mask: vec![1.0, 0.0],
+            segment: vec![0, 0],
+            pos: vec![0, 1],
+        };
         let b = make_batch(&[s, t], 4, 0);
         assert_eq!(b.tokens, vec![5, 6, 7, 0, 8, 9, 0, 0]);
         assert_eq!(b.positions, vec![0, 1, 2, 0, 0, 1, 0, 1]);

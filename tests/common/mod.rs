@@ -17,14 +17,28 @@ pub fn plays() -> PathBuf {
 
 pub fn tiny_model(dir: &Path) -> PathBuf {
     let path = dir.join("tiny.gguf");
-    let spec = TinySpec { n_embd: 128, n_layer: 2, n_head: 4, n_head_kv: 2, n_ff: 256, weight_type: Type::Q4_1, seed: 1, ..TinySpec::default() };
+    let spec = TinySpec {
+        n_embd: 128,
+        n_layer: 2,
+        n_head: 4,
+        n_head_kv: 2,
+        n_ff: 256,
+        weight_type: Type::Q4_1,
+        seed: 1,
+        ..TinySpec::default()
+    };
     write_tiny_model(&path, &spec, &grit::fetch::ensure_default_model().unwrap()).unwrap();
     path
 }
 
 pub fn ok(o: Output) -> Output {
     // The status names a signal (a crash inside C code leaves no message of its own).
-    assert!(o.status.success(), "grit failed ({}): {}", o.status, String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "grit failed ({}): {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
     o
 }
 
@@ -44,7 +58,12 @@ pub fn rows(out: &Path) -> Vec<serde_json::Value> {
 }
 
 /// llama.cpp's logits at every position ([n_tokens × n_vocab]); see `Model::logits_all`.
-pub fn llama_cpp_logits(model: &mut grit::infer::Model, adapter: Option<&Path>, tokens: &[i32], threads: i32) -> Vec<f32> {
+pub fn llama_cpp_logits(
+    model: &mut grit::infer::Model,
+    adapter: Option<&Path>,
+    tokens: &[i32],
+    threads: i32,
+) -> Vec<f32> {
     model.logits_all(adapter, tokens, threads).expect("llama.cpp logits")
 }
 
@@ -62,7 +81,11 @@ pub fn test_device() -> grit::ggml::Device {
 
 /// A backend on [`test_device`] with `threads` CPU threads (0 = all cores).
 pub fn backend(threads: usize) -> grit::ggml::Backend {
-    let b = grit::ggml::Backend::new(grit::ggml::BackendOptions { device: test_device(), n_threads: threads }).expect("the test device");
+    let b = grit::ggml::Backend::new(grit::ggml::BackendOptions {
+        device: test_device(),
+        n_threads: threads,
+    })
+    .expect("the test device");
     if test_device() == grit::ggml::Device::Gpu {
         assert!(b.is_gpu(), "GRIT_DEVICE=gpu but the backend is {}", b.name());
     }

@@ -22,7 +22,12 @@ pub fn model() -> PathBuf {
 pub fn write_adapter(path: &Path, rank: usize, targets: &[Target], seed: u64) {
     let backend = Backend::cpu(1).unwrap();
     let weights = Weights::load(&GgufFile::open(model()).unwrap(), &backend).unwrap();
-    let cfg = LoraConfig { targets: targets.to_vec(), rank, alpha: 2.0 * rank as f32, ..LoraConfig::default() };
+    let cfg = LoraConfig {
+        targets: targets.to_vec(),
+        rank,
+        alpha: 2.0 * rank as f32,
+        ..LoraConfig::default()
+    };
     let lora = LoraSet::new(&weights, &cfg, &backend).unwrap();
     lora.randomize(seed, 0.04, 0.04).unwrap();
     lora.write_gguf(path, weights.hparams.arch.name(), AdapterScale::Alpha(cfg.alpha)).unwrap();
@@ -136,12 +141,22 @@ impl Resp {
         let v = self.json();
         let e = &v["error"];
         assert!(e.is_object(), "not an OpenAI error body: {}", self.body);
-        (e["type"].as_str().unwrap().to_string(), e["param"].as_str().map(str::to_string), e["message"].as_str().unwrap().to_string())
+        (
+            e["type"].as_str().unwrap().to_string(),
+            e["param"].as_str().map(str::to_string),
+            e["message"].as_str().unwrap().to_string(),
+        )
     }
 }
 
 /// One HTTP/1.1 request (Connection: close); the body is de-chunked.
-pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>, headers: &[(&str, &str)]) -> Resp {
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Resp {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
     let body = body.unwrap_or("");
@@ -174,13 +189,20 @@ pub fn parse_response(raw: &[u8]) -> Resp {
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap();
     let status: u16 = status_line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let headers: Vec<(String, String)> = lines.filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))).collect();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| {
+            l.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        })
+        .collect();
     let mut rest = &raw[split + 4..];
-    let chunked = headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
     let body = if chunked {
         let mut out = Vec::new();
         while let Some(nl) = rest.windows(2).position(|w| w == b"\r\n") {
-            let n = usize::from_str_radix(String::from_utf8_lossy(&rest[..nl]).trim(), 16).unwrap_or(0);
+            let n =
+                usize::from_str_radix(String::from_utf8_lossy(&rest[..nl]).trim(), 16).unwrap_or(0);
             if n == 0 {
                 break;
             }
@@ -197,7 +219,18 @@ pub fn parse_response(raw: &[u8]) -> Resp {
 /// `grit generate` (greedy) for the same prompt/adapter: the reference text.
 pub fn grit_generate(prompt: &str, n: usize, adapter: Option<&Path>) -> String {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_grit"));
-    cmd.args(["generate", "--json", "--threads", "1", "--ctx", "512", "-n", &n.to_string(), "--prompt", prompt]);
+    cmd.args([
+        "generate",
+        "--json",
+        "--threads",
+        "1",
+        "--ctx",
+        "512",
+        "-n",
+        &n.to_string(),
+        "--prompt",
+        prompt,
+    ]);
     if let Some(a) = adapter {
         cmd.arg("--adapter").arg(a);
     }
