@@ -1,8 +1,9 @@
 //! The run folder `grit train --out DIR` writes and `grit report` and `grit eval --retention`
-//! read: its file names and the typed summary, in one place.
+//! read: its file names, the typed metrics rows and the typed summary, in one place.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -26,10 +27,190 @@ pub enum RunDirError {
     Io { path: std::path::PathBuf, source: std::io::Error },
     #[error("{}: not a grit run summary: {source}", .path.display())]
     Parse { path: std::path::PathBuf, source: serde_json::Error },
-    #[error("{}: cannot encode the run summary: {source}", .path.display())]
+    #[error("{}: cannot encode: {source}", .path.display())]
     Encode { path: std::path::PathBuf, source: serde_json::Error },
+    #[error("{}:{line}: not a metrics row: {source}", .path.display())]
+    Row { path: std::path::PathBuf, line: usize, source: serde_json::Error },
     #[error(transparent)]
     Write(#[from] crate::fetch::FetchError),
+}
+
+/// One line of `metrics.jsonl`: a training step, an evaluation or a GRIT event. Fields are
+/// declared in alphabetical order (the order of the rows' keys on disk; an event row starts
+/// with its `event` tag).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MetricsRow {
+    Event(GritEvent),
+    Step(StepRow),
+    Eval(EvalRow),
+}
+
+/// An optimizer step: the mean loss of its micro-batches and what it cost.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepRow {
+    /// Seconds since the run started (across resumes).
+    pub elapsed_s: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub loss: f64,
+    pub lr: f64,
+    pub step: usize,
+    /// Tokens of the step's micro-batches (padding included).
+    pub tokens: usize,
+    pub tokens_per_s: f64,
+}
+
+/// The in-training evaluation after `step` (0: before the first step).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalRow {
+    pub eval_loss: f64,
+    pub eval_tokens: usize,
+    pub step: usize,
+}
+
+/// A GRIT event after a step (docs/GRIT.md §3, §5).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
+pub enum GritEvent {
+    Invert(InvertRow),
+    Reproject(ReprojectRow),
+}
+
+/// The damped inverses were recomputed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InvertRow {
+    pub damping: DampingReport,
+    /// The inversion interval after this event's adjustment (steps, unrounded).
+    pub interval: f64,
+    /// The step the next inversion is due.
+    pub next: usize,
+    pub step: usize,
+}
+
+/// How the factors were damped at an inversion.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DampingReport {
+    /// Modules whose inversion needed a larger λ than the first.
+    pub escalated: usize,
+    /// Modules whose inversion fell back to the identity.
+    pub fallbacks: usize,
+    pub lambda_abs: f64,
+    /// Mean λ used for Σ_a and Σ_g over modules.
+    pub mean_sigma_a: f64,
+    pub mean_sigma_g: f64,
+    pub mode: crate::grit::Damping,
+}
+
+/// A reprojection: every module's rank after it, keyed by module name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReprojectRow {
+    /// Effective rank of Σ_a per module with statistics. (This and the next four fields
+    /// default to empty or 0 in rows of runs made before grit wrote them.)
+    #[serde(default)]
+    pub eff_rank: BTreeMap<String, f64>,
+    /// Share of the rank signal the kept directions hold, per module with statistics.
+    #[serde(default)]
+    pub energy: BTreeMap<String, f64>,
+    /// The reprojection interval after this event's adjustment (steps, unrounded).
+    #[serde(default)]
+    pub interval: f64,
+    #[serde(default)]
+    pub modules_cut: usize,
+    #[serde(default)]
+    pub next: usize,
+    pub ranks: BTreeMap<String, usize>,
+    pub step: usize,
+    pub trainable_params: usize,
+}
+
+impl MetricsRow {
+    /// The step the row belongs to.
+    pub fn step(&self) -> usize {
+        match self {
+            MetricsRow::Event(GritEvent::Invert(r)) => r.step,
+            MetricsRow::Event(GritEvent::Reproject(r)) => r.step,
+            MetricsRow::Step(r) => r.step,
+            MetricsRow::Eval(r) => r.step,
+        }
+    }
+}
+
+/// Reads every row of `dir/metrics.jsonl`; a line that is not a row is an error naming it.
+pub fn read_metrics(dir: &Path) -> Result<Vec<MetricsRow>, RunDirError> {
+    let path = dir.join(METRICS);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|source| RunDirError::Io { path: path.clone(), source })?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|source| RunDirError::Row {
+                path: path.clone(),
+                line: i + 1,
+                source,
+            })
+        })
+        .collect()
+}
+
+/// Appends rows to `metrics.jsonl`, one JSON object per line, flushed as written, so a crash
+/// loses at most the line being written. On resume, rows after the checkpoint's step are
+/// dropped first, so a resumed run's file matches an uninterrupted one.
+pub struct MetricsWriter {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl MetricsWriter {
+    /// Creates (truncates) `dir/metrics.jsonl`.
+    pub fn create(dir: &Path) -> Result<Self, RunDirError> {
+        let path = dir.join(METRICS);
+        let file = std::fs::File::create(&path)
+            .map_err(|source| RunDirError::Io { path: path.clone(), source })?;
+        Ok(Self { path, file })
+    }
+
+    /// Opens `dir/metrics.jsonl` for appending after removing every row whose step is greater
+    /// than `keep_through_step` (and any torn or unreadable line). The rewrite is atomic.
+    pub fn resume(dir: &Path, keep_through_step: usize) -> Result<Self, RunDirError> {
+        let path = dir.join(METRICS);
+        let io = |source| RunDirError::Io { path: path.clone(), source };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(io(e)),
+        };
+        let mut kept = String::new();
+        for line in text.lines() {
+            match serde_json::from_str::<MetricsRow>(line) {
+                Ok(r) if r.step() <= keep_through_step => {
+                    kept.push_str(line);
+                    kept.push('\n');
+                }
+                _ => {}
+            }
+        }
+        crate::fetch::write_atomic(&path, kept.as_bytes())?;
+        let file = std::fs::OpenOptions::new().append(true).open(&path).map_err(io)?;
+        Ok(Self { path, file })
+    }
+
+    pub fn write(&mut self, row: &MetricsRow) -> Result<(), RunDirError> {
+        let mut line = serde_json::to_string(row)
+            .map_err(|source| RunDirError::Encode { path: self.path.clone(), source })?;
+        line.push('\n');
+        self.file
+            .write_all(line.as_bytes())
+            .and_then(|()| self.file.flush())
+            .map_err(|source| RunDirError::Io { path: self.path.clone(), source })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
 }
 
 /// What a finished run reports (also written as `summary.json`).
@@ -99,6 +280,44 @@ impl Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Rows are written with sorted keys (the tag first) and f64 numbers, parse back into
+    /// their own variant, and resume drops later and torn rows.
+    #[test]
+    fn metrics_rows_round_trip_and_resume_drops_later_rows() {
+        let step = r#"{"elapsed_s":25.2,"grad_norm":1.25,"loss":4.5,"lr":0.0001,"step":1,"tokens":128,"tokens_per_s":8.5}"#;
+        let eval = r#"{"eval_loss":4.75,"eval_tokens":256,"step":0}"#;
+        let inv = r#"{"event":"invert","damping":{"escalated":0,"fallbacks":1,"lambda_abs":0.0,"mean_sigma_a":0.5,"mean_sigma_g":0.25,"mode":"relative"},"interval":15.0,"next":25,"step":10}"#;
+        let rep = r#"{"event":"reproject","eff_rank":{"blk.0.attn_q.weight":3.5},"energy":{"blk.0.attn_q.weight":0.9},"interval":45.0,"modules_cut":1,"next":75,"ranks":{"blk.0.attn_q.weight":4},"step":30,"trainable_params":1000}"#;
+        let rows: Vec<MetricsRow> =
+            [eval, step, inv, rep].iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert!(matches!(rows[0], MetricsRow::Eval(_)));
+        assert!(matches!(rows[1], MetricsRow::Step(_)));
+        assert!(matches!(rows[2], MetricsRow::Event(GritEvent::Invert(_))));
+        assert!(
+            matches!(&rows[3], MetricsRow::Event(GritEvent::Reproject(r)) if r.ranks["blk.0.attn_q.weight"] == 4)
+        );
+        for (r, l) in rows.iter().zip([eval, step, inv, rep]) {
+            assert_eq!(serde_json::to_string(r).unwrap(), l);
+        }
+        assert_eq!(rows.iter().map(MetricsRow::step).collect::<Vec<_>>(), [0, 1, 10, 30]);
+        assert!(serde_json::from_str::<MetricsRow>(r#"{"step":1,"loss":2.0}"#).is_err());
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = MetricsWriter::create(dir.path()).unwrap();
+        for r in &rows {
+            w.write(r).unwrap();
+        }
+        drop(w);
+        let mut f =
+            std::fs::OpenOptions::new().append(true).open(dir.path().join(METRICS)).unwrap();
+        f.write_all(b"{\"step\": 31, \"lo").unwrap();
+        assert!(read_metrics(dir.path()).unwrap_err().to_string().contains("metrics.jsonl:5"));
+        let mut w = MetricsWriter::resume(dir.path(), 10).unwrap();
+        w.write(&rows[0]).unwrap();
+        let back = read_metrics(dir.path()).unwrap();
+        assert_eq!(back, [&rows[..3], &rows[..1]].concat());
+    }
 
     #[test]
     fn a_summary_round_trips_and_a_missing_one_is_none() {

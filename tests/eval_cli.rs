@@ -121,7 +121,7 @@ fn synthetic_checkpoint(step: usize, mag: f32) -> Checkpoint {
             data: b,
         });
     }
-    Checkpoint { step, tensors, state: serde_json::json!({}) }
+    Checkpoint { step, tensors, state: Default::default() }
 }
 
 fn short_text(dir: &Path) -> PathBuf {

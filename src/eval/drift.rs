@@ -185,11 +185,8 @@ mod tests {
             shape: vec![4, 2],
             data: vec![0.5; 8],
         };
-        let ck = Checkpoint {
-            step: 7,
-            tensors: vec![a.clone(), b.clone()],
-            state: serde_json::json!({}),
-        };
+        let ck =
+            Checkpoint { step: 7, tensors: vec![a.clone(), b.clone()], state: Default::default() };
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("ck.gguf");
         checkpoint_to_gguf(&ck, "llama", 2.0, &p).unwrap();

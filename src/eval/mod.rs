@@ -33,6 +33,7 @@ use serde::Serialize;
 use crate::data::{DataConfig, DataError, Tokenizer};
 use crate::gguf::GgufError;
 use crate::infer::{InferError, LoadOptions, Model};
+use crate::rundir::{GritEvent, MetricsRow};
 use accuracy::{Accuracy, TaskItem, TaskModel};
 use drift::AdapterDrift;
 use fit::LawFit;
@@ -59,6 +60,8 @@ pub enum EvalError {
     Text { path: PathBuf, msg: String },
     #[error("retention: {0}")]
     Retention(String),
+    #[error(transparent)]
+    RunDir(#[from] crate::rundir::RunDirError),
     #[error("invalid option {name}: {msg}")]
     Option { name: &'static str, msg: String },
 }
@@ -483,44 +486,30 @@ pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport, EvalError> {
     Ok(EvalReport { rows: evaluate_sources(opts, &sources)?, retention: None })
 }
 
-/// A run's metrics.jsonl rows (unparseable lines are reported).
-pub fn read_metrics(run: &Path) -> Result<Vec<serde_json::Value>, EvalError> {
-    let p = run.join(crate::rundir::METRICS);
-    let text = std::fs::read_to_string(&p)
-        .map_err(|e| EvalError::Retention(format!("{}: {e}", p.display())))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| {
-                EvalError::Retention(format!("{}:{}: invalid JSON: {e}", p.display(), i + 1))
-            })
-        })
-        .collect()
-}
-
 /// Fine-tuning tokens seen through `step`: Σ `tokens` of the step rows up to it.
-pub fn tokens_through(metrics: &[serde_json::Value], step: usize) -> u64 {
+pub fn tokens_through(metrics: &[MetricsRow], step: usize) -> u64 {
     metrics
         .iter()
-        .filter(|r| {
-            r.get("loss").is_some() && r["step"].as_u64().is_some_and(|s| s as usize <= step)
+        .filter_map(|r| match r {
+            MetricsRow::Step(s) if s.step <= step => Some(s.tokens as u64),
+            _ => None,
         })
-        .map(|r| r["tokens"].as_u64().unwrap_or(0))
         .sum()
 }
 
 /// Mean effective rank over modules at `step` (the last reprojection at or before it), or
 /// `initial` before any.
-pub fn eff_rank_at(metrics: &[serde_json::Value], step: usize, initial: f64) -> f64 {
+pub fn eff_rank_at(metrics: &[MetricsRow], step: usize, initial: f64) -> f64 {
     metrics
         .iter()
-        .filter(|r| {
-            r["event"] == "reproject" && r["step"].as_u64().is_some_and(|s| s as usize <= step)
+        .filter_map(|r| match r {
+            MetricsRow::Event(GritEvent::Reproject(e))
+                if e.step <= step && !e.eff_rank.is_empty() =>
+            {
+                Some(e.eff_rank.values().sum::<f64>() / e.eff_rank.len() as f64)
+            }
+            _ => None,
         })
-        .map(|r| crate::report::per_module(&r["eff_rank"]).1)
-        .filter(|v| !v.is_empty())
-        .map(|v| v.iter().sum::<f64>() / v.len() as f64)
         .next_back()
         .unwrap_or(initial)
 }
@@ -538,7 +527,7 @@ pub fn retention(opts: &EvalOptions, run: &Path) -> Result<EvalReport, EvalError
     let cfg = crate::train::config::TrainConfig::from_toml_file(&cfg_path).map_err(|e| {
         EvalError::Retention(format!("{}: not a grit run folder: {e}", run.display()))
     })?;
-    let metrics = read_metrics(run)?;
+    let metrics = crate::rundir::read_metrics(run)?;
     let ck_dir = run.join(crate::rundir::CHECKPOINTS);
     let mut steps: Vec<usize> = std::fs::read_dir(&ck_dir)
         .map(|rd| {
@@ -556,10 +545,11 @@ pub fn retention(opts: &EvalOptions, run: &Path) -> Result<EvalReport, EvalError
     let final_adapter = run.join(crate::rundir::ADAPTER);
     let final_step = metrics
         .iter()
-        .filter(|r| r.get("loss").is_some())
-        .filter_map(|r| r["step"].as_u64())
-        .max()
-        .map(|s| s as usize);
+        .filter_map(|r| match r {
+            MetricsRow::Step(s) => Some(s.step),
+            _ => None,
+        })
+        .max();
     let n_points = steps.len() + usize::from(final_adapter.is_file());
     if n_points < fit::MIN_POINTS {
         return Err(EvalError::Retention(format!(
@@ -621,7 +611,7 @@ pub fn retention(opts: &EvalOptions, run: &Path) -> Result<EvalReport, EvalError
         .map(|r| (r.train_tokens.unwrap_or(0) as f64, r.loss.unwrap_or(f64::NAN)))
         .collect();
     let power_law = fit::fit_law(l0, &points, None)?;
-    let has_ranks = metrics.iter().any(|r| r["event"] == "reproject");
+    let has_ranks = metrics.iter().any(|r| matches!(r, MetricsRow::Event(GritEvent::Reproject(_))));
     let (curvature, curvature_note) = if !has_ranks {
         (None, Some("the run recorded no effective ranks (no reprojection events): the curvature factor is not fitted".to_string()))
     } else {
@@ -668,16 +658,31 @@ mod tests {
 
     #[test]
     fn tokens_and_ranks_from_metrics() {
-        let m: Vec<serde_json::Value> = [
-            r#"{"step":1,"loss":3.0,"tokens":100}"#,
-            r#"{"step":1,"eval_loss":3.1,"eval_tokens":50}"#,
-            r#"{"step":2,"loss":2.9,"tokens":120}"#,
-            r#"{"step":2,"event":"reproject","eff_rank":{"blk.0.attn_q.weight":4.0,"blk.0.attn_k.weight":6.0}}"#,
-            r#"{"step":3,"loss":2.8,"tokens":80}"#,
-        ]
-        .iter()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+        let step = |s: usize, tokens: usize| {
+            MetricsRow::Step(crate::rundir::StepRow {
+                elapsed_s: 1.0,
+                grad_norm: 1.0,
+                loss: 3.0,
+                lr: 1e-4,
+                step: s,
+                tokens,
+                tokens_per_s: 10.0,
+            })
+        };
+        let reproject = MetricsRow::Event(GritEvent::Reproject(crate::rundir::ReprojectRow {
+            eff_rank: [("blk.0.attn_q.weight".into(), 4.0), ("blk.0.attn_k.weight".into(), 6.0)]
+                .into(),
+            energy: Default::default(),
+            interval: 30.0,
+            modules_cut: 2,
+            next: 32,
+            ranks: Default::default(),
+            step: 2,
+            trainable_params: 10,
+        }));
+        let eval =
+            MetricsRow::Eval(crate::rundir::EvalRow { eval_loss: 3.1, eval_tokens: 50, step: 1 });
+        let m = vec![step(1, 100), eval, step(2, 120), reproject, step(3, 80)];
         assert_eq!(tokens_through(&m, 2), 220);
         assert_eq!(tokens_through(&m, 3), 300);
         assert_eq!(eff_rank_at(&m, 1, 16.0), 16.0);

@@ -11,9 +11,9 @@
 use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
-use serde_json::Value;
 
 use crate::eval::drift::module_order;
+use crate::rundir::{GritEvent, MetricsRow};
 
 /// Why a report could not be made; names the file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -49,28 +49,25 @@ pub struct Run {
     pub reproject_modules: Vec<String>,
 }
 
-/// Per-module values of a metrics row, in adapter order: an object keyed by module name
-/// (names returned) or an array already in adapter order (no names).
-pub fn per_module(v: &Value) -> (Vec<String>, Vec<f64>) {
-    match v {
-        Value::Object(m) => {
-            let mut kv: Vec<(&String, f64)> =
-                m.iter().filter_map(|(k, x)| x.as_f64().map(|x| (k, x))).collect();
-            kv.sort_by_key(|(k, _)| module_order(k));
-            (kv.iter().map(|(k, _)| k.to_string()).collect(), kv.iter().map(|(_, x)| *x).collect())
-        }
-        Value::Array(a) => (Vec::new(), a.iter().filter_map(Value::as_f64).collect()),
-        _ => (Vec::new(), Vec::new()),
-    }
+/// A per-module map of a metrics row in adapter order (layer, then target): the module
+/// names and their values.
+pub fn per_module<T: Copy>(m: &std::collections::BTreeMap<String, T>) -> (Vec<String>, Vec<T>) {
+    let mut kv: Vec<(&String, T)> = m.iter().map(|(k, &x)| (k, x)).collect();
+    kv.sort_by_key(|(k, _)| module_order(k));
+    kv.into_iter().map(|(k, x)| (k.clone(), x)).unzip()
 }
 
 impl Run {
     /// Reads `dir/metrics.jsonl` (required), `config.toml` and `summary.json` (when present).
     pub fn load(dir: &Path) -> Result<Run, ReportError> {
         let mp = dir.join(crate::rundir::METRICS);
-        let text = std::fs::read_to_string(&mp).map_err(|e| {
-            ReportError::Run(mp.clone(), format!("{e} (is this a grit run folder?)"))
-        })?;
+        let rows = match crate::rundir::read_metrics(dir) {
+            Err(crate::rundir::RunDirError::Io { source, .. }) => {
+                let msg = format!("{source} (is this a grit run folder?)");
+                return Err(ReportError::Run(mp, msg));
+            }
+            r => r?,
+        };
         let mut run = Run {
             dir: dir.to_path_buf(),
             name: dir
@@ -85,33 +82,21 @@ impl Run {
             summary: None,
             reproject_modules: Vec::new(),
         };
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let v: Value = serde_json::from_str(line).map_err(|e| {
-                ReportError::Run(mp.clone(), format!("line {}: invalid JSON: {e}", i + 1))
-            })?;
-            let step = v["step"].as_f64().unwrap_or(0.0);
-            if v["event"] == "reproject" {
-                let (names, ranks) = per_module(&v["ranks"]);
-                if run.reproject_modules.is_empty() {
-                    run.reproject_modules = names;
+        for row in rows {
+            match row {
+                MetricsRow::Event(GritEvent::Reproject(r)) => {
+                    let (names, ranks) = per_module(&r.ranks);
+                    let ranks = ranks.into_iter().map(|k| k as f64).collect();
+                    if run.reproject_modules.is_empty() {
+                        run.reproject_modules = names;
+                    }
+                    run.reprojections.push((r.step as f64, ranks, r.trainable_params as f64));
                 }
-                run.reprojections.push((
-                    step,
-                    ranks,
-                    v["trainable_params"].as_f64().unwrap_or(f64::NAN),
-                ));
-            } else if let Some(l) = v["loss"].as_f64() {
-                run.steps.push((
-                    step,
-                    l,
-                    v["lr"].as_f64().unwrap_or(f64::NAN),
-                    v["tokens_per_s"].as_f64().unwrap_or(f64::NAN),
-                ));
-            } else if let Some(l) = v["eval_loss"].as_f64() {
-                run.evals.push((step, l));
+                MetricsRow::Step(r) => {
+                    run.steps.push((r.step as f64, r.loss, r.lr, r.tokens_per_s))
+                }
+                MetricsRow::Eval(r) => run.evals.push((r.step as f64, r.eval_loss)),
+                MetricsRow::Event(GritEvent::Invert(_)) => {}
             }
         }
         if let Ok(t) = std::fs::read_to_string(dir.join(crate::rundir::CONFIG)) {
@@ -743,6 +728,7 @@ pub fn plot_ids(n_runs: usize) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     fn fake_run(dir: &Path, method: &str, reproject: bool) {
         std::fs::create_dir_all(dir).unwrap();
@@ -762,9 +748,10 @@ mod tests {
             }
             if reproject && s % 10 == 5 {
                 m.push_str(&format!(
-                    "{{\"step\":{s},\"event\":\"reproject\",\"ranks\":[8,{},4,16],\"energy\":[0.9,0.9,0.9,0.9],\"eff_rank\":[3,4,2,8],\"trainable_params\":{}}}\n",
+                    "{{\"step\":{s},\"event\":\"reproject\",\"ranks\":{{\"blk.0.attn_q.weight\":8,\"blk.0.ffn_down.weight\":{},\"blk.1.attn_q.weight\":4,\"blk.10.attn_q.weight\":16}},\"trainable_params\":{},\"modules_cut\":2,\"interval\":10.0,\"next\":{}}}\n",
                     12 - s / 5,
-                    5000 - s * 50
+                    5000 - s * 50,
+                    s + 10
                 ));
             }
         }

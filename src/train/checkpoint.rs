@@ -6,6 +6,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, TensorView};
+use serde::{Deserialize, Serialize};
+
+use super::grit_run::GritCheckpoint;
+use crate::data::DataPosition;
 
 /// Why a checkpoint could not be written or read; names the path.
 #[derive(Debug, thiserror::Error)]
@@ -24,12 +28,35 @@ pub struct NamedTensor {
     pub data: Vec<f32>,
 }
 
-/// One checkpoint: tensors plus a JSON document of loop state.
+/// One checkpoint: tensors plus the loop state.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Checkpoint {
     pub step: usize,
     pub tensors: Vec<NamedTensor>,
-    pub state: serde_json::Value,
+    pub state: LoopState,
+}
+
+/// What a run needs besides the tensors to continue where it stopped (`state.json`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct LoopState {
+    /// Where the data stream stands.
+    pub data: DataPosition,
+    /// Seconds trained before this checkpoint (a resumed run adds its own).
+    pub elapsed_s: f64,
+    /// The step-0 evaluation loss (None without evaluation data).
+    pub eval_loss_initial: Option<f32>,
+    /// The run's length (its learning-rate schedule and GRIT's first cut depend on it).
+    pub total_steps: usize,
+    /// GRIT's host state (`--method grit` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grit: Option<GritCheckpoint>,
+}
+
+/// `state.json`.
+#[derive(Serialize, Deserialize)]
+struct StateFile {
+    step: usize,
+    state: LoopState,
 }
 
 const TENSORS: &str = "tensors.safetensors";
@@ -109,9 +136,9 @@ impl Checkpoint {
         safetensors::serialize_to_file(views, &Some(meta), &st_path)
             .map_err(|e| io(&st_path, e))?;
         let state_path = tmp.join(STATE);
-        let doc = serde_json::json!({"step": self.step, "state": self.state});
-        std::fs::write(&state_path, serde_json::to_vec_pretty(&doc).unwrap_or_default())
-            .map_err(|e| io(&state_path, e))?;
+        let doc = StateFile { step: self.step, state: self.state.clone() };
+        let bytes = serde_json::to_vec_pretty(&doc).map_err(|e| io(&state_path, e))?;
+        std::fs::write(&state_path, bytes).map_err(|e| io(&state_path, e))?;
         for f in [&st_path, &state_path] {
             std::fs::File::open(f).and_then(|h| h.sync_all()).map_err(|e| io(f, e))?;
         }
@@ -122,11 +149,9 @@ impl Checkpoint {
     pub fn load(dir: &Path) -> Result<Self, CheckpointError> {
         let state_path = dir.join(STATE);
         let text = std::fs::read(&state_path).map_err(|e| io(&state_path, e))?;
-        let doc: serde_json::Value = serde_json::from_slice(&text)
+        let doc: StateFile = serde_json::from_slice(&text)
             .map_err(|e| CheckpointError::Invalid(state_path.clone(), e.to_string()))?;
-        let step = doc["step"].as_u64().ok_or_else(|| {
-            CheckpointError::Invalid(state_path.clone(), "field 'step' missing".into())
-        })? as usize;
+        let step = doc.step;
         let st_path = dir.join(TENSORS);
         let raw = std::fs::read(&st_path).map_err(|e| io(&st_path, e))?;
         let st = safetensors::SafeTensors::deserialize(&raw)
@@ -146,11 +171,7 @@ impl Checkpoint {
                 .collect();
             by_name.insert(name.clone(), NamedTensor { name, shape: view.shape().to_vec(), data });
         }
-        Ok(Checkpoint {
-            step,
-            tensors: by_name.into_values().collect(),
-            state: doc["state"].clone(),
-        })
+        Ok(Checkpoint { step, tensors: by_name.into_values().collect(), state: doc.state })
     }
 
     pub fn tensor(&self, name: &str) -> Option<&NamedTensor> {
@@ -203,7 +224,13 @@ mod tests {
                 },
                 NamedTensor { name: "b".into(), shape: vec![1], data: vec![0.25] },
             ],
-            state: serde_json::json!({"rng": 42, "data": {"epoch": 1, "index": 3}}),
+            state: LoopState {
+                data: DataPosition { epoch: 1, index: 3, fingerprint: 7 },
+                elapsed_s: 2.5,
+                eval_loss_initial: Some(4.0),
+                total_steps: 10,
+                grit: None,
+            },
         }
     }
 

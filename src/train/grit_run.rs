@@ -4,6 +4,8 @@
 //!
 //! The call sequence is the one documented in [`crate::grit`].
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::ggml::Backend;
@@ -11,6 +13,7 @@ use crate::grit::{
     regularize, reproject::gram_b, stats, Cut, GritConfig, KfacState, Preconditioner, Schedule,
 };
 use crate::model::{LoraSet, ModelError, Weights};
+use crate::rundir::{DampingReport, GritEvent, InvertRow, MetricsRow, ReprojectRow};
 
 use super::engine::OptState;
 
@@ -32,7 +35,7 @@ pub struct GritRun {
 }
 
 /// The checkpoint form of [`GritRun`] (in `state.json` under `"grit"`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GritCheckpoint {
     /// Per module (LoraSet order): the current rank.
     pub ranks: Vec<usize>,
@@ -138,7 +141,7 @@ impl GritRun {
     }
 
     /// Recomputes every module's damped inverses after step t; returns the metrics row.
-    pub fn invert(&mut self, step: usize) -> serde_json::Value {
+    pub fn invert(&mut self, step: usize) -> MetricsRow {
         self.precond = self
             .kfac
             .modules
@@ -158,11 +161,19 @@ impl GritRun {
             .count();
         let lambda_abs = self.schedule.lambda_abs;
         let change = self.schedule.on_inversion(step, &self.cfg);
-        serde_json::json!({
-            "step": step, "event": "invert",
-            "damping": {"mode": self.cfg.damping, "mean_sigma_a": mean_a, "mean_sigma_g": mean_g, "lambda_abs": lambda_abs, "escalated": escalated, "fallbacks": fallbacks},
-            "interval": change.after, "next": change.next,
-        })
+        MetricsRow::Event(GritEvent::Invert(InvertRow {
+            damping: DampingReport {
+                escalated,
+                fallbacks,
+                lambda_abs,
+                mean_sigma_a: mean_a,
+                mean_sigma_g: mean_g,
+                mode: self.cfg.damping,
+            },
+            interval: change.after,
+            next: change.next,
+            step,
+        }))
     }
 
     /// Reprojects every module with statistics after step t. Returns the metrics row and,
@@ -181,12 +192,12 @@ impl GritRun {
         lora: &LoraSet,
         opt: &OptState,
         backend: &Backend,
-    ) -> Result<(serde_json::Value, Option<Replacement>), ModelError> {
+    ) -> Result<(ReprojectRow, Option<Replacement>), ModelError> {
         let mut specs = Vec::new();
         let mut data = Vec::new();
         let mut changed = false;
         let (mut ranks, mut energy, mut eff_rank) =
-            (serde_json::Map::new(), serde_json::Map::new(), serde_json::Map::new());
+            (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
         let mut cut_modules = Vec::new();
         for (i, m) in lora.modules().iter().enumerate() {
             let name = m.base_name();
@@ -199,8 +210,8 @@ impl GritRun {
                 self.initial_rank,
             );
             if let Some(c) = &cut {
-                energy.insert(name.clone(), c.report.energy.into());
-                eff_rank.insert(name.clone(), c.report.eff_rank.into());
+                energy.insert(name.clone(), c.report.energy);
+                eff_rank.insert(name.clone(), c.report.eff_rank);
             }
             match cut {
                 Some(c) if !c.is_noop() => {
@@ -226,7 +237,7 @@ impl GritRun {
                     ]);
                 }
             }
-            ranks.insert(name, specs[i].2.into());
+            ranks.insert(name, specs[i].2);
         }
         let replacement = if changed {
             let new = LoraSet::with_modules(weights, &specs, backend)?;
@@ -258,10 +269,16 @@ impl GritRun {
         let params: usize =
             specs.iter().zip(lora.modules()).map(|(s, m)| s.2 * (m.d_in + m.d_out)).sum();
         let change = self.schedule.on_reprojection(step, &self.cfg);
-        let row = serde_json::json!({
-            "step": step, "event": "reproject", "ranks": ranks, "energy": energy, "eff_rank": eff_rank,
-            "trainable_params": params, "modules_cut": cut_modules.len(), "interval": change.after, "next": change.next,
-        });
+        let row = ReprojectRow {
+            eff_rank,
+            energy,
+            interval: change.after,
+            modules_cut: cut_modules.len(),
+            next: change.next,
+            ranks,
+            step,
+            trainable_params: params,
+        };
         Ok((row, replacement))
     }
 }

@@ -1,4 +1,17 @@
-//! `grit train`: data → graphs → steps → checkpoints, metrics, adapter and summary.
+//! `grit train`: a [`Trainer`] driven through named phases.
+//!
+//! [`train`] reads the inputs ([`Inputs::load`]: model file, tokenizer, data; a dry run stops
+//! there), prepares the run ([`Trainer::prepare`]: output folder, checkpoint to resume from,
+//! backend, frozen weights, adapters, optimizer state, metrics), runs it ([`Trainer::run`])
+//! and writes the adapter and summary ([`Trainer::finish`]).
+//!
+//! A run is a sequence of *shape epochs*: the step graph and the optimizer graph are built for
+//! one batch shape and one set of adapter shapes, and rebuilt when either changes (a batch
+//! with another token or trained-row count; GRIT's reprojection swapping in adapters of new
+//! ranks). Inside an epoch every optimizer step is [`Trainer::micro_step`] × `--grad-accum`,
+//! then [`Trainer::optimizer_step`], then [`Trainer::after_step`] (GRIT's events, evaluation,
+//! checkpoint). The frozen weights ([`Frozen`]) and the current adapters ([`Params`]) live
+//! outside the trainer because the graphs borrow them for the epoch.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,19 +23,18 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::data::{self, DataConfig, Dataset, Sequence};
 use crate::ggml::{Backend, BackendOptions, Context};
 use crate::gguf::GgufFile;
-use crate::model::{
-    Arch, Batch, LoraConfig, LoraSet, ModelError, Outputs, Target, TrainGraph, Weights,
-};
-use crate::rundir;
+use crate::model::{Arch, Batch, LoraConfig, LoraSet, ModelError, Target, Weights};
+use crate::rundir::{self, EvalRow, MetricsRow, MetricsWriter, StepRow};
 
-use super::checkpoint::{self, Checkpoint, NamedTensor};
+use super::batch::{make_batch, run_eval};
+use super::checkpoint::{self, Checkpoint, LoopState, NamedTensor};
 use super::config::{ConfigError, Method, TrainConfig};
 use super::copies::FrozenCopies;
 use super::engine::{
     self, AdamStep, OptGraph, OptOptions, OptState, StepGraph, StepOptions, SLOT_NAMES,
 };
-use super::grit_run::{self, GritCheckpoint, GritRun};
-use super::metrics::MetricsWriter;
+use super::grit_run::{self, GritRun};
+use super::memory;
 use super::schedule::lr_at;
 
 /// Why training stopped early. Messages name the file, flag or step.
@@ -99,67 +111,669 @@ pub enum Outcome {
 
 pub use crate::rundir::Summary;
 
-/// Peak resident memory of this process (VmHWM), bytes.
-pub fn peak_rss_bytes() -> u64 {
-    proc_status_kib("VmHWM:") * 1024
-}
-/// Current resident memory (VmRSS), bytes.
-pub fn rss_bytes() -> u64 {
-    proc_status_kib("VmRSS:") * 1024
-}
-fn proc_status_kib(key: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-/// MemAvailable from /proc/meminfo, bytes (None where unknown).
-pub fn mem_available_bytes() -> Option<u64> {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()?
-        .lines()
-        .find(|l| l.starts_with("MemAvailable:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(|k| k * 1024)
+/// Runs a training job as configured.
+pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainError> {
+    cfg.validate()?;
+    let inputs = Inputs::load(&mut cfg)?;
+    if opts.dry_run {
+        return Ok(Outcome::DryRun {
+            train: inputs.train.stats.clone(),
+            eval: inputs.eval.map(|e| e.stats),
+        });
+    }
+    let (mut trainer, frozen, params) = Trainer::prepare(cfg, opts, inputs)?;
+    let params = trainer.run(&frozen, params)?;
+    trainer.finish(&frozen, params).map(Outcome::Trained)
 }
 
-/// Turns `seqs` into one graph batch: each sequence padded to `seq_len`, placed one after the
-/// other, with a block-diagonal causal mask (per sequence and per packed example) and the
-/// trained rows and their labels.
-pub fn make_batch(seqs: &[Sequence], seq_len: usize, pad: i32) -> Batch {
-    let n = seqs.len() * seq_len;
-    let mut b = Batch {
-        tokens: Vec::with_capacity(n),
-        positions: Vec::with_capacity(n),
-        mask: vec![f32::NEG_INFINITY; n * n],
-        rows: Vec::new(),
-        labels: Vec::new(),
-    };
-    for (k, s) in seqs.iter().enumerate() {
-        let mut s = s.clone();
-        s.pad_to(seq_len, pad);
-        let off = k * seq_len;
-        let m = data::causal_segment_mask(&s);
-        for q in 0..seq_len {
-            b.mask[(off + q) * n + off..(off + q) * n + off + seq_len]
-                .copy_from_slice(&m[q * seq_len..(q + 1) * seq_len]);
+/// What a run reads before anything is built: the model file and the tokenized data.
+struct Inputs {
+    model_path: PathBuf,
+    file: GgufFile,
+    train: Dataset,
+    eval: Option<Dataset>,
+}
+
+impl Inputs {
+    /// Opens the model (the default one when `cfg.model` is unset, which it then names),
+    /// refuses an untrainable architecture before the data is read, and loads the training
+    /// and evaluation data with the model's tokenizer.
+    fn load(cfg: &mut TrainConfig) -> Result<Inputs, TrainError> {
+        let data_path = cfg.data.clone().ok_or(TrainError::NoData)?;
+        let model_path = match &cfg.model {
+            Some(p) => p.clone(),
+            None => crate::fetch::ensure_default_model()?,
+        };
+        cfg.model = Some(model_path.clone());
+        let file = GgufFile::open(&model_path)?;
+        Arch::parse(&file.architecture()?)?;
+        // Vocabulary only: the weights are loaded by grit.
+        let tok = crate::infer::Model::load_vocab_only(&model_path)?;
+        let dcfg = DataConfig {
+            max_seq_len: cfg.max_seq_len,
+            train_on_prompt: cfg.train_on_prompt,
+            skip_bad_rows: cfg.skip_bad_rows,
+            seed: cfg.seed,
+            pack: true,
+        };
+        let train = data::load_file(&data_path, &tok, &dcfg)?;
+        let (train, eval) = match (&cfg.eval_data, cfg.eval_split > 0.0) {
+            (Some(p), _) => (train, Some(data::load_file(p, &tok, &dcfg)?)),
+            (None, true) => {
+                let (t, e) = data::split_eval(train, cfg.eval_split, cfg.seed)?;
+                (t, Some(e))
+            }
+            (None, false) => (train, None),
+        };
+        Ok(Inputs { model_path, file, train, eval })
+    }
+}
+
+/// What stays fixed for the whole run: the quantized base weights and their copies.
+pub struct Frozen {
+    pub weights: Weights,
+    pub copies: FrozenCopies,
+}
+
+/// The trainable adapters and their optimizer state (replaced when GRIT changes ranks).
+pub struct Params {
+    pub lora: LoraSet,
+    pub opt: OptState,
+}
+
+/// The optimizer step being accumulated from micro-batches.
+struct Accum {
+    micro: usize,
+    loss_sum: f32,
+    tokens: usize,
+    t0: Instant,
+}
+
+impl Accum {
+    fn new() -> Self {
+        Accum { micro: 0, loss_sum: 0.0, tokens: 0, t0: Instant::now() }
+    }
+}
+
+/// How a shape epoch ended.
+enum EpochEnd {
+    /// The next batch or the adapters have other shapes: build new graphs.
+    Reshape,
+    /// The last step is done.
+    Done,
+}
+
+/// The mutable state of a run between its phases.
+pub struct Trainer {
+    cfg: TrainConfig,
+    opts: RunOptions,
+    model_path: PathBuf,
+    ckpt_dir: PathBuf,
+    backend: Backend,
+    grit: Option<GritRun>,
+    /// GRIT: adapters of new ranks, swapped in at the next shape epoch.
+    replacement: Option<Params>,
+    batcher: data::Batcher,
+    /// A batch drawn that did not fit the last epoch's graphs.
+    pending: Option<Batch>,
+    pad: i32,
+    eval_seqs: Vec<Sequence>,
+    /// Device bytes of the largest evaluation compute buffer (GPU: the evaluation's own
+    /// context holds it while the training buffers stay allocated).
+    eval_buffer: usize,
+    metrics: MetricsWriter,
+    bar: ProgressBar,
+    total_steps: usize,
+    start_step: usize,
+    step: usize,
+    accum: Accum,
+    epochs: usize,
+    t_start: Instant,
+    elapsed_before: f64,
+    eval_initial: Option<f32>,
+    last_eval: Option<f32>,
+    losses: Vec<f32>,
+    tok_rates: Vec<f64>,
+}
+
+impl Trainer {
+    /// Output folder, the checkpoint to resume from, backend, frozen weights, adapters (at
+    /// the checkpoint's ranks), optimizer state, metrics; restores a resumed run's state and
+    /// evaluates step 0 of a new one.
+    fn prepare(
+        mut cfg: TrainConfig,
+        opts: RunOptions,
+        inputs: Inputs,
+    ) -> Result<(Trainer, Frozen, Params), TrainError> {
+        let Inputs { model_path, file, train: train_ds, eval: eval_ds } = inputs;
+        let out = opts.out.clone();
+        prepare_out_dir(&opts)?;
+        write_atomic(&out.join(rundir::CONFIG), cfg.to_toml().as_bytes())?;
+        let ckpt_dir = out.join(rundir::CHECKPOINTS);
+        // The checkpoint to resume from (its shapes decide the adapters' ranks).
+        let resume = if opts.resume {
+            let step = *checkpoint::list_steps(&ckpt_dir)
+                .last()
+                .ok_or_else(|| TrainError::NothingToResume(out.clone()))?;
+            Some(Checkpoint::load(&checkpoint::step_dir(&ckpt_dir, step))?)
+        } else {
+            None
+        };
+
+        let mut batcher = data::Batcher::new(&train_ds, cfg.batch_size)?;
+        let total_steps = cfg.steps.unwrap_or_else(|| {
+            let epochs = cfg.epochs.unwrap_or(1.0);
+            let micro = epochs * batcher.batches_per_epoch() as f64;
+            (micro / cfg.grad_accum as f64).ceil().max(1.0) as usize
+        });
+        // GRIT's first cut as a share of this run's length.
+        cfg.grit.resolve_first_cut(total_steps);
+
+        let backend = Backend::new(BackendOptions { device: cfg.device, n_threads: cfg.threads })?;
+        let weights = Weights::load(&file, &backend)?;
+        drop(file);
+        let (lora, grit) = build_adapters(&cfg, &weights, &backend, resume.as_ref(), &ckpt_dir)?;
+        let opt = OptState::new(&lora, &backend)?;
+        let copies = FrozenCopies::build(&weights, cfg.weight_copies, cfg.forward_copy, &backend)?;
+        if let Some(path) = &opts.dump_tokens {
+            dump_tokens(path, &batcher, total_steps * cfg.grad_accum, cfg.max_seq_len)?;
         }
-        b.tokens.extend_from_slice(&s.tokens);
-        b.positions.extend_from_slice(&s.pos);
-        for (i, &w) in s.loss_mask.iter().enumerate() {
-            if w > 0.0 {
-                b.rows.push((off + i) as i32);
-                b.labels.push(s.labels[i]);
+
+        // Resume: parameters, optimizer state, data position, step.
+        let (mut start_step, mut elapsed_before, mut eval_initial) = (0, 0.0, None);
+        let metrics = if let Some(ck) = &resume {
+            restore(ck, &ckpt_dir, &lora, &opt)?;
+            batcher.restore(ck.state.data)?;
+            start_step = ck.step;
+            elapsed_before = ck.state.elapsed_s;
+            eval_initial = ck.state.eval_loss_initial;
+            eprintln!("grit: resuming {} from step {start_step}", out.display());
+            MetricsWriter::resume(&out, start_step)?
+        } else {
+            MetricsWriter::create(&out)?
+        };
+        eprintln!(
+            "grit: {} · {} modules · {} trainable parameters · {} steps · {} sequences/epoch · weight copies {:?} ({} MiB) · device {}",
+            weights.hparams.arch.name(),
+            lora.modules().len(),
+            lora.n_params(),
+            total_steps,
+            batcher.sequences_per_epoch(),
+            copies.mode(),
+            copies.bytes() >> 20,
+            backend.label()
+        );
+        let mut trainer = Trainer {
+            opts,
+            model_path,
+            ckpt_dir,
+            backend,
+            grit,
+            replacement: None,
+            batcher,
+            pending: None,
+            pad: train_ds.eos,
+            eval_seqs: eval_ds.as_ref().map(data::pack).unwrap_or_default(),
+            eval_buffer: 0,
+            metrics,
+            bar: progress_bar(total_steps, start_step),
+            total_steps,
+            start_step,
+            step: start_step,
+            accum: Accum::new(),
+            epochs: 0,
+            t_start: Instant::now(),
+            elapsed_before,
+            eval_initial,
+            last_eval: None,
+            losses: Vec::new(),
+            tok_rates: Vec::new(),
+            cfg,
+        };
+        let frozen = Frozen { weights, copies };
+        if start_step == 0 {
+            trainer.last_eval = trainer.evaluate(&frozen.weights, &lora, 0)?;
+            trainer.eval_initial = trainer.last_eval;
+            if let Some(l) = trainer.last_eval {
+                eprintln!("grit: step 0 eval loss {l:.4}");
+            }
+        }
+        trainer.bar.reset_elapsed();
+        Ok((trainer, frozen, Params { lora, opt }))
+    }
+
+    /// Trains to the last step, one shape epoch after another; returns the final adapters.
+    fn run(&mut self, frozen: &Frozen, mut params: Params) -> Result<Params, TrainError> {
+        if self.opts.profile {
+            self.backend.start_profile(engine::categorize);
+        }
+        while self.step < self.total_steps {
+            if let Some(p) = self.replacement.take() {
+                params = p;
+                params.lora.mark_params();
+            }
+            if let EpochEnd::Done = self.shape_epoch(frozen, &params)? {
+                break;
+            }
+        }
+        self.bar.finish_and_clear();
+        if let Some(p) = self.backend.profile() {
+            let n = self.step - self.start_step;
+            eprintln!(
+                "where the time of {n} steps went (per step: {:.3} s; evaluation included):\n{}",
+                p.total_s / n.max(1) as f64,
+                p.table()
+            );
+        }
+        Ok(self.replacement.take().unwrap_or(params))
+    }
+
+    /// Builds the graphs for the next batch's shape and the current adapters and trains with
+    /// them until a shape changes or the run ends.
+    fn shape_epoch(&mut self, frozen: &Frozen, params: &Params) -> Result<EpochEnd, TrainError> {
+        // On a GPU each shape epoch after the first gets a fresh backend context, freed before
+        // the buffers the previous epoch computed with (GRIT's replaced adapters and optimizer
+        // state, an outgrown compute buffer): see `Backend::renew`.
+        if self.backend.is_gpu() && self.epochs > 0 {
+            self.backend.renew()?;
+        }
+        // The step graph is rebuilt only when the batch shape (tokens, trained rows) changes.
+        let first = match self.pending.take() {
+            Some(b) => b,
+            None => self.next_batch(),
+        };
+        let shape = (first.n_tokens(), first.n_rows());
+        let (cfg, is_grit) = (&self.cfg, self.cfg.method == Method::Grit);
+        let loss_scale = engine::loss_scale(cfg.batch_size * cfg.max_seq_len);
+        let opt_ctx = Context::new(engine::opt_capacity(&params.lora))?;
+        let opt_options = OptOptions {
+            n_micro: cfg.grad_accum,
+            max_grad_norm: cfg.max_grad_norm,
+            precondition: is_grit,
+            graft: is_grit && cfg.grit.graft,
+            loss_scale,
+        };
+        let opt_graph = OptGraph::build(&opt_ctx, &params.lora, &params.opt, &opt_options);
+        let ctx = Context::new(engine::step_capacity(&frozen.weights, &params.lora))?;
+        let step_options = StepOptions {
+            loss_scale,
+            grit: is_grit.then_some(&cfg.grit),
+            dropout: cfg.dropout > 0.0,
+            recompute: cfg.recompute(),
+            fuse_attention: true,
+        };
+        let sg = StepGraph::build_with(
+            &ctx,
+            &frozen.weights,
+            &params.lora,
+            &frozen.copies,
+            &params.opt,
+            shape.0,
+            shape.1,
+            step_options,
+        );
+        if self.epochs == 0 {
+            self.check_first_graph(frozen, params, &sg)?;
+        }
+        self.epochs += 1;
+        let mut next = Some(first);
+        loop {
+            let batch = match next.take() {
+                Some(b) => b,
+                None => self.next_batch(),
+            };
+            if (batch.n_tokens(), batch.n_rows()) != shape {
+                self.pending = Some(batch);
+                return Ok(EpochEnd::Reshape);
+            }
+            self.micro_step(&sg, &batch)?;
+            if self.accum.micro < self.cfg.grad_accum {
+                continue;
+            }
+            let loss = self.optimizer_step(&opt_graph)?;
+            self.after_step(frozen, params, loss)?;
+            if self.step == self.total_steps {
+                return Ok(EpochEnd::Done);
+            }
+            if self.replacement.is_some() {
+                return Ok(EpochEnd::Reshape);
             }
         }
     }
-    b
+
+    fn next_batch(&mut self) -> Batch {
+        make_batch(&self.batcher.next_batch(), self.cfg.max_seq_len, self.pad)
+    }
+
+    /// Once, on the first step graph: its size and rewrites, the GPU's CPU fallbacks, the
+    /// compute buffer (allocated by one empty compute), `--profile`'s tensor peak, and whether
+    /// the run fits in host and device memory.
+    fn check_first_graph(
+        &mut self,
+        frozen: &Frozen,
+        params: &Params,
+        sg: &StepGraph<'_>,
+    ) -> Result<(), TrainError> {
+        eprintln!(
+            "grit: step graph: {} nodes; frozen backward rewritten: {} with persistent copies, {} transient; {} forward matmuls on faster exact splits/copies; {} nodes recomputed in the backward; {} small nodes kept allocated ({:.1} MiB)",
+            sg.graph.n_nodes(),
+            sg.rewritten.0,
+            sg.rewritten.1,
+            sg.forward_rewritten,
+            sg.recomputed,
+            sg.kept.0,
+            sg.kept.1 as f64 / (1 << 20) as f64
+        );
+        if self.backend.is_gpu() {
+            memory::log_cpu_fallback(&self.backend, &sg.graph);
+        }
+        drop(self.backend.compute(&sg.graph)?);
+        let compute = self.backend.compute_buffer_bytes();
+        if self.opts.profile {
+            memory::print_live_tensor_peak(&sg.graph);
+        }
+        let (w, c, lora, opt) = (&frozen.weights, &frozen.copies, &params.lora, &params.opt);
+        eprintln!(
+            "grit: memory: base weights {} MiB, weight copies {} MiB, adapters + optimizer state {} MiB, step compute buffer {} MiB",
+            w.bytes() >> 20,
+            c.bytes() >> 20,
+            (4 * lora.n_params() + opt.bytes()) >> 20,
+            compute >> 20
+        );
+        memory::check_memory(w, c, lora, opt, compute)?;
+        if let Some(gpu) = self.backend.gpu() {
+            let compute = self.backend.primary_compute_buffer_bytes() + self.eval_buffer;
+            memory::check_device_memory(gpu, w, c, lora, opt, compute)?;
+        }
+        Ok(())
+    }
+
+    /// Forward and backward of one micro-batch: gradients accumulate in the optimizer state,
+    /// GRIT's statistics in its host state.
+    fn micro_step(&mut self, sg: &StepGraph<'_>, batch: &Batch) -> Result<(), TrainError> {
+        let (cfg, step, micro) = (&self.cfg, self.step, self.accum.micro);
+        let mut run = self.backend.compute(&sg.graph)?;
+        sg.train.set_inputs(&mut run, batch)?;
+        sg.train.set_dropout(&mut run, cfg.dropout, cfg.seed, step as u64 + 1, micro as u64)?;
+        sg.set_seeds(&mut run)?;
+        let mut n_counted = 0;
+        if let (Some(st), Some(g)) = (&sg.stats, &self.grit) {
+            let (w, n) = crate::grit::stats::token_weights(batch.n_tokens(), &batch.rows);
+            n_counted = n;
+            st.set_weights(&mut run, &w)?;
+            if let Some((reg, _)) = &sg.reg {
+                let ramp = crate::grit::schedule::reg_ramp(step + 1, g.cfg.reg_warmup);
+                reg.set(&mut run, ramp, &g.coeffs)?;
+            }
+        }
+        run.run()?;
+        if let (Some(st), Some(g)) = (&sg.stats, &mut self.grit) {
+            if g.schedule.kfac_due(step + 1, &g.cfg) {
+                g.accumulate(&st.read(&run)?, n_counted);
+            }
+        }
+        let l = run.read_f32(sg.train.loss.expect("loss"))?[0];
+        if !l.is_finite() {
+            return Err(TrainError::NonFinite { step: step + 1, loss: l });
+        }
+        self.accum.loss_sum += l;
+        self.accum.tokens += batch.tokens.len();
+        self.accum.micro += 1;
+        Ok(())
+    }
+
+    /// Mean gradient, GRIT's preconditioning, clipping and AdamW (one graph); the step's
+    /// metrics row. Returns the step's mean loss.
+    fn optimizer_step(&mut self, og: &OptGraph<'_>) -> Result<f32, TrainError> {
+        let cfg = &self.cfg;
+        let step = self.step;
+        let loss = self.accum.loss_sum / cfg.grad_accum as f32;
+        let lr = lr_at(cfg.lr_schedule, cfg.lr, cfg.warmup, step, self.total_steps);
+        let adam = AdamStep {
+            lr,
+            beta1: cfg.adam_beta1,
+            beta2: cfg.adam_beta2,
+            eps: cfg.adam_eps,
+            weight_decay: cfg.weight_decay,
+            t: step as u64 + 1,
+        };
+        if let Some(g) = &mut self.grit {
+            if g.schedule.kfac_due(step + 1, &g.cfg) {
+                g.commit();
+            }
+        }
+        let grad_norm = {
+            let mut run = self.backend.compute(&og.graph)?;
+            if let (Some(pi), Some(g)) = (&og.precond, &self.grit) {
+                pi.set(&mut run, &g.step_precond(step + 1))?;
+            }
+            run.write_f32(og.adamw, &adam.params())?;
+            run.write_f32(og.max_norm, &[cfg.max_grad_norm])?;
+            run.run()?;
+            run.read_f32(og.norm)?[0]
+        };
+        self.step += 1;
+        let tokens = self.accum.tokens;
+        let tps = tokens as f64 / self.accum.t0.elapsed().as_secs_f64();
+        self.losses.push(loss);
+        self.tok_rates.push(tps);
+        let row = StepRow {
+            elapsed_s: self.elapsed(),
+            grad_norm: grad_norm as f64,
+            loss: loss as f64,
+            lr: lr as f64,
+            step: self.step,
+            tokens,
+            tokens_per_s: tps,
+        };
+        self.metrics.write(&MetricsRow::Step(row))?;
+        self.bar.set_message(format!(
+            "loss {loss:.4} · lr {lr:.2e} · {tps:.0} tok/s · {} MiB",
+            memory::rss_bytes() >> 20
+        ));
+        self.bar.set_position(self.step as u64);
+        Ok(loss)
+    }
+
+    /// Seconds trained so far (across resumes).
+    fn elapsed(&self) -> f64 {
+        self.elapsed_before + self.t_start.elapsed().as_secs_f64()
+    }
+
+    /// After an optimizer step: zero the gradients, GRIT's events, evaluation, checkpoint.
+    fn after_step(
+        &mut self,
+        frozen: &Frozen,
+        params: &Params,
+        loss: f32,
+    ) -> Result<(), TrainError> {
+        params.opt.zero_grads()?;
+        self.grit_events(frozen, params, loss)?;
+        // Evaluation and checkpoints see the adapters the next step will train.
+        let current = self.replacement.take();
+        let cur = current.as_ref().unwrap_or(params);
+        let res = self.evaluate_and_save(&frozen.weights, cur);
+        self.replacement = current;
+        res?;
+        self.accum = Accum::new();
+        Ok(())
+    }
+
+    /// GRIT's events after a step: inversion, then reprojection (adapters of new ranks are
+    /// kept in `replacement` and swapped in at the next shape epoch).
+    fn grit_events(
+        &mut self,
+        frozen: &Frozen,
+        params: &Params,
+        loss: f32,
+    ) -> Result<(), TrainError> {
+        let Some(g) = &mut self.grit else {
+            return Ok(());
+        };
+        let step = self.step;
+        g.schedule.record_loss(loss as f64);
+        if g.schedule.invert_due(step) {
+            let row = g.invert(step);
+            self.metrics.write(&row)?;
+        }
+        if g.schedule.reproject_due(step, &g.cfg) {
+            let (row, new) =
+                g.reproject(step, &frozen.weights, &params.lora, &params.opt, &self.backend)?;
+            log_line(
+                &self.bar,
+                format!(
+                    "step {step}: reprojection: {} modules cut, {} trainable parameters",
+                    row.modules_cut, row.trainable_params
+                ),
+            );
+            self.metrics.write(&MetricsRow::Event(rundir::GritEvent::Reproject(row)))?;
+            self.replacement = new.map(|(lora, opt)| Params { lora, opt });
+        }
+        Ok(())
+    }
+
+    /// The evaluation due after this step (every `--eval-every` and at the end), then the
+    /// checkpoint due (every `--save-every`, at `stop_after`, on cancellation).
+    fn evaluate_and_save(&mut self, weights: &Weights, cur: &Params) -> Result<(), TrainError> {
+        let step = self.step;
+        let is_last = step == self.total_steps;
+        let every = self.cfg.eval_every;
+        if (every > 0 && step.is_multiple_of(every)) || is_last {
+            self.last_eval = self.evaluate(weights, &cur.lora, step)?;
+            if let Some(l) = self.last_eval {
+                log_line(&self.bar, format!("step {step}: eval loss {l:.4}"));
+            }
+        }
+        let stop_here = self.opts.stop_after == Some(step) && !is_last;
+        let cancelled = self.opts.cancel.load(Ordering::SeqCst) && !is_last;
+        let every = self.cfg.save_every;
+        if (every > 0 && step.is_multiple_of(every) && !is_last) || stop_here || cancelled {
+            let state = LoopState {
+                data: self.batcher.position(),
+                elapsed_s: self.elapsed(),
+                eval_loss_initial: self.eval_initial,
+                total_steps: self.total_steps,
+                grit: self.grit.as_ref().map(|g| g.checkpoint(&cur.lora)),
+            };
+            let dir = snapshot(step, cur, state)?.save(&self.ckpt_dir)?;
+            if let Some(k) = self.cfg.keep_checkpoints {
+                checkpoint::prune(&self.ckpt_dir, k)?;
+            }
+            if stop_here || cancelled {
+                self.bar.abandon();
+                let out = self.opts.out.clone();
+                return Err(TrainError::Interrupted { step, dir, out });
+            }
+        }
+        Ok(())
+    }
+
+    /// The in-training evaluation loss of `lora` after `step` (None without evaluation data),
+    /// with its metrics row.
+    fn evaluate(
+        &mut self,
+        weights: &Weights,
+        lora: &LoraSet,
+        step: usize,
+    ) -> Result<Option<f32>, TrainError> {
+        if self.eval_seqs.is_empty() {
+            return Ok(None);
+        }
+        let (seqs, seq_len, pad, max) =
+            (&self.eval_seqs, self.cfg.max_seq_len, self.pad, self.cfg.eval_tokens);
+        // On a GPU the evaluation runs in a backend context and scheduler of its own, dropped
+        // with its compute buffer afterwards, and the training context's buffers are left
+        // alone. On lavapipe, evaluating in the training backend's context corrupted the host
+        // heap during the next training step (tiny and default models, LoRA and GRIT, every
+        // run): the step graph made the allocator free the eval-sized buffer while the Vulkan
+        // context went on being used; see docs/ENGINE.md.
+        let (loss, tokens) = if self.backend.is_gpu() {
+            let options = BackendOptions { device: self.cfg.device, n_threads: self.cfg.threads };
+            let mut own = Backend::new(options)?;
+            let r = run_eval(&mut own, weights, lora, seqs, seq_len, pad, max)?;
+            self.eval_buffer = self.eval_buffer.max(own.primary_compute_buffer_bytes());
+            r
+        } else {
+            run_eval(&mut self.backend, weights, lora, seqs, seq_len, pad, max)?
+        };
+        let row = EvalRow { eval_loss: loss as f64, eval_tokens: tokens, step };
+        self.metrics.write(&MetricsRow::Eval(row))?;
+        Ok(Some(loss))
+    }
+
+    /// Writes the adapter (with provenance) and the summary.
+    fn finish(self, frozen: &Frozen, params: Params) -> Result<Summary, TrainError> {
+        let Params { lora, opt } = params;
+        drop(opt);
+        let cfg = &self.cfg;
+        let out = &self.opts.out;
+        // GRIT's scales are those of the initial rank (not alpha/r of the current rank); the
+        // adapter file reproduces every module's scale exactly and carries provenance (base
+        // name/sha256, method, hyper-parameters): see crate::adapter.
+        let method = if cfg.method == Method::Grit { "grit" } else { "lora" };
+        let prov =
+            crate::adapter::Provenance::for_base(&self.model_path, method, Some(cfg.to_toml()))
+                .map_err(|e| io(&self.model_path, e))?;
+        let arch = frozen.weights.hparams.arch.name();
+        crate::adapter::Adapter::from_lora_set(&lora, arch, prov)
+            .and_then(|a| {
+                a.write_gguf(&out.join(rundir::ADAPTER), crate::adapter::AdapterDtype::F32)
+            })
+            .map_err(|e| io(&out.join(rundir::ADAPTER), e))?;
+
+        let mut drift_per_module = std::collections::BTreeMap::new();
+        for (i, m) in lora.modules().iter().enumerate() {
+            drift_per_module.insert(m.base_name(), grit_run::drift(&lora, i)?);
+        }
+        let drift_total = drift_per_module.values().map(|d| d * d).sum::<f64>().sqrt();
+        let tail = &self.losses[self.losses.len().saturating_sub(10)..];
+        let mut rates = self.tok_rates.clone();
+        rates.sort_by(f64::total_cmp);
+        let grit = self.grit.as_ref();
+        let summary = Summary {
+            method: cfg.method,
+            base_model: self.model_path.display().to_string(),
+            targets: cfg.targets.clone(),
+            rank_per_module: lora.modules().iter().map(|m| (m.base_name(), m.rank)).collect(),
+            trainable_params: lora.n_params(),
+            steps: self.step,
+            train_loss: (!tail.is_empty()).then(|| tail.iter().sum::<f32>() / tail.len() as f32),
+            eval_loss: self.last_eval,
+            eval_loss_initial: self.eval_initial,
+            tokens_per_s: rates.get(rates.len() / 2).copied().unwrap_or(0.0),
+            peak_rss_bytes: memory::peak_rss_bytes(),
+            wall_s: self.elapsed(),
+            weight_copies: cfg.weight_copies,
+            trainable_params_initial: grit.map(|g| g.params_initial),
+            trainable_params_final: grit.map(|_| lora.n_params()),
+            inversions: grit.map(|g| g.schedule.inversions),
+            reprojections: grit.map(|g| g.schedule.reprojections),
+            drift_per_module,
+            drift_total,
+        };
+        summary.write(out)?;
+        Ok(summary)
+    }
+}
+
+/// Makes `opts.out` ready: a resumed run needs its configuration there; a new run needs an
+/// empty or absent folder, or `--overwrite` (which removes the previous run's files).
+fn prepare_out_dir(opts: &RunOptions) -> Result<(), TrainError> {
+    let out = &opts.out;
+    if opts.resume {
+        if !out.join(rundir::CONFIG).is_file() {
+            return Err(TrainError::NothingToResume(out.clone()));
+        }
+    } else if out.exists() && !is_empty_dir(out) {
+        if !opts.overwrite {
+            return Err(TrainError::OutNotEmpty(out.clone()));
+        }
+        for f in [rundir::ADAPTER, rundir::METRICS, rundir::SUMMARY, rundir::CONFIG] {
+            let _ = std::fs::remove_file(out.join(f));
+        }
+        let _ = std::fs::remove_dir_all(out.join(rundir::CHECKPOINTS));
+    }
+    std::fs::create_dir_all(out).map_err(|e| io(out, e))
 }
 
 fn is_empty_dir(p: &Path) -> bool {
@@ -171,117 +785,36 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
     crate::fetch::write_atomic(path, bytes).map_err(|e| io(path, e))
 }
 
-/// Runs a training job as configured.
-pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainError> {
-    cfg.validate()?;
-    let is_grit = cfg.method == Method::Grit;
-    let data_path = cfg.data.clone().ok_or(TrainError::NoData)?;
-    let model_path = match &cfg.model {
-        Some(p) => p.clone(),
-        None => crate::fetch::ensure_default_model()?,
-    };
-    cfg.model = Some(model_path.clone());
-
-    // Model file, architecture, tokenizer (vocab only: the weights are loaded by grit).
-    let file = GgufFile::open(&model_path)?;
-    Arch::parse(&file.architecture()?)?; // refuse untrainable architectures before loading data
-    let tok = crate::infer::Model::load_vocab_only(&model_path)?;
-
-    // Data.
-    let dcfg = DataConfig {
-        max_seq_len: cfg.max_seq_len,
-        train_on_prompt: cfg.train_on_prompt,
-        skip_bad_rows: cfg.skip_bad_rows,
-        seed: cfg.seed,
-        pack: true,
-    };
-    let train_ds = data::load_file(&data_path, &tok, &dcfg)?;
-    let (train_ds, eval_ds): (Dataset, Option<Dataset>) =
-        match (&cfg.eval_data, cfg.eval_split > 0.0) {
-            (Some(p), _) => (train_ds, Some(data::load_file(p, &tok, &dcfg)?)),
-            (None, true) => {
-                let (t, e) = data::split_eval(train_ds, cfg.eval_split, cfg.seed)?;
-                (t, Some(e))
-            }
-            (None, false) => (train_ds, None),
-        };
-    if opts.dry_run {
-        return Ok(Outcome::DryRun {
-            train: train_ds.stats.clone(),
-            eval: eval_ds.map(|e| e.stats),
-        });
-    }
-
-    // Output folder.
-    let out = opts.out.clone();
-    if opts.resume {
-        if !out.join(rundir::CONFIG).is_file() {
-            return Err(TrainError::NothingToResume(out));
-        }
-    } else if out.exists() && !is_empty_dir(&out) {
-        if !opts.overwrite {
-            return Err(TrainError::OutNotEmpty(out));
-        }
-        for f in [rundir::ADAPTER, rundir::METRICS, rundir::SUMMARY, rundir::CONFIG] {
-            let _ = std::fs::remove_file(out.join(f));
-        }
-        let _ = std::fs::remove_dir_all(out.join(rundir::CHECKPOINTS));
-    }
-    std::fs::create_dir_all(&out).map_err(|e| io(&out, e))?;
-    write_atomic(&out.join(rundir::CONFIG), cfg.to_toml().as_bytes())?;
-    let ckpt_dir = out.join(rundir::CHECKPOINTS);
-
-    // The checkpoint to resume from (its shapes decide the adapters' ranks).
-    let resume_ck = if opts.resume {
-        let step = *checkpoint::list_steps(&ckpt_dir)
-            .last()
-            .ok_or_else(|| TrainError::NothingToResume(out.clone()))?;
-        Some(Checkpoint::load(&checkpoint::step_dir(&ckpt_dir, step))?)
-    } else {
-        None
-    };
-    let grit_ck: Option<GritCheckpoint> = match (&resume_ck, is_grit) {
-        (Some(ck), true) => {
-            Some(serde_json::from_value(ck.state["grit"].clone()).map_err(|e| {
-                TrainError::CheckpointMismatch {
-                    dir: ckpt_dir.clone(),
-                    step: ck.step,
-                    msg: format!("state.json: field 'grit': {e}"),
-                }
-            })?)
-        }
-        _ => None,
-    };
-
-    let mut batcher = data::Batcher::new(&train_ds, cfg.batch_size)?;
-    let total_steps = cfg.steps.unwrap_or_else(|| {
-        let epochs = cfg.epochs.unwrap_or(1.0);
-        ((epochs * batcher.batches_per_epoch() as f64) / cfg.grad_accum as f64).ceil().max(1.0)
-            as usize
-    });
-    // GRIT's first cut as a share of this run's length.
-    cfg.grit.resolve_first_cut(total_steps);
-
-    // Backend, frozen weights, adapters, optimizer state.
-    let mut backend = Backend::new(BackendOptions { device: cfg.device, n_threads: cfg.threads })?;
-    let weights = Weights::load(&file, &backend)?;
-    drop(file);
+/// The adapters a run starts from (every module at `--rank`, initialized from the seed, or
+/// at a resumed GRIT checkpoint's ranks; every scale stays that of the initial rank) and
+/// GRIT's host state.
+fn build_adapters(
+    cfg: &TrainConfig,
+    weights: &Weights,
+    backend: &Backend,
+    resume: Option<&Checkpoint>,
+    ckpt_dir: &Path,
+) -> Result<(LoraSet, Option<GritRun>), TrainError> {
     let targets = cfg.targets.iter().map(|t| Target::parse(t)).collect::<Result<Vec<_>, _>>()?;
     let lcfg =
         LoraConfig { targets, rank: cfg.rank, alpha: cfg.alpha, rslora: cfg.rslora, layers: None };
-    let mut lora = LoraSet::new(&weights, &lcfg, &backend)?;
+    let mut lora = LoraSet::new(weights, &lcfg, backend)?;
     lora.init(cfg.seed)?;
-    let mut grit: Option<GritRun> = is_grit.then(|| GritRun::new(&cfg.grit, &lora, cfg.rank));
-    if let Some(gck) = grit_ck {
-        // The checkpoint's per-module ranks; every scale stays that of the initial rank.
+    let mut grit = (cfg.method == Method::Grit).then(|| GritRun::new(&cfg.grit, &lora, cfg.rank));
+    if let (Some(ck), Some(_)) = (resume, &grit) {
+        let mismatch = |msg: String| TrainError::CheckpointMismatch {
+            dir: ckpt_dir.to_path_buf(),
+            step: ck.step,
+            msg,
+        };
+        let gck = ck.state.grit.clone().ok_or_else(|| {
+            mismatch(
+                "state.json has no GRIT state (was the run started with --method lora?)".into(),
+            )
+        })?;
         if gck.ranks.len() != lora.modules().len() {
-            let msg =
-                format!("it has {} modules, this run {}", gck.ranks.len(), lora.modules().len());
-            return Err(TrainError::CheckpointMismatch {
-                dir: ckpt_dir.clone(),
-                step: resume_ck.as_ref().map_or(0, |c| c.step),
-                msg,
-            });
+            let n = lora.modules().len();
+            return Err(mismatch(format!("it has {} modules, this run {n}", gck.ranks.len())));
         }
         let specs: Vec<_> = lora
             .modules()
@@ -289,115 +822,32 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
             .zip(&gck.ranks)
             .map(|(m, &r)| (m.layer, m.target, r, m.scale))
             .collect();
-        lora = LoraSet::with_modules(&weights, &specs, &backend)?;
+        lora = LoraSet::with_modules(weights, &specs, backend)?;
         grit = Some(GritRun::from_checkpoint(&cfg.grit, gck, cfg.rank));
     }
     lora.mark_params();
-    let mut opt = OptState::new(&lora, &backend)?;
-    let copies = FrozenCopies::build(&weights, cfg.weight_copies, cfg.forward_copy, &backend)?;
+    Ok((lora, grit))
+}
 
-    let eval_seqs: Vec<Sequence> = eval_ds.as_ref().map(data::pack).unwrap_or_default();
-    if let Some(path) = &opts.dump_tokens {
-        let mut b = batcher.clone();
-        let n = total_steps * cfg.grad_accum;
-        let seqs: Vec<serde_json::Value> = (0..n)
-            .flat_map(|_| b.next_batch())
-            .map(|s| serde_json::json!({"tokens": s.tokens, "labels": s.labels, "loss_mask": s.loss_mask, "segment": s.segment, "pos": s.pos}))
-            .collect();
-        let doc = serde_json::json!({"sequences": seqs, "seq_len": cfg.max_seq_len});
-        write_atomic(path, doc.to_string().as_bytes())?;
+/// `--dump-tokens`: the sequences the run will train on, in order, as JSON.
+fn dump_tokens(
+    path: &Path,
+    batcher: &data::Batcher,
+    micro_batches: usize,
+    seq_len: usize,
+) -> Result<(), TrainError> {
+    #[derive(serde::Serialize)]
+    struct Dump<'a> {
+        sequences: &'a [Sequence],
+        seq_len: usize,
     }
-    let pad = tok_eos(&train_ds);
+    let mut b = batcher.clone();
+    let seqs: Vec<Sequence> = (0..micro_batches).flat_map(|_| b.next_batch()).collect();
+    let doc = serde_json::to_vec(&Dump { sequences: &seqs, seq_len }).map_err(|e| io(path, e))?;
+    write_atomic(path, &doc)
+}
 
-    // Resume: parameters, optimizer state, data position, step.
-    let mut start_step = 0usize;
-    let mut elapsed_before = 0.0f64;
-    let mut eval_initial: Option<f32> = None;
-    let mut metrics =
-        if let Some(ck) = resume_ck {
-            let step = ck.step;
-            restore(&ck, &ckpt_dir, &lora, &opt)?;
-            let pos: data::DataPosition = serde_json::from_value(ck.state["data"].clone())
-                .map_err(|e| TrainError::CheckpointMismatch {
-                    dir: ckpt_dir.clone(),
-                    step,
-                    msg: format!("state.json: field 'data': {e}"),
-                })?;
-            batcher.restore(pos)?;
-            start_step = step;
-            elapsed_before = ck.state["elapsed_s"].as_f64().unwrap_or(0.0);
-            eval_initial = ck.state["eval_loss_initial"].as_f64().map(|x| x as f32);
-            eprintln!("grit: resuming {} from step {step}", out.display());
-            MetricsWriter::resume(&out.join(rundir::METRICS), step)
-                .map_err(|e| io(&out.join(rundir::METRICS), e))?
-        } else {
-            MetricsWriter::create(&out.join(rundir::METRICS))
-                .map_err(|e| io(&out.join(rundir::METRICS), e))?
-        };
-
-    let interrupted = opts.cancel.clone();
-
-    eprintln!(
-        "grit: {} · {} modules · {} trainable parameters · {} steps · {} sequences/epoch · weight copies {:?} ({} MiB) · device {}",
-        weights.hparams.arch.name(),
-        lora.modules().len(),
-        lora.n_params(),
-        total_steps,
-        batcher.sequences_per_epoch(),
-        copies.mode(),
-        copies.bytes() >> 20,
-        backend.label()
-    );
-
-    let t_start = Instant::now();
-    let mut last_eval: Option<f32> = None;
-    // Device bytes of the largest evaluation compute buffer (GPU: the evaluation's own context
-    // holds it while the training buffers stay allocated).
-    let eval_buffer = std::cell::Cell::new(0usize);
-    let evaluate = |backend: &mut Backend,
-                    lora: &LoraSet,
-                    step: usize,
-                    metrics: &mut MetricsWriter|
-     -> Result<Option<f32>, TrainError> {
-        if eval_seqs.is_empty() {
-            return Ok(None);
-        }
-        // On a GPU the evaluation runs in a backend context and scheduler of its own, dropped
-        // with its compute buffer afterwards, and the training context's buffers are left
-        // alone. On lavapipe, evaluating in the training backend's context corrupted the host
-        // heap during the next training step (tiny and default models, LoRA and GRIT, every
-        // run): the step graph made the allocator free the eval-sized buffer while the Vulkan
-        // context went on being used; see docs/ENGINE.md.
-        let (loss, tokens) = if backend.is_gpu() {
-            let mut own =
-                Backend::new(BackendOptions { device: cfg.device, n_threads: cfg.threads })?;
-            let r = run_eval(
-                &mut own,
-                &weights,
-                lora,
-                &eval_seqs,
-                cfg.max_seq_len,
-                pad,
-                cfg.eval_tokens,
-            )?;
-            eval_buffer.set(eval_buffer.get().max(own.primary_compute_buffer_bytes()));
-            r
-        } else {
-            run_eval(backend, &weights, lora, &eval_seqs, cfg.max_seq_len, pad, cfg.eval_tokens)?
-        };
-        metrics
-            .write(&serde_json::json!({"step": step, "eval_loss": loss, "eval_tokens": tokens}))
-            .map_err(|e| io(metrics.path(), e))?;
-        Ok(Some(loss))
-    };
-    if start_step == 0 {
-        last_eval = evaluate(&mut backend, &lora, 0, &mut metrics)?;
-        eval_initial = last_eval;
-        if let Some(l) = last_eval {
-            eprintln!("grit: step 0 eval loss {l:.4}");
-        }
-    }
-
+fn progress_bar(total_steps: usize, start_step: usize) -> ProgressBar {
     let bar = ProgressBar::new(total_steps as u64);
     bar.set_style(
         ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:24}] {msg} · ETA {eta}")
@@ -405,351 +855,7 @@ pub fn train(mut cfg: TrainConfig, opts: RunOptions) -> Result<Outcome, TrainErr
             .progress_chars("=> "),
     );
     bar.set_position(start_step as u64);
-
-    if opts.profile {
-        backend.start_profile(engine::categorize);
-    }
-    let mut step = start_step;
-    let mut losses: Vec<f32> = Vec::new();
-    let mut tok_rates: Vec<f64> = Vec::new();
-    let mut pending: Option<Batch> = None;
-    let mut memory_checked = false;
-    // The step being accumulated: micro-batches done, loss sum, tokens, start time.
-    let (mut micro, mut loss_sum, mut tokens, mut t0) = (0usize, 0f32, 0usize, Instant::now());
-    // GRIT: adapters and optimizer state with new shapes, swapped in at the next shape epoch.
-    let mut replacement: Option<grit_run::Replacement> = None;
-    let mut first_epoch = true;
-    'shapes: while step < total_steps {
-        // On a GPU each shape epoch after the first gets a fresh backend context, freed
-        // before the buffers the previous epoch computed with (GRIT's replaced adapters and
-        // optimizer state, an outgrown compute buffer): see `Backend::renew`.
-        if backend.is_gpu() && !first_epoch {
-            backend.renew()?;
-        }
-        first_epoch = false;
-        if let Some((l, o)) = replacement.take() {
-            lora = l;
-            opt = o;
-            lora.mark_params();
-        }
-        let loss_scale = engine::loss_scale(cfg.batch_size * cfg.max_seq_len);
-        let opt_ctx = Context::new(engine::opt_capacity(&lora))?;
-        let opt_graph = OptGraph::build(
-            &opt_ctx,
-            &lora,
-            &opt,
-            &OptOptions {
-                n_micro: cfg.grad_accum,
-                max_grad_norm: cfg.max_grad_norm,
-                precondition: is_grit,
-                graft: is_grit && cfg.grit.graft,
-                loss_scale,
-            },
-        );
-        // The step graph is rebuilt only when the batch shape (tokens, trained rows) changes.
-        let first = pending
-            .take()
-            .unwrap_or_else(|| make_batch(&batcher.next_batch(), cfg.max_seq_len, pad));
-        let key = (first.n_tokens(), first.n_rows());
-        let ctx = Context::new(engine::step_capacity(&weights, &lora))?;
-        let sg = StepGraph::build_with(
-            &ctx,
-            &weights,
-            &lora,
-            &copies,
-            &opt,
-            key.0,
-            key.1,
-            StepOptions {
-                loss_scale,
-                grit: is_grit.then_some(&cfg.grit),
-                dropout: cfg.dropout > 0.0,
-                recompute: cfg.recompute(),
-                fuse_attention: true,
-            },
-        );
-        if !memory_checked {
-            memory_checked = true;
-            eprintln!(
-                "grit: step graph: {} nodes; frozen backward rewritten: {} with persistent copies, {} transient; {} forward matmuls on faster exact splits/copies; {} nodes recomputed in the backward; {} small nodes kept allocated ({:.1} MiB)",
-                sg.graph.n_nodes(),
-                sg.rewritten.0,
-                sg.rewritten.1,
-                sg.forward_rewritten,
-                sg.recomputed,
-                sg.kept.0,
-                sg.kept.1 as f64 / (1 << 20) as f64
-            );
-            if backend.is_gpu() {
-                log_cpu_fallback(&backend, &sg.graph);
-            }
-            drop(backend.compute(&sg.graph)?);
-            let compute = backend.compute_buffer_bytes();
-            if opts.profile {
-                let p = crate::ggml::profile::peak_memory(&sg.graph);
-                eprintln!(
-                    "grit: profile: peak of live intermediate tensors {} MiB at node {} of {} (inputs/outputs {} MiB); largest:",
-                    p.bytes >> 20,
-                    p.at_node,
-                    sg.graph.n_nodes(),
-                    p.pinned_bytes >> 20
-                );
-                let mut by_op: std::collections::BTreeMap<String, (usize, usize)> =
-                    Default::default();
-                for (_, op, b) in &p.live {
-                    let e = by_op.entry(op.clone()).or_default();
-                    e.0 += b;
-                    e.1 += 1;
-                }
-                let mut ops: Vec<_> = by_op.into_iter().collect();
-                ops.sort_by_key(|e| std::cmp::Reverse(e.1 .0));
-                for (op, (b, k)) in ops.iter().take(12) {
-                    eprintln!(
-                        "  {op:>16}: {:>6.1} MiB in {k} tensors",
-                        *b as f64 / (1 << 20) as f64
-                    );
-                }
-                for (name, op, b) in p.live.iter().take(8) {
-                    eprintln!("  {name} ({op}): {:.1} MiB", *b as f64 / (1 << 20) as f64);
-                }
-            }
-            eprintln!(
-                "grit: memory: base weights {} MiB, weight copies {} MiB, adapters + optimizer state {} MiB, step compute buffer {} MiB",
-                weights.bytes() >> 20,
-                copies.bytes() >> 20,
-                (4 * lora.n_params() + opt.bytes()) >> 20,
-                compute >> 20
-            );
-            check_memory(&weights, &copies, &lora, &opt, compute)?;
-            if let Some(gpu) = backend.gpu() {
-                check_device_memory(
-                    gpu,
-                    &weights,
-                    &copies,
-                    &lora,
-                    &opt,
-                    backend.primary_compute_buffer_bytes() + eval_buffer.get(),
-                )?;
-            }
-        }
-        let mut next = Some(first);
-        loop {
-            let batch = next
-                .take()
-                .unwrap_or_else(|| make_batch(&batcher.next_batch(), cfg.max_seq_len, pad));
-            if (batch.n_tokens(), batch.n_rows()) != key {
-                pending = Some(batch);
-                continue 'shapes;
-            }
-            {
-                let mut run = backend.compute(&sg.graph)?;
-                sg.train.set_inputs(&mut run, &batch)?;
-                sg.train.set_dropout(
-                    &mut run,
-                    cfg.dropout,
-                    cfg.seed,
-                    step as u64 + 1,
-                    micro as u64,
-                )?;
-                sg.set_seeds(&mut run)?;
-                let mut n_counted = 0;
-                if let (Some(st), Some(g)) = (&sg.stats, &grit) {
-                    let (w, n) = crate::grit::stats::token_weights(batch.n_tokens(), &batch.rows);
-                    n_counted = n;
-                    st.set_weights(&mut run, &w)?;
-                    if let Some((reg, _)) = &sg.reg {
-                        reg.set(
-                            &mut run,
-                            crate::grit::schedule::reg_ramp(step + 1, g.cfg.reg_warmup),
-                            &g.coeffs,
-                        )?;
-                    }
-                }
-                run.run()?;
-                if let (Some(st), Some(g)) = (&sg.stats, &mut grit) {
-                    if g.schedule.kfac_due(step + 1, &g.cfg) {
-                        g.accumulate(&st.read(&run)?, n_counted);
-                    }
-                }
-                let l = run.read_f32(sg.train.loss.expect("loss"))?[0];
-                if !l.is_finite() {
-                    return Err(TrainError::NonFinite { step: step + 1, loss: l });
-                }
-                loss_sum += l;
-                tokens += batch.tokens.len();
-                micro += 1;
-            }
-            if micro < cfg.grad_accum {
-                continue;
-            }
-
-            // Optimizer step: mean gradient, clipping, AdamW (one graph).
-            let loss = loss_sum / cfg.grad_accum as f32;
-            let lr = lr_at(cfg.lr_schedule, cfg.lr, cfg.warmup, step, total_steps);
-            let adam = AdamStep {
-                lr,
-                beta1: cfg.adam_beta1,
-                beta2: cfg.adam_beta2,
-                eps: cfg.adam_eps,
-                weight_decay: cfg.weight_decay,
-                t: step as u64 + 1,
-            };
-            if let Some(g) = &mut grit {
-                if g.schedule.kfac_due(step + 1, &g.cfg) {
-                    g.commit();
-                }
-            }
-            let grad_norm = {
-                let mut run = backend.compute(&opt_graph.graph)?;
-                if let (Some(pi), Some(g)) = (&opt_graph.precond, &grit) {
-                    pi.set(&mut run, &g.step_precond(step + 1))?;
-                }
-                run.write_f32(opt_graph.adamw, &adam.params())?;
-                run.write_f32(opt_graph.max_norm, &[cfg.max_grad_norm])?;
-                run.run()?;
-                run.read_f32(opt_graph.norm)?[0]
-            };
-            opt.zero_grads()?;
-            step += 1;
-            let dt = t0.elapsed().as_secs_f64();
-            let tps = tokens as f64 / dt;
-            losses.push(loss);
-            tok_rates.push(tps);
-            let elapsed = elapsed_before + t_start.elapsed().as_secs_f64();
-            metrics
-                .write(&serde_json::json!({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tps, "elapsed_s": elapsed}))
-                .map_err(|e| io(metrics.path(), e))?;
-            bar.set_message(format!(
-                "loss {loss:.4} · lr {lr:.2e} · {tps:.0} tok/s · {} MiB",
-                rss_bytes() >> 20
-            ));
-            bar.set_position(step as u64);
-
-            // GRIT events after the step: inversion, reprojection (new shapes: swapped in below).
-            if let Some(g) = &mut grit {
-                g.schedule.record_loss(loss as f64);
-                if g.schedule.invert_due(step) {
-                    let row = g.invert(step);
-                    metrics.write(&row).map_err(|e| io(metrics.path(), e))?;
-                }
-                if g.schedule.reproject_due(step, &g.cfg) {
-                    let (row, new) = g.reproject(step, &weights, &lora, &opt, &backend)?;
-                    log_line(
-                        &bar,
-                        format!(
-                            "step {step}: reprojection: {} modules cut, {} trainable parameters",
-                            row["modules_cut"], row["trainable_params"]
-                        ),
-                    );
-                    metrics.write(&row).map_err(|e| io(metrics.path(), e))?;
-                    replacement = new;
-                }
-            }
-            let (cur_lora, cur_opt) = match &replacement {
-                Some((l, o)) => (l, o),
-                None => (&lora, &opt),
-            };
-
-            let is_last = step == total_steps;
-            if (cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every)) || is_last {
-                last_eval = evaluate(&mut backend, cur_lora, step, &mut metrics)?;
-                if let Some(l) = last_eval {
-                    log_line(&bar, format!("step {step}: eval loss {l:.4}"));
-                }
-            }
-            let stop_here = opts.stop_after == Some(step) && !is_last;
-            let ctrl_c = interrupted.load(Ordering::SeqCst) && !is_last;
-            if (cfg.save_every > 0 && step.is_multiple_of(cfg.save_every) && !is_last)
-                || stop_here
-                || ctrl_c
-            {
-                let mut state = serde_json::json!({
-                    "data": batcher.position(),
-                    "elapsed_s": elapsed,
-                    "eval_loss_initial": eval_initial,
-                    "total_steps": total_steps,
-                });
-                if let Some(g) = &grit {
-                    state["grit"] = serde_json::to_value(g.checkpoint(cur_lora))
-                        .map_err(|e| io(&ckpt_dir, e))?;
-                }
-                let dir = snapshot(step, cur_lora, cur_opt, state).save(&ckpt_dir)?;
-                if let Some(k) = cfg.keep_checkpoints {
-                    checkpoint::prune(&ckpt_dir, k)?;
-                }
-                if stop_here || ctrl_c {
-                    bar.abandon();
-                    return Err(TrainError::Interrupted { step, dir, out });
-                }
-            }
-            (micro, loss_sum, tokens, t0) = (0, 0.0, 0, Instant::now());
-            if is_last {
-                break 'shapes;
-            }
-            if replacement.is_some() {
-                continue 'shapes;
-            }
-        }
-    }
-    bar.finish_and_clear();
-    if let Some(p) = backend.profile() {
-        let n = (step - start_step).max(1) as f64;
-        eprintln!(
-            "where the time of {} steps went (per step: {:.3} s; evaluation included):\n{}",
-            step - start_step,
-            p.total_s / n,
-            p.table()
-        );
-    }
-
-    if let Some((l, o)) = replacement.take() {
-        lora = l;
-        opt = o;
-    }
-    drop(opt);
-
-    // Adapter, summary. GRIT's scales are those of the initial rank (not alpha/r of the
-    // current rank), so they are folded into B.
-    // The adapter file carries provenance (base name/sha256, method, hyper-parameters) and
-    // reproduces every module's scale exactly (see crate::adapter).
-    let method = if is_grit { "grit" } else { "lora" };
-    let prov = crate::adapter::Provenance::for_base(&model_path, method, Some(cfg.to_toml()))
-        .map_err(|e| io(&model_path, e))?;
-    crate::adapter::Adapter::from_lora_set(&lora, weights.hparams.arch.name(), prov)
-        .and_then(|a| a.write_gguf(&out.join(rundir::ADAPTER), crate::adapter::AdapterDtype::F32))
-        .map_err(|e| io(&out.join(rundir::ADAPTER), e))?;
-
-    let mut drift_per_module = std::collections::BTreeMap::new();
-    for (i, m) in lora.modules().iter().enumerate() {
-        drift_per_module.insert(m.base_name(), grit_run::drift(&lora, i)?);
-    }
-    let drift_total = drift_per_module.values().map(|d| d * d).sum::<f64>().sqrt();
-    let tail = &losses[losses.len().saturating_sub(10)..];
-    let mut rates = tok_rates.clone();
-    rates.sort_by(f64::total_cmp);
-    let summary = Summary {
-        method: cfg.method,
-        base_model: model_path.display().to_string(),
-        targets: cfg.targets.clone(),
-        rank_per_module: lora.modules().iter().map(|m| (m.base_name(), m.rank)).collect(),
-        trainable_params: lora.n_params(),
-        steps: step,
-        train_loss: (!tail.is_empty()).then(|| tail.iter().sum::<f32>() / tail.len() as f32),
-        eval_loss: last_eval,
-        eval_loss_initial: eval_initial,
-        tokens_per_s: rates.get(rates.len() / 2).copied().unwrap_or(0.0),
-        peak_rss_bytes: peak_rss_bytes(),
-        wall_s: elapsed_before + t_start.elapsed().as_secs_f64(),
-        weight_copies: cfg.weight_copies,
-        trainable_params_initial: grit.as_ref().map(|g| g.params_initial),
-        trainable_params_final: grit.as_ref().map(|_| lora.n_params()),
-        inversions: grit.as_ref().map(|g| g.schedule.inversions),
-        reprojections: grit.as_ref().map(|g| g.schedule.reprojections),
-        drift_per_module,
-        drift_total,
-    };
-    summary.write(&out)?;
-    Ok(Outcome::Trained(summary))
+    bar
 }
 
 /// A log line above the progress bar, or plainly on stderr when the bar is hidden (not a
@@ -762,183 +868,24 @@ fn log_line(bar: &ProgressBar, line: String) {
     }
 }
 
-fn tok_eos(ds: &Dataset) -> i32 {
-    ds.eos
-}
-
-/// Refuses to start when the run would not fit in available memory.
-/// Bytes a run holds while it trains: base weights, weight copies, adapters with optimizer
-/// state, and the step's compute buffer.
-fn run_bytes(
-    weights: &Weights,
-    copies: &FrozenCopies,
-    lora: &LoraSet,
-    opt: &OptState,
-    compute: usize,
-) -> u64 {
-    (weights.bytes() + copies.bytes() + 4 * lora.n_params() + opt.bytes() + compute) as u64
-}
-
-fn check_memory(
-    weights: &Weights,
-    copies: &FrozenCopies,
-    lora: &LoraSet,
-    opt: &OptState,
-    compute: usize,
-) -> Result<(), TrainError> {
-    let need = run_bytes(weights, copies, lora, opt, compute);
-    let Some(avail) = mem_available_bytes() else {
-        return Ok(());
-    };
-    // What is already resident counts as available to us.
-    let avail = avail + rss_bytes();
-    if need > avail {
-        let hint = if copies.bytes() > 0 {
-            "lower --max-seq-len or --batch-size, or use --weight-copies none".to_string()
-        } else {
-            "lower --max-seq-len or --batch-size".to_string()
-        };
-        return Err(TrainError::Memory { need_mib: need >> 20, avail_mib: avail >> 20, hint });
-    }
-    Ok(())
-}
-
-/// Says which ops of `graph` the GPU backend lacks (ggml's scheduler runs them on the CPU,
-/// with copies between the devices around each), or that every node runs on the GPU.
-fn log_cpu_fallback(backend: &Backend, graph: &crate::ggml::Graph<'_>) {
-    let nodes = backend.cpu_fallback_nodes(graph);
-    if nodes.is_empty() {
-        eprintln!("grit: every node of the step graph runs on {}", backend.name());
-        return;
-    }
-    let mut by_op: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
-    for (op, _) in &nodes {
-        *by_op.entry(op).or_default() += 1;
-    }
-    let ops: Vec<String> = by_op.iter().map(|(op, n)| format!("{op} ×{n}")).collect();
-    eprintln!(
-        "grit: {} step-graph nodes run on the CPU ({} lacks them): {}",
-        nodes.len(),
-        backend.name(),
-        ops.join(", ")
-    );
-}
-
-/// Refuses to start when the run would not fit in the GPU's memory (as free when grit
-/// started): base weights, weight copies, adapters with optimizer state, the GPU's share of
-/// the step's compute buffer and the evaluation's compute buffer all live there.
-fn check_device_memory(
-    gpu: &crate::ggml::DeviceInfo,
-    weights: &Weights,
-    copies: &FrozenCopies,
-    lora: &LoraSet,
-    opt: &OptState,
-    compute: usize,
-) -> Result<(), TrainError> {
-    let need = run_bytes(weights, copies, lora, opt, compute);
-    let avail = gpu.memory_free as u64;
-    eprintln!(
-        "grit: device memory: {} MiB needed of {} MiB free on {}",
-        need >> 20,
-        avail >> 20,
-        gpu.name
-    );
-    if avail > 0 && need > avail {
-        let mut hint = String::from("lower --max-seq-len or --batch-size");
-        if copies.bytes() > 0 {
-            hint.push_str(", use --weight-copies none (dequantized per layer in the backward)");
-        }
-        hint.push_str(&format!(
-            ", or train with --device cpu (weights {} MiB, copies {} MiB, step and eval compute buffers {} MiB)",
-            weights.bytes() >> 20,
-            copies.bytes() >> 20,
-            compute >> 20
-        ));
-        return Err(TrainError::DeviceMemory {
-            device: gpu.name.clone(),
-            need_mib: need >> 20,
-            avail_mib: avail >> 20,
-            hint,
-        });
-    }
-    Ok(())
-}
-
-/// Mean loss over the eval sequences (weighted by trained rows), reading at most
-/// `max_tokens` tokens (at least one sequence).
-fn run_eval(
-    backend: &mut Backend,
-    weights: &Weights,
-    lora: &LoraSet,
-    seqs: &[Sequence],
-    seq_len: usize,
-    pad: i32,
-    max_tokens: usize,
-) -> Result<(f32, usize), TrainError> {
-    let mut total = 0f64;
-    let mut rows = 0usize;
-    let mut tokens = 0usize;
-    let mut batches = Vec::new();
-    for s in seqs {
-        if tokens > 0 && tokens + s.len() > max_tokens {
-            break;
-        }
-        let batch = make_batch(std::slice::from_ref(s), seq_len, pad);
-        if batch.n_rows() > 0 {
-            tokens += s.len();
-            batches.push(batch);
-        }
-    }
-    // One graph per run of batches with the same number of trained rows.
-    let mut i = 0;
-    while i < batches.len() {
-        let n_rows = batches[i].n_rows();
-        let ctx = Context::new(engine::eval_capacity(weights, lora))?;
-        let g = TrainGraph::build(
-            &ctx,
-            weights,
-            Some(lora),
-            batches[i].n_tokens(),
-            Outputs::Rows(n_rows),
-            true,
-        );
-        while i < batches.len() && batches[i].n_rows() == n_rows {
-            let l = engine::eval_batch(backend, &g, &batches[i])?;
-            total += l as f64 * n_rows as f64;
-            rows += n_rows;
-            i += 1;
-        }
-    }
-    Ok(((total / rows.max(1) as f64) as f32, tokens))
-}
-
 /// A checkpoint of the current parameters and optimizer state.
-fn snapshot(step: usize, lora: &LoraSet, opt: &OptState, state: serde_json::Value) -> Checkpoint {
+fn snapshot(step: usize, p: &Params, state: LoopState) -> Result<Checkpoint, TrainError> {
     let mut tensors = Vec::new();
-    for (i, m) in lora.modules().iter().enumerate() {
+    for (i, m) in p.lora.modules().iter().enumerate() {
         let base = m.base_name();
         let a_shape = vec![m.rank, m.d_in];
         let b_shape = vec![m.d_out, m.rank];
-        tensors.push(NamedTensor {
-            name: format!("{base}.lora_a"),
-            shape: a_shape.clone(),
-            data: lora.read_a(i).unwrap_or_default(),
-        });
-        tensors.push(NamedTensor {
-            name: format!("{base}.lora_b"),
-            shape: b_shape.clone(),
-            data: lora.read_b(i).unwrap_or_default(),
-        });
+        let name = format!("{base}.lora_a");
+        tensors.push(NamedTensor { name, shape: a_shape.clone(), data: p.lora.read_a(i)? });
+        let name = format!("{base}.lora_b");
+        tensors.push(NamedTensor { name, shape: b_shape.clone(), data: p.lora.read_b(i)? });
         for (k, name) in SLOT_NAMES.iter().enumerate() {
             let shape = if k < 3 { a_shape.clone() } else { b_shape.clone() };
-            tensors.push(NamedTensor {
-                name: format!("{base}.{name}"),
-                shape,
-                data: opt.read(i, k).unwrap_or_default(),
-            });
+            let name = format!("{base}.{name}");
+            tensors.push(NamedTensor { name, shape, data: p.opt.read(i, k)? });
         }
     }
-    Checkpoint { step, tensors, state }
+    Ok(Checkpoint { step, tensors, state })
 }
 
 /// Restores parameters and optimizer state from a checkpoint (shapes are checked).
@@ -963,38 +910,4 @@ fn restore(ck: &Checkpoint, dir: &Path, lora: &LoraSet, opt: &OptState) -> Resul
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn batches_are_block_diagonal_with_trained_rows() {
-        let s = Sequence {
-            tokens: vec![5, 6, 7],
-            labels: vec![6, 7, 2],
-            loss_mask: vec![1.0, 1.0, 0.0],
-            segment: vec![0, 0, 0],
-            pos: vec![0, 1, 2],
-        };
-        let t = Sequence {
-            tokens: vec![8, 9],
-            labels: vec![9, 2],
-            loss_mask: vec![1.0, 0.0],
-            segment: vec![0, 0],
-            pos: vec![0, 1],
-        };
-        let b = make_batch(&[s, t], 4, 0);
-        assert_eq!(b.tokens, vec![5, 6, 7, 0, 8, 9, 0, 0]);
-        assert_eq!(b.positions, vec![0, 1, 2, 0, 0, 1, 0, 1]);
-        assert_eq!(b.rows, vec![0, 1, 4]);
-        assert_eq!(b.labels, vec![6, 7, 9]);
-        let n = 8;
-        let ok = |q: usize, k: usize| b.mask[q * n + k] == 0.0;
-        assert!(ok(2, 0) && !ok(0, 2), "causal inside the first sequence");
-        assert!(!ok(4, 2) && !ok(4, 3), "the second sequence cannot see the first");
-        assert!(ok(5, 4) && ok(3, 3) && !ok(3, 2), "padding is its own segment");
-        b.validate(Some(10)).unwrap();
-    }
 }
