@@ -213,150 +213,210 @@ fn sample(logits: &[f32], sampler: &mut Option<LlamaSampler>) -> LlamaToken {
 
 /// Runs the engine until [`Cmd::Exit`] (or every sender is gone). `models[0]` is the base
 /// model; the others (merged adapters) share its vocabulary.
+///
+/// Each pass: take commands ([`Engine::take_commands`]; block briefly when idle), free
+/// unloaded adapters ([`Engine::unload`]), one embeddings input ([`Engine::embed_step`]),
+/// admit waiting requests to lanes ([`Engine::admit`]), one decode step per busy lane
+/// ([`Engine::decode_lanes`]).
 pub fn run(models: &[&LlamaModel], cfg: EngineConfig, rx: Receiver<Cmd>, shared: Arc<Shared>) {
-    let model = models[0];
-    // Declared before the lanes so that they are dropped after every context.
-    let mut adapters: HashMap<u64, Adapter<'_>> = HashMap::new();
-    let mut unloading: Vec<u64> = Vec::new();
-    let mut lanes: Vec<Lane<'_>> = Vec::new();
-    let mut embed_ctx: Option<(usize, Context<'_>)> = None;
-    let mut embeds: VecDeque<EmbedWork> = VecDeque::new();
-    let mut waiting: VecDeque<Box<GenJob>> = VecDeque::new();
-    let vocab = model.vocab();
-    let mut piece = Vec::with_capacity(32);
-    let metrics = shared.metrics.clone();
-
-    let fail = |job: &GenJob, f: Failure| {
-        let _ = job.events.send(Event::Failed(f));
+    let mut engine = Engine {
+        models,
+        cfg,
+        metrics: shared.metrics.clone(),
+        shared,
+        lanes: Vec::new(),
+        embed_ctx: None,
+        adapters: HashMap::new(),
+        unloading: Vec::new(),
+        embeds: VecDeque::new(),
+        waiting: VecDeque::new(),
+        piece: Vec::with_capacity(32),
     };
+    while engine.take_commands(&rx) {
+        engine.unload();
+        engine.embed_step();
+        engine.admit();
+        engine.decode_lanes();
+    }
+    engine.shut_down();
+}
 
-    'outer: loop {
-        // 1. Commands: block when there is nothing to do.
-        let busy = lanes.iter().any(|l| l.active() > 0) || !embeds.is_empty();
+/// The engine thread's state.
+struct Engine<'m> {
+    models: &'m [&'m LlamaModel],
+    cfg: EngineConfig,
+    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+    // Fields drop in declaration order: every context (lanes, embeddings) before the
+    // adapters it may use.
+    lanes: Vec<Lane<'m>>,
+    embed_ctx: Option<(usize, Context<'m>)>,
+    adapters: HashMap<u64, Adapter<'m>>,
+    /// Adapters to free once no lane or embeddings request uses them.
+    unloading: Vec<u64>,
+    embeds: VecDeque<EmbedWork>,
+    waiting: VecDeque<Box<GenJob>>,
+    /// Scratch for a token's text.
+    piece: Vec<u8>,
+}
+
+fn fail(job: &GenJob, f: Failure) {
+    let _ = job.events.send(Event::Failed(f));
+}
+
+/// Where an admitted request goes.
+enum Placement {
+    Lane(usize),
+    /// No lane can take it now: it stays in the queue.
+    Wait,
+    /// A lane could not be made: the request failed.
+    Failed,
+}
+
+impl<'m> Engine<'m> {
+    /// Takes every queued command; blocks up to 250 ms for one when there is nothing to do.
+    /// Returns false when the engine must stop ([`Cmd::Exit`] or every sender gone).
+    fn take_commands(&mut self, rx: &Receiver<Cmd>) -> bool {
+        let busy = self.lanes.iter().any(|l| l.active() > 0) || !self.embeds.is_empty();
         let mut first = true;
         loop {
-            let cmd = if busy || !first || !waiting.is_empty() {
+            let cmd = if busy || !first || !self.waiting.is_empty() {
                 match rx.try_recv() {
                     Ok(c) => c,
-                    Err(_) => break,
+                    Err(_) => return true,
                 }
             } else {
                 match rx.recv_timeout(Duration::from_millis(250)) {
                     Ok(c) => c,
-                    Err(RecvTimeoutError::Timeout) => break,
-                    Err(RecvTimeoutError::Disconnected) => break 'outer,
+                    Err(RecvTimeoutError::Timeout) => return true,
+                    Err(RecvTimeoutError::Disconnected) => return false,
                 }
             };
             first = false;
             match cmd {
-                Cmd::Generate(job) => waiting.push_back(job),
-                Cmd::Embed(job) => embeds.push_back(EmbedWork {
+                Cmd::Generate(job) => self.waiting.push_back(job),
+                Cmd::Embed(job) => self.embeds.push_back(EmbedWork {
                     out: Vec::with_capacity(job.inputs.len()),
                     job,
                     started: false,
                 }),
                 Cmd::LoadAdapter { id, path, reply } => {
-                    let r = Adapter::load(model, &path).map_err(|e| e.to_string());
+                    let r = Adapter::load(self.models[0], &path).map_err(|e| e.to_string());
                     let r = r.map(|a| {
-                        adapters.insert(id, a);
+                        self.adapters.insert(id, a);
                     });
                     let _ = reply.send(r);
                 }
-                Cmd::UnloadAdapter { id } => unloading.push(id),
-                Cmd::CancelAll => {
-                    for e in embeds.drain(..) {
-                        if !e.started {
-                            shared.queued.fetch_sub(1, Ordering::SeqCst);
-                        }
-                        let _ = e.job.reply.send(Err(Failure::ShuttingDown));
-                    }
-                    for job in waiting.drain(..) {
-                        shared.queued.fetch_sub(1, Ordering::SeqCst);
-                        fail(&job, Failure::ShuttingDown);
-                    }
-                    for lane in lanes.iter_mut() {
-                        for s in lane.slots.iter_mut() {
-                            if let Some(slot) = s.take() {
-                                fail(&slot.job, Failure::ShuttingDown);
-                            }
-                        }
-                    }
-                    for lane in lanes.iter_mut() {
-                        for i in 0..lane.slots.len() {
-                            lane.ctx.clear_seq(i as i32);
-                        }
-                    }
-                }
-                Cmd::Exit => break 'outer,
+                Cmd::UnloadAdapter { id } => self.unloading.push(id),
+                Cmd::CancelAll => self.cancel_all(),
+                Cmd::Exit => return false,
             }
         }
+    }
 
-        // 2. Unloads: drop lanes that use an unloading adapter once idle, then free it.
-        if !unloading.is_empty() {
-            lanes.retain(|l| {
-                !(l.active() == 0 && l.key.1.iter().any(|(id, _)| unloading.contains(id)))
-            });
-            if let Some((_, ctx)) = embed_ctx.as_mut() {
-                let _ = ctx.set_adapters(&[]);
-            }
-            unloading.retain(|id| {
-                let in_use = lanes.iter().any(|l| l.key.1.iter().any(|(a, _)| a == id))
-                    || embeds.iter().any(|e| e.job.adapters.iter().any(|(a, _)| a == id));
-                if !in_use {
-                    adapters.remove(id);
-                }
-                in_use
-            });
-        }
-
-        // 2b. Embeddings: one input of the oldest request per pass.
-        if let Some(e) = embeds.front_mut() {
+    /// Fails every waiting and running request.
+    fn cancel_all(&mut self) {
+        for e in self.embeds.drain(..) {
             if !e.started {
-                e.started = true;
-                shared.queued.fetch_sub(1, Ordering::SeqCst);
+                self.shared.queued.fetch_sub(1, Ordering::SeqCst);
             }
-            let reply = if e.job.cancel.load(Ordering::Relaxed) {
-                Some(None)
-            } else if Instant::now() >= e.job.deadline {
-                Some(Some(Err(Failure::Timeout)))
-            } else {
-                let toks = &e.job.inputs[e.out.len()];
-                let r = match models.get(e.job.model) {
-                    Some(m) => embed_one(
-                        m,
-                        e.job.model,
-                        &cfg,
-                        &mut embed_ctx,
-                        &adapters,
-                        toks,
-                        &e.job.adapters,
-                    ),
-                    None => Err(Failure::Internal(format!("no model {}", e.job.model))),
-                };
-                match r {
-                    Ok(v) => {
-                        e.out.push(v);
-                        (e.out.len() == e.job.inputs.len())
-                            .then(|| Some(Ok(std::mem::take(&mut e.out))))
-                    }
-                    Err(f) => Some(Some(Err(f))),
-                }
-            };
-            if let Some(reply) = reply {
-                let e = embeds.pop_front().expect("front exists");
-                if let Some(r) = reply {
-                    let _ = e.job.reply.send(r);
+            let _ = e.job.reply.send(Err(Failure::ShuttingDown));
+        }
+        for job in self.waiting.drain(..) {
+            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+            fail(&job, Failure::ShuttingDown);
+        }
+        for lane in self.lanes.iter_mut() {
+            for s in lane.slots.iter_mut() {
+                if let Some(slot) = s.take() {
+                    fail(&slot.job, Failure::ShuttingDown);
                 }
             }
         }
+        for lane in self.lanes.iter_mut() {
+            for i in 0..lane.slots.len() {
+                lane.ctx.clear_seq(i as i32);
+            }
+        }
+    }
 
-        // 3. Admission, first come first served.
+    /// Drops idle lanes that use an unloading adapter, then frees every unloading adapter
+    /// nothing uses any more.
+    fn unload(&mut self) {
+        if self.unloading.is_empty() {
+            return;
+        }
+        let unloading = &self.unloading;
+        self.lanes
+            .retain(|l| !(l.active() == 0 && l.key.1.iter().any(|(id, _)| unloading.contains(id))));
+        if let Some((_, ctx)) = self.embed_ctx.as_mut() {
+            let _ = ctx.set_adapters(&[]);
+        }
+        let (lanes, embeds, adapters) = (&self.lanes, &self.embeds, &mut self.adapters);
+        self.unloading.retain(|id| {
+            let in_use = lanes.iter().any(|l| l.key.1.iter().any(|(a, _)| a == id))
+                || embeds.iter().any(|e| e.job.adapters.iter().any(|(a, _)| a == id));
+            if !in_use {
+                adapters.remove(id);
+            }
+            in_use
+        });
+    }
+
+    /// Embeddings: one input of the oldest request per pass.
+    fn embed_step(&mut self) {
+        let Some(e) = self.embeds.front_mut() else {
+            return;
+        };
+        if !e.started {
+            e.started = true;
+            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+        }
+        // None: keep going; Some(None): cancelled, no reply; Some(Some(r)): reply r.
+        let reply = if e.job.cancel.load(Ordering::Relaxed) {
+            Some(None)
+        } else if Instant::now() >= e.job.deadline {
+            Some(Some(Err(Failure::Timeout)))
+        } else {
+            let toks = &e.job.inputs[e.out.len()];
+            let r = match self.models.get(e.job.model) {
+                Some(m) => embed_one(
+                    m,
+                    e.job.model,
+                    &self.cfg,
+                    &mut self.embed_ctx,
+                    &self.adapters,
+                    toks,
+                    &e.job.adapters,
+                ),
+                None => Err(Failure::Internal(format!("no model {}", e.job.model))),
+            };
+            match r {
+                Ok(v) => {
+                    e.out.push(v);
+                    (e.out.len() == e.job.inputs.len())
+                        .then(|| Some(Ok(std::mem::take(&mut e.out))))
+                }
+                Err(f) => Some(Some(Err(f))),
+            }
+        };
+        if let Some(reply) = reply {
+            let e = self.embeds.pop_front().expect("front exists");
+            if let Some(r) = reply {
+                let _ = e.job.reply.send(r);
+            }
+        }
+    }
+
+    /// Admission, first come first served: expired and cancelled requests leave, requests
+    /// whose adapter is gone fail, the others take a free slot of their lane (a new lane when
+    /// there is room) or wait.
+    fn admit(&mut self) {
         let mut i = 0;
-        while i < waiting.len() {
-            let job = &waiting[i];
+        while i < self.waiting.len() {
+            let job = &self.waiting[i];
             if job.cancel.load(Ordering::Relaxed) || Instant::now() >= job.deadline {
-                let job = waiting.remove(i).expect("index in range");
-                shared.queued.fetch_sub(1, Ordering::SeqCst);
+                let job = self.dequeue(i);
                 if !job.cancel.load(Ordering::Relaxed) {
                     fail(&job, Failure::Timeout);
                 }
@@ -365,238 +425,277 @@ pub fn run(models: &[&LlamaModel], cfg: EngineConfig, rx: Receiver<Cmd>, shared:
             if let Some(gone) = job
                 .adapters
                 .iter()
-                .position(|(id, _)| !adapters.contains_key(id) || unloading.contains(id))
+                .position(|(id, _)| !self.adapters.contains_key(id) || self.unloading.contains(id))
             {
-                let job = waiting.remove(i).expect("index in range");
-                shared.queued.fetch_sub(1, Ordering::SeqCst);
-                fail(
-                    &job,
-                    Failure::AdapterGone(job.adapter_names.get(gone).cloned().unwrap_or_default()),
-                );
+                let job = self.dequeue(i);
+                let name = job.adapter_names.get(gone).cloned().unwrap_or_default();
+                fail(&job, Failure::AdapterGone(name));
                 continue;
             }
-            let key = lane_key(job.model, &job.adapters);
-            let lane_idx = match lanes
-                .iter()
-                .position(|l| l.key == key && !l.draining && l.free_slot().is_some())
-            {
-                Some(li) => Some(li),
-                None if lanes.iter().any(|l| l.key == key && !l.draining) => None, // lane full: wait
-                None => {
-                    // A new lane: room, or evict an idle lane, or ask the least loaded to drain.
-                    if lanes.len() >= cfg.max_lanes {
-                        if let Some(idle) = lanes
-                            .iter()
-                            .enumerate()
-                            .filter(|(_, l)| l.active() == 0)
-                            .min_by_key(|(_, l)| l.last_used)
-                            .map(|(i, _)| i)
-                        {
-                            lanes.remove(idle);
-                        } else if !lanes.iter().any(|l| l.draining) {
-                            if let Some(l) = lanes.iter_mut().min_by_key(|l| l.active()) {
-                                l.draining = true;
-                            }
-                        }
-                    }
-                    if lanes.len() < cfg.max_lanes {
-                        let lane = match models.get(job.model) {
-                            Some(m) => new_lane(m, &cfg, &adapters, &job.adapters, key),
-                            None => Err(format!("no model {}", job.model)),
-                        };
-                        match lane {
-                            Ok(l) => {
-                                lanes.push(l);
-                                Some(lanes.len() - 1)
-                            }
-                            Err(e) => {
-                                let job = waiting.remove(i).expect("index in range");
-                                shared.queued.fetch_sub(1, Ordering::SeqCst);
-                                fail(&job, Failure::Internal(e));
-                                continue;
-                            }
-                        }
-                    } else {
-                        None
-                    }
+            match self.place(i) {
+                Placement::Lane(li) => {
+                    let job = self.dequeue(i);
+                    let lane = &mut self.lanes[li];
+                    let si = lane.free_slot().expect("lane has a free slot");
+                    lane.ctx.clear_seq(si as i32);
+                    lane.last_used = Instant::now();
+                    let sampler = make_sampler(&job.sampling);
+                    let stream = StopStream::new(&job.sampling.stop);
+                    lane.slots[si] = Some(Slot {
+                        job,
+                        n_prompt_done: 0,
+                        pos: 0,
+                        next: None,
+                        logits_idx: None,
+                        sampler,
+                        stream,
+                        completion_tokens: 0,
+                    });
                 }
-            };
-            let Some(li) = lane_idx else {
-                i += 1;
-                continue;
-            };
-            let job = waiting.remove(i).expect("index in range");
-            shared.queued.fetch_sub(1, Ordering::SeqCst);
-            let lane = &mut lanes[li];
-            let si = lane.free_slot().expect("lane has a free slot");
-            lane.ctx.clear_seq(si as i32);
-            lane.last_used = Instant::now();
-            let sampler = make_sampler(&job.sampling);
-            let stream = StopStream::new(&job.sampling.stop);
-            lane.slots[si] = Some(Slot {
-                job,
-                n_prompt_done: 0,
-                pos: 0,
-                next: None,
-                logits_idx: None,
-                sampler,
-                stream,
-                completion_tokens: 0,
-            });
+                Placement::Wait => i += 1,
+                Placement::Failed => {}
+            }
         }
         // Drained lanes go away so the waiting adapter set gets its lane next round.
-        lanes.retain(|l| !(l.draining && l.active() == 0));
+        self.lanes.retain(|l| !(l.draining && l.active() == 0));
+    }
 
-        // 4. One decode step per busy lane.
+    /// Removes waiting request `i` from the queue.
+    fn dequeue(&mut self, i: usize) -> Box<GenJob> {
+        self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+        self.waiting.remove(i).expect("index in range")
+    }
+
+    /// The lane for waiting request `i`: one of its adapter set with a free slot, else a new
+    /// one when there is room (evicting an idle lane, or asking the least loaded lane to
+    /// drain when none is idle). A lane that cannot be made fails the request (dequeued).
+    fn place(&mut self, i: usize) -> Placement {
+        let job = &self.waiting[i];
+        let key = lane_key(job.model, &job.adapters);
+        if let Some(li) =
+            self.lanes.iter().position(|l| l.key == key && !l.draining && l.free_slot().is_some())
+        {
+            return Placement::Lane(li);
+        }
+        if self.lanes.iter().any(|l| l.key == key && !l.draining) {
+            return Placement::Wait; // its lane is full
+        }
+        let lanes = &mut self.lanes;
+        if lanes.len() >= self.cfg.max_lanes {
+            if let Some(idle) = lanes
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.active() == 0)
+                .min_by_key(|(_, l)| l.last_used)
+                .map(|(i, _)| i)
+            {
+                lanes.remove(idle);
+            } else if !lanes.iter().any(|l| l.draining) {
+                if let Some(l) = lanes.iter_mut().min_by_key(|l| l.active()) {
+                    l.draining = true;
+                }
+            }
+        }
+        if lanes.len() >= self.cfg.max_lanes {
+            return Placement::Wait;
+        }
+        let lane = match self.models.get(job.model) {
+            Some(m) => new_lane(m, &self.cfg, &self.adapters, &job.adapters, key),
+            None => Err(format!("no model {}", job.model)),
+        };
+        match lane {
+            Ok(l) => {
+                self.lanes.push(l);
+                Placement::Lane(self.lanes.len() - 1)
+            }
+            Err(e) => {
+                let job = self.dequeue(i);
+                fail(&job, Failure::Internal(e));
+                Placement::Failed
+            }
+        }
+    }
+
+    /// One decode step per busy lane, then the engine's gauges.
+    fn decode_lanes(&mut self) {
+        let vocab = self.models[0].vocab();
         let mut active_total = 0;
-        for lane in lanes.iter_mut() {
-            // Cancelled or timed-out requests leave first.
-            for (si, s) in lane.slots.iter_mut().enumerate() {
-                let drop_it = match s {
-                    Some(slot) if slot.job.cancel.load(Ordering::Relaxed) => true,
-                    Some(slot) if Instant::now() >= slot.job.deadline => {
-                        fail(&slot.job, Failure::Timeout);
-                        true
-                    }
-                    _ => false,
-                };
-                if drop_it {
-                    *s = None;
-                    lane.ctx.clear_seq(si as i32);
-                }
-            }
-            if lane.active() == 0 {
-                continue;
-            }
-            lane.last_used = Instant::now();
-            lane.batch.clear();
-            let cap = lane.batch.capacity();
-            // Decoding sequences first (one token each), then prompt chunks in the room left.
-            for (si, s) in lane.slots.iter_mut().enumerate() {
-                let Some(slot) = s else { continue };
-                slot.logits_idx = None;
-                if let Some(tok) = slot.next {
-                    match lane.batch.add(tok, slot.pos, si as i32, true) {
-                        Ok(idx) => slot.logits_idx = Some(idx),
-                        Err(_) => unreachable_full(),
-                    }
-                }
-            }
-            for (si, s) in lane.slots.iter_mut().enumerate() {
-                let Some(slot) = s else { continue };
-                if slot.next.is_some() {
-                    continue;
-                }
-                let n = slot.job.tokens.len();
-                while slot.n_prompt_done < n && lane.batch.len() < cap {
-                    let p = slot.n_prompt_done;
-                    let last = p + 1 == n;
-                    let idx =
-                        lane.batch.add(slot.job.tokens[p], p as i32, si as i32, last).unwrap_or(-1);
-                    if last {
-                        slot.logits_idx = Some(idx);
-                    }
-                    slot.n_prompt_done += 1;
-                }
-            }
-            if lane.batch.is_empty() {
-                continue;
-            }
-            let t0 = Instant::now();
-            if let Err(e) = lane.ctx.decode(&lane.batch) {
-                let msg = e.to_string();
-                for (si, s) in lane.slots.iter_mut().enumerate() {
-                    if let Some(slot) = s.take() {
-                        fail(&slot.job, Failure::Internal(msg.clone()));
-                        lane.ctx.clear_seq(si as i32);
-                    }
-                }
-                continue;
-            }
-            metrics.observe_decode(lane.batch.len(), t0.elapsed().as_secs_f64());
-            for (si, s) in lane.slots.iter_mut().enumerate() {
-                let Some(slot) = s else { continue };
-                let Some(idx) = slot.logits_idx else { continue };
-                if slot.next.is_some() {
-                    slot.pos += 1;
-                } else {
-                    slot.pos = slot.job.tokens.len() as i32;
-                }
-                let Some(logits) = lane.ctx.logits(idx) else {
-                    fail(&slot.job, Failure::Internal(format!("no logits for batch entry {idx}")));
-                    *s = None;
-                    lane.ctx.clear_seq(si as i32);
-                    continue;
-                };
-                let tok = sample(logits, &mut slot.sampler);
-                let mut finish: Option<&'static str> = None;
-                if vocab.is_eog(tok) && !slot.job.sampling.ignore_eos {
-                    finish = Some("stop");
-                } else {
-                    slot.completion_tokens += 1;
-                    piece.clear();
-                    vocab.token_to_piece_into(tok, &mut piece, false, None);
-                    let events = &slot.job.events;
-                    let mut closed = false;
-                    let n_done = slot.completion_tokens;
-                    let stopped = slot.stream.push(&piece, &mut |t: &str| {
-                        if events.send(Event::Text(t.to_string(), n_done)).is_err() {
-                            closed = true;
-                        }
-                    });
-                    if closed {
-                        slot.job.cancel.store(true, Ordering::Relaxed);
-                    }
-                    if stopped {
-                        finish = Some("stop");
-                    } else if slot.completion_tokens >= slot.job.sampling.max_tokens {
-                        finish = Some("length");
-                    }
-                }
-                match finish {
-                    None => slot.next = Some(tok),
-                    Some(reason) => {
-                        let events = &slot.job.events;
-                        let n_done = slot.completion_tokens;
-                        if reason == "length" {
-                            slot.stream.finish(&mut |t: &str| {
-                                let _ = events.send(Event::Text(t.to_string(), n_done));
-                            });
-                        }
-                        let _ = events.send(Event::Done {
-                            finish_reason: reason,
-                            prompt_tokens: slot.job.tokens.len(),
-                            completion_tokens: slot.completion_tokens,
-                        });
-                        *s = None;
-                        lane.ctx.clear_seq(si as i32);
-                    }
-                }
-            }
+        for lane in self.lanes.iter_mut() {
+            decode_lane(lane, &vocab, &mut self.piece, &self.metrics);
             active_total += lane.active();
         }
-        metrics.set_engine_state(
-            shared.queued.load(Ordering::SeqCst),
+        self.metrics.set_engine_state(
+            self.shared.queued.load(Ordering::SeqCst),
             active_total,
-            lanes.len(),
-            adapters.len(),
+            self.lanes.len(),
+            self.adapters.len(),
         );
     }
-    // Shutdown: fail whatever is left, then free contexts before adapters.
-    for e in embeds.drain(..) {
-        let _ = e.job.reply.send(Err(Failure::ShuttingDown));
-    }
-    for job in waiting.drain(..) {
-        fail(&job, Failure::ShuttingDown);
-    }
-    for lane in lanes.iter_mut() {
-        for slot in lane.slots.iter_mut().filter_map(|s| s.take()) {
-            fail(&slot.job, Failure::ShuttingDown);
+
+    /// Shutdown: fail whatever is left; contexts are freed before adapters (field order).
+    fn shut_down(mut self) {
+        for e in self.embeds.drain(..) {
+            let _ = e.job.reply.send(Err(Failure::ShuttingDown));
+        }
+        for job in self.waiting.drain(..) {
+            fail(&job, Failure::ShuttingDown);
+        }
+        for lane in self.lanes.iter_mut() {
+            for slot in lane.slots.iter_mut().filter_map(|s| s.take()) {
+                fail(&slot.job, Failure::ShuttingDown);
+            }
         }
     }
-    drop(lanes);
-    drop(embed_ctx);
-    drop(adapters);
+}
+
+/// One decode step of a lane: cancelled and timed-out requests leave, then one batch of
+/// every decoding sequence's next token and prompt chunks in the room left, then sampling.
+fn decode_lane(
+    lane: &mut Lane<'_>,
+    vocab: &llama_cpp_2::vocab::LlamaVocab<'_>,
+    piece: &mut Vec<u8>,
+    metrics: &Metrics,
+) {
+    for (si, s) in lane.slots.iter_mut().enumerate() {
+        let drop_it = match s {
+            Some(slot) if slot.job.cancel.load(Ordering::Relaxed) => true,
+            Some(slot) if Instant::now() >= slot.job.deadline => {
+                fail(&slot.job, Failure::Timeout);
+                true
+            }
+            _ => false,
+        };
+        if drop_it {
+            *s = None;
+            lane.ctx.clear_seq(si as i32);
+        }
+    }
+    if lane.active() == 0 {
+        return;
+    }
+    lane.last_used = Instant::now();
+    fill_batch(lane);
+    if lane.batch.is_empty() {
+        return;
+    }
+    let t0 = Instant::now();
+    if let Err(e) = lane.ctx.decode(&lane.batch) {
+        let msg = e.to_string();
+        for (si, s) in lane.slots.iter_mut().enumerate() {
+            if let Some(slot) = s.take() {
+                fail(&slot.job, Failure::Internal(msg.clone()));
+                lane.ctx.clear_seq(si as i32);
+            }
+        }
+        return;
+    }
+    metrics.observe_decode(lane.batch.len(), t0.elapsed().as_secs_f64());
+    for (si, s) in lane.slots.iter_mut().enumerate() {
+        let Some(slot) = s else { continue };
+        let Some(idx) = slot.logits_idx else { continue };
+        if slot.next.is_some() {
+            slot.pos += 1;
+        } else {
+            slot.pos = slot.job.tokens.len() as i32;
+        }
+        let Some(logits) = lane.ctx.logits(idx) else {
+            fail(&slot.job, Failure::Internal(format!("no logits for batch entry {idx}")));
+            *s = None;
+            lane.ctx.clear_seq(si as i32);
+            continue;
+        };
+        let tok = sample(logits, &mut slot.sampler);
+        match next_token(slot, tok, vocab, piece) {
+            None => slot.next = Some(tok),
+            Some(reason) => {
+                finish(slot, reason);
+                *s = None;
+                lane.ctx.clear_seq(si as i32);
+            }
+        }
+    }
+}
+
+/// The lane's batch: decoding sequences first (one token each), then prompt chunks in the
+/// room left.
+fn fill_batch(lane: &mut Lane<'_>) {
+    lane.batch.clear();
+    let cap = lane.batch.capacity();
+    for (si, s) in lane.slots.iter_mut().enumerate() {
+        let Some(slot) = s else { continue };
+        slot.logits_idx = None;
+        if let Some(tok) = slot.next {
+            match lane.batch.add(tok, slot.pos, si as i32, true) {
+                Ok(idx) => slot.logits_idx = Some(idx),
+                Err(_) => unreachable_full(),
+            }
+        }
+    }
+    for (si, s) in lane.slots.iter_mut().enumerate() {
+        let Some(slot) = s else { continue };
+        if slot.next.is_some() {
+            continue;
+        }
+        let n = slot.job.tokens.len();
+        while slot.n_prompt_done < n && lane.batch.len() < cap {
+            let p = slot.n_prompt_done;
+            let last = p + 1 == n;
+            let idx = lane.batch.add(slot.job.tokens[p], p as i32, si as i32, last).unwrap_or(-1);
+            if last {
+                slot.logits_idx = Some(idx);
+            }
+            slot.n_prompt_done += 1;
+        }
+    }
+}
+
+/// Streams the sampled token's text; returns why the generation ends, if it does.
+fn next_token(
+    slot: &mut Slot,
+    tok: LlamaToken,
+    vocab: &llama_cpp_2::vocab::LlamaVocab<'_>,
+    piece: &mut Vec<u8>,
+) -> Option<&'static str> {
+    if vocab.is_eog(tok) && !slot.job.sampling.ignore_eos {
+        return Some("stop");
+    }
+    slot.completion_tokens += 1;
+    piece.clear();
+    vocab.token_to_piece_into(tok, piece, false, None);
+    let events = &slot.job.events;
+    let mut closed = false;
+    let n_done = slot.completion_tokens;
+    let stopped = slot.stream.push(piece, &mut |t: &str| {
+        if events.send(Event::Text(t.to_string(), n_done)).is_err() {
+            closed = true;
+        }
+    });
+    if closed {
+        slot.job.cancel.store(true, Ordering::Relaxed);
+    }
+    if stopped {
+        Some("stop")
+    } else if slot.completion_tokens >= slot.job.sampling.max_tokens {
+        Some("length")
+    } else {
+        None
+    }
+}
+
+/// Ends a generation: the held-back text (at the length limit) and the final event.
+fn finish(slot: &mut Slot, reason: &'static str) {
+    let events = &slot.job.events;
+    let n_done = slot.completion_tokens;
+    if reason == "length" {
+        slot.stream.finish(&mut |t: &str| {
+            let _ = events.send(Event::Text(t.to_string(), n_done));
+        });
+    }
+    let _ = events.send(Event::Done {
+        finish_reason: reason,
+        prompt_tokens: slot.job.tokens.len(),
+        completion_tokens: slot.completion_tokens,
+    });
 }
 
 /// A full batch here would be a scheduler bug: decoding tokens are added first and never

@@ -462,12 +462,14 @@ fn chat_messages(m: &Map<String, Value>) -> Result<Vec<(String, String)>, ApiErr
         let role = match role {
             "system" | "user" | "assistant" | "tool" => role,
             "developer" => "system",
-            other => return Err(ApiError::bad(
-                &p,
-                format!(
+            other => {
+                return Err(ApiError::bad(
+                    &p,
+                    format!(
                     "`{p}.role` {other:?} is not one of system, developer, user, assistant, tool"
                 ),
-            )),
+                ))
+            }
         };
         let content = match o.get("content") {
             None | Some(Value::Null) => String::new(),
