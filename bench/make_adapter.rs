@@ -8,7 +8,7 @@ use std::path::Path;
 use grit::ggml::Backend;
 use grit::gguf::GgufFile;
 use grit::model::Weights;
-use grit::model::{AdapterScale, LoraConfig, LoraSet, Target};
+use grit::model::{LoraConfig, LoraSet, Target};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
@@ -29,11 +29,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let lora = LoraSet::new(&weights, &cfg, &backend)?;
     // Small values: the adapter changes greedy outputs without wrecking the model.
     lora.randomize(seed, std, std)?;
-    lora.write_gguf(
-        Path::new(&args[2]),
-        weights.hparams.arch.name(),
-        AdapterScale::Alpha(cfg.alpha),
-    )?;
+    grit::adapter::Adapter::from_lora_set(&lora, weights.hparams.arch.name(), Default::default())?
+        .write_gguf(Path::new(&args[2]), grit::adapter::AdapterDtype::F32)?;
     println!("{}", args[2]);
     Ok(())
 }

@@ -36,8 +36,7 @@ use grit::ggml::{Backend, Context, RopeMode, Type};
 use grit::gguf::GgufFile;
 use grit::infer::Model;
 use grit::model::{
-    write_tiny_model, AdapterScale, Arch, Batch, LoraConfig, LoraSet, Outputs, TinySpec,
-    TrainGraph, Weights,
+    write_tiny_model, Arch, Batch, LoraConfig, LoraSet, Outputs, TinySpec, TrainGraph, Weights,
 };
 
 const TEXT: &str = "The old lighthouse keeper climbed the spiral stairs every evening, counting the steps \
@@ -192,12 +191,10 @@ fn parity_case_with(
     lora.randomize(7, std_ab.0, std_ab.1).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let adapter_path = dir.path().join("adapter.gguf");
-    lora.write_gguf(
-        &adapter_path,
-        weights.hparams.arch.name(),
-        AdapterScale::Alpha(lora_cfg.alpha),
-    )
-    .unwrap();
+    grit::adapter::Adapter::from_lora_set(&lora, weights.hparams.arch.name(), Default::default())
+        .unwrap()
+        .write_gguf(&adapter_path, grit::adapter::AdapterDtype::F32)
+        .unwrap();
     let reference_lora = llama_cpp_logits(model, Some(&adapter_path), &toks);
     let ours_lora = grit_logits(&weights, Some(&lora), &mut backend, &batch);
     let d1 = diff(&reference_lora, &ours_lora, n_vocab);

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 
 use grit::ggml::Backend;
 use grit::gguf::GgufFile;
-use grit::model::{write_tiny_model, AdapterScale, LoraConfig, LoraSet, Target, TinySpec, Weights};
+use grit::model::{write_tiny_model, LoraConfig, LoraSet, Target, TinySpec, Weights};
 
 pub struct Env {
     /// Keeps the folder alive for the whole run.
@@ -58,7 +58,10 @@ fn write_adapter(model: &Path, out: &Path) {
     };
     let lora = LoraSet::new(&weights, &cfg, &backend).unwrap();
     lora.randomize(7, 0.04, 0.04).unwrap();
-    lora.write_gguf(out, weights.hparams.arch.name(), AdapterScale::Alpha(cfg.alpha)).unwrap();
+    grit::adapter::Adapter::from_lora_set(&lora, weights.hparams.arch.name(), Default::default())
+        .unwrap()
+        .write_gguf(out, grit::adapter::AdapterDtype::F32)
+        .unwrap();
 }
 
 /// Applies the fuzzer's bytes to `files` as edits, one 8-byte record each (at most 16):

@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 
 use crate::ggml::{GgufWriter, Type};
 use crate::gguf::GgufFile;
-use crate::model::{LoraSet, Target};
+use crate::model::{LoraSet, ModuleId, Target};
 
 /// Why an adapter could not be read, written, converted or merged. Messages name the file,
 /// tensor or field.
@@ -224,15 +224,6 @@ impl AdapterModule {
     pub fn n_params(&self) -> usize {
         self.rank * (self.d_in + self.d_out)
     }
-}
-
-/// Parses `blk.N.<target>.weight` into (N, target).
-pub fn parse_base_name(base: &str) -> Option<(usize, Target)> {
-    let rest = base.strip_prefix("blk.")?;
-    let (n, rest) = rest.split_once('.')?;
-    let t = rest.strip_suffix(".weight")?;
-    let target = Target::ALL.into_iter().find(|x| x.name() == t)?;
-    Some((n.parse().ok()?, target))
 }
 
 /// A LoRA adapter in memory.
@@ -473,8 +464,8 @@ impl Adapter {
             }
             let (a, adt) = read(name)?;
             let (b, bdt) = read(&bname)?;
-            let (layer, target) =
-                parse_base_name(base).map_or((None, None), |(l, t)| (Some(l), Some(t)));
+            let id = ModuleId::parse(base);
+            let (layer, target) = (id.map(|m| m.layer), id.map(|m| m.target));
             modules.push(AdapterModule {
                 base: base.into(),
                 layer,
@@ -758,9 +749,16 @@ mod tests {
 
     #[test]
     fn base_names() {
-        assert_eq!(parse_base_name("blk.12.ffn_down.weight"), Some((12, Target::FfnDown)));
-        assert_eq!(parse_base_name("output.weight"), None);
-        assert_eq!(parse_base_name("blk.x.attn_q.weight"), None);
+        let id = ModuleId { layer: 12, target: Target::FfnDown };
+        assert_eq!(ModuleId::parse("blk.12.ffn_down.weight"), Some(id));
+        assert_eq!(id.to_string(), "blk.12.ffn_down.weight");
+        assert_eq!(ModuleId::parse("output.weight"), None);
+        assert_eq!(ModuleId::parse("blk.x.attn_q.weight"), None);
+        assert!(id < ModuleId { layer: 13, target: Target::AttnQ });
+        assert!(
+            ModuleId { layer: 2, target: Target::AttnQ }
+                < ModuleId { layer: 2, target: Target::FfnDown }
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{json, Value};
 
-use super::{io, parse_base_name, Adapter, AdapterError, AdapterModule, Provenance};
+use super::{io, Adapter, AdapterError, AdapterModule, Provenance};
 use crate::gguf::GgufFile;
 use crate::model::Target;
 
@@ -430,9 +430,8 @@ pub fn read_peft(dir: &Path, base: Option<&Path>) -> Result<Adapter, AdapterErro
         }
         let alpha =
             pattern(alpha_pattern, &module).and_then(Value::as_f64).unwrap_or(alpha_default);
-        let scale = if rslora { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 } as f32;
-        let base_name = format!("blk.{layer}.{}.weight", target.name());
-        debug_assert_eq!(parse_base_name(&base_name), Some((layer, target)));
+        let scale = crate::model::lora_scale(alpha as f32, rank, rslora);
+        let base_name = crate::model::ModuleId { layer, target }.to_string();
         let mut b = to_f32(&bv, &b_name, &wpath)?;
         if let Some(n) = perm_heads(&arch, Some(target), &provenance, dir)? {
             b = permute_rows(&b, rank, n, true, &base_name, &wpath)?;

@@ -85,34 +85,23 @@ pub fn adapter_drift(adapter: &Adapter, user_scale: f32) -> AdapterDrift {
     AdapterDrift { modules }
 }
 
-/// Sort key of `blk.L.target.weight`: (layer, target in graph order, name).
-pub fn module_order(name: &str) -> (usize, usize, String) {
-    let mut it = name.split('.');
-    let layer = match (it.next(), it.next()) {
-        (Some("blk"), Some(l)) => l.parse().unwrap_or(usize::MAX),
-        _ => usize::MAX,
-    };
-    let target = it.next().unwrap_or("");
-    let t = crate::model::Target::ALL.iter().position(|x| x.name() == target).unwrap_or(99);
-    (layer, t, name.to_string())
+/// Sort key of a module name: its [`crate::model::ModuleId`] (layer, then target in graph
+/// order), names that are not `blk.L.target.weight` last; then the name.
+pub fn module_order(name: &str) -> (bool, Option<crate::model::ModuleId>, String) {
+    let id = crate::model::ModuleId::parse(name);
+    (id.is_none(), id, name.to_string())
 }
 
-/// Writes a checkpoint's adapter (A, B of every module) as a llama.cpp LoRA GGUF with the
-/// scale `scale` folded into B (alpha 0, so llama.cpp applies it at scale 1), atomically.
+/// Writes a checkpoint's adapter (A, B of every module, each with scale `scale`) as a
+/// llama.cpp LoRA GGUF, atomically, through [`Adapter::write_gguf`].
 pub fn checkpoint_to_gguf(
     ck: &Checkpoint,
     arch: &str,
     scale: f32,
     out: &Path,
 ) -> Result<(), EvalError> {
-    let mut w = crate::ggml::GgufWriter::new();
-    w.set_str("general.architecture", arch);
-    w.set_str("general.type", "adapter");
-    w.set_str("general.name", &format!("grit checkpoint step {}", ck.step));
-    w.set_str("adapter.type", "lora");
-    w.set_f32("adapter.lora.alpha", 0.0);
     let err = |m: String| EvalError::Adapter(out.into(), m);
-    let mut n = 0;
+    let mut modules = Vec::new();
     for t in &ck.tensors {
         let Some(base) = t.name.strip_suffix(".lora_a") else {
             continue;
@@ -133,16 +122,32 @@ pub fn checkpoint_to_gguf(
                 ck.step
             )));
         }
-        let bs: Vec<f32> = b.data.iter().map(|x| x * scale).collect();
-        w.add_f32(&t.name, &[d_in as i64, r as i64], &t.data).map_err(|e| err(e.to_string()))?;
-        w.add_f32(&format!("{base}.lora_b"), &[r as i64, d_out as i64], &bs)
-            .map_err(|e| err(e.to_string()))?;
-        n += 1;
+        let id = crate::model::ModuleId::parse(base);
+        modules.push(crate::adapter::AdapterModule {
+            base: base.to_string(),
+            layer: id.map(|m| m.layer),
+            target: id.map(|m| m.target),
+            rank: r,
+            d_in,
+            d_out,
+            scale,
+            a: t.data.clone(),
+            b: b.data.clone(),
+            dtype: "f32".into(),
+        });
     }
-    if n == 0 {
+    if modules.is_empty() {
         return Err(err(format!("checkpoint step {} holds no adapter tensors", ck.step)));
     }
-    w.write_atomic(out).map_err(|e| err(e.to_string()))
+    let adapter = Adapter {
+        arch: arch.to_string(),
+        modules,
+        provenance: Default::default(),
+        source: None,
+        file_alpha: None,
+        scale_folded: false,
+    };
+    Ok(adapter.write_gguf(out, crate::adapter::AdapterDtype::F32)?)
 }
 
 #[cfg(test)]

@@ -378,9 +378,9 @@ fn evaluate_sources(opts: &EvalOptions, sources: &[Source]) -> Result<Vec<EvalRo
     let mut scorer = Scorer::new(model, opts.ctx, opts.threads)?;
     let n_rows = sources.len() + 1;
 
-    let mut data_scores: Option<Vec<SetScores>> = None;
-    if let Some(p) = &opts.data {
-        let seqs = prepare_set(model, p, opts, opts.max_examples)?;
+    // Every row's loss on a set of text: --data, then --general (its own example cap).
+    let mut score_set = |p: &Path, max_examples: usize| -> Result<Vec<SetScores>, EvalError> {
+        let seqs = prepare_set(model, p, opts, max_examples)?;
         let what = format!("{} ({} sequences × {n_rows} rows)", p.display(), seqs.len());
         let accs = score::score_all(
             &mut scorer,
@@ -389,26 +389,12 @@ fn evaluate_sources(opts: &EvalOptions, sources: &[Source]) -> Result<Vec<EvalRo
             &seqs,
             progress_line(opts.progress, &what),
         )?;
-        data_scores = Some(set_scores(&accs));
-    }
-    let mut general_scores: Option<Vec<SetScores>> = None;
-    if let Some(p) = &opts.general {
-        let n = if opts.general_max_examples > 0 {
-            opts.general_max_examples
-        } else {
-            opts.max_examples
-        };
-        let seqs = prepare_set(model, p, opts, n)?;
-        let what = format!("{} ({} sequences × {n_rows} rows)", p.display(), seqs.len());
-        let accs = score::score_all(
-            &mut scorer,
-            &mut adapters,
-            opts.adapter_scale,
-            &seqs,
-            progress_line(opts.progress, &what),
-        )?;
-        general_scores = Some(set_scores(&accs));
-    }
+        Ok(set_scores(&accs))
+    };
+    let data_scores = opts.data.as_deref().map(|p| score_set(p, opts.max_examples)).transpose()?;
+    let general_max =
+        if opts.general_max_examples > 0 { opts.general_max_examples } else { opts.max_examples };
+    let general_scores = opts.general.as_deref().map(|p| score_set(p, general_max)).transpose()?;
     let mut accuracies: Option<Vec<Accuracy>> = None;
     if let Some(p) = &opts.task {
         let items: Vec<TaskItem> = accuracy::load_items(p, model, opts.max_task_rows)?;
@@ -529,19 +515,7 @@ pub fn retention(opts: &EvalOptions, run: &Path) -> Result<EvalReport, EvalError
     })?;
     let metrics = crate::rundir::read_metrics(run)?;
     let ck_dir = run.join(crate::rundir::CHECKPOINTS);
-    let mut steps: Vec<usize> = std::fs::read_dir(&ck_dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .filter_map(|e| {
-                    e.file_name()
-                        .to_str()
-                        .and_then(|n| n.strip_prefix("step-"))
-                        .and_then(|n| n.parse().ok())
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    steps.sort_unstable();
+    let steps = crate::train::checkpoint::list_steps(&ck_dir);
     let final_adapter = run.join(crate::rundir::ADAPTER);
     let final_step = metrics
         .iter()

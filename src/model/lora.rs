@@ -2,9 +2,8 @@
 //! llama.cpp's adapter layout) and a scale s, so that the module computes W0·x + s·B·(A·x).
 
 use std::collections::HashMap;
-use std::path::Path;
 
-use crate::ggml::{Backend, Capacity, Context, GgufWriter, Tensor, TensorId};
+use crate::ggml::{Backend, Capacity, Context, Tensor, TensorId};
 
 use super::weights::{Layer, Weights};
 use super::ModelError;
@@ -109,13 +108,44 @@ impl Default for LoraConfig {
 }
 
 impl LoraConfig {
-    /// The scale of a module of rank `r`: alpha/r, or alpha/√r with rsLoRA.
+    /// The scale of a module of rank `r` (see [`lora_scale`]).
     pub fn scale(&self, r: usize) -> f32 {
-        if self.rslora {
-            self.alpha / (r as f32).sqrt()
-        } else {
-            self.alpha / r as f32
-        }
+        lora_scale(self.alpha, r, self.rslora)
+    }
+}
+
+/// A LoRA module's scale: alpha/r, or alpha/√r with rsLoRA (PEFT's `use_rslora`).
+pub fn lora_scale(alpha: f32, rank: usize, rslora: bool) -> f32 {
+    if rslora {
+        alpha / (rank as f32).sqrt()
+    } else {
+        alpha / rank as f32
+    }
+}
+
+/// Which module of the model an adapter pair adapts: a target in a layer. Its name is the
+/// adapted GGUF tensor's, `blk.L.target.weight`; it orders by layer, then target in graph
+/// order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ModuleId {
+    pub layer: usize,
+    pub target: Target,
+}
+
+impl ModuleId {
+    /// Parses `blk.L.target.weight` (None for any other name).
+    pub fn parse(name: &str) -> Option<ModuleId> {
+        let rest = name.strip_prefix("blk.")?;
+        let (n, rest) = rest.split_once('.')?;
+        let t = rest.strip_suffix(".weight")?;
+        let target = Target::ALL.into_iter().find(|x| x.name() == t)?;
+        Some(ModuleId { layer: n.parse().ok()?, target })
+    }
+}
+
+impl std::fmt::Display for ModuleId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "blk.{}.{}.weight", self.layer, self.target.name())
     }
 }
 
@@ -133,25 +163,17 @@ pub struct LoraModule {
 }
 
 impl LoraModule {
+    pub fn id(&self) -> ModuleId {
+        ModuleId { layer: self.layer, target: self.target }
+    }
     /// The adapted base tensor's name, e.g. `blk.3.attn_q.weight`.
     pub fn base_name(&self) -> String {
-        format!("blk.{}.{}.weight", self.layer, self.target.name())
+        self.id().to_string()
     }
     /// Trainable parameters (r·(d_in + d_out)).
     pub fn n_params(&self) -> usize {
         self.rank * (self.d_in + self.d_out)
     }
-}
-
-/// How an exported adapter file carries the scales.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum AdapterScale {
-    /// Write `adapter.lora.alpha = alpha`; llama.cpp then scales each pair by alpha/r
-    /// (r = that pair's rank). Every module's scale must equal alpha/r (checked).
-    Alpha(f32),
-    /// Multiply each B by its scale and write alpha = 0 (llama.cpp scale 1): exact for any
-    /// per-module scales (rsLoRA, mixed ranks).
-    FoldIntoB,
 }
 
 /// The trainable LoRA parameters of a model, in a backend buffer (F32).
@@ -229,7 +251,7 @@ impl LoraSet {
             }
             let w = target.weight(&weights.layer(layer));
             let (d_in, d_out) = (w.ne()[0] as usize, w.ne()[1] as usize);
-            let base = format!("blk.{layer}.{}.weight", target.name());
+            let base = ModuleId { layer, target }.to_string();
             let a = ctx.new_f32(&format!("{base}.lora_a"), &[d_in as i64, rank as i64]); // A: [d_in, r]
             let b = ctx.new_f32(&format!("{base}.lora_b"), &[rank as i64, d_out as i64]); // B: [r, d_out]
             index.insert((layer, target), modules.len());
@@ -323,55 +345,6 @@ impl LoraSet {
     }
     pub fn write_b(&self, i: usize, data: &[f32]) -> Result<(), ModelError> {
         Ok(self.ctx.write_f32(self.b(&self.modules[i]), data)?)
-    }
-
-    /// Writes the adapter in llama.cpp's GGUF LoRA format (`general.type = adapter`,
-    /// `adapter.type = lora`, tensors `<base>.lora_a` [d_in, r] and `<base>.lora_b` [r, d_out],
-    /// F32) for a base model of architecture `arch`.
-    pub fn write_gguf(
-        &self,
-        path: &Path,
-        arch: &str,
-        scale: AdapterScale,
-    ) -> Result<(), ModelError> {
-        let mut w = GgufWriter::new();
-        w.set_str("general.architecture", arch);
-        w.set_str("general.type", "adapter");
-        w.set_str("general.name", "grit LoRA adapter");
-        w.set_str("adapter.type", "lora");
-        let alpha = match scale {
-            AdapterScale::Alpha(alpha) => {
-                for m in &self.modules {
-                    let s = alpha / m.rank as f32;
-                    if (s - m.scale).abs() > 1e-6 * m.scale.abs().max(1.0) {
-                        return Err(ModelError::Lora(format!(
-                            "{}: scale {} is not alpha/r = {alpha}/{} (use AdapterScale::FoldIntoB)",
-                            m.base_name(),
-                            m.scale,
-                            m.rank
-                        )));
-                    }
-                }
-                alpha
-            }
-            AdapterScale::FoldIntoB => 0.0,
-        };
-        w.set_f32("adapter.lora.alpha", alpha);
-        for (i, m) in self.modules.iter().enumerate() {
-            let base = m.base_name();
-            let mut b = self.read_b(i)?;
-            if scale == AdapterScale::FoldIntoB {
-                b.iter_mut().for_each(|x| *x *= m.scale);
-            }
-            w.add_f32(
-                &format!("{base}.lora_a"),
-                &[m.d_in as i64, m.rank as i64],
-                &self.read_a(i)?,
-            )?;
-            w.add_f32(&format!("{base}.lora_b"), &[m.rank as i64, m.d_out as i64], &b)?;
-        }
-        w.write_atomic(path)?;
-        Ok(())
     }
 }
 

@@ -53,7 +53,7 @@ pub use hparams::{Arch, LlamaHparams};
 pub use llama::{
     causal_mask, dropout_mask, Batch, DropoutInput, DropoutMask, LoraTap, Outputs, TrainGraph,
 };
-pub use lora::{AdapterScale, LoraConfig, LoraModule, LoraSet, Target};
+pub use lora::{lora_scale, LoraConfig, LoraModule, LoraSet, ModuleId, Target};
 pub use tiny::{write_tiny_model, TinySpec};
 pub use weights::{Layer, Weights};
 

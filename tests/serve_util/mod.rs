@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use grit::ggml::Backend;
 use grit::gguf::GgufFile;
-use grit::model::{AdapterScale, LoraConfig, LoraSet, Target, Weights};
+use grit::model::{LoraConfig, LoraSet, Target, Weights};
 use serde_json::Value;
 
 pub fn model() -> PathBuf {
@@ -30,7 +30,10 @@ pub fn write_adapter(path: &Path, rank: usize, targets: &[Target], seed: u64) {
     };
     let lora = LoraSet::new(&weights, &cfg, &backend).unwrap();
     lora.randomize(seed, 0.04, 0.04).unwrap();
-    lora.write_gguf(path, weights.hparams.arch.name(), AdapterScale::Alpha(cfg.alpha)).unwrap();
+    grit::adapter::Adapter::from_lora_set(&lora, weights.hparams.arch.name(), Default::default())
+        .unwrap()
+        .write_gguf(path, grit::adapter::AdapterDtype::F32)
+        .unwrap();
 }
 
 /// A running `grit serve`; SIGTERM + wait on drop.
