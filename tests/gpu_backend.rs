@@ -55,7 +55,7 @@ fn step_graph_check(
     let copies = FrozenCopies::build(&weights, WeightCopies::Q8_0, false, copies_for).unwrap();
     let ctx = Context::new(engine::step_capacity(&weights, &lora)).unwrap();
     let o = engine::StepOptions { grit: grit_cfg, ..Default::default() };
-    let sg = StepGraph::build_with(&ctx, &weights, &lora, &copies, &opt, 64, 63, o);
+    let sg = StepGraph::build(&ctx, &weights, &lora, &copies, &opt, 64, 63, o);
     let octx = Context::new(engine::opt_capacity(&lora)).unwrap();
     let og = engine::OptGraph::build(
         &octx,
@@ -488,8 +488,7 @@ fn step_gradients(
     let ctx = Context::new(engine::step_capacity(&weights, &lora)).unwrap();
     let o =
         engine::StepOptions { loss_scale: engine::loss_scale(b.n_rows()), ..Default::default() };
-    let sg =
-        StepGraph::build_with(&ctx, &weights, &lora, &copies, &opt, b.n_tokens(), b.n_rows(), o);
+    let sg = StepGraph::build(&ctx, &weights, &lora, &copies, &opt, b.n_tokens(), b.n_rows(), o);
     let mut run = backend.compute(&sg.graph).unwrap();
     sg.train.set_inputs(&mut run, &b).unwrap();
     sg.set_seeds(&mut run).unwrap();

@@ -30,7 +30,7 @@ fn many_distinct_ranks_do_not_fragment_the_allocator() {
     let copies = FrozenCopies::build(&weights, WeightCopies::F16, false, &backend).unwrap();
     let ctx = Context::new(engine::step_capacity(&weights, &lora)).unwrap();
     let grit = GritConfig::default();
-    let sg = StepGraph::build_with(
+    let sg = StepGraph::build(
         &ctx,
         &weights,
         &lora,
@@ -93,7 +93,7 @@ fn random_rank_mixes_allocate() {
         let opt = OptState::new(&lora, &backend0).unwrap();
         let ctx = Context::new(engine::step_capacity(&weights, &lora)).unwrap();
         let grit = GritConfig::default();
-        let sg = StepGraph::build_with(
+        let sg = StepGraph::build(
             &ctx,
             &weights,
             &lora,
@@ -129,7 +129,7 @@ fn recomputation_halves_the_step_memory() {
     ] {
         let copies = FrozenCopies::build(&weights, mode, false, &backend0).unwrap();
         let ctx = Context::new(engine::step_capacity(&weights, &lora)).unwrap();
-        let sg = StepGraph::build_with(
+        let sg = StepGraph::build(
             &ctx,
             &weights,
             &lora,
@@ -185,7 +185,7 @@ fn default_configurations_allocate() {
                     recompute,
                     fuse_attention: true,
                 };
-                let sg = StepGraph::build_with(
+                let sg = StepGraph::build(
                     &ctx,
                     &weights,
                     &lora,
@@ -235,8 +235,7 @@ fn gpu_form_grit_step_graph_allocates_at_few_tokens() {
             loss_scale: engine::loss_scale(n_tokens),
             ..Default::default()
         };
-        let sg =
-            StepGraph::build_with(&ctx, &weights, &lora, &copies, &opt, n_tokens, n_tokens - 1, o);
+        let sg = StepGraph::build(&ctx, &weights, &lora, &copies, &opt, n_tokens, n_tokens - 1, o);
         assert!(grit::ggml::cpu_only_nodes(&sg.graph).is_empty());
         let run = backend.compute(&sg.graph);
         assert!(run.is_ok(), "{n_tokens} tokens: allocation failed: {:?}", run.err());

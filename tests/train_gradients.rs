@@ -97,7 +97,7 @@ fn step_grads_with(
     let ctx = Context::new(engine::step_capacity(weights, lora)).unwrap();
     // At the loss scale a run uses (the accumulators then hold S × the gradients).
     let o = StepOptions { loss_scale: engine::loss_scale(b.n_rows()), ..o };
-    let sg = StepGraph::build_with(&ctx, weights, lora, copies, opt, b.n_tokens(), b.n_rows(), o);
+    let sg = StepGraph::build(&ctx, weights, lora, copies, opt, b.n_tokens(), b.n_rows(), o);
     let expect = if copies.bytes() > 0 { (sg.rewritten.0, 0) } else { (0, sg.rewritten.1) };
     assert!(expect.0 + expect.1 > 0, "no frozen backward was rewritten");
     let mut run = backend.compute(&sg.graph).unwrap();

@@ -164,13 +164,9 @@ fn content(obj: &Map<String, Value>, key: &str, path: &str) -> Result<String, Ro
 
 /// A list of `{role, content}` messages at `key`.
 fn messages(obj: &Map<String, Value>, key: &str) -> Result<Vec<ChatMessage>, RowError> {
-    let list = non_empty_array(obj, key)?;
-    let mut out = Vec::with_capacity(list.len());
-    for (i, m) in list.iter().enumerate() {
-        let path = format!("{key}[{i}]");
-        let Value::Object(m) = m else {
-            return Err(RowError::field(path, not_a("an object", m)));
-        };
+    let mut out = Vec::new();
+    for (path, m) in objects(obj, key)? {
+        let m = m?;
         let role = req_str(m, "role", &format!("{path}.role"))?;
         if role.trim().is_empty() {
             return Err(RowError::field(format!("{path}.role"), "is empty"));
@@ -179,6 +175,24 @@ fn messages(obj: &Map<String, Value>, key: &str) -> Result<Vec<ChatMessage>, Row
         out.push(ChatMessage { role, content });
     }
     Ok(out)
+}
+
+/// The objects of the non-empty array at `key`, each with its path (`key[i]`); an element
+/// that is not an object is an error naming it.
+#[allow(clippy::type_complexity)]
+fn objects<'v>(
+    obj: &'v Map<String, Value>,
+    key: &'v str,
+) -> Result<impl Iterator<Item = (String, Result<&'v Map<String, Value>, RowError>)> + 'v, RowError>
+{
+    Ok(non_empty_array(obj, key)?.iter().enumerate().map(move |(i, m)| {
+        let path = format!("{key}[{i}]");
+        let m = match m {
+            Value::Object(m) => Ok(m),
+            other => Err(RowError::field(path.clone(), not_a("an object", other))),
+        };
+        (path, m)
+    }))
 }
 
 /// The non-empty array at `key`; errors name the field.
@@ -194,13 +208,9 @@ fn non_empty_array<'v>(obj: &'v Map<String, Value>, key: &str) -> Result<&'v Vec
 /// ShareGPT `conversations: [{from, value}]`, roles mapped to system/user/assistant.
 fn sharegpt(obj: &Map<String, Value>) -> Result<Vec<ChatMessage>, RowError> {
     let key = "conversations";
-    let list = non_empty_array(obj, key)?;
-    let mut out = Vec::with_capacity(list.len());
-    for (i, m) in list.iter().enumerate() {
-        let path = format!("{key}[{i}]");
-        let Value::Object(m) = m else {
-            return Err(RowError::field(path, not_a("an object", m)));
-        };
+    let mut out = Vec::new();
+    for (path, m) in objects(obj, key)? {
+        let m = m?;
         let from = req_str(m, "from", &format!("{path}.from"))?;
         let role = match from.as_str() {
             "system" => "system",

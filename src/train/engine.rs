@@ -191,22 +191,10 @@ pub fn step_capacity(weights: &Weights, lora: &LoraSet) -> Capacity {
 }
 
 impl<'g> StepGraph<'g> {
-    /// Builds forward + backward for `n_tokens` tokens and `n_rows` trained rows.
-    pub fn build(
-        ctx: &'g Context,
-        weights: &'g Weights,
-        lora: &'g LoraSet,
-        copies: &'g FrozenCopies,
-        opt: &'g OptState,
-        n_tokens: usize,
-        n_rows: usize,
-    ) -> Self {
-        Self::build_with(ctx, weights, lora, copies, opt, n_tokens, n_rows, StepOptions::default())
-    }
-
-    /// [`StepGraph::build`] with the options of [`StepOptions`].
+    /// Builds forward + backward for `n_tokens` tokens and `n_rows` trained rows, with the
+    /// options of [`StepOptions`] (`StepOptions::default()`: plain LoRA, no dropout).
     #[allow(clippy::too_many_arguments)]
-    pub fn build_with(
+    pub fn build(
         ctx: &'g Context,
         weights: &'g Weights,
         lora: &'g LoraSet,

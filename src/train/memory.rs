@@ -39,34 +39,43 @@ pub fn mem_available_bytes() -> Option<u64> {
         .map(|k| k * 1024)
 }
 
-/// Bytes a run holds while it trains: base weights, weight copies, adapters with optimizer
-/// state, and the step's compute buffer.
-fn run_bytes(
-    weights: &Weights,
-    copies: &FrozenCopies,
-    lora: &LoraSet,
-    opt: &OptState,
-    compute: usize,
-) -> u64 {
-    (weights.bytes() + copies.bytes() + 4 * lora.n_params() + opt.bytes() + compute) as u64
+/// What a run holds while it trains: base weights, weight copies, adapters with optimizer
+/// state, and compute buffers.
+pub(super) struct Footprint {
+    pub weights: usize,
+    pub copies: usize,
+    /// Adapters (f32) and their optimizer state.
+    pub adapters: usize,
+    pub compute: usize,
+}
+
+impl Footprint {
+    pub(super) fn of(
+        weights: &Weights,
+        copies: &FrozenCopies,
+        lora: &LoraSet,
+        opt: &OptState,
+        compute: usize,
+    ) -> Self {
+        let adapters = 4 * lora.n_params() + opt.bytes();
+        Footprint { weights: weights.bytes(), copies: copies.bytes(), adapters, compute }
+    }
+
+    fn total(&self) -> u64 {
+        (self.weights + self.copies + self.adapters + self.compute) as u64
+    }
 }
 
 /// Refuses to start when the run would not fit in available memory.
-pub(super) fn check_memory(
-    weights: &Weights,
-    copies: &FrozenCopies,
-    lora: &LoraSet,
-    opt: &OptState,
-    compute: usize,
-) -> Result<(), TrainError> {
-    let need = run_bytes(weights, copies, lora, opt, compute);
+pub(super) fn check_memory(f: &Footprint) -> Result<(), TrainError> {
+    let need = f.total();
     let Some(avail) = mem_available_bytes() else {
         return Ok(());
     };
     // What is already resident counts as available to us.
     let avail = avail + rss_bytes();
     if need > avail {
-        let hint = if copies.bytes() > 0 {
+        let hint = if f.copies > 0 {
             "lower --max-seq-len or --batch-size, or use --weight-copies none".to_string()
         } else {
             "lower --max-seq-len or --batch-size".to_string()
@@ -102,13 +111,9 @@ pub(super) fn log_cpu_fallback(backend: &Backend, graph: &crate::ggml::Graph<'_>
 /// the step's compute buffer and the evaluation's compute buffer all live there.
 pub(super) fn check_device_memory(
     gpu: &crate::ggml::DeviceInfo,
-    weights: &Weights,
-    copies: &FrozenCopies,
-    lora: &LoraSet,
-    opt: &OptState,
-    compute: usize,
+    f: &Footprint,
 ) -> Result<(), TrainError> {
-    let need = run_bytes(weights, copies, lora, opt, compute);
+    let need = f.total();
     let avail = gpu.memory_free as u64;
     eprintln!(
         "grit: device memory: {} MiB needed of {} MiB free on {}",
@@ -118,14 +123,14 @@ pub(super) fn check_device_memory(
     );
     if avail > 0 && need > avail {
         let mut hint = String::from("lower --max-seq-len or --batch-size");
-        if copies.bytes() > 0 {
+        if f.copies > 0 {
             hint.push_str(", use --weight-copies none (dequantized per layer in the backward)");
         }
         hint.push_str(&format!(
             ", or train with --device cpu (weights {} MiB, copies {} MiB, step and eval compute buffers {} MiB)",
-            weights.bytes() >> 20,
-            copies.bytes() >> 20,
-            compute >> 20
+            f.weights >> 20,
+            f.copies >> 20,
+            f.compute >> 20
         ));
         return Err(TrainError::DeviceMemory {
             device: gpu.name.clone(),

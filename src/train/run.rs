@@ -402,7 +402,7 @@ impl Trainer {
             recompute: cfg.recompute(),
             fuse_attention: true,
         };
-        let sg = StepGraph::build_with(
+        let sg = StepGraph::build(
             &ctx,
             &frozen.weights,
             &params.lora,
@@ -473,17 +473,18 @@ impl Trainer {
             memory::print_live_tensor_peak(&sg.graph);
         }
         let (w, c, lora, opt) = (&frozen.weights, &frozen.copies, &params.lora, &params.opt);
+        let mut f = memory::Footprint::of(w, c, lora, opt, compute);
         eprintln!(
             "grit: memory: base weights {} MiB, weight copies {} MiB, adapters + optimizer state {} MiB, step compute buffer {} MiB",
-            w.bytes() >> 20,
-            c.bytes() >> 20,
-            (4 * lora.n_params() + opt.bytes()) >> 20,
-            compute >> 20
+            f.weights >> 20,
+            f.copies >> 20,
+            f.adapters >> 20,
+            f.compute >> 20
         );
-        memory::check_memory(w, c, lora, opt, compute)?;
+        memory::check_memory(&f)?;
         if let Some(gpu) = self.backend.gpu() {
-            let compute = self.backend.primary_compute_buffer_bytes() + self.eval_buffer;
-            memory::check_device_memory(gpu, w, c, lora, opt, compute)?;
+            f.compute = self.backend.primary_compute_buffer_bytes() + self.eval_buffer;
+            memory::check_device_memory(gpu, &f)?;
         }
         Ok(())
     }
