@@ -14,8 +14,10 @@ use crate::data::DataPosition;
 /// Why a checkpoint could not be written or read; names the path.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
-    #[error("{p}: {msg}", p = .0.display(), msg = .1)]
-    Io(PathBuf, String),
+    #[error("{}: {source}", .path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{}: cannot write: {msg}", .0.display(), msg = .1)]
+    Write(PathBuf, String),
     #[error("{p}: not a grit checkpoint: {msg}", p = .0.display(), msg = .1)]
     Invalid(PathBuf, String),
 }
@@ -62,8 +64,8 @@ struct StateFile {
 const TENSORS: &str = "tensors.safetensors";
 const STATE: &str = "state.json";
 
-fn io(p: &Path, e: impl ToString) -> CheckpointError {
-    CheckpointError::Io(p.into(), e.to_string())
+fn io(p: &Path, source: std::io::Error) -> CheckpointError {
+    CheckpointError::Io { path: p.into(), source }
 }
 
 /// The folder of step `step` under `dir` (`dir/step-N`).
@@ -126,18 +128,20 @@ impl Checkpoint {
             .collect();
         let mut views = Vec::with_capacity(self.tensors.len());
         for (t, b) in self.tensors.iter().zip(&bytes) {
-            let v = TensorView::new(Dtype::F32, t.shape.clone(), b)
-                .map_err(|e| io(tmp, format!("tensor {}: {e}", t.name)))?;
+            let v = TensorView::new(Dtype::F32, t.shape.clone(), b).map_err(|e| {
+                CheckpointError::Write(tmp.into(), format!("tensor {}: {e}", t.name))
+            })?;
             views.push((t.name.clone(), v));
         }
         let mut meta = std::collections::HashMap::new();
         meta.insert("format".to_string(), "grit-checkpoint".to_string());
         let st_path = tmp.join(TENSORS);
         safetensors::serialize_to_file(views, &Some(meta), &st_path)
-            .map_err(|e| io(&st_path, e))?;
+            .map_err(|e| CheckpointError::Write(st_path.clone(), e.to_string()))?;
         let state_path = tmp.join(STATE);
         let doc = StateFile { step: self.step, state: self.state.clone() };
-        let bytes = serde_json::to_vec_pretty(&doc).map_err(|e| io(&state_path, e))?;
+        let bytes = serde_json::to_vec_pretty(&doc)
+            .map_err(|e| CheckpointError::Write(state_path.clone(), e.to_string()))?;
         std::fs::write(&state_path, bytes).map_err(|e| io(&state_path, e))?;
         for f in [&st_path, &state_path] {
             std::fs::File::open(f).and_then(|h| h.sync_all()).map_err(|e| io(f, e))?;

@@ -58,8 +58,12 @@ pub enum TrainError {
     Checkpoint(#[from] checkpoint::CheckpointError),
     #[error(transparent)]
     RunDir(#[from] crate::rundir::RunDirError),
-    #[error("{p}: {msg}", p = .0.display(), msg = .1)]
-    Io(PathBuf, String),
+    #[error(transparent)]
+    Adapter(#[from] crate::adapter::AdapterError),
+    #[error("{}: {source}", .path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{}: cannot encode: {source}", .path.display())]
+    Encode { path: PathBuf, source: serde_json::Error },
     /// A checkpoint that reads but does not fit this run (state fields, module count, shapes).
     #[error("checkpoint step {step} in {p}: {msg}", p = .dir.display())]
     CheckpointMismatch { dir: PathBuf, step: usize, msg: String },
@@ -77,10 +81,6 @@ pub enum TrainError {
     NothingToResume(PathBuf),
     #[error("interrupted at step {step}; checkpoint saved in {p}; continue with --resume {out}", p = .dir.display(), out = .out.display())]
     Interrupted { step: usize, dir: PathBuf, out: PathBuf },
-}
-
-fn io(p: &Path, e: impl ToString) -> TrainError {
-    TrainError::Io(p.into(), e.to_string())
 }
 
 /// How `grit train` was asked to run (beyond the configuration).
@@ -713,14 +713,10 @@ impl Trainer {
         // name/sha256, method, hyper-parameters): see crate::adapter.
         let method = if cfg.method == Method::Grit { "grit" } else { "lora" };
         let prov =
-            crate::adapter::Provenance::for_base(&self.model_path, method, Some(cfg.to_toml()))
-                .map_err(|e| io(&self.model_path, e))?;
+            crate::adapter::Provenance::for_base(&self.model_path, method, Some(cfg.to_toml()))?;
         let arch = frozen.weights.hparams.arch.name();
-        crate::adapter::Adapter::from_lora_set(&lora, arch, prov)
-            .and_then(|a| {
-                a.write_gguf(&out.join(rundir::ADAPTER), crate::adapter::AdapterDtype::F32)
-            })
-            .map_err(|e| io(&out.join(rundir::ADAPTER), e))?;
+        crate::adapter::Adapter::from_lora_set(&lora, arch, prov)?
+            .write_gguf(&out.join(rundir::ADAPTER), crate::adapter::AdapterDtype::F32)?;
 
         let mut drift_per_module = std::collections::BTreeMap::new();
         for (i, m) in lora.modules().iter().enumerate() {
@@ -774,16 +770,16 @@ fn prepare_out_dir(opts: &RunOptions) -> Result<(), TrainError> {
         }
         let _ = std::fs::remove_dir_all(out.join(rundir::CHECKPOINTS));
     }
-    std::fs::create_dir_all(out).map_err(|e| io(out, e))
+    std::fs::create_dir_all(out).map_err(|source| TrainError::Io { path: out.clone(), source })
 }
 
 fn is_empty_dir(p: &Path) -> bool {
     std::fs::read_dir(p).map(|mut d| d.next().is_none()).unwrap_or(true)
 }
 
-/// Writes `bytes` to `path` atomically (temporary sibling + rename).
+/// Writes `bytes` to `path` atomically (see [`crate::fetch::write_atomic`]).
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
-    crate::fetch::write_atomic(path, bytes).map_err(|e| io(path, e))
+    Ok(crate::fetch::write_atomic(path, bytes)?)
 }
 
 /// The adapters a run starts from (every module at `--rank`, initialized from the seed, or
@@ -844,7 +840,8 @@ fn dump_tokens(
     }
     let mut b = batcher.clone();
     let seqs: Vec<Sequence> = (0..micro_batches).flat_map(|_| b.next_batch()).collect();
-    let doc = serde_json::to_vec(&Dump { sequences: &seqs, seq_len }).map_err(|e| io(path, e))?;
+    let doc = serde_json::to_vec(&Dump { sequences: &seqs, seq_len })
+        .map_err(|source| TrainError::Encode { path: path.into(), source })?;
     write_atomic(path, &doc)
 }
 
