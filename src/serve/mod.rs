@@ -101,7 +101,74 @@ impl Server {
     /// Checks the options, loads the model (and merges or loads the start adapters) and starts
     /// the inference thread.
     pub fn start(cfg: ServeConfig) -> Result<Server, ServeError> {
-        start(cfg)
+        check_options(&cfg)?;
+        let load = LoadOptions { n_gpu_layers: cfg.gpu_layers, device: cfg.device };
+        let model = Arc::new(Model::load(&cfg.model, &load)?);
+        eprintln!("grit serve: device {}", model.device_label());
+        let base_name = base_name(&cfg);
+        for (name, path) in &cfg.adapters {
+            adapters::check_name(name, &[base_name.as_str(), "base"]).map_err(|msg| {
+                ServeError::Adapter { name: name.clone(), path: path.clone(), msg }
+            })?;
+        }
+        // --merge-adapters: each start adapter becomes a merged model copy (index 1, 2, ...).
+        let mut models = vec![model.clone()];
+        let merged = match cfg.merge {
+            Some(ty) => merge_start_adapters(&cfg, ty, &mut models)?,
+            None => Vec::new(),
+        };
+        let n_ctx_train = model.inner.n_ctx_train();
+        let n_ctx = if cfg.n_ctx > 0 { cfg.n_ctx } else { n_ctx_train.clamp(256, 4096) };
+        // llama.cpp rounds each sequence's context up to a multiple of 256.
+        let n_ctx_seq = n_ctx.div_ceil(256) * 256;
+        let shared = Arc::new(engine::Shared {
+            queued: AtomicUsize::new(0),
+            metrics: Arc::new(metrics::Metrics::default()),
+        });
+        let ecfg = engine::EngineConfig {
+            n_ctx_seq,
+            parallel: cfg.parallel,
+            max_lanes: cfg.max_contexts,
+            n_batch: cfg.n_batch,
+            threads: crate::infer::resolve_threads(cfg.threads),
+            offload: model.offload(),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let engine_shared = shared.clone();
+        let engine = std::thread::Builder::new().name("grit-engine".into()).spawn(move || {
+            let refs: Vec<&llama_cpp_2::model::LlamaModel> =
+                models.iter().map(|m| &m.inner).collect();
+            engine::run(&refs, ecfg, rx, engine_shared)
+        })?;
+        // From here an error drops `tx`, which stops the inference thread.
+        let mut registry = adapters::Registry::default();
+        for (name, path, idx) in merged {
+            let id = registry.next_id();
+            let created = http::unix_now();
+            let entry = adapters::AdapterEntry { id, path, created, merged: Some(idx) };
+            registry.by_name.insert(name, entry);
+        }
+        if cfg.merge.is_none() {
+            load_start_adapters(&cfg, &tx, &mut registry)?;
+        }
+        let state = Arc::new(http::AppState {
+            model: model.clone(),
+            base_name,
+            created: http::unix_now(),
+            registry: RwLock::new(registry),
+            tx: std::sync::Mutex::new(tx.clone()),
+            shared,
+            n_ctx_seq,
+            queue_cap: cfg.queue,
+            timeout: cfg.timeout,
+            adapter_dir: cfg.adapter_dir.clone(),
+            api_key: cfg.api_key.clone(),
+            guard: http::LocalGuard::new(&cfg.host, &cfg.allowed_hosts, &cfg.cors_origins),
+            max_adapters: cfg.max_adapters,
+            base_mismatch: cfg.base_mismatch,
+            next_id: AtomicUsize::new(1),
+        });
+        Ok(Server { state, tx, engine: Some(engine), cfg })
     }
 
     /// The HTTP routes with every layer (auth, the local guard, limits, logs, CORS), not bound
@@ -131,7 +198,8 @@ impl Drop for Server {
     }
 }
 
-fn start(cfg: ServeConfig) -> Result<Server, ServeError> {
+/// Refuses options the server cannot run with, naming the flag.
+fn check_options(cfg: &ServeConfig) -> Result<(), ServeError> {
     if cfg.parallel == 0 || cfg.parallel > 256 {
         return Err(ServeError::Option(format!(
             "--parallel {}: must be between 1 and 256",
@@ -166,102 +234,67 @@ fn start(cfg: ServeConfig) -> Result<Server, ServeError> {
             });
         }
     }
-    let model = Arc::new(Model::load(
-        &cfg.model,
-        &LoadOptions { n_gpu_layers: cfg.gpu_layers, device: cfg.device },
-    )?);
-    eprintln!("grit serve: device {}", model.device_label());
-    let base_name = cfg.model_name.clone().unwrap_or_else(|| {
+    Ok(())
+}
+
+/// The name clients use for the base model: `--model-name`, or the model file's name.
+fn base_name(cfg: &ServeConfig) -> String {
+    cfg.model_name.clone().unwrap_or_else(|| {
         let f = cfg
             .model
             .file_name()
             .map(|f| f.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into());
         f.strip_suffix(".gguf").map(str::to_string).unwrap_or(f)
-    });
-    for (name, path) in &cfg.adapters {
-        adapters::check_name(name, &[base_name.as_str(), "base"])
-            .map_err(|msg| ServeError::Adapter { name: name.clone(), path: path.clone(), msg })?;
-    }
-    // --merge-adapters: each start adapter becomes a merged model copy (index 1, 2, ...).
-    let mut models = vec![model.clone()];
-    let mut merged: Vec<(String, PathBuf, usize)> = Vec::new();
-    if let Some(ty) = cfg.merge {
-        {
-            let dir = crate::tempdir::TempDir::new_in(&std::env::temp_dir(), "grit-serve")?;
-            for (name, path) in &cfg.adapters {
-                let err = |msg: String| ServeError::Adapter {
-                    name: name.clone(),
-                    path: path.clone(),
-                    msg,
-                };
-                let t0 = std::time::Instant::now();
-                let ad = crate::adapter::load_any(path, Some(&cfg.model))
-                    .map_err(|e| err(e.to_string()))?;
-                let out = dir.path().join(format!("{name}.gguf"));
-                crate::adapter::merge::merge(&cfg.model, &ad, 1.0, ty, false, &out)
-                    .map_err(|e| err(e.to_string()))?;
-                let m = Model::load(
-                    &out,
-                    &LoadOptions { n_gpu_layers: cfg.gpu_layers, device: cfg.device },
-                )
-                .map_err(|e| err(e.to_string()))?;
-                models.push(Arc::new(m));
-                merged.push((name.clone(), path.clone(), models.len() - 1));
-                eprintln!(
-                    "grit serve: adapter {name} ← {} (merged, {ty:?} tensors, {:.1} s)",
-                    path.display(),
-                    t0.elapsed().as_secs_f64()
-                );
-            }
-            // The merged files go as soon as they are loaded, so nothing is left behind even
-            // if the server is killed: llama.cpp has mapped or read them, and on Unix a
-            // mapping outlives the file's name.
-            drop(dir);
-        }
-    }
-    let n_ctx_train = model.inner.n_ctx_train();
-    let n_ctx = if cfg.n_ctx > 0 { cfg.n_ctx } else { n_ctx_train.clamp(256, 4096) };
-    // llama.cpp rounds each sequence's context up to a multiple of 256.
-    let n_ctx_seq = n_ctx.div_ceil(256) * 256;
-    let shared = Arc::new(engine::Shared {
-        queued: AtomicUsize::new(0),
-        metrics: Arc::new(metrics::Metrics::default()),
-    });
-    let ecfg = engine::EngineConfig {
-        n_ctx_seq,
-        parallel: cfg.parallel,
-        max_lanes: cfg.max_contexts,
-        n_batch: cfg.n_batch,
-        threads: crate::infer::resolve_threads(cfg.threads),
-        offload: model.offload(),
-    };
-    let (tx, rx) = std::sync::mpsc::channel();
-    let engine_models = models.clone();
-    let engine_shared = shared.clone();
-    let engine = std::thread::Builder::new().name("grit-engine".into()).spawn(move || {
-        let refs: Vec<&llama_cpp_2::model::LlamaModel> =
-            engine_models.iter().map(|m| &m.inner).collect();
-        engine::run(&refs, ecfg, rx, engine_shared)
-    })?;
+    })
+}
 
-    let mut registry = adapters::Registry::default();
-    for (name, path, idx) in merged {
-        let id = registry.next_id();
-        registry.by_name.insert(
-            name,
-            adapters::AdapterEntry { id, path, created: http::unix_now(), merged: Some(idx) },
+/// `--merge-adapters`: merges each start adapter into a copy of the base, loads it as a model
+/// of its own (appended to `models`) and returns (name, file, model index) per adapter.
+fn merge_start_adapters(
+    cfg: &ServeConfig,
+    ty: crate::adapter::merge::MergeType,
+    models: &mut Vec<Arc<Model>>,
+) -> Result<Vec<(String, PathBuf, usize)>, ServeError> {
+    let mut merged = Vec::new();
+    let dir = crate::tempdir::TempDir::new_in(&std::env::temp_dir(), "grit-serve")?;
+    for (name, path) in &cfg.adapters {
+        let err = |msg: String| ServeError::Adapter { name: name.clone(), path: path.clone(), msg };
+        let t0 = std::time::Instant::now();
+        let ad =
+            crate::adapter::load_any(path, Some(&cfg.model)).map_err(|e| err(e.to_string()))?;
+        let out = dir.path().join(format!("{name}.gguf"));
+        crate::adapter::merge::merge(&cfg.model, &ad, 1.0, ty, false, &out)
+            .map_err(|e| err(e.to_string()))?;
+        let load = LoadOptions { n_gpu_layers: cfg.gpu_layers, device: cfg.device };
+        let m = Model::load(&out, &load).map_err(|e| err(e.to_string()))?;
+        models.push(Arc::new(m));
+        merged.push((name.clone(), path.clone(), models.len() - 1));
+        eprintln!(
+            "grit serve: adapter {name} ← {} (merged, {ty:?} tensors, {:.1} s)",
+            path.display(),
+            t0.elapsed().as_secs_f64()
         );
     }
-    for (name, path) in cfg.adapters.iter().filter(|_| cfg.merge.is_none()) {
+    // The merged files go as soon as they are loaded, so nothing is left behind even if the
+    // server is killed: llama.cpp has mapped or read them, and on Unix a mapping outlives the
+    // file's name.
+    drop(dir);
+    Ok(merged)
+}
+
+/// Validates each start adapter against the base (provenance: warn, or refuse with
+/// `--strict`) and loads it on the inference thread under a new id.
+fn load_start_adapters(
+    cfg: &ServeConfig,
+    tx: &std::sync::mpsc::Sender<engine::Cmd>,
+    registry: &mut adapters::Registry,
+) -> Result<(), ServeError> {
+    for (name, path) in &cfg.adapters {
+        let err = |msg: String| ServeError::Adapter { name: name.clone(), path: path.clone(), msg };
         let (_, warning) =
-            crate::adapter::validate_with_provenance(path, &cfg.model, cfg.base_mismatch).map_err(
-                |e| ServeError::Adapter {
-                    name: name.clone(),
-                    path: path.clone(),
-                    msg: e.to_string(),
-                },
-            )?;
+            crate::adapter::validate_with_provenance(path, &cfg.model, cfg.base_mismatch)
+                .map_err(|e| err(e.to_string()))?;
         if let Some(w) = warning {
             eprintln!("grit serve: warning: {w}");
         }
@@ -270,39 +303,13 @@ fn start(cfg: ServeConfig) -> Result<Server, ServeError> {
         let _ = tx.send(engine::Cmd::LoadAdapter { id, path: path.clone(), reply: rtx });
         match rrx.blocking_recv() {
             Ok(Ok(())) => {}
-            Ok(Err(msg)) => {
-                return Err(ServeError::Adapter { name: name.clone(), path: path.clone(), msg })
-            }
+            Ok(Err(msg)) => return Err(err(msg)),
             Err(_) => return Err(ServeError::Option("the inference thread stopped".into())),
         }
-        registry.by_name.insert(
-            name.clone(),
-            adapters::AdapterEntry {
-                id,
-                path: path.clone(),
-                created: http::unix_now(),
-                merged: None,
-            },
-        );
+        let created = http::unix_now();
+        let entry = adapters::AdapterEntry { id, path: path.clone(), created, merged: None };
+        registry.by_name.insert(name.clone(), entry);
         eprintln!("grit serve: adapter {name} ← {}", path.display());
     }
-
-    let state = Arc::new(http::AppState {
-        model: model.clone(),
-        base_name,
-        created: http::unix_now(),
-        registry: RwLock::new(registry),
-        tx: std::sync::Mutex::new(tx.clone()),
-        shared,
-        n_ctx_seq,
-        queue_cap: cfg.queue,
-        timeout: cfg.timeout,
-        adapter_dir: cfg.adapter_dir.clone(),
-        api_key: cfg.api_key.clone(),
-        guard: http::LocalGuard::new(&cfg.host, &cfg.allowed_hosts, &cfg.cors_origins),
-        max_adapters: cfg.max_adapters,
-        base_mismatch: cfg.base_mismatch,
-        next_id: AtomicUsize::new(1),
-    });
-    Ok(Server { state, tx, engine: Some(engine), cfg })
+    Ok(())
 }
