@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use safetensors::tensor::{Dtype, TensorView};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::{io, Adapter, AdapterError, AdapterModule, Provenance};
 use crate::gguf::GgufFile;
@@ -164,33 +164,37 @@ pub fn write_peft(adapter: &Adapter, dir: &Path) -> Result<(), AdapterError> {
     let r = mode(rank_of.values().copied()).unwrap_or(8);
     let alpha =
         mode(alpha_of.values().map(|a| a.to_bits())).map(f64::from_bits).unwrap_or(r as f64);
-    let rank_pattern: BTreeMap<&String, usize> =
-        rank_of.iter().filter(|(_, &x)| x != r).map(|(k, &x)| (k, x)).collect();
-    let alpha_pattern: BTreeMap<&String, f64> =
-        alpha_of.iter().filter(|(_, &x)| x != alpha).map(|(k, &x)| (k, x)).collect();
     let p = &adapter.provenance;
-    let config = json!({
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": p.base_name.clone().unwrap_or_default(),
-        "r": r,
-        "lora_alpha": alpha,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
+    let config = PeftConfig {
+        peft_type: Some("LORA".into()),
+        task_type: Some("CAUSAL_LM".into()),
+        base_model_name_or_path: Some(p.base_name.clone().unwrap_or_default()),
+        r,
+        lora_alpha: alpha,
+        rank_pattern: rank_of
+            .iter()
+            .filter(|(_, &x)| x != r)
+            .map(|(k, &x)| (k.clone(), x))
+            .collect(),
+        alpha_pattern: alpha_of
+            .iter()
+            .filter(|(_, &x)| x != alpha)
+            .map(|(k, &x)| (k.clone(), x))
+            .collect(),
         // Full module names: PEFT adapts exactly the modules this adapter has.
-        "target_modules": rank_of.keys().collect::<Vec<_>>(),
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": false,
-        "use_rslora": false,
-        "use_dora": false,
-        "init_lora_weights": true,
-        "inference_mode": true,
-        "modules_to_save": null,
-        "layers_to_transform": null,
-        "layers_pattern": null,
-        "revision": null,
-    });
+        target_modules: Some(Value::from(rank_of.keys().cloned().collect::<Vec<_>>())),
+        lora_dropout: Some(0.0),
+        bias: Some("none".into()),
+        fan_in_fan_out: Some(false),
+        use_rslora: Some(false),
+        use_dora: Some(false),
+        init_lora_weights: Some(Value::Bool(true)),
+        inference_mode: Some(true),
+        modules_to_save: None,
+        layers_to_transform: None,
+        layers_pattern: None,
+        revision: None,
+    };
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     meta.insert(KEY_ARCH.to_string(), adapter.arch.clone());
@@ -216,13 +220,92 @@ pub fn write_peft(adapter: &Adapter, dir: &Path) -> Result<(), AdapterError> {
     Ok(())
 }
 
-/// PEFT's pattern lookup: the first key that equals the module name or is a dotted suffix of
-/// it (keys are taken literally).
-fn pattern<'a>(pat: Option<&'a serde_json::Map<String, Value>>, module: &str) -> Option<&'a Value> {
-    let pat = pat?;
+/// `adapter_config.json`: the fields grit reads and writes (PEFT's `LoraConfig`; unknown
+/// fields are ignored on reading, as PEFT adds new ones).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PeftConfig {
+    #[serde(default)]
+    pub peft_type: Option<String>,
+    #[serde(default)]
+    pub task_type: Option<String>,
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    /// The rank of every module not in `rank_pattern`.
+    pub r: usize,
+    /// alpha of every module not in `alpha_pattern` (scale alpha/r, or alpha/√r with rsLoRA).
+    pub lora_alpha: f64,
+    /// Module name (or a dotted suffix of one) → rank.
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, usize>,
+    /// Module name (or a dotted suffix of one) → alpha.
+    #[serde(default)]
+    pub alpha_pattern: BTreeMap<String, f64>,
+    #[serde(default)]
+    pub target_modules: Option<Value>,
+    #[serde(default)]
+    pub lora_dropout: Option<f64>,
+    #[serde(default)]
+    pub bias: Option<String>,
+    #[serde(default)]
+    pub fan_in_fan_out: Option<bool>,
+    #[serde(default)]
+    pub use_rslora: Option<bool>,
+    #[serde(default)]
+    pub use_dora: Option<bool>,
+    #[serde(default)]
+    pub init_lora_weights: Option<Value>,
+    #[serde(default)]
+    pub inference_mode: Option<bool>,
+    #[serde(default)]
+    pub modules_to_save: Option<Value>,
+    #[serde(default)]
+    pub layers_to_transform: Option<Value>,
+    #[serde(default)]
+    pub layers_pattern: Option<Value>,
+    #[serde(default)]
+    pub revision: Option<String>,
+}
+
+impl PeftConfig {
+    /// Reads and checks `path`: a LoRA whose layout llama.cpp's format can hold.
+    fn read(path: &Path) -> Result<(PeftConfig, String), AdapterError> {
+        let text = std::fs::read_to_string(path).map_err(|e| io(path, e))?;
+        let cfg: PeftConfig = serde_json::from_str(&text).map_err(|e| {
+            AdapterError::Invalid(path.into(), format!("not a PEFT LoRA config: {e}"))
+        })?;
+        let bad = |field: &str, why: String| {
+            AdapterError::Invalid(path.into(), format!("field '{field}': {why}"))
+        };
+        if let Some(t) = cfg.peft_type.as_deref().filter(|t| *t != "LORA") {
+            return Err(bad("peft_type", format!("'{t}' is not LORA")));
+        }
+        for (field, ok) in [
+            ("fan_in_fan_out", cfg.fan_in_fan_out != Some(true)),
+            ("use_dora", cfg.use_dora != Some(true)),
+            ("bias", cfg.bias.as_deref().is_none_or(|b| b == "none")),
+        ] {
+            if !ok {
+                return Err(bad(field, "not supported by llama.cpp's LoRA format (grit needs fan_in_fan_out false, use_dora false, bias \"none\")".into()));
+            }
+        }
+        if cfg.r == 0 {
+            return Err(bad("r", "must be a positive integer".into()));
+        }
+        Ok((cfg, text))
+    }
+
+    /// The rank and alpha of `module` (its pattern entries, else the defaults).
+    fn rank_alpha(&self, module: &str) -> (usize, f64) {
+        let r = pattern(&self.rank_pattern, module).unwrap_or(self.r);
+        (r, pattern(&self.alpha_pattern, module).unwrap_or(self.lora_alpha))
+    }
+}
+
+/// The value of the first pattern entry that is `module` or a dotted suffix of it.
+fn pattern<T: Copy>(pat: &BTreeMap<String, T>, module: &str) -> Option<T> {
     pat.iter()
         .find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}")))
-        .map(|(_, v)| v)
+        .map(|(_, v)| *v)
 }
 
 /// Splits `base_model.model.model.layers.N.self_attn.q_proj.lora_A[.adapter].weight` into
@@ -295,38 +378,7 @@ pub fn read_peft(dir: &Path, base: Option<&Path>) -> Result<Adapter, AdapterErro
             ));
         }
     }
-    let text = std::fs::read_to_string(&cpath).map_err(|e| io(&cpath, e))?;
-    let cfg: Value = serde_json::from_str(&text)
-        .map_err(|e| AdapterError::Invalid(cpath.clone(), format!("not JSON: {e}")))?;
-    let bad = |field: &str, why: String| {
-        AdapterError::Invalid(cpath.clone(), format!("field '{field}': {why}"))
-    };
-    if let Some(t) = cfg.get("peft_type").and_then(Value::as_str) {
-        if t != "LORA" {
-            return Err(bad("peft_type", format!("'{t}' is not LORA")));
-        }
-    }
-    for (field, ok) in [
-        ("fan_in_fan_out", cfg.get("fan_in_fan_out").and_then(Value::as_bool) != Some(true)),
-        ("use_dora", cfg.get("use_dora").and_then(Value::as_bool) != Some(true)),
-        ("bias", cfg.get("bias").and_then(Value::as_str).is_none_or(|b| b == "none")),
-    ] {
-        if !ok {
-            return Err(bad(field, "not supported by llama.cpp's LoRA format (grit needs fan_in_fan_out false, use_dora false, bias \"none\")".into()));
-        }
-    }
-    let r_default =
-        cfg.get("r")
-            .and_then(Value::as_u64)
-            .ok_or_else(|| bad("r", "missing or not a positive integer".into()))? as usize;
-    let alpha_default = cfg
-        .get("lora_alpha")
-        .and_then(Value::as_f64)
-        .ok_or_else(|| bad("lora_alpha", "missing or not a number".into()))?;
-    let rslora = cfg.get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
-    let rank_pattern = cfg.get("rank_pattern").and_then(Value::as_object);
-    let alpha_pattern = cfg.get("alpha_pattern").and_then(Value::as_object);
-
+    let (cfg, text) = PeftConfig::read(&cpath)?;
     let raw = std::fs::read(&wpath).map_err(|e| io(&wpath, e))?;
     let st = safetensors::SafeTensors::deserialize(&raw).map_err(|e| {
         AdapterError::Invalid(wpath.clone(), format!("not a safetensors file: {e}"))
@@ -335,102 +387,37 @@ pub fn read_peft(dir: &Path, base: Option<&Path>) -> Result<Adapter, AdapterErro
         .ok()
         .and_then(|(_, m)| m.metadata().clone())
         .unwrap_or_default();
-    let mut provenance = Provenance::from_pairs(|k| meta.get(k).cloned());
-    let mut arch = meta.get(KEY_ARCH).cloned();
-    let base_file = match base {
-        Some(b) => {
-            let f = GgufFile::open(b)?;
-            let base_arch = f.architecture()?;
-            if let Some(a) = &arch {
-                if *a != base_arch {
-                    return Err(AdapterError::Architecture {
-                        path: dir.into(),
-                        adapter: a.clone(),
-                        base: base_arch,
-                        base_path: b.into(),
-                    });
-                }
-            }
-            arch = Some(base_arch);
-            let method = provenance.method.clone().unwrap_or_else(|| "peft".into());
-            let hp = provenance.hparams.clone().or_else(|| Some(text.clone()));
-            provenance = Provenance {
-                method: Some(method),
-                hparams: hp,
-                ..Provenance::for_base(b, "peft", None)?
-            };
-            Some(f)
-        }
-        None => None,
-    };
-    let arch = arch.ok_or_else(|| {
-        AdapterError::Invalid(dir.into(), "the folder does not record the base architecture (not written by grit): pass --model BASE.gguf".into())
-    })?;
-    if provenance.method.is_none() {
-        provenance.method = Some("peft".into());
-    }
-
-    // Pair the halves.
-    let mut halves: BTreeMap<(usize, Target), (String, Option<String>, Option<String>)> =
-        BTreeMap::new();
-    for name in st.names() {
-        let (module, layer, target, is_a) = parse_peft_name(name).ok_or_else(|| {
-            AdapterError::Invalid(
-                wpath.clone(),
-                format!("tensor '{name}' is not a lora_A/lora_B weight of a q/k/v/o/gate/up/down projection in a decoder layer"),
-            )
-        })?;
-        let e = halves.entry((layer, target)).or_insert_with(|| (module, None, None));
-        if is_a {
-            e.1 = Some(name.clone());
-        } else {
-            e.2 = Some(name.clone());
-        }
-    }
-    if halves.is_empty() {
-        return Err(AdapterError::NotAdapter(wpath, "it holds no lora_A/lora_B tensors".into()));
-    }
+    let (arch, provenance, base_file) = base_of(dir, &meta, base, &text)?;
     let mut modules = Vec::new();
-    for ((layer, target), (module, a_name, b_name)) in halves {
-        let a_name = a_name.ok_or_else(|| AdapterError::MissingHalf {
+    for ((layer, target), (module, a_name, b_name)) in pair_halves(&st, &wpath)? {
+        let missing = |missing| AdapterError::MissingHalf {
             path: wpath.clone(),
             tensor: module.clone(),
-            missing: "lora_A",
-        })?;
-        let b_name = b_name.ok_or_else(|| AdapterError::MissingHalf {
-            path: wpath.clone(),
-            tensor: module.clone(),
-            missing: "lora_B",
-        })?;
+            missing,
+        };
+        let a_name = a_name.ok_or_else(|| missing("lora_A"))?;
+        let b_name = b_name.ok_or_else(|| missing("lora_B"))?;
         let get = |n: &str| {
             st.tensor(n)
                 .map_err(|e| AdapterError::Invalid(wpath.clone(), format!("tensor '{n}': {e}")))
         };
         let (av, bv) = (get(&a_name)?, get(&b_name)?);
         let (ash, bsh) = (av.shape().to_vec(), bv.shape().to_vec());
+        let shape_err =
+            |msg: String| AdapterError::Shape { path: wpath.clone(), tensor: module.clone(), msg };
         if ash.len() != 2 || bsh.len() != 2 || ash[0] != bsh[1] || ash[0] == 0 {
-            return Err(AdapterError::Shape {
-                path: wpath.clone(),
-                tensor: module.clone(),
-                msg: format!(
-                    "lora_A {ash:?} and lora_B {bsh:?} do not form an [r, d_in]·[d_out, r] pair"
-                ),
-            });
+            return Err(shape_err(format!(
+                "lora_A {ash:?} and lora_B {bsh:?} do not form an [r, d_in]·[d_out, r] pair"
+            )));
         }
         let rank = ash[0];
-        let r_cfg = pattern(rank_pattern, &module)
-            .and_then(Value::as_u64)
-            .map_or(r_default, |v| v as usize);
+        let (r_cfg, alpha) = cfg.rank_alpha(&module);
         if r_cfg != rank {
-            return Err(AdapterError::Shape {
-                path: wpath.clone(),
-                tensor: module.clone(),
-                msg: format!("the tensors have rank {rank} but {CONFIG} gives r = {r_cfg}"),
-            });
+            return Err(shape_err(format!(
+                "the tensors have rank {rank} but {CONFIG} gives r = {r_cfg}"
+            )));
         }
-        let alpha =
-            pattern(alpha_pattern, &module).and_then(Value::as_f64).unwrap_or(alpha_default);
-        let scale = crate::model::lora_scale(alpha as f32, rank, rslora);
+        let scale = crate::model::lora_scale(alpha as f32, rank, cfg.use_rslora == Some(true));
         let base_name = crate::model::ModuleId { layer, target }.to_string();
         let mut b = to_f32(&bv, &b_name, &wpath)?;
         if let Some(n) = perm_heads(&arch, Some(target), &provenance, dir)? {
@@ -466,6 +453,84 @@ pub fn read_peft(dir: &Path, base: Option<&Path>) -> Result<Adapter, AdapterErro
         adapter.check_fits(f)?;
     }
     Ok(adapter)
+}
+
+/// The base architecture and provenance of a PEFT folder: from the base model when given (its
+/// architecture must match what the folder records), else from the folder's metadata (grit
+/// writes it; a folder from elsewhere needs the base).
+fn base_of(
+    dir: &Path,
+    meta: &HashMap<String, String>,
+    base: Option<&Path>,
+    config_text: &str,
+) -> Result<(String, Provenance, Option<GgufFile>), AdapterError> {
+    let mut provenance = Provenance::from_pairs(|k| meta.get(k).cloned());
+    let mut arch = meta.get(KEY_ARCH).cloned();
+    let base_file = match base {
+        Some(b) => {
+            let f = GgufFile::open(b)?;
+            let base_arch = f.architecture()?;
+            if let Some(a) = &arch {
+                if *a != base_arch {
+                    return Err(AdapterError::Architecture {
+                        path: dir.into(),
+                        adapter: a.clone(),
+                        base: base_arch,
+                        base_path: b.into(),
+                    });
+                }
+            }
+            arch = Some(base_arch);
+            let method = provenance.method.clone().unwrap_or_else(|| "peft".into());
+            let hp = provenance.hparams.clone().or_else(|| Some(config_text.to_string()));
+            provenance = Provenance {
+                method: Some(method),
+                hparams: hp,
+                ..Provenance::for_base(b, "peft", None)?
+            };
+            Some(f)
+        }
+        None => None,
+    };
+    let arch = arch.ok_or_else(|| {
+        AdapterError::Invalid(dir.into(), "the folder does not record the base architecture (not written by grit): pass --model BASE.gguf".into())
+    })?;
+    if provenance.method.is_none() {
+        provenance.method = Some("peft".into());
+    }
+    Ok((arch, provenance, base_file))
+}
+
+/// The lora_A / lora_B halves of each adapted module: (layer, target) → (PEFT module name,
+/// A tensor, B tensor); every tensor must be one of the halves.
+#[allow(clippy::type_complexity)]
+fn pair_halves(
+    st: &safetensors::SafeTensors<'_>,
+    wpath: &Path,
+) -> Result<BTreeMap<(usize, Target), (String, Option<String>, Option<String>)>, AdapterError> {
+    let mut halves: BTreeMap<(usize, Target), (String, Option<String>, Option<String>)> =
+        BTreeMap::new();
+    for name in st.names() {
+        let (module, layer, target, is_a) = parse_peft_name(name).ok_or_else(|| {
+            AdapterError::Invalid(
+                wpath.into(),
+                format!("tensor '{name}' is not a lora_A/lora_B weight of a q/k/v/o/gate/up/down projection in a decoder layer"),
+            )
+        })?;
+        let e = halves.entry((layer, target)).or_insert_with(|| (module, None, None));
+        if is_a {
+            e.1 = Some(name.clone());
+        } else {
+            e.2 = Some(name.clone());
+        }
+    }
+    if halves.is_empty() {
+        return Err(AdapterError::NotAdapter(
+            wpath.into(),
+            "it holds no lora_A/lora_B tensors".into(),
+        ));
+    }
+    Ok(halves)
 }
 
 /// Target names used by a set of modules (for messages and inspect).
@@ -512,9 +577,8 @@ mod tests {
 
     #[test]
     fn patterns_match_dotted_suffixes_only() {
-        let p = serde_json::json!({"layers.1.self_attn.q_proj": 4});
-        let p = p.as_object();
-        assert!(pattern(p, "model.layers.1.self_attn.q_proj").is_some());
-        assert!(pattern(p, "model.layers.11.self_attn.q_proj").is_none());
+        let p: BTreeMap<String, usize> = [("layers.1.self_attn.q_proj".to_string(), 4)].into();
+        assert_eq!(pattern(&p, "model.layers.1.self_attn.q_proj"), Some(4));
+        assert!(pattern(&p, "model.layers.11.self_attn.q_proj").is_none());
     }
 }
