@@ -93,129 +93,11 @@ impl Weights {
     /// tensors into `backend`'s weight buffer type.
     pub fn load(file: &GgufFile, backend: &Backend) -> Result<Self, ModelError> {
         let hp = LlamaHparams::from_gguf(file)?;
-        let fname = file.path().display().to_string();
-        let (e, q, kv, ff, v) = (
-            hp.n_embd as i64,
-            hp.n_embd_q() as i64,
-            hp.n_embd_kv() as i64,
-            hp.n_ff as i64,
-            hp.n_vocab as i64,
-        );
-
-        for i in 0..hp.n_layer {
-            for (t, why) in [
-                ("attn_qkv", "fused attn_qkv weights are not supported; grit needs separate attn_q/attn_k/attn_v"),
-                ("ffn_gate_inp", "mixture-of-experts layers need a mul_mat_id backward, which ggml lacks"),
-            ] {
-                if file.tensor(&format!("blk.{i}.{t}.weight")).is_some() {
-                    return Err(ModelError::UnsupportedArch { arch: hp.arch.name().into(), missing: why.into() });
-                }
-            }
-        }
-
-        let mut wants = vec![
-            Want { name: "token_embd.weight".into(), shape: vec![e, v], required: true },
-            Want { name: "output_norm.weight".into(), shape: vec![e], required: true },
-            Want { name: "output.weight".into(), shape: vec![e, v], required: false },
-            Want { name: "output.bias".into(), shape: vec![v], required: false },
-        ];
-        // llama.cpp uses rope frequency factors (LLaMA 3) for the llama graph only.
-        if hp.arch == Arch::Llama {
-            wants.push(Want {
-                name: "rope_freqs.weight".into(),
-                shape: vec![hp.rope.n_dims as i64 / 2],
-                required: false,
-            });
-        }
-        for i in 0..hp.n_layer {
-            let w = |t: &str, shape: Vec<i64>, required: bool| Want {
-                name: format!("blk.{i}.{t}"),
-                shape,
-                required,
-            };
-            wants.extend([
-                w("attn_norm.weight", vec![e], true),
-                w("attn_q.weight", vec![e, q], true),
-                w("attn_k.weight", vec![e, kv], true),
-                w("attn_v.weight", vec![e, kv], true),
-                w("attn_output.weight", vec![q, e], true),
-                w("attn_q.bias", vec![q], false),
-                w("attn_k.bias", vec![kv], false),
-                w("attn_v.bias", vec![kv], false),
-                w("attn_output.bias", vec![e], false),
-                w("ffn_norm.weight", vec![e], true),
-                w("ffn_gate.weight", vec![e, ff], true),
-                w("ffn_up.weight", vec![e, ff], true),
-                w("ffn_down.weight", vec![ff, e], true),
-                w("ffn_gate.bias", vec![ff], false),
-                w("ffn_up.bias", vec![ff], false),
-                w("ffn_down.bias", vec![e], false),
-            ]);
-        }
-
+        refuse_unsupported_layers(file, &hp)?;
+        let wants = wanted_tensors(&hp);
         // Check everything before allocating anything.
-        let mut found: Vec<(&Want, &TensorInfo)> = Vec::new();
-        for want in &wants {
-            let Some(info) = file.tensor(&want.name) else {
-                if want.required {
-                    return Err(ModelError::MissingTensor {
-                        file: fname,
-                        tensor: want.name.clone(),
-                    });
-                }
-                continue;
-            };
-            let mut expected = [1i64; 4];
-            expected[..want.shape.len()].copy_from_slice(&want.shape);
-            if info.ne != expected {
-                return Err(ModelError::Shape {
-                    file: fname,
-                    tensor: want.name.clone(),
-                    expected: want.shape.clone(),
-                    got: info.ne.to_vec(),
-                });
-            }
-            let ty = Type(info.ggml_type);
-            if !ty.can_dequantize() || ty.row_size(info.ne[0] as usize).is_none() {
-                return Err(ModelError::TensorType {
-                    file: fname,
-                    tensor: want.name.clone(),
-                    ty: ty.name(),
-                });
-            }
-            found.push((want, info));
-        }
-
-        let ctx = Context::new(Capacity::tensors(found.len()))?;
-        let mut ids = std::collections::HashMap::new();
-        for (want, info) in &found {
-            // Vectors (norms, biases) are used by elementwise ops: keep them F32.
-            let ty = if want.shape.len() == 1 { Type::F32 } else { Type(info.ggml_type) };
-            let t = ctx.new_tensor(ty, &want.shape);
-            t.set_name(&want.name);
-            ids.insert(want.name.clone(), t.id());
-        }
-        let bytes = ctx.allocate(backend.weight_buffer_type())?;
-
-        // Read tensor data in file order into the buffer (a reused staging vector).
-        let io = |err| ModelError::Io { file: fname.clone(), err };
-        let mut f = File::open(file.path()).map_err(io)?;
-        let base = file.data_offset();
-        found.sort_by_key(|(_, info)| info.offset);
-        let mut buf = Vec::new();
-        for (want, info) in &found {
-            buf.resize(info.size as usize, 0);
-            f.seek(SeekFrom::Start(base + info.offset)).map_err(io)?;
-            f.read_exact(&mut buf).map_err(io)?;
-            let t = ctx.tensor(ids[&want.name]);
-            if t.ty() == Type(info.ggml_type) {
-                ctx.write_bytes(t, &buf)?;
-            } else {
-                let x = dequantize(Type(info.ggml_type), &buf, info.n_elements() as usize)?;
-                ctx.write_f32(t, &x)?;
-            }
-        }
-
+        let found = check_tensors(file, &wants)?;
+        let (ctx, ids, bytes) = load_tensors(file, found, backend)?;
         let id = |name: &str| ids.get(name).copied();
         let req = |name: String| ids[&name];
         let layers = (0..hp.n_layer)
@@ -299,6 +181,155 @@ impl Weights {
     pub fn read_bytes(&self, t: Tensor<'_>) -> Result<Vec<u8>, ModelError> {
         Ok(self.ctx.read_bytes(t)?)
     }
+}
+
+/// Refuses layer kinds grit cannot train (fused qkv, mixture of experts), naming why.
+fn refuse_unsupported_layers(file: &GgufFile, hp: &LlamaHparams) -> Result<(), ModelError> {
+    for i in 0..hp.n_layer {
+        for (t, why) in [
+            ("attn_qkv", "fused attn_qkv weights are not supported; grit needs separate attn_q/attn_k/attn_v"),
+            ("ffn_gate_inp", "mixture-of-experts layers need a mul_mat_id backward, which ggml lacks"),
+        ] {
+            if file.tensor(&format!("blk.{i}.{t}.weight")).is_some() {
+                return Err(ModelError::UnsupportedArch { arch: hp.arch.name().into(), missing: why.into() });
+            }
+        }
+    }
+
+    Ok(())
+}
+
+/// Every tensor the training graph may read, with its ggml shape and whether it must exist.
+fn wanted_tensors(hp: &LlamaHparams) -> Vec<Want> {
+    let (e, q, kv, ff, v) = (
+        hp.n_embd as i64,
+        hp.n_embd_q() as i64,
+        hp.n_embd_kv() as i64,
+        hp.n_ff as i64,
+        hp.n_vocab as i64,
+    );
+    let mut wants = vec![
+        Want { name: "token_embd.weight".into(), shape: vec![e, v], required: true },
+        Want { name: "output_norm.weight".into(), shape: vec![e], required: true },
+        Want { name: "output.weight".into(), shape: vec![e, v], required: false },
+        Want { name: "output.bias".into(), shape: vec![v], required: false },
+    ];
+    // llama.cpp uses rope frequency factors (LLaMA 3) for the llama graph only.
+    if hp.arch == Arch::Llama {
+        wants.push(Want {
+            name: "rope_freqs.weight".into(),
+            shape: vec![hp.rope.n_dims as i64 / 2],
+            required: false,
+        });
+    }
+    for i in 0..hp.n_layer {
+        let w = |t: &str, shape: Vec<i64>, required: bool| Want {
+            name: format!("blk.{i}.{t}"),
+            shape,
+            required,
+        };
+        wants.extend([
+            w("attn_norm.weight", vec![e], true),
+            w("attn_q.weight", vec![e, q], true),
+            w("attn_k.weight", vec![e, kv], true),
+            w("attn_v.weight", vec![e, kv], true),
+            w("attn_output.weight", vec![q, e], true),
+            w("attn_q.bias", vec![q], false),
+            w("attn_k.bias", vec![kv], false),
+            w("attn_v.bias", vec![kv], false),
+            w("attn_output.bias", vec![e], false),
+            w("ffn_norm.weight", vec![e], true),
+            w("ffn_gate.weight", vec![e, ff], true),
+            w("ffn_up.weight", vec![e, ff], true),
+            w("ffn_down.weight", vec![ff, e], true),
+            w("ffn_gate.bias", vec![ff], false),
+            w("ffn_up.bias", vec![ff], false),
+            w("ffn_down.bias", vec![e], false),
+        ]);
+    }
+
+    wants
+}
+
+/// The wanted tensors the file has, each checked for shape and type (a missing required one
+/// is an error).
+fn check_tensors<'w, 'f>(
+    file: &'f GgufFile,
+    wants: &'w [Want],
+) -> Result<Vec<(&'w Want, &'f TensorInfo)>, ModelError> {
+    let fname = file.path().display().to_string();
+    let mut found: Vec<(&Want, &TensorInfo)> = Vec::new();
+    for want in wants {
+        let Some(info) = file.tensor(&want.name) else {
+            if want.required {
+                return Err(ModelError::MissingTensor { file: fname, tensor: want.name.clone() });
+            }
+            continue;
+        };
+        let mut expected = [1i64; 4];
+        expected[..want.shape.len()].copy_from_slice(&want.shape);
+        if info.ne != expected {
+            return Err(ModelError::Shape {
+                file: fname,
+                tensor: want.name.clone(),
+                expected: want.shape.clone(),
+                got: info.ne.to_vec(),
+            });
+        }
+        let ty = Type(info.ggml_type);
+        if !ty.can_dequantize() || ty.row_size(info.ne[0] as usize).is_none() {
+            return Err(ModelError::TensorType {
+                file: fname,
+                tensor: want.name.clone(),
+                ty: ty.name(),
+            });
+        }
+        found.push((want, info));
+    }
+
+    Ok(found)
+}
+
+/// Allocates the found tensors in `backend`'s weight buffer type (vectors as F32) and reads
+/// their data in file order; returns the context, the tensor ids by name and the bytes.
+#[allow(clippy::type_complexity)]
+fn load_tensors(
+    file: &GgufFile,
+    mut found: Vec<(&Want, &TensorInfo)>,
+    backend: &Backend,
+) -> Result<(Context, std::collections::HashMap<String, TensorId>, usize), ModelError> {
+    let fname = file.path().display().to_string();
+    let ctx = Context::new(Capacity::tensors(found.len()))?;
+    let mut ids = std::collections::HashMap::new();
+    for (want, info) in &found {
+        // Vectors (norms, biases) are used by elementwise ops: keep them F32.
+        let ty = if want.shape.len() == 1 { Type::F32 } else { Type(info.ggml_type) };
+        let t = ctx.new_tensor(ty, &want.shape);
+        t.set_name(&want.name);
+        ids.insert(want.name.clone(), t.id());
+    }
+    let bytes = ctx.allocate(backend.weight_buffer_type())?;
+
+    // Read tensor data in file order into the buffer (a reused staging vector).
+    let io = |err| ModelError::Io { file: fname.clone(), err };
+    let mut f = File::open(file.path()).map_err(io)?;
+    let base = file.data_offset();
+    found.sort_by_key(|(_, info)| info.offset);
+    let mut buf = Vec::new();
+    for (want, info) in &found {
+        buf.resize(info.size as usize, 0);
+        f.seek(SeekFrom::Start(base + info.offset)).map_err(io)?;
+        f.read_exact(&mut buf).map_err(io)?;
+        let t = ctx.tensor(ids[&want.name]);
+        if t.ty() == Type(info.ggml_type) {
+            ctx.write_bytes(t, &buf)?;
+        } else {
+            let x = dequantize(Type(info.ggml_type), &buf, info.n_elements() as usize)?;
+            ctx.write_f32(t, &x)?;
+        }
+    }
+
+    Ok((ctx, ids, bytes))
 }
 
 #[cfg(test)]
