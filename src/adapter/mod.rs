@@ -359,59 +359,9 @@ impl Adapter {
     /// Reads a GGUF LoRA adapter (llama.cpp's format; f32, f16 or bf16 tensors).
     pub fn read_gguf(path: &Path) -> Result<Self, AdapterError> {
         let f = GgufFile::open(path)?;
-        let ty = f.get_str("general.type").unwrap_or_default();
-        if ty != "adapter" {
-            return Err(AdapterError::NotAdapter(
-                path.into(),
-                format!("general.type is '{ty}', expected 'adapter'"),
-            ));
-        }
-        let aty = f.get_str("adapter.type").unwrap_or_default();
-        if aty != "lora" {
-            return Err(AdapterError::NotAdapter(
-                path.into(),
-                format!("adapter.type is '{aty}', expected 'lora'"),
-            ));
-        }
-        let arch = f.architecture()?;
-        let alpha = match f.get("adapter.lora.alpha") {
-            None => 0.0,
-            Some(crate::gguf::Value::F64(v)) => v as f32,
-            Some(v) => {
-                return Err(AdapterError::Invalid(
-                    path.into(),
-                    format!("adapter.lora.alpha is {v}, expected a float32"),
-                ))
-            }
-        };
-        if !alpha.is_finite() {
-            return Err(AdapterError::Invalid(
-                path.into(),
-                format!("adapter.lora.alpha is {alpha}, expected a finite number"),
-            ));
-        }
+        let (arch, alpha) = adapter_header(&f, path)?;
         let mut file = std::fs::File::open(path).map_err(|e| io(path, e))?;
-        let data_offset = f.data_offset();
-        let mut read = |name: &str| -> Result<(Vec<f32>, String), AdapterError> {
-            let t = f
-                .tensor(name)
-                .ok_or_else(|| AdapterError::Invalid(path.into(), format!("no tensor '{name}'")))?;
-            let ty = Type(t.ggml_type);
-            if ![Type::F32, Type::F16, Type::BF16, Type::Q8_0].contains(&ty) {
-                return Err(AdapterError::Dtype {
-                    path: path.into(),
-                    tensor: name.into(),
-                    dtype: t.type_name(),
-                });
-            }
-            let mut bytes = vec![0u8; t.size as usize];
-            file.seek(SeekFrom::Start(data_offset + t.offset))
-                .and_then(|_| file.read_exact(&mut bytes))
-                .map_err(|e| io(path, e))?;
-            let n = t.n_elements() as usize;
-            let bytes = &bytes[..ty.row_size(n).unwrap_or(bytes.len()).min(bytes.len())];
-            Ok((crate::ggml::dequantize(ty, bytes, n)?, t.type_name()))
-        };
+        let mut read = |name: &str| read_adapter_tensor(&f, &mut file, path, name);
         let mut modules = Vec::new();
         let names: Vec<String> = f.tensors().iter().map(|t| t.name.clone()).collect();
         for name in &names {
@@ -441,27 +391,7 @@ impl Adapter {
             }
             // Shapes first, from the tensor infos: nothing is read from a file whose tensors
             // do not form a [d_in, r]·[r, d_out] pair.
-            let ne = |n: &str| f.tensor(n).map(|t| t.ne).unwrap_or_default();
-            let (ane, bne) = (ne(name), ne(&bname));
-            if ane[2] > 1 || ane[3] > 1 || bne[2] > 1 || bne[3] > 1 || ane[1] != bne[0] {
-                return Err(AdapterError::Shape {
-                    path: path.into(),
-                    tensor: base.into(),
-                    msg: format!(
-                        "lora_a {:?} and lora_b {:?} do not form a [d_in, r]·[r, d_out] pair",
-                        &ane[..2],
-                        &bne[..2]
-                    ),
-                });
-            }
-            let rank = ane[1] as usize;
-            if rank == 0 || ane[0] == 0 || bne[1] == 0 {
-                return Err(AdapterError::Shape {
-                    path: path.into(),
-                    tensor: base.into(),
-                    msg: format!("lora_a {:?} and lora_b {:?} hold no values (rank and sizes must be at least 1)", &ane[..2], &bne[..2]),
-                });
-            }
+            let (rank, d_in, d_out) = pair_shape(&f, path, base, name, &bname)?;
             let (a, adt) = read(name)?;
             let (b, bdt) = read(&bname)?;
             let id = ModuleId::parse(base);
@@ -471,8 +401,8 @@ impl Adapter {
                 layer,
                 target,
                 rank,
-                d_in: ane[0] as usize,
-                d_out: bne[1] as usize,
+                d_in,
+                d_out,
                 // llama.cpp's rule: alpha/r of this pair, or 1 when alpha is 0.
                 scale: if alpha != 0.0 { alpha / rank as f32 } else { 1.0 },
                 a,
@@ -598,6 +528,99 @@ impl Adapter {
         }
         Ok(w.write_atomic(path)?)
     }
+}
+
+/// An adapter GGUF's header: `general.type = adapter`, `adapter.type = lora`, the base
+/// architecture and a finite `adapter.lora.alpha` (0 when absent).
+fn adapter_header(f: &GgufFile, path: &Path) -> Result<(String, f32), AdapterError> {
+    let ty = f.get_str("general.type").unwrap_or_default();
+    if ty != "adapter" {
+        return Err(AdapterError::NotAdapter(
+            path.into(),
+            format!("general.type is '{ty}', expected 'adapter'"),
+        ));
+    }
+    let aty = f.get_str("adapter.type").unwrap_or_default();
+    if aty != "lora" {
+        return Err(AdapterError::NotAdapter(
+            path.into(),
+            format!("adapter.type is '{aty}', expected 'lora'"),
+        ));
+    }
+    let arch = f.architecture()?;
+    let alpha = match f.get("adapter.lora.alpha") {
+        None => 0.0,
+        Some(crate::gguf::Value::F64(v)) => v as f32,
+        Some(v) => {
+            return Err(AdapterError::Invalid(
+                path.into(),
+                format!("adapter.lora.alpha is {v}, expected a float32"),
+            ))
+        }
+    };
+    if !alpha.is_finite() {
+        return Err(AdapterError::Invalid(
+            path.into(),
+            format!("adapter.lora.alpha is {alpha}, expected a finite number"),
+        ));
+    }
+    Ok((arch, alpha))
+}
+
+/// One adapter tensor, dequantized to f32, with its type's name (f32, f16, bf16 or q8_0).
+fn read_adapter_tensor(
+    f: &GgufFile,
+    file: &mut std::fs::File,
+    path: &Path,
+    name: &str,
+) -> Result<(Vec<f32>, String), AdapterError> {
+    let t = f
+        .tensor(name)
+        .ok_or_else(|| AdapterError::Invalid(path.into(), format!("no tensor '{name}'")))?;
+    let ty = Type(t.ggml_type);
+    if ![Type::F32, Type::F16, Type::BF16, Type::Q8_0].contains(&ty) {
+        return Err(AdapterError::Dtype {
+            path: path.into(),
+            tensor: name.into(),
+            dtype: t.type_name(),
+        });
+    }
+    let mut bytes = vec![0u8; t.size as usize];
+    file.seek(SeekFrom::Start(f.data_offset() + t.offset))
+        .and_then(|_| file.read_exact(&mut bytes))
+        .map_err(|e| io(path, e))?;
+    let n = t.n_elements() as usize;
+    let bytes = &bytes[..ty.row_size(n).unwrap_or(bytes.len()).min(bytes.len())];
+    Ok((crate::ggml::dequantize(ty, bytes, n)?, t.type_name()))
+}
+
+/// (rank, d_in, d_out) of the pair `a_name` [d_in, r] · `b_name` [r, d_out], from the tensor
+/// infos alone; anything else (more dimensions, mismatched or zero sizes) is refused.
+fn pair_shape(
+    f: &GgufFile,
+    path: &Path,
+    base: &str,
+    a_name: &str,
+    b_name: &str,
+) -> Result<(usize, usize, usize), AdapterError> {
+    let ne = |n: &str| f.tensor(n).map(|t| t.ne).unwrap_or_default();
+    let (ane, bne) = (ne(a_name), ne(b_name));
+    let err = |msg: String| AdapterError::Shape { path: path.into(), tensor: base.into(), msg };
+    if ane[2] > 1 || ane[3] > 1 || bne[2] > 1 || bne[3] > 1 || ane[1] != bne[0] {
+        return Err(err(format!(
+            "lora_a {:?} and lora_b {:?} do not form a [d_in, r]·[r, d_out] pair",
+            &ane[..2],
+            &bne[..2]
+        )));
+    }
+    if ane[1] == 0 || ane[0] == 0 || bne[1] == 0 {
+        return Err(err(format!(
+            "lora_a {:?} and lora_b {:?} hold no values (rank and sizes must be at least 1)",
+            &ane[..2],
+            &bne[..2]
+        )));
+    }
+    Ok((ane[1] as usize, ane[0] as usize, bne[1] as usize))
 }
 
 /// Reads the GGUF adapter at `path` and checks it against the base model at `base`: grit's

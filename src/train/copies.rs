@@ -117,31 +117,25 @@ impl FrozenCopies {
         backend: &Backend,
     ) -> Result<Self, ModelError> {
         let frozen = frozen_matmul_weights(weights);
-        if mode == WeightCopies::Stock {
-            return Ok(FrozenCopies {
-                mode,
-                ctx: None,
-                pairs: Vec::new(),
-                transient: Vec::new(),
-                forward: Vec::new(),
-                split: Vec::new(),
-                ctx_q4: None,
-                bytes: 0,
-                cpu: !backend.is_gpu(),
-            });
-        }
-        if mode == WeightCopies::None {
-            return Ok(FrozenCopies {
-                mode,
-                ctx: None,
-                pairs: Vec::new(),
-                transient: frozen.iter().map(|t| t.id()).collect(),
-                forward: Vec::new(),
-                split: Vec::new(),
-                ctx_q4: None,
-                bytes: 0,
-                cpu: !backend.is_gpu(),
-            });
+        // No copies: ggml's own backward (stock), or each weight dequantized and transposed
+        // inside the backward pass (none).
+        let without_copies = |transient: Vec<TensorId>| FrozenCopies {
+            mode,
+            ctx: None,
+            pairs: Vec::new(),
+            transient,
+            forward: Vec::new(),
+            split: Vec::new(),
+            ctx_q4: None,
+            bytes: 0,
+            cpu: !backend.is_gpu(),
+        };
+        match mode {
+            WeightCopies::Stock => return Ok(without_copies(Vec::new())),
+            WeightCopies::None => {
+                return Ok(without_copies(frozen.iter().map(|t| t.id()).collect()));
+            }
+            WeightCopies::Q8_0 | WeightCopies::F16 | WeightCopies::F32 => {}
         }
         let ctx = Context::new(Capacity::tensors(3 * frozen.len() + 8))?;
         let mut planned = Vec::new();
@@ -213,18 +207,7 @@ impl FrozenCopies {
             let (d_in, d_out) = (ne[0] as usize, ne[1] as usize);
             let raw = weights.read_bytes(w)?;
             let x = dequantize(w.ty(), &raw, d_in * d_out)?; // row-major [d_out][d_in]
-            let mut xt = vec![0f32; x.len()]; // [d_in][d_out]
-            const BLK: usize = 64;
-            for ob in (0..d_out).step_by(BLK) {
-                for ib in (0..d_in).step_by(BLK) {
-                    for o in ob..(ob + BLK).min(d_out) {
-                        for i in ib..(ib + BLK).min(d_in) {
-                            xt[i * d_out + o] = x[o * d_in + i];
-                        }
-                    }
-                }
-            }
-            let bytes = quantize(ty, &xt, d_out)?;
+            let bytes = quantize(ty, &transpose(&x, d_out, d_in), d_out)?;
             ctx.write_bytes(t, &bytes)?;
             pairs.push((w.id(), t.id()));
         }
@@ -241,13 +224,7 @@ impl FrozenCopies {
             ctx_q4.write_bytes(ctx_q4.tensor(q), &q4_0)?;
             // offsets: [d_out][d_in/32] row-major; stored as [d_in/32][d_out].
             let (blocks, d_out) = ((w.ne()[0] / 32) as usize, w.ne()[1] as usize);
-            let mut ct = vec![0f32; offsets.len()];
-            for o in 0..d_out {
-                for b in 0..blocks {
-                    ct[b * d_out + o] = offsets[o * blocks + b];
-                }
-            }
-            ctx.write_f32(c, &ct)?;
+            ctx.write_f32(c, &transpose(&offsets, d_out, blocks))?;
             split.push((w.id(), q, c.id()));
         }
         Ok(FrozenCopies {
@@ -303,6 +280,22 @@ impl FrozenCopies {
     pub fn bytes(&self) -> usize {
         self.bytes
     }
+}
+
+/// The transpose of the row-major `rows`×`cols` matrix `x` (cache-blocked).
+fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const BLK: usize = 64;
+    let mut xt = vec![0f32; x.len()];
+    for rb in (0..rows).step_by(BLK) {
+        for cb in (0..cols).step_by(BLK) {
+            for r in rb..(rb + BLK).min(rows) {
+                for c in cb..(cb + BLK).min(cols) {
+                    xt[c * rows + r] = x[r * cols + c];
+                }
+            }
+        }
+    }
+    xt
 }
 
 #[cfg(test)]
