@@ -331,8 +331,9 @@ fn resolve_adapters(
     Ok((model, model_idx, set.into_iter().map(|(id, s, _)| (id, s)).collect(), names))
 }
 
-fn gen_params(st: &AppState, m: &Map<String, Value>) -> Result<GenParams, ApiError> {
-    let (model, model_idx, adapters, adapter_names) = resolve_adapters(st, m)?;
+/// Refuses the OpenAI options grit serve does not implement (n > 1, logprobs, echo,
+/// best_of > 1), naming the field.
+fn refuse_unsupported(m: &Map<String, Value>) -> Result<(), ApiError> {
     if let Some(n) = opt_i64(m, "n")? {
         if n != 1 {
             return Err(ApiError::bad("n", format!("`n` {n}: only n = 1 is supported")));
@@ -350,21 +351,11 @@ fn gen_params(st: &AppState, m: &Map<String, Value>) -> Result<GenParams, ApiErr
             return Err(ApiError::bad("best_of", "`best_of` must be 1"));
         }
     }
-    let temperature = opt_f64(m, "temperature")?.unwrap_or(1.0);
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::bad(
-            "temperature",
-            format!("`temperature` {temperature} must be between 0 and 2"),
-        ));
-    }
-    let top_p = opt_f64(m, "top_p")?.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::bad("top_p", format!("`top_p` {top_p} must be in (0, 1]")));
-    }
-    let top_k = opt_i64(m, "top_k")?.unwrap_or(0);
-    if !(0..=i32::MAX as i64).contains(&top_k) {
-        return Err(ApiError::bad("top_k", format!("`top_k` {top_k} must be ≥ 0")));
-    }
+    Ok(())
+}
+
+/// The request's `seed`, or one drawn from the clock and the request counter.
+fn request_seed(st: &AppState, m: &Map<String, Value>) -> Result<u32, ApiError> {
     let seed = match opt_i64(m, "seed")? {
         Some(s) if (0..=u32::MAX as i64).contains(&s) => s as u32,
         Some(s) => {
@@ -381,6 +372,11 @@ fn gen_params(st: &AppState, m: &Map<String, Value>) -> Result<GenParams, ApiErr
             t ^ (st.next_id.load(Ordering::Relaxed) as u32).wrapping_mul(2654435761)
         }
     };
+    Ok(seed)
+}
+
+/// `stop`: a string or a list of at most 4 non-empty strings.
+fn stop_strings(m: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
     let stop = match m.get("stop") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(s)) => vec![s.clone()],
@@ -398,6 +394,29 @@ fn gen_params(st: &AppState, m: &Map<String, Value>) -> Result<GenParams, ApiErr
     if stop.iter().any(|s| s.is_empty()) {
         return Err(ApiError::bad("stop", "`stop` strings must not be empty"));
     }
+    Ok(stop)
+}
+
+fn gen_params(st: &AppState, m: &Map<String, Value>) -> Result<GenParams, ApiError> {
+    let (model, model_idx, adapters, adapter_names) = resolve_adapters(st, m)?;
+    refuse_unsupported(m)?;
+    let temperature = opt_f64(m, "temperature")?.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::bad(
+            "temperature",
+            format!("`temperature` {temperature} must be between 0 and 2"),
+        ));
+    }
+    let top_p = opt_f64(m, "top_p")?.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::bad("top_p", format!("`top_p` {top_p} must be in (0, 1]")));
+    }
+    let top_k = opt_i64(m, "top_k")?.unwrap_or(0);
+    if !(0..=i32::MAX as i64).contains(&top_k) {
+        return Err(ApiError::bad("top_k", format!("`top_k` {top_k} must be ≥ 0")));
+    }
+    let seed = request_seed(st, m)?;
+    let stop = stop_strings(m)?;
     let mt = match opt_i64(m, "max_completion_tokens")? {
         Some(v) => Some(("max_completion_tokens", v)),
         None => opt_i64(m, "max_tokens")?.map(|v| ("max_tokens", v)),
@@ -953,28 +972,13 @@ fn base64(bytes: &[u8]) -> String {
     o
 }
 
-async fn embeddings(
-    State(st): State<St>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let m = parse_body(body)?;
-    let (model, model_idx, adapters, _) = resolve_adapters(&st, &m)?;
-    let b64 = match opt_str(&m, "encoding_format")? {
-        None | Some("float") => false,
-        Some("base64") => true,
-        Some(o) => {
-            return Err(ApiError::bad(
-                "encoding_format",
-                format!("`encoding_format` {o:?} must be \"float\" or \"base64\""),
-            ))
-        }
-    };
-    if m.get("dimensions").is_some_and(|v| !v.is_null()) {
-        return Err(ApiError::bad(
-            "dimensions",
-            "`dimensions` is not supported: the embedding size is the model's",
-        ));
-    }
+/// `input` of an embeddings request as token lists: a string, a list of strings, a list of
+/// token ids or a list of such lists; at most 256 items, each non-empty and within the
+/// context.
+fn embedding_inputs(
+    st: &AppState,
+    m: &Map<String, Value>,
+) -> Result<Vec<Vec<llama_cpp_2::token::LlamaToken>>, ApiError> {
     let n_vocab = st.model.inner.n_vocab() as i64;
     let ids = |a: &[Value]| -> Result<Vec<llama_cpp_2::token::LlamaToken>, ApiError> {
         a.iter()
@@ -1026,6 +1030,32 @@ async fn embeddings(
             .code("context_length_exceeded"));
         }
     }
+    Ok(inputs)
+}
+
+async fn embeddings(
+    State(st): State<St>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let m = parse_body(body)?;
+    let (model, model_idx, adapters, _) = resolve_adapters(&st, &m)?;
+    let b64 = match opt_str(&m, "encoding_format")? {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(o) => {
+            return Err(ApiError::bad(
+                "encoding_format",
+                format!("`encoding_format` {o:?} must be \"float\" or \"base64\""),
+            ))
+        }
+    };
+    if m.get("dimensions").is_some_and(|v| !v.is_null()) {
+        return Err(ApiError::bad(
+            "dimensions",
+            "`dimensions` is not supported: the embedding size is the model's",
+        ));
+    }
+    let inputs = embedding_inputs(&st, &m)?;
     let n_tokens: usize = inputs.iter().map(Vec::len).sum();
     // The same queue, deadline and cancellation as generation: the engine decodes one input
     // per pass between generation steps, stops at the deadline (504), and stops when this
