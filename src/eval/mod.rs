@@ -62,6 +62,8 @@ pub enum EvalError {
     Retention(String),
     #[error(transparent)]
     RunDir(#[from] crate::rundir::RunDirError),
+    #[error(transparent)]
+    Checkpoint(#[from] crate::train::checkpoint::CheckpointError),
     #[error("invalid option {name}: {msg}")]
     Option { name: &'static str, msg: String },
 }
@@ -502,6 +504,84 @@ pub fn eff_rank_at(metrics: &[MetricsRow], step: usize, initial: f64) -> f64 {
 
 /// `grit eval --retention RUN --data general`: every kept checkpoint of the run and its final
 /// adapter, and the forgetting law fitted to their loss on `--data`.
+/// What `--retention` scores: every kept checkpoint (written as an adapter GGUF into `tmp`)
+/// and the final adapter when its step has no checkpoint, each with the tokens trained so far.
+fn retention_sources(
+    run: &Path,
+    steps: &[usize],
+    final_step: Option<usize>,
+    metrics: &[MetricsRow],
+    arch: &str,
+    scale: f32,
+    tmp: &Path,
+) -> Result<Vec<Source>, EvalError> {
+    let ck_dir = run.join(crate::rundir::CHECKPOINTS);
+    let final_adapter = run.join(crate::rundir::ADAPTER);
+    let run_name = run
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| run.display().to_string());
+    let mut sources = Vec::new();
+    for &s in steps {
+        let dir = crate::train::checkpoint::step_dir(&ck_dir, s);
+        let ck = crate::train::checkpoint::Checkpoint::load(&dir)?;
+        let path = tmp.join(format!("step-{s}.gguf"));
+        drift::checkpoint_to_gguf(&ck, arch, scale, &path)?;
+        sources.push(Source {
+            name: format!("{run_name}@{s}"),
+            path,
+            step: Some(s),
+            train_tokens: Some(tokens_through(metrics, s)),
+            train_tokens_per_s: None,
+        });
+    }
+    if final_adapter.is_file() {
+        let s = final_step.unwrap_or(0);
+        if !steps.contains(&s) {
+            sources.push(Source {
+                name: format!("{run_name}@{s}"),
+                path: final_adapter,
+                step: Some(s),
+                train_tokens: Some(tokens_through(metrics, s)),
+                train_tokens_per_s: None,
+            });
+        }
+    }
+    Ok(sources)
+}
+
+/// The forgetting law fitted to the rows' losses over trained tokens (row 0 is the base), and
+/// with the effective rank when the run recorded reprojections.
+fn fit_retention(
+    rows: &[EvalRow],
+    metrics: &[MetricsRow],
+    rank: usize,
+) -> Result<(LawFit, Option<LawFit>, Option<String>), EvalError> {
+    let l0 = rows[0].loss.unwrap_or(f64::NAN);
+    let points: Vec<(f64, f64)> = rows[1..]
+        .iter()
+        .map(|r| (r.train_tokens.unwrap_or(0) as f64, r.loss.unwrap_or(f64::NAN)))
+        .collect();
+    let power_law = fit::fit_law(l0, &points, None)?;
+    let has_ranks = metrics.iter().any(|r| matches!(r, MetricsRow::Event(GritEvent::Reproject(_))));
+    let (curvature, curvature_note) = if !has_ranks {
+        (None, Some("the run recorded no effective ranks (no reprojection events): the curvature factor is not fitted".to_string()))
+    } else {
+        let r_eff: Vec<f64> = rows[1..]
+            .iter()
+            .map(|r| eff_rank_at(metrics, r.step.unwrap_or(0), rank as f64))
+            .collect();
+        match fit::fit_law(l0, &points, Some(&r_eff)) {
+        Ok(f) => (
+            Some(f),
+            Some("Ξ = 1 + γ_r·r_eff (mean effective rank per module at each checkpoint); ρ_align and π_proj are not recorded, α = 1 (N fixed)".into()),
+        ),
+        Err(e) => (None, Some(e.to_string())),
+    }
+    };
+    Ok((power_law, curvature, curvature_note))
+}
+
 pub fn retention(opts: &EvalOptions, run: &Path) -> Result<EvalReport, EvalError> {
     if opts.data.is_none() {
         return Err(EvalError::Option {
@@ -539,37 +619,7 @@ pub fn retention(opts: &EvalOptions, run: &Path) -> Result<EvalReport, EvalError
     let scale = cfg.scale_for_rank(cfg.rank);
     let tmp = crate::tempdir::TempDir::new_in(&std::env::temp_dir(), "grit-retention")
         .map_err(|e| EvalError::Retention(format!("{}: {e}", std::env::temp_dir().display())))?;
-    let run_name = run
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| run.display().to_string());
-    let mut sources = Vec::new();
-    for &s in &steps {
-        let dir = crate::train::checkpoint::step_dir(&ck_dir, s);
-        let ck = crate::train::checkpoint::Checkpoint::load(&dir)
-            .map_err(|e| EvalError::Retention(e.to_string()))?;
-        let path = tmp.path().join(format!("step-{s}.gguf"));
-        drift::checkpoint_to_gguf(&ck, &arch, scale, &path)?;
-        sources.push(Source {
-            name: format!("{run_name}@{s}"),
-            path,
-            step: Some(s),
-            train_tokens: Some(tokens_through(&metrics, s)),
-            train_tokens_per_s: None,
-        });
-    }
-    if final_adapter.is_file() {
-        let s = final_step.unwrap_or(0);
-        if !steps.contains(&s) {
-            sources.push(Source {
-                name: format!("{run_name}@{s}"),
-                path: final_adapter,
-                step: Some(s),
-                train_tokens: Some(tokens_through(&metrics, s)),
-                train_tokens_per_s: None,
-            });
-        }
-    }
+    let sources = retention_sources(run, &steps, final_step, &metrics, &arch, scale, tmp.path())?;
     let mut rows = evaluate_sources(opts, &sources)?;
     // The adapter paths of checkpoints point into the temporary folder: name the checkpoint.
     for (row, s) in rows.iter_mut().skip(1).zip(&sources) {
@@ -579,28 +629,7 @@ pub fn retention(opts: &EvalOptions, run: &Path) -> Result<EvalReport, EvalError
                 .map(|k| crate::train::checkpoint::step_dir(&ck_dir, k).display().to_string());
         }
     }
-    let l0 = rows[0].loss.unwrap_or(f64::NAN);
-    let points: Vec<(f64, f64)> = rows[1..]
-        .iter()
-        .map(|r| (r.train_tokens.unwrap_or(0) as f64, r.loss.unwrap_or(f64::NAN)))
-        .collect();
-    let power_law = fit::fit_law(l0, &points, None)?;
-    let has_ranks = metrics.iter().any(|r| matches!(r, MetricsRow::Event(GritEvent::Reproject(_))));
-    let (curvature, curvature_note) = if !has_ranks {
-        (None, Some("the run recorded no effective ranks (no reprojection events): the curvature factor is not fitted".to_string()))
-    } else {
-        let r_eff: Vec<f64> = rows[1..]
-            .iter()
-            .map(|r| eff_rank_at(&metrics, r.step.unwrap_or(0), cfg.rank as f64))
-            .collect();
-        match fit::fit_law(l0, &points, Some(&r_eff)) {
-            Ok(f) => (
-                Some(f),
-                Some("Ξ = 1 + γ_r·r_eff (mean effective rank per module at each checkpoint); ρ_align and π_proj are not recorded, α = 1 (N fixed)".into()),
-            ),
-            Err(e) => (None, Some(e.to_string())),
-        }
-    };
+    let (power_law, curvature, curvature_note) = fit_retention(&rows, &metrics, cfg.rank)?;
     Ok(EvalReport {
         rows,
         retention: Some(Retention {
