@@ -270,8 +270,14 @@ impl PeftConfig {
     /// Reads and checks `path`: a LoRA whose layout llama.cpp's format can hold.
     fn read(path: &Path) -> Result<(PeftConfig, String), AdapterError> {
         let text = std::fs::read_to_string(path).map_err(|e| io(path, e))?;
-        let cfg: PeftConfig = serde_json::from_str(&text).map_err(|e| {
-            AdapterError::Invalid(path.into(), format!("not a PEFT LoRA config: {e}"))
+        // The error names the field's path (`rank_pattern.<module>`) as well as line and column.
+        let de = &mut serde_json::Deserializer::from_str(&text);
+        let cfg: PeftConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let msg = match e.path().to_string() {
+                root if root == "." => format!("not a PEFT LoRA config: {}", e.inner()),
+                field => format!("not a PEFT LoRA config: field '{field}': {}", e.inner()),
+            };
+            AdapterError::Invalid(path.into(), msg)
         })?;
         let bad = |field: &str, why: String| {
             AdapterError::Invalid(path.into(), format!("field '{field}': {why}"))
@@ -541,6 +547,44 @@ pub fn targets_of(adapter: &Adapter) -> BTreeSet<Target> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A config as PEFT writes it (nulls, a string `init_lora_weights`, fields grit does not
+    /// know) reads; patterns give per-module rank and alpha; what llama.cpp's format cannot
+    /// hold, or a pattern that is not a number, is refused naming the file and the field.
+    #[test]
+    fn peft_configs_read_typed_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(CONFIG);
+        let read = |json: &str| {
+            std::fs::write(&p, json).unwrap();
+            PeftConfig::read(&p).map(|(c, _)| c)
+        };
+        let good = r#"{"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16,
+            "rank_pattern": {"layers.1.self_attn.q_proj": 4}, "alpha_pattern": {},
+            "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.05, "bias": "none",
+            "fan_in_fan_out": false, "use_rslora": false, "use_dora": false,
+            "init_lora_weights": "gaussian", "modules_to_save": null, "layers_to_transform": null,
+            "layers_pattern": null, "revision": null, "megatron_config": null, "loftq_config": {}}"#;
+        let c = read(good).unwrap();
+        assert_eq!((c.r, c.lora_alpha), (8, 16.0));
+        assert_eq!(c.rank_alpha("model.layers.1.self_attn.q_proj"), (4, 16.0));
+        assert_eq!(c.rank_alpha("model.layers.2.self_attn.q_proj"), (8, 16.0));
+        for (bad, field) in [
+            (good.replace(r#""peft_type": "LORA""#, r#""peft_type": "IA3""#), "peft_type"),
+            (good.replace(r#""use_dora": false"#, r#""use_dora": true"#), "use_dora"),
+            (good.replace(r#""bias": "none""#, r#""bias": "all""#), "bias"),
+            (good.replace(r#""r": 8"#, r#""r": 0"#), "'r'"),
+            (good.replace(r#"q_proj": 4"#, r#"q_proj": "x""#), "rank_pattern.layers.1"),
+            (good.replace(r#""r": 8, "#, ""), "`r`"),
+        ] {
+            let e = read(&bad).unwrap_err().to_string();
+            assert!(e.contains(CONFIG) && e.contains(field), "{field}: {e}");
+        }
+        // What export writes reads back as the same config.
+        let written = PeftConfig { rank_pattern: [("a.q_proj".to_string(), 2)].into(), ..c };
+        let back = read(&serde_json::to_string(&written).unwrap()).unwrap();
+        assert_eq!(back, written);
+    }
 
     #[test]
     fn permutation_matches_the_converter_and_inverts() {
