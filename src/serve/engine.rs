@@ -221,6 +221,7 @@ fn sample(logits: &[f32], sampler: &mut Option<LlamaSampler>) -> LlamaToken {
 pub fn run(models: &[&LlamaModel], cfg: EngineConfig, rx: Receiver<Cmd>, shared: Arc<Shared>) {
     let mut engine = Engine {
         models,
+        vocab: models[0].vocab(),
         cfg,
         metrics: shared.metrics.clone(),
         shared,
@@ -244,6 +245,8 @@ pub fn run(models: &[&LlamaModel], cfg: EngineConfig, rx: Receiver<Cmd>, shared:
 /// The engine thread's state.
 struct Engine<'m> {
     models: &'m [&'m LlamaModel],
+    /// The base model's vocabulary (merged models share it).
+    vocab: llama_cpp_2::vocab::LlamaVocab<'m>,
     cfg: EngineConfig,
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
@@ -518,10 +521,9 @@ impl<'m> Engine<'m> {
 
     /// One decode step per busy lane, then the engine's gauges.
     fn decode_lanes(&mut self) {
-        let vocab = self.models[0].vocab();
         let mut active_total = 0;
         for lane in self.lanes.iter_mut() {
-            decode_lane(lane, &vocab, &mut self.piece, &self.metrics);
+            decode_lane(lane, &self.vocab, &mut self.piece, &self.metrics);
             active_total += lane.active();
         }
         self.metrics.set_engine_state(

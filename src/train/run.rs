@@ -248,7 +248,7 @@ impl Trainer {
         let Inputs { model_path, file, train: train_ds, eval: eval_ds } = inputs;
         let out = opts.out.clone();
         prepare_out_dir(&opts)?;
-        write_atomic(&out.join(rundir::CONFIG), cfg.to_toml().as_bytes())?;
+        crate::fetch::write_atomic(&out.join(rundir::CONFIG), cfg.to_toml().as_bytes())?;
         let ckpt_dir = out.join(rundir::CHECKPOINTS);
         // The checkpoint to resume from (its shapes decide the adapters' ranks).
         let resume = if opts.resume {
@@ -777,11 +777,6 @@ fn is_empty_dir(p: &Path) -> bool {
     std::fs::read_dir(p).map(|mut d| d.next().is_none()).unwrap_or(true)
 }
 
-/// Writes `bytes` to `path` atomically (see [`crate::fetch::write_atomic`]).
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
-    Ok(crate::fetch::write_atomic(path, bytes)?)
-}
-
 /// The adapters a run starts from (every module at `--rank`, initialized from the seed, or
 /// at a resumed GRIT checkpoint's ranks; every scale stays that of the initial rank) and
 /// GRIT's host state.
@@ -842,7 +837,7 @@ fn dump_tokens(
     let seqs: Vec<Sequence> = (0..micro_batches).flat_map(|_| b.next_batch()).collect();
     let doc = serde_json::to_vec(&Dump { sequences: &seqs, seq_len })
         .map_err(|source| TrainError::Encode { path: path.into(), source })?;
-    write_atomic(path, &doc)
+    Ok(crate::fetch::write_atomic(path, &doc)?)
 }
 
 fn progress_bar(total_steps: usize, start_step: usize) -> ProgressBar {
