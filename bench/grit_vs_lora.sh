@@ -20,6 +20,10 @@
 #             the earlier default)
 #   grit-run  GRIT with the run budget (--rank-budget run: later cuts do not ratchet)
 #   grit-output GRIT with the output-energy rank rule (--rank-signal output --rank-budget run)
+#   grit-wide GRIT started at twice the rank (--rank 32 --alpha 64: the same scale 2) with the
+#             first cut at 70 % of the run
+#   grit-wide85 GRIT started at rank 32 (alpha 64), τ = 0.85
+#   lora32    --method lora --rank 32 --alpha 64 (the control for starting wider)
 # Gain = step-0 eval loss − final eval loss (in-training eval, same tokens for every row).
 #   STEPS=150 THREADS=2 bench/grit_vs_lora.sh           (RUNS=dir keeps the runs there)
 #   TASKS=plays CONFIGS="lora16 grit" bench/grit_vs_lora.sh
@@ -36,7 +40,7 @@ SEQ=${SEQ:-128}
 THREADS=${THREADS:-$(nproc)}
 RUNS=${RUNS:-$(mktemp -d)}
 TASKS=${TASKS:-plays chat}
-CONFIGS=${CONFIGS:-lora16 grit loram grit-nopc grit-noreg grit-nocut grit-early grit-run grit-output}
+CONFIGS=${CONFIGS:-lora16 grit loram grit-nopc grit-noreg grit-nocut grit-early grit-run grit-output grit-wide grit-wide85 lora32}
 mkdir -p "$RUNS"
 $GRIT fetch >/dev/null
 PLAYS=$($GRIT fetch | awk '/^plays/ {print $2}')
@@ -83,6 +87,9 @@ run() { # task config
     grit-early) extra="--method grit --first-cut 0.2" ;;
     grit-run) extra="--method grit --rank-budget run" ;;
     grit-output) extra="--method grit --rank-signal output --rank-budget run" ;;
+    grit-wide) extra="--method grit --rank 32 --alpha 64 --first-cut 0.7" ;;
+    grit-wide85) extra="--method grit --rank 32 --alpha 64 --rank-energy 0.85" ;;
+    lora32) extra="--method lora --rank 32 --alpha 64" ;;
     *)
       echo "unknown configuration $cfg" >&2
       return 1
