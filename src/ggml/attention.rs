@@ -1,154 +1,77 @@
-//! Fused causal attention for training step graphs on the CPU backend.
+//! Fused causal attention kernels for training step graphs on the CPU backend.
 //!
 //! The model builds attention from ggml ops (`K·Q`, masked softmax, `V·P`) so that ggml's
 //! autodiff derives its backward. Those ops do the whole T×T score matrix per head with
 //! dot-product kernels at K = head_dim (mostly per-output overhead) and keep the scores and
-//! probabilities of every layer alive from the forward to the backward. [`fuse`] finds that
-//! pattern, forward and backward, in a graph that already holds its backward, and replaces it
-//! with two custom CPU ops: a forward that computes the output row by row (softmax with a
-//! running maximum over the unmasked key range only: about half the work with a causal mask),
-//! and a backward that recomputes the probabilities and produces ∂Q, ∂K and ∂V in one pass.
-//! The old nodes that computed the gradients become views into the backward op's result, so
-//! their consumers (the per-group sums for GQA, the reshapes) are untouched.
+//! probabilities of every layer alive from the forward to the backward. The pass
+//! [`super::passes::fuse_attention`] finds that pattern, forward and backward, in a graph that
+//! already holds its backward, and replaces it with the two custom CPU ops made here: a
+//! forward that computes the output row by row (softmax with a running maximum over the
+//! unmasked key range only: about half the work with a causal mask), and a backward that
+//! recomputes the probabilities and produces ∂Q, ∂K and ∂V in one pass.
 //!
 //! Shapes (ggml order): q [D, T, H] (contiguous), k [D, T, G] (rows contiguous), vᵀ [T, D, G]
 //! (rows contiguous), mask [T, ≥T] F32 (0 or −∞ in practice, any value allowed); query head h
 //! reads key/value head h / (H/G), as ggml's broadcasting matmul does.
 
-use std::collections::HashSet;
 use std::os::raw::{c_int, c_void};
 
 use llama_cpp_sys_2 as sys;
 
-use super::context::{Context, Graph, Tensor, Type};
+use super::context::{Context, Tensor, Type};
 
-/// What [`fuse`] changed: nodes that no longer have to run, and the new backward ops (they read
-/// forward activations: recomputation must redirect them).
-#[derive(Default)]
-pub(crate) struct Fused<'a> {
-    pub dead: HashSet<usize>,
-    pub backward: Vec<Tensor<'a>>,
-}
-
-/// `a` is the tensor `b`.
-fn is(a: Option<Tensor<'_>>, b: Tensor<'_>) -> bool {
-    a.is_some_and(|a| a.raw() == b.raw())
-}
-
-fn f32_rows(t: Tensor<'_>) -> bool {
-    t.ty() == Type::F32 && t.nb()[0] == 4 && t.ne()[3] == 1
-}
-
-fn f32_param(t: Tensor<'_>, i: usize) -> f32 {
-    // SAFETY: a live tensor; op_params is plain data and ggml stores soft_max's scale and
-    // max_bias as the first two f32 values.
+/// The `i`-th op parameter of `t` read as an f32 (ggml stores soft_max's scale and max_bias
+/// as the first two).
+pub(crate) fn f32_param(t: Tensor<'_>, i: usize) -> f32 {
+    // SAFETY: a live tensor; op_params is plain data (16 i32 slots, `i` bounds-checked).
     unsafe { f32::from_bits((*t.raw()).op_params[i] as u32) }
 }
 
-/// Rewrites every attention block of `graph` (see the module docs) whose forward and backward
-/// match the expected pattern exactly; others are left as they are.
-pub(crate) fn fuse<'a>(ctx: &'a Context, graph: &Graph<'a>) -> Fused<'a> {
-    let rd = graph.readers();
-    let readers_of = |t: Tensor<'a>| rd.get(&(t.raw() as usize)).cloned().unwrap_or_default();
-    let mut fused = Fused::default();
-    for i in 0..graph.n_nodes() {
-        let o = graph.node(i);
-        if o.op() != sys::GGML_OP_MUL_MAT {
-            continue;
-        }
-        let (Some(vt), Some(p)) = (o.src(0), o.src(1)) else {
-            continue;
-        };
-        if p.op() != sys::GGML_OP_SOFT_MAX || p.src(2).is_some() {
-            continue;
-        }
-        let (Some(kq), Some(mask)) = (p.src(0), p.src(1)) else {
-            continue;
-        };
-        if kq.op() != sys::GGML_OP_MUL_MAT || f32_param(p, 1) != 0.0 {
-            continue;
-        }
-        let (Some(k), Some(q)) = (kq.src(0), kq.src(1)) else {
-            continue;
-        };
-        let (qn, kn, vn, on) = (q.ne(), k.ne(), vt.ne(), o.ne());
-        let (d, t, h, g) = (qn[0], qn[1], qn[2], kn[2]);
-        let shapes = kn[0] == d
+/// Whether the kernels can read `t`: F32 with contiguous rows, at most 3-D.
+pub(crate) fn kernel_layout(t: Tensor<'_>) -> bool {
+    t.ty() == Type::F32 && t.nb()[0] == 4 && t.ne()[3] == 1
+}
+
+/// Shapes of one attention problem: head size, tokens, query heads, key/value heads.
+fn problem_shape(q: Tensor<'_>, k: Tensor<'_>, vt: Tensor<'_>, mask: Tensor<'_>) -> [i64; 4] {
+    let (qn, kn, vn) = (q.ne(), k.ne(), vt.ne());
+    let (d, t, h, g) = (qn[0], qn[1], qn[2], kn[2]);
+    assert!(
+        kn[0] == d
             && kn[1] == t
             && vn == [t, d, g, 1]
-            && on == [d, t, h, 1]
             && g > 0
             && h % g == 0
             && mask.ne()[0] == t
             && mask.ne()[1] >= t
-            && mask.ne()[2] == 1;
-        if !shapes || ![q, k, vt, mask, o].iter().all(|&x| f32_rows(x)) {
-            continue;
-        }
-        // The backward: ∂Vᵀ per query head = out_prod(P, ∂O), ∂P = out_prod(Vᵀ, transpose(∂O)),
-        // ∂S = soft_max_back(∂P, P), ∂Q = out_prod(K, transpose(∂S)), ∂K per query head =
-        // out_prod(Q, ∂S); nothing else may read the scores or the probabilities.
-        let (kq_r, p_r) = (readers_of(kq), readers_of(p));
-        if kq_r.len() != 1 || p_r.len() != 3 {
-            continue;
-        }
-        let Some(dvt) =
-            p_r.iter().copied().find(|n| n.op() == sys::GGML_OP_OUT_PROD && is(n.src(0), p))
-        else {
-            continue;
-        };
-        let Some(ds) =
-            p_r.iter().copied().find(|n| n.op() == sys::GGML_OP_SOFT_MAX_BACK && is(n.src(1), p))
-        else {
-            continue;
-        };
-        let Some(d_o) = dvt.src(1) else { continue };
-        let Some(dp) = ds.src(0) else { continue };
-        let dp_ok = dp.op() == sys::GGML_OP_OUT_PROD
-            && is(dp.src(0), vt)
-            && dp.src(1).is_some_and(|x| x.op() == sys::GGML_OP_TRANSPOSE && is(x.src(0), d_o))
-            && readers_of(dp).len() == 1;
-        if !dp_ok
-            || f32_param(ds, 0) != f32_param(p, 0)
-            || d_o.ne() != on
-            || d_o.ty() != Type::F32
-            || d_o.nb()[0] != 4
-        {
-            continue;
-        }
-        let ds_r = readers_of(ds);
-        let Some(ds_t) = ds_r.iter().copied().find(|n| n.op() == sys::GGML_OP_TRANSPOSE) else {
-            continue;
-        };
-        let Some(dk) = ds_r
-            .iter()
-            .copied()
-            .find(|n| n.op() == sys::GGML_OP_OUT_PROD && is(n.src(0), q) && is(n.src(1), ds))
-        else {
-            continue;
-        };
-        let ds_t_r = readers_of(ds_t);
-        let Some(dq) = ds_t_r
-            .first()
-            .copied()
-            .filter(|n| ds_t_r.len() == 1 && n.op() == sys::GGML_OP_OUT_PROD && is(n.src(0), k))
-        else {
-            continue;
-        };
-        if ds_r.len() != 2 || dq.ne() != on || dk.ne() != on || dvt.ne() != [t, d, h, 1] {
-            continue;
-        }
-        let scale = f32_param(p, 0);
-        let ud = scale.to_bits() as usize as *mut c_void;
-        ctx.room(2);
+            && mask.ne()[2] == 1
+            && [q, k, vt, mask].iter().all(|&x| kernel_layout(x)),
+        "fused attention: q {q:?}, k {k:?}, vt {vt:?}, mask {mask:?} do not fit the kernels"
+    );
+    [d, t, h, g]
+}
+
+impl Context {
+    /// softmax(scale·Kᵀ·Q + mask) per head, times V: the forward kernel, F32 [D, T, H] (shapes
+    /// in the module docs; checked).
+    pub(crate) fn fused_attention<'a>(
+        &'a self,
+        q: Tensor<'a>,
+        k: Tensor<'a>,
+        vt: Tensor<'a>,
+        mask: Tensor<'a>,
+        scale: f32,
+    ) -> Tensor<'a> {
+        let [d, t, h, _] = problem_shape(q, k, vt, mask);
+        self.room(1);
         let mut args = [q.raw(), k.raw(), vt.raw(), mask.raw()];
-        // SAFETY: live context with room for two tensors; the argument arrays outlive the calls
-        // (ggml copies the pointers into src); the kernels read exactly these sources with the
-        // shapes checked above and write their own result. The user data is the softmax scale's
+        // SAFETY: live context with room for one tensor; the argument array outlives the call
+        // (ggml copies the pointers into src); the kernel reads exactly these sources with the
+        // shapes checked above and writes its own result. The user data is the softmax scale's
         // bit pattern, not a pointer.
-        let fwd = ctx.wrap(unsafe {
+        let fwd = self.wrap(unsafe {
             sys::ggml_custom_4d(
-                ctx.raw(),
+                self.raw(),
                 sys::GGML_TYPE_F32,
                 d,
                 t,
@@ -158,48 +81,49 @@ pub(crate) fn fuse<'a>(ctx: &'a Context, graph: &Graph<'a>) -> Fused<'a> {
                 4,
                 Some(attention_forward),
                 -1,
-                ud,
+                scale.to_bits() as usize as *mut c_void,
             )
         });
-        fwd.set_name("attn_fused");
-        let mut bargs = [q.raw(), k.raw(), vt.raw(), mask.raw(), d_o.raw()];
-        // SAFETY: as above; the result holds ∂Q, ∂K and ∂Vᵀ per query head one after another.
-        let bwd = ctx.wrap(unsafe {
+        fwd.set_name("attn_fused")
+    }
+
+    /// The backward kernel of [`Context::fused_attention`] for the output gradient `d_o`
+    /// [D, T, H]: ∂Q, ∂K and ∂Vᵀ per query head one after another, F32 [D, T, 3·H] (∂Vᵀ's
+    /// blocks laid out [T, D] each).
+    pub(crate) fn fused_attention_back<'a>(
+        &'a self,
+        q: Tensor<'a>,
+        k: Tensor<'a>,
+        vt: Tensor<'a>,
+        mask: Tensor<'a>,
+        d_o: Tensor<'a>,
+        scale: f32,
+    ) -> Tensor<'a> {
+        let [d, t, h, _] = problem_shape(q, k, vt, mask);
+        assert!(
+            d_o.ne() == [d, t, h, 1] && kernel_layout(d_o),
+            "fused attention backward: ∂O {d_o:?} does not match q {q:?}"
+        );
+        self.room(1);
+        let mut args = [q.raw(), k.raw(), vt.raw(), mask.raw(), d_o.raw()];
+        // SAFETY: as in `fused_attention`, with the output gradient as a fifth source.
+        let bwd = self.wrap(unsafe {
             sys::ggml_custom_4d(
-                ctx.raw(),
+                self.raw(),
                 sys::GGML_TYPE_F32,
                 d,
                 t,
                 3 * h,
                 1,
-                bargs.as_mut_ptr(),
+                args.as_mut_ptr(),
                 5,
                 Some(attention_backward),
                 -1,
-                ud,
+                scale.to_bits() as usize as *mut c_void,
             )
         });
-        bwd.set_name("attn_fused_back");
-        let block = (d * t * h * 4) as usize;
-        let (nd, nt) = (d as usize, t as usize);
-        // SAFETY: each rewritten node keeps its type and shape and becomes a view of a region of
-        // the new op's result laid out like its own contiguous data; no computation holds the
-        // graph while it is rebuilt.
-        unsafe {
-            o.rewrite_as_view(fwd, 0, [4, 4 * nd, 4 * nd * nt, 4 * nd * nt * h as usize]);
-            dq.rewrite_as_view(bwd, 0, [4, 4 * nd, 4 * nd * nt, 4 * nd * nt * h as usize]);
-            dk.rewrite_as_view(bwd, block, [4, 4 * nd, 4 * nd * nt, 4 * nd * nt * h as usize]);
-            dvt.rewrite_as_view(bwd, 2 * block, [4, 4 * nt, 4 * nd * nt, 4 * nd * nt * h as usize]);
-        }
-        for x in [kq, p, dp, ds, ds_t] {
-            fused.dead.insert(x.raw() as usize);
-        }
-        if let Some(x) = dp.src(1) {
-            fused.dead.insert(x.raw() as usize);
-        }
-        fused.backward.push(bwd);
+        bwd.set_name("attn_fused_back")
     }
-    fused
 }
 
 /// Strided read access to a 3-D F32 tensor whose rows (dim 0) are contiguous.

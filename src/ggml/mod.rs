@@ -41,22 +41,21 @@ mod attention;
 mod backend;
 mod context;
 mod extra;
-mod frozen;
 mod gguf_write;
+pub mod passes;
 pub mod profile;
-mod recompute;
 
 pub use backend::{
     cpu_only_nodes, devices, resolve_gpu, Backend, BackendOptions, BufferType, Computation, Device,
     DeviceInfo,
 };
 pub use context::{Capacity, Context, Graph, RopeMode, RopeParams, Tensor, TensorId, Type};
-pub use frozen::{
+pub use gguf_write::{dequantize, quantize, GgufWriter};
+pub use passes::frozen::{
     rebuild_backward, rebuild_frozen_backward, transient_chunks, FrozenGrad, FrozenMap,
     RewriteStats,
 };
-pub use gguf_write::{dequantize, quantize, GgufWriter};
-pub use recompute::Segments;
+pub use passes::recompute::Segments;
 
 use std::path::PathBuf;
 

@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 
 use llama_cpp_sys_2 as sys;
 
-use super::context::{Context, Tensor};
+use crate::ggml::context::{Context, Tensor};
 
 /// ggml's GGML_MAX_SRC (source slots per tensor; a macro, not in the bindings), read off the
 /// bound struct so that it follows the pinned ggml.
