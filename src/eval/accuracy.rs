@@ -107,101 +107,117 @@ pub fn parse_item(v: &Value, loc: &str, tok: &dyn Tokenizer) -> Result<TaskItem,
         return Err(EvalError::Task(format!("{loc}: not a JSON object")));
     }
     if let Some(ch) = v.get("choices") {
-        let Value::Array(items) = ch else {
-            return Err(EvalError::Task(format!("{loc}: field 'choices' is not an array")));
-        };
-        let choices = items
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                c.as_str().map(str::to_string).ok_or_else(|| {
-                    EvalError::Task(format!("{loc}: field 'choices[{i}]' is not a string"))
-                })
+        choice_item(v, ch, loc)
+    } else if let Some(m) = v.get("messages") {
+        messages_item(m, loc, tok)
+    } else if v.get("instruction").is_some() {
+        instruction_item(v, loc, tok)
+    } else if v.get("prompt").is_some() {
+        prompt_item(v, loc)
+    } else {
+        Err(EvalError::Task(format!("{loc}: unknown task row (expected prompt+answer, prompt+choices+answer, messages, or instruction+output)")))
+    }
+}
+
+/// The prompt rendered with the model's chat template (generation prompt appended).
+fn chat_prompt(msgs: &[ChatMessage], loc: &str, tok: &dyn Tokenizer) -> Result<String, EvalError> {
+    tok.apply_chat_template(msgs, true).map_err(|e| EvalError::Task(format!("{loc}: {e}")))
+}
+
+/// A multiple-choice row: prompt, choices (≥ 2) and the answer as an index or a choice.
+fn choice_item(v: &Value, ch: &Value, loc: &str) -> Result<TaskItem, EvalError> {
+    let Value::Array(items) = ch else {
+        return Err(EvalError::Task(format!("{loc}: field 'choices' is not an array")));
+    };
+    let choices = items
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            c.as_str().map(str::to_string).ok_or_else(|| {
+                EvalError::Task(format!("{loc}: field 'choices[{i}]' is not a string"))
             })
-            .collect::<Result<Vec<_>, _>>()?;
-        if choices.len() < 2 {
-            return Err(EvalError::Task(format!(
-                "{loc}: field 'choices' needs at least 2 choices"
-            )));
-        }
-        let prompt = field(v, loc, "prompt")?.to_string();
-        let answer = match v.get("answer") {
-            Some(Value::Number(n)) => match n.as_u64() {
-                Some(k) if (k as usize) < choices.len() => k as usize,
-                _ => {
-                    return Err(EvalError::Task(format!(
-                        "{loc}: field 'answer' {n} is not an index into the {} choices",
-                        choices.len()
-                    )))
-                }
-            },
-            Some(Value::String(s)) => {
-                choices.iter().position(|c| c == s || c.trim() == s.trim()).ok_or_else(|| {
-                    EvalError::Task(format!("{loc}: field 'answer' \"{s}\" is none of the choices"))
-                })?
-            }
-            Some(other) => {
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if choices.len() < 2 {
+        return Err(EvalError::Task(format!("{loc}: field 'choices' needs at least 2 choices")));
+    }
+    let prompt = field(v, loc, "prompt")?.to_string();
+    let answer = match v.get("answer") {
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(k) if (k as usize) < choices.len() => k as usize,
+            _ => {
                 return Err(EvalError::Task(format!(
-                    "{loc}: field 'answer' must be an index or a choice (found {other})"
+                    "{loc}: field 'answer' {n} is not an index into the {} choices",
+                    choices.len()
                 )))
             }
-            None => return Err(EvalError::Task(format!("{loc}: field 'answer' is missing"))),
-        };
-        return Ok(TaskItem::Choice { prompt, choices, answer });
-    }
-    let chat = |msgs: Vec<ChatMessage>| -> Result<String, EvalError> {
-        tok.apply_chat_template(&msgs, true).map_err(|e| EvalError::Task(format!("{loc}: {e}")))
+        },
+        Some(Value::String(s)) => {
+            choices.iter().position(|c| c == s || c.trim() == s.trim()).ok_or_else(|| {
+                EvalError::Task(format!("{loc}: field 'answer' \"{s}\" is none of the choices"))
+            })?
+        }
+        Some(other) => {
+            return Err(EvalError::Task(format!(
+                "{loc}: field 'answer' must be an index or a choice (found {other})"
+            )))
+        }
+        None => return Err(EvalError::Task(format!("{loc}: field 'answer' is missing"))),
     };
-    if let Some(m) = v.get("messages") {
-        let Value::Array(items) = m else {
-            return Err(EvalError::Task(format!("{loc}: field 'messages' is not an array")));
-        };
-        let mut msgs = Vec::new();
-        for (i, it) in items.iter().enumerate() {
-            let role = field(it, loc, "role").map_err(|_| {
-                EvalError::Task(format!(
-                    "{loc}: field 'messages[{i}].role' is missing or not a string"
-                ))
-            })?;
-            let content = field(it, loc, "content").map_err(|_| {
-                EvalError::Task(format!(
-                    "{loc}: field 'messages[{i}].content' is missing or not a string"
-                ))
-            })?;
-            msgs.push(ChatMessage::new(role, content));
-        }
-        let Some(last) = msgs.pop() else {
-            return Err(EvalError::Task(format!("{loc}: field 'messages' is empty")));
-        };
-        if last.role != "assistant" || msgs.is_empty() {
-            return Err(EvalError::Task(format!("{loc}: field 'messages' must end with an assistant turn (the reference) after at least one message")));
-        }
-        return Ok(TaskItem::Generate { prompt: chat(msgs)?, answer: last.content });
+    Ok(TaskItem::Choice { prompt, choices, answer })
+}
+
+/// A conversation whose last (assistant) turn is the reference.
+fn messages_item(m: &Value, loc: &str, tok: &dyn Tokenizer) -> Result<TaskItem, EvalError> {
+    let Value::Array(items) = m else {
+        return Err(EvalError::Task(format!("{loc}: field 'messages' is not an array")));
+    };
+    let mut msgs = Vec::new();
+    for (i, it) in items.iter().enumerate() {
+        let role = field(it, loc, "role").map_err(|_| {
+            EvalError::Task(format!("{loc}: field 'messages[{i}].role' is missing or not a string"))
+        })?;
+        let content = field(it, loc, "content").map_err(|_| {
+            EvalError::Task(format!(
+                "{loc}: field 'messages[{i}].content' is missing or not a string"
+            ))
+        })?;
+        msgs.push(ChatMessage::new(role, content));
     }
-    if v.get("instruction").is_some() {
-        let ins = field(v, loc, "instruction")?;
-        let input = match v.get("input") {
-            None | Some(Value::Null) => "",
-            Some(_) => field(v, loc, "input")?,
-        };
-        let user = if input.is_empty() { ins.to_string() } else { format!("{ins}\n\n{input}") };
-        let answer = field(v, loc, "output")?.to_string();
-        let prompt = if tok.has_chat_template() {
-            chat(vec![ChatMessage::new("user", user)])?
-        } else {
-            crate::data::render::alpaca_prompt(None, ins, input)
-        };
-        return Ok(TaskItem::Generate { prompt, answer });
+    let Some(last) = msgs.pop() else {
+        return Err(EvalError::Task(format!("{loc}: field 'messages' is empty")));
+    };
+    if last.role != "assistant" || msgs.is_empty() {
+        return Err(EvalError::Task(format!("{loc}: field 'messages' must end with an assistant turn (the reference) after at least one message")));
     }
-    if v.get("prompt").is_some() {
-        let prompt = field(v, loc, "prompt")?.to_string();
-        let key = ["answer", "completion", "reference"]
-            .into_iter()
-            .find(|k| v.get(*k).is_some())
-            .ok_or_else(|| EvalError::Task(format!("{loc}: a prompt row needs a reference: field 'answer' (or 'completion', 'reference') is missing")))?;
-        return Ok(TaskItem::Generate { prompt, answer: field(v, loc, key)?.to_string() });
-    }
-    Err(EvalError::Task(format!("{loc}: unknown task row (expected prompt+answer, prompt+choices+answer, messages, or instruction+output)")))
+    Ok(TaskItem::Generate { prompt: chat_prompt(&msgs, loc, tok)?, answer: last.content })
+}
+
+/// An Alpaca-style row: instruction, optional input, output (the reference).
+fn instruction_item(v: &Value, loc: &str, tok: &dyn Tokenizer) -> Result<TaskItem, EvalError> {
+    let ins = field(v, loc, "instruction")?;
+    let input = match v.get("input") {
+        None | Some(Value::Null) => "",
+        Some(_) => field(v, loc, "input")?,
+    };
+    let user = if input.is_empty() { ins.to_string() } else { format!("{ins}\n\n{input}") };
+    let answer = field(v, loc, "output")?.to_string();
+    let prompt = if tok.has_chat_template() {
+        chat_prompt(&[ChatMessage::new("user", user)], loc, tok)?
+    } else {
+        crate::data::render::alpaca_prompt(None, ins, input)
+    };
+    Ok(TaskItem::Generate { prompt, answer })
+}
+
+/// A prompt with its reference under `answer`, `completion` or `reference`.
+fn prompt_item(v: &Value, loc: &str) -> Result<TaskItem, EvalError> {
+    let prompt = field(v, loc, "prompt")?.to_string();
+    let key = ["answer", "completion", "reference"]
+        .into_iter()
+        .find(|k| v.get(*k).is_some())
+        .ok_or_else(|| EvalError::Task(format!("{loc}: a prompt row needs a reference: field 'answer' (or 'completion', 'reference') is missing")))?;
+    Ok(TaskItem::Generate { prompt, answer: field(v, loc, key)?.to_string() })
 }
 
 /// Reads a task file (JSONL); errors name `file:line` and the field.

@@ -344,38 +344,12 @@ fn progress_line(enabled: bool, what: &str) -> impl FnMut(usize, usize) + '_ {
 
 /// Evaluates the base and each source adapter (see the module docs).
 fn evaluate_sources(opts: &EvalOptions, sources: &[Source]) -> Result<Vec<EvalRow>, EvalError> {
-    if opts.ctx < 8 {
-        return Err(EvalError::Option {
-            name: "--ctx",
-            msg: format!("{} must be at least 8", opts.ctx),
-        });
-    }
-    if opts.data.is_none() && opts.task.is_none() && opts.general.is_none() {
-        return Err(EvalError::Option {
-            name: "--data",
-            msg: "nothing to evaluate: pass --data FILE (and/or --general, --task)".into(),
-        });
-    }
+    check_options(opts)?;
     let mut model = Model::load(
         &opts.model,
         &LoadOptions { n_gpu_layers: opts.gpu_layers, device: opts.device },
     )?;
-    let mut adapters: Vec<LlamaLoraAdapter> = Vec::with_capacity(sources.len());
-    let mut drifts: Vec<AdapterDrift> = Vec::with_capacity(sources.len());
-    for s in sources {
-        // Validated against the base model before llama.cpp sees it; the drift uses that reading.
-        let (lora, adapter) = model.load_checked_adapter(&s.path)?;
-        if let Some(warning) = crate::adapter::check_provenance(
-            &adapter.provenance,
-            &s.path,
-            &opts.model,
-            opts.base_mismatch,
-        )? {
-            eprintln!("grit: warning: {warning}");
-        }
-        drifts.push(drift::adapter_drift(&adapter, opts.adapter_scale));
-        adapters.push(lora);
-    }
+    let (mut adapters, drifts) = load_sources(&mut model, sources, opts)?;
     let model = &model;
     let mut scorer = Scorer::new(model, opts.ctx, opts.threads)?;
     let n_rows = sources.len() + 1;
@@ -393,64 +367,129 @@ fn evaluate_sources(opts: &EvalOptions, sources: &[Source]) -> Result<Vec<EvalRo
         )?;
         Ok(set_scores(&accs))
     };
-    let data_scores = opts.data.as_deref().map(|p| score_set(p, opts.max_examples)).transpose()?;
+    let data = opts.data.as_deref().map(|p| score_set(p, opts.max_examples)).transpose()?;
     let general_max =
         if opts.general_max_examples > 0 { opts.general_max_examples } else { opts.max_examples };
-    let general_scores = opts.general.as_deref().map(|p| score_set(p, general_max)).transpose()?;
-    let mut accuracies: Option<Vec<Accuracy>> = None;
-    if let Some(p) = &opts.task {
-        let items: Vec<TaskItem> = accuracy::load_items(p, model, opts.max_task_rows)?;
-        let mut v = Vec::with_capacity(n_rows);
-        for r in 0..n_rows {
-            scorer.use_adapter(&mut adapters, r.checked_sub(1), opts.adapter_scale)?;
-            let what = format!("{} row {}/{n_rows}", p.display(), r + 1);
-            let mut tm = LlamaTask { scorer: &mut scorer, model };
-            v.push(accuracy::score(
-                &mut tm,
-                &items,
-                opts.max_new_tokens,
-                &opts.stop,
-                progress_line(opts.progress, &what),
-            )?);
-        }
-        accuracies = Some(v);
-    }
+    let general = opts.general.as_deref().map(|p| score_set(p, general_max)).transpose()?;
+    let accuracies = opts
+        .task
+        .as_deref()
+        .map(|p| task_accuracies(p, model, &mut scorer, &mut adapters, opts))
+        .transpose()?;
+    let scores = RowScores { data, general, accuracies, drifts };
+    Ok((0..n_rows).map(|r| eval_row(r, sources, &scores)).collect())
+}
 
-    let mut rows = Vec::with_capacity(n_rows);
-    for r in 0..n_rows {
-        let src = r.checked_sub(1).map(|k| &sources[k]);
-        let d = data_scores.as_ref().map(|v| v[r]);
-        let g = general_scores.as_ref().map(|v| v[r]);
-        let dr = r.checked_sub(1).map(|k| &drifts[k]);
-        rows.push(EvalRow {
-            name: src.map(|s| s.name.clone()).unwrap_or_else(|| "base".into()),
-            adapter: src.map(|s| s.path.display().to_string()),
-            tokens: d.map(|s| s.tokens).unwrap_or(0),
-            loss: d.map(|s| s.loss),
-            perplexity: d.map(|s| s.perplexity),
-            kl: d.map(|s| s.kl),
-            perplexity_change: d.map(|s| s.perplexity_change),
-            general_tokens: g.map(|s| s.tokens),
-            general_loss: g.map(|s| s.loss),
-            general_perplexity: g.map(|s| s.perplexity),
-            general_kl: g.map(|s| s.kl),
-            general_perplexity_change: g.map(|s| s.perplexity_change),
-            accuracy: accuracies.as_ref().map(|v| v[r].clone()),
-            drift_total: Some(dr.map(|d| d.total()).unwrap_or(0.0)),
-            drift_per_module: dr.map(|d| d.per_module()),
-            trainable_params: Some(dr.map(|d| d.params()).unwrap_or(0)),
-            train_tokens_per_s: src.and_then(|s| s.train_tokens_per_s),
-            step: src.and_then(|s| s.step),
-            train_tokens: src.and_then(|s| s.train_tokens).or(
-                if src.is_none() && sources.iter().any(|s| s.train_tokens.is_some()) {
-                    Some(0)
-                } else {
-                    None
-                },
-            ),
+/// The options that no source or file can make right.
+fn check_options(opts: &EvalOptions) -> Result<(), EvalError> {
+    if opts.ctx < 8 {
+        return Err(EvalError::Option {
+            name: "--ctx",
+            msg: format!("{} must be at least 8", opts.ctx),
         });
     }
-    Ok(rows)
+    if opts.data.is_none() && opts.task.is_none() && opts.general.is_none() {
+        return Err(EvalError::Option {
+            name: "--data",
+            msg: "nothing to evaluate: pass --data FILE (and/or --general, --task)".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Each source adapter, validated against the base model before llama.cpp sees it (its
+/// provenance checked), loaded into llama.cpp, and its weight drift from that reading.
+fn load_sources(
+    model: &mut Model,
+    sources: &[Source],
+    opts: &EvalOptions,
+) -> Result<(Vec<LlamaLoraAdapter>, Vec<AdapterDrift>), EvalError> {
+    let mut adapters = Vec::with_capacity(sources.len());
+    let mut drifts = Vec::with_capacity(sources.len());
+    for s in sources {
+        let (lora, adapter) = model.load_checked_adapter(&s.path)?;
+        if let Some(warning) = crate::adapter::check_provenance(
+            &adapter.provenance,
+            &s.path,
+            &opts.model,
+            opts.base_mismatch,
+        )? {
+            eprintln!("grit: warning: {warning}");
+        }
+        drifts.push(drift::adapter_drift(&adapter, opts.adapter_scale));
+        adapters.push(lora);
+    }
+    Ok((adapters, drifts))
+}
+
+/// `--task`'s accuracy for every row (the base, then each adapter).
+fn task_accuracies<'m>(
+    task: &Path,
+    model: &'m Model,
+    scorer: &mut Scorer<'m>,
+    adapters: &mut [LlamaLoraAdapter],
+    opts: &EvalOptions,
+) -> Result<Vec<Accuracy>, EvalError> {
+    let items: Vec<TaskItem> = accuracy::load_items(task, model, opts.max_task_rows)?;
+    let n_rows = adapters.len() + 1;
+    let mut v = Vec::with_capacity(n_rows);
+    for r in 0..n_rows {
+        scorer.use_adapter(adapters, r.checked_sub(1), opts.adapter_scale)?;
+        let what = format!("{} row {}/{n_rows}", task.display(), r + 1);
+        let mut tm = LlamaTask { scorer, model };
+        v.push(accuracy::score(
+            &mut tm,
+            &items,
+            opts.max_new_tokens,
+            &opts.stop,
+            progress_line(opts.progress, &what),
+        )?);
+    }
+    Ok(v)
+}
+
+/// What was measured for every row (index 0 is the base; drifts are the adapters' only).
+struct RowScores {
+    data: Option<Vec<SetScores>>,
+    general: Option<Vec<SetScores>>,
+    accuracies: Option<Vec<Accuracy>>,
+    drifts: Vec<AdapterDrift>,
+}
+
+/// Row `r` of the table: the base (r = 0) or source r − 1.
+fn eval_row(r: usize, sources: &[Source], scores: &RowScores) -> EvalRow {
+    let src = r.checked_sub(1).map(|k| &sources[k]);
+    let d = scores.data.as_ref().map(|v| v[r]);
+    let g = scores.general.as_ref().map(|v| v[r]);
+    let dr = r.checked_sub(1).map(|k| &scores.drifts[k]);
+    EvalRow {
+        name: src.map(|s| s.name.clone()).unwrap_or_else(|| "base".into()),
+        adapter: src.map(|s| s.path.display().to_string()),
+        tokens: d.map(|s| s.tokens).unwrap_or(0),
+        loss: d.map(|s| s.loss),
+        perplexity: d.map(|s| s.perplexity),
+        kl: d.map(|s| s.kl),
+        perplexity_change: d.map(|s| s.perplexity_change),
+        general_tokens: g.map(|s| s.tokens),
+        general_loss: g.map(|s| s.loss),
+        general_perplexity: g.map(|s| s.perplexity),
+        general_kl: g.map(|s| s.kl),
+        general_perplexity_change: g.map(|s| s.perplexity_change),
+        accuracy: scores.accuracies.as_ref().map(|v| v[r].clone()),
+        drift_total: Some(dr.map(|d| d.total()).unwrap_or(0.0)),
+        drift_per_module: dr.map(|d| d.per_module()),
+        trainable_params: Some(dr.map(|d| d.params()).unwrap_or(0)),
+        train_tokens_per_s: src.and_then(|s| s.train_tokens_per_s),
+        step: src.and_then(|s| s.step),
+        // The base row trained on 0 tokens when any adapter says how many it trained on.
+        train_tokens: src.and_then(|s| s.train_tokens).or(
+            if src.is_none() && sources.iter().any(|s| s.train_tokens.is_some()) {
+                Some(0)
+            } else {
+                None
+            },
+        ),
+    }
 }
 
 /// `tokens_per_s` of the run that wrote `adapter` (its sibling summary.json), if any.

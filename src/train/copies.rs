@@ -61,6 +61,93 @@ pub fn frozen_matmul_weights(w: &Weights) -> Vec<Tensor<'_>> {
     v
 }
 
+/// The copies' tensors, made in their context before it is allocated: each frozen weight's
+/// transposed backward copy (with its type), the forward's Q8_0 copies, and the Q4_1 splits'
+/// offsets (their Q4_0 halves live in a context of their own, see [`q4_0_halves`]).
+struct Plan<'t> {
+    backward: Vec<(Tensor<'t>, Tensor<'t>, Type)>,
+    forward: Vec<(Tensor<'t>, Tensor<'t>)>,
+    split: Vec<(Tensor<'t>, Tensor<'t>)>,
+}
+
+impl<'t> Plan<'t> {
+    fn new(
+        ctx: &'t Context,
+        frozen: &[Tensor<'t>],
+        mode: WeightCopies,
+        forward: Forward,
+        gpu: bool,
+    ) -> Self {
+        let mut plan = Plan { backward: Vec::new(), forward: Vec::new(), split: Vec::new() };
+        for &w in frozen {
+            // The split and the forward copies are CPU speed-ups (GPU backends have a fast
+            // kernel for every type, and the split's extra product only costs there).
+            if gpu {
+                continue;
+            }
+            if forward != Forward::Stored && w.ty() == Type::Q4_1 {
+                // Stored transposed, [d_out, d_in/32]: the product C·s runs as an outer-product
+                // sum over the blocks (see `FrozenMap::insert_forward_split`).
+                let c = ctx.new_tensor(Type::F32, &[w.ne()[1], w.ne()[0] / 32]);
+                c.set_name(&format!("{}.q4_1_offsets", w.name()));
+                plan.split.push((w, c));
+            } else if forward == Forward::Q8_0 && needs_forward_copy(w.ty()) && w.ne()[0] % 32 == 0
+            {
+                let t = ctx.new_tensor(Type::Q8_0, &[w.ne()[0], w.ne()[1]]);
+                t.set_name(&format!("{}.q8", w.name()));
+                plan.forward.push((w, t));
+            }
+        }
+        for &w in frozen {
+            let ne = w.ne();
+            let (d_in, d_out) = (ne[0], ne[1]);
+            // Q8_0 needs rows (here: d_out values) in whole blocks of 32; fall back to F16.
+            let ty = match mode {
+                WeightCopies::Q8_0 if d_out % 32 == 0 => Type::Q8_0,
+                WeightCopies::Q8_0 | WeightCopies::F16 => Type::F16,
+                _ => Type::F32,
+            };
+            let t = ctx.new_tensor(ty, &[d_out, d_in]);
+            t.set_name(&format!("{}.T", w.name()));
+            plan.backward.push((w, t, ty));
+        }
+        plan
+    }
+}
+
+/// The Q4_0 halves of the split weights, allocated: in the CPU's repacking buffer type when it
+/// has a kernel for every one of them (it attaches one per tensor at allocation; none means
+/// ggml would crash on upload, e.g. a CPU without AVX2; it needs rows in multiples of 8 and is
+/// CPU-only), else in the backend's plain weight buffer. Returns the context, the halves in
+/// `split`'s order and their bytes.
+fn q4_0_halves(
+    split: &[(Tensor<'_>, Tensor<'_>)],
+    backend: &Backend,
+) -> Result<(Context, Vec<TensorId>, usize), ModelError> {
+    let plan_q4 = |buft: BufferType| -> Result<(Context, Vec<TensorId>, usize), ModelError> {
+        let c4 = Context::new(Capacity::tensors(split.len() + 8))?;
+        let qs: Vec<_> = split
+            .iter()
+            .map(|(w, _)| {
+                let q = c4.new_tensor(Type::Q4_0, &[w.ne()[0], w.ne()[1]]);
+                q.set_name(&format!("{}.q4_0", w.name()));
+                q.id()
+            })
+            .collect();
+        let b = c4.allocate(buft)?;
+        Ok((c4, qs, b))
+    };
+    let repacked = match BufferType::cpu_repack().filter(|_| !backend.is_gpu()) {
+        Some(r) => Some(plan_q4(r)?)
+            .filter(|(c4, qs, _)| qs.iter().all(|&q| c4.tensor(q).has_backend_extra())),
+        None => None,
+    };
+    match repacked {
+        Some(p) => Ok(p),
+        None => plan_q4(backend.weight_buffer_type()),
+    }
+}
+
 /// Splits Q4_1 data exactly into Q4_0 data and one F32 offset per block.
 ///
 /// A Q4_1 block holds 32 weights d·q + m (q in 0..16, d and m F16); Q4_0 holds d·(q − 8) with
@@ -138,71 +225,12 @@ impl FrozenCopies {
             WeightCopies::Q8_0 | WeightCopies::F16 | WeightCopies::F32 => {}
         }
         let ctx = Context::new(Capacity::tensors(3 * frozen.len() + 8))?;
-        let mut planned = Vec::new();
-        let mut fwd_planned = Vec::new();
-        let mut split_planned = Vec::new();
-        for &w in &frozen {
-            // The split and the forward copies are CPU speed-ups (GPU backends have a fast
-            // kernel for every type, and the split's extra product only costs there).
-            if backend.is_gpu() {
-                continue;
-            }
-            if forward != Forward::Stored && w.ty() == Type::Q4_1 {
-                // Stored transposed, [d_out, d_in/32]: the product C·s runs as an outer-product
-                // sum over the blocks (see `FrozenMap::insert_forward_split`).
-                let c = ctx.new_tensor(Type::F32, &[w.ne()[1], w.ne()[0] / 32]);
-                c.set_name(&format!("{}.q4_1_offsets", w.name()));
-                split_planned.push((w, c));
-            } else if forward == Forward::Q8_0 && needs_forward_copy(w.ty()) && w.ne()[0] % 32 == 0
-            {
-                let t = ctx.new_tensor(Type::Q8_0, &[w.ne()[0], w.ne()[1]]);
-                t.set_name(&format!("{}.q8", w.name()));
-                fwd_planned.push((w, t));
-            }
-        }
-        for &w in &frozen {
-            let ne = w.ne();
-            let (d_in, d_out) = (ne[0], ne[1]);
-            // Q8_0 needs rows (here: d_out values) in whole blocks of 32; fall back to F16.
-            let ty = match mode {
-                WeightCopies::Q8_0 if d_out % 32 == 0 => Type::Q8_0,
-                WeightCopies::Q8_0 | WeightCopies::F16 => Type::F16,
-                _ => Type::F32,
-            };
-            let t = ctx.new_tensor(ty, &[d_out, d_in]);
-            t.set_name(&format!("{}.T", w.name()));
-            planned.push((w, t, ty));
-        }
+        let plan = Plan::new(&ctx, &frozen, mode, forward, backend.is_gpu());
         let mut bytes = ctx.allocate(backend.weight_buffer_type())?;
-        // The repacking type needs rows in multiples of 8 (d_out here); it is CPU-only.
-        // The Q4_0 halves: in the CPU's repacking buffer type when it has a kernel for every one
-        // of them (it attaches one per tensor at allocation; none means ggml would crash on
-        // upload, e.g. a CPU without AVX2), else in the backend's plain weight buffer.
-        let plan_q4 = |buft: BufferType| -> Result<(Context, Vec<TensorId>, usize), ModelError> {
-            let c4 = Context::new(Capacity::tensors(frozen.len() + 8))?;
-            let qs: Vec<_> = split_planned
-                .iter()
-                .map(|(w, _)| {
-                    let q = c4.new_tensor(Type::Q4_0, &[w.ne()[0], w.ne()[1]]);
-                    q.set_name(&format!("{}.q4_0", w.name()));
-                    q.id()
-                })
-                .collect();
-            let b = c4.allocate(buft)?;
-            Ok((c4, qs, b))
-        };
-        let repacked = match BufferType::cpu_repack().filter(|_| !backend.is_gpu()) {
-            Some(r) => Some(plan_q4(r)?)
-                .filter(|(c4, qs, _)| qs.iter().all(|&q| c4.tensor(q).has_backend_extra())),
-            None => None,
-        };
-        let (ctx_q4, q_ids, q_bytes) = match repacked {
-            Some(p) => p,
-            None => plan_q4(backend.weight_buffer_type())?,
-        };
+        let (ctx_q4, q_ids, q_bytes) = q4_0_halves(&plan.split, backend)?;
         bytes += q_bytes;
         let mut pairs = Vec::new();
-        for (w, t, ty) in planned {
+        for (w, t, ty) in plan.backward {
             let ne = w.ne();
             let (d_in, d_out) = (ne[0] as usize, ne[1] as usize);
             let raw = weights.read_bytes(w)?;
@@ -212,14 +240,14 @@ impl FrozenCopies {
             pairs.push((w.id(), t.id()));
         }
         let mut forward = Vec::new();
-        for (w, t) in fwd_planned {
+        for (w, t) in plan.forward {
             let ne = w.ne();
             let x = dequantize(w.ty(), &weights.read_bytes(w)?, (ne[0] * ne[1]) as usize)?;
             ctx.write_bytes(t, &quantize(Type::Q8_0, &x, ne[0] as usize)?)?;
             forward.push((w.id(), t.id()));
         }
         let mut split = Vec::new();
-        for ((w, c), q) in split_planned.into_iter().zip(q_ids) {
+        for ((w, c), q) in plan.split.into_iter().zip(q_ids) {
             let (q4_0, offsets) = split_q4_1(&weights.read_bytes(w)?);
             ctx_q4.write_bytes(ctx_q4.tensor(q), &q4_0)?;
             // offsets: [d_out][d_in/32] row-major; stored as [d_in/32][d_out].

@@ -236,6 +236,33 @@ pub struct Trainer {
     tok_rates: Vec<f64>,
 }
 
+/// The last checkpoint in the run folder `out`.
+fn latest_checkpoint(out: &Path, ckpt_dir: &Path) -> Result<Checkpoint, TrainError> {
+    let step = *checkpoint::list_steps(ckpt_dir)
+        .last()
+        .ok_or_else(|| TrainError::NothingToResume(out.to_path_buf()))?;
+    Ok(Checkpoint::load(&checkpoint::step_dir(ckpt_dir, step))?)
+}
+
+/// The run's optimizer steps: `--steps`, else `--epochs` (default 1) of micro-batches.
+fn run_length(cfg: &TrainConfig, batcher: &data::Batcher) -> usize {
+    cfg.steps.unwrap_or_else(|| {
+        let epochs = cfg.epochs.unwrap_or(1.0);
+        let micro = epochs * batcher.batches_per_epoch() as f64;
+        (micro / cfg.grad_accum as f64).ceil().max(1.0) as usize
+    })
+}
+
+/// Where the frozen weights' copies and the step run, for the start line.
+fn placement(copies: &FrozenCopies, backend: &Backend) -> String {
+    format!(
+        "weight copies {:?} ({} MiB) · device {}",
+        copies.mode(),
+        copies.bytes() >> 20,
+        backend.label()
+    )
+}
+
 impl Trainer {
     /// Output folder, the checkpoint to resume from, backend, frozen weights, adapters (at
     /// the checkpoint's ranks), optimizer state, metrics; restores a resumed run's state and
@@ -251,21 +278,10 @@ impl Trainer {
         crate::fetch::write_atomic(&out.join(rundir::CONFIG), cfg.to_toml().as_bytes())?;
         let ckpt_dir = out.join(rundir::CHECKPOINTS);
         // The checkpoint to resume from (its shapes decide the adapters' ranks).
-        let resume = if opts.resume {
-            let step = *checkpoint::list_steps(&ckpt_dir)
-                .last()
-                .ok_or_else(|| TrainError::NothingToResume(out.clone()))?;
-            Some(Checkpoint::load(&checkpoint::step_dir(&ckpt_dir, step))?)
-        } else {
-            None
-        };
+        let resume = if opts.resume { Some(latest_checkpoint(&out, &ckpt_dir)?) } else { None };
 
         let mut batcher = data::Batcher::new(&train_ds, cfg.batch_size)?;
-        let total_steps = cfg.steps.unwrap_or_else(|| {
-            let epochs = cfg.epochs.unwrap_or(1.0);
-            let micro = epochs * batcher.batches_per_epoch() as f64;
-            (micro / cfg.grad_accum as f64).ceil().max(1.0) as usize
-        });
+        let total_steps = run_length(&cfg, &batcher);
         // GRIT's first cut as a share of this run's length.
         cfg.grit.resolve_first_cut(total_steps);
 
@@ -293,15 +309,13 @@ impl Trainer {
             MetricsWriter::create(&out)?
         };
         eprintln!(
-            "grit: {} · {} modules · {} trainable parameters · {} steps · {} sequences/epoch · weight copies {:?} ({} MiB) · device {}",
+            "grit: {} · {} modules · {} trainable parameters · {} steps · {} sequences/epoch · {}",
             weights.hparams.arch.name(),
             lora.modules().len(),
             lora.n_params(),
             total_steps,
             batcher.sequences_per_epoch(),
-            copies.mode(),
-            copies.bytes() >> 20,
-            backend.label()
+            placement(&copies, &backend)
         );
         let mut trainer = Trainer {
             opts,
