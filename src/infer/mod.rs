@@ -39,7 +39,7 @@ pub enum InferError {
     #[error("{}: the model has no chat template; use `grit generate` with a plain prompt", .0.display())]
     NoChatTemplate(PathBuf),
     #[error("chat template failed: {0}")]
-    Template(String),
+    Template(#[source] crate::BoxError),
     #[error("invalid option {name}: {msg}")]
     Option { name: &'static str, msg: String },
 }
@@ -211,14 +211,19 @@ impl Model {
             .iter()
             .map(|(r, c)| LlamaChatMessage::new(r.clone(), c.clone()))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| InferError::Template(e.to_string()))?;
+            .map_err(|e| InferError::Template(e.into()))?;
         self.inner
             .apply_chat_template(&tmpl, &msgs, true)
-            .map_err(|e| InferError::Template(e.to_string()))
+            .map_err(|e| InferError::Template(e.into()))
     }
 
     pub fn has_chat_template(&self) -> bool {
         self.inner.chat_template(None).is_ok()
+    }
+
+    /// Tokens in the vocabulary.
+    pub fn n_vocab(&self) -> usize {
+        self.inner.n_vocab() as usize
     }
 
     /// Tokenizes text (BOS added when the model wants it and `add_bos`; special tokens parsed).

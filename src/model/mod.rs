@@ -44,12 +44,14 @@
 //!   cheap next to the logits it is compared with. Its value is the mean over trained rows.
 
 mod hparams;
+mod info;
 mod llama;
 mod lora;
 mod tiny;
 mod weights;
 
 pub use hparams::{Arch, LlamaHparams};
+pub use info::ModelInfo;
 pub use llama::{
     causal_mask, dropout_mask, Batch, DropoutInput, DropoutMask, LoraTap, Outputs, TrainGraph,
 };

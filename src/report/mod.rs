@@ -22,12 +22,14 @@ pub enum ReportError {
     Run(PathBuf, String),
     #[error(transparent)]
     RunDir(#[from] crate::rundir::RunDirError),
-    #[error("plot {id}: {msg}")]
-    Plot { id: String, msg: String },
-    #[error("{}: {msg}", .0.display(), msg = .1)]
-    Write(PathBuf, String),
+    #[error("plot {id}: {source}")]
+    Plot { id: String, source: crate::BoxError },
+    #[error("{}: {source}", .path.display())]
+    Write { path: PathBuf, source: crate::fetch::FetchError },
     #[error("--png: {0}")]
     Png(String),
+    #[error("--png: {what}: {source}")]
+    PngRender { what: &'static str, source: crate::BoxError },
 }
 
 /// One training run as read from its folder.
@@ -248,20 +250,23 @@ fn line_chart(
     series: &[Series],
     zero: bool,
 ) -> Result<String, ReportError> {
-    let err = |e: String| ReportError::Plot { id: id.into(), msg: e };
+    let err = |e: Box<dyn std::error::Error + Send + Sync>| ReportError::Plot {
+        id: id.into(),
+        source: e,
+    };
     let (x0, x1) = range(series.iter().flat_map(|s| s.2.iter().map(|p| p.0)), true);
     let (y0, y1) = range(series.iter().flat_map(|s| s.2.iter().map(|p| p.1)), zero);
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (W, H)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+        root.fill(&WHITE).map_err(|e| err(e.into()))?;
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 20))
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(80)
             .build_cartesian_2d(x0..x1, y0..y1)
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|e| err(e.into()))?;
         let yfmt = |y: &f64| tick(*y, y1.abs().max(y0.abs()));
         chart
             .configure_mesh()
@@ -271,7 +276,7 @@ fn line_chart(
             .y_label_formatter(&yfmt)
             .light_line_style(WHITE.mix(0.0))
             .draw()
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|e| err(e.into()))?;
         let mut drawn = 0;
         for (name, c, pts, markers) in series {
             let c = *c;
@@ -283,7 +288,7 @@ fn line_chart(
             drawn += 1;
             chart
                 .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
-                .map_err(|e| err(e.to_string()))?
+                .map_err(|e| err(e.into()))?
                 .label(name.clone())
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
@@ -291,7 +296,7 @@ fn line_chart(
             if *markers {
                 chart
                     .draw_series(pts.iter().map(|&p| Circle::new(p, 4, c.filled())))
-                    .map_err(|e| err(e.to_string()))?;
+                    .map_err(|e| err(e.into()))?;
             }
         }
         if drawn > 0 {
@@ -301,7 +306,7 @@ fn line_chart(
                 .background_style(WHITE.mix(0.85))
                 .border_style(BLACK)
                 .draw()
-                .map_err(|e| err(e.to_string()))?;
+                .map_err(|e| err(e.into()))?;
         } else {
             let (cx, cy) = ((x0 + x1) / 2.0, (y0 + y1) / 2.0);
             chart
@@ -310,9 +315,9 @@ fn line_chart(
                     (cx, cy),
                     ("sans-serif", 18).into_font().color(&BLACK),
                 )))
-                .map_err(|e| err(e.to_string()))?;
+                .map_err(|e| err(e.into()))?;
         }
-        root.present().map_err(|e| err(e.to_string()))?;
+        root.present().map_err(|e| err(e.into()))?;
     }
     Ok(svg)
 }
@@ -352,7 +357,10 @@ fn rank_color(frac: f64) -> RGBColor {
 }
 
 fn heatmap(id: &str, title: &str, run: &Run) -> Result<(String, Option<String>), ReportError> {
-    let err = |e: String| ReportError::Plot { id: id.into(), msg: e };
+    let err = |e: Box<dyn std::error::Error + Send + Sync>| ReportError::Plot {
+        id: id.into(),
+        source: e,
+    };
     let iv = run.rank_intervals();
     let n_mod = iv.iter().map(|i| i.2.len()).max().unwrap_or(0).max(1);
     let max_rank = iv.iter().flat_map(|i| i.2.iter().copied()).fold(1.0, f64::max);
@@ -360,7 +368,7 @@ fn heatmap(id: &str, title: &str, run: &Run) -> Result<(String, Option<String>),
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (W, H)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+        root.fill(&WHITE).map_err(|e| err(e.into()))?;
         let (main, bar) = root.split_horizontally(W - 100);
         let x1 = run.last_step().max(1.0);
         let mut chart = ChartBuilder::on(&main)
@@ -369,7 +377,7 @@ fn heatmap(id: &str, title: &str, run: &Run) -> Result<(String, Option<String>),
             .x_label_area_size(40)
             .y_label_area_size(110)
             .build_cartesian_2d(0.0..x1, 0.0..n_mod as f64)
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|e| err(e.into()))?;
         if modules.is_empty() && iv.is_empty() {
             chart
                 .draw_series(std::iter::once(Text::new(
@@ -377,7 +385,7 @@ fn heatmap(id: &str, title: &str, run: &Run) -> Result<(String, Option<String>),
                     (x1 * 0.2, 0.5),
                     ("sans-serif", 16).into_font().color(&BLACK),
                 )))
-                .map_err(|e| err(e.to_string()))?;
+                .map_err(|e| err(e.into()))?;
         }
         let labels = modules.clone();
         chart
@@ -394,7 +402,7 @@ fn heatmap(id: &str, title: &str, run: &Run) -> Result<(String, Option<String>),
                     .unwrap_or_else(|| format!("{k}"))
             })
             .draw()
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|e| err(e.into()))?;
         let cells = iv.iter().flat_map(|(a, b, ranks)| {
             ranks.iter().enumerate().map(move |(m, r)| {
                 Rectangle::new(
@@ -403,7 +411,7 @@ fn heatmap(id: &str, title: &str, run: &Run) -> Result<(String, Option<String>),
                 )
             })
         });
-        chart.draw_series(cells).map_err(|e| err(e.to_string()))?;
+        chart.draw_series(cells).map_err(|e| err(e.into()))?;
         // Colour bar, in pixels of its own area: bottom = rank 0, top = the largest rank.
         let (top, bottom) = (44i32, H as i32 - 52);
         let y_of = |r: f64| bottom - ((bottom - top) as f64 * r / max_rank).round() as i32;
@@ -415,16 +423,16 @@ fn heatmap(id: &str, title: &str, run: &Run) -> Result<(String, Option<String>),
                 [(8, y_of(b)), (32, y_of(a))],
                 rank_color(b / max_rank).filled(),
             ))
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|e| err(e.into()))?;
         }
         let style = ("sans-serif", 13).into_font().color(&BLACK);
         for k in 0..=4 {
             let r = max_rank * k as f64 / 4.0;
             bar.draw(&Text::new(format!("{r:.0}"), (38, y_of(r) - 6), style.clone()))
-                .map_err(|e| err(e.to_string()))?;
+                .map_err(|e| err(e.into()))?;
         }
-        bar.draw(&Text::new("rank", (8, top - 20), style)).map_err(|e| err(e.to_string()))?;
-        root.present().map_err(|e| err(e.to_string()))?;
+        bar.draw(&Text::new("rank", (8, top - 20), style)).map_err(|e| err(e.into()))?;
+        root.present().map_err(|e| err(e.into()))?;
     }
     let note = if run.reprojections.is_empty() {
         Some(format!(
@@ -621,7 +629,7 @@ pub fn html(rep: &Report) -> String {
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
     crate::fetch::write_atomic(path, bytes)
-        .map_err(|e| ReportError::Write(path.into(), e.to_string()))
+        .map_err(|source| ReportError::Write { path: path.into(), source })
 }
 
 /// Writes the HTML page atomically.
@@ -669,13 +677,15 @@ pub fn write_png(rep: &Report, path: &Path) -> Result<(), ReportError> {
         db.set_sans_serif_family(pick);
     }
     let tree = usvg::Tree::from_str(&stacked_svg(rep), &opt)
-        .map_err(|e| ReportError::Png(format!("SVG: {e}")))?;
+        .map_err(|e| ReportError::PngRender { what: "SVG", source: e.into() })?;
     let size = tree.size().to_int_size();
     let mut pixmap = tiny_skia::Pixmap::new(size.width(), size.height())
         .ok_or_else(|| ReportError::Png("empty image".into()))?;
     pixmap.fill(tiny_skia::Color::WHITE);
     resvg::render(&tree, tiny_skia::Transform::default(), &mut pixmap.as_mut());
-    let png = pixmap.encode_png().map_err(|e| ReportError::Png(e.to_string()))?;
+    let png = pixmap
+        .encode_png()
+        .map_err(|e| ReportError::PngRender { what: "encoding", source: e.into() })?;
     write_file(path, &png)
 }
 

@@ -16,8 +16,10 @@ use crate::data::DataPosition;
 pub enum CheckpointError {
     #[error("{}: {source}", .path.display())]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("{}: cannot write: {msg}", .0.display(), msg = .1)]
-    Write(PathBuf, String),
+    #[error("{}: cannot write: {source}", .path.display())]
+    Write { path: PathBuf, source: crate::BoxError },
+    #[error("{}: not a grit checkpoint: {source}", .path.display())]
+    Format { path: PathBuf, source: crate::BoxError },
     #[error("{p}: not a grit checkpoint: {msg}", p = .0.display(), msg = .1)]
     Invalid(PathBuf, String),
 }
@@ -129,7 +131,10 @@ impl Checkpoint {
         let mut views = Vec::with_capacity(self.tensors.len());
         for (t, b) in self.tensors.iter().zip(&bytes) {
             let v = TensorView::new(Dtype::F32, t.shape.clone(), b).map_err(|e| {
-                CheckpointError::Write(tmp.into(), format!("tensor {}: {e}", t.name))
+                CheckpointError::Write {
+                    path: tmp.into(),
+                    source: format!("tensor {}: {e}", t.name).into(),
+                }
             })?;
             views.push((t.name.clone(), v));
         }
@@ -137,11 +142,11 @@ impl Checkpoint {
         meta.insert("format".to_string(), "grit-checkpoint".to_string());
         let st_path = tmp.join(TENSORS);
         safetensors::serialize_to_file(views, &Some(meta), &st_path)
-            .map_err(|e| CheckpointError::Write(st_path.clone(), e.to_string()))?;
+            .map_err(|e| CheckpointError::Write { path: st_path.clone(), source: e.into() })?;
         let state_path = tmp.join(STATE);
         let doc = StateFile { step: self.step, state: self.state.clone() };
         let bytes = serde_json::to_vec_pretty(&doc)
-            .map_err(|e| CheckpointError::Write(state_path.clone(), e.to_string()))?;
+            .map_err(|e| CheckpointError::Write { path: state_path.clone(), source: e.into() })?;
         std::fs::write(&state_path, bytes).map_err(|e| io(&state_path, e))?;
         for f in [&st_path, &state_path] {
             std::fs::File::open(f).and_then(|h| h.sync_all()).map_err(|e| io(f, e))?;
@@ -154,12 +159,12 @@ impl Checkpoint {
         let state_path = dir.join(STATE);
         let text = std::fs::read(&state_path).map_err(|e| io(&state_path, e))?;
         let doc: StateFile = serde_json::from_slice(&text)
-            .map_err(|e| CheckpointError::Invalid(state_path.clone(), e.to_string()))?;
+            .map_err(|e| CheckpointError::Format { path: state_path.clone(), source: e.into() })?;
         let step = doc.step;
         let st_path = dir.join(TENSORS);
         let raw = std::fs::read(&st_path).map_err(|e| io(&st_path, e))?;
         let st = safetensors::SafeTensors::deserialize(&raw)
-            .map_err(|e| CheckpointError::Invalid(st_path.clone(), e.to_string()))?;
+            .map_err(|e| CheckpointError::Format { path: st_path.clone(), source: e.into() })?;
         let mut by_name = BTreeMap::new();
         for (name, view) in st.tensors() {
             if view.dtype() != Dtype::F32 {
