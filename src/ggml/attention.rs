@@ -51,6 +51,9 @@ fn problem_shape(q: Tensor<'_>, k: Tensor<'_>, vt: Tensor<'_>, mask: Tensor<'_>)
     [d, t, h, g]
 }
 
+/// A fused attention kernel: ggml's signature for custom ops.
+type Kernel = unsafe extern "C" fn(*mut sys::ggml_tensor, c_int, c_int, *mut c_void);
+
 impl Context {
     /// softmax(scale·Kᵀ·Q + mask) per head, times V: the forward kernel, F32 [D, T, H] (shapes
     /// in the module docs; checked).
@@ -63,28 +66,8 @@ impl Context {
         scale: f32,
     ) -> Tensor<'a> {
         let [d, t, h, _] = problem_shape(q, k, vt, mask);
-        self.room(1);
-        let mut args = [q.raw(), k.raw(), vt.raw(), mask.raw()];
-        // SAFETY: live context with room for one tensor; the argument array outlives the call
-        // (ggml copies the pointers into src); the kernel reads exactly these sources with the
-        // shapes checked above and writes its own result. The user data is the softmax scale's
-        // bit pattern, not a pointer.
-        let fwd = self.wrap(unsafe {
-            sys::ggml_custom_4d(
-                self.raw(),
-                sys::GGML_TYPE_F32,
-                d,
-                t,
-                h,
-                1,
-                args.as_mut_ptr(),
-                4,
-                Some(attention_forward),
-                -1,
-                scale.to_bits() as usize as *mut c_void,
-            )
-        });
-        fwd.set_name("attn_fused")
+        self.attention_op(&[q, k, vt, mask], [d, t, h], attention_forward, scale)
+            .set_name("attn_fused")
     }
 
     /// The backward kernel of [`Context::fused_attention`] for the output gradient `d_o`
@@ -104,25 +87,40 @@ impl Context {
             d_o.ne() == [d, t, h, 1] && kernel_layout(d_o),
             "fused attention backward: ∂O {d_o:?} does not match q {q:?}"
         );
+        self.attention_op(&[q, k, vt, mask, d_o], [d, t, 3 * h], attention_backward, scale)
+            .set_name("attn_fused_back")
+    }
+
+    /// A custom F32 op of shape `ne` computed by `kernel` from `args` (checked by the callers
+    /// against the kernel's expectations), with the softmax scale as its user data.
+    fn attention_op<'a>(
+        &'a self,
+        args: &[Tensor<'a>],
+        ne: [i64; 3],
+        kernel: Kernel,
+        scale: f32,
+    ) -> Tensor<'a> {
         self.room(1);
-        let mut args = [q.raw(), k.raw(), vt.raw(), mask.raw(), d_o.raw()];
-        // SAFETY: as in `fused_attention`, with the output gradient as a fifth source.
-        let bwd = self.wrap(unsafe {
+        let mut raw: Vec<_> = args.iter().map(|t| t.raw()).collect();
+        // SAFETY: live context with room for one tensor; the argument array outlives the call
+        // (ggml copies the pointers into src); the kernel reads exactly these sources with the
+        // shapes the callers checked and writes its own result. The user data is the softmax
+        // scale's bit pattern, not a pointer.
+        self.wrap(unsafe {
             sys::ggml_custom_4d(
                 self.raw(),
                 sys::GGML_TYPE_F32,
-                d,
-                t,
-                3 * h,
+                ne[0],
+                ne[1],
+                ne[2],
                 1,
-                args.as_mut_ptr(),
-                5,
-                Some(attention_backward),
+                raw.as_mut_ptr(),
+                raw.len() as c_int,
+                Some(kernel),
                 -1,
                 scale.to_bits() as usize as *mut c_void,
             )
-        });
-        bwd.set_name("attn_fused_back")
+        })
     }
 }
 
@@ -318,9 +316,11 @@ struct Problem {
 
 impl Problem {
     /// # Safety
-    /// `dst` is a node made by [`fuse`] whose sources are allocated.
+    /// `dst` is a node made by [`Context::fused_attention`] or
+    /// [`Context::fused_attention_back`] whose sources are allocated.
     unsafe fn of(dst: *mut sys::ggml_tensor, userdata: *mut c_void) -> Self {
-        // SAFETY: per the contract: the sources are q, k, vᵀ and the mask, checked in `fuse`.
+        // SAFETY: per the contract: the sources are q, k, vᵀ and the mask, checked by the
+        // constructors.
         unsafe {
             let s = (*dst).src;
             let (qn, kn) = ((*s[0]).ne, (*s[1]).ne);
@@ -403,7 +403,7 @@ unsafe extern "C" fn attention_forward(
     nth: c_int,
     userdata: *mut c_void,
 ) {
-    // SAFETY: called by ggml for a node made by `fuse` with allocated sources and result.
+    // SAFETY: called by ggml for a node made by `Context::fused_attention` with allocated sources and result.
     let pb = unsafe { Problem::of(dst, userdata) };
     let (d, t, h) = (pb.d, pb.t, pb.h);
     // SAFETY: dst is a contiguous F32 [D, T, H] tensor.
@@ -445,9 +445,9 @@ unsafe extern "C" fn attention_backward(
     nth: c_int,
     userdata: *mut c_void,
 ) {
-    // SAFETY: called by ggml for a node made by `fuse` with allocated sources and result.
+    // SAFETY: called by ggml for a node made by `Context::fused_attention_back` with allocated sources and result.
     let pb = unsafe { Problem::of(dst, userdata) };
-    // SAFETY: source 4 is ∂O [D, T, H] with contiguous rows (checked in `fuse`).
+    // SAFETY: source 4 is ∂O [D, T, H] with contiguous rows (checked by `Context::fused_attention_back`).
     let d_o = unsafe { View::of((*dst).src[4]) };
     let (d, t, h) = (pb.d, pb.t, pb.h);
     let block = d * t * h;
