@@ -207,7 +207,7 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        print!("{}", adapter::inspect::render(&v));
+        print!("{v}");
     }
     Ok(())
 }
