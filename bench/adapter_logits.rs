@@ -17,7 +17,7 @@ use grit::adapter::Adapter;
 use grit::ggml::{Backend, Context};
 use grit::gguf::GgufFile;
 use grit::infer::{LoadOptions, Model};
-use grit::model::{Batch, Outputs, TrainGraph, Weights};
+use grit::model::{Batch, GraphOptions, Outputs, TrainGraph, Weights};
 
 fn write_f32(path: &Path, x: &[f32]) -> anyhow::Result<()> {
     let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -53,7 +53,7 @@ fn main() -> anyhow::Result<()> {
     let adapter = Adapter::read_gguf(&adapter_path)?;
     let lora = adapter.to_lora_set(&weights, &backend)?;
     let ctx = Context::new(TrainGraph::capacity(&weights, Some(&lora), false))?;
-    let g = TrainGraph::build(&ctx, &weights, Some(&lora), n, Outputs::All, false);
+    let g = TrainGraph::build(&ctx, &weights, Some(&lora), n, GraphOptions::logits(Outputs::All));
     let mut run = backend.compute(&g.graph)?;
     g.set_inputs(&mut run, &Batch::causal(&toks, &[], &[])?)?;
     run.run()?;

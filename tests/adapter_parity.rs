@@ -15,7 +15,7 @@ use grit::adapter::Adapter;
 use grit::ggml::Context;
 use grit::gguf::GgufFile;
 use grit::infer::Model;
-use grit::model::{Batch, Outputs, TrainGraph, Weights};
+use grit::model::{Batch, GraphOptions, Outputs, TrainGraph, Weights};
 
 mod common;
 use common::{grit, ok, plays, tiny_model};
@@ -40,7 +40,13 @@ fn grit_logits(model_path: &Path, adapter: &Path, tokens: &[i32]) -> Vec<f32> {
     let weights = Weights::load(&file, &backend).unwrap();
     let lora = Adapter::read_gguf(adapter).unwrap().to_lora_set(&weights, &backend).unwrap();
     let ctx = Context::new(TrainGraph::capacity(&weights, Some(&lora), false)).unwrap();
-    let g = TrainGraph::build(&ctx, &weights, Some(&lora), tokens.len(), Outputs::All, false);
+    let g = TrainGraph::build(
+        &ctx,
+        &weights,
+        Some(&lora),
+        tokens.len(),
+        GraphOptions::logits(Outputs::All),
+    );
     let mut run = backend.compute(&g.graph).unwrap();
     g.set_inputs(&mut run, &Batch::causal(tokens, &[], &[]).unwrap()).unwrap();
     run.run().unwrap();

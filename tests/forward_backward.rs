@@ -6,7 +6,8 @@
 use grit::ggml::{Backend, Computation, Context, Tensor};
 use grit::gguf::GgufFile;
 use grit::model::{
-    write_tiny_model, Batch, LoraConfig, LoraSet, Outputs, TinySpec, TrainGraph, Weights,
+    write_tiny_model, Batch, GraphOptions, LoraConfig, LoraSet, Outputs, TinySpec, TrainGraph,
+    Weights,
 };
 
 #[test]
@@ -53,8 +54,7 @@ fn lora_gradients_match_finite_differences() {
         &weights,
         Some(&lora),
         tokens.len(),
-        Outputs::Rows(rows.len()),
-        true,
+        GraphOptions::loss(Outputs::Rows(rows.len())),
     );
     assert_eq!(g.taps.len(), lora.modules().len());
     g.graph.build_backward_expand(&ctx);
@@ -152,14 +152,16 @@ fn lora_dropout_masks_the_adapter_input() {
 
     let loss_and_grad = |dropout: Option<f32>| -> (f32, Vec<f32>) {
         let ctx = Context::new(TrainGraph::capacity(&weights, Some(&lora), true)).unwrap();
-        let mut g = TrainGraph::build_with_dropout(
+        let mut g = TrainGraph::build(
             &ctx,
             &weights,
             Some(&lora),
             tokens.len(),
-            Outputs::Rows(rows.len()),
-            true,
-            dropout.is_some(),
+            GraphOptions {
+                outputs: Outputs::Rows(rows.len()),
+                loss: true,
+                dropout: dropout.is_some(),
+            },
         );
         // q/k/v share one mask, gate/up another: 4 distinct inputs per layer.
         assert_eq!(g.dropout.len(), if dropout.is_some() { 4 * spec.n_layer } else { 0 });

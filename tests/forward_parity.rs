@@ -36,7 +36,8 @@ use grit::ggml::{Backend, Context, RopeMode, Type};
 use grit::gguf::GgufFile;
 use grit::infer::Model;
 use grit::model::{
-    write_tiny_model, Arch, Batch, LoraConfig, LoraSet, Outputs, TinySpec, TrainGraph, Weights,
+    write_tiny_model, Arch, Batch, GraphOptions, LoraConfig, LoraSet, Outputs, TinySpec,
+    TrainGraph, Weights,
 };
 
 const TEXT: &str = "The old lighthouse keeper climbed the spiral stairs every evening, counting the steps \
@@ -83,7 +84,13 @@ fn grit_logits(
     batch: &Batch,
 ) -> Vec<f32> {
     let ctx = Context::new(TrainGraph::capacity(weights, lora, false)).unwrap();
-    let g = TrainGraph::build(&ctx, weights, lora, batch.n_tokens(), Outputs::All, false);
+    let g = TrainGraph::build(
+        &ctx,
+        weights,
+        lora,
+        batch.n_tokens(),
+        GraphOptions::logits(Outputs::All),
+    );
     let mut run = backend.compute(&g.graph).unwrap();
     g.set_inputs(&mut run, batch).unwrap();
     run.run().unwrap();
@@ -287,7 +294,8 @@ fn rows_and_loss_case(model_path: &Path, n_tokens: usize) {
     let labels: Vec<i32> = rows.iter().map(|&r| toks[r as usize + 1]).collect();
     let batch = Batch::causal(&toks, &rows, &labels).unwrap();
     let ctx = Context::new(TrainGraph::capacity(&weights, None, false)).unwrap();
-    let g = TrainGraph::build(&ctx, &weights, None, n, Outputs::Rows(rows.len()), true);
+    let g =
+        TrainGraph::build(&ctx, &weights, None, n, GraphOptions::loss(Outputs::Rows(rows.len())));
     let mut run = backend.compute(&g.graph).unwrap();
     g.set_inputs(&mut run, &batch).unwrap();
     run.run().unwrap();

@@ -12,7 +12,8 @@ use grit::grit::precondition::{self, PrecondInputs, Preconditioner};
 use grit::grit::regularize::{self, RegGraph};
 use grit::grit::stats::{token_weights, KfacState, StatsGraph};
 use grit::model::{
-    write_tiny_model, Batch, LoraConfig, LoraSet, Outputs, TinySpec, TrainGraph, Weights,
+    write_tiny_model, Batch, GraphOptions, LoraConfig, LoraSet, Outputs, TinySpec, TrainGraph,
+    Weights,
 };
 
 fn tiny_model(dir: &std::path::Path) -> std::path::PathBuf {
@@ -93,7 +94,13 @@ fn kfac_statistics_from_the_graph_match_the_host_on_a_masked_batch() {
 
     let cap = TrainGraph::capacity(&weights, Some(&lora), true);
     let ctx = Context::new(Capacity::graph(cap.tensors + 2000, 2 * cap.graph_nodes, true)).unwrap();
-    let mut g = TrainGraph::build(&ctx, &weights, Some(&lora), n, Outputs::Rows(b.n_rows()), true);
+    let mut g = TrainGraph::build(
+        &ctx,
+        &weights,
+        Some(&lora),
+        n,
+        GraphOptions::loss(Outputs::Rows(b.n_rows())),
+    );
     g.graph.build_backward_expand(&ctx);
     let stats = StatsGraph::build(&ctx, &g.graph, &g.taps, &lora);
     assert_eq!(stats.modules.len(), lora.modules().len());
@@ -404,8 +411,7 @@ fn regularizer_value_and_gradients_match_the_host() {
             &weights,
             Some(&lora),
             b.n_tokens(),
-            Outputs::Rows(b.n_rows()),
-            true,
+            GraphOptions::loss(Outputs::Rows(b.n_rows())),
         );
         let reg = with_reg.then(|| {
             let reg = RegGraph::build(&ctx, &lora);
@@ -493,8 +499,7 @@ fn statistics_and_regularizer_survive_the_frozen_backward_rewrite() {
             &weights,
             Some(&lora),
             b.n_tokens(),
-            Outputs::Rows(b.n_rows()),
-            true,
+            GraphOptions::loss(Outputs::Rows(b.n_rows())),
         );
         let reg = RegGraph::build(&ctx, &lora);
         reg.loss.set_loss();

@@ -12,7 +12,8 @@ use grit::grit::reproject::gram_b;
 use grit::grit::reproject::{rank_by_energy, Cut};
 use grit::grit::stats::{token_weights, KfacState, StatsGraph};
 use grit::model::{
-    write_tiny_model, Batch, LoraConfig, LoraSet, Outputs, TinySpec, TrainGraph, Weights,
+    write_tiny_model, Batch, GraphOptions, LoraConfig, LoraSet, Outputs, TinySpec, TrainGraph,
+    Weights,
 };
 
 fn rnd_vec(seed: u64, n: usize, scale: f64) -> Vec<f64> {
@@ -35,7 +36,8 @@ fn batch() -> Batch {
 /// Logits [n_vocab × n_tokens] of the model with `lora`.
 fn logits(backend: &mut Backend, weights: &Weights, lora: Option<&LoraSet>, b: &Batch) -> Vec<f32> {
     let ctx = Context::new(TrainGraph::capacity(weights, lora, false)).unwrap();
-    let g = TrainGraph::build(&ctx, weights, lora, b.n_tokens(), Outputs::All, false);
+    let g =
+        TrainGraph::build(&ctx, weights, lora, b.n_tokens(), GraphOptions::logits(Outputs::All));
     let mut run = backend.compute(&g.graph).unwrap();
     let mut bb = b.clone();
     bb.labels.clear();
@@ -54,8 +56,13 @@ fn measure(
     lora.mark_params();
     let cap = TrainGraph::capacity(weights, Some(lora), true);
     let ctx = Context::new(Capacity::graph(cap.tensors + 2000, 2 * cap.graph_nodes, true)).unwrap();
-    let mut g =
-        TrainGraph::build(&ctx, weights, Some(lora), b.n_tokens(), Outputs::Rows(b.n_rows()), true);
+    let mut g = TrainGraph::build(
+        &ctx,
+        weights,
+        Some(lora),
+        b.n_tokens(),
+        GraphOptions::loss(Outputs::Rows(b.n_rows())),
+    );
     g.graph.build_backward_expand(&ctx);
     let stats = StatsGraph::build(&ctx, &g.graph, &g.taps, lora);
     for t in stats.outputs() {

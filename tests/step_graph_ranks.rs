@@ -5,7 +5,7 @@
 use grit::ggml::{Backend, Context};
 use grit::gguf::GgufFile;
 use grit::grit::GritConfig;
-use grit::model::{LoraSet, Outputs, Target, TrainGraph, Weights};
+use grit::model::{GraphOptions, LoraSet, Outputs, Target, TrainGraph, Weights};
 use grit::train::config::WeightCopies;
 use grit::train::copies::FrozenCopies;
 use grit::train::engine::{self, OptState, StepGraph, StepOptions};
@@ -53,7 +53,13 @@ fn many_distinct_ranks_do_not_fragment_the_allocator() {
     // The evaluation graph and GRIT's optimizer graph (preconditioning, grafting) of the same
     // adapter allocate too.
     let ectx = Context::new(engine::eval_capacity(&weights, &lora)).unwrap();
-    let eval = TrainGraph::build(&ectx, &weights, Some(&lora), 256, Outputs::Rows(255), true);
+    let eval = TrainGraph::build(
+        &ectx,
+        &weights,
+        Some(&lora),
+        256,
+        GraphOptions::loss(Outputs::Rows(255)),
+    );
     assert!(backend.compute(&eval.graph).is_ok());
     let octx = Context::new(engine::opt_capacity(&lora)).unwrap();
     let og = engine::OptGraph::build(

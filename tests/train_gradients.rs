@@ -13,7 +13,8 @@ use std::io::{Read, Seek, SeekFrom};
 use grit::ggml::{dequantize, Backend, Context, GgufWriter, Type};
 use grit::gguf::GgufFile;
 use grit::model::{
-    write_tiny_model, Batch, LoraConfig, LoraSet, Outputs, TinySpec, TrainGraph, Weights,
+    write_tiny_model, Batch, GraphOptions, LoraConfig, LoraSet, Outputs, TinySpec, TrainGraph,
+    Weights,
 };
 use grit::train::config::WeightCopies;
 use grit::train::copies::{Forward, FrozenCopies};
@@ -205,7 +206,13 @@ fn check(ty: Type, mode: WeightCopies, eps: f32) -> f64 {
     // adapter entry (a persistent tensor) and runs it again, rather than building and
     // allocating a graph per evaluation.
     let ctx = Context::new(engine::eval_capacity(&tw, &tl)).unwrap();
-    let g = TrainGraph::build(&ctx, &tw, Some(&tl), b.n_tokens(), Outputs::Rows(b.n_rows()), true);
+    let g = TrainGraph::build(
+        &ctx,
+        &tw,
+        Some(&tl),
+        b.n_tokens(),
+        GraphOptions::loss(Outputs::Rows(b.n_rows())),
+    );
     let loss_t = g.loss.expect("eval graph has a loss");
     let mut run = cpu.compute(&g.graph).unwrap();
     g.set_inputs(&mut run, &b).unwrap();
@@ -318,8 +325,7 @@ fn rewritten_backward_equals_stock_autodiff() {
             &weights,
             Some(&lora),
             b.n_tokens(),
-            Outputs::Rows(b.n_rows()),
-            true,
+            GraphOptions::loss(Outputs::Rows(b.n_rows())),
         );
         g.graph.build_backward_expand(&ctx);
         let mut run = backend.compute(&g.graph).unwrap();

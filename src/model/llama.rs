@@ -17,6 +17,28 @@ pub enum Outputs {
     Rows(usize),
 }
 
+/// What a [`TrainGraph`] computes besides the forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GraphOptions {
+    /// Which rows' logits the graph produces.
+    pub outputs: Outputs,
+    /// The labels input and the mean cross-entropy loss.
+    pub loss: bool,
+    /// LoRA dropout mask inputs.
+    pub dropout: bool,
+}
+
+impl GraphOptions {
+    /// Logits only (evaluation, parity).
+    pub fn logits(outputs: Outputs) -> Self {
+        GraphOptions { outputs, loss: false, dropout: false }
+    }
+    /// Logits and the loss (training without dropout, in-training eval).
+    pub fn loss(outputs: Outputs) -> Self {
+        GraphOptions { outputs, loss: true, dropout: false }
+    }
+}
+
 /// The LoRA input and rank-space activation of one adapted module: `x` [d_in, n_tokens] and
 /// `u = A·x` [r, n_tokens] (before the scale). GRIT reads these and ∂L/∂u.
 #[derive(Debug, Clone, Copy)]
@@ -143,7 +165,7 @@ pub struct TrainGraph<'g> {
     /// The residual stream at block boundaries: the embeddings, then each block's output
     /// ([n_embd, n_tokens] each, n_layer + 1 of them).
     pub blocks: Vec<Tensor<'g>>,
-    /// LoRA dropout masks (built with [`TrainGraph::build_with_dropout`]): F32 [d_in, n_tokens]
+    /// LoRA dropout masks (built with [`GraphOptions::dropout`]): F32 [d_in, n_tokens]
     /// inputs, each 0 or 1/(1 − p), one per distinct adapter input of a layer.
     pub dropout: Vec<DropoutMask<'g>>,
 }
@@ -226,29 +248,16 @@ impl<'g> TrainGraph<'g> {
         Capacity::graph(n, n, backward)
     }
 
-    /// Builds the graph in `ctx` for `n_tokens` tokens. With `with_loss`, adds the labels
-    /// input and the mean cross-entropy loss (marked as the graph's loss).
+    /// Builds the graph in `ctx` for `n_tokens` tokens: the logits `o.outputs` asks for, with
+    /// `o.loss` the labels input and the mean cross-entropy loss (marked as the graph's loss),
+    /// with `o.dropout` LoRA dropout mask inputs (the adapter path reads mask ⊙ x, the frozen
+    /// path x itself; fill the masks with [`dropout_mask`]).
     pub fn build(
         ctx: &'g Context,
         weights: &'g Weights,
         lora: Option<&'g LoraSet>,
         n_tokens: usize,
-        outputs: Outputs,
-        with_loss: bool,
-    ) -> Self {
-        Self::build_with_dropout(ctx, weights, lora, n_tokens, outputs, with_loss, false)
-    }
-
-    /// [`TrainGraph::build`], with LoRA dropout mask inputs when `dropout` (the adapter
-    /// path reads mask ⊙ x, the frozen path x itself; fill the masks with [`dropout_mask`]).
-    pub fn build_with_dropout(
-        ctx: &'g Context,
-        weights: &'g Weights,
-        lora: Option<&'g LoraSet>,
-        n_tokens: usize,
-        outputs: Outputs,
-        with_loss: bool,
-        dropout: bool,
+        o: GraphOptions,
     ) -> Self {
         assert!(n_tokens > 0, "TrainGraph::build with no tokens");
         let hp = &weights.hparams;
@@ -258,6 +267,7 @@ impl<'g> TrainGraph<'g> {
         let tokens = ctx.new_i32("tokens", n_tokens).set_input();
         let positions = ctx.new_i32("positions", n_tokens).set_input();
         let mask = ctx.new_f32("kq_mask", &[n_tokens as i64, n_tokens as i64]).set_input();
+        let GraphOptions { outputs, loss: with_loss, dropout } = o;
         let rows = match outputs {
             Outputs::All => None,
             Outputs::Rows(n) => {

@@ -17,7 +17,7 @@
 //! let tokens = vec![1, 2, 3, 4];
 //! let batch = Batch::causal(&tokens, &[1, 2, 3], &[2, 3, 4])?;    // rows 1..3 predict 2..4
 //! let ctx = Context::new(TrainGraph::capacity(&weights, Some(&lora), false))?;
-//! let g = TrainGraph::build(&ctx, &weights, Some(&lora), batch.n_tokens(), Outputs::Rows(batch.n_rows()), true);
+//! let g = TrainGraph::build(&ctx, &weights, Some(&lora), batch.n_tokens(), GraphOptions::loss(Outputs::Rows(batch.n_rows())));
 //! let mut run = backend.compute(&g.graph)?;
 //! g.set_inputs(&mut run, &batch)?;
 //! run.run()?;
@@ -53,7 +53,8 @@ mod weights;
 pub use hparams::{Arch, LlamaHparams};
 pub use info::ModelInfo;
 pub use llama::{
-    causal_mask, dropout_mask, Batch, DropoutInput, DropoutMask, LoraTap, Outputs, TrainGraph,
+    causal_mask, dropout_mask, Batch, DropoutInput, DropoutMask, GraphOptions, LoraTap, Outputs,
+    TrainGraph,
 };
 pub use lora::{lora_scale, LoraConfig, LoraModule, LoraSet, ModuleId, Target};
 pub use tiny::{write_tiny_model, TinySpec};

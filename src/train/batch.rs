@@ -2,7 +2,7 @@
 
 use crate::data::{self, Sequence};
 use crate::ggml::{Backend, Context};
-use crate::model::{Batch, LoraSet, Outputs, TrainGraph, Weights};
+use crate::model::{Batch, GraphOptions, LoraSet, Outputs, TrainGraph, Weights};
 
 use super::engine;
 use super::run::TrainError;
@@ -75,8 +75,7 @@ pub(super) fn run_eval(
             weights,
             Some(lora),
             batches[i].n_tokens(),
-            Outputs::Rows(n_rows),
-            true,
+            GraphOptions::loss(Outputs::Rows(n_rows)),
         );
         while i < batches.len() && batches[i].n_rows() == n_rows {
             let l = engine::eval_batch(backend, &g, &batches[i])?;

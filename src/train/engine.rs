@@ -8,7 +8,7 @@
 //! Only scalars (loss, gradient norm) come back to the host each step.
 
 use crate::ggml::{Backend, Capacity, Context, Graph, Tensor, TensorId};
-use crate::model::{Batch, LoraSet, ModelError, Outputs, TrainGraph, Weights};
+use crate::model::{Batch, GraphOptions, LoraSet, ModelError, Outputs, TrainGraph, Weights};
 
 use super::copies::FrozenCopies;
 
@@ -206,14 +206,12 @@ impl<'g> StepGraph<'g> {
     ) -> Self {
         let (grit, dropout) = (o.grit, o.dropout);
         lora.mark_params();
-        let mut train = TrainGraph::build_with_dropout(
+        let mut train = TrainGraph::build(
             ctx,
             weights,
             Some(lora),
             n_tokens,
-            Outputs::Rows(n_rows),
-            true,
-            dropout,
+            GraphOptions { outputs: Outputs::Rows(n_rows), loss: true, dropout },
         );
         let loss = train.loss.expect("training graph has a loss");
         let reg = grit.filter(|g| g.lambda_k > 0.0 || g.lambda_r > 0.0).map(|_| {
