@@ -45,14 +45,17 @@ pub fn hf_name(layer: usize, target: Target) -> String {
     format!("model.layers.{layer}.{}", hf_module(target))
 }
 
-/// Architectures whose HF↔GGUF conversion grit knows.
+/// Whether llama.cpp's HF→GGUF converter permutes this architecture's q/k rows (the
+/// architectures grit trains; others are refused).
 fn permutes_qk(arch: &str, path: &Path) -> Result<bool, AdapterError> {
-    match arch {
-        "llama" => Ok(true),
-        "qwen2" => Ok(false),
-        other => Err(AdapterError::Invalid(
+    match crate::model::Arch::parse(arch) {
+        Ok(a) => Ok(a.permutes_qk()),
+        Err(_) => Err(AdapterError::Invalid(
             path.into(),
-            format!("PEFT conversion supports the llama and qwen2 architectures, not '{other}'"),
+            format!(
+                "PEFT conversion supports the {} architectures, not '{arch}'",
+                crate::model::Arch::ALL.map(crate::model::Arch::name).join(", ")
+            ),
         )),
     }
 }

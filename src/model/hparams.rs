@@ -12,17 +12,21 @@ pub enum Arch {
     Llama,
     /// Qwen2 / Qwen2.5: RoPE NEOX, q/k/v biases.
     Qwen2,
+    /// Qwen3 (dense): RoPE NEOX, an RMS norm with a learned gain on each query and key head
+    /// before RoPE, no biases.
+    Qwen3,
 }
 
 impl Arch {
     /// Every architecture grit trains (the one list: `grit info`, the refusals and the README's).
-    pub const ALL: [Arch; 2] = [Arch::Llama, Arch::Qwen2];
+    pub const ALL: [Arch; 3] = [Arch::Llama, Arch::Qwen2, Arch::Qwen3];
 
     /// The GGUF `general.architecture` name.
     pub fn name(self) -> &'static str {
         match self {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
         }
     }
 
@@ -34,7 +38,6 @@ impl Arch {
         }
         let known = match arch {
             "gemma" | "gemma2" | "gemma3" | "gemma3n" => Some("its GELU-gated FFN needs a GEGLU (and GELU) backward, which ggml lacks"),
-            "qwen3" => Some("per-head Q/K RMS norms are not implemented in grit's graph"),
             "qwen2moe" | "qwen3moe" | "mixtral" | "deepseek2" | "olmoe" | "gpt-oss" => {
                 Some("mixture-of-experts layers need a mul_mat_id backward, which ggml lacks")
             }
@@ -51,11 +54,18 @@ impl Arch {
         Err(ModelError::UnsupportedArch { arch: arch.to_string(), missing })
     }
 
-    /// RoPE layout: NORM for LLaMA, NEOX for Qwen2 (llama.cpp's llama_model_rope_type).
+    /// Whether llama.cpp's HF→GGUF converter permutes the q/k weight rows (LLaMA's rotary
+    /// layout; Qwen's converters keep HF's order): adapters exported to PEFT undo it.
+    pub fn permutes_qk(self) -> bool {
+        self == Arch::Llama
+    }
+
+    /// RoPE layout: NORM for LLaMA, NEOX for Qwen2 and Qwen3 (llama.cpp's
+    /// llama_model_rope_type).
     pub fn rope_mode(self) -> RopeMode {
         match self {
             Arch::Llama => RopeMode::Norm,
-            Arch::Qwen2 => RopeMode::Neox,
+            Arch::Qwen2 | Arch::Qwen3 => RopeMode::Neox,
         }
     }
 }
@@ -219,6 +229,11 @@ mod tests {
     fn architectures() {
         assert_eq!(Arch::parse("llama").unwrap(), Arch::Llama);
         assert_eq!(Arch::parse("qwen2").unwrap().rope_mode(), RopeMode::Neox);
+        assert_eq!(Arch::parse("qwen3").unwrap().rope_mode(), RopeMode::Neox);
+        // Only llama.cpp's LLaMA converter permutes q/k rows (PEFT export undoes it).
+        assert!(
+            Arch::Llama.permutes_qk() && !Arch::Qwen2.permutes_qk() && !Arch::Qwen3.permutes_qk()
+        );
         for a in Arch::ALL {
             assert_eq!(Arch::parse(a.name()).unwrap(), a);
         }

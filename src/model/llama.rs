@@ -1,5 +1,5 @@
-//! The LLaMA / Qwen2 training forward graph with LoRA, mirroring llama.cpp's llama graph
-//! (src/models/llama.cpp, src/models/qwen2.cpp) with non-flash attention and no KV cache.
+//! The LLaMA / Qwen2 / Qwen3 training forward graph with LoRA, mirroring llama.cpp's graphs
+//! (src/models/llama.cpp, qwen2.cpp, qwen3.cpp) with non-flash attention and no KV cache.
 
 use crate::ggml::{Capacity, Computation, Context, Graph, Tensor};
 
@@ -428,7 +428,7 @@ impl<'w> Llama<'w> {
             let q = lin(Target::AttnQ, l.attn_q, l.attn_q_b, h); // [n_embd_q, n_tokens]
             let k = lin(Target::AttnK, l.attn_k, l.attn_k_b, h); // [n_embd_kv, n_tokens]
             let v = lin(Target::AttnV, l.attn_v, l.attn_v_b, h); // [n_embd_kv, n_tokens]
-            let a = self.attention(ctx, q, k, v, pos, mask); // [n_embd_q, n_tokens]
+            let a = self.attention(ctx, [q, k, v], (l.attn_q_norm, l.attn_k_norm), pos, mask); // [n_embd_q, n_tokens]
             let o = lin(Target::AttnOutput, l.attn_output, l.attn_output_b, a); // [n_embd, n_tokens]
             x = ctx.add(o, x);
 
@@ -516,12 +516,12 @@ impl<'w> Llama<'w> {
 
     /// Causal multi-head attention with GQA (llama.cpp's build_attn_mha, non-flash path):
     /// softmax(scale · K·Q + mask) applied to V, per head. q [n_embd_q, n], k/v [n_embd_kv, n].
+    /// With `qk_norm` (Qwen3) each query and key head is RMS-normed with its gain before RoPE.
     fn attention<'g>(
         &self,
         ctx: &'g Context,
-        q: Tensor<'g>,
-        k: Tensor<'g>,
-        v: Tensor<'g>,
+        [q, k, v]: [Tensor<'g>; 3],
+        qk_norm: (Option<Tensor<'g>>, Option<Tensor<'g>>),
         pos: Tensor<'g>,
         mask: Tensor<'g>,
     ) -> Tensor<'g>
@@ -535,6 +535,11 @@ impl<'w> Llama<'w> {
         let q = ctx.reshape_3d(q, hd, nh, n); // [head_dim, n_head, n_tokens]
         let k = ctx.reshape_3d(k, hd, nkv, n); // [head_dim, n_head_kv, n_tokens]
         let v = ctx.reshape_3d(v, hd, nkv, n); // [head_dim, n_head_kv, n_tokens]
+        let per_head = |x: Tensor<'g>, w: Option<Tensor<'g>>| match w {
+            Some(w) => self.norm(ctx, x, w), // w [head_dim] broadcast over heads and tokens
+            None => x,
+        };
+        let (q, k) = (per_head(q, qk_norm.0), per_head(k, qk_norm.1));
         let q = ctx.rope_ext(q, pos, self.rope_freqs, &hp.rope);
         let k = ctx.rope_ext(k, pos, self.rope_freqs, &hp.rope);
 

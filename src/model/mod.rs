@@ -1,11 +1,11 @@
-//! Architectures grit trains (LLaMA and Qwen2), their weights and the training forward graph
+//! Architectures grit trains (LLaMA, Qwen2 and Qwen3), their weights and the training forward graph
 //! with LoRA adapters.
 //!
 //! # Using it
 //! ```no_run
 //! use grit::ggml::{Backend, Context};
 //! use grit::gguf::GgufFile;
-//! use grit::model::{Batch, LoraConfig, LoraSet, Outputs, TrainGraph, Weights};
+//! use grit::model::{Batch, GraphOptions, LoraConfig, LoraSet, Outputs, TrainGraph, Weights};
 //!
 //! # fn main() -> anyhow::Result<()> {
 //! let mut backend = Backend::cpu(0)?;
@@ -17,7 +17,8 @@
 //! let tokens = vec![1, 2, 3, 4];
 //! let batch = Batch::causal(&tokens, &[1, 2, 3], &[2, 3, 4])?;    // rows 1..3 predict 2..4
 //! let ctx = Context::new(TrainGraph::capacity(&weights, Some(&lora), false))?;
-//! let g = TrainGraph::build(&ctx, &weights, Some(&lora), batch.n_tokens(), GraphOptions::loss(Outputs::Rows(batch.n_rows())));
+//! let rows = Outputs::Rows(batch.n_rows());
+//! let g = TrainGraph::build(&ctx, &weights, Some(&lora), batch.n_tokens(), GraphOptions::loss(rows));
 //! let mut run = backend.compute(&g.graph)?;
 //! g.set_inputs(&mut run, &batch)?;
 //! run.run()?;

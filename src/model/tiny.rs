@@ -163,6 +163,10 @@ pub fn write_tiny_model(
             w.add_f32(&n("attn_k.bias"), &[kv as i64], &normal(kv, 0.2, 0.0))?;
             w.add_f32(&n("attn_v.bias"), &[kv as i64], &normal(kv, 0.2, 0.0))?;
         }
+        if spec.arch == Arch::Qwen3 {
+            w.add_f32(&n("attn_q_norm.weight"), &[head_dim as i64], &normal(head_dim, 0.1, 1.0))?;
+            w.add_f32(&n("attn_k_norm.weight"), &[head_dim as i64], &normal(head_dim, 0.1, 1.0))?;
+        }
     }
     if spec.rope_freqs {
         if spec.arch != Arch::Llama {

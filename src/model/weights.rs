@@ -22,6 +22,9 @@ pub struct Layer<T> {
     pub attn_k_b: Option<T>,
     pub attn_v_b: Option<T>,
     pub attn_output_b: Option<T>,
+    /// Qwen3's per-head RMS norm gains of the queries and keys, [head_dim] each.
+    pub attn_q_norm: Option<T>,
+    pub attn_k_norm: Option<T>,
     pub ffn_norm: T,
     pub ffn_gate: T,
     pub ffn_up: T,
@@ -43,6 +46,8 @@ impl<T: Copy> Layer<T> {
             attn_k_b: self.attn_k_b.map(&f),
             attn_v_b: self.attn_v_b.map(&f),
             attn_output_b: self.attn_output_b.map(&f),
+            attn_q_norm: self.attn_q_norm.map(&f),
+            attn_k_norm: self.attn_k_norm.map(&f),
             ffn_norm: f(self.ffn_norm),
             ffn_gate: f(self.ffn_gate),
             ffn_up: f(self.ffn_up),
@@ -113,6 +118,8 @@ impl Weights {
                     attn_k_b: id(&n("attn_k.bias")),
                     attn_v_b: id(&n("attn_v.bias")),
                     attn_output_b: id(&n("attn_output.bias")),
+                    attn_q_norm: id(&n("attn_q_norm.weight")),
+                    attn_k_norm: id(&n("attn_k_norm.weight")),
                     ffn_norm: req(n("ffn_norm.weight")),
                     ffn_gate: req(n("ffn_gate.weight")),
                     ffn_up: req(n("ffn_up.weight")),
@@ -246,6 +253,13 @@ fn wanted_tensors(hp: &LlamaHparams) -> Vec<Want> {
             w("ffn_up.bias", vec![ff], false),
             w("ffn_down.bias", vec![e], false),
         ]);
+        if hp.arch == Arch::Qwen3 {
+            let hd = hp.head_dim as i64;
+            wants.extend([
+                w("attn_q_norm.weight", vec![hd], true),
+                w("attn_k_norm.weight", vec![hd], true),
+            ]);
+        }
     }
 
     wants

@@ -16,8 +16,18 @@ pub fn plays() -> PathBuf {
 }
 
 pub fn tiny_model(dir: &Path) -> PathBuf {
-    let path = dir.join("tiny.gguf");
+    tiny_model_of(dir, grit::model::Arch::Llama)
+}
+
+/// The tiny Q4_1 model of [`tiny_model`] in another architecture (`tiny-{arch}.gguf`; the
+/// llama one is `tiny.gguf`).
+pub fn tiny_model_of(dir: &Path, arch: grit::model::Arch) -> PathBuf {
+    let path = match arch {
+        grit::model::Arch::Llama => dir.join("tiny.gguf"),
+        a => dir.join(format!("tiny-{}.gguf", a.name())),
+    };
     let spec = TinySpec {
+        arch,
         n_embd: 128,
         n_layer: 2,
         n_head: 4,
