@@ -24,6 +24,7 @@
 #             first cut at 70 % of the run
 #   grit-wide85 GRIT started at rank 32 (alpha 64), τ = 0.85
 #   lora32    --method lora --rank 32 --alpha 64 (the control for starting wider)
+#   loram-wide LoRA parameter-matched (as loram) to grit-wide's final count; needs grit-wide
 # Gain = step-0 eval loss − final eval loss (in-training eval, same tokens for every row).
 #   STEPS=150 THREADS=2 bench/grit_vs_lora.sh           (RUNS=dir keeps the runs there)
 #   TASKS=plays CONFIGS="lora16 grit" bench/grit_vs_lora.sh
@@ -40,7 +41,7 @@ SEQ=${SEQ:-128}
 THREADS=${THREADS:-$(nproc)}
 RUNS=${RUNS:-$(mktemp -d)}
 TASKS=${TASKS:-plays chat}
-CONFIGS=${CONFIGS:-lora16 grit loram grit-nopc grit-noreg grit-nocut grit-early grit-run grit-output grit-wide grit-wide85 lora32}
+CONFIGS=${CONFIGS:-lora16 grit loram grit-nopc grit-noreg grit-nocut grit-early grit-run grit-output grit-wide grit-wide85 lora32 loram-wide}
 mkdir -p "$RUNS"
 $GRIT fetch >/dev/null
 PLAYS=$($GRIT fetch | awk '/^plays/ {print $2}')
@@ -70,13 +71,15 @@ run() { # task config
   case $cfg in
     lora16) extra="--method lora --rank 16" ;;
     grit) extra="--method grit" ;;
-    loram)
-      [ -f "$RUNS/$task-grit/summary.json" ] && [ -f "$RUNS/$task-lora16/summary.json" ] || {
-        echo "loram needs the grit and lora16 runs of $task" >&2
+    loram | loram-wide)
+      local from=grit
+      [ "$cfg" = loram-wide ] && from=grit-wide
+      [ -f "$RUNS/$task-$from/summary.json" ] && [ -f "$RUNS/$task-lora16/summary.json" ] || {
+        echo "$cfg needs the $from and lora16 runs of $task" >&2
         return 1
       }
       local final per r
-      final=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['trainable_params_final'])" "$RUNS/$task-grit/summary.json")
+      final=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['trainable_params_final'])" "$RUNS/$task-$from/summary.json")
       per=$(per_rank "$RUNS/$task-lora16/summary.json")
       r=$(python3 -c "import sys; print(max(1, round(int(sys.argv[1]) / int(sys.argv[2]))))" "$final" "$per")
       extra="--method lora --rank $r --alpha $((2 * r))"
