@@ -29,6 +29,8 @@ fn tiny(dir: &std::path::Path, arch: Arch, ty: Type, seed: u64) -> std::path::Pa
     // n_embd 256 so that K-quants (blocks of 256) fit every matrix row.
     let spec = TinySpec {
         arch,
+        // Qwen3's heads are wider than n_embd / n_head, as in the real models.
+        head_dim: (arch == Arch::Qwen3).then_some(128),
         n_embd: 256,
         n_layer: 2,
         n_head: 4,
@@ -303,9 +305,8 @@ fn lora_gradients_match_finite_differences_for_every_base_type_and_copy_mode() {
 /// from llama's in RoPE layout, biases and Qwen3's per-head q/k norms), on an F32 base and on
 /// a quantized one with the default copies. The quantized case compares the gradient of a
 /// forward with 8-bit activations against finite differences of the F32 twin, so its error is
-/// that rounding, which varies with the random model: measured for Q4_1/Q8_0 on seeds 8, 9, 10
-/// 2.5/3.5/2.4 % (qwen2) and 5.6/3.3/5.6 % (qwen3), but 12.9 % for qwen3 at seed 7, whose F32
-/// base checks to 6.7e-4. Seed 8 here.
+/// that rounding, which varies with the random model: Q4_1/Q8_0 measured 2.4–6.4 % (qwen2)
+/// and 3.3–7.0 % (qwen3, wide heads) over seeds 7–10; the F32 bases check to 6e-4.
 #[test]
 fn other_architectures_gradients_match_finite_differences() {
     let mut failures = Vec::new();
@@ -313,7 +314,7 @@ fn other_architectures_gradients_match_finite_differences() {
         for (ty, mode, bound) in
             [(Type::F32, WeightCopies::F32, 5e-3), (Type::Q4_1, WeightCopies::Q8_0, 1e-1)]
         {
-            let worst = check(arch, 8, ty, mode, 1e-2);
+            let worst = check(arch, 7, ty, mode, 1e-2);
             if !(worst < bound) {
                 failures.push(format!("{} {} / {mode:?}: {worst:.3e}", arch.name(), ty.name()));
             }

@@ -20,6 +20,9 @@ pub struct TinySpec {
     pub n_head: usize,
     pub n_head_kv: usize,
     pub n_ff: usize,
+    /// Size of one attention head when it is not n_embd / n_head (Qwen3's are wider: then
+    /// `attention.key_length`/`value_length` are written and q is n_head × head_dim wide).
+    pub head_dim: Option<usize>,
     pub n_ctx: usize,
     /// Type of the 2-D matrices (token embeddings included); norms and biases stay F32.
     /// Quantized types need every matrix row (n_embd, n_head × head_dim, n_ff) to be a
@@ -45,6 +48,7 @@ impl Default for TinySpec {
             n_head: 4,
             n_head_kv: 2,
             n_ff: 128,
+            head_dim: None,
             n_ctx: 512,
             weight_type: Type::F32,
             tied_output: true,
@@ -68,18 +72,22 @@ pub fn write_tiny_model(
     if spec.n_head == 0
         || spec.n_head_kv == 0
         || !spec.n_head.is_multiple_of(spec.n_head_kv)
-        || !spec.n_embd.is_multiple_of(spec.n_head)
+        || (spec.head_dim.is_none() && !spec.n_embd.is_multiple_of(spec.n_head))
     {
         return Err(bad(format!(
             "{} heads / {} kv heads / n_embd {} do not fit together",
             spec.n_head, spec.n_head_kv, spec.n_embd
         )));
     }
-    let head_dim = spec.n_embd / spec.n_head;
+    let head_dim = spec.head_dim.unwrap_or(spec.n_embd / spec.n_head);
     if !head_dim.is_multiple_of(2) {
         return Err(bad(format!("head size {head_dim} must be even for RoPE")));
     }
-    for (what, n) in [("n_embd", spec.n_embd), ("n_ff", spec.n_ff)] {
+    for (what, n) in [
+        ("n_embd", spec.n_embd),
+        ("n_ff", spec.n_ff),
+        ("n_head × head_dim", spec.n_head * head_dim),
+    ] {
         if spec.weight_type.row_size(n).is_none() {
             return Err(bad(format!(
                 "{what} = {n} is not a multiple of {}'s block size {}",
@@ -113,6 +121,10 @@ pub fn write_tiny_model(
     w.set_u32(&k("attention.head_count"), spec.n_head as u32);
     w.set_u32(&k("attention.head_count_kv"), spec.n_head_kv as u32);
     w.set_u32(&k("rope.dimension_count"), head_dim as u32);
+    if spec.head_dim.is_some() {
+        w.set_u32(&k("attention.key_length"), head_dim as u32);
+        w.set_u32(&k("attention.value_length"), head_dim as u32);
+    }
     w.set_u32(&k("vocab_size"), n_vocab as u32);
     w.set_f32(&k("rope.freq_base"), spec.rope_freq_base);
     w.set_f32(&k("attention.layer_norm_rms_epsilon"), spec.rms_eps);
@@ -122,7 +134,7 @@ pub fn write_tiny_model(
         (0..n).map(|_| mean + std * rng.normal()).collect()
     };
     let e = spec.n_embd;
-    let (q, kv, ff, v) = (e, spec.n_head_kv * head_dim, spec.n_ff, n_vocab);
+    let (q, kv, ff, v) = (spec.n_head * head_dim, spec.n_head_kv * head_dim, spec.n_ff, n_vocab);
     // Matrices: N(0, 1/d_in), so activations stay O(1); embeddings N(0, 0.5²).
     let mut matrix = |w: &mut GgufWriter,
                       name: &str,

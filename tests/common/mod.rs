@@ -28,6 +28,8 @@ pub fn tiny_model_of(dir: &Path, arch: grit::model::Arch) -> PathBuf {
     };
     let spec = TinySpec {
         arch,
+        // Qwen3's heads are wider than n_embd / n_head (0.6B: 1024 wide, 16 × 128).
+        head_dim: (arch == grit::model::Arch::Qwen3).then_some(64),
         n_embd: 128,
         n_layer: 2,
         n_head: 4,
