@@ -2,6 +2,7 @@
 //! OpenAI's JSON format, Bearer auth, the local-server guard (Host and Origin checks without
 //! a key, see [`LocalGuard`]), CORS, body limit, one log line per request.
 
+use super::openai::{Choice, Completion, Delta, ErrorBody, ErrorDetail, Message, Usage};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -135,7 +136,15 @@ impl ApiError {
         }
     }
     fn body(&self) -> Value {
-        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+        let body = ErrorBody {
+            error: ErrorDetail {
+                message: &self.message,
+                kind: self.kind,
+                param: self.param.as_deref(),
+                code: self.code,
+            },
+        };
+        serde_json::to_value(body).expect("an error body serializes")
     }
 }
 
@@ -765,10 +774,6 @@ async fn generate(
     }
 }
 
-fn usage(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
-}
-
 async fn full_reply(
     kind: Kind,
     p: GenParams,
@@ -791,20 +796,35 @@ async fn full_reply(
                 log.finish = finish_reason;
                 log.done = true;
                 drop(guard);
-                let choice = match kind {
-                    Kind::Chat => {
-                        json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish_reason})
-                    }
-                    Kind::Completion => {
-                        json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason})
-                    }
+                let (choice, object) = match kind {
+                    Kind::Chat => (
+                        Choice::Message {
+                            index: 0,
+                            message: Message { role: "assistant", content: &text },
+                            logprobs: None,
+                            finish_reason,
+                        },
+                        "chat.completion",
+                    ),
+                    Kind::Completion => (
+                        Choice::Text {
+                            index: 0,
+                            text: &text,
+                            logprobs: None,
+                            finish_reason: Some(finish_reason),
+                        },
+                        "text_completion",
+                    ),
                 };
-                let object = if kind == Kind::Chat { "chat.completion" } else { "text_completion" };
-                let body = json!({
-                    "id": id, "object": object, "created": created, "model": p.model,
-                    "choices": [choice], "usage": usage(prompt_tokens, completion_tokens),
-                    "system_fingerprint": format!("grit-{}", crate::VERSION),
-                });
+                let body = Completion {
+                    id: &id,
+                    object,
+                    created,
+                    model: &p.model,
+                    choices: vec![choice],
+                    system_fingerprint: Completion::fingerprint(),
+                    usage: Some(Some(Usage::new(prompt_tokens, completion_tokens))),
+                };
                 let mut r = axum::Json(body).into_response();
                 r.extensions_mut().insert(SelfLogged);
                 return r;
@@ -847,22 +867,52 @@ struct StreamState {
 }
 
 impl StreamState {
-    fn chunk(&self, delta_or_text: Value, finish: Option<&str>) -> String {
-        let choice = match self.kind {
-            Kind::Chat => {
-                json!({"index": 0, "delta": delta_or_text, "logprobs": null, "finish_reason": finish})
-            }
-            Kind::Completion => {
-                json!({"index": 0, "text": delta_or_text, "logprobs": null, "finish_reason": finish})
-            }
-        };
-        let object =
-            if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
-        let mut v = json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [choice], "system_fingerprint": format!("grit-{}", crate::VERSION)});
-        if self.include_usage {
-            v["usage"] = Value::Null;
+    fn object(&self) -> &'static str {
+        if self.kind == Kind::Chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
         }
-        format!("data: {v}\n\n")
+    }
+
+    /// An SSE frame with one chunk: for a chat `delta` (text in `content`), for a completion
+    /// the text itself.
+    fn chunk(&self, delta: Delta<'_>, finish: Option<&str>) -> String {
+        let choice = match self.kind {
+            Kind::Chat => Choice::Delta { index: 0, delta, logprobs: None, finish_reason: finish },
+            Kind::Completion => Choice::Text {
+                index: 0,
+                text: delta.content.unwrap_or(""),
+                logprobs: None,
+                finish_reason: finish,
+            },
+        };
+        self.frame(&Completion {
+            id: &self.id,
+            object: self.object(),
+            created: self.created,
+            model: &self.model,
+            choices: vec![choice],
+            system_fingerprint: Completion::fingerprint(),
+            usage: self.include_usage.then_some(None),
+        })
+    }
+
+    /// The chunk after the last one when the client asked for usage: no choices, the counts.
+    fn usage_chunk(&self, usage: Usage) -> String {
+        self.frame(&Completion {
+            id: &self.id,
+            object: self.object(),
+            created: self.created,
+            model: &self.model,
+            choices: Vec::new(),
+            system_fingerprint: None,
+            usage: Some(Some(usage)),
+        })
+    }
+
+    fn frame(&self, c: &Completion<'_>) -> String {
+        format!("data: {}\n\n", serde_json::to_string(c).expect("a chunk serializes"))
     }
 }
 
@@ -888,7 +938,7 @@ fn stream_reply(
         log,
     };
     if kind == Kind::Chat {
-        let c = s.chunk(json!({"role": "assistant", "content": ""}), None);
+        let c = s.chunk(Delta { role: Some("assistant"), content: Some("") }, None);
         s.out.push_back(c);
         s.sent_role = true;
     }
@@ -903,22 +953,15 @@ fn stream_reply(
             match s.rx.recv().await {
                 Some(Event::Text(t, n)) => {
                     s.log.completion_tokens = n;
-                    let d = if s.kind == Kind::Chat { json!({"content": t}) } else { json!(t) };
-                    let c = s.chunk(d, None);
+                    let c = s.chunk(Delta { role: None, content: Some(&t) }, None);
                     s.out.push_back(c);
                 }
                 Some(Event::Done { finish_reason, prompt_tokens, completion_tokens }) => {
-                    let d = if s.kind == Kind::Chat { json!({}) } else { json!("") };
-                    let c = s.chunk(d, Some(finish_reason));
+                    let c = s.chunk(Delta::default(), Some(finish_reason));
                     s.out.push_back(c);
                     if s.include_usage {
-                        let object = if s.kind == Kind::Chat {
-                            "chat.completion.chunk"
-                        } else {
-                            "text_completion"
-                        };
-                        let v = json!({"id": s.id, "object": object, "created": s.created, "model": s.model, "choices": [], "usage": usage(prompt_tokens, completion_tokens)});
-                        s.out.push_back(format!("data: {v}\n\n"));
+                        let c = s.usage_chunk(Usage::new(prompt_tokens, completion_tokens));
+                        s.out.push_back(c);
                     }
                     s.out.push_back("data: [DONE]\n\n".into());
                     s.log.prompt_tokens = prompt_tokens;

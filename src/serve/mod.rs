@@ -9,6 +9,7 @@ pub mod adapters;
 pub mod engine;
 mod http;
 pub mod metrics;
+pub mod openai;
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
