@@ -2,7 +2,10 @@
 //! OpenAI's JSON format, Bearer auth, the local-server guard (Host and Origin checks without
 //! a key, see [`LocalGuard`]), CORS, body limit, one log line per request.
 
-use super::openai::{Choice, Completion, Delta, ErrorBody, ErrorDetail, Message, Usage};
+use super::openai::{
+    Choice, Completion, Deleted, Delta, Embedding, EmbeddingData, EmbeddingUsage, ErrorBody,
+    ErrorDetail, List, Message, ModelCard, Usage,
+};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -1123,51 +1126,59 @@ async fn embeddings(
         .await
         .map_err(|_| ApiError::server("the inference thread stopped"))?
         .map_err(ApiError::from_failure)?;
-    let data: Vec<Value> = vecs
-        .iter()
+    let data: Vec<Embedding> = vecs
+        .into_iter()
         .enumerate()
-        .map(|(i, v)| {
-            let emb = if b64 {
+        .map(|(index, v)| {
+            let embedding = if b64 {
                 let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                json!(base64(&bytes))
+                EmbeddingData::Base64(base64(&bytes))
             } else {
-                json!(v)
+                EmbeddingData::Floats(v)
             };
-            json!({"object": "embedding", "index": i, "embedding": emb})
+            Embedding { object: "embedding", index, embedding }
         })
         .collect();
-    Ok(axum::Json(json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})).into_response())
+    let usage = EmbeddingUsage { prompt_tokens: n_tokens, total_tokens: n_tokens };
+    Ok(axum::Json(List { model: Some(model), usage: Some(usage), ..List::of(data) })
+        .into_response())
 }
 
 // ---------------------------------------------------------------------------------------------
 // Models and adapters
 
-fn model_obj(
-    st: &AppState,
-    id: &str,
-    parent: Option<&str>,
-    created: u64,
-    path: Option<&std::path::Path>,
-) -> Value {
-    let mut v = json!({"id": id, "object": "model", "created": created, "owned_by": "grit", "parent": parent, "root": st.base_name});
-    if let Some(p) = path {
-        v["path"] = json!(p);
+/// The base model's card.
+fn base_card(st: &AppState) -> ModelCard {
+    ModelCard {
+        id: st.base_name.clone(),
+        object: "model",
+        created: st.created,
+        owned_by: "grit",
+        parent: None,
+        root: st.base_name.clone(),
+        path: None,
+        merged: None,
     }
-    v
 }
 
-fn adapter_obj(st: &AppState, id: &str, e: &super::adapters::AdapterEntry) -> Value {
-    let mut v = model_obj(st, id, Some(&st.base_name), e.created, Some(&e.path));
-    v["merged"] = json!(e.merged.is_some());
-    v
+/// An adapter's card: a model whose parent is the base.
+fn adapter_obj(st: &AppState, id: &str, e: &super::adapters::AdapterEntry) -> ModelCard {
+    ModelCard {
+        id: id.to_string(),
+        parent: Some(st.base_name.clone()),
+        created: e.created,
+        path: Some(e.path.clone()),
+        merged: Some(e.merged.is_some()),
+        ..base_card(st)
+    }
 }
 
 async fn list_models(State(st): State<St>) -> Response {
-    let mut data = vec![model_obj(&st, &st.base_name, None, st.created, None)];
+    let mut data = vec![base_card(&st)];
     for (name, e) in &st.registry().by_name {
         data.push(adapter_obj(&st, name, e));
     }
-    axum::Json(json!({"object": "list", "data": data})).into_response()
+    axum::Json(List::of(data)).into_response()
 }
 
 /// A path segment (model or adapter name); one that is not UTF-8 gets an OpenAI-shaped 400.
@@ -1188,9 +1199,7 @@ async fn get_model(
 ) -> Result<Response, ApiError> {
     let id = path_segment(id)?;
     if id == st.base_name || id == "base" {
-        return Ok(
-            axum::Json(model_obj(&st, &st.base_name, None, st.created, None)).into_response()
-        );
+        return Ok(axum::Json(base_card(&st)).into_response());
     }
     let reg = st.registry();
     let e = reg.by_name.get(&id).ok_or_else(|| ApiError::not_found_model(&id))?;
@@ -1312,13 +1321,13 @@ async fn unload_adapter(
     })?;
     st.send(Cmd::UnloadAdapter { id: e.id })?;
     eprintln!("grit serve: adapter {name} unloaded");
-    Ok(axum::Json(json!({"id": name, "object": "model", "deleted": true})).into_response())
+    Ok(axum::Json(Deleted { id: name, object: "model", deleted: true }).into_response())
 }
 
 async fn list_adapters(State(st): State<St>) -> Response {
-    let data: Vec<Value> =
+    let data: Vec<ModelCard> =
         st.registry().by_name.iter().map(|(n, e)| adapter_obj(&st, n, e)).collect();
-    axum::Json(json!({"object": "list", "data": data})).into_response()
+    axum::Json(List::of(data)).into_response()
 }
 
 async fn health() -> Response {

@@ -85,6 +85,70 @@ pub struct Delta<'a> {
     pub content: Option<&'a str>,
 }
 
+/// `{"object": "list", "data": [...]}` (models, adapters), with the embeddings' extra fields.
+#[derive(Debug, Serialize)]
+pub struct List<T> {
+    pub object: &'static str,
+    pub data: Vec<T>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<EmbeddingUsage>,
+}
+
+impl<T> List<T> {
+    pub fn of(data: Vec<T>) -> Self {
+        List { object: "list", data, model: None, usage: None }
+    }
+}
+
+/// A model (the base, or an adapter served as a model of its own).
+#[derive(Debug, Serialize)]
+pub struct ModelCard {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: &'static str,
+    /// The base model's name for an adapter; null for the base.
+    pub parent: Option<String>,
+    pub root: String,
+    /// The adapter file (adapters only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<std::path::PathBuf>,
+    /// Whether the adapter is served merged into its own model copy (adapters only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merged: Option<bool>,
+}
+
+/// The answer to deleting (unloading) an adapter.
+#[derive(Debug, Serialize)]
+pub struct Deleted {
+    pub id: String,
+    pub object: &'static str,
+    pub deleted: bool,
+}
+
+/// One embedding, as floats or as base64 of little-endian f32s (`encoding_format`).
+#[derive(Debug, Serialize)]
+pub struct Embedding {
+    pub object: &'static str,
+    pub index: usize,
+    pub embedding: EmbeddingData,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum EmbeddingData {
+    Floats(Vec<f32>),
+    Base64(String),
+}
+
+#[derive(Debug, Serialize)]
+pub struct EmbeddingUsage {
+    pub prompt_tokens: usize,
+    pub total_tokens: usize,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
