@@ -25,6 +25,8 @@
 #   grit-wide85 GRIT started at rank 32 (alpha 64), τ = 0.85
 #   lora32    --method lora --rank 32 --alpha 64 (the control for starting wider)
 #   loram-wide LoRA parameter-matched (as loram) to grit-wide's final count; needs grit-wide
+#   grit-wide-t85 grit-wide with τ = 0.85 (--rank-energy 0.85)
+#   loram-wide-t85 LoRA parameter-matched to grit-wide-t85's final count
 # Gain = step-0 eval loss − final eval loss (in-training eval, same tokens for every row).
 #   STEPS=150 THREADS=2 bench/grit_vs_lora.sh           (RUNS=dir keeps the runs there)
 #   TASKS=plays CONFIGS="lora16 grit" bench/grit_vs_lora.sh
@@ -41,7 +43,7 @@ SEQ=${SEQ:-128}
 THREADS=${THREADS:-$(nproc)}
 RUNS=${RUNS:-$(mktemp -d)}
 TASKS=${TASKS:-plays chat}
-CONFIGS=${CONFIGS:-lora16 grit loram grit-nopc grit-noreg grit-nocut grit-early grit-run grit-output grit-wide grit-wide85 lora32 loram-wide}
+CONFIGS=${CONFIGS:-lora16 grit loram grit-nopc grit-noreg grit-nocut grit-early grit-run grit-output grit-wide grit-wide85 lora32 loram-wide grit-wide-t85 loram-wide-t85}
 mkdir -p "$RUNS"
 $GRIT fetch >/dev/null
 PLAYS=$($GRIT fetch | awk '/^plays/ {print $2}')
@@ -71,9 +73,8 @@ run() { # task config
   case $cfg in
     lora16) extra="--method lora --rank 16" ;;
     grit) extra="--method grit" ;;
-    loram | loram-wide)
-      local from=grit
-      [ "$cfg" = loram-wide ] && from=grit-wide
+    loram | loram-wide | loram-wide-t85)
+      local from=grit${cfg#loram}
       [ -f "$RUNS/$task-$from/summary.json" ] && [ -f "$RUNS/$task-lora16/summary.json" ] || {
         echo "$cfg needs the $from and lora16 runs of $task" >&2
         return 1
@@ -93,6 +94,7 @@ run() { # task config
     grit-wide) extra="--method grit --rank 32 --alpha 64 --first-cut 0.7" ;;
     grit-wide85) extra="--method grit --rank 32 --alpha 64 --rank-energy 0.85" ;;
     lora32) extra="--method lora --rank 32 --alpha 64" ;;
+    grit-wide-t85) extra="--method grit --rank 32 --alpha 64 --first-cut 0.7 --rank-energy 0.85" ;;
     *)
       echo "unknown configuration $cfg" >&2
       return 1
