@@ -8,6 +8,8 @@
 # graph rebuilds after a cut. Prints the event counts inside the window, each round's
 # mean step time and the ratio of the medians.
 #   ROUNDS=1 STEPS=70 FROM=20 bench/grit_overhead.sh
+# GRIT_FLAGS adds flags to the GRIT runs only, e.g. GRIT_FLAGS="--rank 32 --alpha 64
+# --first-cut 0.7 --rank-energy 0.85" against LoRA at its defaults (rank 16).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${NO_BUILD:-}" ] || cargo build --release --bin grit >&2
@@ -25,8 +27,13 @@ trap 'rm -rf "$work"' EXIT
 for r in $(seq 1 "$ROUNDS"); do
   for m in lora grit; do
     echo "round $r: $m ($STEPS steps) ..." >&2
+    extra=()
+    [ "$m" = grit ] && read -r -a extra <<<"${GRIT_FLAGS:-}"
     $GRIT train --method $m --data "$DATA" --steps "$STEPS" --eval-every 0 --threads "$THREADS" \
-      --out "$work/$m-$r" >/dev/null 2>"$work/log-$m-$r" || { cat "$work/log-$m-$r" >&2; exit 1; }
+      "${extra[@]}" --out "$work/$m-$r" >/dev/null 2>"$work/log-$m-$r" || {
+      cat "$work/log-$m-$r" >&2
+      exit 1
+    }
   done
 done
 python3 - "$work" "$ROUNDS" "$FROM" "$TO" <<'PY'
