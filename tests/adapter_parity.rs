@@ -103,6 +103,35 @@ fn train(model: &Path, out: &Path, extra: &[&str]) {
     ok(grit().args(&args).output().unwrap());
 }
 
+/// GRIT flags for a short run with real rank cuts: `steps` steps, statistics every step,
+/// inversions every 2, reprojections every `every` steps from step `every` (rank start
+/// `every`), τ 0.5 down to rank 1.
+fn grit_with_cuts(steps: u32, every: u32) -> Vec<String> {
+    let (steps, every) = (steps.to_string(), every.to_string());
+    [
+        "--method",
+        "grit",
+        "--steps",
+        &steps,
+        "--kfac-every",
+        "1",
+        "--invert-every",
+        "2",
+        "--reproject-every",
+        &every,
+        "--reproject-warmup",
+        &every,
+        "--rank-start",
+        &every,
+        "--rank-energy",
+        "0.5",
+        "--rank-min",
+        "1",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// Bounds: llama.cpp with the adapter vs grit's graph (max, rms); the merged F16 model vs
 /// grit's graph: max, and rms relative to the floor (the base itself stored as F16 against
 /// the base: the part of the difference that F16 storage and F16 kernels alone cause); and
@@ -208,32 +237,9 @@ fn trained_lora_and_grit_adapters_match_llama_cpp_and_merged_f16() {
     let lora = dir.path().join("lora");
     train(&model, &lora, &["--steps", "8"]);
     let grit_run = dir.path().join("grit");
-    train(
-        &model,
-        &grit_run,
-        &[
-            "--method",
-            "grit",
-            "--steps",
-            "10",
-            "--kfac-every",
-            "1",
-            "--invert-every",
-            "2",
-            "--reproject-every",
-            "4",
-            "--reproject-warmup",
-            "4",
-            "--rank-start",
-            "4",
-            "--rank-energy",
-            "0.5",
-            "--rank-min",
-            "1",
-            "--reg-warmup",
-            "2",
-        ],
-    );
+    let mut flags = grit_with_cuts(10, 4);
+    flags.extend(["--reg-warmup".to_string(), "2".to_string()]);
+    train(&model, &grit_run, &flags.iter().map(String::as_str).collect::<Vec<_>>());
     // The GRIT adapter has been cut: per-tensor ranks below the initial 8, several distinct.
     let g = Adapter::read_gguf(&grit_run.join("adapter.gguf")).unwrap();
     let ranks: std::collections::BTreeSet<usize> = g.modules.iter().map(|m| m.rank).collect();
@@ -283,30 +289,8 @@ fn every_architecture_trains_exports_and_serves() {
         let lora = dir.path().join("lora");
         train(&model, &lora, &["--steps", "20"]);
         let grit_run = dir.path().join("grit");
-        train(
-            &model,
-            &grit_run,
-            &[
-                "--method",
-                "grit",
-                "--steps",
-                "20",
-                "--kfac-every",
-                "1",
-                "--invert-every",
-                "2",
-                "--reproject-every",
-                "5",
-                "--reproject-warmup",
-                "5",
-                "--rank-start",
-                "5",
-                "--rank-energy",
-                "0.5",
-                "--rank-min",
-                "1",
-            ],
-        );
+        let flags = grit_with_cuts(20, 5);
+        train(&model, &grit_run, &flags.iter().map(String::as_str).collect::<Vec<_>>());
         for run in [&lora, &grit_run] {
             let (first, last) = loss_ends(run);
             println!("{name} {}: loss {first:.3} → {last:.3}", run.display());
