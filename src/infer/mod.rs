@@ -122,7 +122,15 @@ impl Model {
 
     /// Loads only the vocabulary and chat template (no weights): for tokenizing training data.
     pub fn load_vocab_only(path: &Path) -> Result<Self, InferError> {
-        GgufFile::open(path)?.check_for_llama()?;
+        let file = GgufFile::open(path)?;
+        file.check_for_llama()?;
+        Self::load_vocab_of(&file)
+    }
+
+    /// [`Model::load_vocab_only`] for a file the caller has opened and checked with
+    /// [`GgufFile::check_for_llama`] (it is not read twice).
+    pub(crate) fn load_vocab_of(file: &GgufFile) -> Result<Self, InferError> {
+        let path = file.path();
         let backend = crate::llama::backend();
         crate::llama::clear_log_errors();
         let params = LlamaModelParams::default().with_vocab_only(true);

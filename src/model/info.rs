@@ -54,7 +54,7 @@ impl ModelInfo {
         g.check_for_llama()?;
         let arch = g.architecture()?;
         let get_u = |k: &str| g.get_u64(&format!("{arch}.{k}")).ok();
-        let vocab = Model::load_vocab_only(path)?;
+        let vocab = Model::load_vocab_of(&g)?;
         let trainable = crate::model::Arch::parse(&arch).map(drop).map_err(|e| match e {
             crate::model::ModelError::UnsupportedArch { arch, missing } => {
                 format!("{arch}: {missing}")

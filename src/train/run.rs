@@ -147,8 +147,9 @@ impl Inputs {
         cfg.model = Some(model_path.clone());
         let file = GgufFile::open(&model_path)?;
         Arch::parse(&file.architecture()?)?;
-        // Vocabulary only: the weights are loaded by grit.
-        let tok = crate::infer::Model::load_vocab_only(&model_path)?;
+        // Vocabulary only: the weights are loaded by grit. The file is read once.
+        file.check_for_llama()?;
+        let tok = crate::infer::Model::load_vocab_of(&file)?;
         let dcfg = DataConfig {
             max_seq_len: cfg.max_seq_len,
             train_on_prompt: cfg.train_on_prompt,
