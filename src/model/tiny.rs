@@ -80,8 +80,8 @@ pub fn write_tiny_model(
         )));
     }
     let head_dim = spec.head_dim.unwrap_or(spec.n_embd / spec.n_head);
-    if !head_dim.is_multiple_of(2) {
-        return Err(bad(format!("head size {head_dim} must be even for RoPE")));
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
+        return Err(bad(format!("head size {head_dim} must be even and positive for RoPE")));
     }
     for (what, n) in [
         ("n_embd", spec.n_embd),
