@@ -115,7 +115,7 @@ fn gguf_peft_gguf_round_trip_is_bit_exact_and_keeps_ranks() {
         let st = safetensors::SafeTensors::deserialize(&raw).unwrap();
         for m in &a.modules {
             let (layer, t) = (m.layer.unwrap(), m.target.unwrap());
-            let hf = grit::adapter::peft::hf_name(layer, t);
+            let hf = grit::adapter::peft::hf_name(grit::model::Arch::Llama, layer, t);
             let r = cfg["rank_pattern"]
                 .get(&hf)
                 .and_then(|v| v.as_u64())

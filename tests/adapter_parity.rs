@@ -276,6 +276,8 @@ fn loss_ends(out: &Path) -> (f64, f64) {
 /// GRIT (with rank cuts) lower the training loss; llama.cpp with each exported adapter gives
 /// grit's training-graph logits, and so does the merged F16 model; `grit generate --adapter`
 /// runs; the PEFT export reads back bit for bit (PEFT names, no q/k permutation for these).
+/// Phi-3's adapters are on its fused tensors (attn_qkv, ffn_up = gate and up), as llama.cpp
+/// applies them and PEFT names them.
 #[test]
 fn every_architecture_trains_exports_and_serves() {
     for arch in grit::model::Arch::ALL.into_iter().filter(|&a| a != grit::model::Arch::Llama) {
@@ -327,7 +329,15 @@ fn every_architecture_trains_exports_and_serves() {
             ok(grit().args(["export", &s(&adapter), "--to", "peft", &s(&peft)]).output().unwrap());
             ok(grit().args(["export", &s(&peft), "--to", "gguf", &s(&back)]).output().unwrap());
             let config = std::fs::read_to_string(peft.join("adapter_config.json")).unwrap();
-            assert!(config.contains("q_proj"), "{name}: PEFT names: {config}");
+            // Phi-3's fused tensors are its HF modules qkv_proj and gate_up_proj.
+            let hf: &[&str] = if arch.fused_gate_up() {
+                &["self_attn.qkv_proj\"", "mlp.gate_up_proj\"", "mlp.down_proj\""]
+            } else {
+                &["self_attn.q_proj\"", "mlp.up_proj\"", "mlp.down_proj\""]
+            };
+            for m in hf {
+                assert!(config.contains(m), "{name}: PEFT names: {config}");
+            }
             let (a, r) =
                 (Adapter::read_gguf(&adapter).unwrap(), Adapter::read_gguf(&back).unwrap());
             assert_eq!(a.modules.len(), r.modules.len());

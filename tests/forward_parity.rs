@@ -401,6 +401,69 @@ fn tiny_qwen3_f32_matches_llama_cpp() {
 }
 
 #[test]
+fn tiny_phi3_f32_matches_llama_cpp() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec {
+        arch: Arch::Phi3,
+        n_embd: 64,
+        n_layer: 2,
+        n_head: 4,
+        n_head_kv: 2,
+        tied_output: false,
+        // LongRoPE factors: llama.cpp uses the short ones within the original context.
+        rope_freqs: true,
+        seed: 11,
+        ..TinySpec::default()
+    };
+    let path = tiny(&spec, dir.path(), "tiny-phi3.gguf");
+    // Training stays within the original context, where llama.cpp uses the short factors.
+    let w = Weights::load(&GgufFile::open(&path).unwrap(), &common::backend(1)).unwrap();
+    assert!(w.check_sequence_length(spec.n_ctx).is_ok());
+    let e = w.check_sequence_length(spec.n_ctx + 1).unwrap_err().to_string();
+    assert!(e.contains("original_context_length") && e.contains("--max-seq-len"), "{e}");
+    // The default targets: on Phi-3 the fused attn_qkv and gate/up ffn_up, o and down.
+    // Measured: max 5.0e-6, rms 1.5e-7 with the random adapter.
+    let cfg = LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() };
+    let bounds = Bounds { max: 1e-4, rms: 1e-5, control_factor: 1000.0 };
+    parity_case(
+        "tiny phi3 (F32, fused qkv and gate/up, LongRoPE short factors, NEOX)",
+        &path,
+        UNALIGNED,
+        &cfg,
+        (0.3, 0.3),
+        &bounds,
+    );
+}
+
+/// Fused q/k/v (`attn_qkv`, which llama.cpp accepts for every architecture) with its bias.
+#[test]
+fn tiny_fused_qkv_f32_matches_llama_cpp() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec {
+        arch: Arch::Qwen2,
+        n_embd: 64,
+        n_layer: 2,
+        n_head: 4,
+        n_head_kv: 2,
+        fused_qkv: true,
+        seed: 13,
+        ..TinySpec::default()
+    };
+    let path = tiny(&spec, dir.path(), "tiny-qwen2-qkv.gguf");
+    // Measured: max 1.4e-5, rms 2.4e-7 with the random adapter.
+    let cfg = LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() };
+    let bounds = Bounds { max: 1e-4, rms: 1e-5, control_factor: 1000.0 };
+    parity_case(
+        "tiny qwen2 (F32, fused attn_qkv + bias)",
+        &path,
+        UNALIGNED,
+        &cfg,
+        (0.3, 0.3),
+        &bounds,
+    );
+}
+
+#[test]
 fn default_model_matches_llama_cpp_aligned() {
     // Same attention length in both engines: measured bit-identical logits (max |Δ| = 0).
     let cfg = LoraConfig { rank: 8, alpha: 16.0, ..LoraConfig::default() };

@@ -21,43 +21,49 @@ use serde_json::Value;
 
 use super::{io, Adapter, AdapterError, AdapterModule, Provenance};
 use crate::gguf::GgufFile;
-use crate::model::Target;
+use crate::model::{Arch, Target};
 
 pub const WEIGHTS: &str = "adapter_model.safetensors";
 pub const CONFIG: &str = "adapter_config.json";
 const KEY_ARCH: &str = "grit.architecture";
 
-/// The Hugging Face module path of a target inside a decoder layer.
-pub fn hf_module(target: Target) -> &'static str {
+/// The Hugging Face module path of a target inside a decoder layer of `arch` (Phi-3's fused
+/// `ffn_up` is its `gate_up_proj`).
+pub fn hf_module(arch: Arch, target: Target) -> &'static str {
     match target {
         Target::AttnQ => "self_attn.q_proj",
         Target::AttnK => "self_attn.k_proj",
         Target::AttnV => "self_attn.v_proj",
+        Target::AttnQkv => "self_attn.qkv_proj",
         Target::AttnOutput => "self_attn.o_proj",
         Target::FfnGate => "mlp.gate_proj",
+        Target::FfnUp if arch.fused_gate_up() => "mlp.gate_up_proj",
         Target::FfnUp => "mlp.up_proj",
         Target::FfnDown => "mlp.down_proj",
     }
 }
 
 /// `model.layers.N.self_attn.q_proj`: the name PEFT's patterns are matched against.
-pub fn hf_name(layer: usize, target: Target) -> String {
-    format!("model.layers.{layer}.{}", hf_module(target))
+pub fn hf_name(arch: Arch, layer: usize, target: Target) -> String {
+    format!("model.layers.{layer}.{}", hf_module(arch, target))
 }
 
-/// Whether llama.cpp's HF→GGUF converter permutes this architecture's q/k rows (the
-/// architectures grit trains; others are refused).
-fn permutes_qk(arch: &str, path: &Path) -> Result<bool, AdapterError> {
-    match crate::model::Arch::parse(arch) {
-        Ok(a) => Ok(a.permutes_qk()),
-        Err(_) => Err(AdapterError::Invalid(
+/// The architecture an adapter was trained on (those grit trains; others are refused).
+fn arch_of(arch: &str, path: &Path) -> Result<Arch, AdapterError> {
+    Arch::parse(arch).map_err(|_| {
+        AdapterError::Invalid(
             path.into(),
             format!(
                 "PEFT conversion supports the {} architectures, not '{arch}'",
-                crate::model::Arch::ALL.map(crate::model::Arch::name).join(", ")
+                Arch::ALL.map(Arch::name).join(", ")
             ),
-        )),
-    }
+        )
+    })
+}
+
+/// Whether llama.cpp's HF→GGUF converter permutes this architecture's q/k rows.
+fn permutes_qk(arch: &str, path: &Path) -> Result<bool, AdapterError> {
+    Ok(arch_of(arch, path)?.permutes_qk())
 }
 
 /// Heads to permute B's rows over, for a module of `target` (None: no permutation).
@@ -134,7 +140,7 @@ fn mode<T: Ord + Copy>(xs: impl Iterator<Item = T>) -> Option<T> {
 /// Writes `adapter` as a PEFT folder `dir` (created if needed; each file written atomically).
 pub fn write_peft(adapter: &Adapter, dir: &Path) -> Result<(), AdapterError> {
     let src = adapter.path_or("<adapter>");
-    permutes_qk(&adapter.arch, &src)?;
+    let arch = arch_of(&adapter.arch, &src)?;
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut rank_of = BTreeMap::new();
     let mut alpha_of = BTreeMap::new();
@@ -145,7 +151,7 @@ pub fn write_peft(adapter: &Adapter, dir: &Path) -> Result<(), AdapterError> {
                 format!("'{}' has no Hugging Face PEFT module name grit knows", m.base),
             ));
         };
-        let name = hf_name(layer, target);
+        let name = hf_name(arch, layer, target);
         let b = match perm_heads(&adapter.arch, Some(target), &adapter.provenance, &src)? {
             Some(n) => permute_rows(&m.b, m.rank, n, false, &m.base, &src)?,
             None => m.b.clone(),
@@ -329,7 +335,9 @@ fn parse_peft_name(name: &str) -> Option<(String, usize, Target, bool)> {
     let module = parts[..li].join(".");
     let module = module.strip_prefix("base_model.model.").unwrap_or(&module).to_string();
     let proj = parts[li - 1];
-    let target = Target::ALL.into_iter().find(|&t| hf_module(t).ends_with(&format!(".{proj}")))?;
+    let target = Target::ALL.into_iter().find(|&t| {
+        [Arch::Llama, Arch::Phi3].iter().any(|&a| hf_module(a, t).ends_with(&format!(".{proj}")))
+    })?;
     let lp = parts.iter().position(|p| *p == "layers")?;
     let layer = parts.get(lp + 1)?.parse().ok()?;
     Some((module, layer, target, is_a))

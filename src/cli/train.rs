@@ -50,7 +50,8 @@ pub struct TrainArgs {
     #[arg(long, value_name = "FILE")]
     pub dump_tokens: Option<PathBuf>,
 
-    /// Modules to adapt, comma-separated [default: attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down].
+    /// Modules to adapt, comma-separated [default: attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down]; on
+    /// fused tensors (attn_qkv; Phi-3's gate/up ffn_up) the fused one is adapted.
     #[arg(long, value_delimiter = ',')]
     pub targets: Option<Vec<String>>,
     /// LoRA rank r [default: 16].

@@ -15,11 +15,14 @@ pub enum Arch {
     /// Qwen3 (dense): RoPE NEOX, an RMS norm with a learned gain on each query and key head
     /// before RoPE, no biases.
     Qwen3,
+    /// Phi-3 / Phi-3.5 (dense): RoPE NEOX, q/k/v fused in `attn_qkv`, gate and up fused in
+    /// `ffn_up`, LongRoPE's short frequency factors when the model has them.
+    Phi3,
 }
 
 impl Arch {
     /// Every architecture grit trains (the one list: `grit info`, the refusals and the README's).
-    pub const ALL: [Arch; 3] = [Arch::Llama, Arch::Qwen2, Arch::Qwen3];
+    pub const ALL: [Arch; 4] = [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Phi3];
 
     /// The GGUF `general.architecture` name.
     pub fn name(self) -> &'static str {
@@ -27,6 +30,7 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Phi3 => "phi3",
         }
     }
 
@@ -41,7 +45,6 @@ impl Arch {
             "qwen2moe" | "qwen3moe" | "mixtral" | "deepseek2" | "olmoe" | "gpt-oss" => {
                 Some("mixture-of-experts layers need a mul_mat_id backward, which ggml lacks")
             }
-            "phi3" => Some("fused QKV/gate-up weights and LongRoPE are not implemented in grit's graph"),
             "granite" => Some("granite's residual/embedding/logit multipliers are not implemented in grit's graph"),
             "falcon" | "gpt2" | "gptneox" | "bloom" | "mpt" | "starcoder" | "phi2" => {
                 Some("it uses LayerNorm and GELU (a GELU backward is missing in ggml) instead of RMSNorm and SwiGLU")
@@ -60,13 +63,24 @@ impl Arch {
         self == Arch::Llama
     }
 
-    /// RoPE layout: NORM for LLaMA, NEOX for Qwen2 and Qwen3 (llama.cpp's
+    /// RoPE layout: NORM for LLaMA, NEOX for Qwen2, Qwen3 and Phi-3 (llama.cpp's
     /// llama_model_rope_type).
     pub fn rope_mode(self) -> RopeMode {
         match self {
             Arch::Llama => RopeMode::Norm,
-            Arch::Qwen2 | Arch::Qwen3 => RopeMode::Neox,
+            Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 => RopeMode::Neox,
         }
+    }
+
+    /// Whether the graph scales the queries by the attention scale (before the scores, with
+    /// a score scale of 1) rather than the scores (Phi-3, as llama.cpp's phi3 graph).
+    pub fn scales_queries(self) -> bool {
+        self == Arch::Phi3
+    }
+
+    /// Whether the gate and up projections are one `ffn_up` tensor [n_embd, 2·n_ff] (Phi-3).
+    pub fn fused_gate_up(self) -> bool {
+        self == Arch::Phi3
     }
 }
 
@@ -238,7 +252,8 @@ mod tests {
             assert_eq!(Arch::parse(a.name()).unwrap(), a);
         }
         let err = Arch::parse("mamba").unwrap_err().to_string();
-        assert!(err.contains("covers only llama, qwen2"), "{err}");
+        assert!(err.contains("covers only llama, qwen2, qwen3, phi3"), "{err}");
+        assert!(Arch::Phi3.fused_gate_up() && !Arch::Phi3.permutes_qk());
         let e = Arch::parse("gemma3").unwrap_err().to_string();
         assert!(e.contains("gemma3") && e.contains("GEGLU"), "{e}");
         let e = Arch::parse("mamba").unwrap_err().to_string();

@@ -5,7 +5,7 @@ use crate::ggml::{Capacity, Computation, Context, Graph, Tensor};
 
 use super::hparams::LlamaHparams;
 use super::lora::{LoraSet, Target};
-use super::weights::{Layer, Weights};
+use super::weights::{GateUp, Layer, Qkv, Weights};
 use super::ModelError;
 
 /// Which rows' logits the graph produces.
@@ -203,7 +203,7 @@ impl DropoutInput {
 
     fn of(t: Target) -> Self {
         match t {
-            Target::AttnQ | Target::AttnK | Target::AttnV => DropoutInput::AttnIn,
+            Target::AttnQ | Target::AttnK | Target::AttnV | Target::AttnQkv => DropoutInput::AttnIn,
             Target::AttnOutput => DropoutInput::AttnOut,
             Target::FfnGate | Target::FfnUp => DropoutInput::FfnIn,
             Target::FfnDown => DropoutInput::FfnDownIn,
@@ -425,17 +425,46 @@ impl<'w> Llama<'w> {
             };
             // self-attention block
             let h = self.norm(ctx, x, l.attn_norm); // [n_embd, n_tokens]
-            let q = lin(Target::AttnQ, l.attn_q, l.attn_q_b, h); // [n_embd_q, n_tokens]
-            let k = lin(Target::AttnK, l.attn_k, l.attn_k_b, h); // [n_embd_kv, n_tokens]
-            let v = lin(Target::AttnV, l.attn_v, l.attn_v_b, h); // [n_embd_kv, n_tokens]
-            let a = self.attention(ctx, [q, k, v], (l.attn_q_norm, l.attn_k_norm), pos, mask); // [n_embd_q, n_tokens]
+            let qkv = match l.qkv {
+                Qkv::Split { q, k, v, q_b, k_b, v_b } => {
+                    let (hd, nh, nkv) =
+                        (self.hp.head_dim as i64, self.hp.n_head as i64, self.hp.n_head_kv as i64);
+                    let n = h.ne()[1];
+                    let q = lin(Target::AttnQ, q, q_b, h); // [n_embd_q, n_tokens]
+                    let k = lin(Target::AttnK, k, k_b, h); // [n_embd_kv, n_tokens]
+                    let v = lin(Target::AttnV, v, v_b, h); // [n_embd_kv, n_tokens]
+                    [
+                        ctx.reshape_3d(q, hd, nh, n),
+                        ctx.reshape_3d(k, hd, nkv, n),
+                        ctx.reshape_3d(v, hd, nkv, n),
+                    ]
+                }
+                Qkv::Fused { qkv, qkv_b } => {
+                    let y = lin(Target::AttnQkv, qkv, qkv_b, h); // [n_embd_q + 2·n_embd_kv, n_tokens]
+                    self.split_qkv(ctx, y)
+                }
+            }; // [head_dim, n_head(_kv), n_tokens] each
+            let a = self.attention(ctx, qkv, (l.attn_q_norm, l.attn_k_norm), pos, mask); // [n_embd_q, n_tokens]
             let o = lin(Target::AttnOutput, l.attn_output, l.attn_output_b, a); // [n_embd, n_tokens]
             x = ctx.add(o, x);
 
             // feed-forward block: down(silu(gate(h)) ⊙ up(h))
             let h = self.norm(ctx, x, l.ffn_norm); // [n_embd, n_tokens]
-            let gate = lin(Target::FfnGate, l.ffn_gate, l.ffn_gate_b, h); // [n_ff, n_tokens]
-            let up = lin(Target::FfnUp, l.ffn_up, l.ffn_up_b, h); // [n_ff, n_tokens]
+            let (gate, up) = match l.gate_up {
+                GateUp::Split { gate, up, gate_b, up_b } => (
+                    lin(Target::FfnGate, gate, gate_b, h), // [n_ff, n_tokens]
+                    lin(Target::FfnUp, up, up_b, h),       // [n_ff, n_tokens]
+                ),
+                GateUp::Fused { up } => {
+                    // One [2·n_ff, n_tokens] product: gate rows first, then up rows.
+                    let y = lin(Target::FfnUp, up, None, h);
+                    let (ff, n) = (self.hp.n_ff as i64, y.ne()[1]);
+                    (
+                        ctx.view_2d(y, ff, n, y.nb()[1], 0),
+                        ctx.view_2d(y, ff, n, y.nb()[1], y.nb()[0] * ff as usize),
+                    )
+                }
+            };
             let g = ctx.swiglu_split(gate, up); // [n_ff, n_tokens]
             let y = lin(Target::FfnDown, l.ffn_down, l.ffn_down_b, g); // [n_embd, n_tokens]
             x = ctx.add(y, x);
@@ -514,8 +543,27 @@ impl<'w> Llama<'w> {
         }
     }
 
+    /// The queries, keys and values of a fused projection's output y [n_embd_q + 2·n_embd_kv,
+    /// n], each copied out of its rows and shaped [head_dim, heads, n]. (llama.cpp's
+    /// build_qkv feeds strided views on; the copies keep every gradient on its way back
+    /// contiguous, which the accumulation into y's gradient requires.)
+    fn split_qkv<'g>(&self, ctx: &'g Context, y: Tensor<'g>) -> [Tensor<'g>; 3] {
+        let hp = self.hp;
+        let (hd, n, f) = (hp.head_dim as i64, y.ne()[1], y.nb()[0]);
+        let part = |heads: usize, first_row: usize| {
+            let rows = ctx.view_2d(y, hd * heads as i64, n, y.nb()[1], f * first_row);
+            ctx.reshape_3d(ctx.cont(rows), hd, heads as i64, n)
+        };
+        [
+            part(hp.n_head, 0),
+            part(hp.n_head_kv, hp.n_embd_q()),
+            part(hp.n_head_kv, hp.n_embd_q() + hp.n_embd_kv()),
+        ]
+    }
+
     /// Causal multi-head attention with GQA (llama.cpp's build_attn_mha, non-flash path):
-    /// softmax(scale · K·Q + mask) applied to V, per head. q [n_embd_q, n], k/v [n_embd_kv, n].
+    /// softmax(scale · K·Q + mask) applied to V, per head. q [head_dim, n_head, n], k/v
+    /// [head_dim, n_head_kv, n].
     /// With `qk_norm` (Qwen3) each query and key head is RMS-normed with its gain before RoPE.
     fn attention<'g>(
         &self,
@@ -529,12 +577,7 @@ impl<'w> Llama<'w> {
         'w: 'g,
     {
         let hp = self.hp;
-        let n = q.ne()[1];
-        let (hd, nh, nkv) = (hp.head_dim as i64, hp.n_head as i64, hp.n_head_kv as i64);
-
-        let q = ctx.reshape_3d(q, hd, nh, n); // [head_dim, n_head, n_tokens]
-        let k = ctx.reshape_3d(k, hd, nkv, n); // [head_dim, n_head_kv, n_tokens]
-        let v = ctx.reshape_3d(v, hd, nkv, n); // [head_dim, n_head_kv, n_tokens]
+        let (hd, nh, n) = (q.ne()[0], q.ne()[1], q.ne()[2]);
         let per_head = |x: Tensor<'g>, w: Option<Tensor<'g>>| match w {
             Some(w) => self.norm(ctx, x, w), // w [head_dim] broadcast over heads and tokens
             None => x,
@@ -542,6 +585,15 @@ impl<'w> Llama<'w> {
         let (q, k) = (per_head(q, qk_norm.0), per_head(k, qk_norm.1));
         let q = ctx.rope_ext(q, pos, self.rope_freqs, &hp.rope);
         let k = ctx.rope_ext(k, pos, self.rope_freqs, &hp.rope);
+        // Phi-3 scales the queries instead of the scores (llama.cpp's phi3 graph): the same
+        // numbers mathematically, but this order rounds as llama.cpp does. (The reshape to the
+        // same shape costs nothing forward; backward it makes the gradient that reaches the
+        // scale contiguous, which ggml's scale requires.)
+        let (q, kq_scale) = if hp.arch.scales_queries() {
+            (ctx.reshape_3d(ctx.scale(q, hp.attn_scale), hd, nh, n), 1.0)
+        } else {
+            (q, hp.attn_scale)
+        };
 
         // Left strided, as llama.cpp has it: made contiguous, the scores go through tinyBLAS,
         // which sums in another order (correct to 4e-7, checked), and the 8-bit activation
@@ -552,7 +604,7 @@ impl<'w> Llama<'w> {
         let k = ctx.permute(k, [0, 2, 1, 3]); // [head_dim, n_kv, n_head_kv]
         let kq = ctx.mul_mat(k, q); // [n_kv, n_tokens, n_head]  (query heads share kv heads in groups)
         ctx.mul_mat_prec_f32(kq);
-        let p = ctx.soft_max_ext(kq, Some(mask), hp.attn_scale, 0.0); // [n_kv, n_tokens, n_head]
+        let p = ctx.soft_max_ext(kq, Some(mask), kq_scale, 0.0); // [n_kv, n_tokens, n_head]
 
         let vt = ctx.cont(ctx.transpose(ctx.permute(v, [0, 2, 1, 3]))); // [n_kv, head_dim, n_head_kv]
         let o = ctx.mul_mat(vt, p); // [head_dim, n_tokens, n_head]

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use crate::ggml::{Backend, Capacity, Context, Tensor, TensorId};
 
-use super::weights::{Layer, Weights};
+use super::weights::{GateUp, Layer, Qkv, Weights};
 use super::ModelError;
 
 /// A linear module LoRA can adapt.
@@ -14,6 +14,8 @@ pub enum Target {
     AttnQ,
     AttnK,
     AttnV,
+    /// The fused query/key/value projection (`attn_qkv`, PEFT's `qkv_proj`).
+    AttnQkv,
     AttnOutput,
     FfnGate,
     FfnUp,
@@ -21,11 +23,13 @@ pub enum Target {
 }
 
 impl Target {
-    /// Every target, in graph order (also grit's default set).
-    pub const ALL: [Target; 7] = [
+    /// Every target, in graph order (also grit's default set: every linear map of a block,
+    /// see [`Target::resolve`]). On Phi-3 `ffn_up` is the fused gate/up projection.
+    pub const ALL: [Target; 8] = [
         Target::AttnQ,
         Target::AttnK,
         Target::AttnV,
+        Target::AttnQkv,
         Target::AttnOutput,
         Target::FfnGate,
         Target::FfnUp,
@@ -38,6 +42,7 @@ impl Target {
             Target::AttnQ => "attn_q",
             Target::AttnK => "attn_k",
             Target::AttnV => "attn_v",
+            Target::AttnQkv => "attn_qkv",
             Target::AttnOutput => "attn_output",
             Target::FfnGate => "ffn_gate",
             Target::FfnUp => "ffn_up",
@@ -45,35 +50,79 @@ impl Target {
         }
     }
 
-    /// Parses a target name; PEFT's names (q_proj, ..., down_proj) are accepted too.
+    /// Parses a target name; PEFT's names (q_proj, ..., down_proj, Phi-3's qkv_proj and
+    /// gate_up_proj) are accepted too.
     pub fn parse(s: &str) -> Result<Self, ModelError> {
         Ok(match s.trim() {
             "attn_q" | "q_proj" => Target::AttnQ,
             "attn_k" | "k_proj" => Target::AttnK,
             "attn_v" | "v_proj" => Target::AttnV,
+            "attn_qkv" | "qkv_proj" => Target::AttnQkv,
             "attn_output" | "o_proj" => Target::AttnOutput,
             "ffn_gate" | "gate_proj" => Target::FfnGate,
-            "ffn_up" | "up_proj" => Target::FfnUp,
+            "ffn_up" | "up_proj" | "gate_up_proj" => Target::FfnUp,
             "ffn_down" | "down_proj" => Target::FfnDown,
             other => {
                 return Err(ModelError::Lora(format!(
-                    "unknown target module '{other}' (expected one of attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down)"
+                    "unknown target module '{other}' (expected one of attn_q, attn_k, attn_v, attn_qkv, attn_output, ffn_gate, ffn_up, ffn_down)"
                 )))
             }
         })
     }
 
-    /// The frozen weight this target adapts in a layer.
-    pub fn weight<T: Copy>(self, l: &Layer<T>) -> T {
-        match self {
-            Target::AttnQ => l.attn_q,
-            Target::AttnK => l.attn_k,
-            Target::AttnV => l.attn_v,
-            Target::AttnOutput => l.attn_output,
-            Target::FfnGate => l.ffn_gate,
-            Target::FfnUp => l.ffn_up,
-            Target::FfnDown => l.ffn_down,
+    /// The frozen weight this target adapts in a layer (None when the layer has no such
+    /// tensor: q/k/v of a fused `attn_qkv`, `attn_qkv` of separate ones, Phi-3's gate).
+    pub fn weight<T: Copy>(self, l: &Layer<T>) -> Option<T> {
+        match (self, l.qkv, l.gate_up) {
+            (Target::AttnQ, Qkv::Split { q, .. }, _) => Some(q),
+            (Target::AttnK, Qkv::Split { k, .. }, _) => Some(k),
+            (Target::AttnV, Qkv::Split { v, .. }, _) => Some(v),
+            (Target::AttnQkv, Qkv::Fused { qkv, .. }, _) => Some(qkv),
+            (Target::AttnOutput, ..) => Some(l.attn_output),
+            (Target::FfnGate, _, GateUp::Split { gate, .. }) => Some(gate),
+            (Target::FfnUp, _, GateUp::Split { up, .. } | GateUp::Fused { up }) => Some(up),
+            (Target::FfnDown, ..) => Some(l.ffn_down),
+            _ => None,
         }
+    }
+
+    /// The targets a request means on a block laid out like `l`, in graph order. Where the
+    /// model fuses tensors the request names the fused one: `attn_q`, `attn_k` and `attn_v`
+    /// together (or `attn_qkv`) adapt a fused `attn_qkv`; `attn_qkv` on separate projections
+    /// adapts all three; `ffn_gate` with `ffn_up` adapts Phi-3's fused `ffn_up`. A request
+    /// that would adapt more than it names (one of q/k/v of a fused tensor, the gate alone) is
+    /// refused with the tensor to ask for.
+    pub fn resolve<T: Copy>(requested: &[Target], l: &Layer<T>) -> Result<Vec<Target>, ModelError> {
+        let has = |t: Target| requested.contains(&t);
+        let mut out = std::collections::BTreeSet::new();
+        for &t in requested {
+            let resolved: &[Target] = match (t, l.qkv, l.gate_up) {
+                (Target::AttnQ | Target::AttnK | Target::AttnV, Qkv::Fused { .. }, _) => {
+                    let whole = has(Target::AttnQkv)
+                        || [Target::AttnQ, Target::AttnK, Target::AttnV].into_iter().all(has);
+                    if !whole {
+                        return Err(ModelError::Lora(format!(
+                            "the model fuses the query, key and value projections in one tensor (attn_qkv): target '{t}' alone cannot be adapted; target attn_qkv (or attn_q, attn_k and attn_v together)"
+                        )));
+                    }
+                    &[Target::AttnQkv]
+                }
+                (Target::AttnQkv, Qkv::Split { .. }, _) => {
+                    &[Target::AttnQ, Target::AttnK, Target::AttnV]
+                }
+                (Target::FfnGate, _, GateUp::Fused { .. }) => {
+                    if !has(Target::FfnUp) {
+                        return Err(ModelError::Lora(
+                            "the model fuses the gate and up projections in one tensor (ffn_up, PEFT's gate_up_proj): 'ffn_gate' alone cannot be adapted; target ffn_up (or ffn_gate and ffn_up together)".into(),
+                        ));
+                    }
+                    &[Target::FfnUp]
+                }
+                _ => std::slice::from_ref(&t),
+            };
+            out.extend(resolved.iter().copied());
+        }
+        Ok(out.into_iter().collect())
     }
 }
 
@@ -216,9 +265,10 @@ impl LoraSet {
             }
             None => (0..n_layer).collect(),
         };
+        let targets = Target::resolve(&cfg.targets, &weights.layer(0))?;
         let mut specs = Vec::new();
         for &layer in &layers {
-            for &target in &cfg.targets {
+            for &target in &targets {
                 specs.push((layer, target, cfg.rank, cfg.scale(cfg.rank)));
             }
         }
@@ -249,7 +299,11 @@ impl LoraSet {
             if index.contains_key(&(layer, target)) {
                 return Err(ModelError::Lora(format!("blk.{layer}.{target} is listed twice")));
             }
-            let w = target.weight(&weights.layer(layer));
+            let Some(w) = target.weight(&weights.layer(layer)) else {
+                return Err(ModelError::Lora(format!(
+                    "blk.{layer}.{target}: the model has no such tensor"
+                )));
+            };
             let (d_in, d_out) = (w.ne()[0] as usize, w.ne()[1] as usize);
             let base = ModuleId { layer, target }.to_string();
             let a = ctx.new_f32(&format!("{base}.lora_a"), &[d_in as i64, rank as i64]); // A: [d_in, r]
@@ -366,6 +420,69 @@ mod tests {
         for t in Target::ALL {
             assert_eq!(Target::parse(t.name()).unwrap(), t);
         }
+    }
+
+    /// A block of numbered tensors, with fused q/k/v and gate/up or not.
+    fn block(fused_qkv: bool, fused_gate_up: bool) -> Layer<u8> {
+        Layer {
+            attn_norm: 0,
+            qkv: if fused_qkv {
+                Qkv::Fused { qkv: 4, qkv_b: None }
+            } else {
+                Qkv::Split { q: 1, k: 2, v: 3, q_b: None, k_b: None, v_b: None }
+            },
+            attn_output: 5,
+            attn_output_b: None,
+            attn_q_norm: None,
+            attn_k_norm: None,
+            ffn_norm: 0,
+            gate_up: if fused_gate_up {
+                GateUp::Fused { up: 7 }
+            } else {
+                GateUp::Split { gate: 6, up: 7, gate_b: None, up_b: None }
+            },
+            ffn_down: 8,
+            ffn_down_b: None,
+        }
+    }
+
+    #[test]
+    fn targets_resolve_to_the_tensors_the_block_has() {
+        use Target::*;
+        let names = |ts: Vec<Target>| ts.iter().map(|t| t.name()).collect::<Vec<_>>().join(",");
+        let (split, phi3) = (block(false, false), block(true, true));
+        // Every linear map: 7 tensors, or Phi-3's 4 fused ones.
+        let all = Target::resolve(&Target::ALL, &split).unwrap();
+        assert_eq!(names(all.clone()), "attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down");
+        assert_eq!(
+            all.iter().map(|t| t.weight(&split).unwrap()).collect::<Vec<_>>(),
+            [1, 2, 3, 5, 6, 7, 8]
+        );
+        let fused = Target::resolve(&Target::ALL, &phi3).unwrap();
+        assert_eq!(names(fused.clone()), "attn_qkv,attn_output,ffn_up,ffn_down");
+        assert_eq!(
+            fused.iter().map(|t| t.weight(&phi3).unwrap()).collect::<Vec<_>>(),
+            [4, 5, 7, 8]
+        );
+        assert_eq!(phi3.matmul_weights(), [4, 5, 7, 8]);
+        assert_eq!(split.matmul_weights(), [1, 2, 3, 5, 6, 7, 8]);
+        // The 7 separate names mean the same on a fused block; attn_qkv on separate ones q/k/v.
+        let seven = [AttnQ, AttnK, AttnV, AttnOutput, FfnGate, FfnUp, FfnDown];
+        assert_eq!(Target::resolve(&seven, &phi3).unwrap(), fused);
+        assert_eq!(names(Target::resolve(&[AttnQkv], &split).unwrap()), "attn_q,attn_k,attn_v");
+        assert_eq!(
+            names(Target::resolve(&[FfnUp, AttnOutput], &phi3).unwrap()),
+            "attn_output,ffn_up"
+        );
+        // Requests that would adapt more than they name are refused, naming the fused tensor.
+        let e = Target::resolve(&[AttnQ, AttnV], &phi3).unwrap_err().to_string();
+        assert!(e.contains("'attn_q' alone") && e.contains("target attn_qkv"), "{e}");
+        let e = Target::resolve(&[FfnGate], &phi3).unwrap_err().to_string();
+        assert!(e.contains("'ffn_gate' alone") && e.contains("gate_up_proj"), "{e}");
+        assert_eq!(AttnQ.weight(&phi3), None);
+        assert_eq!(FfnGate.weight(&phi3), None);
+        assert_eq!(Target::parse("gate_up_proj").unwrap(), FfnUp);
+        assert_eq!(Target::parse("qkv_proj").unwrap(), AttnQkv);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Architectures grit trains (LLaMA, Qwen2 and Qwen3), their weights and the training forward graph
+//! Architectures grit trains (LLaMA, Qwen2, Qwen3 and Phi-3), their weights and the training forward graph
 //! with LoRA adapters.
 //!
 //! # Using it
@@ -59,7 +59,7 @@ pub use llama::{
 };
 pub use lora::{lora_scale, LoraConfig, LoraModule, LoraSet, ModuleId, Target};
 pub use tiny::{write_tiny_model, TinySpec};
-pub use weights::{Layer, Weights};
+pub use weights::{GateUp, Layer, Qkv, Weights};
 
 use crate::ggml::GgmlError;
 use crate::gguf::GgufError;

@@ -32,7 +32,11 @@ pub struct TinySpec {
     pub tied_output: bool,
     /// q/k/v biases (always written for qwen2).
     pub qkv_bias: bool,
-    /// Write LLaMA 3 style `rope_freqs.weight` frequency factors (llama only).
+    /// One `attn_qkv` tensor instead of attn_q/attn_k/attn_v (always for phi3, as its
+    /// converter writes it).
+    pub fused_qkv: bool,
+    /// Write RoPE frequency factors: LLaMA 3 style `rope_freqs.weight` (llama), or Phi-3's
+    /// LongRoPE `rope_factors_short`/`rope_factors_long` (phi3).
     pub rope_freqs: bool,
     pub rope_freq_base: f32,
     pub rms_eps: f32,
@@ -53,6 +57,7 @@ impl Default for TinySpec {
             weight_type: Type::F32,
             tied_output: true,
             qkv_bias: false,
+            fused_qkv: false,
             rope_freqs: false,
             rope_freq_base: 10000.0,
             rms_eps: 1e-5,
@@ -151,15 +156,26 @@ pub fn write_tiny_model(
     if !spec.tied_output {
         matrix(&mut w, "output.weight", e, v, 0.5)?;
     }
+    let fused_qkv = spec.fused_qkv || spec.arch == Arch::Phi3;
+    let (sd_e, sd_q, sd_ff) =
+        (1.0 / (e as f32).sqrt(), 1.0 / (q as f32).sqrt(), 1.0 / (ff as f32).sqrt());
     for i in 0..spec.n_layer {
         let n = |t: &str| format!("blk.{i}.{t}");
-        matrix(&mut w, &n("attn_q.weight"), e, q, 1.0 / (e as f32).sqrt())?;
-        matrix(&mut w, &n("attn_k.weight"), e, kv, 1.0 / (e as f32).sqrt())?;
-        matrix(&mut w, &n("attn_v.weight"), e, kv, 1.0 / (e as f32).sqrt())?;
-        matrix(&mut w, &n("attn_output.weight"), q, e, 1.0 / (q as f32).sqrt())?;
-        matrix(&mut w, &n("ffn_gate.weight"), e, ff, 1.0 / (e as f32).sqrt())?;
-        matrix(&mut w, &n("ffn_up.weight"), e, ff, 1.0 / (e as f32).sqrt())?;
-        matrix(&mut w, &n("ffn_down.weight"), ff, e, 1.0 / (ff as f32).sqrt())?;
+        if fused_qkv {
+            matrix(&mut w, &n("attn_qkv.weight"), e, q + 2 * kv, sd_e)?;
+        } else {
+            matrix(&mut w, &n("attn_q.weight"), e, q, sd_e)?;
+            matrix(&mut w, &n("attn_k.weight"), e, kv, sd_e)?;
+            matrix(&mut w, &n("attn_v.weight"), e, kv, sd_e)?;
+        }
+        matrix(&mut w, &n("attn_output.weight"), q, e, sd_q)?;
+        if spec.arch.fused_gate_up() {
+            matrix(&mut w, &n("ffn_up.weight"), e, 2 * ff, sd_e)?; // gate rows, then up rows
+        } else {
+            matrix(&mut w, &n("ffn_gate.weight"), e, ff, sd_e)?;
+            matrix(&mut w, &n("ffn_up.weight"), e, ff, sd_e)?;
+        }
+        matrix(&mut w, &n("ffn_down.weight"), ff, e, sd_ff)?;
     }
     // Vectors (F32): norm gains near 1, biases small.
     let mut normal = |n: usize, std: f32, mean: f32| -> Vec<f32> {
@@ -170,7 +186,10 @@ pub fn write_tiny_model(
         let n = |t: &str| format!("blk.{i}.{t}");
         w.add_f32(&n("attn_norm.weight"), &[e as i64], &normal(e, 0.1, 1.0))?;
         w.add_f32(&n("ffn_norm.weight"), &[e as i64], &normal(e, 0.1, 1.0))?;
-        if spec.qkv_bias || spec.arch == Arch::Qwen2 {
+        if (spec.qkv_bias || spec.arch == Arch::Qwen2) && fused_qkv {
+            let d = q + 2 * kv;
+            w.add_f32(&n("attn_qkv.bias"), &[d as i64], &normal(d, 0.2, 0.0))?;
+        } else if spec.qkv_bias || spec.arch == Arch::Qwen2 {
             w.add_f32(&n("attn_q.bias"), &[q as i64], &normal(q, 0.2, 0.0))?;
             w.add_f32(&n("attn_k.bias"), &[kv as i64], &normal(kv, 0.2, 0.0))?;
             w.add_f32(&n("attn_v.bias"), &[kv as i64], &normal(kv, 0.2, 0.0))?;
@@ -181,16 +200,27 @@ pub fn write_tiny_model(
         }
     }
     if spec.rope_freqs {
-        if spec.arch != Arch::Llama {
-            return Err(bad(
-                "rope frequency factors are used by the llama architecture only".into()
-            ));
-        }
-        // LLaMA 3 style: 1 for high frequencies, growing to 8 for the lowest.
+        // LLaMA 3 style: 1 for high frequencies, growing to 8 for the lowest. Phi-3's short
+        // factors the same; its long ones (used by llama.cpp only past the original context)
+        // differ, so a graph that picked them would be caught.
         let half = head_dim / 2;
         let f: Vec<f32> =
             (0..half).map(|i| 1.0 + 7.0 * (i as f32 / (half - 1).max(1) as f32).powi(2)).collect();
-        w.add_f32("rope_freqs.weight", &[half as i64], &f)?;
+        match spec.arch {
+            Arch::Llama => w.add_f32("rope_freqs.weight", &[half as i64], &f)?,
+            Arch::Phi3 => {
+                let long: Vec<f32> = f.iter().map(|x| 4.0 * x).collect();
+                w.add_f32("rope_factors_short.weight", &[half as i64], &f)?;
+                w.add_f32("rope_factors_long.weight", &[half as i64], &long)?;
+                w.set_u32(&k("rope.scaling.original_context_length"), spec.n_ctx as u32);
+            }
+            _ => {
+                return Err(bad(
+                    "rope frequency factors are used by the llama and phi3 architectures only"
+                        .into(),
+                ))
+            }
+        }
     }
     w.write(path)?;
     Ok(n_vocab)

@@ -14,48 +14,85 @@ use super::ModelError;
 #[derive(Debug, Clone, Copy)]
 pub struct Layer<T> {
     pub attn_norm: T,
-    pub attn_q: T,
-    pub attn_k: T,
-    pub attn_v: T,
+    pub qkv: Qkv<T>,
     pub attn_output: T,
-    pub attn_q_b: Option<T>,
-    pub attn_k_b: Option<T>,
-    pub attn_v_b: Option<T>,
     pub attn_output_b: Option<T>,
     /// Qwen3's per-head RMS norm gains of the queries and keys, [head_dim] each.
     pub attn_q_norm: Option<T>,
     pub attn_k_norm: Option<T>,
     pub ffn_norm: T,
-    pub ffn_gate: T,
-    pub ffn_up: T,
+    pub gate_up: GateUp<T>,
     pub ffn_down: T,
-    pub ffn_gate_b: Option<T>,
-    pub ffn_up_b: Option<T>,
     pub ffn_down_b: Option<T>,
+}
+
+/// The query, key and value projections of a block.
+#[derive(Debug, Clone, Copy)]
+pub enum Qkv<T> {
+    /// Three weights, each with an optional bias (LLaMA, Qwen).
+    Split { q: T, k: T, v: T, q_b: Option<T>, k_b: Option<T>, v_b: Option<T> },
+    /// One `attn_qkv` weight [n_embd, n_q + 2·n_kv] whose output rows are the queries, then
+    /// the keys, then the values (Phi-3; llama.cpp's build_qkv views it the same way).
+    Fused { qkv: T, qkv_b: Option<T> },
+}
+
+/// The gate and up projections of a block's SwiGLU feed-forward.
+#[derive(Debug, Clone, Copy)]
+pub enum GateUp<T> {
+    /// `ffn_gate` and `ffn_up`, each [n_embd, n_ff] with an optional bias.
+    Split { gate: T, up: T, gate_b: Option<T>, up_b: Option<T> },
+    /// One `ffn_up` [n_embd, 2·n_ff] whose first n_ff output rows are the gate and the rest
+    /// the up projection (Phi-3's `gate_up_proj`; llama.cpp's LLM_FFN_SWIGLU on one tensor).
+    Fused { up: T },
 }
 
 impl<T: Copy> Layer<T> {
     pub fn map<U>(&self, f: impl Fn(T) -> U) -> Layer<U> {
         Layer {
             attn_norm: f(self.attn_norm),
-            attn_q: f(self.attn_q),
-            attn_k: f(self.attn_k),
-            attn_v: f(self.attn_v),
+            qkv: match self.qkv {
+                Qkv::Split { q, k, v, q_b, k_b, v_b } => Qkv::Split {
+                    q: f(q),
+                    k: f(k),
+                    v: f(v),
+                    q_b: q_b.map(&f),
+                    k_b: k_b.map(&f),
+                    v_b: v_b.map(&f),
+                },
+                Qkv::Fused { qkv, qkv_b } => Qkv::Fused { qkv: f(qkv), qkv_b: qkv_b.map(&f) },
+            },
             attn_output: f(self.attn_output),
-            attn_q_b: self.attn_q_b.map(&f),
-            attn_k_b: self.attn_k_b.map(&f),
-            attn_v_b: self.attn_v_b.map(&f),
             attn_output_b: self.attn_output_b.map(&f),
             attn_q_norm: self.attn_q_norm.map(&f),
             attn_k_norm: self.attn_k_norm.map(&f),
             ffn_norm: f(self.ffn_norm),
-            ffn_gate: f(self.ffn_gate),
-            ffn_up: f(self.ffn_up),
+            gate_up: match self.gate_up {
+                GateUp::Split { gate, up, gate_b, up_b } => GateUp::Split {
+                    gate: f(gate),
+                    up: f(up),
+                    gate_b: gate_b.map(&f),
+                    up_b: up_b.map(&f),
+                },
+                GateUp::Fused { up } => GateUp::Fused { up: f(up) },
+            },
             ffn_down: f(self.ffn_down),
-            ffn_gate_b: self.ffn_gate_b.map(&f),
-            ffn_up_b: self.ffn_up_b.map(&f),
             ffn_down_b: self.ffn_down_b.map(&f),
         }
+    }
+
+    /// The block's matmul weights, in graph order (4 with fused projections, 7 without).
+    pub fn matmul_weights(&self) -> Vec<T> {
+        let mut v = match self.qkv {
+            Qkv::Split { q, k, v, .. } => vec![q, k, v],
+            Qkv::Fused { qkv, .. } => vec![qkv],
+        };
+        v.push(self.attn_output);
+        match self.gate_up {
+            GateUp::Split { gate, up, .. } => v.extend([gate, up]),
+            GateUp::Fused { up } => v.push(up),
+        }
+        v.push(self.ffn_down);
+        v
     }
 }
 
@@ -72,6 +109,9 @@ pub struct Weights {
     output: TensorId,
     output_b: Option<TensorId>,
     rope_freqs: Option<TensorId>,
+    /// The context beyond which llama.cpp would use LongRoPE's long factors (Phi-3 models
+    /// with `rope_factors_long`): grit trains with the short ones, so no longer.
+    long_rope_beyond: Option<usize>,
     layers: Vec<Layer<TensorId>>,
     bytes: usize,
 }
@@ -99,7 +139,8 @@ impl Weights {
     pub fn load(file: &GgufFile, backend: &Backend) -> Result<Self, ModelError> {
         let hp = LlamaHparams::from_gguf(file)?;
         refuse_unsupported_layers(file, &hp)?;
-        let wants = wanted_tensors(&hp);
+        let fused_qkv = file.tensor("blk.0.attn_qkv.weight").is_some();
+        let wants = wanted_tensors(&hp, fused_qkv);
         // Check everything before allocating anything.
         let found = check_tensors(file, &wants)?;
         let (ctx, ids, bytes) = load_tensors(file, found, backend)?;
@@ -108,24 +149,36 @@ impl Weights {
         let layers = (0..hp.n_layer)
             .map(|i| {
                 let n = |t: &str| format!("blk.{i}.{t}");
+                let qkv = match id(&n("attn_qkv.weight")) {
+                    Some(qkv) => Qkv::Fused { qkv, qkv_b: id(&n("attn_qkv.bias")) },
+                    None => Qkv::Split {
+                        q: req(n("attn_q.weight")),
+                        k: req(n("attn_k.weight")),
+                        v: req(n("attn_v.weight")),
+                        q_b: id(&n("attn_q.bias")),
+                        k_b: id(&n("attn_k.bias")),
+                        v_b: id(&n("attn_v.bias")),
+                    },
+                };
+                let gate_up = match id(&n("ffn_gate.weight")) {
+                    Some(gate) => GateUp::Split {
+                        gate,
+                        up: req(n("ffn_up.weight")),
+                        gate_b: id(&n("ffn_gate.bias")),
+                        up_b: id(&n("ffn_up.bias")),
+                    },
+                    None => GateUp::Fused { up: req(n("ffn_up.weight")) },
+                };
                 Layer {
                     attn_norm: req(n("attn_norm.weight")),
-                    attn_q: req(n("attn_q.weight")),
-                    attn_k: req(n("attn_k.weight")),
-                    attn_v: req(n("attn_v.weight")),
+                    qkv,
                     attn_output: req(n("attn_output.weight")),
-                    attn_q_b: id(&n("attn_q.bias")),
-                    attn_k_b: id(&n("attn_k.bias")),
-                    attn_v_b: id(&n("attn_v.bias")),
                     attn_output_b: id(&n("attn_output.bias")),
                     attn_q_norm: id(&n("attn_q_norm.weight")),
                     attn_k_norm: id(&n("attn_k_norm.weight")),
                     ffn_norm: req(n("ffn_norm.weight")),
-                    ffn_gate: req(n("ffn_gate.weight")),
-                    ffn_up: req(n("ffn_up.weight")),
+                    gate_up,
                     ffn_down: req(n("ffn_down.weight")),
-                    ffn_gate_b: id(&n("ffn_gate.bias")),
-                    ffn_up_b: id(&n("ffn_up.bias")),
                     ffn_down_b: id(&n("ffn_down.bias")),
                 }
             })
@@ -137,7 +190,10 @@ impl Weights {
             output_norm: req("output_norm.weight".into()),
             output: id("output.weight").unwrap_or(tok_embd),
             output_b: id("output.bias"),
-            rope_freqs: id("rope_freqs.weight"),
+            rope_freqs: id("rope_freqs.weight").or(id("rope_factors_short.weight")),
+            long_rope_beyond: (hp.arch == Arch::Phi3
+                && file.tensor("rope_factors_long.weight").is_some())
+            .then_some(hp.rope.n_ctx_orig),
             layers,
             bytes,
             hparams: hp,
@@ -164,9 +220,25 @@ impl Weights {
     pub fn tied_output(&self) -> bool {
         self.output == self.tok_embd
     }
-    /// RoPE frequency factors [head_dim / 2] (LLaMA 3), if the model has them.
+    /// RoPE frequency factors [head_dim / 2] (LLaMA 3's, or Phi-3's LongRoPE short ones), if
+    /// the model has them.
     pub fn rope_freqs(&self) -> Option<Tensor<'_>> {
         self.rope_freqs.map(|id| self.ctx.tensor(id))
+    }
+    /// Checks that sequences of `n` tokens run the way llama.cpp runs this model: a LongRoPE
+    /// model (Phi-3 128k, Phi-3.5) uses its short factors up to the original context, which is
+    /// what grit's graph applies; llama.cpp switches to the long ones beyond it.
+    pub fn check_sequence_length(&self, n: usize) -> Result<(), ModelError> {
+        match self.long_rope_beyond {
+            Some(orig) if n > orig => Err(ModelError::Hparam {
+                file: self.source.display().to_string(),
+                key: format!("{}.rope.scaling.original_context_length", self.hparams.arch.name()),
+                msg: format!(
+                    "sequences of {n} tokens exceed the original context {orig}, beyond which llama.cpp uses LongRoPE's long factors; grit trains with the short ones (use --max-seq-len ≤ {orig})"
+                ),
+            }),
+            _ => Ok(()),
+        }
     }
     /// Block `i`'s tensors.
     pub fn layer(&self, i: usize) -> Layer<Tensor<'_>> {
@@ -190,24 +262,25 @@ impl Weights {
     }
 }
 
-/// Refuses layer kinds grit cannot train (fused qkv, mixture of experts), naming why.
+/// Refuses layer kinds grit cannot train (mixture of experts), naming why.
 fn refuse_unsupported_layers(file: &GgufFile, hp: &LlamaHparams) -> Result<(), ModelError> {
     for i in 0..hp.n_layer {
-        for (t, why) in [
-            ("attn_qkv", "fused attn_qkv weights are not supported; grit needs separate attn_q/attn_k/attn_v"),
-            ("ffn_gate_inp", "mixture-of-experts layers need a mul_mat_id backward, which ggml lacks"),
-        ] {
-            if file.tensor(&format!("blk.{i}.{t}.weight")).is_some() {
-                return Err(ModelError::UnsupportedArch { arch: hp.arch.name().into(), missing: why.into() });
-            }
+        if file.tensor(&format!("blk.{i}.ffn_gate_inp.weight")).is_some() {
+            return Err(ModelError::UnsupportedArch {
+                arch: hp.arch.name().into(),
+                missing: "mixture-of-experts layers need a mul_mat_id backward, which ggml lacks"
+                    .into(),
+            });
         }
     }
 
     Ok(())
 }
 
-/// Every tensor the training graph may read, with its ggml shape and whether it must exist.
-fn wanted_tensors(hp: &LlamaHparams) -> Vec<Want> {
+/// Every tensor the training graph may read, with its ggml shape and whether it must exist:
+/// q/k/v as one `attn_qkv` when `fused_qkv` (as llama.cpp, any architecture), gate and up as
+/// one `ffn_up` for Phi-3.
+fn wanted_tensors(hp: &LlamaHparams, fused_qkv: bool) -> Vec<Want> {
     let (e, q, kv, ff, v) = (
         hp.n_embd as i64,
         hp.n_embd_q() as i64,
@@ -221,10 +294,17 @@ fn wanted_tensors(hp: &LlamaHparams) -> Vec<Want> {
         Want { name: "output.weight".into(), shape: vec![e, v], required: false },
         Want { name: "output.bias".into(), shape: vec![v], required: false },
     ];
-    // llama.cpp uses rope frequency factors (LLaMA 3) for the llama graph only.
-    if hp.arch == Arch::Llama {
+    // RoPE frequency factors, as llama.cpp reads them: LLaMA 3's `rope_freqs`; Phi-3's
+    // LongRoPE short factors, which llama.cpp uses while the context stays within
+    // `rope.scaling.original_context_length` (the long ones only beyond it).
+    let factors = match hp.arch {
+        Arch::Llama => Some("rope_freqs.weight"),
+        Arch::Phi3 => Some("rope_factors_short.weight"),
+        Arch::Qwen2 | Arch::Qwen3 => None,
+    };
+    if let Some(name) = factors {
         wants.push(Want {
-            name: "rope_freqs.weight".into(),
+            name: name.into(),
             shape: vec![hp.rope.n_dims as i64 / 2],
             required: false,
         });
@@ -235,24 +315,39 @@ fn wanted_tensors(hp: &LlamaHparams) -> Vec<Want> {
             shape,
             required,
         };
+        wants.push(w("attn_norm.weight", vec![e], true));
+        if fused_qkv {
+            wants.extend([
+                w("attn_qkv.weight", vec![e, q + 2 * kv], true),
+                w("attn_qkv.bias", vec![q + 2 * kv], false),
+            ]);
+        } else {
+            wants.extend([
+                w("attn_q.weight", vec![e, q], true),
+                w("attn_k.weight", vec![e, kv], true),
+                w("attn_v.weight", vec![e, kv], true),
+                w("attn_q.bias", vec![q], false),
+                w("attn_k.bias", vec![kv], false),
+                w("attn_v.bias", vec![kv], false),
+            ]);
+        }
         wants.extend([
-            w("attn_norm.weight", vec![e], true),
-            w("attn_q.weight", vec![e, q], true),
-            w("attn_k.weight", vec![e, kv], true),
-            w("attn_v.weight", vec![e, kv], true),
             w("attn_output.weight", vec![q, e], true),
-            w("attn_q.bias", vec![q], false),
-            w("attn_k.bias", vec![kv], false),
-            w("attn_v.bias", vec![kv], false),
             w("attn_output.bias", vec![e], false),
             w("ffn_norm.weight", vec![e], true),
-            w("ffn_gate.weight", vec![e, ff], true),
-            w("ffn_up.weight", vec![e, ff], true),
             w("ffn_down.weight", vec![ff, e], true),
-            w("ffn_gate.bias", vec![ff], false),
-            w("ffn_up.bias", vec![ff], false),
             w("ffn_down.bias", vec![e], false),
         ]);
+        if hp.arch.fused_gate_up() {
+            wants.push(w("ffn_up.weight", vec![e, 2 * ff], true));
+        } else {
+            wants.extend([
+                w("ffn_gate.weight", vec![e, ff], true),
+                w("ffn_up.weight", vec![e, ff], true),
+                w("ffn_gate.bias", vec![ff], false),
+                w("ffn_up.bias", vec![ff], false),
+            ]);
+        }
         if hp.arch == Arch::Qwen3 {
             let hd = hp.head_dim as i64;
             wants.extend([
@@ -402,7 +497,7 @@ mod tests {
         assert_eq!(w.hparams.n_vocab, 10);
         assert_eq!(w.hparams.head_dim, 4);
         assert!(w.tied_output());
-        assert!(w.layer(0).attn_q_b.is_none());
+        assert!(matches!(w.layer(0).qkv, Qkv::Split { q_b: None, .. }));
         let bytes = w.read_bytes(w.layer(0).ffn_down).unwrap();
         assert_eq!(bytes.len(), 16 * 8 * 4);
     }

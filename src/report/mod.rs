@@ -545,7 +545,7 @@ impl Report {
         let t = "Drift per module ‖s·B·A‖_F";
         let missing: Vec<String> =
             runs.iter().filter(|r| r.summary.is_none()).map(|r| r.name.clone()).collect();
-        let mut note = String::from("x: module index, layer-major (attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down within a layer).");
+        let mut note = String::from("x: module index, layer-major (attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down within a layer; fused tensors in their place).");
         if !missing.is_empty() {
             note.push_str(&format!(
                 " Not available for {} (the run has not finished: no summary.json).",

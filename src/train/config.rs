@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::model::Target;
 use serde::{Deserialize, Serialize};
 
 /// Which training method.
@@ -116,7 +117,8 @@ pub struct TrainConfig {
     pub grit: crate::grit::GritConfig,
 }
 
-/// The default LoRA targets: every linear layer of a LLaMA block.
+/// The default LoRA targets: every linear layer of a block (on a model with fused tensors,
+/// the fused ones: Phi-3's attn_qkv, attn_output, ffn_up, ffn_down).
 pub const DEFAULT_TARGETS: [&str; 7] =
     ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
 
@@ -265,11 +267,9 @@ impl TrainConfig {
                 .map_err(|e| ConfigError::Field { field: "GRIT setting", msg: e.to_string() })?;
         }
         for t in &self.targets {
-            if !DEFAULT_TARGETS.contains(&t.as_str()) {
-                return Err(bad(
-                    "--targets",
-                    format!("unknown module '{t}' (known: {})", DEFAULT_TARGETS.join(", ")),
-                ));
+            if !Target::ALL.iter().any(|k| k.name() == t) {
+                let known = Target::ALL.map(Target::name).join(", ");
+                return Err(bad("--targets", format!("unknown module '{t}' (known: {known})")));
             }
         }
         Ok(())

@@ -50,12 +50,11 @@ pub struct FrozenCopies {
     cpu: bool,
 }
 
-/// Every frozen matmul weight of the model: the 7 linear maps of each layer and the output.
+/// Every frozen matmul weight of the model: the linear maps of each layer and the output.
 pub fn frozen_matmul_weights(w: &Weights) -> Vec<Tensor<'_>> {
     let mut v = Vec::new();
     for i in 0..w.hparams.n_layer {
-        let l = w.layer(i);
-        v.extend([l.attn_q, l.attn_k, l.attn_v, l.attn_output, l.ffn_gate, l.ffn_up, l.ffn_down]);
+        v.extend(w.layer(i).matmul_weights());
     }
     v.push(w.output());
     v

@@ -288,6 +288,7 @@ impl Trainer {
 
         let backend = Backend::new(BackendOptions { device: cfg.device, n_threads: cfg.threads })?;
         let weights = Weights::load(&file, &backend)?;
+        weights.check_sequence_length(cfg.max_seq_len)?;
         drop(file);
         let (lora, grit) = build_adapters(&cfg, &weights, &backend, resume.as_ref(), &ckpt_dir)?;
         let opt = OptState::new(&lora, &backend)?;
