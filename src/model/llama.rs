@@ -459,10 +459,10 @@ impl<'w> Llama<'w> {
                     // One [2·n_ff, n_tokens] product: gate rows first, then up rows.
                     let y = lin(Target::FfnUp, up, None, h);
                     let (ff, n) = (self.hp.n_ff as i64, y.ne()[1]);
-                    (
-                        ctx.view_2d(y, ff, n, y.nb()[1], 0),
-                        ctx.view_2d(y, ff, n, y.nb()[1], y.nb()[0] * ff as usize),
-                    )
+                    let half = |i: usize| {
+                        ctx.cont(ctx.view_2d(y, ff, n, y.nb()[1], i * y.nb()[0] * ff as usize))
+                    };
+                    (half(0), half(1))
                 }
             };
             let g = ctx.swiglu_split(gate, up); // [n_ff, n_tokens]
