@@ -49,7 +49,7 @@ fn write_adapters(model: &Path, dir: &Path) -> (PathBuf, PathBuf) {
     let mut specs = Vec::new();
     let mut uni = Vec::new();
     for layer in 0..weights.hparams.n_layer {
-        for (k, t) in Target::ALL.into_iter().enumerate() {
+        for (k, t) in weights.targets().into_iter().enumerate() {
             specs.push((layer, t, 1 + (layer * 7 + k * 3) % 8, 2.0));
             uni.push((layer, t, 4, 2.0));
         }

@@ -5,12 +5,12 @@
 use grit::ggml::{Backend, Context};
 use grit::gguf::GgufFile;
 use grit::grit::GritConfig;
-use grit::model::{GraphOptions, LoraSet, Outputs, Target, TrainGraph, Weights};
+use grit::model::{GraphOptions, LoraSet, Outputs, TrainGraph, Weights};
 use grit::train::config::WeightCopies;
 use grit::train::copies::FrozenCopies;
 use grit::train::engine::{self, OptState, StepGraph, StepOptions};
 
-/// Ranks per layer, one hex digit per module in `Target::ALL` order.
+/// Ranks per layer, one hex digit per module in graph order (`Weights::targets`).
 const RANKS: &str = "4444457 4444988 5444994 4444999 454487a 4664557 4444556 6644577 6544546 4444544 4444447 4445454 4444448 4446456 4444444 4444444 4444444 4444444 4444444 4444444 4444444 4444444 4444444 6644444 4444444 4444444 4444444 4444444 4444444 4444444";
 
 #[test]
@@ -21,8 +21,8 @@ fn many_distinct_ranks_do_not_fragment_the_allocator() {
     let scale = 32.0 / 16.0;
     let mut specs = Vec::new();
     for (layer, digits) in RANKS.split(' ').enumerate() {
-        for (t, c) in Target::ALL.iter().zip(digits.chars()) {
-            specs.push((layer, *t, c.to_digit(16).unwrap() as usize, scale));
+        for (t, c) in weights.targets().into_iter().zip(digits.chars()) {
+            specs.push((layer, t, c.to_digit(16).unwrap() as usize, scale));
         }
     }
     let lora = LoraSet::with_modules(&weights, &specs, &backend).unwrap();
@@ -89,7 +89,7 @@ fn random_rank_mixes_allocate() {
     for (case, n_tokens) in [256usize, 128, 200, 256, 64, 256].into_iter().enumerate() {
         let mut specs = Vec::new();
         for layer in 0..30 {
-            for t in Target::ALL {
+            for t in weights.targets() {
                 let x = next();
                 let rank = if x % 4 != 0 { 4 } else { 4 + ((x >> 8) % 13) as usize };
                 specs.push((layer, t, rank, 2.0));

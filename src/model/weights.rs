@@ -8,6 +8,7 @@ use crate::ggml::{dequantize, Backend, Capacity, Context, Tensor, TensorId, Type
 use crate::gguf::{GgufFile, TensorInfo};
 
 use super::hparams::{Arch, LlamaHparams};
+use super::lora::Target;
 use super::ModelError;
 
 /// One transformer block's tensors (`T` = [`Tensor`] to build graphs, [`TensorId`] to store).
@@ -239,6 +240,12 @@ impl Weights {
             }),
             _ => Ok(()),
         }
+    }
+    /// The LoRA targets this model has, in graph order: the 7 projections, or the fused ones
+    /// in their place (Phi-3: attn_qkv, attn_output, ffn_up, ffn_down).
+    pub fn targets(&self) -> Vec<Target> {
+        let l = self.layer(0);
+        Target::ALL.into_iter().filter(|t| t.weight(&l).is_some()).collect()
     }
     /// Block `i`'s tensors.
     pub fn layer(&self, i: usize) -> Layer<Tensor<'_>> {
