@@ -259,4 +259,14 @@ mod tests {
         let e = Arch::parse("mamba").unwrap_err().to_string();
         assert!(e.contains("mamba") && e.contains("llama"), "{e}");
     }
+
+    /// The README's list of trainable architectures is this one.
+    #[test]
+    fn readme_lists_the_trainable_architectures() {
+        let readme = include_str!("../../README.md");
+        let start = readme.find("Trainable architectures:").expect("the README's list");
+        let end = start + readme[start..].find("others are refused").expect("its end");
+        let listed: Vec<&str> = readme[start..end].split('`').skip(1).step_by(2).collect();
+        assert_eq!(listed, Arch::ALL.map(Arch::name), "README: {}", &readme[start..end]);
+    }
 }
