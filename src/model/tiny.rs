@@ -73,6 +73,44 @@ pub fn write_tiny_model(
     spec: &TinySpec,
     tokenizer_from: &Path,
 ) -> Result<usize, ModelError> {
+    let head_dim = check(spec)?;
+    let n_vocab = vocab_size(tokenizer_from)?;
+    let d = Dims {
+        e: spec.n_embd,
+        q: spec.n_head * head_dim,
+        kv: spec.n_head_kv * head_dim,
+        ff: spec.n_ff,
+        vocab: n_vocab,
+        head_dim,
+        fused_qkv: spec.fused_qkv || spec.arch == Arch::Phi3,
+    };
+    let mut w = GgufWriter::new();
+    w.copy_keys_from(tokenizer_from, |k| k.starts_with("tokenizer."))?;
+    write_keys(&mut w, spec, &d);
+    // One generator: the matrices' values, then the vectors'.
+    let mut rng = init_rng(spec.seed);
+    write_matrices(&mut w, spec, &d, &mut rng)?;
+    write_vectors(&mut w, spec, &d, &mut rng)?;
+    if spec.rope_freqs {
+        write_rope_factors(&mut w, spec, head_dim)?;
+    }
+    w.write(path)?;
+    Ok(n_vocab)
+}
+
+/// The sizes of a tiny model's tensors.
+struct Dims {
+    e: usize,
+    q: usize,
+    kv: usize,
+    ff: usize,
+    vocab: usize,
+    head_dim: usize,
+    fused_qkv: bool,
+}
+
+/// Checks that the spec's sizes fit together; returns the head size.
+fn check(spec: &TinySpec) -> Result<usize, ModelError> {
     let bad = |m: String| ModelError::Tiny(m);
     if spec.n_head == 0
         || spec.n_head_kv == 0
@@ -101,21 +139,28 @@ pub fn write_tiny_model(
             )));
         }
     }
-    let src = GgufFile::open(tokenizer_from)?;
-    let n_vocab = match src.get("tokenizer.ggml.tokens") {
-        Some(Value::Array { len, .. }) if len > 0 => len,
-        _ => {
-            return Err(ModelError::Gguf(crate::gguf::GgufError::MissingKey(
-                tokenizer_from.into(),
-                "tokenizer.ggml.tokens".into(),
-            )))
-        }
-    };
-    drop(src);
+    if spec.rope_freqs && !matches!(spec.arch, Arch::Llama | Arch::Phi3) {
+        return Err(bad(
+            "rope frequency factors are used by the llama and phi3 architectures only".into(),
+        ));
+    }
+    Ok(head_dim)
+}
 
+/// The vocabulary size of the tokenizer in `tokenizer_from`.
+fn vocab_size(tokenizer_from: &Path) -> Result<usize, ModelError> {
+    match GgufFile::open(tokenizer_from)?.get("tokenizer.ggml.tokens") {
+        Some(Value::Array { len, .. }) if len > 0 => Ok(len),
+        _ => Err(ModelError::Gguf(crate::gguf::GgufError::MissingKey(
+            tokenizer_from.into(),
+            "tokenizer.ggml.tokens".into(),
+        ))),
+    }
+}
+
+/// The architecture's hyper-parameter keys.
+fn write_keys(w: &mut GgufWriter, spec: &TinySpec, d: &Dims) {
     let arch = spec.arch.name();
-    let mut w = GgufWriter::new();
-    w.copy_keys_from(tokenizer_from, |k| k.starts_with("tokenizer."))?;
     w.set_str("general.architecture", arch);
     w.set_str("general.name", "grit tiny test model");
     let k = |s: &str| format!("{arch}.{s}");
@@ -125,103 +170,115 @@ pub fn write_tiny_model(
     w.set_u32(&k("feed_forward_length"), spec.n_ff as u32);
     w.set_u32(&k("attention.head_count"), spec.n_head as u32);
     w.set_u32(&k("attention.head_count_kv"), spec.n_head_kv as u32);
-    w.set_u32(&k("rope.dimension_count"), head_dim as u32);
+    w.set_u32(&k("rope.dimension_count"), d.head_dim as u32);
     if spec.head_dim.is_some() {
-        w.set_u32(&k("attention.key_length"), head_dim as u32);
-        w.set_u32(&k("attention.value_length"), head_dim as u32);
+        w.set_u32(&k("attention.key_length"), d.head_dim as u32);
+        w.set_u32(&k("attention.value_length"), d.head_dim as u32);
     }
-    w.set_u32(&k("vocab_size"), n_vocab as u32);
+    w.set_u32(&k("vocab_size"), d.vocab as u32);
     w.set_f32(&k("rope.freq_base"), spec.rope_freq_base);
     w.set_f32(&k("attention.layer_norm_rms_epsilon"), spec.rms_eps);
+    if spec.rope_freqs && spec.arch == Arch::Phi3 {
+        w.set_u32(&k("rope.scaling.original_context_length"), spec.n_ctx as u32);
+    }
+}
 
-    let mut rng = init_rng(spec.seed);
-    let mut normal = |n: usize, std: f32, mean: f32| -> Vec<f32> {
-        (0..n).map(|_| mean + std * rng.normal()).collect()
-    };
-    let e = spec.n_embd;
-    let (q, kv, ff, v) = (spec.n_head * head_dim, spec.n_head_kv * head_dim, spec.n_ff, n_vocab);
-    // Matrices: N(0, 1/d_in), so activations stay O(1); embeddings N(0, 0.5²).
-    let mut matrix = |w: &mut GgufWriter,
-                      name: &str,
-                      d_in: usize,
-                      d_out: usize,
-                      std: f32|
-     -> Result<(), ModelError> {
-        let x = normal(d_in * d_out, std, 0.0);
+/// n values N(mean, std²).
+fn normal(rng: &mut crate::rng::SplitMix64, n: usize, std: f32, mean: f32) -> Vec<f32> {
+    (0..n).map(|_| mean + std * rng.normal()).collect()
+}
+
+/// The 2-D matrices in the spec's type: N(0, 1/d_in), so activations stay O(1); embeddings
+/// N(0, 0.5²).
+fn write_matrices(
+    w: &mut GgufWriter,
+    spec: &TinySpec,
+    d: &Dims,
+    rng: &mut crate::rng::SplitMix64,
+) -> Result<(), ModelError> {
+    let mut matrix = |name: &str, d_in: usize, d_out: usize, std: f32| -> Result<(), ModelError> {
+        let x = normal(rng, d_in * d_out, std, 0.0);
         let data = quantize(spec.weight_type, &x, d_in)?;
         w.add_tensor(name, spec.weight_type, &[d_in as i64, d_out as i64], data)?;
         Ok(())
     };
-    matrix(&mut w, "token_embd.weight", e, v, 0.5)?;
+    let Dims { e, q, kv, ff, .. } = *d;
+    matrix("token_embd.weight", e, d.vocab, 0.5)?;
     if !spec.tied_output {
-        matrix(&mut w, "output.weight", e, v, 0.5)?;
+        matrix("output.weight", e, d.vocab, 0.5)?;
     }
-    let fused_qkv = spec.fused_qkv || spec.arch == Arch::Phi3;
     let (sd_e, sd_q, sd_ff) =
         (1.0 / (e as f32).sqrt(), 1.0 / (q as f32).sqrt(), 1.0 / (ff as f32).sqrt());
     for i in 0..spec.n_layer {
         let n = |t: &str| format!("blk.{i}.{t}");
-        if fused_qkv {
-            matrix(&mut w, &n("attn_qkv.weight"), e, q + 2 * kv, sd_e)?;
+        if d.fused_qkv {
+            matrix(&n("attn_qkv.weight"), e, q + 2 * kv, sd_e)?;
         } else {
-            matrix(&mut w, &n("attn_q.weight"), e, q, sd_e)?;
-            matrix(&mut w, &n("attn_k.weight"), e, kv, sd_e)?;
-            matrix(&mut w, &n("attn_v.weight"), e, kv, sd_e)?;
+            matrix(&n("attn_q.weight"), e, q, sd_e)?;
+            matrix(&n("attn_k.weight"), e, kv, sd_e)?;
+            matrix(&n("attn_v.weight"), e, kv, sd_e)?;
         }
-        matrix(&mut w, &n("attn_output.weight"), q, e, sd_q)?;
+        matrix(&n("attn_output.weight"), q, e, sd_q)?;
         if spec.arch.fused_gate_up() {
-            matrix(&mut w, &n("ffn_up.weight"), e, 2 * ff, sd_e)?; // gate rows, then up rows
+            matrix(&n("ffn_up.weight"), e, 2 * ff, sd_e)?; // gate rows, then up rows
         } else {
-            matrix(&mut w, &n("ffn_gate.weight"), e, ff, sd_e)?;
-            matrix(&mut w, &n("ffn_up.weight"), e, ff, sd_e)?;
+            matrix(&n("ffn_gate.weight"), e, ff, sd_e)?;
+            matrix(&n("ffn_up.weight"), e, ff, sd_e)?;
         }
-        matrix(&mut w, &n("ffn_down.weight"), ff, e, sd_ff)?;
+        matrix(&n("ffn_down.weight"), ff, e, sd_ff)?;
     }
-    // Vectors (F32): norm gains near 1, biases small.
-    let mut normal = |n: usize, std: f32, mean: f32| -> Vec<f32> {
-        (0..n).map(|_| mean + std * rng.normal()).collect()
+    Ok(())
+}
+
+/// The vectors (F32): norm gains near 1, biases small.
+fn write_vectors(
+    w: &mut GgufWriter,
+    spec: &TinySpec,
+    d: &Dims,
+    rng: &mut crate::rng::SplitMix64,
+) -> Result<(), ModelError> {
+    let mut vector = |name: &str, n: usize, std: f32, mean: f32| -> Result<(), ModelError> {
+        w.add_f32(name, &[n as i64], &normal(rng, n, std, mean))?;
+        Ok(())
     };
-    w.add_f32("output_norm.weight", &[e as i64], &normal(e, 0.1, 1.0))?;
+    let Dims { e, q, kv, head_dim, .. } = *d;
+    vector("output_norm.weight", e, 0.1, 1.0)?;
     for i in 0..spec.n_layer {
         let n = |t: &str| format!("blk.{i}.{t}");
-        w.add_f32(&n("attn_norm.weight"), &[e as i64], &normal(e, 0.1, 1.0))?;
-        w.add_f32(&n("ffn_norm.weight"), &[e as i64], &normal(e, 0.1, 1.0))?;
-        if (spec.qkv_bias || spec.arch == Arch::Qwen2) && fused_qkv {
-            let d = q + 2 * kv;
-            w.add_f32(&n("attn_qkv.bias"), &[d as i64], &normal(d, 0.2, 0.0))?;
+        vector(&n("attn_norm.weight"), e, 0.1, 1.0)?;
+        vector(&n("ffn_norm.weight"), e, 0.1, 1.0)?;
+        if (spec.qkv_bias || spec.arch == Arch::Qwen2) && d.fused_qkv {
+            vector(&n("attn_qkv.bias"), q + 2 * kv, 0.2, 0.0)?;
         } else if spec.qkv_bias || spec.arch == Arch::Qwen2 {
-            w.add_f32(&n("attn_q.bias"), &[q as i64], &normal(q, 0.2, 0.0))?;
-            w.add_f32(&n("attn_k.bias"), &[kv as i64], &normal(kv, 0.2, 0.0))?;
-            w.add_f32(&n("attn_v.bias"), &[kv as i64], &normal(kv, 0.2, 0.0))?;
+            vector(&n("attn_q.bias"), q, 0.2, 0.0)?;
+            vector(&n("attn_k.bias"), kv, 0.2, 0.0)?;
+            vector(&n("attn_v.bias"), kv, 0.2, 0.0)?;
         }
         if spec.arch == Arch::Qwen3 {
-            w.add_f32(&n("attn_q_norm.weight"), &[head_dim as i64], &normal(head_dim, 0.1, 1.0))?;
-            w.add_f32(&n("attn_k_norm.weight"), &[head_dim as i64], &normal(head_dim, 0.1, 1.0))?;
+            vector(&n("attn_q_norm.weight"), head_dim, 0.1, 1.0)?;
+            vector(&n("attn_k_norm.weight"), head_dim, 0.1, 1.0)?;
         }
     }
-    if spec.rope_freqs {
-        // LLaMA 3 style: 1 for high frequencies, growing to 8 for the lowest. Phi-3's short
-        // factors the same; its long ones (used by llama.cpp only past the original context)
-        // differ, so a graph that picked them would be caught.
-        let half = head_dim / 2;
-        let f: Vec<f32> =
-            (0..half).map(|i| 1.0 + 7.0 * (i as f32 / (half - 1).max(1) as f32).powi(2)).collect();
-        match spec.arch {
-            Arch::Llama => w.add_f32("rope_freqs.weight", &[half as i64], &f)?,
-            Arch::Phi3 => {
-                let long: Vec<f32> = f.iter().map(|x| 4.0 * x).collect();
-                w.add_f32("rope_factors_short.weight", &[half as i64], &f)?;
-                w.add_f32("rope_factors_long.weight", &[half as i64], &long)?;
-                w.set_u32(&k("rope.scaling.original_context_length"), spec.n_ctx as u32);
-            }
-            _ => {
-                return Err(bad(
-                    "rope frequency factors are used by the llama and phi3 architectures only"
-                        .into(),
-                ))
-            }
-        }
+    Ok(())
+}
+
+/// RoPE frequency factors, LLaMA 3 style: 1 for high frequencies, growing to 8 for the
+/// lowest. Phi-3's short factors are the same; its long ones (used by llama.cpp only past the
+/// original context) differ, so a graph that picked them would be caught.
+fn write_rope_factors(
+    w: &mut GgufWriter,
+    spec: &TinySpec,
+    head_dim: usize,
+) -> Result<(), ModelError> {
+    let half = head_dim / 2;
+    let f: Vec<f32> =
+        (0..half).map(|i| 1.0 + 7.0 * (i as f32 / (half - 1).max(1) as f32).powi(2)).collect();
+    if spec.arch == Arch::Phi3 {
+        let long: Vec<f32> = f.iter().map(|x| 4.0 * x).collect();
+        w.add_f32("rope_factors_short.weight", &[half as i64], &f)?;
+        w.add_f32("rope_factors_long.weight", &[half as i64], &long)?;
+    } else {
+        w.add_f32("rope_freqs.weight", &[half as i64], &f)?;
     }
-    w.write(path)?;
-    Ok(n_vocab)
+    Ok(())
 }
