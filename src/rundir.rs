@@ -218,6 +218,7 @@ impl MetricsWriter {
 pub struct Summary {
     pub method: Method,
     pub base_model: String,
+    /// The adapted targets, in graph order (a fused tensor where the model fuses them).
     pub targets: Vec<String>,
     pub rank_per_module: BTreeMap<String, usize>,
     pub trainable_params: usize,

@@ -304,6 +304,16 @@ fn every_architecture_trains_exports_and_serves() {
         }
         let g = Adapter::read_gguf(&grit_run.join("adapter.gguf")).unwrap();
         assert!(g.modules.iter().any(|m| m.rank < 8), "{name}: GRIT made no cut");
+        // The run says what it adapted: Phi-3's fused tensors for the default targets.
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(lora.join("summary.json")).unwrap())
+                .unwrap();
+        let expected: &[&str] = if arch.fused_gate_up() {
+            &["attn_qkv", "attn_output", "ffn_up", "ffn_down"]
+        } else {
+            &["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+        };
+        assert_eq!(summary["targets"], serde_json::json!(expected), "{name}");
 
         // Measured (tiny Q4_1 models, AMD EPYC): llama.cpp with the adapter max 0 against
         // grit's graph, as for llama; merged F16 within the F16 floor.

@@ -746,7 +746,7 @@ impl Trainer {
         let summary = Summary {
             method: cfg.method,
             base_model: self.model_path.display().to_string(),
-            targets: cfg.targets.clone(),
+            targets: adapted_targets(&lora),
             rank_per_module: lora.modules().iter().map(|m| (m.base_name(), m.rank)).collect(),
             trainable_params: lora.n_params(),
             steps: self.step,
@@ -791,6 +791,13 @@ fn prepare_out_dir(opts: &RunOptions) -> Result<(), TrainError> {
 
 fn is_empty_dir(p: &Path) -> bool {
     std::fs::read_dir(p).map(|mut d| d.next().is_none()).unwrap_or(true)
+}
+
+/// The targets a run adapted, in graph order: the requested ones as the model has them (its
+/// fused tensors where it fuses them).
+fn adapted_targets(lora: &LoraSet) -> Vec<String> {
+    let set: std::collections::BTreeSet<Target> = lora.modules().iter().map(|m| m.target).collect();
+    set.into_iter().map(|t| t.name().to_string()).collect()
 }
 
 /// The adapters a run starts from (every module at `--rank`, initialized from the seed, or
