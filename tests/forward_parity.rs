@@ -325,6 +325,14 @@ fn tiny(spec: &TinySpec, dir: &Path, name: &str) -> PathBuf {
     path
 }
 
+/// A tiny F32 model against llama.cpp with a random rank-4 adapter on the default targets:
+/// F32 rounding only, so max 1e-4 / rms 1e-5, and each control ≥ 1000× the rms bound.
+fn tiny_f32_case(name: &str, path: &Path) {
+    let cfg = LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() };
+    let bounds = Bounds { max: 1e-4, rms: 1e-5, control_factor: 1000.0 };
+    parity_case(name, path, UNALIGNED, &cfg, (0.3, 0.3), &bounds);
+}
+
 /// llama.cpp pads its KV cache view to multiples of 256 cells: with 256 tokens both engines
 /// attend over the same length; with 189 they do not (llama.cpp's softmax and V sums run
 /// over 256 cells, the padding masked), which changes float rounding at the ulp level.
@@ -345,10 +353,8 @@ fn tiny_llama_f32_matches_llama_cpp() {
         ..TinySpec::default()
     };
     let path = tiny(&spec, dir.path(), "tiny-llama.gguf");
-    let cfg = LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() };
     // Measured: max 7.6e-6, rms 2.3e-7 (F32 rounding only).
-    let bounds = Bounds { max: 1e-4, rms: 1e-5, control_factor: 1000.0 };
-    parity_case("tiny llama (F32, GQA, rope factors)", &path, UNALIGNED, &cfg, (0.3, 0.3), &bounds);
+    tiny_f32_case("tiny llama (F32, GQA, rope factors)", &path);
     rows_and_loss_case(&path, UNALIGNED);
 }
 
@@ -365,10 +371,8 @@ fn tiny_qwen2_f32_matches_llama_cpp() {
         ..TinySpec::default()
     };
     let path = tiny(&spec, dir.path(), "tiny-qwen2.gguf");
-    let cfg = LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() };
     // Measured: max 6.8e-6, rms 2.1e-7.
-    let bounds = Bounds { max: 1e-4, rms: 1e-5, control_factor: 1000.0 };
-    parity_case("tiny qwen2 (F32, biases, NEOX)", &path, UNALIGNED, &cfg, (0.3, 0.3), &bounds);
+    tiny_f32_case("tiny qwen2 (F32, biases, NEOX)", &path);
 }
 
 #[test]
@@ -387,17 +391,8 @@ fn tiny_qwen3_f32_matches_llama_cpp() {
         ..TinySpec::default()
     };
     let path = tiny(&spec, dir.path(), "tiny-qwen3.gguf");
-    let cfg = LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() };
     // Measured: max 1.4e-5, rms 4.1e-7 with the random adapter (5.7e-6 / 2.2e-7 without).
-    let bounds = Bounds { max: 1e-4, rms: 1e-5, control_factor: 1000.0 };
-    parity_case(
-        "tiny qwen3 (F32, per-head q/k norms, 4 heads × 32 > n_embd 64, NEOX)",
-        &path,
-        UNALIGNED,
-        &cfg,
-        (0.3, 0.3),
-        &bounds,
-    );
+    tiny_f32_case("tiny qwen3 (F32, per-head q/k norms, 4 heads × 32 > n_embd 64, NEOX)", &path);
 }
 
 #[test]
@@ -423,16 +418,7 @@ fn tiny_phi3_f32_matches_llama_cpp() {
     assert!(e.contains("original_context_length") && e.contains("--max-seq-len"), "{e}");
     // The default targets: on Phi-3 the fused attn_qkv and gate/up ffn_up, o and down.
     // Measured: max 5.0e-6, rms 1.5e-7 with the random adapter.
-    let cfg = LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() };
-    let bounds = Bounds { max: 1e-4, rms: 1e-5, control_factor: 1000.0 };
-    parity_case(
-        "tiny phi3 (F32, fused qkv and gate/up, LongRoPE short factors, NEOX)",
-        &path,
-        UNALIGNED,
-        &cfg,
-        (0.3, 0.3),
-        &bounds,
-    );
+    tiny_f32_case("tiny phi3 (F32, fused qkv and gate/up, LongRoPE short factors, NEOX)", &path);
 }
 
 /// Fused q/k/v (`attn_qkv`, which llama.cpp accepts for every architecture) with its bias.
@@ -451,16 +437,7 @@ fn tiny_fused_qkv_f32_matches_llama_cpp() {
     };
     let path = tiny(&spec, dir.path(), "tiny-qwen2-qkv.gguf");
     // Measured: max 1.4e-5, rms 2.4e-7 with the random adapter.
-    let cfg = LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::default() };
-    let bounds = Bounds { max: 1e-4, rms: 1e-5, control_factor: 1000.0 };
-    parity_case(
-        "tiny qwen2 (F32, fused attn_qkv + bias)",
-        &path,
-        UNALIGNED,
-        &cfg,
-        (0.3, 0.3),
-        &bounds,
-    );
+    tiny_f32_case("tiny qwen2 (F32, fused attn_qkv + bias)", &path);
 }
 
 #[test]

@@ -335,9 +335,9 @@ fn parse_peft_name(name: &str) -> Option<(String, usize, Target, bool)> {
     let module = parts[..li].join(".");
     let module = module.strip_prefix("base_model.model.").unwrap_or(&module).to_string();
     let proj = parts[li - 1];
-    let target = Target::ALL.into_iter().find(|&t| {
-        [Arch::Llama, Arch::Phi3].iter().any(|&a| hf_module(a, t).ends_with(&format!(".{proj}")))
-    })?;
+    let target = Target::ALL
+        .into_iter()
+        .find(|&t| Arch::ALL.iter().any(|&a| hf_module(a, t).ends_with(&format!(".{proj}"))))?;
     let lp = parts.iter().position(|p| *p == "layers")?;
     let layer = parts.get(lp + 1)?.parse().ok()?;
     Some((module, layer, target, is_a))

@@ -81,19 +81,10 @@ impl<T: Copy> Layer<T> {
         }
     }
 
-    /// The block's matmul weights, in graph order (4 with fused projections, 7 without).
+    /// The block's matmul weights, in graph order (4 with fused projections, 7 without): the
+    /// weights of the targets it has.
     pub fn matmul_weights(&self) -> Vec<T> {
-        let mut v = match self.qkv {
-            Qkv::Split { q, k, v, .. } => vec![q, k, v],
-            Qkv::Fused { qkv, .. } => vec![qkv],
-        };
-        v.push(self.attn_output);
-        match self.gate_up {
-            GateUp::Split { gate, up, .. } => v.extend([gate, up]),
-            GateUp::Fused { up } => v.push(up),
-        }
-        v.push(self.ffn_down);
-        v
+        Target::ALL.into_iter().filter_map(|t| t.weight(self)).collect()
     }
 }
 
