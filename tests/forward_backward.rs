@@ -161,11 +161,12 @@ fn lora_dropout_masks_the_adapter_input() {
                 outputs: Outputs::Rows(rows.len()),
                 loss: true,
                 dropout: dropout.is_some(),
+                backward: true,
             },
         );
         // q/k/v share one mask, gate/up another: 4 distinct inputs per layer.
         assert_eq!(g.dropout.len(), if dropout.is_some() { 4 * spec.n_layer } else { 0 });
-        g.graph.build_backward_expand(&ctx);
+        g.build_backward(&ctx);
         let mut backend = Backend::cpu(0).unwrap();
         let mut run = backend.compute(&g.graph).unwrap();
         g.set_inputs(&mut run, &batch).unwrap();

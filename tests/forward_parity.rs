@@ -37,7 +37,7 @@ use grit::gguf::GgufFile;
 use grit::infer::Model;
 use grit::model::{
     write_tiny_model, Arch, Batch, GraphOptions, LoraConfig, LoraSet, Outputs, TinySpec,
-    TrainGraph, Weights,
+    TinyWindow, TrainGraph, Weights,
 };
 
 const TEXT: &str = "The old lighthouse keeper climbed the spiral stairs every evening, counting the steps \
@@ -252,6 +252,17 @@ fn parity_case_with(
         ));
         weights.hparams.rope.mode = right;
     }
+    if let Some(swa) = weights.hparams.swa.take() {
+        controls.push((
+            "sliding window ignored",
+            diff(
+                &reference_lora,
+                &grit_logits(&weights, Some(&lora), &mut backend, &batch),
+                n_vocab,
+            ),
+        ));
+        weights.hparams.swa = Some(swa);
+    }
     for (what, d) in &controls {
         report(&format!("{name}: control, {what}"), *d);
     }
@@ -419,6 +430,34 @@ fn tiny_phi3_f32_matches_llama_cpp() {
     // The default targets: on Phi-3 the fused attn_qkv and gate/up ffn_up, o and down.
     // Measured: max 5.0e-6, rms 1.5e-7 with the random adapter.
     tiny_f32_case("tiny phi3 (F32, fused qkv and gate/up, LongRoPE short factors, NEOX)", &path);
+}
+
+#[test]
+fn tiny_gemma3_f32_matches_llama_cpp() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec {
+        arch: Arch::Gemma3,
+        n_embd: 64,
+        n_layer: 3,
+        n_head: 4,
+        n_head_kv: 2,
+        head_dim: Some(32),
+        // Layers 0 and 1 slide over 32 tokens (of 189) with their own RoPE base; layer 2 is
+        // global.
+        sliding_window: Some(TinyWindow { window: 32, pattern: 3, rope_freq_base: 1000.0 }),
+        seed: 17,
+        ..TinySpec::default()
+    };
+    let path = tiny(&spec, dir.path(), "tiny-gemma3.gguf");
+    let w = Weights::load(&GgufFile::open(&path).unwrap(), &common::backend(1)).unwrap();
+    let swa = w.hparams.swa.as_ref().expect("sliding window read");
+    assert_eq!((swa.window, swa.layers.clone()), (32, vec![true, true, false]));
+    assert_eq!(swa.rope.freq_base, 1000.0);
+    // Measured: max …, rms … with the random adapter.
+    tiny_f32_case(
+        "tiny gemma3 (F32, GEGLU, post norms, q/k norms, sliding window, scaled embeddings)",
+        &path,
+    );
 }
 
 /// Fused q/k/v (`attn_qkv`, which llama.cpp accepts for every architecture) with its bias.

@@ -14,7 +14,7 @@ use grit::ggml::{dequantize, Backend, Context, GgufWriter, Type};
 use grit::gguf::GgufFile;
 use grit::model::{
     write_tiny_model, Arch, Batch, GraphOptions, LoraConfig, LoraSet, Outputs, TinySpec,
-    TrainGraph, Weights,
+    TinyWindow, TrainGraph, Weights,
 };
 use grit::train::config::WeightCopies;
 use grit::train::copies::{Forward, FrozenCopies};
@@ -29,8 +29,14 @@ fn tiny(dir: &std::path::Path, arch: Arch, ty: Type, seed: u64) -> std::path::Pa
     // n_embd 256 so that K-quants (blocks of 256) fit every matrix row.
     let spec = TinySpec {
         arch,
-        // Qwen3's heads are wider than n_embd / n_head, as in the real models.
-        head_dim: (arch == Arch::Qwen3).then_some(128),
+        // Qwen3's and Gemma 3's heads are wider than n_embd / n_head, as in the real models.
+        head_dim: matches!(arch, Arch::Qwen3 | Arch::Gemma3).then_some(128),
+        // Gemma 3: layer 0 slides over 8 tokens (of the batch's 24), layer 1 is global.
+        sliding_window: (arch == Arch::Gemma3).then_some(TinyWindow {
+            window: 8,
+            pattern: 2,
+            rope_freq_base: 1000.0,
+        }),
         n_embd: 256,
         n_layer: 2,
         n_head: 4,
@@ -214,7 +220,10 @@ fn check(arch: Arch, seed: u64, ty: Type, mode: WeightCopies, eps: f32) -> f64 {
         &tw,
         Some(&tl),
         b.n_tokens(),
-        GraphOptions::loss(Outputs::Rows(b.n_rows())),
+        // Built as for a backward: Gemma 3's GELU is then the exact function (ggml's CPU GELU
+        // reads an F16 table, a staircase at the scale of eps), whose derivative the step's
+        // backward computes.
+        GraphOptions::loss(Outputs::Rows(b.n_rows())).for_backward(),
     );
     let loss_t = g.loss.expect("eval graph has a loss");
     let mut run = cpu.compute(&g.graph).unwrap();
@@ -302,12 +311,16 @@ fn lora_gradients_match_finite_differences_for_every_base_type_and_copy_mode() {
 }
 
 /// The same check through the training engine for the other architectures (their graphs differ
-/// from llama's in RoPE layout, biases, Qwen3's per-head q/k norms and Phi-3's fused qkv and
-/// gate/up tensors), on an F32 base and on a quantized one with the default copies. The
+/// from llama's in RoPE layout, biases, Qwen3's per-head q/k norms, Phi-3's fused qkv and
+/// gate/up tensors and Gemma 3's GEGLU, extra norms and sliding window), on an F32 base and on a quantized one with the default copies. The
 /// quantized case compares the gradient of a forward with 8-bit activations against finite
 /// differences of the F32 twin, so its error is that rounding, which varies with the random
 /// model: Q4_1/Q8_0 measured 2.4–6.4 % (qwen2) and 3.3–7.0 % (qwen3, wide heads) over seeds
-/// 7–10, 3.2 % (phi3, seed 7); the F32 bases check to 7.5e-4 on the CPU (2.4e-3 on lavapipe).
+/// 7–10, 3.2 % (phi3, seed 7), 1.7 % (gemma3); the F32 bases check to 7.5e-4 on the CPU
+/// (2.4e-3 on lavapipe), Gemma 3 to 2.9e-3: its finite differences are noisier (1.7e-2 with
+/// eps 3e-3, 1.7e-3 with 3e-2: the f32 loss's rounding, not the gradient). Gemma 3's tiny
+/// model has a sliding-window layer and a global one, and its step runs ggml's GEGLU forward
+/// with the backward of the exact GELU (see `ggml::passes::geglu`).
 #[test]
 fn other_architectures_gradients_match_finite_differences() {
     let mut failures = Vec::new();

@@ -524,6 +524,21 @@ impl Context {
         // SAFETY: see the note above the ops.
         self.wrap(unsafe { sys::ggml_swiglu_split(self.raw(), gate.raw(), up.raw()) })
     }
+    /// `gelu(gate) ⊙ up` with ggml's tanh-approximated GELU (llama.cpp's GEGLU feed-forward).
+    /// ggml has no backward for it: graphs that need one build the GELU from ops that have
+    /// one and restore this op for the forward (see `passes::geglu`).
+    pub fn geglu_split<'a>(&'a self, gate: Tensor<'a>, up: Tensor<'a>) -> Tensor<'a> {
+        assert!(gate.ne() == up.ne(), "geglu_split: gate {gate:?} and up {up:?} differ in shape");
+        self.room(1);
+        // SAFETY: see the note above the ops.
+        self.wrap(unsafe { sys::ggml_geglu_split(self.raw(), gate.raw(), up.raw()) })
+    }
+    /// Element-wise ln(1 + eᵃ) (ggml returns a itself above 20).
+    pub fn softplus<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
+        self.room(1);
+        // SAFETY: see the note above the ops.
+        self.wrap(unsafe { sys::ggml_softplus(self.raw(), a.raw()) })
+    }
     pub fn exp<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
         self.room(1);
         // SAFETY: see the note above the ops.
@@ -920,6 +935,10 @@ impl<'a> Tensor<'a> {
     pub(crate) fn op(self) -> u32 {
         self.info().op
     }
+    /// The `i`-th 32-bit op parameter (e.g. a GLU node's op).
+    pub(crate) fn op_params_i32(self, i: usize) -> i32 {
+        self.info().op_params[i]
+    }
     /// The tensor whose memory this view uses (None: not a view).
     pub(crate) fn view_source(self) -> Option<Tensor<'a>> {
         let p = self.info().view_src;
@@ -1229,6 +1248,13 @@ impl<'a> Graph<'a> {
             (0..n).any(|i| self.node(i).flags() & sys::GGML_TENSOR_FLAG_LOSS as i32 != 0),
             "build_backward_expand: no loss in the graph (Tensor::set_loss)"
         );
+        // ggml's backward aborts on GLU ops other than the split SwiGLU (GEGLU: see
+        // passes::geglu, which builds the differentiable form).
+        if let Some(t) = (0..n).map(|i| self.node(i)).find(|t| {
+            t.op() == sys::GGML_OP_GLU && t.op_params_i32(0) != sys::GGML_GLU_OP_SWIGLU as i32
+        }) {
+            panic!("build_backward_expand: {t:?} is a GLU op without a backward in ggml (build the graph for a backward)");
+        }
         // ggml creates a few tensors per forward node and aborts when the context is full.
         ctx.room(4 * n);
         // SAFETY: live context and graph (created with grads, which ggml asserts); NULL

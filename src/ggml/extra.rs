@@ -206,6 +206,30 @@ impl<'a> Tensor<'a> {
         }
     }
 
+    /// Turns this node into ggml's split GEGLU, `gelu(gate) ⊙ up`, in place (F32, the shape
+    /// of `gate` and `up`; both with contiguous rows, as ggml's GLU ops need).
+    ///
+    /// # Safety
+    /// As for [`Tensor::rewrite_as_mul_mat`].
+    pub(crate) unsafe fn rewrite_as_geglu(self, gate: Tensor<'a>, up: Tensor<'a>) {
+        assert!(
+            gate.ne() == self.ne()
+                && up.ne() == self.ne()
+                && [gate.ty(), up.ty(), self.ty()].iter().all(|&t| t == super::Type::F32)
+                && gate.nb()[0] == 4
+                && up.nb()[0] == 4,
+            "rewrite as geglu: {gate:?}, {up:?} does not give {self:?}"
+        );
+        // SAFETY: the caller guarantees exclusivity (and the shapes, checked above). The op
+        // parameters are ggml_glu_impl's: the GLU op, then `swapped` (0: the gate is src0).
+        unsafe {
+            self.set_binary_op(sys::GGML_OP_GLU, gate, up);
+            let t = &mut *self.raw();
+            t.op_params[0] = sys::GGML_GLU_OP_GEGLU as i32;
+            t.op_params[1] = 0;
+        }
+    }
+
     /// Turns this node into `add(a, b)` in place (same contract as
     /// [`Tensor::rewrite_as_mul_mat`]: the node must have `a`'s F32 type and shape, equal to
     /// `b`'s).

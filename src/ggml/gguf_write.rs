@@ -134,6 +134,22 @@ impl GgufWriter {
         // SAFETY: live context; key copied by gguf.
         unsafe { sys::gguf_set_val_bool(self.raw(), k.as_ptr(), v) }
     }
+    /// An array of bools (one byte each in GGUF).
+    pub fn set_bool_array(&mut self, k: &str, v: &[bool]) {
+        let k = key(k);
+        let bytes: Vec<u8> = v.iter().map(|&b| b as u8).collect();
+        // SAFETY: live context; gguf copies n elements of its BOOL type (1 byte) from the
+        // buffer, which holds exactly n bytes.
+        unsafe {
+            sys::gguf_set_arr_data(
+                self.raw(),
+                k.as_ptr(),
+                sys::GGUF_TYPE_BOOL,
+                bytes.as_ptr().cast(),
+                bytes.len(),
+            )
+        }
+    }
     /// Removes a key if present.
     pub fn remove_key(&mut self, k: &str) {
         let k = key(k);

@@ -292,6 +292,25 @@ impl GgufFile {
         }
     }
 
+    /// The values of a bool-array value (None: absent or not an array of bools).
+    pub fn bool_array(&self, key: &str) -> Option<Vec<bool>> {
+        let ckey = CString::new(key).ok()?;
+        // SAFETY: valid ctx and key; gguf_get_arr_data is called only on an array of bools
+        // (not strings, for which it aborts), whose data holds one byte per element.
+        unsafe {
+            let id = sys::gguf_find_key(self.ctx, ckey.as_ptr());
+            if id < 0
+                || sys::gguf_get_kv_type(self.ctx, id) != sys::GGUF_TYPE_ARRAY
+                || sys::gguf_get_arr_type(self.ctx, id) != sys::GGUF_TYPE_BOOL
+            {
+                return None;
+            }
+            let n = sys::gguf_get_arr_n(self.ctx, id);
+            let p = sys::gguf_get_arr_data(self.ctx, id) as *const u8;
+            Some((0..n).map(|i| *p.add(i) != 0).collect())
+        }
+    }
+
     /// Checks what llama.cpp's model loader asserts on (aborting the process) rather than
     /// reporting: every token of `tokenizer.ggml.tokens` must be distinct. Call before handing
     /// the file to llama.cpp.

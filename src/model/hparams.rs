@@ -18,11 +18,25 @@ pub enum Arch {
     /// Phi-3 / Phi-3.5 (dense): RoPE NEOX, q/k/v fused in `attn_qkv`, gate and up fused in
     /// `ffn_up`, LongRoPE's short frequency factors when the model has them.
     Phi3,
+    /// Gemma 3 (text): RoPE NEOX, a GELU-gated feed-forward (GEGLU), embeddings scaled by
+    /// √n_embd, RMS norms after attention and feed-forward as well as before, per-head q/k
+    /// norms, queries scaled before the scores, and sliding-window attention with its own
+    /// RoPE base on five of every six layers.
+    Gemma3,
+}
+
+/// The feed-forward's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// silu(gate) ⊙ up.
+    Silu,
+    /// gelu(gate) ⊙ up, GELU's tanh approximation (ggml's GEGLU).
+    GeluTanh,
 }
 
 impl Arch {
     /// Every architecture grit trains (the one list: `grit info`, the refusals and the README's).
-    pub const ALL: [Arch; 4] = [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Phi3];
+    pub const ALL: [Arch; 5] = [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Phi3, Arch::Gemma3];
 
     /// The GGUF `general.architecture` name.
     pub fn name(self) -> &'static str {
@@ -31,6 +45,7 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Phi3 => "phi3",
+            Arch::Gemma3 => "gemma3",
         }
     }
 
@@ -41,7 +56,8 @@ impl Arch {
             return Ok(a);
         }
         let known = match arch {
-            "gemma" | "gemma2" | "gemma3" | "gemma3n" => Some("its GELU-gated FFN needs a GEGLU (and GELU) backward, which ggml lacks"),
+            "gemma" | "gemma2" => Some("grit's graph implements Gemma 3 only (Gemma 1/2 differ in soft-capping and norms)"),
+            "gemma3n" => Some("Gemma 3n's per-layer embeddings, AltUp and sparse activations are not implemented in grit's graph"),
             "qwen2moe" | "qwen3moe" | "mixtral" | "deepseek2" | "olmoe" | "gpt-oss" => {
                 Some("mixture-of-experts layers need a mul_mat_id backward, which ggml lacks")
             }
@@ -63,19 +79,44 @@ impl Arch {
         self == Arch::Llama
     }
 
-    /// RoPE layout: NORM for LLaMA, NEOX for Qwen2, Qwen3 and Phi-3 (llama.cpp's
+    /// RoPE layout: NORM for LLaMA, NEOX for the others (llama.cpp's
     /// llama_model_rope_type).
     pub fn rope_mode(self) -> RopeMode {
         match self {
             Arch::Llama => RopeMode::Norm,
-            Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 => RopeMode::Neox,
+            Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 | Arch::Gemma3 => RopeMode::Neox,
         }
     }
 
     /// Whether the graph scales the queries by the attention scale (before the scores, with
-    /// a score scale of 1) rather than the scores (Phi-3, as llama.cpp's phi3 graph).
+    /// a score scale of 1) rather than the scores (Phi-3 and Gemma 3, as llama.cpp's graphs).
     pub fn scales_queries(self) -> bool {
-        self == Arch::Phi3
+        matches!(self, Arch::Phi3 | Arch::Gemma3)
+    }
+
+    /// Whether each block has per-head RMS norms of the queries and keys (`attn_q_norm`,
+    /// `attn_k_norm`, [head_dim] each) before RoPE.
+    pub fn qk_norms(self) -> bool {
+        matches!(self, Arch::Qwen3 | Arch::Gemma3)
+    }
+
+    /// Whether the attention and feed-forward outputs are RMS-normed (`attn_post_norm`,
+    /// `ffn_post_norm`) before the residual adds (Gemma 3).
+    pub fn post_norms(self) -> bool {
+        self == Arch::Gemma3
+    }
+
+    /// Whether the token embeddings are scaled by √n_embd (Gemma 3).
+    pub fn scales_embeddings(self) -> bool {
+        self == Arch::Gemma3
+    }
+
+    /// The feed-forward's gate activation.
+    pub fn activation(self) -> Activation {
+        match self {
+            Arch::Gemma3 => Activation::GeluTanh,
+            _ => Activation::Silu,
+        }
     }
 
     /// Whether the gate and up projections are one `ffn_up` tensor [n_embd, 2·n_ff] (Phi-3).
@@ -102,6 +143,20 @@ pub struct LlamaHparams {
     pub rms_eps: f32,
     /// Attention logit scale (default 1/sqrt(head_dim); `attention.scale` when set).
     pub attn_scale: f32,
+    pub rope: RopeParams,
+    /// Sliding-window attention (Gemma 3), None: every layer attends to the whole sequence.
+    pub swa: Option<SlidingWindow>,
+}
+
+/// Sliding-window attention as llama.cpp's "standard" kind: in a sliding-window layer query
+/// position p₁ sees key position p₀ only if p₁ − p₀ < `window`; those layers rotate with
+/// their own RoPE parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlidingWindow {
+    pub window: usize,
+    /// Per layer: true for a sliding-window layer.
+    pub layers: Vec<bool>,
+    /// RoPE of the sliding-window layers (`rope.freq_base_swa`, default 10000, scale 1).
     pub rope: RopeParams,
 }
 
@@ -185,9 +240,25 @@ impl LlamaHparams {
         let freq_base = get_f("rope.freq_base")?.unwrap_or(10000.0);
 
         let attn_scale = match get_f("attention.scale")? {
+            // llama.cpp's gemma3 ignores the key: 1/√head_dim, but 1/√(n_embd/n_head) for
+            // the 27B model (62 layers), after Google's reference configuration.
+            _ if arch == Arch::Gemma3 && n_layer == 62 => 1.0 / ((n_embd / n_head) as f32).sqrt(),
+            _ if arch == Arch::Gemma3 => 1.0 / (head_dim as f32).sqrt(),
             Some(s) if s != 0.0 => s,
             _ => 1.0 / (head_dim as f32).sqrt(),
         };
+        if let Some(c) = get_f("final_logit_softcapping")?.filter(|&c| c != 0.0) {
+            return Err(bad(
+                k("final_logit_softcapping"),
+                format!("final-logit soft-capping ({c}) is not implemented in grit's graph"),
+            ));
+        }
+        if let Some(c) = get_f("attn_logit_softcapping")?.filter(|&c| c != 0.0) {
+            return Err(bad(
+                k("attn_logit_softcapping"),
+                format!("attention-logit soft-capping ({c}) is not implemented in grit's graph"),
+            ));
+        }
 
         let n_vocab = match file.tensor("token_embd.weight") {
             Some(t) => t.ne[1] as usize,
@@ -197,6 +268,43 @@ impl LlamaHparams {
                     tensor: "token_embd.weight".into(),
                 });
             }
+        };
+
+        let rope = RopeParams {
+            mode: arch.rope_mode(),
+            n_dims: n_rot,
+            n_ctx_orig,
+            freq_base,
+            freq_scale,
+            ext_factor: 0.0,
+            attn_factor,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+        };
+        let swa = match get_opt("attention.sliding_window")? {
+            Some(window) if window > 0 && arch == Arch::Gemma3 => {
+                let pattern_key = k("attention.sliding_window_pattern");
+                let layers = match file.get(&pattern_key) {
+                    Some(Value::Array { .. }) => match file.bool_array(&pattern_key) {
+                        Some(v) if v.len() == n_layer => v,
+                        _ => {
+                            return Err(bad(
+                                pattern_key,
+                                format!("must be {n_layer} bools (one per layer) or a period"),
+                            ))
+                        }
+                    },
+                    // llama.cpp's set_swa_pattern: the last layer of each period is global.
+                    _ => {
+                        let p = get_opt("attention.sliding_window_pattern")?.unwrap_or(6);
+                        (0..n_layer).map(|il| p == 0 || il % p < p - 1).collect()
+                    }
+                };
+                let base = get_f("rope.freq_base_swa")?.unwrap_or(10000.0);
+                let rope = RopeParams { freq_base: base, freq_scale: 1.0, ..rope };
+                Some(SlidingWindow { window, layers, rope })
+            }
+            _ => None,
         };
 
         Ok(LlamaHparams {
@@ -211,18 +319,22 @@ impl LlamaHparams {
             n_ff,
             rms_eps,
             attn_scale,
-            rope: RopeParams {
-                mode: arch.rope_mode(),
-                n_dims: n_rot,
-                n_ctx_orig,
-                freq_base,
-                freq_scale,
-                ext_factor: 0.0,
-                attn_factor,
-                beta_fast: 32.0,
-                beta_slow: 1.0,
-            },
+            rope,
+            swa,
         })
+    }
+
+    /// The RoPE parameters of layer `il` (a sliding-window layer's own, else the model's).
+    pub fn rope_of(&self, il: usize) -> &RopeParams {
+        match &self.swa {
+            Some(w) if w.layers[il] => &w.rope,
+            _ => &self.rope,
+        }
+    }
+
+    /// The sliding window of layer `il` (None: it attends to the whole sequence).
+    pub fn window_of(&self, il: usize) -> Option<usize> {
+        self.swa.as_ref().filter(|w| w.layers[il]).map(|w| w.window)
     }
 
     /// Width of the query projection (n_head × head_dim).
@@ -252,12 +364,88 @@ mod tests {
             assert_eq!(Arch::parse(a.name()).unwrap(), a);
         }
         let err = Arch::parse("mamba").unwrap_err().to_string();
-        assert!(err.contains("covers only llama, qwen2, qwen3, phi3"), "{err}");
+        assert!(err.contains("covers only llama, qwen2, qwen3, phi3, gemma3"), "{err}");
         assert!(Arch::Phi3.fused_gate_up() && !Arch::Phi3.permutes_qk());
-        let e = Arch::parse("gemma3").unwrap_err().to_string();
-        assert!(e.contains("gemma3") && e.contains("GEGLU"), "{e}");
+        assert!(!Arch::Gemma3.permutes_qk() && Arch::Gemma3.activation() == Activation::GeluTanh);
+        let e = Arch::parse("gemma2").unwrap_err().to_string();
+        assert!(e.contains("gemma2") && e.contains("Gemma 3 only"), "{e}");
         let e = Arch::parse("mamba").unwrap_err().to_string();
         assert!(e.contains("mamba") && e.contains("llama"), "{e}");
+    }
+
+    /// A minimal Gemma 3 file's hyper-parameters, with `keys` added.
+    fn gemma3(
+        n_layer: u32,
+        keys: impl FnOnce(&mut crate::ggml::GgufWriter),
+    ) -> Result<LlamaHparams, ModelError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.gguf");
+        let mut w = crate::ggml::GgufWriter::new();
+        w.set_str("general.architecture", "gemma3");
+        for (key, v) in [
+            ("context_length", 64),
+            ("embedding_length", 32),
+            ("block_count", n_layer),
+            ("feed_forward_length", 64),
+            ("attention.head_count", 2),
+            ("attention.key_length", 8),
+            ("attention.value_length", 8),
+        ] {
+            w.set_u32(&format!("gemma3.{key}"), v);
+        }
+        w.set_f32("gemma3.attention.layer_norm_rms_epsilon", 1e-6);
+        keys(&mut w);
+        w.add_f32("token_embd.weight", &[32, 4], &[0.0; 128]).unwrap();
+        w.write(&path).unwrap();
+        LlamaHparams::from_gguf(&GgufFile::open(&path).unwrap())
+    }
+
+    /// Gemma 3's sliding window and attention scale as llama.cpp reads them.
+    #[test]
+    fn gemma3_sliding_window_and_scale() {
+        // No window: every layer global; queries scaled by 1/√head_dim (not n_embd/n_head).
+        let hp = gemma3(8, |_| {}).unwrap();
+        assert!(hp.swa.is_none() && hp.window_of(0).is_none());
+        assert_eq!(hp.attn_scale, 1.0 / 8f32.sqrt());
+        // A window with the default period 6: layers 5 and 11 global, their own RoPE base.
+        let hp = gemma3(12, |w| {
+            w.set_u32("gemma3.attention.sliding_window", 512);
+            w.set_f32("gemma3.rope.freq_base", 1e6);
+        })
+        .unwrap();
+        let global: Vec<usize> = (0..12).filter(|&il| hp.window_of(il).is_none()).collect();
+        assert_eq!(global, vec![5, 11]);
+        assert_eq!(hp.window_of(0), Some(512));
+        assert_eq!((hp.rope_of(0).freq_base, hp.rope_of(5).freq_base), (10000.0, 1e6));
+        // The pattern as a period, and as one bool per layer.
+        let hp = gemma3(4, |w| {
+            w.set_u32("gemma3.attention.sliding_window", 4);
+            w.set_u32("gemma3.attention.sliding_window_pattern", 2);
+            w.set_f32("gemma3.rope.freq_base_swa", 500.0);
+        })
+        .unwrap();
+        assert_eq!(hp.swa.as_ref().unwrap().layers, vec![true, false, true, false]);
+        assert_eq!(hp.rope_of(2).freq_base, 500.0);
+        let hp = gemma3(3, |w| {
+            w.set_u32("gemma3.attention.sliding_window", 4);
+            w.set_bool_array("gemma3.attention.sliding_window_pattern", &[false, true, true]);
+        })
+        .unwrap();
+        assert_eq!(hp.swa.as_ref().unwrap().layers, vec![false, true, true]);
+        let e = gemma3(3, |w| {
+            w.set_u32("gemma3.attention.sliding_window", 4);
+            w.set_bool_array("gemma3.attention.sliding_window_pattern", &[true]);
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("sliding_window_pattern") && e.contains("3 bools"), "{e}");
+        // The 27B (62 layers) scales by 1/√(n_embd/n_head) = 1/4, as llama.cpp.
+        assert_eq!(gemma3(62, |_| {}).unwrap().attn_scale, 0.25);
+        // Soft-capping is refused, naming the key.
+        let e = gemma3(2, |w| w.set_f32("gemma3.final_logit_softcapping", 30.0))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("final_logit_softcapping") && e.contains("soft-capping"), "{e}");
     }
 
     /// The README's list of trainable architectures is this one.

@@ -1,9 +1,10 @@
 //! The LLaMA / Qwen2 / Qwen3 training forward graph with LoRA, mirroring llama.cpp's graphs
 //! (src/models/llama.cpp, qwen2.cpp, qwen3.cpp) with non-flash attention and no KV cache.
 
+use crate::ggml::passes::geglu::{self, Geglu};
 use crate::ggml::{Capacity, Computation, Context, Graph, Tensor};
 
-use super::hparams::LlamaHparams;
+use super::hparams::{Activation, LlamaHparams};
 use super::lora::{LoraSet, Target};
 use super::weights::{GateUp, Layer, Qkv, Weights};
 use super::ModelError;
@@ -26,16 +27,24 @@ pub struct GraphOptions {
     pub loss: bool,
     /// LoRA dropout mask inputs.
     pub dropout: bool,
+    /// The graph will be differentiated ([`TrainGraph::build_backward`]): ops that lack a
+    /// backward in ggml (GELU) are built from ops that have one. Such a graph computes the
+    /// exact function until `build_backward` restores ggml's op for the forward.
+    pub backward: bool,
 }
 
 impl GraphOptions {
     /// Logits only (evaluation, parity).
     pub fn logits(outputs: Outputs) -> Self {
-        GraphOptions { outputs, loss: false, dropout: false }
+        GraphOptions { outputs, loss: false, dropout: false, backward: false }
     }
     /// Logits and the loss (training without dropout, in-training eval).
     pub fn loss(outputs: Outputs) -> Self {
-        GraphOptions { outputs, loss: true, dropout: false }
+        GraphOptions { outputs, loss: true, dropout: false, backward: false }
+    }
+    /// These options for a graph that will be differentiated (see [`GraphOptions::backward`]).
+    pub fn for_backward(self) -> Self {
+        GraphOptions { backward: true, ..self }
     }
 }
 
@@ -130,6 +139,26 @@ impl Batch {
         Ok(())
     }
 
+    /// The mask of a sliding-window layer: [`Batch::mask`] where the query's position is
+    /// less than `window` past the key's (llama.cpp's standard sliding window), −∞ elsewhere.
+    pub fn sliding_window_mask(&self, window: usize) -> Result<Vec<f32>, ModelError> {
+        let n = self.tokens.len();
+        let mut m = self.mask.clone();
+        for (j, row) in m.chunks_mut(n).enumerate() {
+            for (i, v) in row.iter_mut().enumerate() {
+                if (self.positions[j] as i64 - self.positions[i] as i64) >= window as i64 {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+            if row.iter().all(|&x| x == f32::NEG_INFINITY) {
+                return Err(ModelError::Batch(format!(
+                    "mask row {j} masks every token within the sliding window of {window}"
+                )));
+            }
+        }
+        Ok(m)
+    }
+
     /// One-hot rows of `labels` over `n_vocab` classes ([n_vocab, n_rows] in ggml order).
     pub fn one_hot(&self, n_vocab: usize) -> Vec<f32> {
         let mut y = vec![0.0; n_vocab * self.labels.len()];
@@ -152,6 +181,9 @@ pub struct TrainGraph<'g> {
     pub positions: Tensor<'g>,
     /// F32 [n_tokens (kv), n_tokens].
     pub mask: Tensor<'g>,
+    /// F32 [n_tokens (kv), n_tokens]: the mask of the sliding-window layers (models with
+    /// them), filled from [`Batch::mask`] and the positions by [`TrainGraph::set_inputs`].
+    pub mask_swa: Option<(Tensor<'g>, usize)>,
     /// I32 [n_rows] (with `Outputs::Rows`).
     pub rows: Option<Tensor<'g>>,
     /// F32 one-hot [n_vocab, n_rows] (with a loss).
@@ -168,6 +200,28 @@ pub struct TrainGraph<'g> {
     /// LoRA dropout masks (built with [`GraphOptions::dropout`]): F32 [d_in, n_tokens]
     /// inputs, each 0 or 1/(1 − p), one per distinct adapter input of a layer.
     pub dropout: Vec<DropoutMask<'g>>,
+    /// GEGLUs built for the backward, restored to ggml's op by [`TrainGraph::build_backward`].
+    geglu: Vec<Geglu<'g>>,
+    backward: bool,
+}
+
+/// What the forward records besides its result.
+struct Record<'g> {
+    taps: Vec<LoraTap<'g>>,
+    /// Dropout masks (None: no dropout).
+    masks: Option<Vec<DropoutMask<'g>>>,
+    blocks: Vec<Tensor<'g>>,
+    /// GEGLUs built from differentiable ops (None: ggml's GEGLU, for forward-only graphs).
+    geglu: Option<Vec<Geglu<'g>>>,
+}
+
+/// The graph inputs the transformer reads.
+struct Inputs<'g> {
+    tokens: Tensor<'g>,
+    pos: Tensor<'g>,
+    mask: Tensor<'g>,
+    /// The sliding-window layers' mask (models with them).
+    mask_swa: Option<Tensor<'g>>,
 }
 
 /// One LoRA dropout mask input: the adapter input it multiplies (`blk.3.attn_in`).
@@ -267,7 +321,7 @@ impl<'g> TrainGraph<'g> {
         let tokens = ctx.new_i32("tokens", n_tokens).set_input();
         let positions = ctx.new_i32("positions", n_tokens).set_input();
         let mask = ctx.new_f32("kq_mask", &[n_tokens as i64, n_tokens as i64]).set_input();
-        let GraphOptions { outputs, loss: with_loss, dropout } = o;
+        let GraphOptions { outputs, loss: with_loss, dropout, backward } = o;
         let rows = match outputs {
             Outputs::All => None,
             Outputs::Rows(n) => {
@@ -276,11 +330,19 @@ impl<'g> TrainGraph<'g> {
             }
         };
 
+        let mask_swa = hp.swa.as_ref().map(|w| {
+            let t = ctx.new_f32("kq_mask_swa", &[n_tokens as i64, n_tokens as i64]).set_input();
+            (t, w.window)
+        });
+        let inputs = Inputs { tokens, pos: positions, mask, mask_swa: mask_swa.map(|m| m.0) };
         let model = Llama::new(weights, lora);
-        let mut taps = Vec::new();
-        let mut masks = dropout.then(Vec::new);
-        let mut blocks = Vec::new();
-        let x = model.forward(ctx, tokens, positions, mask, &mut taps, &mut masks, &mut blocks); // [n_embd, n_tokens]
+        let mut rec = Record {
+            taps: Vec::new(),
+            masks: dropout.then(Vec::new),
+            blocks: Vec::new(),
+            geglu: o.backward.then(Vec::new),
+        };
+        let x = model.forward(ctx, &inputs, &mut rec); // [n_embd, n_tokens]
         let x = match rows {
             Some(r) => ctx.get_rows(x, r), // [n_embd, n_rows]
             None => x,
@@ -306,14 +368,30 @@ impl<'g> TrainGraph<'g> {
             tokens,
             positions,
             mask,
+            mask_swa,
             rows,
             labels,
             logits,
             loss,
-            taps,
-            blocks,
-            dropout: masks.unwrap_or_default(),
+            taps: rec.taps,
+            blocks: rec.blocks,
+            dropout: rec.masks.unwrap_or_default(),
+            geglu: rec.geglu.unwrap_or_default(),
+            backward,
         }
+    }
+
+    /// Adds the backward pass (ggml's autodiff of the marked loss with respect to the marked
+    /// parameters), then gives the forward ggml's own ops where the graph was built from
+    /// differentiable ones (GEGLU): the forward computes what llama.cpp computes, the
+    /// gradient is that of the exact function.
+    pub fn build_backward(&mut self, ctx: &'g Context) {
+        assert!(
+            self.backward,
+            "TrainGraph::build_backward on a graph built without GraphOptions::for_backward"
+        );
+        self.graph.build_backward_expand(ctx);
+        geglu::restore_geglu(&mut self.graph, &self.geglu);
     }
 
     /// Fills the dropout masks (if any) for micro-batch `micro` of optimizer step `step`.
@@ -352,6 +430,9 @@ impl<'g> TrainGraph<'g> {
         run.write_i32(self.tokens, &batch.tokens)?;
         run.write_i32(self.positions, &batch.positions)?;
         run.write_f32(self.mask, &batch.mask)?;
+        if let Some((t, window)) = self.mask_swa {
+            run.write_f32(t, &batch.sliding_window_mask(window)?)?;
+        }
         if let Some(rows) = self.rows {
             if batch.n_rows() != rows.ne()[0] as usize {
                 return Err(ModelError::Batch(format!(
@@ -403,36 +484,26 @@ impl<'w> Llama<'w> {
     }
 
     /// The transformer: token ids → final hidden states [n_embd, n_tokens] (before the norm).
-    #[allow(clippy::too_many_arguments)]
-    fn forward<'g>(
-        &self,
-        ctx: &'g Context,
-        tokens: Tensor<'g>,
-        pos: Tensor<'g>,
-        mask: Tensor<'g>,
-        taps: &mut Vec<LoraTap<'g>>,
-        masks: &mut Option<Vec<DropoutMask<'g>>>,
-        blocks: &mut Vec<Tensor<'g>>,
-    ) -> Tensor<'g>
+    fn forward<'g>(&self, ctx: &'g Context, inp: &Inputs<'g>, rec: &mut Record<'g>) -> Tensor<'g>
     where
         'w: 'g,
     {
-        let mut x = ctx.get_rows(self.tok_embd, tokens); // [n_embd, n_tokens]
-        blocks.push(x);
+        let hp = self.hp;
+        let mut x = ctx.get_rows(self.tok_embd, inp.tokens); // [n_embd, n_tokens]
+        if hp.arch.scales_embeddings() {
+            x = ctx.scale(x, (hp.n_embd as f32).sqrt());
+        }
+        rec.blocks.push(x);
         for (il, l) in self.layers.iter().enumerate() {
-            let mut lin = |target: Target, w, b, x: Tensor<'g>| {
-                self.linear(ctx, il, target, w, b, x, taps, masks)
-            };
             // self-attention block
             let h = self.norm(ctx, x, l.attn_norm); // [n_embd, n_tokens]
             let qkv = match l.qkv {
                 Qkv::Split { q, k, v, q_b, k_b, v_b } => {
-                    let (hd, nh, nkv) =
-                        (self.hp.head_dim as i64, self.hp.n_head as i64, self.hp.n_head_kv as i64);
+                    let (hd, nh, nkv) = (hp.head_dim as i64, hp.n_head as i64, hp.n_head_kv as i64);
                     let n = h.ne()[1];
-                    let q = lin(Target::AttnQ, q, q_b, h); // [n_embd_q, n_tokens]
-                    let k = lin(Target::AttnK, k, k_b, h); // [n_embd_kv, n_tokens]
-                    let v = lin(Target::AttnV, v, v_b, h); // [n_embd_kv, n_tokens]
+                    let q = self.linear(ctx, il, Target::AttnQ, q, q_b, h, rec); // [n_embd_q, n_tokens]
+                    let k = self.linear(ctx, il, Target::AttnK, k, k_b, h, rec); // [n_embd_kv, n_tokens]
+                    let v = self.linear(ctx, il, Target::AttnV, v, v_b, h, rec); // [n_embd_kv, n_tokens]
                     [
                         ctx.reshape_3d(q, hd, nh, n),
                         ctx.reshape_3d(k, hd, nkv, n),
@@ -440,35 +511,52 @@ impl<'w> Llama<'w> {
                     ]
                 }
                 Qkv::Fused { qkv, qkv_b } => {
-                    let y = lin(Target::AttnQkv, qkv, qkv_b, h); // [n_embd_q + 2·n_embd_kv, n_tokens]
+                    let y = self.linear(ctx, il, Target::AttnQkv, qkv, qkv_b, h, rec); // [n_embd_q + 2·n_embd_kv, n_tokens]
                     self.split_qkv(ctx, y)
                 }
             }; // [head_dim, n_head(_kv), n_tokens] each
-            let a = self.attention(ctx, qkv, (l.attn_q_norm, l.attn_k_norm), pos, mask); // [n_embd_q, n_tokens]
-            let o = lin(Target::AttnOutput, l.attn_output, l.attn_output_b, a); // [n_embd, n_tokens]
+            let a = self.attention(ctx, il, qkv, (l.attn_q_norm, l.attn_k_norm), inp); // [n_embd_q, n_tokens]
+            let o =
+                self.linear(ctx, il, Target::AttnOutput, l.attn_output, l.attn_output_b, a, rec); // [n_embd, n_tokens]
+            let o = match l.attn_post_norm {
+                Some(w) => self.norm(ctx, o, w),
+                None => o,
+            };
             x = ctx.add(o, x);
 
-            // feed-forward block: down(silu(gate(h)) ⊙ up(h))
+            // feed-forward block: down(act(gate(h)) ⊙ up(h))
             let h = self.norm(ctx, x, l.ffn_norm); // [n_embd, n_tokens]
             let (gate, up) = match l.gate_up {
                 GateUp::Split { gate, up, gate_b, up_b } => (
-                    lin(Target::FfnGate, gate, gate_b, h), // [n_ff, n_tokens]
-                    lin(Target::FfnUp, up, up_b, h),       // [n_ff, n_tokens]
+                    self.linear(ctx, il, Target::FfnGate, gate, gate_b, h, rec), // [n_ff, n_tokens]
+                    self.linear(ctx, il, Target::FfnUp, up, up_b, h, rec),       // [n_ff, n_tokens]
                 ),
                 GateUp::Fused { up } => {
                     // One [2·n_ff, n_tokens] product: gate rows first, then up rows.
-                    let y = lin(Target::FfnUp, up, None, h);
-                    let (ff, n) = (self.hp.n_ff as i64, y.ne()[1]);
+                    let y = self.linear(ctx, il, Target::FfnUp, up, None, h, rec);
+                    let (ff, n) = (hp.n_ff as i64, y.ne()[1]);
                     let half = |i: usize| {
                         ctx.cont(ctx.view_2d(y, ff, n, y.nb()[1], i * y.nb()[0] * ff as usize))
                     };
                     (half(0), half(1))
                 }
             };
-            let g = ctx.swiglu_split(gate, up); // [n_ff, n_tokens]
-            let y = lin(Target::FfnDown, l.ffn_down, l.ffn_down_b, g); // [n_embd, n_tokens]
+            let g = match (hp.arch.activation(), &mut rec.geglu) {
+                (Activation::Silu, _) => ctx.swiglu_split(gate, up),
+                (Activation::GeluTanh, None) => ctx.geglu_split(gate, up),
+                (Activation::GeluTanh, Some(gs)) => {
+                    let g = geglu::geglu_differentiable(ctx, gate, up);
+                    gs.push(g);
+                    g.node
+                }
+            }; // [n_ff, n_tokens]
+            let y = self.linear(ctx, il, Target::FfnDown, l.ffn_down, l.ffn_down_b, g, rec); // [n_embd, n_tokens]
+            let y = match l.ffn_post_norm {
+                Some(w) => self.norm(ctx, y, w),
+                None => y,
+            };
             x = ctx.add(y, x);
-            blocks.push(x);
+            rec.blocks.push(x);
         }
         x
     }
@@ -501,8 +589,7 @@ impl<'w> Llama<'w> {
         w: Tensor<'g>,
         bias: Option<Tensor<'g>>,
         x: Tensor<'g>,
-        taps: &mut Vec<LoraTap<'g>>,
-        masks: &mut Option<Vec<DropoutMask<'g>>>,
+        rec: &mut Record<'g>,
     ) -> Tensor<'g>
     where
         'w: 'g,
@@ -511,7 +598,7 @@ impl<'w> Llama<'w> {
         if let Some(lora) = self.lora {
             if let Some(m) = lora.get(il, target) {
                 // LoRA dropout: the adapter reads mask ⊙ x (one mask per distinct input).
-                let x = match masks {
+                let x = match &mut rec.masks {
                     Some(ms) => {
                         let input = DropoutInput::of(target);
                         let mask = match ms.iter().find(|d| d.layer == il && d.input == input) {
@@ -534,7 +621,7 @@ impl<'w> Llama<'w> {
                 let u = ctx.mul_mat(lora.a(m), x).set_name(&format!("blk.{il}.{target}.lora_u")); // u = A·x [r, n_tokens]
                 let su = ctx.scale(u, m.scale); // s·u
                 y = ctx.add(y, ctx.mul_mat(lora.b(m), su)); // + B·(s·u) [d_out, n_tokens]
-                taps.push(LoraTap { layer: il, target, x, u });
+                rec.taps.push(LoraTap { layer: il, target, x, u });
             }
         }
         match bias {
@@ -564,14 +651,15 @@ impl<'w> Llama<'w> {
     /// Causal multi-head attention with GQA (llama.cpp's build_attn_mha, non-flash path):
     /// softmax(scale · K·Q + mask) applied to V, per head. q [head_dim, n_head, n], k/v
     /// [head_dim, n_head_kv, n].
-    /// With `qk_norm` (Qwen3) each query and key head is RMS-normed with its gain before RoPE.
+    /// With `qk_norm` (Qwen3, Gemma 3) each query and key head is RMS-normed with its gain
+    /// before RoPE. Sliding-window layers (Gemma 3) use their own mask and RoPE parameters.
     fn attention<'g>(
         &self,
         ctx: &'g Context,
+        il: usize,
         [q, k, v]: [Tensor<'g>; 3],
         qk_norm: (Option<Tensor<'g>>, Option<Tensor<'g>>),
-        pos: Tensor<'g>,
-        mask: Tensor<'g>,
+        inp: &Inputs<'g>,
     ) -> Tensor<'g>
     where
         'w: 'g,
@@ -582,10 +670,16 @@ impl<'w> Llama<'w> {
             Some(w) => self.norm(ctx, x, w), // w [head_dim] broadcast over heads and tokens
             None => x,
         };
+        // Sliding-window layers: their own mask and RoPE base.
+        let (mask, rope) = match (hp.window_of(il), inp.mask_swa) {
+            (Some(_), Some(m)) => (m, hp.rope_of(il)),
+            _ => (inp.mask, &hp.rope),
+        };
+        let pos = inp.pos;
         let (q, k) = (per_head(q, qk_norm.0), per_head(k, qk_norm.1));
-        let q = ctx.rope_ext(q, pos, self.rope_freqs, &hp.rope);
-        let k = ctx.rope_ext(k, pos, self.rope_freqs, &hp.rope);
-        // Phi-3 scales the queries instead of the scores (llama.cpp's phi3 graph): the same
+        let q = ctx.rope_ext(q, pos, self.rope_freqs, rope);
+        let k = ctx.rope_ext(k, pos, self.rope_freqs, rope);
+        // Phi-3 and Gemma 3 scale the queries instead of the scores (llama.cpp's graphs): the same
         // numbers mathematically, but this order rounds as llama.cpp does. (The reshape to the
         // same shape costs nothing forward; backward it makes the gradient that reaches the
         // scale contiguous, which ggml's scale requires.)
@@ -622,6 +716,38 @@ mod tests {
         let m = causal_mask(3);
         let inf = f32::NEG_INFINITY;
         assert_eq!(m, vec![0.0, inf, inf, 0.0, 0.0, inf, 0.0, 0.0, 0.0]);
+    }
+
+    /// The sliding-window mask keeps the batch mask where the query is less than `window`
+    /// positions past the key (positions restart in a packed second sequence).
+    #[test]
+    fn sliding_window_mask_follows_positions() {
+        let inf = f32::NEG_INFINITY;
+        let b = Batch::causal(&[1, 2, 3, 4], &[], &[]).unwrap();
+        let m = b.sliding_window_mask(2).unwrap();
+        #[rustfmt::skip]
+        let want = vec![
+            0.0, inf, inf, inf,
+            0.0, 0.0, inf, inf,
+            inf, 0.0, 0.0, inf,
+            inf, inf, 0.0, 0.0,
+        ];
+        assert_eq!(m, want);
+        // Two packed sequences of 2 and 3 tokens: the window counts positions, not indices.
+        let mut p = Batch::causal(&[1, 2, 3, 4, 5], &[], &[]).unwrap();
+        p.positions = vec![0, 1, 0, 1, 2];
+        for j in 0..5 {
+            for i in 0..5 {
+                let same = (j < 2) == (i < 2);
+                p.mask[j * 5 + i] = if same && i <= j { 0.0 } else { inf };
+            }
+        }
+        let m = p.sliding_window_mask(2).unwrap();
+        assert_eq!(
+            &m[2 * 5..],
+            &[inf, inf, 0.0, inf, inf, inf, inf, 0.0, 0.0, inf, inf, inf, inf, 0.0, 0.0]
+        );
+        assert_eq!(&m[..2 * 5], &p.mask[..2 * 5]);
     }
 
     #[test]

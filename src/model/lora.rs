@@ -435,6 +435,7 @@ mod tests {
             attn_output_b: None,
             attn_q_norm: None,
             attn_k_norm: None,
+            attn_post_norm: None,
             ffn_norm: 0,
             gate_up: if fused_gate_up {
                 GateUp::Fused { up: 7 }
@@ -443,6 +444,7 @@ mod tests {
             },
             ffn_down: 8,
             ffn_down_b: None,
+            ffn_post_norm: None,
         }
     }
 

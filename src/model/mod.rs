@@ -58,7 +58,7 @@ pub use llama::{
     TrainGraph,
 };
 pub use lora::{lora_scale, LoraConfig, LoraModule, LoraSet, ModuleId, Target};
-pub use tiny::{write_tiny_model, TinySpec};
+pub use tiny::{write_tiny_model, TinySpec, TinyWindow};
 pub use weights::{GateUp, Layer, Qkv, Weights};
 
 use crate::ggml::GgmlError;

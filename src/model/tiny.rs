@@ -40,7 +40,19 @@ pub struct TinySpec {
     pub rope_freqs: bool,
     pub rope_freq_base: f32,
     pub rms_eps: f32,
+    /// Sliding-window attention keys (gemma3 only).
+    pub sliding_window: Option<TinyWindow>,
     pub seed: u64,
+}
+
+/// A tiny model's sliding-window attention (written as `attention.sliding_window`,
+/// `attention.sliding_window_pattern` and `rope.freq_base_swa`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TinyWindow {
+    pub window: usize,
+    /// Every `pattern`-th layer (the last of each period) is global.
+    pub pattern: usize,
+    pub rope_freq_base: f32,
 }
 
 impl Default for TinySpec {
@@ -61,6 +73,7 @@ impl Default for TinySpec {
             rope_freqs: false,
             rope_freq_base: 10000.0,
             rms_eps: 1e-5,
+            sliding_window: None,
             seed: 0,
         }
     }
@@ -139,6 +152,13 @@ fn check(spec: &TinySpec) -> Result<usize, ModelError> {
             )));
         }
     }
+    if spec.sliding_window.is_some_and(|w| w.window == 0)
+        || (spec.sliding_window.is_some() && spec.arch != Arch::Gemma3)
+    {
+        return Err(
+            bad("a sliding window is written for gemma3 only, and must be positive".into()),
+        );
+    }
     if spec.rope_freqs && !matches!(spec.arch, Arch::Llama | Arch::Phi3) {
         return Err(bad(
             "rope frequency factors are used by the llama and phi3 architectures only".into(),
@@ -180,6 +200,11 @@ fn write_keys(w: &mut GgufWriter, spec: &TinySpec, d: &Dims) {
     w.set_f32(&k("attention.layer_norm_rms_epsilon"), spec.rms_eps);
     if spec.rope_freqs && spec.arch == Arch::Phi3 {
         w.set_u32(&k("rope.scaling.original_context_length"), spec.n_ctx as u32);
+    }
+    if let Some(sw) = spec.sliding_window {
+        w.set_u32(&k("attention.sliding_window"), sw.window as u32);
+        w.set_u32(&k("attention.sliding_window_pattern"), sw.pattern as u32);
+        w.set_f32(&k("rope.freq_base_swa"), sw.rope_freq_base);
     }
 }
 
@@ -254,9 +279,13 @@ fn write_vectors(
             vector(&n("attn_k.bias"), kv, 0.2, 0.0)?;
             vector(&n("attn_v.bias"), kv, 0.2, 0.0)?;
         }
-        if spec.arch == Arch::Qwen3 {
+        if spec.arch.qk_norms() {
             vector(&n("attn_q_norm.weight"), head_dim, 0.1, 1.0)?;
             vector(&n("attn_k_norm.weight"), head_dim, 0.1, 1.0)?;
+        }
+        if spec.arch.post_norms() {
+            vector(&n("post_attention_norm.weight"), e, 0.1, 1.0)?;
+            vector(&n("post_ffw_norm.weight"), e, 0.1, 1.0)?;
         }
     }
     Ok(())

@@ -18,13 +18,17 @@ pub struct Layer<T> {
     pub qkv: Qkv<T>,
     pub attn_output: T,
     pub attn_output_b: Option<T>,
-    /// Qwen3's per-head RMS norm gains of the queries and keys, [head_dim] each.
+    /// Per-head RMS norm gains of the queries and keys, [head_dim] each (Qwen3, Gemma 3).
     pub attn_q_norm: Option<T>,
     pub attn_k_norm: Option<T>,
+    /// RMS norm gain of the attention output before the residual add (Gemma 3).
+    pub attn_post_norm: Option<T>,
     pub ffn_norm: T,
     pub gate_up: GateUp<T>,
     pub ffn_down: T,
     pub ffn_down_b: Option<T>,
+    /// RMS norm gain of the feed-forward output before the residual add (Gemma 3).
+    pub ffn_post_norm: Option<T>,
 }
 
 /// The query, key and value projections of a block.
@@ -66,6 +70,7 @@ impl<T: Copy> Layer<T> {
             attn_output_b: self.attn_output_b.map(&f),
             attn_q_norm: self.attn_q_norm.map(&f),
             attn_k_norm: self.attn_k_norm.map(&f),
+            attn_post_norm: self.attn_post_norm.map(&f),
             ffn_norm: f(self.ffn_norm),
             gate_up: match self.gate_up {
                 GateUp::Split { gate, up, gate_b, up_b } => GateUp::Split {
@@ -78,6 +83,7 @@ impl<T: Copy> Layer<T> {
             },
             ffn_down: f(self.ffn_down),
             ffn_down_b: self.ffn_down_b.map(&f),
+            ffn_post_norm: self.ffn_post_norm.map(&f),
         }
     }
 
@@ -168,10 +174,12 @@ impl Weights {
                     attn_output_b: id(&n("attn_output.bias")),
                     attn_q_norm: id(&n("attn_q_norm.weight")),
                     attn_k_norm: id(&n("attn_k_norm.weight")),
+                    attn_post_norm: id(&n("post_attention_norm.weight")),
                     ffn_norm: req(n("ffn_norm.weight")),
                     gate_up,
                     ffn_down: req(n("ffn_down.weight")),
                     ffn_down_b: id(&n("ffn_down.bias")),
+                    ffn_post_norm: id(&n("post_ffw_norm.weight")),
                 }
             })
             .collect();
@@ -298,7 +306,7 @@ fn wanted_tensors(hp: &LlamaHparams, fused_qkv: bool) -> Vec<Want> {
     let factors = match hp.arch {
         Arch::Llama => Some("rope_freqs.weight"),
         Arch::Phi3 => Some("rope_factors_short.weight"),
-        Arch::Qwen2 | Arch::Qwen3 => None,
+        Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3 => None,
     };
     if let Some(name) = factors {
         wants.push(Want {
@@ -346,11 +354,17 @@ fn wanted_tensors(hp: &LlamaHparams, fused_qkv: bool) -> Vec<Want> {
                 w("ffn_up.bias", vec![ff], false),
             ]);
         }
-        if hp.arch == Arch::Qwen3 {
+        if hp.arch.qk_norms() {
             let hd = hp.head_dim as i64;
             wants.extend([
                 w("attn_q_norm.weight", vec![hd], true),
                 w("attn_k_norm.weight", vec![hd], true),
+            ]);
+        }
+        if hp.arch.post_norms() {
+            wants.extend([
+                w("post_attention_norm.weight", vec![e], true),
+                w("post_ffw_norm.weight", vec![e], true),
             ]);
         }
     }
@@ -506,7 +520,10 @@ mod tests {
         assert!(e.contains("missing tensor 'blk.0.ffn_down.weight'"), "{e}");
         let e = load("llama", "", "blk.0.attn_k.weight").unwrap_err().to_string();
         assert!(e.contains("blk.0.attn_k.weight") && e.contains("shape"), "{e}");
+        let e = load("gemma2", "", "").unwrap_err().to_string();
+        assert!(e.contains("gemma2") && e.contains("Gemma 3 only"), "{e}");
+        // A Gemma 3 block has q/k norms and post norms besides the llama tensors.
         let e = load("gemma3", "", "").unwrap_err().to_string();
-        assert!(e.contains("gemma3") && e.contains("GEGLU"), "{e}");
+        assert!(e.contains("missing tensor 'blk.0.attn_q_norm.weight'"), "{e}");
     }
 }

@@ -211,7 +211,7 @@ impl<'g> StepGraph<'g> {
             weights,
             Some(lora),
             n_tokens,
-            GraphOptions { outputs: Outputs::Rows(n_rows), loss: true, dropout },
+            GraphOptions { outputs: Outputs::Rows(n_rows), loss: true, dropout, backward: true },
         );
         let loss = train.loss.expect("training graph has a loss");
         let reg = grit.filter(|g| g.lambda_k > 0.0 || g.lambda_r > 0.0).map(|_| {
@@ -220,7 +220,7 @@ impl<'g> StepGraph<'g> {
             train.graph.build_forward_expand(reg.loss);
             reg
         });
-        train.graph.build_backward_expand(ctx);
+        train.build_backward(ctx);
         let loss_grad =
             train.graph.grad_acc(loss).expect("the loss has a gradient accumulator").set_input();
         let reg = reg.map(|r| {
