@@ -45,7 +45,17 @@ fn step_graph_check(
     copies_for: &Backend,
     grit_cfg: Option<&grit::grit::GritConfig>,
 ) -> StepGraphCheck {
-    let weights = Weights::load(&GgufFile::open(model()).unwrap(), backend).unwrap();
+    step_graph_check_of(&model(), backend, copies_for, grit_cfg)
+}
+
+/// [`step_graph_check`] on the model at `path`.
+fn step_graph_check_of(
+    path: &Path,
+    backend: &Backend,
+    copies_for: &Backend,
+    grit_cfg: Option<&grit::grit::GritConfig>,
+) -> StepGraphCheck {
+    let weights = Weights::load(&GgufFile::open(path).unwrap(), backend).unwrap();
     let lora =
         LoraSet::new(&weights, &LoraConfig { rank: 4, ..LoraConfig::default() }, backend).unwrap();
     lora.init(1).unwrap();
@@ -94,9 +104,18 @@ fn cpu_step_graphs_hold_cpu_kernels_gpu_step_graphs_none() {
         // Graphs built for the GPU (LoRA, and GRIT with its statistics and preconditioned
         // optimizer step) have no CPU-only node, no node the GPU backend lacks (the scheduler
         // would run it on the CPU, with copies between the devices), and allocate on the GPU.
+        // Also on a tiny Gemma 3, whose step graph adds the differentiable GELU's ops
+        // (softplus, exp, their backwards' sigmoid) and ggml's GEGLU.
         let grit_cfg = grit::grit::GritConfig::default();
-        for (method, cfg) in [("lora", None), ("grit", Some(&grit_cfg))] {
-            let c = step_graph_check(&gpu, &gpu, cfg);
+        let dir = tempfile::tempdir().unwrap();
+        let gemma = common::tiny_model_of(dir.path(), grit::model::Arch::Gemma3);
+        for (method, cfg, path) in [
+            ("lora", None, model()),
+            ("grit", Some(&grit_cfg), model()),
+            ("lora on gemma3", None, gemma.clone()),
+            ("grit on gemma3", Some(&grit_cfg), gemma),
+        ] {
+            let c = step_graph_check_of(&path, &gpu, &gpu, cfg);
             assert!(
                 c.cpu_only.is_empty(),
                 "{method}: CPU-only kernels in a GPU step graph: {:?}",

@@ -25,7 +25,8 @@
 //! - `{"text"}` — BOS + text + EOS, everything trained.
 //! - Plain text files (`.txt`, `.md`, or anything not JSON): one document per file, BOS +
 //!   text + EOS, cut into windows of `max_seq_len` tokens overlapping by one token, so that
-//!   every token is predicted exactly once; everything trained.
+//!   every token is predicted exactly once; everything trained. Windows after the first
+//!   start with BOS too when the model uses one (as it runs in llama.cpp).
 //! - `.json` files holding one JSON array of rows are read like JSONL (errors give the line
 //!   where the row starts).
 //!

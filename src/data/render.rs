@@ -282,27 +282,36 @@ pub fn alpaca_prompt(system: Option<&str>, instruction: &str, input: &str) -> St
 }
 
 /// Tokenizes a whole plain-text document (BOS + text + EOS, all trained) and cuts it into
-/// windows of at most `max_len` tokens that overlap by one token: window `k` holds tokens
-/// `k·(max_len−1) .. k·(max_len−1)+max_len`, so every token after the first is predicted in
-/// exactly one window (`trained[0]` of each window is false).
+/// windows of at most `max_len` tokens, so that every token after the first is predicted in
+/// exactly one window. Each window after the first starts with the last token of the one
+/// before (context, not trained again) — and, when the model uses a BOS token, with BOS
+/// before it: a model that always saw BOS at position 0 (Gemma, LLaMA) is trained and
+/// evaluated the way it runs, as llama.cpp's perplexity windows start with BOS.
 pub(crate) fn encode_plain_text(tok: &dyn Tokenizer, text: &str, max_len: usize) -> Vec<Encoded> {
     let mut tokens = encode(tok, text);
     if tokens.last() != Some(&tok.eos()) {
         tokens.push(tok.eos());
     }
-    let stride = max_len.saturating_sub(1).max(1);
-    let mut out = Vec::new();
-    let mut start = 0usize;
-    while start + 1 < tokens.len() {
-        let end = (start + max_len).min(tokens.len());
-        let window = tokens[start..end].to_vec();
-        let mut trained = vec![true; window.len()];
-        trained[0] = false;
-        out.push(Encoded { tokens: window, trained });
-        if end == tokens.len() {
-            break;
-        }
-        start += stride;
+    let n = tokens.len();
+    let max_len = max_len.max(2);
+    if n < 2 {
+        return Vec::new();
+    }
+    // Later windows: [BOS,] the previous window's last token, then new tokens.
+    let bos = tok.bos().filter(|_| max_len >= 3);
+    let prefix = 1 + bos.is_some() as usize;
+    let window = |w: Vec<i32>, untrained: usize| {
+        let mut trained = vec![true; w.len()];
+        trained[..untrained].fill(false);
+        Encoded { tokens: w, trained }
+    };
+    let mut end = max_len.min(n);
+    let mut out = vec![window(tokens[..end].to_vec(), 1)];
+    while end < n {
+        let start = end - 1;
+        end = (start + max_len + 1 - prefix).min(n);
+        let w: Vec<i32> = bos.into_iter().chain(tokens[start..end].iter().copied()).collect();
+        out.push(window(w, prefix));
     }
     out
 }
@@ -310,7 +319,7 @@ pub(crate) fn encode_plain_text(tok: &dyn Tokenizer, text: &str, max_len: usize)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::testutil::{FakeTemplate, FakeTok, EOS, IM_END};
+    use crate::data::testutil::{FakeTemplate, FakeTok, BOS, EOS, IM_END};
 
     fn trained_text(tok: &dyn Tokenizer, e: &Encoded) -> String {
         let t: Vec<i32> =
@@ -460,23 +469,38 @@ mod tests {
 
     #[test]
     fn plain_text_windows_overlap_by_one_and_cover_every_target_once() {
-        let tok = FakeTok::chatml();
         let text = "abcdefghijklmnopqrstuvwxyz";
-        let all = encode(&tok, text); // 27 tokens + EOS = 28
-        let w = encode_plain_text(&tok, text, 8);
-        // ceil((28 - 1) / 7) = 4 windows
-        assert_eq!(w.len(), 4);
-        let mut targets = Vec::new();
-        for (k, win) in w.iter().enumerate() {
-            assert!(win.tokens.len() <= 8);
-            assert_eq!(win.tokens[0], all[k * 7]);
-            targets
-                .extend(win.tokens.iter().zip(&win.trained).filter(|(_, &f)| f).map(|(&t, _)| t));
+        for use_bos in [false, true] {
+            let tok = FakeTok { use_bos, ..FakeTok::chatml() };
+            let all = encode(&tok, text); // 26 tokens (+ BOS) + EOS
+            let n = all.len() + 1;
+            let w = encode_plain_text(&tok, text, 8);
+            // The first window holds 8 tokens; later ones 7 new (6 after BOS).
+            let new_per_window = if use_bos { 6 } else { 7 };
+            assert_eq!(w.len(), 1 + (n - 8).div_ceil(new_per_window), "bos {use_bos}");
+            let mut targets = Vec::new();
+            for (k, win) in w.iter().enumerate() {
+                assert!(win.tokens.len() <= 8);
+                assert_eq!(win.tokens.len(), win.trained.len());
+                if k > 0 && use_bos {
+                    // BOS, then the previous window's last token: both context only.
+                    assert_eq!(win.tokens[0], BOS);
+                    assert_eq!(win.tokens[1], *w[k - 1].tokens.last().unwrap());
+                    assert_eq!(&win.trained[..2], &[false, false]);
+                } else if k > 0 {
+                    assert_eq!(win.tokens[0], *w[k - 1].tokens.last().unwrap());
+                }
+                assert!(!win.trained[0]);
+                targets.extend(
+                    win.tokens.iter().zip(&win.trained).filter(|(_, &f)| f).map(|(&t, _)| t),
+                );
+            }
+            let mut expected = all[1..].to_vec();
+            expected.push(EOS);
+            assert_eq!(targets, expected, "bos {use_bos}");
         }
-        let mut expected = all[1..].to_vec();
-        expected.push(EOS);
-        assert_eq!(targets, expected);
         // A document exactly one window long gives one window.
+        let tok = FakeTok::chatml();
         let w = encode_plain_text(&tok, "abcdef", 8);
         assert_eq!(w.len(), 1);
         assert_eq!(w[0].tokens.len(), 8);
