@@ -50,13 +50,13 @@ if [ "$VULKAN" = 1 ]; then
     cargo test --release --features vulkan --no-fail-fast \
     --test gpu_backend -- --test-threads=1 || status=1
   # The GPU step's LoRA gradients against finite differences, tiny F32/Q4_0/Q4_1/Q8_0/Q4_K
-  # LLaMAs, and F32/Q4_1 Qwen2, Qwen3 and Phi-3.
+  # LLaMAs, and F32/Q4_1 Qwen2, Qwen3, Phi-3 and Gemma 3.
   GGML_VK_VISIBLE_DEVICES=${GGML_VK_VISIBLE_DEVICES:-0} GRIT_DEVICE=gpu \
     cargo test --release --features vulkan --no-fail-fast \
     --test train_gradients -- --test-threads=1 lora_gradients_match other_architectures \
     || status=1
   # Forward parity against llama.cpp on the same Vulkan device, tiny models (F32 LLaMA, Qwen2,
-  # fused-qkv Qwen2, Qwen3 and Phi-3, Q8_0/Q4_0/Q4_1/Q4_K LLaMAs): bit-identical logits when both engines accumulate in
+  # fused-qkv Qwen2, Qwen3, Phi-3 and Gemma 3, Q8_0/Q4_0/Q4_1/Q4_K LLaMAs): bit-identical logits when both engines accumulate in
   # F32. GGML_VK_DISABLE_F16 makes llama.cpp's default-precision matmuls F32 like grit's
   # (with F16 accumulation the Q8_0 model differs by rms 1e-2). ~4.5 min on lavapipe; the
   # default-model cases (~7 min each there) run where the GPU is fast (scripts/gpu-check.sh).

@@ -160,153 +160,81 @@ pub struct SlidingWindow {
     pub rope: RopeParams,
 }
 
+/// Reads the `{arch}.*` keys of one file; errors name the file and the key.
+struct Keys<'f> {
+    file: &'f GgufFile,
+    arch: String,
+    fname: String,
+}
+
+impl Keys<'_> {
+    fn key(&self, s: &str) -> String {
+        format!("{}.{s}", self.arch)
+    }
+    /// An error about key `{arch}.{s}`.
+    fn bad(&self, s: &str, msg: String) -> ModelError {
+        ModelError::Hparam { file: self.fname.clone(), key: self.key(s), msg }
+    }
+    fn usize(&self, s: &str) -> Result<usize, ModelError> {
+        Ok(self.file.get_u64(&self.key(s))? as usize)
+    }
+    fn opt(&self, s: &str) -> Result<Option<usize>, ModelError> {
+        match self.file.get(&self.key(s)) {
+            None => Ok(None),
+            Some(_) => self.usize(s).map(Some),
+        }
+    }
+    fn f32(&self, s: &str) -> Result<Option<f32>, ModelError> {
+        match self.file.get(&self.key(s)) {
+            None => Ok(None),
+            Some(_) => Ok(Some(self.file.get_f64(&self.key(s))? as f32)),
+        }
+    }
+}
+
 impl LlamaHparams {
     /// Reads and checks the hyper-parameters (`{arch}.*` keys) of a GGUF model.
     pub fn from_gguf(file: &GgufFile) -> Result<Self, ModelError> {
         let arch_name = file.architecture()?;
         let arch = Arch::parse(&arch_name)?;
-        let fname = file.path().display().to_string();
-        let k = |s: &str| format!("{arch_name}.{s}");
-        let bad = |key: String, msg: String| ModelError::Hparam { file: fname.clone(), key, msg };
-        let get = |s: &str| -> Result<usize, ModelError> { Ok(file.get_u64(&k(s))? as usize) };
-        let get_opt = |s: &str| -> Result<Option<usize>, ModelError> {
-            match file.get(&k(s)) {
-                None => Ok(None),
-                Some(_) => get(s).map(Some),
-            }
-        };
-        let get_f = |s: &str| -> Result<Option<f32>, ModelError> {
-            match file.get(&k(s)) {
-                None => Ok(None),
-                Some(_) => Ok(Some(file.get_f64(&k(s))? as f32)),
-            }
-        };
-
-        let n_embd = get("embedding_length")?;
-        let n_layer = get("block_count")?;
-        let n_head = get("attention.head_count")?;
-        let n_head_kv = get_opt("attention.head_count_kv")?.unwrap_or(n_head);
-        let n_ff = get("feed_forward_length")?;
-        let n_ctx_train = get("context_length")?;
-        let rms_eps = get_f("attention.layer_norm_rms_epsilon")?
-            .ok_or_else(|| bad(k("attention.layer_norm_rms_epsilon"), "missing".into()))?;
+        let keys = Keys { file, arch: arch_name, fname: file.path().display().to_string() };
+        let n_embd = keys.usize("embedding_length")?;
+        let n_layer = keys.usize("block_count")?;
+        let n_head = keys.usize("attention.head_count")?;
+        let n_head_kv = keys.opt("attention.head_count_kv")?.unwrap_or(n_head);
+        let n_ff = keys.usize("feed_forward_length")?;
+        let n_ctx_train = keys.usize("context_length")?;
+        let rms_eps = keys
+            .f32("attention.layer_norm_rms_epsilon")?
+            .ok_or_else(|| keys.bad("attention.layer_norm_rms_epsilon", "missing".into()))?;
         if n_embd == 0 || n_layer == 0 || n_head == 0 || n_ff == 0 {
-            return Err(bad(
-                k("embedding_length/block_count/head_count/feed_forward_length"),
+            return Err(keys.bad(
+                "embedding_length/block_count/head_count/feed_forward_length",
                 "must be positive".into(),
             ));
         }
         if n_head_kv == 0 || !n_head.is_multiple_of(n_head_kv) {
-            return Err(bad(
-                k("attention.head_count_kv"),
+            return Err(keys.bad(
+                "attention.head_count_kv",
                 format!("{n_head_kv} does not divide head_count {n_head}"),
             ));
         }
-        let head_dim = get_opt("attention.key_length")?.unwrap_or(n_embd / n_head);
-        let head_dim_v = get_opt("attention.value_length")?.unwrap_or(n_embd / n_head);
+        let head_dim = keys.opt("attention.key_length")?.unwrap_or(n_embd / n_head);
+        let head_dim_v = keys.opt("attention.value_length")?.unwrap_or(n_embd / n_head);
         if head_dim == 0 || head_dim != head_dim_v {
-            return Err(bad(k("attention.key_length"), format!("key length {head_dim} and value length {head_dim_v} must be equal and positive")));
+            return Err(keys.bad("attention.key_length", format!("key length {head_dim} and value length {head_dim_v} must be equal and positive")));
         }
-        let n_rot = get_opt("rope.dimension_count")?.unwrap_or(head_dim);
-        if n_rot != head_dim {
-            return Err(bad(
-                k("rope.dimension_count"),
-                format!(
-                    "{n_rot} differs from the head size {head_dim} (partial RoPE is not supported)"
-                ),
-            ));
-        }
-
-        // RoPE scaling, as llama.cpp's llama_model::load_hparams / llama_context.
-        let scaling = match file.get(&k("rope.scaling.type")) {
-            Some(Value::Str(s)) => s,
-            _ => "linear".into(),
-        };
-        if scaling != "none" && scaling != "linear" {
-            return Err(bad(
-                k("rope.scaling.type"),
-                format!(
-                    "'{scaling}' RoPE scaling is not supported for training (none/linear only)"
-                ),
-            ));
-        }
-        let factor = match get_f("rope.scaling.factor")? {
-            Some(f) => f,
-            None => get_f("rope.scale_linear")?.unwrap_or(0.0),
-        };
-        let freq_scale = if scaling == "none" || factor == 0.0 { 1.0 } else { 1.0 / factor };
-        let attn_factor = get_f("rope.scaling.attn_factor")?.unwrap_or(1.0);
-        let n_ctx_orig = get_opt("rope.scaling.original_context_length")?.unwrap_or(n_ctx_train);
-        let freq_base = get_f("rope.freq_base")?.unwrap_or(10000.0);
-
-        let attn_scale = match get_f("attention.scale")? {
-            // llama.cpp's gemma3 ignores the key: 1/√head_dim, but 1/√(n_embd/n_head) for
-            // the 27B model (62 layers), after Google's reference configuration.
-            _ if arch == Arch::Gemma3 && n_layer == 62 => 1.0 / ((n_embd / n_head) as f32).sqrt(),
-            _ if arch == Arch::Gemma3 => 1.0 / (head_dim as f32).sqrt(),
-            Some(s) if s != 0.0 => s,
-            _ => 1.0 / (head_dim as f32).sqrt(),
-        };
-        if let Some(c) = get_f("final_logit_softcapping")?.filter(|&c| c != 0.0) {
-            return Err(bad(
-                k("final_logit_softcapping"),
-                format!("final-logit soft-capping ({c}) is not implemented in grit's graph"),
-            ));
-        }
-        if let Some(c) = get_f("attn_logit_softcapping")?.filter(|&c| c != 0.0) {
-            return Err(bad(
-                k("attn_logit_softcapping"),
-                format!("attention-logit soft-capping ({c}) is not implemented in grit's graph"),
-            ));
-        }
-
         let n_vocab = match file.tensor("token_embd.weight") {
             Some(t) => t.ne[1] as usize,
             None => {
                 return Err(ModelError::MissingTensor {
-                    file: fname.clone(),
+                    file: keys.fname.clone(),
                     tensor: "token_embd.weight".into(),
                 });
             }
         };
-
-        let rope = RopeParams {
-            mode: arch.rope_mode(),
-            n_dims: n_rot,
-            n_ctx_orig,
-            freq_base,
-            freq_scale,
-            ext_factor: 0.0,
-            attn_factor,
-            beta_fast: 32.0,
-            beta_slow: 1.0,
-        };
-        let swa = match get_opt("attention.sliding_window")? {
-            Some(window) if window > 0 && arch == Arch::Gemma3 => {
-                let pattern_key = k("attention.sliding_window_pattern");
-                let layers = match file.get(&pattern_key) {
-                    Some(Value::Array { .. }) => match file.bool_array(&pattern_key) {
-                        Some(v) if v.len() == n_layer => v,
-                        _ => {
-                            return Err(bad(
-                                pattern_key,
-                                format!("must be {n_layer} bools (one per layer) or a period"),
-                            ))
-                        }
-                    },
-                    // llama.cpp's set_swa_pattern: the last layer of each period is global.
-                    _ => {
-                        let p = get_opt("attention.sliding_window_pattern")?.unwrap_or(6);
-                        (0..n_layer).map(|il| p == 0 || il % p < p - 1).collect()
-                    }
-                };
-                let base = get_f("rope.freq_base_swa")?.unwrap_or(10000.0);
-                let rope = RopeParams { freq_base: base, freq_scale: 1.0, ..rope };
-                Some(SlidingWindow { window, layers, rope })
-            }
-            _ => None,
-        };
-
+        refuse_softcapping(&keys)?;
+        let rope = rope_params(&keys, arch, head_dim, n_ctx_train)?;
         Ok(LlamaHparams {
             arch,
             n_vocab,
@@ -318,9 +246,9 @@ impl LlamaHparams {
             head_dim,
             n_ff,
             rms_eps,
-            attn_scale,
+            attn_scale: attention_scale(&keys, arch, n_layer, n_embd / n_head, head_dim)?,
+            swa: sliding_window(&keys, arch, n_layer, &rope)?,
             rope,
-            swa,
         })
     }
 
@@ -345,6 +273,116 @@ impl LlamaHparams {
     pub fn n_embd_kv(&self) -> usize {
         self.n_head_kv * self.head_dim
     }
+}
+
+/// RoPE as llama.cpp's llama_model::load_hparams / llama_context read it (rotating every
+/// dimension of a head of `head_dim`; none or linear scaling).
+fn rope_params(
+    keys: &Keys<'_>,
+    arch: Arch,
+    head_dim: usize,
+    n_ctx_train: usize,
+) -> Result<RopeParams, ModelError> {
+    let n_rot = keys.opt("rope.dimension_count")?.unwrap_or(head_dim);
+    if n_rot != head_dim {
+        return Err(keys.bad(
+            "rope.dimension_count",
+            format!(
+                "{n_rot} differs from the head size {head_dim} (partial RoPE is not supported)"
+            ),
+        ));
+    }
+    let scaling = match keys.file.get(&keys.key("rope.scaling.type")) {
+        Some(Value::Str(s)) => s,
+        _ => "linear".into(),
+    };
+    if scaling != "none" && scaling != "linear" {
+        return Err(keys.bad(
+            "rope.scaling.type",
+            format!("'{scaling}' RoPE scaling is not supported for training (none/linear only)"),
+        ));
+    }
+    let factor = match keys.f32("rope.scaling.factor")? {
+        Some(f) => f,
+        None => keys.f32("rope.scale_linear")?.unwrap_or(0.0),
+    };
+    Ok(RopeParams {
+        mode: arch.rope_mode(),
+        n_dims: n_rot,
+        n_ctx_orig: keys.opt("rope.scaling.original_context_length")?.unwrap_or(n_ctx_train),
+        freq_base: keys.f32("rope.freq_base")?.unwrap_or(10000.0),
+        freq_scale: if scaling == "none" || factor == 0.0 { 1.0 } else { 1.0 / factor },
+        ext_factor: 0.0,
+        attn_factor: keys.f32("rope.scaling.attn_factor")?.unwrap_or(1.0),
+        beta_fast: 32.0,
+        beta_slow: 1.0,
+    })
+}
+
+/// The attention logit scale: `attention.scale`, else 1/√head_dim. llama.cpp's gemma3
+/// ignores the key: 1/√head_dim, but 1/√(n_embd/n_head) for the 27B model (62 layers), after
+/// Google's reference configuration.
+fn attention_scale(
+    keys: &Keys<'_>,
+    arch: Arch,
+    n_layer: usize,
+    embd_per_head: usize,
+    head_dim: usize,
+) -> Result<f32, ModelError> {
+    Ok(match keys.f32("attention.scale")? {
+        _ if arch == Arch::Gemma3 && n_layer == 62 => 1.0 / (embd_per_head as f32).sqrt(),
+        _ if arch == Arch::Gemma3 => 1.0 / (head_dim as f32).sqrt(),
+        Some(s) if s != 0.0 => s,
+        _ => 1.0 / (head_dim as f32).sqrt(),
+    })
+}
+
+/// Refuses logit soft-capping (Gemma 2's; it needs a tanh, which has no backward in ggml).
+fn refuse_softcapping(keys: &Keys<'_>) -> Result<(), ModelError> {
+    for (key, what) in
+        [("final_logit_softcapping", "final-logit"), ("attn_logit_softcapping", "attention-logit")]
+    {
+        if let Some(c) = keys.f32(key)?.filter(|&c| c != 0.0) {
+            return Err(keys.bad(
+                key,
+                format!("{what} soft-capping ({c}) is not implemented in grit's graph"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Gemma 3's sliding window, as llama.cpp's gemma3 reads it: applied when
+/// `attention.sliding_window` > 0; `attention.sliding_window_pattern` one bool per layer or a
+/// period (default 6, the last layer of each period global: llama.cpp's set_swa_pattern);
+/// the windowed layers' RoPE base `rope.freq_base_swa` (default 10000, scale 1).
+fn sliding_window(
+    keys: &Keys<'_>,
+    arch: Arch,
+    n_layer: usize,
+    rope: &RopeParams,
+) -> Result<Option<SlidingWindow>, ModelError> {
+    let window = match keys.opt("attention.sliding_window")? {
+        Some(w) if w > 0 && arch == Arch::Gemma3 => w,
+        _ => return Ok(None),
+    };
+    let pattern = "attention.sliding_window_pattern";
+    let layers = match keys.file.get(&keys.key(pattern)) {
+        Some(Value::Array { .. }) => match keys.file.bool_array(&keys.key(pattern)) {
+            Some(v) if v.len() == n_layer => v,
+            _ => {
+                return Err(keys
+                    .bad(pattern, format!("must be {n_layer} bools (one per layer) or a period")))
+            }
+        },
+        _ => {
+            let p = keys.opt(pattern)?.unwrap_or(6);
+            (0..n_layer).map(|il| p == 0 || il % p < p - 1).collect()
+        }
+    };
+    let freq_base = keys.f32("rope.freq_base_swa")?.unwrap_or(10000.0);
+    let rope = RopeParams { freq_base, freq_scale: 1.0, ..*rope };
+    Ok(Some(SlidingWindow { window, layers, rope }))
 }
 
 #[cfg(test)]
