@@ -116,6 +116,8 @@ def parse_args(argv):
     p.add_argument("--warmup-steps", type=int, default=2, help="untimed warm-up steps (default: 2)")
     p.add_argument("--measure-steps", type=int, default=10, help="timed steps (default: 10)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+    p.add_argument("--batch", type=int, default=1,
+                   help="sequences per step, taken in order from the token file (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="torch seed for the LoRA A init (default: 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout at the end")
     a = p.parse_args(argv)
@@ -319,22 +321,48 @@ def main(argv):
                 kw["attention_mask"] = m4
         return ids, labels, mask, kw
 
+    def batch_of(group):
+        """Several sequences as one batch: padded at the end to the longest (padding neither
+        trained nor attended to by real tokens, the attention being causal)."""
+        if len(group) == 1:
+            return batch(group[0])
+        n = max(len(s["tokens"]) for s in group)
+        ids = torch.zeros(len(group), n, dtype=torch.long)
+        labels = torch.zeros(len(group), n, dtype=torch.long)
+        mask = torch.zeros(len(group), n, dtype=torch.bool)
+        pos_t = torch.arange(n).repeat(len(group), 1)
+        m4 = torch.zeros(len(group), 1, n, n, dtype=torch.float32)
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        for b, s in enumerate(group):
+            k = len(s["tokens"])
+            ids[b, :k] = torch.tensor(s["tokens"])
+            labels[b, :k] = torch.tensor(s["labels"])
+            mask[b, :k] = torch.tensor(s["loss_mask"], dtype=torch.float32) > 0
+            seg = torch.tensor(list(s.get("segment") or [0] * k) + [-1] * (n - k))
+            if s.get("pos") is not None:
+                pos_t[b, :k] = torch.tensor(s["pos"])
+            allowed = (seg[:, None] == seg[None, :]) & causal
+            allowed[k:, :] = causal[k:, :]  # padding rows attend causally (never read)
+            m4[b, 0].masked_fill_(~allowed, torch.finfo(torch.float32).min)
+        return ids, labels, mask, {"position_ids": pos_t, "attention_mask": m4}
+
     log(f"model: {cfg.num_hidden_layers} layers, d_model {cfg.hidden_size}, vocab {vocab}, "
         f"loaded in {load_s:.1f} s")
     log(f"LoRA r={a.rank} alpha={a.alpha:g} (scale {a.alpha / a.rank:g}) on {','.join(a.targets)}: "
         f"{trainable:,} trainable of {total:,} parameters")
     log(f"torch {torch.__version__}, {a.threads} thread(s), attention {getattr(cfg, '_attn_implementation', '?')}; "
-        f"{a.warmup_steps} warm-up + {a.measure_steps} timed steps, seq {a.seq_len}, batch 1")
+        f"{a.warmup_steps} warm-up + {a.measure_steps} timed steps, seq {a.seq_len}, batch {a.batch}")
 
     losses, times, ntoks, ntrained = [], [], [], []
     ticks0 = cpu_ticks() if a.warmup_steps == 0 else None
     for step in range(n_steps):
         if step == a.warmup_steps and step > 0:
             ticks0 = cpu_ticks()
-        s = seqs[step % len(seqs)]
-        ids, labels, mask, kw = batch(s)
+        group = [seqs[(step * a.batch + j) % len(seqs)] for j in range(a.batch)]
+        ids, labels, mask, kw = batch_of(group)
         t = time.perf_counter()
-        logits = model(input_ids=ids, **kw).logits[0]
+        logits = model(input_ids=ids, **kw).logits
+        logits = logits[0] if a.batch == 1 else logits
         loss = F.cross_entropy(logits[mask].float(), labels[mask])
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -343,11 +371,11 @@ def main(argv):
         dt = time.perf_counter() - t
         losses.append(loss.item())
         times.append(dt)
-        ntoks.append(ids.shape[1])
+        ntoks.append(ids.numel())
         ntrained.append(int(mask.sum()))
         tag = "warm-up" if step < a.warmup_steps else "timed"
         log(f"step {step + 1:3d}/{n_steps} ({tag:7}) loss {losses[-1]:.4f}  grad_norm {float(gnorm):.4f}  "
-            f"{dt:.3f} s  {ids.shape[1] / dt:.1f} tokens/s")
+            f"{dt:.3f} s  {ids.numel() / dt:.1f} tokens/s")
 
     bg = background_load(ticks0, cpu_ticks(), sum(times[a.warmup_steps:]))
     timed = sorted(times[a.warmup_steps:])

@@ -5,6 +5,7 @@
 # warm-up 2 steps then the median of 10. grit runs its configurations one after another,
 # then PEFT. Prints absolute tokens/s, peak RSS (VmHWM of the whole process) and the ratios.
 #   PY=.venv-bench/bin/python THREADS=2 CONFIGS="q8_0 f16 none stock" bench/train_vs_peft.sh
+#   BATCH=4 ... : 4 sequences per step on both sides
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${NO_BUILD:-}" ] || cargo build --release --bin grit >&2
@@ -13,6 +14,7 @@ GRIT=$T/release/grit
 PY=${PY:-python3}
 THREADS=${THREADS:-2}
 CONFIGS=${CONFIGS:-"q8_0 f16 f32 none"}
+BATCH=${BATCH:-1}   # sequences per step, both sides (grit --batch-size, peft_lora.py --batch)
 STEPS=12
 $GRIT fetch >/dev/null
 DATA=${DATA:-$(dirname "$($GRIT fetch --model-only | awk '/^model/ {print $2}')")/../data/shakespeare/hamlet.txt}
@@ -25,12 +27,13 @@ for c in $CONFIGS; do
   [ "$c" = stock ] && steps=3   # the stock out_prod path takes ~15 s per step: time 1 step after warm-up
   echo "grit --weight-copies $c ($steps steps) ..." >&2
   $GRIT train --method lora --data "$DATA" --steps $steps --eval-every 0 --threads "$THREADS" \
-    --lr-schedule constant --warmup 0 --weight-copies "$c" --out "$work/run-$c" "${dump[@]}" \
+    --lr-schedule constant --warmup 0 --weight-copies "$c" --batch-size "$BATCH" \
+    --out "$work/run-$c" "${dump[@]}" \
     >/dev/null 2>"$work/log-$c" || { cat "$work/log-$c" >&2; exit 1; }
   dump=()
 done
 echo "PEFT ..." >&2
-$PY bench/peft_lora.py --tokens "$tokens" --threads "$THREADS" --warmup-steps 2 --measure-steps 10 --json >"$work/peft.json" 2>"$work/peft.log" \
+$PY bench/peft_lora.py --tokens "$tokens" --threads "$THREADS" --batch "$BATCH" --warmup-steps 2 --measure-steps 10 --json >"$work/peft.json" 2>"$work/peft.log" \
   || { cat "$work/peft.log" >&2; exit 1; }
 python3 - "$work" "$CONFIGS" <<'PY'
 import json, statistics, sys, os
