@@ -395,16 +395,7 @@ fn adapter_errors_are_clear() {
 
     // Provenance: the same shapes, another base (other weights): a warning, an error with --strict.
     let other = dir.path().join("other.gguf");
-    let spec = TinySpec {
-        n_embd: 128,
-        n_layer: 2,
-        n_head: 4,
-        n_head_kv: 2,
-        n_ff: 256,
-        weight_type: Type::Q4_1,
-        seed: 2,
-        ..TinySpec::default()
-    };
+    let spec = TinySpec { seed: 2, ..common::tiny_spec(grit::model::Arch::Llama) };
     write_tiny_model(&other, &spec, &grit::fetch::ensure_default_model().unwrap()).unwrap();
     let gen = |m: &Path, strict: bool| {
         let mut a = vec![

@@ -266,49 +266,42 @@ impl GgufFile {
         }
     }
 
-    /// The strings of a string-array value (None: absent or not an array of strings).
-    pub fn str_array(&self, key: &str) -> Option<Vec<String>> {
+    /// The key id and length of an array value whose elements have gguf type `elem` (None:
+    /// absent, not an array, or another element type).
+    fn array_of(&self, key: &str, elem: sys::gguf_type) -> Option<(i64, usize)> {
         let ckey = CString::new(key).ok()?;
-        // SAFETY: valid ctx and key; gguf_get_arr_str is called only on an array of strings,
-        // with indices below its length.
+        // SAFETY: valid ctx and key; the array getters are called only on an array.
         unsafe {
             let id = sys::gguf_find_key(self.ctx, ckey.as_ptr());
-            if id < 0
-                || sys::gguf_get_kv_type(self.ctx, id) != sys::GGUF_TYPE_ARRAY
-                || sys::gguf_get_arr_type(self.ctx, id) != sys::GGUF_TYPE_STRING
-            {
-                return None;
-            }
-            let n = sys::gguf_get_arr_n(self.ctx, id);
-            Some(
-                (0..n)
-                    .map(|i| {
-                        CStr::from_ptr(sys::gguf_get_arr_str(self.ctx, id, i))
-                            .to_string_lossy()
-                            .into_owned()
-                    })
-                    .collect(),
-            )
+            (id >= 0
+                && sys::gguf_get_kv_type(self.ctx, id) == sys::GGUF_TYPE_ARRAY
+                && sys::gguf_get_arr_type(self.ctx, id) == elem)
+                .then(|| (id, sys::gguf_get_arr_n(self.ctx, id)))
         }
+    }
+
+    /// The strings of a string-array value (None: absent or not an array of strings).
+    pub fn str_array(&self, key: &str) -> Option<Vec<String>> {
+        let (id, n) = self.array_of(key, sys::GGUF_TYPE_STRING)?;
+        // SAFETY: valid ctx; `id` is an array of strings, the indices below its length.
+        let s = |i| unsafe {
+            CStr::from_ptr(sys::gguf_get_arr_str(self.ctx, id, i)).to_string_lossy().into_owned()
+        };
+        Some((0..n).map(s).collect())
     }
 
     /// The values of a bool-array value (None: absent or not an array of bools).
     pub fn bool_array(&self, key: &str) -> Option<Vec<bool>> {
-        let ckey = CString::new(key).ok()?;
-        // SAFETY: valid ctx and key; gguf_get_arr_data is called only on an array of bools
-        // (not strings, for which it aborts), whose data holds one byte per element.
-        unsafe {
-            let id = sys::gguf_find_key(self.ctx, ckey.as_ptr());
-            if id < 0
-                || sys::gguf_get_kv_type(self.ctx, id) != sys::GGUF_TYPE_ARRAY
-                || sys::gguf_get_arr_type(self.ctx, id) != sys::GGUF_TYPE_BOOL
-            {
-                return None;
-            }
-            let n = sys::gguf_get_arr_n(self.ctx, id);
-            let p = sys::gguf_get_arr_data(self.ctx, id) as *const u8;
-            Some((0..n).map(|i| *p.add(i) != 0).collect())
+        let (id, n) = self.array_of(key, sys::GGUF_TYPE_BOOL)?;
+        if n == 0 {
+            return Some(Vec::new()); // (the data pointer of an empty array may be null)
         }
+        // SAFETY: valid ctx; `id` is an array of bools (gguf_get_arr_data aborts only for
+        // strings), whose data holds one byte per element, n of them.
+        let data = unsafe {
+            std::slice::from_raw_parts(sys::gguf_get_arr_data(self.ctx, id) as *const u8, n)
+        };
+        Some(data.iter().map(|&b| b != 0).collect())
     }
 
     /// Checks what llama.cpp's model loader asserts on (aborting the process) rather than

@@ -26,28 +26,34 @@ pub fn tiny_model_of(dir: &Path, arch: grit::model::Arch) -> PathBuf {
         grit::model::Arch::Llama => dir.join("tiny.gguf"),
         a => dir.join(format!("tiny-{}.gguf", a.name())),
     };
-    let spec =
-        TinySpec {
-            arch,
-            // Qwen3's and Gemma 3's heads are wider than n_embd / n_head (Qwen3-0.6B: 1024
-            // wide, 16 × 128; Gemma-3-270M: 640 wide, 4 × 256).
-            head_dim: matches!(arch, grit::model::Arch::Qwen3 | grit::model::Arch::Gemma3)
-                .then_some(64),
-            // Gemma 3: layer 0 slides over 16 tokens, layer 1 is global.
-            sliding_window: (arch == grit::model::Arch::Gemma3).then_some(
-                grit::model::TinyWindow { window: 16, pattern: 2, rope_freq_base: 1000.0 },
-            ),
-            n_embd: 128,
-            n_layer: 2,
-            n_head: 4,
-            n_head_kv: 2,
-            n_ff: 256,
-            weight_type: Type::Q4_1,
-            seed: 1,
-            ..TinySpec::default()
-        };
+    let spec = tiny_spec(arch);
     write_tiny_model(&path, &spec, &grit::fetch::ensure_default_model().unwrap()).unwrap();
     path
+}
+
+/// The spec of [`tiny_model_of`]'s models (seed 1).
+pub fn tiny_spec(arch: grit::model::Arch) -> TinySpec {
+    TinySpec {
+        arch,
+        // Qwen3's and Gemma 3's heads are wider than n_embd / n_head (Qwen3-0.6B: 1024
+        // wide, 16 × 128; Gemma-3-270M: 640 wide, 4 × 256).
+        head_dim: matches!(arch, grit::model::Arch::Qwen3 | grit::model::Arch::Gemma3)
+            .then_some(64),
+        // Gemma 3: layer 0 slides over 16 tokens, layer 1 is global.
+        sliding_window: (arch == grit::model::Arch::Gemma3).then_some(grit::model::TinyWindow {
+            window: 16,
+            pattern: 2,
+            rope_freq_base: 1000.0,
+        }),
+        n_embd: 128,
+        n_layer: 2,
+        n_head: 4,
+        n_head_kv: 2,
+        n_ff: 256,
+        weight_type: Type::Q4_1,
+        seed: 1,
+        ..TinySpec::default()
+    }
 }
 
 pub fn ok(o: Output) -> Output {
