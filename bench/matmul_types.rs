@@ -12,30 +12,41 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let t: i64 = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(256);
     let mut backend = Backend::cpu(threads)?;
     let shapes: [(i64, i64); 4] = [(576, 576), (576, 1536), (1536, 576), (192, 576)];
-    let types = [Type::F32, Type::F16, Type::BF16, Type::Q8_0, Type::Q4_0, Type::Q4_1, Type::Q4_0];
-    let repack = grit::ggml::BufferType::cpu_repack();
-    eprintln!("repack buffer type: {repack:?} (last column)");
+    // Plain memory for every type, then Q4_0/Q4_1/Q8_0 in each of the CPU's rearranging
+    // buffer types (AMX where the CPU has it, CPU_REPACK); "-" where a type has no kernel there.
+    let mut cols: Vec<(Type, Option<grit::ggml::BufferType>, String)> =
+        [Type::F32, Type::F16, Type::BF16, Type::Q8_0, Type::Q4_0, Type::Q4_1]
+            .into_iter()
+            .map(|t| (t, None, t.name()))
+            .collect();
+    for b in grit::ggml::BufferType::cpu_matmul() {
+        for t in [Type::Q4_0, Type::Q4_1, Type::Q8_0] {
+            cols.push((t, Some(b), format!("{}/{}", t.name(), b.name())));
+        }
+    }
     println!(
         "{:>6} {:>6} {:>5} {}",
         "k",
         "m",
         "T",
-        types.iter().map(|t| format!("{:>8}", t.name())).collect::<String>()
+        cols.iter().map(|c| format!("{:>18}", c.2)).collect::<String>()
     );
     for (k, m) in shapes {
         let mut row = format!("{k:>6} {m:>6} {t:>5} ");
-        for (ci, ty) in types.into_iter().enumerate() {
+        for (ty, buft, _) in &cols {
+            let ty = *ty;
             if k % ty.block_size() as i64 != 0 {
-                row += &format!("{:>8}", "-");
+                row += &format!("{:>18}", "-");
                 continue;
             }
             let wctx = Context::new(Capacity::tensors(40))?;
             // 30 weights, as in a 30-layer model: the working set does not fit in cache.
             let ws: Vec<_> = (0..30).map(|_| wctx.new_tensor(ty, &[k, m])).collect();
-            match (ci >= 6, repack) {
-                (true, Some(r)) => wctx.allocate(r)?,
-                _ => wctx.allocate(backend.weight_buffer_type())?,
-            };
+            wctx.allocate(buft.unwrap_or(backend.weight_buffer_type()))?;
+            if buft.is_some() && !ws[0].has_backend_extra() {
+                row += &format!("{:>18}", "-");
+                continue;
+            }
             let mut seed = 1u64;
             let data: Vec<f32> = (0..k * m)
                 .map(|_| {
@@ -65,7 +76,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             let s = t0.elapsed().as_secs_f64();
             let flops = 2.0 * (k * m * t) as f64 * 30.0 * reps as f64;
-            row += &format!("{:>8.1}", flops / s / 1e9);
+            row += &format!("{:>18.1}", flops / s / 1e9);
         }
         println!("{row}");
     }

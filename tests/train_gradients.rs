@@ -108,7 +108,8 @@ fn step_grads_with(
     // At the loss scale a run uses (the accumulators then hold S × the gradients).
     let o = StepOptions { loss_scale: engine::loss_scale(b.n_rows()), ..o };
     let sg = StepGraph::build(&ctx, weights, lora, copies, opt, b.n_tokens(), b.n_rows(), o);
-    let expect = if copies.bytes() > 0 { (sg.rewritten.0, 0) } else { (0, sg.rewritten.1) };
+    let expect =
+        if copies.mode() == WeightCopies::None { (0, sg.rewritten.1) } else { (sg.rewritten.0, 0) };
     assert!(expect.0 + expect.1 > 0, "no frozen backward was rewritten");
     let mut run = backend.compute(&sg.graph).unwrap();
     sg.train.set_inputs(&mut run, b).unwrap();
@@ -280,7 +281,8 @@ fn lora_gradients_match_finite_differences_for_every_base_type_and_copy_mode() {
     // On the CPU every base type in every copy mode. On a GPU (GRIT_DEVICE=gpu; in CI on
     // lavapipe, ~15 s a case there) every base type in one copy mode, the modes spread over
     // the types: the copy kernels are the same ggml ops for every base type.
-    let cases: Vec<(Type, WeightCopies)> = if common::test_device() == grit::ggml::Device::Cpu {
+    let cpu = common::test_device() == grit::ggml::Device::Cpu;
+    let cases: Vec<(Type, WeightCopies)> = if cpu {
         let modes = [WeightCopies::None, WeightCopies::Q8_0, WeightCopies::F16, WeightCopies::F32];
         [Type::F32, Type::Q4_0, Type::Q4_1, Type::Q8_0, Type::Q4_K]
             .into_iter()
@@ -298,7 +300,9 @@ fn lora_gradients_match_finite_differences_for_every_base_type_and_copy_mode() {
     let mut failures = Vec::new();
     for (ty, mode) in cases {
         let bound = match (ty, mode) {
-            (Type::F32, WeightCopies::F32 | WeightCopies::F16 | WeightCopies::None) => 5e-3,
+            (Type::F32, WeightCopies::F32 | WeightCopies::F16) => 5e-3,
+            // `none`: F16 copies on a GPU, Q8_0 (the q8_0 mode's bytes) on the CPU.
+            (Type::F32, WeightCopies::None) if !cpu => 5e-3,
             (Type::F32, _) => 3e-2, // Q8_0 rounding of Wᵀ
             _ => 1e-1,              // 8-bit activations in the quantized forward (measured 3–6 %)
         };
@@ -342,6 +346,7 @@ fn other_architectures_gradients_match_finite_differences() {
 /// model: an F32 copy must agree to float rounding, the F16/Q8_0 copies to their precision.
 #[test]
 fn rewritten_backward_equals_stock_autodiff() {
+    let cpu = common::test_device() == grit::ggml::Device::Cpu;
     let dir = tempfile::tempdir().unwrap();
     let mut failures = Vec::new();
     for ty in [Type::F32, Type::Q4_0, Type::Q4_1, Type::Q8_0, Type::Q4_K] {
@@ -384,10 +389,12 @@ fn rewritten_backward_equals_stock_autodiff() {
             .collect();
         drop(run);
 
+        // `none` makes Q8_0 copies on the CPU (the q8_0 mode's bytes), F16 ones on a GPU.
+        let transient = if cpu { 3e-2 } else { 5e-3 };
         for (mode, bound) in [
             (WeightCopies::F32, 1e-5f32),
             (WeightCopies::F16, 5e-3),
-            (WeightCopies::None, 5e-3),
+            (WeightCopies::None, transient),
             (WeightCopies::Q8_0, 3e-2),
         ] {
             // The stored weights in the forward, as stock autodiff multiplies them (the exact

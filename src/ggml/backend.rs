@@ -158,17 +158,21 @@ impl BufferType {
                 .expect("no CPU buffer type"),
         )
     }
-    /// The CPU backend's repacking buffer type ("CPU_REPACK"), if this build has one: weights
-    /// uploaded into it are rearranged for ggml's fastest matmul kernels (e.g. Q4_0 in 8×8
-    /// interleaved blocks on AVX2). Its tensors support only being `mul_mat`'s first operand.
-    pub fn cpu_repack() -> Option<Self> {
+    /// The CPU backend's buffer types for matmul weights, fastest kernels first, among those
+    /// this build and CPU have: "AMX" (Intel AMX int8 tiles; Q4_0/Q4_1/Q8_0 and K-quants) and
+    /// "CPU_REPACK" (e.g. Q4_0 in 8×8 interleaved blocks on AVX2/AVX-512). Weights uploaded
+    /// into them are rearranged for those kernels, and their tensors support only being
+    /// `mul_mat`'s first operand (each type has its own shape rules: check the graph with
+    /// [`Backend::unsupported_nodes`]).
+    pub fn cpu_matmul() -> Vec<Self> {
+        let mut found = Vec::new();
         // SAFETY: the CPU registry and device are static; the proc address, when present, is
         // ggml's `ggml_backend_dev_get_extra_bufts_t`, which returns a NULL-terminated array
         // of static buffer types.
         unsafe {
             let reg = sys::ggml_backend_cpu_reg();
             if reg.is_null() {
-                return None;
+                return found;
             }
             let dev = sys::ggml_backend_reg_dev_get(reg, 0);
             let f = sys::ggml_backend_reg_get_proc_address(
@@ -176,7 +180,7 @@ impl BufferType {
                 c"ggml_backend_dev_get_extra_bufts".as_ptr(),
             );
             if f.is_null() || dev.is_null() {
-                return None;
+                return found;
             }
             type ExtraBufts = unsafe extern "C" fn(
                 sys::ggml_backend_dev_t,
@@ -185,14 +189,23 @@ impl BufferType {
             let f: ExtraBufts = std::mem::transmute(f);
             let mut p = f(dev);
             while !p.is_null() && !(*p).is_null() {
-                let b = BufferType(NonNull::new_unchecked(*p));
-                if b.name().contains("REPACK") {
-                    return Some(b);
-                }
+                found.push(BufferType(NonNull::new_unchecked(*p)));
                 p = p.add(1);
             }
-            None
         }
+        let rank = |b: &BufferType| match b.name() {
+            n if n == "AMX" => 0,
+            n if n.contains("REPACK") => 1,
+            _ => 2,
+        };
+        found.retain(|b| rank(b) < 2);
+        found.sort_by_key(rank);
+        found
+    }
+    /// Whether this is the AMX buffer type (its kernels want both dimensions of a weight in
+    /// multiples of 32).
+    pub fn is_amx(self) -> bool {
+        self.name() == "AMX"
     }
     pub fn name(self) -> String {
         // SAFETY: static buffer type; the name is a static NUL-terminated string.
@@ -452,6 +465,9 @@ impl Backend {
                 }
             }
         }
+        if let Some((op, node)) = self.unsupported_nodes(graph).into_iter().next() {
+            return Err(GgmlError::Unsupported { node, op, backend: self.name() });
+        }
         let sched = self.ensure_sched(graph.size());
         // The previous allocation may have redirected sources to the scheduler's copies.
         graph.restore_sources();
@@ -506,6 +522,25 @@ impl Backend {
             // SAFETY: live backend and a live node of a live graph; the query reads the
             // node's op, types, shapes and strides only.
             .filter(|t| !unsafe { sys::ggml_backend_supports_op(gpu.as_ptr(), t.raw()) })
+            .map(|t| (super::profile::op_name(t.op()), t.name()))
+            .collect()
+    }
+
+    /// The matmul nodes of `graph` that no backend of this one can run, as (op name, node
+    /// name): products whose weight sits in a rearranged CPU buffer ([`BufferType::cpu_matmul`])
+    /// with a shape or operand its kernel does not take. ggml's scheduler would abort on them.
+    pub fn unsupported_nodes(&self, graph: &Graph<'_>) -> Vec<(String, String)> {
+        (0..graph.n_nodes())
+            .map(|i| graph.node(i))
+            .filter(|t| t.op() == sys::GGML_OP_MUL_MAT)
+            // SAFETY: live backends and a live node of a live graph; the query reads the
+            // node's op, types, shapes, strides and its sources' buffers only.
+            .filter(|t| {
+                !self
+                    .backends
+                    .iter()
+                    .any(|b| unsafe { sys::ggml_backend_supports_op(b.as_ptr(), t.raw()) })
+            })
             .map(|t| (super::profile::op_name(t.op()), t.name()))
             .collect()
     }

@@ -44,6 +44,7 @@ mod extra;
 mod gguf_write;
 pub mod passes;
 pub mod profile;
+mod transient;
 
 pub use backend::{
     cpu_only_nodes, devices, resolve_gpu, Backend, BackendOptions, BufferType, Computation, Device,
@@ -70,6 +71,8 @@ pub enum GgmlError {
     NoDevice(String),
     #[error("graph node '{node}' is a CPU-only kernel and cannot run on the {backend} backend (a graph built for the CPU was given to a GPU backend)")]
     CpuOnlyOp { node: String, backend: String },
+    #[error("graph node '{node}' ({op}) cannot run on the {backend} backend: its weight sits in a buffer rearranged for a matmul kernel that does not take this shape or operand")]
+    Unsupported { node: String, op: String, backend: String },
     #[error("ggml could not initialise the {0} backend")]
     BackendInit(String),
     #[error("graph computation failed with ggml status {0}")]

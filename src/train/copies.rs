@@ -3,8 +3,9 @@
 //! The input gradient of `y = W·x` is `Wᵀ·∂L/∂y`. With a copy mode, every frozen matmul
 //! weight gets a persistent transposed copy `Wᵀ` ([d_out, d_in] in ggml order) in Q8_0, F16 or
 //! F32, made once at start-up on the host (dequantize, transpose, convert). With `none`, only
-//! the quantized weights stay resident and the backward dequantizes one layer's weight at a
-//! time (transient F16 copy).
+//! the quantized weights stay resident and the backward makes one weight's transposed copy at
+//! a time: Q8_0 on the CPU (the default mode's bytes, made by a kernel in one pass), F16 on GPU
+//! backends.
 
 use crate::ggml::{
     dequantize, quantize, Backend, BufferType, Capacity, Context, FrozenGrad, FrozenMap, Tensor,
@@ -31,18 +32,26 @@ pub enum Forward {
 pub struct FrozenCopies {
     mode: WeightCopies,
     ctx: Option<Context>,
-    /// (frozen weight, its transposed copy in `ctx`).
+    /// (frozen weight, its transposed F16/F32 copy in `ctx`).
     pairs: Vec<(TensorId, TensorId)>,
+    /// The transposed Q8_0 copies, in the CPU's fastest matmul buffer that takes them (see
+    /// [`matmul_operands`]), and (frozen weight, its copy in `ctx_q8`).
+    ctx_q8: Option<Context>,
+    pairs_q8: Vec<(TensorId, TensorId)>,
     /// Frozen weights without a copy (transient mode).
     transient: Vec<TensorId>,
+    /// (Q4_1 weight, its split's offsets in `ctx`), the Q4_0 half made inside the forward
+    /// (transient mode, CPU): the Q4_0 kernel's speed for 1/8 byte per weight.
+    transient_split: Vec<(TensorId, TensorId)>,
     /// (frozen weight, a Q8_0 copy in `ctx` for the forward), for base types without a fast
     /// matmul kernel (e.g. Q4_1: 76 vs 142 GFLOP/s for Q8_0 on 2 AVX-512 cores).
     forward: Vec<(TensorId, TensorId)>,
     /// (Q4_1 weight, its exact split into Q4_0 (in `ctx_q4`) + per-block offsets (in `ctx`)),
     /// see [`split_q4_1`].
     split: Vec<(TensorId, TensorId, TensorId)>,
-    /// The Q4_0 halves of the splits, in the CPU's repacking buffer type when running on the
-    /// CPU (Q4_0 × F32 at ~180 GFLOP/s on 2 AVX-512 cores here, Q4_1 ~60).
+    /// The Q4_0 halves of the splits, in the CPU's fastest matmul buffer that takes them when
+    /// running on the CPU (AMX, else CPU_REPACK: Q4_0 × F32 at ~180 GFLOP/s on 2 AVX-512
+    /// cores, Q4_1 ~60).
     ctx_q4: Option<Context>,
     bytes: usize,
     /// Running on the CPU backend: the graph rewrite may use its kernels
@@ -65,6 +74,9 @@ pub fn frozen_matmul_weights(w: &Weights) -> Vec<Tensor<'_>> {
 /// offsets (their Q4_0 halves live in a context of their own, see [`q4_0_halves`]).
 struct Plan<'t> {
     backward: Vec<(Tensor<'t>, Tensor<'t>, Type)>,
+    /// Frozen weights whose backward copy is Q8_0 (made in a context of their own, see
+    /// [`matmul_operands`]).
+    backward_q8: Vec<Tensor<'t>>,
     forward: Vec<(Tensor<'t>, Tensor<'t>)>,
     split: Vec<(Tensor<'t>, Tensor<'t>)>,
 }
@@ -77,7 +89,12 @@ impl<'t> Plan<'t> {
         forward: Forward,
         gpu: bool,
     ) -> Self {
-        let mut plan = Plan { backward: Vec::new(), forward: Vec::new(), split: Vec::new() };
+        let mut plan = Plan {
+            backward: Vec::new(),
+            backward_q8: Vec::new(),
+            forward: Vec::new(),
+            split: Vec::new(),
+        };
         for &w in frozen {
             // The split and the forward copies are CPU speed-ups (GPU backends have a fast
             // kernel for every type, and the split's extra product only costs there).
@@ -106,6 +123,10 @@ impl<'t> Plan<'t> {
                 WeightCopies::Q8_0 | WeightCopies::F16 => Type::F16,
                 _ => Type::F32,
             };
+            if ty == Type::Q8_0 {
+                plan.backward_q8.push(w);
+                continue;
+            }
             let t = ctx.new_tensor(ty, &[d_out, d_in]);
             t.set_name(&format!("{}.T", w.name()));
             plan.backward.push((w, t, ty));
@@ -114,37 +135,52 @@ impl<'t> Plan<'t> {
     }
 }
 
-/// The Q4_0 halves of the split weights, allocated: in the CPU's repacking buffer type when it
-/// has a kernel for every one of them (it attaches one per tensor at allocation; none means
-/// ggml would crash on upload, e.g. a CPU without AVX2; it needs rows in multiples of 8 and is
-/// CPU-only), else in the backend's plain weight buffer. Returns the context, the halves in
-/// `split`'s order and their bytes.
-fn q4_0_halves(
-    split: &[(Tensor<'_>, Tensor<'_>)],
+/// Tensors that only `mul_mat` reads as its weight (the splits' Q4_0 halves, the transposed
+/// Q8_0 copies), given as (name, type, shape) and allocated in the CPU's fastest matmul buffer
+/// type that has a kernel for every one of them ([`BufferType::cpu_matmul`]: AMX, then
+/// CPU_REPACK; each attaches its kernel per tensor at allocation, and a tensor without one
+/// would crash ggml on upload, e.g. Q4_0 rows not in multiples of 8, or a CPU without AVX2;
+/// AMX also wants both dimensions in multiples of 32), else in the backend's plain weight
+/// buffer. `repack`: CPU_REPACK may take them (measured for the Q4_0 halves; the Q8_0 copies
+/// go to AMX or plain memory). Returns the context, the tensors in order and their bytes.
+fn matmul_operands(
+    specs: &[(String, Type, [i64; 2])],
+    repack: bool,
     backend: &Backend,
 ) -> Result<(Context, Vec<TensorId>, usize), ModelError> {
-    let plan_q4 = |buft: BufferType| -> Result<(Context, Vec<TensorId>, usize), ModelError> {
-        let c4 = Context::new(Capacity::tensors(split.len() + 8))?;
-        let qs: Vec<_> = split
+    let plan = |buft: BufferType| -> Result<(Context, Vec<TensorId>, usize), ModelError> {
+        let c = Context::new(Capacity::tensors(specs.len() + 8))?;
+        let ids: Vec<_> = specs
             .iter()
-            .map(|(w, _)| {
-                let q = c4.new_tensor(Type::Q4_0, &[w.ne()[0], w.ne()[1]]);
-                q.set_name(&format!("{}.q4_0", w.name()));
-                q.id()
+            .map(|(name, ty, ne)| {
+                let t = c.new_tensor(*ty, ne);
+                t.set_name(name);
+                t.id()
             })
             .collect();
-        let b = c4.allocate(buft)?;
-        Ok((c4, qs, b))
+        let b = c.allocate(buft)?;
+        Ok((c, ids, b))
     };
-    let repacked = match BufferType::cpu_repack().filter(|_| !backend.is_gpu()) {
-        Some(r) => Some(plan_q4(r)?)
-            .filter(|(c4, qs, _)| qs.iter().all(|&q| c4.tensor(q).has_backend_extra())),
-        None => None,
-    };
-    match repacked {
-        Some(p) => Ok(p),
-        None => plan_q4(backend.weight_buffer_type()),
+    if !backend.is_gpu() && !specs.is_empty() {
+        for buft in BufferType::cpu_matmul().into_iter().filter(|b| repack || b.is_amx()) {
+            if buft.is_amx() && !specs.iter().all(|(_, _, ne)| ne[0] % 32 == 0 && ne[1] % 32 == 0) {
+                continue;
+            }
+            let p = plan(buft)?;
+            if p.1.iter().all(|&t| p.0.tensor(t).has_backend_extra()) {
+                return Ok(p);
+            }
+        }
     }
+    plan(backend.weight_buffer_type())
+}
+
+/// Wᵀ [d_out, d_in] of frozen weight `w` in `ty`: dequantized, transposed, converted.
+fn transposed_copy(weights: &Weights, w: Tensor<'_>, ty: Type) -> Result<Vec<u8>, ModelError> {
+    let ne = w.ne();
+    let (d_in, d_out) = (ne[0] as usize, ne[1] as usize);
+    let x = dequantize(w.ty(), &weights.read_bytes(w)?, d_in * d_out)?; // row-major [d_out][d_in]
+    Ok(quantize(ty, &transpose(&x, d_out, d_in), d_out)?)
 }
 
 /// Splits Q4_1 data exactly into Q4_0 data and one F32 offset per block.
@@ -171,6 +207,40 @@ pub fn split_q4_1(q4_1: &[u8]) -> (Vec<u8>, Vec<f32>) {
     (q, c)
 }
 
+/// `none`'s forward on the CPU: each Q4_1 weight's split offsets resident (Cᵀ F32
+/// [d_out, d_in/32], 1/8 byte per weight), its Q4_0 half made inside the graph right before
+/// the product. Nothing on a GPU backend or with `Forward::Stored`.
+fn transient_split(
+    mut copies: FrozenCopies,
+    weights: &Weights,
+    frozen: &[Tensor<'_>],
+    forward: Forward,
+    backend: &Backend,
+) -> Result<FrozenCopies, ModelError> {
+    let q4_1: Vec<_> = frozen.iter().filter(|w| w.ty() == Type::Q4_1).collect();
+    if forward == Forward::Stored || backend.is_gpu() || q4_1.is_empty() {
+        return Ok(copies);
+    }
+    let ctx = Context::new(Capacity::tensors(q4_1.len() + 8))?;
+    let cs: Vec<_> = q4_1
+        .iter()
+        .map(|w| {
+            let c = ctx.new_tensor(Type::F32, &[w.ne()[1], w.ne()[0] / 32]);
+            c.set_name(&format!("{}.q4_1_offsets", w.name()));
+            c
+        })
+        .collect();
+    copies.bytes = ctx.allocate(backend.weight_buffer_type())?;
+    for (w, c) in q4_1.iter().zip(cs) {
+        let (_, offsets) = split_q4_1(&weights.read_bytes(**w)?);
+        let (blocks, d_out) = ((w.ne()[0] / 32) as usize, w.ne()[1] as usize);
+        ctx.write_f32(c, &transpose(&offsets, d_out, blocks))?;
+        copies.transient_split.push((w.id(), c.id()));
+    }
+    copies.ctx = Some(ctx);
+    Ok(copies)
+}
+
 /// Base types whose matmul is much slower than Q8_0's on the CPU (no tinyBLAS kernel).
 fn needs_forward_copy(t: Type) -> bool {
     !matches!(t, Type::F32 | Type::F16 | Type::BF16 | Type::Q4_0 | Type::Q8_0)
@@ -195,7 +265,9 @@ impl FrozenCopies {
     }
 
     /// [`FrozenCopies::build`] with the forward's treatment chosen explicitly. With
-    /// `WeightCopies::None` (or `Stock`) the forward always multiplies the stored weights.
+    /// `WeightCopies::None` the forward's Q4_1 weights are split inside the graph (unless
+    /// `Forward::Stored`; CPU only), other types multiplied as stored; with `Stock` every
+    /// weight is multiplied as stored.
     pub fn build_with(
         weights: &Weights,
         mode: WeightCopies,
@@ -209,7 +281,10 @@ impl FrozenCopies {
             mode,
             ctx: None,
             pairs: Vec::new(),
+            ctx_q8: None,
+            pairs_q8: Vec::new(),
             transient,
+            transient_split: Vec::new(),
             forward: Vec::new(),
             split: Vec::new(),
             ctx_q4: None,
@@ -219,23 +294,35 @@ impl FrozenCopies {
         match mode {
             WeightCopies::Stock => return Ok(without_copies(Vec::new())),
             WeightCopies::None => {
-                return Ok(without_copies(frozen.iter().map(|t| t.id()).collect()));
+                let transient = without_copies(frozen.iter().map(|t| t.id()).collect());
+                return transient_split(transient, weights, &frozen, forward, backend);
             }
             WeightCopies::Q8_0 | WeightCopies::F16 | WeightCopies::F32 => {}
         }
         let ctx = Context::new(Capacity::tensors(3 * frozen.len() + 8))?;
         let plan = Plan::new(&ctx, &frozen, mode, forward, backend.is_gpu());
         let mut bytes = ctx.allocate(backend.weight_buffer_type())?;
-        let (ctx_q4, q_ids, q_bytes) = q4_0_halves(&plan.split, backend)?;
-        bytes += q_bytes;
+        let halves: Vec<_> = plan
+            .split
+            .iter()
+            .map(|(w, _)| (format!("{}.q4_0", w.name()), Type::Q4_0, [w.ne()[0], w.ne()[1]]))
+            .collect();
+        let (ctx_q4, q_ids, q_bytes) = matmul_operands(&halves, true, backend)?;
+        let copies_q8: Vec<_> = plan
+            .backward_q8
+            .iter()
+            .map(|w| (format!("{}.T", w.name()), Type::Q8_0, [w.ne()[1], w.ne()[0]]))
+            .collect();
+        let (ctx_q8, t_ids, t_bytes) = matmul_operands(&copies_q8, false, backend)?;
+        bytes += q_bytes + t_bytes;
+        let mut pairs_q8 = Vec::new();
+        for (&w, t) in plan.backward_q8.iter().zip(t_ids) {
+            ctx_q8.write_bytes(ctx_q8.tensor(t), &transposed_copy(weights, w, Type::Q8_0)?)?;
+            pairs_q8.push((w.id(), t));
+        }
         let mut pairs = Vec::new();
         for (w, t, ty) in plan.backward {
-            let ne = w.ne();
-            let (d_in, d_out) = (ne[0] as usize, ne[1] as usize);
-            let raw = weights.read_bytes(w)?;
-            let x = dequantize(w.ty(), &raw, d_in * d_out)?; // row-major [d_out][d_in]
-            let bytes = quantize(ty, &transpose(&x, d_out, d_in), d_out)?;
-            ctx.write_bytes(t, &bytes)?;
+            ctx.write_bytes(t, &transposed_copy(weights, w, ty)?)?;
             pairs.push((w.id(), t.id()));
         }
         let mut forward = Vec::new();
@@ -258,7 +345,10 @@ impl FrozenCopies {
             mode,
             ctx: Some(ctx),
             pairs,
+            ctx_q8: Some(ctx_q8),
+            pairs_q8,
             transient: Vec::new(),
+            transient_split: Vec::new(),
             forward,
             split,
             ctx_q4: Some(ctx_q4),
@@ -279,9 +369,11 @@ impl FrozenCopies {
     pub fn map<'a>(&'a self, weights: &'a Weights) -> FrozenMap<'a> {
         let mut m = FrozenMap::new();
         m.cpu_kernels = self.cpu;
-        if let Some(ctx) = &self.ctx {
-            for &(w, t) in &self.pairs {
-                m.insert(weights.tensor(w), FrozenGrad::Transposed(ctx.tensor(t)));
+        for (ctx, pairs) in [(&self.ctx, &self.pairs), (&self.ctx_q8, &self.pairs_q8)] {
+            if let Some(ctx) = ctx {
+                for &(w, t) in pairs {
+                    m.insert(weights.tensor(w), FrozenGrad::Transposed(ctx.tensor(t)));
+                }
             }
         }
         if let Some(ctx) = &self.ctx {
@@ -294,8 +386,16 @@ impl FrozenCopies {
                 }
             }
         }
+        if let Some(ctx) = &self.ctx {
+            for &(w, c) in &self.transient_split {
+                m.insert_forward_split_transient(weights.tensor(w), ctx.tensor(c));
+            }
+        }
+        // The CPU makes Q8_0 copies (the default mode's numbers, from one pass over W); GPU
+        // backends F16 ones (ggml's casts).
+        let transient = if self.cpu { Type::Q8_0 } else { Type::F16 };
         for &w in &self.transient {
-            m.insert(weights.tensor(w), FrozenGrad::Transient(Type::F16));
+            m.insert(weights.tensor(w), FrozenGrad::Transient(transient));
         }
         m
     }
@@ -328,6 +428,48 @@ fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Q8_0 copies go to AMX when the CPU has it and every shape suits its kernels (both
+    /// dimensions multiples of 32), else to plain memory (never CPU_REPACK); the Q4_0 halves
+    /// to AMX or CPU_REPACK. On a CPU without AMX the first half checks the fallback only.
+    #[test]
+    fn matmul_operands_take_the_fastest_buffer_that_fits() {
+        let backend = Backend::cpu(1).unwrap();
+        let amx = BufferType::cpu_matmul().iter().any(|b| b.is_amx());
+        let spec = |ty, ne: [i64; 2]| (format!("t{}x{}", ne[0], ne[1]), ty, ne);
+        let extra = |specs: &[(String, Type, [i64; 2])]| {
+            let (c, ids, _) = matmul_operands(specs, false, &backend).unwrap();
+            ids.iter().map(|&t| c.tensor(t).has_backend_extra()).collect::<Vec<_>>()
+        };
+        assert_eq!(extra(&[spec(Type::Q8_0, [64, 256]), spec(Type::Q8_0, [576, 1536])]), [amx; 2]);
+        // One shape AMX does not take (40 rows) keeps the whole set in plain memory.
+        assert_eq!(extra(&[spec(Type::Q8_0, [64, 256]), spec(Type::Q8_0, [64, 40])]), [false; 2]);
+        let (c, ids, _) = matmul_operands(&[spec(Type::Q4_0, [64, 256])], true, &backend).unwrap();
+        let fast = !BufferType::cpu_matmul().is_empty();
+        assert!(!fast || c.tensor(ids[0]).has_backend_extra(), "Q4_0 half in plain memory");
+    }
+
+    /// A product that a rearranged weight's kernel does not take (AMX: a non-contiguous
+    /// activation) is refused by `Backend::compute` with the node's name; ggml's scheduler
+    /// would abort. Needs a CPU with AMX (skipped otherwise).
+    #[test]
+    fn unsupported_products_are_refused_not_aborted() {
+        if !BufferType::cpu_matmul().iter().any(|b| b.is_amx()) {
+            eprintln!("no AMX on this CPU: skipped");
+            return;
+        }
+        let mut backend = Backend::cpu(1).unwrap();
+        let spec = [("w".to_string(), Type::Q8_0, [64i64, 64])];
+        let (c, ids, _) = matmul_operands(&spec, false, &backend).unwrap();
+        let w = c.tensor(ids[0]);
+        let g_ctx = Context::new(Capacity::graph(8, 16, false)).unwrap();
+        let x = g_ctx.new_f32("x", &[32, 64]).set_input();
+        let y = g_ctx.mul_mat(w, g_ctx.transpose(x)).set_name("odd product").set_output();
+        let mut g = g_ctx.new_graph(16, false);
+        g.build_forward_expand(y);
+        let err = backend.compute(&g).err().expect("refused").to_string();
+        assert!(err.contains("odd product"), "{err}");
+    }
 
     #[test]
     fn q4_1_split_is_exact() {

@@ -177,8 +177,9 @@ pub fn step_capacity(weights: &Weights, lora: &LoraSet) -> Capacity {
         })
         .sum();
     let extra = extra + 8 * chunks as usize;
-    // Exact Q4_1 splits in the forward: up to 6 tensors per frozen weight.
-    let extra = extra + 6 * (7 * weights.hparams.n_layer + 1);
+    // Exact Q4_1 splits in the forward: up to 8 tensors per frozen weight (made in the graph
+    // without copies).
+    let extra = extra + 8 * (7 * weights.hparams.n_layer + 1);
     // Recomputation duplicates at most every forward node.
     let extra = extra + TrainGraph::capacity(weights, Some(lora), false).graph_nodes;
     // GRIT: regularizer and statistics nodes (and their gradients).
@@ -478,7 +479,13 @@ pub fn categorize(n: &crate::ggml::profile::NodeInfo) -> String {
     let output = |s: &str| s.starts_with("token_embd.weight") || s.starts_with("output.weight");
     let lora = |s: &str| s.contains("lora");
     let (s0, s1) = (n.src0_name.as_str(), n.src1_name.as_str());
+    let transient = |s: &str| s.ends_with(".T (transient)");
     match n.op.as_str() {
+        "MUL_MAT" if transient(s0) && output(s0) => "output layer: backward".into(),
+        "MUL_MAT" if transient(s0) => "frozen matmuls: backward (transient)".into(),
+        "CUSTOM" if transient(&n.name) || n.name.ends_with(".q4_0") => {
+            "transient dequantization".into()
+        }
         "MUL_MAT" if s0.ends_with(".T") && output(s0) => "output layer: backward".into(),
         "MUL_MAT" if s0.ends_with(".T") => "frozen matmuls: backward (copies)".into(),
         "MUL_MAT" if output(s0) => "output layer: forward".into(),

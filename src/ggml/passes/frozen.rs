@@ -30,7 +30,8 @@ use crate::ggml::context::{Context, Graph, Tensor, Type};
 pub enum FrozenGrad<'a> {
     /// A persistent transposed copy Wᵀ, ggml shape [d_out, d_in].
     Transposed(Tensor<'a>),
-    /// Dequantize W and transpose it into this type inside the backward pass (one at a time).
+    /// Dequantize W and transpose it into this type inside the backward pass (one at a time):
+    /// Q8_0 (by a CPU kernel; F16 where it cannot run) or F16/F32 (by ggml's casts).
     Transient(Type),
 }
 
@@ -44,6 +45,9 @@ pub struct FrozenMap<'a> {
     /// Exact splits W = W₀ + C·blocksum for the forward pass: (W₀ [d_in, d_out], Cᵀ F32
     /// [d_out, d_in/32]); see `train::copies::split_q4_1`.
     split: HashMap<usize, (Tensor<'a>, Tensor<'a>)>,
+    /// Q4_1 weights split the same way with the Q4_0 half made inside the graph, right before
+    /// the product (CPU kernels; `--weight-copies none`): weight → its resident offsets Cᵀ.
+    transient_split: HashMap<usize, Tensor<'a>>,
     /// The graph runs on the CPU backend: products with a small inner dimension become
     /// outer-product sums (see [`small_inner`]).
     pub cpu_kernels: bool,
@@ -57,6 +61,7 @@ impl<'a> FrozenMap<'a> {
             map: HashMap::new(),
             forward: HashMap::new(),
             split: HashMap::new(),
+            transient_split: HashMap::new(),
             cpu_kernels: false,
             fuse_attention: true,
         }
@@ -79,6 +84,21 @@ impl<'a> FrozenMap<'a> {
             "split {w0:?} + {ct:?} does not match {w:?}"
         );
         self.split.insert(w.raw() as usize, (w0, ct));
+    }
+    /// Computes `w·x` as [`FrozenMap::insert_forward_split`] does, with the Q4_0 half made
+    /// from the Q4_1 `w` inside the graph right before the product
+    /// ([`Context::q4_1_split_q4_0`]); CPU kernels only (ignored without
+    /// [`FrozenMap::cpu_kernels`]).
+    pub fn insert_forward_split_transient(&mut self, w: Tensor<'a>, ct: Tensor<'a>) {
+        let ne = w.ne();
+        assert!(
+            w.ty() == Type::Q4_1
+                && ct.ne()[1] * 32 == ne[0]
+                && ct.ne()[0] == ne[1]
+                && ct.ty() == Type::F32,
+            "transient split of {w:?} with offsets {ct:?}"
+        );
+        self.transient_split.insert(w.raw() as usize, ct);
     }
     pub fn insert(&mut self, w: Tensor<'a>, how: FrozenGrad<'a>) {
         if let FrozenGrad::Transposed(t) = how {
@@ -265,7 +285,7 @@ fn rebuilt_size(graph: &Graph<'_>, frozen: &FrozenMap<'_>, n_extra: usize, dups:
     graph.size().max(
         graph.n_nodes()
             + 2 * frozen.len() * 8
-            + 6 * frozen.split.len()
+            + 8 * (frozen.split.len() + frozen.transient_split.len())
             + 3 * n_mul_mat
             + 128
             + n_extra
@@ -374,6 +394,10 @@ impl<'a> Rewriter<'_, 'a> {
             self.stats.forward += 1;
         } else if let Some(&(w0, c)) = self.frozen.split.get(&(w.raw() as usize)) {
             self.split_forward(node, x, w0, c);
+        } else if let Some(&c) =
+            self.frozen.transient_split.get(&(w.raw() as usize)).filter(|_| cpu)
+        {
+            self.split_forward(node, x, self.ctx.q4_1_split_q4_0(w), c);
         } else if cpu && flat(w) && flat(x) && flat(node) && small_inner(w.ne()[0], w.ne()[1]) {
             // LoRA's B·u and the like: an outer-product sum (see `small_inner`).
             let wt = self.transpose_of(w); // [m, k]
@@ -448,14 +472,23 @@ impl<'a> Rewriter<'_, 'a> {
     /// ∂L/∂x = Wᵀ·∂L/∂y with W dequantized and transposed into `ty` inside the backward.
     /// Large weights (the output layer: 576 × 49152 here) are done in chunks of output rows,
     /// ∂L/∂x = Σ_c W_cᵀ·∂L/∂y_c, so only one chunk's dequantized copy is alive at a time.
+    ///
+    /// Q8_0 on the CPU is one pass of grit's kernel ([`Context::transposed_q8_0`]: W's blocks
+    /// to Wᵀ's Q8_0 blocks, the persistent Q8_0 copy's bytes) and the product runs on ggml's
+    /// Q8_0 kernel; otherwise (a GPU backend, or rows not in blocks of 32) ggml's casts make
+    /// an F16 copy.
     fn transient_input_grad(&mut self, node: Tensor<'a>, w: Tensor<'a>, dy: Tensor<'a>, ty: Type) {
         let ctx = self.ctx;
         let (d_in, d_out) = (w.ne()[0], w.ne()[1]);
+        let q8 = ty == Type::Q8_0 && self.frozen.cpu_kernels && d_out % 32 == 0;
         // On GPU backends in one piece: ggml-vulkan computes the chunked form wrong (row views
         // at byte offsets into the quantized weight; measured on lavapipe: ∂B of layer 0 2.6×
         // the CPU's on the default model, exact in one piece).
         let n_chunks = if self.frozen.cpu_kernels { transient_chunks(d_in, d_out) } else { 1 };
-        let rows = (d_out + n_chunks - 1) / n_chunks;
+        let mut rows = (d_out + n_chunks - 1) / n_chunks;
+        if q8 {
+            rows = (rows + 31) / 32 * 32; // Q8_0 rows of Wᵀ in whole blocks
+        }
         let mut parts = Vec::new();
         let mut r0 = 0;
         while r0 < d_out {
@@ -470,10 +503,15 @@ impl<'a> Rewriter<'_, 'a> {
                     ctx.view_2d(dy, n, dy.ne()[1], dy.nb()[1], r0 as usize * dy.nb()[0]),
                 )
             };
-            // A cast, not a cpy into a new tensor: that tensor would be a graph leaf, and
-            // ggml-alloc allocates leafs up front, keeping every layer's copy alive at once.
-            let deq = ctx.cast(wc, Type::F32); // [d_in, n]
-            let wt = ctx.cast(ctx.transpose(deq), ty); // [n, d_in]
+            let wt = if q8 {
+                ctx.transposed_q8_0(wc) // [n, d_in]
+            } else {
+                // A cast, not a cpy into a new tensor: that tensor would be a graph leaf, and
+                // ggml-alloc allocates leafs up front, keeping every layer's copy alive at once.
+                let deq = ctx.cast(wc, Type::F32); // [d_in, n]
+                let ty = if ty == Type::Q8_0 { Type::F16 } else { ty };
+                ctx.cast(ctx.transpose(deq), ty) // [n, d_in]
+            };
             parts.push((wt, dyc));
             r0 += n;
         }
