@@ -649,6 +649,11 @@ impl Drop for Computation<'_, '_> {
 }
 
 impl<'s, 'a> Computation<'s, 'a> {
+    /// Whether `t` belongs to the computed graph (a node, or a tensor a node reads).
+    pub fn contains(&self, t: Tensor<'a>) -> bool {
+        self.members.contains(&(t.raw() as usize))
+    }
+
     fn check(&self, t: Tensor<'a>) -> Result<(), GgmlError> {
         if !self.members.contains(&(t.raw() as usize)) {
             return Err(GgmlError::Foreign(t.name()));

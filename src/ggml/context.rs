@@ -657,6 +657,25 @@ impl Context {
         self.wrap(unsafe { sys::ggml_cross_entropy_loss(self.raw(), logits.raw(), labels.raw()) })
     }
 
+    /// ggml's backward of [`Context::cross_entropy_loss`] for the scalar output gradient
+    /// `grad`: (softmax(logits) − labels)·grad/rows, F32 like `logits`.
+    pub fn cross_entropy_loss_back<'a>(
+        &'a self,
+        grad: Tensor<'a>,
+        logits: Tensor<'a>,
+        labels: Tensor<'a>,
+    ) -> Tensor<'a> {
+        assert!(
+            logits.ne() == labels.ne() && grad.ne() == [1, 1, 1, 1],
+            "cross_entropy_loss_back: {grad:?}, {logits:?}, {labels:?}"
+        );
+        self.room(1);
+        // SAFETY: see the note above the ops.
+        self.wrap(unsafe {
+            sys::ggml_cross_entropy_loss_back(self.raw(), grad.raw(), logits.raw(), labels.raw())
+        })
+    }
+
     /// Sum of all elements → [1].
     pub fn sum<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
         self.room(1);

@@ -44,6 +44,7 @@ mod extra;
 mod gguf_write;
 pub mod passes;
 pub mod profile;
+mod sparse_ce;
 mod transient;
 
 pub use backend::{

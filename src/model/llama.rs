@@ -188,6 +188,9 @@ pub struct TrainGraph<'g> {
     pub rows: Option<Tensor<'g>>,
     /// F32 one-hot [n_vocab, n_rows] (with a loss).
     pub labels: Option<Tensor<'g>>,
+    /// I32 [n_rows], the labels' ids (with a loss): what the loss reads instead of the one-hot
+    /// matrix once a CPU graph pass rewrote it (`FrozenMap::label_ids`).
+    pub label_ids: Option<Tensor<'g>>,
     /// F32 [n_vocab, n_rows] (n_rows = n_tokens with `Outputs::All`).
     pub logits: Tensor<'g>,
     /// F32 [1]: mean cross entropy over the rows.
@@ -350,15 +353,16 @@ impl<'g> TrainGraph<'g> {
         let logits = model.head(ctx, x).set_name("logits").set_output(); // [n_vocab, n_rows]
         graph.build_forward_expand(logits);
 
-        let (labels, loss) = if with_loss {
+        let (labels, label_ids, loss) = if with_loss {
             let n_rows = logits.ne()[1];
             let labels = ctx.new_f32("labels", &[hp.n_vocab as i64, n_rows]).set_input();
+            let ids = ctx.new_i32("label_ids", n_rows as usize).set_input();
             let loss =
                 ctx.cross_entropy_loss(logits, labels).set_name("loss").set_output().set_loss(); // [1]
             graph.build_forward_expand(loss);
-            (Some(labels), Some(loss))
+            (Some(labels), Some(ids), Some(loss))
         } else {
-            (None, None)
+            (None, None, None)
         };
         TrainGraph {
             graph,
@@ -371,6 +375,7 @@ impl<'g> TrainGraph<'g> {
             mask_swa,
             rows,
             labels,
+            label_ids,
             logits,
             loss,
             taps: rec.taps,
@@ -451,7 +456,14 @@ impl<'g> TrainGraph<'g> {
                     batch.labels.len()
                 )));
             }
-            run.write_f32(labels, &batch.one_hot(self.n_vocab))?;
+            // The graph reads one of the two: the one-hot matrix (ggml's loss), or the ids once
+            // a CPU pass rewrote the loss (then the matrix is not even allocated).
+            if run.contains(labels) {
+                run.write_f32(labels, &batch.one_hot(self.n_vocab))?;
+            }
+            if let Some(ids) = self.label_ids.filter(|&t| run.contains(t)) {
+                run.write_i32(ids, &batch.labels)?;
+            }
         }
         Ok(())
     }

@@ -41,8 +41,10 @@
 //!   projection, so prompt tokens cost no vocabulary-sized work and get no gradient.
 //! - The loss is ggml's `cross_entropy_loss` against one-hot labels: it is numerically
 //!   stable (log-softmax inside), fused, and has a fused backward ((softmax − labels)/rows).
-//!   The one-hot matrix costs n_vocab × n_rows floats of input (≈ 50 MB for 49k × 256),
-//!   cheap next to the logits it is compared with. Its value is the mean over trained rows.
+//!   Its value is the mean over trained rows. The one-hot matrix costs n_vocab × n_rows
+//!   floats of input (≈ 50 MB for 49k × 256, 200 MB at 1024 rows), so on the CPU the step
+//!   graph's rewrite makes the loss and its backward read the label ids instead
+//!   (`TrainGraph::label_ids`, `ggml::passes::loss`); GPU graphs keep ggml's op.
 
 mod hparams;
 mod info;

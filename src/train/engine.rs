@@ -256,6 +256,7 @@ impl<'g> StepGraph<'g> {
         }
         let mut map = copies.map(weights);
         map.fuse_attention = o.fuse_attention;
+        map.label_ids = train.labels.zip(train.label_ids);
         // Recomputation: only the residual stream between blocks stays allocated from the
         // forward to the backward; each block's intermediates are recomputed from it.
         let (graph, rw) = crate::ggml::rebuild_backward(

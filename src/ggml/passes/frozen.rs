@@ -53,6 +53,9 @@ pub struct FrozenMap<'a> {
     pub cpu_kernels: bool,
     /// With `cpu_kernels`: fuse attention (see [`super::attention`]). Default on.
     pub fuse_attention: bool,
+    /// With `cpu_kernels`: the loss's one-hot labels and their ids; the loss and its backward
+    /// then read the ids (see [`super::loss`]).
+    pub label_ids: Option<(Tensor<'a>, Tensor<'a>)>,
 }
 
 impl<'a> FrozenMap<'a> {
@@ -64,6 +67,7 @@ impl<'a> FrozenMap<'a> {
             transient_split: HashMap::new(),
             cpu_kernels: false,
             fuse_attention: true,
+            label_ids: None,
         }
     }
     /// Uses `copy` (same shape as `w`, another type) wherever the forward multiplies by `w`.
@@ -196,6 +200,8 @@ pub struct RewriteStats {
     pub attention: usize,
     /// GPU matmuls given contiguous F32 copies of strided operands.
     pub contiguous: usize,
+    /// Loss nodes (forward and backward) rewritten to read label ids.
+    pub loss: usize,
 }
 
 /// Rewrites the frozen-weight input gradients of `graph` (which must already hold its
@@ -239,6 +245,9 @@ pub fn rebuild_backward<'a>(
         contiguous: HashMap::new(),
         block_sums: HashMap::new(),
     };
+    if let Some((labels, ids)) = frozen.label_ids.filter(|_| frozen.cpu_kernels) {
+        rw.stats.loss = super::loss::read_label_ids(ctx, graph, labels, ids);
+    }
     // Attention fused into CPU kernels (forward and backward); the nodes it makes redundant
     // are skipped below. Not with recomputation: there the fused backward made the step's
     // compute buffer grow by ~65 MiB on the default model (189 → 254 MiB at 256 tokens;

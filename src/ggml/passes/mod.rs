@@ -6,6 +6,8 @@
 //!   splits, and the CPU's faster forms of small products; it drives the other two.
 //! - [`attention`]: the attention ops replaced by the fused CPU kernels of
 //!   [`super::attention`].
+//! - [`loss`]: ggml's one-hot cross-entropy and its backward as kernels that read label ids
+//!   ([`super::sparse_ce`]).
 //! - [`geglu`]: GEGLU differentiated through a GELU built from ops with a backward, then
 //!   restored to ggml's op for the forward.
 //! - [`recompute`]: activation recomputation (backward nodes read duplicates of the forward's
@@ -25,4 +27,5 @@
 pub(crate) mod attention;
 pub mod frozen;
 pub mod geglu;
+pub(crate) mod loss;
 pub mod recompute;
