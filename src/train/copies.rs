@@ -46,6 +46,10 @@ pub struct FrozenCopies {
     /// (frozen weight, a Q8_0 copy in `ctx` for the forward), for base types without a fast
     /// matmul kernel (e.g. Q4_1: 76 vs 142 GFLOP/s for Q8_0 on 2 AVX-512 cores).
     forward: Vec<(TensorId, TensorId)>,
+    /// On CPUs with AMX: (frozen weight, a copy of its own bytes in the AMX buffer of
+    /// `ctx_amx`) for the forward — exact, and 4–7× ggml's other kernels (see [`amx_forward`]).
+    ctx_amx: Option<Context>,
+    forward_amx: Vec<(TensorId, TensorId)>,
     /// (Q4_1 weight, its exact split into Q4_0 (in `ctx_q4`) + per-block offsets (in `ctx`)),
     /// see [`split_q4_1`].
     split: Vec<(TensorId, TensorId, TensorId)>,
@@ -82,9 +86,11 @@ struct Plan<'t> {
 }
 
 impl<'t> Plan<'t> {
+    /// `forward_needs`: the frozen weights whose forward is not served otherwise (by AMX copies).
     fn new(
         ctx: &'t Context,
         frozen: &[Tensor<'t>],
+        forward_needs: &[Tensor<'t>],
         mode: WeightCopies,
         forward: Forward,
         gpu: bool,
@@ -95,7 +101,7 @@ impl<'t> Plan<'t> {
             forward: Vec::new(),
             split: Vec::new(),
         };
-        for &w in frozen {
+        for &w in forward_needs {
             // The split and the forward copies are CPU speed-ups (GPU backends have a fast
             // kernel for every type, and the split's extra product only costs there).
             if gpu {
@@ -173,6 +179,47 @@ fn matmul_operands(
         }
     }
     plan(backend.weight_buffer_type())
+}
+
+/// On a CPU with AMX: a copy of each frozen weight whose type and shape AMX's kernels take
+/// (Q4_0/Q4_1/Q8_0 with rows in blocks of 32, K-quants with rows in blocks of 256; 32·k
+/// output rows) in the AMX buffer, for the forward: the stored values exactly (the same bytes,
+/// laid out for AMX's int8 tiles), at 470–680 GFLOP/s on 2 cores against ~210 for the
+/// CPU_REPACK Q4_0 split and ~110 for the stored Q8_0 output layer (bench/README.md). Costs the
+/// weights' size once more (against the split's 22/20 of it). Nothing (and the split and
+/// forward copies as before) without AMX, on a GPU, or if AMX does not take them after all.
+#[allow(clippy::type_complexity)]
+fn amx_forward(
+    weights: &Weights,
+    frozen: &[Tensor<'_>],
+    backend: &Backend,
+) -> Result<(Option<Context>, Vec<(TensorId, TensorId)>, usize), ModelError> {
+    let none = (None, Vec::new(), 0);
+    if backend.is_gpu() || !BufferType::cpu_matmul().iter().any(|b| b.is_amx()) {
+        return Ok(none);
+    }
+    let takes = |w: &Tensor<'_>| {
+        let (k, m) = (w.ne()[0], w.ne()[1]);
+        let rows = match w.ty() {
+            Type::Q4_0 | Type::Q4_1 | Type::Q8_0 => 32,
+            Type::Q4_K | Type::Q5_K | Type::Q6_K => 256,
+            _ => return false,
+        };
+        k % rows == 0 && m % 32 == 0
+    };
+    let ws: Vec<_> = frozen.iter().copied().filter(takes).collect();
+    let specs: Vec<_> =
+        ws.iter().map(|w| (format!("{}.amx", w.name()), w.ty(), [w.ne()[0], w.ne()[1]])).collect();
+    let (ctx, ids, bytes) = matmul_operands(&specs, false, backend)?;
+    if ids.iter().any(|&t| !ctx.tensor(t).has_backend_extra()) {
+        return Ok(none);
+    }
+    let mut pairs = Vec::new();
+    for (w, t) in ws.iter().zip(ids) {
+        ctx.write_bytes(ctx.tensor(t), &weights.read_bytes(*w)?)?;
+        pairs.push((w.id(), t));
+    }
+    Ok((Some(ctx), pairs, bytes))
 }
 
 /// Wᵀ [d_out, d_in] of frozen weight `w` in `ty`: dequantized, transposed, converted.
@@ -286,6 +333,8 @@ impl FrozenCopies {
             transient,
             transient_split: Vec::new(),
             forward: Vec::new(),
+            ctx_amx: None,
+            forward_amx: Vec::new(),
             split: Vec::new(),
             ctx_q4: None,
             bytes: 0,
@@ -299,8 +348,18 @@ impl FrozenCopies {
             }
             WeightCopies::Q8_0 | WeightCopies::F16 | WeightCopies::F32 => {}
         }
+        let (ctx_amx, forward_amx, amx_bytes) = match forward {
+            Forward::Split => amx_forward(weights, &frozen, backend)?,
+            _ => (None, Vec::new(), 0),
+        };
+        // Weights the AMX copies serve need no split or forward copy.
+        let served: Vec<Tensor<'_>> = frozen
+            .iter()
+            .copied()
+            .filter(|w| !forward_amx.iter().any(|&(f, _)| f == w.id()))
+            .collect();
         let ctx = Context::new(Capacity::tensors(3 * frozen.len() + 8))?;
-        let plan = Plan::new(&ctx, &frozen, mode, forward, backend.is_gpu());
+        let plan = Plan::new(&ctx, &frozen, &served, mode, forward, backend.is_gpu());
         let mut bytes = ctx.allocate(backend.weight_buffer_type())?;
         let halves: Vec<_> = plan
             .split
@@ -314,7 +373,7 @@ impl FrozenCopies {
             .map(|w| (format!("{}.T", w.name()), Type::Q8_0, [w.ne()[1], w.ne()[0]]))
             .collect();
         let (ctx_q8, t_ids, t_bytes) = matmul_operands(&copies_q8, false, backend)?;
-        bytes += q_bytes + t_bytes;
+        bytes += q_bytes + t_bytes + amx_bytes;
         let mut pairs_q8 = Vec::new();
         for (&w, t) in plan.backward_q8.iter().zip(t_ids) {
             ctx_q8.write_bytes(ctx_q8.tensor(t), &transposed_copy(weights, w, Type::Q8_0)?)?;
@@ -350,6 +409,8 @@ impl FrozenCopies {
             transient: Vec::new(),
             transient_split: Vec::new(),
             forward,
+            ctx_amx,
+            forward_amx,
             split,
             ctx_q4: Some(ctx_q4),
             bytes,
@@ -374,6 +435,11 @@ impl FrozenCopies {
                 for &(w, t) in pairs {
                     m.insert(weights.tensor(w), FrozenGrad::Transposed(ctx.tensor(t)));
                 }
+            }
+        }
+        if let Some(ctx) = &self.ctx_amx {
+            for &(w, t) in &self.forward_amx {
+                m.insert_forward(weights.tensor(w), ctx.tensor(t));
             }
         }
         if let Some(ctx) = &self.ctx {
