@@ -5,6 +5,7 @@
 use crate::ggml::Backend;
 use crate::model::{LoraSet, Weights};
 
+use super::config::WeightCopies;
 use super::copies::FrozenCopies;
 use super::engine::OptState;
 use super::run::TrainError;
@@ -44,6 +45,9 @@ pub fn mem_available_bytes() -> Option<u64> {
 pub(super) struct Footprint {
     pub weights: usize,
     pub copies: usize,
+    /// The copies are made inside the backward (`--weight-copies none`): what stays resident
+    /// is small (the Q4_1 split's offsets), so `none` is no hint.
+    pub transient: bool,
     /// Adapters (f32) and their optimizer state.
     pub adapters: usize,
     pub compute: usize,
@@ -58,7 +62,13 @@ impl Footprint {
         compute: usize,
     ) -> Self {
         let adapters = 4 * lora.n_params() + opt.bytes();
-        Footprint { weights: weights.bytes(), copies: copies.bytes(), adapters, compute }
+        Footprint {
+            weights: weights.bytes(),
+            copies: copies.bytes(),
+            transient: copies.mode() == WeightCopies::None,
+            adapters,
+            compute,
+        }
     }
 
     fn total(&self) -> u64 {
@@ -75,7 +85,7 @@ pub(super) fn check_memory(f: &Footprint) -> Result<(), TrainError> {
     // What is already resident counts as available to us.
     let avail = avail + rss_bytes();
     if need > avail {
-        let hint = if f.copies > 0 {
+        let hint = if f.copies > 0 && !f.transient {
             "lower --max-seq-len or --batch-size, or use --weight-copies none".to_string()
         } else {
             "lower --max-seq-len or --batch-size".to_string()
@@ -123,7 +133,7 @@ pub(super) fn check_device_memory(
     );
     if avail > 0 && need > avail {
         let mut hint = String::from("lower --max-seq-len or --batch-size");
-        if f.copies > 0 {
+        if f.copies > 0 && !f.transient {
             hint.push_str(", use --weight-copies none (dequantized per layer in the backward)");
         }
         hint.push_str(&format!(
