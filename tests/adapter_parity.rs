@@ -16,6 +16,7 @@ use grit::ggml::Context;
 use grit::gguf::GgufFile;
 use grit::infer::Model;
 use grit::model::{Batch, GraphOptions, Outputs, TrainGraph, Weights};
+use grit::train::copies::FrozenCopies;
 
 mod common;
 use common::{grit, ok, plays, rows, tiny_model, tiny_model_of};
@@ -47,6 +48,9 @@ fn grit_logits(model_path: &Path, adapter: &Path, tokens: &[i32]) -> Vec<f32> {
         tokens.len(),
         GraphOptions::logits(Outputs::All),
     );
+    // llama.cpp multiplies AMX copies of the weights where the CPU has AMX: so does grit here.
+    let copies = FrozenCopies::llama_cpp_kernels(&weights, &backend).unwrap();
+    grit::ggml::use_forward_copies(&g.graph, &copies.map(&weights));
     let mut run = backend.compute(&g.graph).unwrap();
     g.set_inputs(&mut run, &Batch::causal(tokens, &[], &[]).unwrap()).unwrap();
     run.run().unwrap();

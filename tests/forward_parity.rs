@@ -39,6 +39,7 @@ use grit::model::{
     write_tiny_model, Arch, Batch, GraphOptions, LoraConfig, LoraSet, Outputs, TinySpec,
     TinyWindow, TrainGraph, Weights,
 };
+use grit::train::copies::FrozenCopies;
 
 const TEXT: &str = "The old lighthouse keeper climbed the spiral stairs every evening, counting the steps \
 as his father had taught him. There were one hundred and twelve of them, worn smooth in the middle \
@@ -91,6 +92,9 @@ fn grit_logits(
         batch.n_tokens(),
         GraphOptions::logits(Outputs::All),
     );
+    // llama.cpp multiplies AMX copies of the weights where the CPU has AMX: so does grit here.
+    let copies = FrozenCopies::llama_cpp_kernels(weights, backend).unwrap();
+    grit::ggml::use_forward_copies(&g.graph, &copies.map(weights));
     let mut run = backend.compute(&g.graph).unwrap();
     g.set_inputs(&mut run, batch).unwrap();
     run.run().unwrap();
@@ -307,6 +311,8 @@ fn rows_and_loss_case(model_path: &Path, n_tokens: usize) {
     let ctx = Context::new(TrainGraph::capacity(&weights, None, false)).unwrap();
     let g =
         TrainGraph::build(&ctx, &weights, None, n, GraphOptions::loss(Outputs::Rows(rows.len())));
+    let copies = FrozenCopies::llama_cpp_kernels(&weights, &backend).unwrap();
+    grit::ggml::use_forward_copies(&g.graph, &copies.map(&weights)); // as in grit_logits
     let mut run = backend.compute(&g.graph).unwrap();
     g.set_inputs(&mut run, &batch).unwrap();
     run.run().unwrap();

@@ -54,8 +54,8 @@ pub use backend::{
 pub use context::{Capacity, Context, Graph, RopeMode, RopeParams, Tensor, TensorId, Type};
 pub use gguf_write::{dequantize, quantize, GgufWriter};
 pub use passes::frozen::{
-    rebuild_backward, rebuild_frozen_backward, transient_chunks, FrozenGrad, FrozenMap,
-    RewriteStats,
+    rebuild_backward, rebuild_frozen_backward, transient_chunks, use_forward_copies, FrozenGrad,
+    FrozenMap, RewriteStats,
 };
 pub use passes::recompute::Segments;
 

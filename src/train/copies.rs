@@ -418,6 +418,32 @@ impl FrozenCopies {
         })
     }
 
+    /// The matmul weights as llama.cpp's CPU backend lays out the same file: on a CPU with AMX
+    /// the AMX copies of [`amx_forward`] (llama.cpp puts every weight AMX takes in its AMX
+    /// buffer, the output layer included), nothing elsewhere. With
+    /// [`crate::ggml::use_forward_copies`], a forward graph then runs llama.cpp's kernels: for
+    /// comparing logits (parity tests). CPU_REPACK's Q4_0/Q4_K layouts are not mirrored.
+    pub fn llama_cpp_kernels(weights: &Weights, backend: &Backend) -> Result<Self, ModelError> {
+        let frozen = frozen_matmul_weights(weights);
+        let (ctx_amx, forward_amx, bytes) = amx_forward(weights, &frozen, backend)?;
+        Ok(FrozenCopies {
+            mode: WeightCopies::Stock,
+            ctx: None,
+            pairs: Vec::new(),
+            ctx_q8: None,
+            pairs_q8: Vec::new(),
+            transient: Vec::new(),
+            transient_split: Vec::new(),
+            forward: Vec::new(),
+            ctx_amx,
+            forward_amx,
+            split: Vec::new(),
+            ctx_q4: None,
+            bytes,
+            cpu: !backend.is_gpu(),
+        })
+    }
+
     /// The same copies, with the graph rewrite choosing what it does for a GPU backend (ggml's
     /// own ops only, no CPU kernels): builds the GPU form of a step graph on any backend, e.g.
     /// to check on the CPU that it allocates.

@@ -283,6 +283,30 @@ pub fn rebuild_backward<'a>(
     (drop_unused_views(ctx, out, size), rw.stats)
 }
 
+/// In a forward-only `graph`, points every `mul_mat` of a weight that has a forward copy in
+/// `frozen` at that copy, in place (no rebuild, no other rewrite); returns how many. For
+/// comparing grit's forward with llama.cpp's, which multiplies the same copies' layout (see
+/// `train::copies::FrozenCopies::llama_cpp_kernels`).
+pub fn use_forward_copies<'a>(graph: &Graph<'a>, frozen: &FrozenMap<'a>) -> usize {
+    let mut n = 0;
+    for i in 0..graph.n_nodes() {
+        let node = graph.node(i);
+        if node.op() != sys::GGML_OP_MUL_MAT {
+            continue;
+        }
+        let (Some(w), Some(x)) = (node.src(0), node.src(1)) else {
+            continue;
+        };
+        if let Some(&copy) = frozen.forward.get(&(w.raw() as usize)) {
+            // SAFETY: the copy has w's shape (checked by `insert_forward`), so MUL_MAT(copy, x)
+            // has the node's type and shape; the graph is not allocated while it changes.
+            unsafe { node.rewrite_as_mul_mat(copy, x) };
+            n += 1;
+        }
+    }
+    n
+}
+
 /// Room in the rebuilt graph for the old nodes, the new sources and the extras.
 fn rebuilt_size(graph: &Graph<'_>, frozen: &FrozenMap<'_>, n_extra: usize, dups: bool) -> usize {
     // ≤ 2 new sources per frozen rewrite (8 chunks at most), the split's sums and products, and
