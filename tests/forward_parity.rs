@@ -18,6 +18,9 @@
 //!   a rounding and the flip propagates (default model: max 0.67, rms 0.022).
 //! - llama.cpp repacks Q4_0/Q4_K weights for its own GEMM kernels (CPU_REPACK); Q4_K's
 //!   repacked kernel rounds differently (tiny Q4_K: rms 0.09 at logit rms 8).
+//! - On CPUs with AMX llama.cpp multiplies AMX copies of every weight AMX takes (default model
+//!   against grit's plain kernels: rms 0.21); grit's side then uses the same copies
+//!   (`FrozenCopies::llama_cpp_kernels`), and the cases match as elsewhere.
 //!
 //! Each case also runs negative controls (wrong RoPE mode, LoRA scale left out, no causal
 //! mask) and checks that each exceeds the bound by a wide margin, so the bound would catch
