@@ -19,6 +19,7 @@ use std::os::raw::{c_int, c_void};
 use llama_cpp_sys_2 as sys;
 
 use super::context::{Context, Tensor, Type};
+use super::extra::CustomKernel;
 
 /// The `i`-th op parameter of `t` read as an f32 (ggml stores soft_max's scale and max_bias
 /// as the first two).
@@ -50,9 +51,6 @@ fn problem_shape(q: Tensor<'_>, k: Tensor<'_>, vt: Tensor<'_>, mask: Tensor<'_>)
     );
     [d, t, h, g]
 }
-
-/// A fused attention kernel: ggml's signature for custom ops.
-type Kernel = unsafe extern "C" fn(*mut sys::ggml_tensor, c_int, c_int, *mut c_void);
 
 impl Context {
     /// softmax(scale·Kᵀ·Q + mask) per head, times V: the forward kernel, F32 [D, T, H] (shapes
@@ -92,35 +90,15 @@ impl Context {
     }
 
     /// A custom F32 op of shape `ne` computed by `kernel` from `args` (checked by the callers
-    /// against the kernel's expectations), with the softmax scale as its user data.
+    /// against the kernel's expectations), with the softmax scale's bits as its user data.
     fn attention_op<'a>(
         &'a self,
         args: &[Tensor<'a>],
         ne: [i64; 3],
-        kernel: Kernel,
+        kernel: CustomKernel,
         scale: f32,
     ) -> Tensor<'a> {
-        self.room(1);
-        let mut raw: Vec<_> = args.iter().map(|t| t.raw()).collect();
-        // SAFETY: live context with room for one tensor; the argument array outlives the call
-        // (ggml copies the pointers into src); the kernel reads exactly these sources with the
-        // shapes the callers checked and writes its own result. The user data is the softmax
-        // scale's bit pattern, not a pointer.
-        self.wrap(unsafe {
-            sys::ggml_custom_4d(
-                self.raw(),
-                sys::GGML_TYPE_F32,
-                ne[0],
-                ne[1],
-                ne[2],
-                1,
-                raw.as_mut_ptr(),
-                raw.len() as c_int,
-                Some(kernel),
-                -1,
-                scale.to_bits() as usize as *mut c_void,
-            )
-        })
+        self.custom_op(args, Type::F32, ne, kernel, scale.to_bits() as usize)
     }
 }
 
@@ -261,7 +239,7 @@ fn combine_rows<'r>(out: &mut [f32], c: &[f32], row: impl Fn(usize) -> &'r [f32]
 
 /// The largest value of a non-empty slice without NaNs.
 #[inline(always)]
-fn max_of(v: &[f32]) -> f32 {
+pub(super) fn max_of(v: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let c = v.chunks_exact(LANES);
     let mut m = c.remainder().iter().fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
@@ -278,7 +256,7 @@ fn max_of(v: &[f32]) -> f32 {
 
 /// v ← e^(v − m); returns the sum.
 #[inline(always)]
-fn exp_sub_sum(v: &mut [f32], m: f32) -> f32 {
+pub(super) fn exp_sub_sum(v: &mut [f32], m: f32) -> f32 {
     let mut acc = [0f32; LANES];
     let mut c = v.chunks_exact_mut(LANES);
     for x in c.by_ref() {

@@ -2,12 +2,59 @@
 //! for in-graph gradient clipping, zeroing persistent tensors, and the in-place rewrite of a
 //! backward node (see [`super::frozen`]).
 
+use std::os::raw::{c_int, c_void};
+
 use llama_cpp_sys_2 as sys;
 
 use super::context::{Context, Tensor};
 use super::GgmlError;
 
+/// ggml's signature for a custom op's kernel: the result node, this thread's index, the
+/// number of threads, the op's user data.
+pub(crate) type CustomKernel =
+    unsafe extern "C" fn(*mut sys::ggml_tensor, c_int, c_int, *mut c_void);
+
+/// The share `[start, end)` of `n` items that thread `ith` of `nth` takes (contiguous ranges).
+pub(crate) fn thread_share(n: usize, ith: c_int, nth: c_int) -> (usize, usize) {
+    let (ith, nth) = (ith as usize, nth.max(1) as usize);
+    (n * ith / nth, n * (ith + 1) / nth)
+}
+
 impl Context {
+    /// A custom op of type `ty` and shape `ne` that `kernel` computes from `args` on the
+    /// CPU backend's threads; `user` is handed to the kernel as its user data (a plain value,
+    /// not a pointer). Callers check `args` against what their kernel reads.
+    pub(crate) fn custom_op<'a>(
+        &'a self,
+        args: &[Tensor<'a>],
+        ty: super::Type,
+        ne: [i64; 3],
+        kernel: CustomKernel,
+        user: usize,
+    ) -> Tensor<'a> {
+        self.room(1);
+        let mut raw: Vec<_> = args.iter().map(|t| t.raw()).collect();
+        // SAFETY: live context with room for one tensor; the argument array outlives the call
+        // (ggml copies the pointers into src); the kernel reads exactly these sources with the
+        // shapes the callers checked and writes its own result of type `ty` and shape `ne`.
+        // The user data is a value, never dereferenced.
+        self.wrap(unsafe {
+            sys::ggml_custom_4d(
+                self.raw(),
+                ty.0 as sys::ggml_type,
+                ne[0],
+                ne[1],
+                ne[2],
+                1,
+                raw.as_mut_ptr(),
+                raw.len() as c_int,
+                Some(kernel),
+                -1,
+                user as *mut c_void,
+            )
+        })
+    }
+
     /// Element-wise √a.
     pub fn sqrt<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
         // SAFETY: live context and tensor from it; the op only records metadata (no_alloc).

@@ -15,7 +15,8 @@ use std::os::raw::{c_int, c_void};
 use half::f16;
 use llama_cpp_sys_2 as sys;
 
-use super::context::{Context, Tensor};
+use super::context::{Context, Tensor, Type};
+use super::extra::thread_share;
 
 /// Values per Q8_0 block.
 const QK: usize = 32;
@@ -38,7 +39,7 @@ impl Context {
                 && w.nb()[0] == ty.type_size(),
             "transposed_q8_0: {w:?} is not a 2-D weight of whole rows with a multiple of 32 rows"
         );
-        self.weight_op(w, sys::GGML_TYPE_Q8_0, [ne[1], ne[0]], transposed_q8_0_kernel)
+        self.custom_op(&[w], Type::Q8_0, [ne[1], ne[0], 1], transposed_q8_0_kernel, 0)
             .set_name(&format!("{}.T (transient)", w.name()))
     }
 }
@@ -56,52 +57,12 @@ impl Context {
     pub fn q4_1_split_q4_0<'a>(&'a self, w: Tensor<'a>) -> Tensor<'a> {
         let ne = w.ne();
         assert!(
-            w.ty() == super::Type::Q4_1 && ne[2] == 1 && ne[3] == 1 && w.nb()[0] == Q4_1_BLOCK,
+            w.ty() == Type::Q4_1 && ne[2] == 1 && ne[3] == 1 && w.nb()[0] == Q4_1_BLOCK,
             "Q4_1 split: {w:?} is not a 2-D Q4_1 weight"
         );
-        self.weight_op(w, sys::GGML_TYPE_Q4_0, [ne[0], ne[1]], q4_1_to_q4_0_kernel)
+        self.custom_op(&[w], Type::Q4_0, [ne[0], ne[1], 1], q4_1_to_q4_0_kernel, 0)
             .set_name(&format!("{}.q4_0", w.name()))
     }
-}
-
-impl Context {
-    /// A custom op of type `ty` and shape `ne` that `kernel` computes from the weight `w`
-    /// alone (its callers check `w` against what their kernel reads).
-    fn weight_op<'a>(
-        &'a self,
-        w: Tensor<'a>,
-        ty: sys::ggml_type,
-        ne: [i64; 2],
-        kernel: unsafe extern "C" fn(*mut sys::ggml_tensor, c_int, c_int, *mut c_void),
-    ) -> Tensor<'a> {
-        self.room(1);
-        let mut args = [w.raw()];
-        // SAFETY: live context with room for one tensor; the argument array outlives the call
-        // (ggml copies the pointer into src); the kernel reads `w` within the shape and row
-        // stride its caller checked and writes its own result of type `ty` and shape `ne`.
-        // No user data.
-        self.wrap(unsafe {
-            sys::ggml_custom_4d(
-                self.raw(),
-                ty,
-                ne[0],
-                ne[1],
-                1,
-                1,
-                args.as_mut_ptr(),
-                1,
-                Some(kernel),
-                -1,
-                std::ptr::null_mut(),
-            )
-        })
-    }
-}
-
-/// The share `[start, end)` of `n` items thread `ith` of `nth` takes.
-fn share(n: usize, ith: c_int, nth: c_int) -> (usize, usize) {
-    let (ith, nth) = (ith as usize, nth.max(1) as usize);
-    (n * ith / nth, n * (ith + 1) / nth)
 }
 
 /// The kernel of [`Context::q4_1_split_q4_0`]: per block, d and the nibbles.
@@ -116,7 +77,7 @@ unsafe extern "C" fn q4_1_to_q4_0_kernel(
     // thread reads and writes whole rows of its own range, inside both tensors.
     unsafe {
         let w = (*dst).src[0];
-        let (r0, r1) = share((*w).ne[1] as usize, ith, nth);
+        let (r0, r1) = thread_share((*w).ne[1] as usize, ith, nth);
         let blocks = (*w).ne[0] as usize / 32;
         let (src, out) = ((*w).data as *const u8, (*dst).data as *mut u8);
         for r in r0..r1 {
@@ -182,7 +143,7 @@ unsafe extern "C" fn transposed_q8_0_kernel(
         } else {
             (*sys::ggml_get_type_traits((*w).type_)).to_float
         };
-        let (b0, b1) = share(n / QK, ith, nth);
+        let (b0, b1) = thread_share(n / QK, ith, nth);
         let mut tile = vec![0f32; QK * d_in];
         let mut block = [[0f32; QK]; QK]; // [input j − j0][row i]
         for rb in b0..b1 {
@@ -212,7 +173,7 @@ unsafe extern "C" fn transposed_q8_0_kernel(
 
 #[cfg(test)]
 mod tests {
-    use super::super::{dequantize, quantize, Backend, Capacity, Type};
+    use super::super::{dequantize, quantize, Backend, Capacity};
     use super::*;
 
     /// The kernel's Wᵀ equals the host's dequantize → transpose → quantize (what the persistent

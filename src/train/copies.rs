@@ -141,12 +141,24 @@ impl<'t> Plan<'t> {
     }
 }
 
+/// Whether AMX's kernels take a weight of type `ty` and shape `ne` (ggml's AMX `supports_op`):
+/// Q4_0/Q4_1/Q8_0 with rows in blocks of 32, K-quants with rows in blocks of 256, outputs
+/// (`ne[1]`) in multiples of 32.
+fn amx_takes(ty: Type, ne: [i64; 4]) -> bool {
+    let block = match ty {
+        Type::Q4_0 | Type::Q4_1 | Type::Q8_0 => 32,
+        Type::Q4_K | Type::Q5_K | Type::Q6_K => 256,
+        _ => return false,
+    };
+    ne[0] % block == 0 && ne[1] % 32 == 0
+}
+
 /// Tensors that only `mul_mat` reads as its weight (the splits' Q4_0 halves, the transposed
 /// Q8_0 copies), given as (name, type, shape) and allocated in the CPU's fastest matmul buffer
 /// type that has a kernel for every one of them ([`BufferType::cpu_matmul`]: AMX, then
 /// CPU_REPACK; each attaches its kernel per tensor at allocation, and a tensor without one
 /// would crash ggml on upload, e.g. Q4_0 rows not in multiples of 8, or a CPU without AVX2;
-/// AMX also wants both dimensions in multiples of 32), else in the backend's plain weight
+/// AMX also has shape rules, [`amx_takes`]), else in the backend's plain weight
 /// buffer. `repack`: CPU_REPACK may take them (measured for the Q4_0 halves; the Q8_0 copies
 /// go to AMX or plain memory). Returns the context, the tensors in order and their bytes.
 fn matmul_operands(
@@ -169,7 +181,7 @@ fn matmul_operands(
     };
     if !backend.is_gpu() && !specs.is_empty() {
         for buft in BufferType::cpu_matmul().into_iter().filter(|b| repack || b.is_amx()) {
-            if buft.is_amx() && !specs.iter().all(|(_, _, ne)| ne[0] % 32 == 0 && ne[1] % 32 == 0) {
+            if buft.is_amx() && !specs.iter().all(|&(_, ty, [k, m])| amx_takes(ty, [k, m, 1, 1])) {
                 continue;
             }
             let p = plan(buft)?;
@@ -198,16 +210,7 @@ fn amx_forward(
     if backend.is_gpu() || !BufferType::cpu_matmul().iter().any(|b| b.is_amx()) {
         return Ok(none);
     }
-    let takes = |w: &Tensor<'_>| {
-        let (k, m) = (w.ne()[0], w.ne()[1]);
-        let rows = match w.ty() {
-            Type::Q4_0 | Type::Q4_1 | Type::Q8_0 => 32,
-            Type::Q4_K | Type::Q5_K | Type::Q6_K => 256,
-            _ => return false,
-        };
-        k % rows == 0 && m % 32 == 0
-    };
-    let ws: Vec<_> = frozen.iter().copied().filter(takes).collect();
+    let ws: Vec<_> = frozen.iter().copied().filter(|w| amx_takes(w.ty(), w.ne())).collect();
     let specs: Vec<_> =
         ws.iter().map(|w| (format!("{}.amx", w.name()), w.ty(), [w.ne()[0], w.ne()[1]])).collect();
     let (ctx, ids, bytes) = matmul_operands(&specs, false, backend)?;
@@ -322,24 +325,10 @@ impl FrozenCopies {
         backend: &Backend,
     ) -> Result<Self, ModelError> {
         let frozen = frozen_matmul_weights(weights);
-        // No copies: ggml's own backward (stock), or each weight dequantized and transposed
-        // inside the backward pass (none).
-        let without_copies = |transient: Vec<TensorId>| FrozenCopies {
-            mode,
-            ctx: None,
-            pairs: Vec::new(),
-            ctx_q8: None,
-            pairs_q8: Vec::new(),
-            transient,
-            transient_split: Vec::new(),
-            forward: Vec::new(),
-            ctx_amx: None,
-            forward_amx: Vec::new(),
-            split: Vec::new(),
-            ctx_q4: None,
-            bytes: 0,
-            cpu: !backend.is_gpu(),
-        };
+        // No copies: ggml's own backward (stock), or each weight's copy made inside the
+        // backward pass (none).
+        let without_copies =
+            |transient: Vec<TensorId>| FrozenCopies { transient, ..Self::empty(mode, backend) };
         match mode {
             WeightCopies::Stock => return Ok(without_copies(Vec::new())),
             WeightCopies::None => {
@@ -401,21 +390,38 @@ impl FrozenCopies {
             split.push((w.id(), q, c.id()));
         }
         Ok(FrozenCopies {
-            mode,
             ctx: Some(ctx),
             pairs,
             ctx_q8: Some(ctx_q8),
             pairs_q8,
-            transient: Vec::new(),
-            transient_split: Vec::new(),
             forward,
             ctx_amx,
             forward_amx,
             split,
             ctx_q4: Some(ctx_q4),
             bytes,
-            cpu: !backend.is_gpu(),
+            ..Self::empty(mode, backend)
         })
+    }
+
+    /// No copies of any kind, for `mode` on `backend`.
+    fn empty(mode: WeightCopies, backend: &Backend) -> Self {
+        FrozenCopies {
+            mode,
+            ctx: None,
+            pairs: Vec::new(),
+            ctx_q8: None,
+            pairs_q8: Vec::new(),
+            transient: Vec::new(),
+            transient_split: Vec::new(),
+            forward: Vec::new(),
+            ctx_amx: None,
+            forward_amx: Vec::new(),
+            split: Vec::new(),
+            ctx_q4: None,
+            bytes: 0,
+            cpu: !backend.is_gpu(),
+        }
     }
 
     /// The matmul weights as llama.cpp's CPU backend lays out the same file: on a CPU with AMX
@@ -427,20 +433,10 @@ impl FrozenCopies {
         let frozen = frozen_matmul_weights(weights);
         let (ctx_amx, forward_amx, bytes) = amx_forward(weights, &frozen, backend)?;
         Ok(FrozenCopies {
-            mode: WeightCopies::Stock,
-            ctx: None,
-            pairs: Vec::new(),
-            ctx_q8: None,
-            pairs_q8: Vec::new(),
-            transient: Vec::new(),
-            transient_split: Vec::new(),
-            forward: Vec::new(),
             ctx_amx,
             forward_amx,
-            split: Vec::new(),
-            ctx_q4: None,
             bytes,
-            cpu: !backend.is_gpu(),
+            ..Self::empty(WeightCopies::Stock, backend)
         })
     }
 
