@@ -111,6 +111,11 @@ fn step_grads_with(
     let expect =
         if copies.mode() == WeightCopies::None { (0, sg.rewritten.1) } else { (sg.rewritten.0, 0) };
     assert!(expect.0 + expect.1 > 0, "no frozen backward was rewritten");
+    if o.recompute {
+        // The CPU's fused attention kernels take the attention with recomputation too.
+        let fused = (0..sg.graph.n_nodes()).any(|i| sg.graph.node(i).name() == "attn_fused_back");
+        assert_eq!(fused, o.fuse_attention && !backend.is_gpu(), "fused attention backward");
+    }
     let mut run = backend.compute(&sg.graph).unwrap();
     sg.train.set_inputs(&mut run, b).unwrap();
     sg.set_seeds(&mut run).unwrap();
@@ -146,10 +151,15 @@ fn recomputed_activations_give_identical_gradients() {
     lora.mark_params();
     let opt = OptState::new(&lora, &backend).unwrap();
     let b = batch();
-    for mode in [WeightCopies::None, WeightCopies::Q8_0] {
+    // With the fused attention kernels (CPU) and with ggml's own attention ops: the same
+    // attention on both sides (the two round differently: tests/fused_attention.rs).
+    for (mode, fuse_attention) in [
+        (WeightCopies::None, true),
+        (WeightCopies::Q8_0, true),
+        (WeightCopies::None, false),
+        (WeightCopies::Q8_0, false),
+    ] {
         let copies = FrozenCopies::build(&weights, mode, false, &backend).unwrap();
-        // ggml's own attention ops on both sides: recomputation turns the fused attention
-        // kernels off, and they round differently (their own test: tests/fused_attention.rs).
         let (kept, _) = step_grads_with(
             &mut backend,
             &weights,
@@ -157,7 +167,7 @@ fn recomputed_activations_give_identical_gradients() {
             &copies,
             &opt,
             &b,
-            StepOptions { fuse_attention: false, ..Default::default() },
+            StepOptions { fuse_attention, ..Default::default() },
         );
         let (re, _) = step_grads_with(
             &mut backend,
@@ -166,16 +176,16 @@ fn recomputed_activations_give_identical_gradients() {
             &copies,
             &opt,
             &b,
-            StepOptions { recompute: true, ..Default::default() },
+            StepOptions { recompute: true, fuse_attention, ..Default::default() },
         );
         assert!(
             kept.iter().flat_map(|(a, b)| a.iter().chain(b)).any(|&g| g != 0.0),
-            "{mode:?}: zero gradients"
+            "{mode:?}, fused {fuse_attention}: zero gradients"
         );
         for (i, (k, r)) in kept.iter().zip(&re).enumerate() {
             assert!(
                 k.0 == r.0 && k.1 == r.1,
-                "{mode:?}: module {i}: recomputation changed the gradients"
+                "{mode:?}, fused {fuse_attention}: module {i}: recomputation changed the gradients"
             );
         }
     }

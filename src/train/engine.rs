@@ -270,7 +270,9 @@ impl<'g> StepGraph<'g> {
         // The adapter's own tensors (rank-space activations and their gradients, ∇A, ∇B, K-FAC
         // products) come in as many sizes as there are ranks; kept allocated, they cannot
         // fragment ggml's allocator (see `Graph::keep_small_nodes`).
-        let kept = graph.keep_small_nodes(small_node_bytes(weights, lora, n_tokens));
+        // With recomputation and the CPU's fused attention they go first in the buffer.
+        let at_start = o.recompute && map.cpu_kernels && o.fuse_attention;
+        let kept = graph.keep_small_nodes(small_node_bytes(weights, lora, n_tokens), at_start);
         StepGraph {
             train,
             graph,

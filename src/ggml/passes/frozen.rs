@@ -249,10 +249,8 @@ pub fn rebuild_backward<'a>(
         rw.stats.loss = super::loss::read_label_ids(ctx, graph, labels, ids);
     }
     // Attention fused into CPU kernels (forward and backward); the nodes it makes redundant
-    // are skipped below. Not with recomputation: there the fused backward made the step's
-    // compute buffer grow by ~65 MiB on the default model (189 → 254 MiB at 256 tokens;
-    // measured 2026-11-29, cause not yet found), against the point of that mode.
-    let fused = if frozen.cpu_kernels && frozen.fuse_attention && recompute.is_none() {
+    // are skipped below.
+    let fused = if frozen.cpu_kernels && frozen.fuse_attention {
         super::attention::fuse_attention(ctx, graph)
     } else {
         Default::default()
@@ -280,7 +278,9 @@ pub fn rebuild_backward<'a>(
         }
     }
     rw.stats.recomputed = recompute.map_or(0, |r| r.segments.n_dups());
-    (drop_unused_views(ctx, out, size), rw.stats)
+    let out = drop_unused_views(ctx, out, size);
+    crate::ggml::extra::flatten_view_chains(&out);
+    (out, rw.stats)
 }
 
 /// In a forward-only `graph`, points every `mul_mat` of a weight that has a forward copy in
