@@ -73,7 +73,7 @@ run() { # task config
   case $cfg in
     lora16) extra="--method lora --rank 16" ;;
     grit) extra="--method grit" ;;
-    loram | loram-wide | loram-wide-t85)
+    loram*)
       local from=grit${cfg#loram}
       [ -f "$RUNS/$task-$from/summary.json" ] && [ -f "$RUNS/$task-lora16/summary.json" ] || {
         echo "$cfg needs the $from and lora16 runs of $task" >&2
@@ -95,6 +95,8 @@ run() { # task config
     grit-wide85) extra="--method grit --rank 32 --alpha 64 --rank-energy 0.85" ;;
     lora32) extra="--method lora --rank 32 --alpha 64" ;;
     grit-wide-t85) extra="--method grit --rank 32 --alpha 64 --first-cut 0.7 --rank-energy 0.85" ;;
+    grit-fisher) extra="--method grit --rank-signal fisher" ;;
+    grit-global) extra="--method grit --rank-signal fisher --rank-scope global" ;;
     *)
       echo "unknown configuration $cfg" >&2
       return 1

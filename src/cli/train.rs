@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::grit::{Damping, FactorNorm, KfacStats, Pairing, RankBudget, RankCut, RankSignal};
+use crate::grit::{
+    Damping, FactorNorm, KfacStats, Pairing, RankBudget, RankCut, RankScope, RankSignal,
+};
 use crate::train::config::{LrSchedule, Method, Recompute, TrainConfig, WeightCopies};
 
 #[derive(Debug, Args, Default)]
@@ -219,12 +221,15 @@ pub struct TrainArgs {
     /// GRIT: keep the fewest directions holding this share of the rank signal [default: 0.9].
     #[arg(long, help_heading = "GRIT")]
     pub rank_energy: Option<f64>,
-    /// GRIT: what the rank rule weighs per direction: Σ_a's eigenvalue (input) or the update's output energy (output) [default: input].
+    /// GRIT: what the rank rule weighs per direction: Σ_a's eigenvalue (input), the update's output energy (output) or its K-FAC Fisher cost in loss (fisher) [default: input].
     #[arg(long, value_enum, help_heading = "GRIT")]
     pub rank_signal: Option<RankSignal>,
     /// GRIT: τ is a share of what a module held before its first cut (run) or of what each event finds (event) [default: event].
     #[arg(long, value_enum, help_heading = "GRIT")]
     pub rank_budget: Option<RankBudget>,
+    /// GRIT: τ of each module's own signal (module) or one budget over every module's directions, by signal per parameter (global; needs --rank-signal fisher) [default: module].
+    #[arg(long, value_enum, help_heading = "GRIT")]
+    pub rank_scope: Option<RankScope>,
     /// GRIT: hard (tensors shrink) or soft (project in place) rank cuts [default: hard].
     #[arg(long, value_enum, help_heading = "GRIT")]
     pub rank_cut: Option<RankCut>,
@@ -310,7 +315,8 @@ impl TrainArgs {
             rank_energy,
             rank_cut,
             rank_signal,
-            rank_budget
+            rank_budget,
+            rank_scope
         );
         if self.reproject_warmup.is_some() {
             c.grit.reproject_warmup = self.reproject_warmup;

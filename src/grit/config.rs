@@ -77,6 +77,26 @@ pub enum RankSignal {
     /// (docs/GRIT.md §5).
     #[default]
     Input,
+    /// The K-FAC Fisher estimate of what dropping a direction costs in loss: the directions
+    /// are the singular vectors of Σ_g^½·Σ_a^½ (the update B·A in the Fisher metric), each
+    /// weighted by its squared singular value, and the cut is the best rank-k update in that
+    /// metric (not Σ_a's eigenvectors). In loss units, so comparable across modules
+    /// ([`RankScope::Global`]).
+    Fisher,
+}
+
+/// Over which directions τ is counted (docs/GRIT.md §5, `--rank-scope`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RankScope {
+    /// Each module keeps τ of its own signal.
+    #[default]
+    Module,
+    /// One budget for the whole adapter: the directions of every module, by signal per
+    /// trainable parameter, until τ of the total signal is kept; a module's rank follows from
+    /// how many of its directions made it. Needs the Fisher signal (the only one in the same
+    /// units across modules) and the event budget.
+    Global,
 }
 
 /// What τ is a share of (docs/GRIT.md §5, `--rank-budget`).
@@ -171,6 +191,8 @@ pub struct GritConfig {
     pub rank_signal: RankSignal,
     /// What τ is a share of (see [`RankBudget`]).
     pub rank_budget: RankBudget,
+    /// Per module or one budget for the adapter (see [`RankScope`]).
+    pub rank_scope: RankScope,
     /// B's basis from Σ_g (true, default) or from Σ_a (false: one-sided).
     pub two_sided: bool,
 
@@ -209,6 +231,7 @@ impl Default for GritConfig {
             rank_cut: RankCut::Hard,
             rank_signal: RankSignal::Input,
             rank_budget: RankBudget::Event,
+            rank_scope: RankScope::Module,
             two_sided: true,
             adaptive_intervals: true,
         }
@@ -293,6 +316,30 @@ impl GritConfig {
         if self.damping == Damping::Relative && self.damping_rel <= 0.0 && self.lambda_abs() <= 0.0
         {
             return err("damping_rel", "relative damping needs λ_rel > 0 or λ_abs > 0".into());
+        }
+        if self.rank_signal == RankSignal::Fisher && self.rank_cut == RankCut::Soft {
+            return err(
+                "rank_signal",
+                "the Fisher signal cuts to its own basis, which a soft cut cannot keep (use a \
+                 hard cut)"
+                    .into(),
+            );
+        }
+        if self.rank_scope == RankScope::Global {
+            if self.rank_signal != RankSignal::Fisher {
+                return err(
+                    "rank_scope",
+                    "a global budget compares modules, which needs the Fisher signal (the \
+                     others are in each module's own units)"
+                        .into(),
+                );
+            }
+            if self.rank_budget == RankBudget::Run {
+                return err(
+                    "rank_scope",
+                    "a global budget counts τ per event (the run budget is per module)".into(),
+                );
+            }
         }
         if let Some(m) = self.rank_max {
             if m < self.rank_min {

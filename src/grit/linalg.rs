@@ -204,6 +204,27 @@ pub fn inverse_spd(s: &[f64], n: usize, lambda: f64) -> Result<(Vec<f64>, Damped
     Ok((inverse_from_cholesky(&d.l, n), d))
 }
 
+/// An orthonormal basis (r×k', row-major, k' ≤ k) of the column span of `w` (r×k), by
+/// modified Gram–Schmidt; columns that add less than 1e-12 of their own norm are left out.
+pub fn orthonormal_columns(w: &[f64], r: usize, k: usize) -> Vec<f64> {
+    assert_eq!(w.len(), r * k, "orthonormal_columns: not {r}×{k}");
+    let mut cols: Vec<Vec<f64>> = Vec::with_capacity(k);
+    for j in 0..k {
+        let mut c: Vec<f64> = (0..r).map(|i| w[i * k + j]).collect();
+        let norm0 = c.iter().map(|x| x * x).sum::<f64>().sqrt();
+        for q in &cols {
+            let d: f64 = q.iter().zip(&c).map(|(a, b)| a * b).sum();
+            c.iter_mut().zip(q).for_each(|(x, y)| *x -= d * y);
+        }
+        let norm = c.iter().map(|x| x * x).sum::<f64>().sqrt();
+        if norm > 1e-12 * norm0 && norm > 0.0 {
+            cols.push(c.iter().map(|x| x / norm).collect());
+        }
+    }
+    let kq = cols.len();
+    (0..r * kq).map(|x| cols[x % kq][x / kq]).collect()
+}
+
 /// A symmetric eigendecomposition S = V·diag(values)·Vᵀ.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Eigh {

@@ -63,10 +63,10 @@ pub mod stats;
 
 pub use config::{
     Damping, FactorNorm, GritConfig, GritConfigError, KfacStats, Pairing, RankBudget, RankCut,
-    RankSignal,
+    RankScope, RankSignal,
 };
 pub use precondition::{PrecondInputs, Preconditioner};
 pub use regularize::RegGraph;
-pub use reproject::{Cut, ReprojectReport};
+pub use reproject::{Cut, ReprojectReport, Spectrum};
 pub use schedule::Schedule;
 pub use stats::{KfacState, ModuleKfac, StatsGraph};

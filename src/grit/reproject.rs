@@ -141,11 +141,254 @@ pub struct Cut {
     pub report: ReprojectReport,
 }
 
+/// A module's directions, strongest signal first, before its rank is chosen
+/// ([`Spectrum::of`]): [`Spectrum::module_rank`] applies τ to this module alone,
+/// [`global_ranks`] to every module at once, and [`Spectrum::cut`] makes the cut for a k.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spectrum {
+    pub name: String,
+    /// Rank before.
+    pub r: usize,
+    /// The rank rule's signal per direction, descending (negative rounding counts as 0).
+    pub signal: Vec<f64>,
+    /// r×r row-major; column j is direction j's column of L (A_new = Lᵀ·A).
+    l: Vec<f64>,
+    /// How B's basis is made for the kept directions.
+    basis: Basis,
+    /// Σ_a's eigenvalues, descending (for the report).
+    eigenvalues: Vec<f64>,
+    /// Σ_g (r×r), for the report's share of it that B keeps.
+    sigma_g: Vec<f64>,
+    /// What the module kept at earlier cuts (the run budget).
+    retained: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Basis {
+    /// B's basis is A's: W = V_a,k.
+    OneSided,
+    /// W = P_g,k·V_a,k with P_g,k from the top-k eigenvectors of Σ_g.
+    TwoSided(linalg::Eigh),
+    /// W given per direction (r×r row-major, column j for direction j): the Fisher cut.
+    Paired(Vec<f64>),
+}
+
+impl Spectrum {
+    /// The directions of module `m` and their signals. `gram_b` is BᵀB (r×r row-major) of
+    /// the module's current B, for the output-energy signal. None for a module without
+    /// statistics (no update yet, or Σ_a with no energy).
+    pub fn of(m: &ModuleKfac, gram_b: &[f64], cfg: &GritConfig) -> Option<Spectrum> {
+        let r = m.rank;
+        assert_eq!(
+            gram_b.len(),
+            r * r,
+            "Spectrum::of: BᵀB of {} values for rank {r}",
+            gram_b.len()
+        );
+        let energy = linalg::trace(&m.sigma_a, r);
+        if m.updates == 0 || energy.is_nan() || energy <= 0.0 {
+            return None;
+        }
+        let ea = linalg::eigh(&m.sigma_a, r);
+        let (signal, l, basis) = match cfg.rank_signal {
+            RankSignal::Fisher => fisher_directions(&ea, &m.sigma_g),
+            signal_kind => {
+                let signal = direction_signal(&ea, gram_b, signal_kind == RankSignal::Output);
+                // Directions by descending signal (ties: by eigenvalue order).
+                let mut order: Vec<usize> = (0..r).collect();
+                order.sort_by(|&i, &j| signal[j].total_cmp(&signal[i]).then(i.cmp(&j)));
+                let l = (0..r)
+                    .flat_map(|i| order.iter().map(move |&j| (i, j)))
+                    .map(|(i, j)| ea.vectors[i * r + j])
+                    .collect();
+                let basis = if cfg.two_sided {
+                    Basis::TwoSided(linalg::eigh(&m.sigma_g, r))
+                } else {
+                    Basis::OneSided
+                };
+                (order.iter().map(|&j| signal[j]).collect(), l, basis)
+            }
+        };
+        Some(Spectrum {
+            name: m.name.clone(),
+            r,
+            signal,
+            l,
+            basis,
+            eigenvalues: ea.values,
+            sigma_g: m.sigma_g.clone(),
+            retained: m.retained,
+        })
+    }
+
+    /// k by τ over this module's own signal (`--rank-scope module`), clamped to
+    /// [rank_min, min(r, rank_max)]; r before `rank_start`. `initial_rank` bounds the rank
+    /// when `cfg.rank_max` is None.
+    pub fn module_rank(&self, cfg: &GritConfig, step: usize, initial_rank: usize) -> usize {
+        if step < cfg.rank_start() {
+            return self.r;
+        }
+        let tau = match cfg.rank_budget {
+            RankBudget::Run => (cfg.rank_energy / self.retained.max(f64::MIN_POSITIVE)).min(1.0),
+            RankBudget::Event => cfg.rank_energy,
+        };
+        rank_by_energy(&self.signal, tau, cfg.rank_min, self.rank_cap(cfg, initial_rank))
+    }
+
+    /// The largest rank the module may keep: min(r, rank_max or the initial rank).
+    fn rank_cap(&self, cfg: &GritConfig, initial_rank: usize) -> usize {
+        self.r.min(cfg.rank_max.unwrap_or(initial_rank))
+    }
+
+    /// The cut that keeps the first `k` directions.
+    pub fn cut(&self, k: usize, cfg: &GritConfig) -> Cut {
+        let r = self.r;
+        assert!((1..=r).contains(&k), "Spectrum::cut: keep {k} of {r} directions");
+        // r×k: the kept columns of L, strongest signal first.
+        let first = |m: &[f64]| -> Vec<f64> {
+            (0..r).flat_map(|i| m[i * r..i * r + k].iter().copied()).collect()
+        };
+        let va = first(&self.l);
+        let (w, proj_g) = match &self.basis {
+            Basis::OneSided => (va.clone(), None),
+            Basis::TwoSided(eg) => {
+                let vg = eg.top(k);
+                let p_g = linalg::matmul(&vg, &linalg::transpose(&vg, r, k), r, k, r);
+                (linalg::matmul(&p_g, &va, r, r, k), Some(p_g))
+            }
+            Basis::Paired(w) => (first(w), None),
+        };
+        let energy_g = captured_share(&self.sigma_g, &w, r, k);
+        let (l, w, n, proj_a, proj_g) = match cfg.rank_cut {
+            // Nothing is cut (k = r, where P_g = P_a = I): keep A and B as they are rather
+            // than rotating them into the eigenbasis, which changes neither the function nor
+            // the parameter count, and would only perturb Adam's per-coordinate v.
+            _ if k == r => (linalg::identity(r), linalg::identity(r), r, None, None),
+            RankCut::Hard => (va, w, k, None, None),
+            RankCut::Soft => {
+                let p_a = linalg::matmul(&va, &linalg::transpose(&va, r, k), r, k, r);
+                let p_g = proj_g.unwrap_or_else(|| p_a.clone());
+                (p_a.clone(), p_g.clone(), r, Some(p_a), Some(p_g))
+            }
+        };
+        let report = ReprojectReport {
+            module: self.name.clone(),
+            rank_before: r,
+            rank_after: n,
+            kept: k,
+            energy: captured_energy(&self.signal, k),
+            eff_rank: effective_rank(&self.eigenvalues),
+            energy_g,
+            eigenvalues: self.eigenvalues.clone(),
+        };
+        Cut { kind: cfg.rank_cut, r, k, l, w, proj_a, proj_g, report }
+    }
+}
+
+/// The Fisher directions of a module (`--rank-signal fisher`). Under K-FAC the loss cost of
+/// changing the update by B·D·A (D r×r, in rank space) is ½·‖Σ_g^½·D·Σ_a^½‖²_F, so the best
+/// rank-k update replaces the identity between B and A by P = Σ_a^½·Q_k·Q_kᵀ·Σ_a^-½, with Q
+/// the eigenvectors of N = Σ_a^½·Σ_g·Σ_a^½ (the right singular vectors of Σ_g^½·Σ_a^½), and
+/// the cut costs the sum of the dropped eigenvalues of N: those are the signal. As A_new = Lᵀ·A,
+/// B_new = B·W: L = c·Σ_a^-½·Q, W = Σ_a^½·Q / c, with c² = tr(Σ_a)/r so the new rank-space
+/// inputs keep the old mean variance (Σ_a' = c²·I). Directions of Σ_a with no energy
+/// (≤ 1e-12 of the largest) carry no input and are left out of Σ_a^-½.
+fn fisher_directions(ea: &linalg::Eigh, sigma_g: &[f64]) -> (Vec<f64>, Vec<f64>, Basis) {
+    let r = ea.n;
+    let top = ea.values[0].max(0.0);
+    let spectral = |f: &dyn Fn(f64) -> f64| {
+        let d: Vec<f64> = ea.values.iter().map(|&v| f(v)).collect();
+        let vd: Vec<f64> = (0..r * r).map(|x| ea.vectors[x] * d[x % r]).collect();
+        linalg::matmul(&vd, &linalg::transpose(&ea.vectors, r, r), r, r, r)
+    };
+    let sqrt_a = spectral(&|v| v.max(0.0).sqrt());
+    let isqrt_a = spectral(&|v| if v > 1e-12 * top { 1.0 / v.sqrt() } else { 0.0 });
+    let n = linalg::matmul(&linalg::matmul(&sqrt_a, sigma_g, r, r, r), &sqrt_a, r, r, r);
+    let en = linalg::eigh(&n, r);
+    let c = (ea.values.iter().map(|v| v.max(0.0)).sum::<f64>() / r as f64).sqrt();
+    let l: Vec<f64> =
+        linalg::matmul(&isqrt_a, &en.vectors, r, r, r).iter().map(|x| x * c).collect();
+    let w: Vec<f64> = linalg::matmul(&sqrt_a, &en.vectors, r, r, r).iter().map(|x| x / c).collect();
+    (en.values.iter().map(|v| v.max(0.0)).collect(), l, Basis::Paired(w))
+}
+
+/// The share of tr(Σ) (r×r) inside the column span of `w` (r×k): tr(Qᵀ·Σ·Q)/tr(Σ) with Q an
+/// orthonormal basis of that span (1 for Σ with no energy).
+fn captured_share(sigma: &[f64], w: &[f64], r: usize, k: usize) -> f64 {
+    let total = linalg::trace(sigma, r);
+    if !(total > 0.0) {
+        return 1.0;
+    }
+    let q = linalg::orthonormal_columns(w, r, k);
+    let kq = q.len() / r;
+    (linalg::trace(&linalg::congruence(sigma, &q, r, kq), kq) / total).clamp(0.0, 1.0)
+}
+
+/// The ranks of one budget over every module (`--rank-scope global`): each module keeps its
+/// first `rank_min` directions; the others are taken by signal per trainable parameter
+/// (`cost`: d_in + d_out, what one direction of the module costs), strongest first, until
+/// the kept signal reaches τ of the total over all modules. Directions above a module's cap
+/// (min(r, rank_max or `initial_rank`)) are never kept but count in the total. None entries
+/// (modules without statistics) stay None; before `rank_start` every module keeps r.
+pub fn global_ranks(
+    spectra: &[Option<(&Spectrum, usize)>],
+    cfg: &GritConfig,
+    step: usize,
+    initial_rank: usize,
+) -> Vec<Option<usize>> {
+    let bounds: Vec<Option<(usize, usize)>> = spectra
+        .iter()
+        .map(|s| {
+            s.map(|(sp, _)| {
+                let hi = sp.rank_cap(cfg, initial_rank).max(1);
+                (cfg.rank_min.clamp(1, hi), hi)
+            })
+        })
+        .collect();
+    if step < cfg.rank_start() {
+        return spectra.iter().map(|s| s.map(|(sp, _)| sp.r)).collect();
+    }
+    let pos = |v: f64| if v.is_finite() && v > 0.0 { v } else { 0.0 };
+    let total: f64 =
+        spectra.iter().flatten().flat_map(|(sp, _)| sp.signal.iter()).map(|&v| pos(v)).sum();
+    if total <= 0.0 {
+        return bounds.iter().map(|b| b.map(|(_, hi)| hi)).collect();
+    }
+    let mut ks: Vec<Option<usize>> = bounds.iter().map(|b| b.map(|(lo, _)| lo)).collect();
+    let mut kept: f64 = spectra
+        .iter()
+        .zip(&ks)
+        .filter_map(|(s, k)| {
+            Some(s.as_ref()?.0.signal[..(*k)?].iter().map(|&v| pos(v)).sum::<f64>())
+        })
+        .sum();
+    // Candidates beyond the floor, by signal per parameter (within a module that order is
+    // the signal's own, so a module's kept directions are always its first k).
+    let mut cand: Vec<(f64, usize, usize)> = Vec::new();
+    for (i, (s, b)) in spectra.iter().zip(&bounds).enumerate() {
+        if let (Some((sp, cost)), Some((lo, hi))) = (s, b) {
+            for j in *lo..*hi {
+                cand.push((pos(sp.signal[j]) / (*cost).max(1) as f64, i, j));
+            }
+        }
+    }
+    cand.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
+    for (_, i, j) in cand {
+        if kept >= cfg.rank_energy * total {
+            break;
+        }
+        let sp = spectra[i].as_ref().map(|s| s.0).expect("a candidate has a spectrum");
+        kept += pos(sp.signal[j]);
+        ks[i] = Some(j + 1);
+    }
+    ks
+}
+
 impl Cut {
     /// Plans the reprojection of module `m` at optimizer step `step` (1-based count of
-    /// completed steps). `gram_b` is BᵀB (r×r row-major) of the module's current B, for the
-    /// output-energy signal. `initial_rank` bounds the rank when `cfg.rank_max` is None.
-    /// Returns None for a module without statistics (no update yet, or Σ_a with no energy).
+    /// completed steps) with τ over the module's own signal: [`Spectrum::of`],
+    /// [`Spectrum::module_rank`], [`Spectrum::cut`]. Returns None for a module without
+    /// statistics.
     pub fn plan(
         m: &ModuleKfac,
         gram_b: &[f64],
@@ -153,65 +396,8 @@ impl Cut {
         step: usize,
         initial_rank: usize,
     ) -> Option<Cut> {
-        let r = m.rank;
-        assert_eq!(gram_b.len(), r * r, "Cut::plan: BᵀB of {} values for rank {r}", gram_b.len());
-        let energy = linalg::trace(&m.sigma_a, r);
-        if m.updates == 0 || energy.is_nan() || energy <= 0.0 {
-            return None;
-        }
-        let ea = linalg::eigh(&m.sigma_a, r);
-        let signal = direction_signal(&ea, gram_b, cfg.rank_signal);
-        // Directions by descending signal (ties: by eigenvalue order).
-        let mut order: Vec<usize> = (0..r).collect();
-        order.sort_by(|&i, &j| signal[j].total_cmp(&signal[i]).then(i.cmp(&j)));
-        let sorted: Vec<f64> = order.iter().map(|&j| signal[j]).collect();
-        let k = if step >= cfg.rank_start() {
-            let hi = r.min(cfg.rank_max.unwrap_or(initial_rank));
-            let tau = match cfg.rank_budget {
-                RankBudget::Run => (cfg.rank_energy / m.retained.max(f64::MIN_POSITIVE)).min(1.0),
-                RankBudget::Event => cfg.rank_energy,
-            };
-            rank_by_energy(&sorted, tau, cfg.rank_min, hi)
-        } else {
-            r
-        };
-        // r×k: the kept eigenvectors of Σ_a, strongest signal first.
-        let va: Vec<f64> = (0..r)
-            .flat_map(|i| order[..k].iter().map(move |&j| (i, j)))
-            .map(|(i, j)| ea.vectors[i * r + j])
-            .collect();
-        let (vg, energy_g) = if cfg.two_sided {
-            let eg = linalg::eigh(&m.sigma_g, r);
-            (eg.top(k), captured_energy(&eg.values, k))
-        } else {
-            let captured = linalg::trace(&linalg::congruence(&m.sigma_g, &va, r, k), k);
-            let total = linalg::trace(&m.sigma_g, r);
-            (va.clone(), if total > 0.0 { captured / total } else { 1.0 })
-        };
-        let proj = |v: &[f64]| linalg::matmul(v, &linalg::transpose(v, r, k), r, k, r);
-        let (p_a, p_g) = (proj(&va), proj(&vg));
-        let (l, w, n, proj_a, proj_g) = match cfg.rank_cut {
-            // Nothing is cut (k = r, where P_g = P_a = I): keep A and B as they are rather
-            // than rotating them into the eigenbasis, which changes neither the function nor
-            // the parameter count, and would only perturb Adam's per-coordinate v.
-            _ if k == r => (linalg::identity(r), linalg::identity(r), r, None, None),
-            RankCut::Hard => {
-                let w = if cfg.two_sided { linalg::matmul(&p_g, &va, r, r, k) } else { va.clone() };
-                (va, w, k, None, None)
-            }
-            RankCut::Soft => (p_a.clone(), p_g.clone(), r, Some(p_a), Some(p_g)),
-        };
-        let report = ReprojectReport {
-            module: m.name.clone(),
-            rank_before: r,
-            rank_after: n,
-            kept: k,
-            energy: captured_energy(&sorted, k),
-            eff_rank: effective_rank(&ea.values),
-            energy_g,
-            eigenvalues: ea.values.clone(),
-        };
-        Some(Cut { kind: cfg.rank_cut, r, k, l, w, proj_a, proj_g, report })
+        let s = Spectrum::of(m, gram_b, cfg)?;
+        Some(s.cut(s.module_rank(cfg, step, initial_rank), cfg))
     }
 
     /// The module's rank after the cut (the shapes of the new A and B).
@@ -275,17 +461,19 @@ pub fn gram_b(b: &[f32], d_out: usize, r: usize) -> Vec<f64> {
 }
 
 /// Per eigenvector v_j of Σ_a (the columns of `ea`), what the rank rule weighs: λ_j
-/// (input) or λ_j·v_jᵀ·(BᵀB)·v_j = λ_j·‖B·v_j‖² (output; these sum to tr(BᵀB·Σ_a) =
-/// E‖B·u‖², and the directions kept by a cut keep exactly their sum). Negative eigenvalues
-/// (rounding) count as 0.
-pub fn direction_signal(ea: &linalg::Eigh, gram_b: &[f64], signal: RankSignal) -> Vec<f64> {
+/// (input, `output` false) or λ_j·v_jᵀ·(BᵀB)·v_j = λ_j·‖B·v_j‖² (output; these sum to
+/// tr(BᵀB·Σ_a) = E‖B·u‖², and the directions kept by a cut keep exactly their sum). Negative
+/// eigenvalues (rounding) count as 0. (The Fisher signal has directions of its own:
+/// [`Spectrum::of`].)
+pub fn direction_signal(ea: &linalg::Eigh, gram_b: &[f64], output: bool) -> Vec<f64> {
     let r = ea.n;
     (0..r)
         .map(|j| {
             let lambda = ea.values[j].max(0.0);
-            match signal {
-                RankSignal::Input => lambda,
-                RankSignal::Output => {
+            if !output {
+                lambda
+            } else {
+                {
                     let v = |i: usize| ea.vectors[i * r + j];
                     let q: f64 = (0..r)
                         .map(|i| v(i) * (0..r).map(|c| gram_b[i * r + c] * v(c)).sum::<f64>())
@@ -314,7 +502,7 @@ fn right(x: &[f32], rows: usize, mat: &[f64], r: usize, n: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::grit::config::KfacStats;
+    use crate::grit::config::{KfacStats, RankScope};
     use crate::grit::stats::KfacState;
 
     #[test]
@@ -570,7 +758,7 @@ mod tests {
         let gb = gram_b(&b, 3, 4);
         // Signals λ_j·‖B·e_j‖²: 0, 0, 2·5 = 10, 1·1.25 = 1.25; their sum is tr(BᵀB·Σ_a) = E‖B·u‖².
         let ea = linalg::eigh(&m.sigma_a, 4);
-        let sig = direction_signal(&ea, &gb, RankSignal::Output);
+        let sig = direction_signal(&ea, &gb, true);
         assert!(
             sig.iter().zip([0.0, 0.0, 10.0, 1.25]).all(|(x, y)| (x - y).abs() < 1e-9),
             "{sig:?}"
@@ -634,5 +822,126 @@ mod tests {
         let mut m4 = m3.clone();
         c.apply_stats(&mut m4);
         assert!((m4.retained - 0.7).abs() < 1e-12);
+    }
+
+    /// tr(Σ_g·(I − P)·Σ_a·(I − P)ᵀ): the K-FAC Fisher cost of replacing B·A by B·P·A.
+    fn fisher_cost(m: &ModuleKfac, p: &[f64]) -> f64 {
+        let r = m.rank;
+        let d: Vec<f64> = linalg::identity(r).iter().zip(p).map(|(i, p)| i - p).collect();
+        let dsa = linalg::matmul(&d, &m.sigma_a, r, r, r);
+        let inner = linalg::matmul(&dsa, &linalg::transpose(&d, r, r), r, r, r);
+        linalg::trace(&linalg::matmul(&m.sigma_g, &inner, r, r, r), r)
+    }
+
+    #[test]
+    fn the_fisher_cut_is_the_best_rank_k_update_in_the_fisher_metric() {
+        let (r, d_in, d_out, t) = (8, 12, 10, 40);
+        let (m, a, b, _, _) = setup(r, d_in, d_out, t);
+        let gb = gram_b(&b, d_out, r);
+        let cfg = GritConfig {
+            rank_energy: 0.8,
+            rank_min: 2,
+            rank_start: Some(0),
+            rank_signal: RankSignal::Fisher,
+            ..GritConfig::default()
+        };
+        let spec = Spectrum::of(&m, &gb, &cfg).unwrap();
+        let total: f64 = spec.signal.iter().sum();
+        assert!(spec.signal.windows(2).all(|w| w[0] >= w[1]) && total > 0.0);
+        let cut = Cut::plan(&m, &gb, &cfg, 1, r).unwrap();
+        let k = cut.k;
+        assert_eq!(k, rank_by_energy(&spec.signal, 0.8, 2, r));
+        assert!(k < r, "the test spectrum should be cut (k = {k})");
+        // P = W·Lᵀ: what the cut leaves between B and A.
+        let p = linalg::matmul(&cut.w, &linalg::transpose(&cut.l, r, k), r, k, r);
+        let cost = fisher_cost(&m, &p);
+        let dropped: f64 = spec.signal[k..].iter().sum();
+        assert!((cost - dropped).abs() <= 1e-9 * total, "cost {cost:e}, dropped {dropped:e}");
+        // No other rank-k cut does better: the eigenvector cuts of the input signal (one- and
+        // two-sided) and random projections cost more.
+        for two_sided in [true, false] {
+            let other = Spectrum::of(
+                &m,
+                &gb,
+                &GritConfig { rank_signal: RankSignal::Input, two_sided, ..cfg.clone() },
+            )
+            .unwrap()
+            .cut(k, &cfg);
+            let po = linalg::matmul(&other.w, &linalg::transpose(&other.l, r, k), r, k, r);
+            assert!(fisher_cost(&m, &po) > cost * (1.0 + 1e-9), "two_sided {two_sided}");
+        }
+        for seed in 0..5 {
+            let q = linalg::orthonormal_columns(&rnd(20 + seed, r * k), r, k);
+            let pq = linalg::matmul(&q, &linalg::transpose(&q, r, k), r, k, r);
+            assert!(fisher_cost(&m, &pq) > cost);
+        }
+        // The new adapter is that product, and its statistics are Σ_a' = c²·I (c² = tr Σ_a / r)
+        // and Σ_g' = diag(kept signal) / c².
+        let (an, bn) = (cut.apply_a(&a, d_in), cut.apply_b(&b, d_out));
+        let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+        let got = linalg::matmul(&f(&bn), &f(&an), d_out, k, d_in);
+        let want = linalg::matmul(&linalg::matmul(&f(&b), &p, d_out, r, r), &f(&a), d_out, r, d_in);
+        let scale = linalg::max_abs(&want);
+        let err = linalg::max_abs(&want.iter().zip(&got).map(|(x, y)| x - y).collect::<Vec<_>>());
+        assert!(err <= 1e-5 * scale, "|B'A' − B·P·A| = {err:e} (scale {scale:e})");
+        let mut m2 = m.clone();
+        cut.apply_stats(&mut m2);
+        let c2 = linalg::trace(&m.sigma_a, r) / r as f64;
+        for i in 0..k {
+            for j in 0..k {
+                let (sa, sg) = (m2.sigma_a[i * k + j], m2.sigma_g[i * k + j]);
+                let (wa, wg) = if i == j { (c2, spec.signal[i] / c2) } else { (0.0, 0.0) };
+                assert!((sa - wa).abs() <= 1e-6 * c2, "Σ_a'[{i},{j}] = {sa}");
+                assert!((sg - wg).abs() <= 1e-6 * spec.signal[0] / c2, "Σ_g'[{i},{j}] = {sg}");
+            }
+        }
+        // While B is zero (Σ_g = 0) nothing has a cost and nothing is cut.
+        let mut m0 = m.clone();
+        m0.sigma_g = vec![0.0; r * r];
+        assert!(Cut::plan(&m0, &gb, &cfg, 1, r).unwrap().is_noop());
+    }
+
+    #[test]
+    fn a_global_budget_keeps_signal_per_parameter_across_modules() {
+        let spec = |name: &str, signal: Vec<f64>| Spectrum {
+            name: name.into(),
+            r: signal.len(),
+            l: linalg::identity(signal.len()),
+            basis: Basis::OneSided,
+            eigenvalues: signal.clone(),
+            sigma_g: linalg::identity(signal.len()),
+            retained: 1.0,
+            signal,
+        };
+        // Totals: 13 + 8 = 21. Floors (rank_min 1) keep 8 + 6 = 14; per parameter the next
+        // directions are a1 (4), then a2, a3 and b1 (0.5 each; ties go to the first module).
+        let (a, b) = (spec("a", vec![8.0, 4.0, 0.5, 0.5]), spec("b", vec![6.0, 1.0, 0.5, 0.5]));
+        let set = [Some((&a, 1)), None, Some((&b, 2))];
+        let cfg = GritConfig {
+            rank_min: 1,
+            rank_start: Some(10),
+            rank_signal: RankSignal::Fisher,
+            rank_scope: RankScope::Global,
+            ..GritConfig::default()
+        };
+        let ranks = |tau: f64, step: usize| {
+            global_ranks(&set, &GritConfig { rank_energy: tau, ..cfg.clone() }, step, 4)
+        };
+        assert_eq!(ranks(0.85, 10), vec![Some(2), None, Some(1)], "14 + 4 = 18 ≥ 17.85");
+        assert_eq!(ranks(0.9, 10), vec![Some(4), None, Some(1)], "18 + 0.5 + 0.5 ≥ 18.9");
+        assert_eq!(ranks(0.93, 10), vec![Some(4), None, Some(2)], "19 + 1 ≥ 19.53");
+        assert_eq!(ranks(1.0, 10), vec![Some(4), None, Some(4)]);
+        assert_eq!(ranks(0.5, 10), vec![Some(1), None, Some(1)], "the floors");
+        assert_eq!(ranks(0.5, 9), vec![Some(4), None, Some(4)], "before rank_start");
+        // rank_max caps (the capped directions still count in the total).
+        let capped = GritConfig { rank_energy: 1.0, rank_max: Some(3), ..cfg.clone() };
+        assert_eq!(global_ranks(&set, &capped, 10, 4), vec![Some(3), None, Some(3)]);
+        // A global budget needs the Fisher signal and the event budget.
+        assert!(cfg.validate().is_ok());
+        assert!(GritConfig { rank_signal: RankSignal::Output, ..cfg.clone() }.validate().is_err());
+        assert!(GritConfig { rank_budget: RankBudget::Run, ..cfg.clone() }.validate().is_err());
+        assert!(GritConfig { rank_cut: RankCut::Soft, rank_scope: RankScope::Module, ..cfg }
+            .validate()
+            .is_err());
     }
 }

@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::ggml::Backend;
 use crate::grit::{
-    regularize, reproject::gram_b, stats, Cut, GritConfig, KfacState, Preconditioner, Schedule,
+    regularize,
+    reproject::{global_ranks, gram_b, Spectrum},
+    stats, GritConfig, KfacState, Preconditioner, RankScope, Schedule,
 };
 use crate::model::{LoraSet, ModelError, Weights};
 use crate::rundir::{DampingReport, GritEvent, InvertRow, MetricsRow, ReprojectRow};
@@ -199,16 +201,35 @@ impl GritRun {
         let (mut ranks, mut energy, mut eff_rank) =
             (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
         let mut cut_modules = Vec::new();
+        // Every module's directions first: a global budget weighs them all at once.
+        let mut bs = Vec::with_capacity(lora.modules().len());
+        let mut spectra = Vec::with_capacity(lora.modules().len());
         for (i, m) in lora.modules().iter().enumerate() {
-            let name = m.base_name();
             let b = lora.read_b(i)?;
-            let cut = Cut::plan(
+            spectra.push(Spectrum::of(
                 &self.kfac.modules[i],
                 &gram_b(&b, m.d_out, m.rank),
                 &self.cfg,
-                step,
-                self.initial_rank,
-            );
+            ));
+            bs.push(b);
+        }
+        let ks: Vec<Option<usize>> = match self.cfg.rank_scope {
+            RankScope::Module => spectra
+                .iter()
+                .map(|s| s.as_ref().map(|s| s.module_rank(&self.cfg, step, self.initial_rank)))
+                .collect(),
+            RankScope::Global => {
+                let with_cost: Vec<_> = spectra
+                    .iter()
+                    .zip(lora.modules())
+                    .map(|(s, m)| s.as_ref().map(|s| (s, m.d_in + m.d_out)))
+                    .collect();
+                global_ranks(&with_cost, &self.cfg, step, self.initial_rank)
+            }
+        };
+        for (i, (m, b)) in lora.modules().iter().zip(bs).enumerate() {
+            let name = m.base_name();
+            let cut = spectra[i].as_ref().zip(ks[i]).map(|(s, k)| s.cut(k, &self.cfg));
             if let Some(c) = &cut {
                 energy.insert(name.clone(), c.report.energy);
                 eff_rank.insert(name.clone(), c.report.eff_rank);
