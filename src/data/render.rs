@@ -47,12 +47,20 @@ pub(crate) fn encode(tok: &dyn Tokenizer, text: &str) -> Vec<i32> {
 }
 
 /// Maps byte offsets of `text` to token indices of `tokens` (= `encode(text)`).
+///
+/// When the tokens' pieces spell the text exactly (`faithful`: byte-level BPE, and
+/// SentencePiece up to its leading space), a byte offset falls between tokens exactly where
+/// the pieces' lengths add up to it, so every boundary is read off the offsets: one
+/// tokenization per text. Otherwise each boundary tokenizes the text up to it (module docs),
+/// which costs a tokenization per boundary: quadratic in a long chat's turns (a 12 000-token
+/// chitchat conversation with hundreds of turns took seconds).
 struct Mapper<'a> {
     tok: &'a dyn Tokenizer,
     text: &'a str,
     tokens: &'a [i32],
-    /// Byte range of each token in `text`, computed on first need.
-    offsets: Option<Vec<(usize, usize)>>,
+    /// Byte range of each token in `text`, whether the pieces spell `text` exactly, and how
+    /// many tokens lead the text's own (BOS), computed on first need.
+    offsets: Option<(Vec<(usize, usize)>, bool, usize)>,
 }
 
 impl<'a> Mapper<'a> {
@@ -60,27 +68,33 @@ impl<'a> Mapper<'a> {
         Self { tok, text, tokens, offsets: None }
     }
 
-    fn offsets(&mut self) -> &[(usize, usize)] {
+    fn offsets(&mut self) -> (&[(usize, usize)], bool, usize) {
         if self.offsets.is_none() {
             let raw = self.tok.tokenize(self.text, false);
             let lead = self.tokens.len().saturating_sub(raw.len());
             let mut ends = Vec::with_capacity(raw.len());
+            let mut spelled = Vec::with_capacity(self.text.len() + 1);
             let mut pos = 0usize;
             for &t in &raw {
                 let start = pos;
-                pos += self.tok.token_bytes(t).len();
+                let piece = self.tok.token_bytes(t);
+                pos += piece.len();
+                spelled.extend_from_slice(&piece);
                 ends.push((start, pos));
             }
             // Pieces may carry bytes the text lacks (SentencePiece's leading space): shift.
             let shift = pos.saturating_sub(self.text.len());
+            let faithful = self.tokens.get(lead..) == Some(&raw[..])
+                && spelled.get(shift..) == Some(self.text.as_bytes())
+                && spelled[..shift].iter().all(|&b| b == b' ');
             let mut offs = vec![(0usize, 0usize); lead];
             offs.extend(
                 ends.into_iter().map(|(s, e)| (s.saturating_sub(shift), e.saturating_sub(shift))),
             );
             offs.resize(self.tokens.len(), (self.text.len(), self.text.len()));
-            self.offsets = Some(offs);
+            self.offsets = Some((offs, faithful, lead));
         }
-        self.offsets.as_deref().unwrap_or(&[])
+        self.offsets.as_ref().map_or((&[], false, 0), |(o, f, l)| (o.as_slice(), *f, *l))
     }
 
     /// The token index where a trained range starting at byte `c` starts.
@@ -97,20 +111,22 @@ impl<'a> Mapper<'a> {
         if c >= self.text.len() {
             return self.tokens.len();
         }
-        if self.text.is_char_boundary(c) {
+        let faithful = self.offsets().1;
+        if !faithful && self.text.is_char_boundary(c) {
             let p = encode(self.tok, &self.text[..c]);
             if self.tokens.starts_with(&p) {
                 return p.len();
             }
         }
-        let offs = self.offsets();
+        let (offs, _, lead) = self.offsets();
         let n = offs.len();
         if is_start {
             // First token that reaches past c (a straddling token is trained).
             offs.iter().position(|&(_, e)| e > c).unwrap_or(n)
         } else {
-            // First token that starts at or after c (a straddling token is trained).
-            offs.iter().position(|&(s, _)| s >= c).unwrap_or(n)
+            // First of the text's own tokens that starts at or after c (a straddling token is
+            // trained).
+            offs.iter().skip(lead).position(|&(s, _)| s >= c).map_or(n, |k| k + lead)
         }
     }
 }
@@ -332,6 +348,40 @@ mod tests {
             msgs.iter().map(|(r, c)| ChatMessage::new(*r, *c)).collect();
         let train = messages.iter().map(|m| m.role == "assistant").collect();
         Record::Chat { messages, train }
+    }
+
+    /// Where the pieces spell the text, every boundary is read off the token offsets: the
+    /// same token index as tokenizing the text up to the boundary, at every byte, with and
+    /// without merges across boundaries.
+    #[test]
+    fn offsets_give_the_prefix_tokenization_boundaries() {
+        let text =
+            "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\nA b, c!<|im_end|>\n";
+        for merge_space_letter in [false, true] {
+            let tok = FakeTok { merge_space_letter, ..FakeTok::chatml() };
+            let tokens = encode(&tok, text);
+            let mut m = Mapper::new(&tok, text, &tokens);
+            assert!(m.offsets().1, "the fake tokenizer's pieces spell the text");
+            for c in 0..=text.len() {
+                let p = encode(&tok, &text[..c]);
+                for is_start in [true, false] {
+                    let got = m.boundary(c, is_start);
+                    if tokens.starts_with(&p) {
+                        assert_eq!(got, p.len(), "merge {merge_space_letter}, byte {c}");
+                    } else {
+                        // A token straddles c: trained when a range starts at c (it is the
+                        // range's first), and when one ends there (its last).
+                        let offs = m.offsets().0.to_vec();
+                        let k = if is_start { got } else { got - 1 };
+                        assert!(
+                            offs[k].0 < c && c < offs[k].1,
+                            "byte {c}: token {k} {:?}",
+                            offs[k]
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
