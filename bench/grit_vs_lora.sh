@@ -27,12 +27,15 @@
 #   loram-wide LoRA parameter-matched (as loram) to grit-wide's final count; needs grit-wide
 #   grit-wide-t85 grit-wide with τ = 0.85 (--rank-energy 0.85)
 #   loram-wide-t85 LoRA parameter-matched to grit-wide-t85's final count
+#   grit-fisher GRIT with the Fisher cut (--rank-signal fisher)
+#   grit-global GRIT with the Fisher cut and one budget for the adapter (--rank-scope global)
+#   loram-X   LoRA parameter-matched (as loram) to grit-X's final count, for any run grit-X
 # Gain = step-0 eval loss − final eval loss (in-training eval, same tokens for every row).
 #   STEPS=150 THREADS=2 bench/grit_vs_lora.sh           (RUNS=dir keeps the runs there)
 #   TASKS=plays CONFIGS="lora16 grit" bench/grit_vs_lora.sh
 #   REUSE=1 RUNS=dir bench/grit_vs_lora.sh               (only print, from earlier runs)
-# Each run takes ~5–10 minutes on 2 cores (150 steps of 128 tokens; the chat task adds minutes
-# of tokenization); the whole table of both tasks ~3 h.
+# Each run takes ~3–10 minutes on 2 cores (150 steps of 128 tokens, then the KL evaluation;
+# 3–4 on an AMX Xeon); the whole table of both tasks ~2–3 h.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${NO_BUILD:-}${REUSE:-}" ] || cargo build --release --bin grit >&2
@@ -43,7 +46,7 @@ SEQ=${SEQ:-128}
 THREADS=${THREADS:-$(nproc)}
 RUNS=${RUNS:-$(mktemp -d)}
 TASKS=${TASKS:-plays chat}
-CONFIGS=${CONFIGS:-lora16 grit loram grit-nopc grit-noreg grit-nocut grit-early grit-run grit-output grit-wide grit-wide85 lora32 loram-wide grit-wide-t85 loram-wide-t85}
+CONFIGS=${CONFIGS:-lora16 grit loram grit-nopc grit-noreg grit-nocut grit-early grit-run grit-output grit-wide grit-wide85 lora32 loram-wide grit-wide-t85 loram-wide-t85 grit-fisher loram-fisher grit-global}
 mkdir -p "$RUNS"
 $GRIT fetch >/dev/null
 PLAYS=$($GRIT fetch | awk '/^plays/ {print $2}')
