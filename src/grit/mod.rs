@@ -42,8 +42,11 @@
 //! - after the step: `schedule.record_loss(loss)`; if `schedule.invert_due(t)`:
 //!   `p[i] = Preconditioner::for_module(&kfac.modules[i], cfg, schedule.lambda_abs)`, then
 //!   `schedule.on_inversion(t, cfg)`; if `schedule.reproject_due(t, cfg)`: for each module
-//!   `Cut::plan(&kfac.modules[i], cfg, t, initial_rank)` (None: no statistics yet;
-//!   `cut.is_noop()`: nothing changes, `cut.report` is still worth logging), then with A = `lora.read_a(i)`
+//!   `Spectrum::of(&kfac.modules[i], &gram_b(B), cfg)` (None: no statistics yet), the ranks
+//!   (`spectrum.module_rank(cfg, t, initial_rank)` per module, or `global_ranks` over all of
+//!   them with `--rank-scope global`), `cut = spectrum.cut(k, cfg)` (`Cut::plan` does the
+//!   three for one module; `cut.is_noop()`: nothing changes, `cut.report` is still worth
+//!   logging), then with A = `lora.read_a(i)`
 //!   (r×d_in), B = `lora.read_b(i)` (d_out×r) and the Adam moments (same layouts):
 //!   `cut.apply_a`, `cut.apply_b`, `cut.apply_moments_a/b`, `cut.apply_stats(&mut
 //!   kfac.modules[i])`; rebuild the LoRA set with `LoraSet::with_modules` (rank
