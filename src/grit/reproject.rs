@@ -56,14 +56,22 @@ use super::config::{GritConfig, RankBudget, RankCut, RankSignal};
 use super::linalg;
 use super::stats::ModuleKfac;
 
+/// A spectrum value as energy: negative (rounding) and non-finite values count as 0.
+fn energy_of(v: f64) -> f64 {
+    if v.is_finite() && v > 0.0 {
+        v
+    } else {
+        0.0
+    }
+}
+
 /// The fewest k with (λ_1 + … + λ_k) ≥ τ·(λ_1 + … + λ_n), clamped to [lo, hi] (lo is lowered
 /// to hi if it exceeds it). Eigenvalues must be descending; negative ones (rounding) count
 /// as 0. A spectrum with no energy gives hi.
 pub fn rank_by_energy(values: &[f64], tau: f64, lo: usize, hi: usize) -> usize {
     let hi = hi.min(values.len()).max(1);
     let lo = lo.clamp(1, hi);
-    let pos: Vec<f64> =
-        values.iter().map(|&v| if v.is_finite() && v > 0.0 { v } else { 0.0 }).collect();
+    let pos: Vec<f64> = values.iter().map(|&v| energy_of(v)).collect();
     let total: f64 = pos.iter().sum();
     if total <= 0.0 {
         return hi;
@@ -82,18 +90,17 @@ pub fn rank_by_energy(values: &[f64], tau: f64, lo: usize, hi: usize) -> usize {
 
 /// Share of the (non-negative) spectrum held by the first k eigenvalues (1 for no energy).
 pub fn captured_energy(values: &[f64], k: usize) -> f64 {
-    let pos = |v: &f64| if v.is_finite() && *v > 0.0 { *v } else { 0.0 };
-    let total: f64 = values.iter().map(pos).sum();
+    let total: f64 = values.iter().map(|&v| energy_of(v)).sum();
     if total <= 0.0 {
         return 1.0;
     }
-    values.iter().take(k).map(pos).sum::<f64>() / total
+    values.iter().take(k).map(|&v| energy_of(v)).sum::<f64>() / total
 }
 
 /// exp(H(p)) with p = λ/Σλ over the positive eigenvalues: between 1 (one direction) and n
 /// (a flat spectrum). 0 for no energy.
 pub fn effective_rank(values: &[f64]) -> f64 {
-    let pos: Vec<f64> = values.iter().copied().filter(|v| v.is_finite() && *v > 0.0).collect();
+    let pos: Vec<f64> = values.iter().map(|&v| energy_of(v)).filter(|&v| v > 0.0).collect();
     let total: f64 = pos.iter().sum();
     if total <= 0.0 {
         return 0.0;
@@ -249,16 +256,22 @@ impl Spectrum {
             (0..r).flat_map(|i| m[i * r..i * r + k].iter().copied()).collect()
         };
         let va = first(&self.l);
-        let (w, proj_g) = match &self.basis {
-            Basis::OneSided => (va.clone(), None),
+        // B's kept basis, and the share of Σ_g's energy in it.
+        let (w, proj_g, energy_g) = match &self.basis {
+            Basis::OneSided => (va.clone(), None, captured_share(&self.sigma_g, &va, r, k)),
             Basis::TwoSided(eg) => {
                 let vg = eg.top(k);
                 let p_g = linalg::matmul(&vg, &linalg::transpose(&vg, r, k), r, k, r);
-                (linalg::matmul(&p_g, &va, r, r, k), Some(p_g))
+                let w = linalg::matmul(&p_g, &va, r, r, k);
+                (w, Some(p_g), captured_energy(&eg.values, k))
             }
-            Basis::Paired(w) => (first(w), None),
+            Basis::Paired(w) => {
+                let w = first(w);
+                let q = linalg::orthonormal_columns(&w, r, k);
+                let share = captured_share(&self.sigma_g, &q, r, q.len() / r);
+                (w, None, share)
+            }
         };
-        let energy_g = captured_share(&self.sigma_g, &w, r, k);
         let (l, w, n, proj_a, proj_g) = match cfg.rank_cut {
             // Nothing is cut (k = r, where P_g = P_a = I): keep A and B as they are rather
             // than rotating them into the eigenbasis, which changes neither the function nor
@@ -312,16 +325,15 @@ fn fisher_directions(ea: &linalg::Eigh, sigma_g: &[f64]) -> (Vec<f64>, Vec<f64>,
     (en.values.iter().map(|v| v.max(0.0)).collect(), l, Basis::Paired(w))
 }
 
-/// The share of tr(Σ) (r×r) inside the column span of `w` (r×k): tr(Qᵀ·Σ·Q)/tr(Σ) with Q an
-/// orthonormal basis of that span (1 for Σ with no energy).
-fn captured_share(sigma: &[f64], w: &[f64], r: usize, k: usize) -> f64 {
+/// The share of tr(Σ) (r×r) inside the span of the orthonormal columns `q` (r×k):
+/// tr(qᵀ·Σ·q)/tr(Σ) (1 for Σ with no energy).
+fn captured_share(sigma: &[f64], q: &[f64], r: usize, k: usize) -> f64 {
     let total = linalg::trace(sigma, r);
-    if !(total > 0.0) {
-        return 1.0;
+    if total > 0.0 {
+        linalg::trace(&linalg::congruence(sigma, q, r, k), k) / total
+    } else {
+        1.0
     }
-    let q = linalg::orthonormal_columns(w, r, k);
-    let kq = q.len() / r;
-    (linalg::trace(&linalg::congruence(sigma, &q, r, kq), kq) / total).clamp(0.0, 1.0)
 }
 
 /// The ranks of one budget over every module (`--rank-scope global`): each module keeps its
@@ -336,6 +348,9 @@ pub fn global_ranks(
     step: usize,
     initial_rank: usize,
 ) -> Vec<Option<usize>> {
+    if step < cfg.rank_start() {
+        return spectra.iter().map(|s| s.map(|(sp, _)| sp.r)).collect();
+    }
     let bounds: Vec<Option<(usize, usize)>> = spectra
         .iter()
         .map(|s| {
@@ -345,12 +360,8 @@ pub fn global_ranks(
             })
         })
         .collect();
-    if step < cfg.rank_start() {
-        return spectra.iter().map(|s| s.map(|(sp, _)| sp.r)).collect();
-    }
-    let pos = |v: f64| if v.is_finite() && v > 0.0 { v } else { 0.0 };
     let total: f64 =
-        spectra.iter().flatten().flat_map(|(sp, _)| sp.signal.iter()).map(|&v| pos(v)).sum();
+        spectra.iter().flatten().flat_map(|(sp, _)| sp.signal.iter()).map(|&v| energy_of(v)).sum();
     if total <= 0.0 {
         return bounds.iter().map(|b| b.map(|(_, hi)| hi)).collect();
     }
@@ -359,7 +370,7 @@ pub fn global_ranks(
         .iter()
         .zip(&ks)
         .filter_map(|(s, k)| {
-            Some(s.as_ref()?.0.signal[..(*k)?].iter().map(|&v| pos(v)).sum::<f64>())
+            Some(s.as_ref()?.0.signal[..(*k)?].iter().map(|&v| energy_of(v)).sum::<f64>())
         })
         .sum();
     // Candidates beyond the floor, by signal per parameter (within a module that order is
@@ -368,7 +379,7 @@ pub fn global_ranks(
     for (i, (s, b)) in spectra.iter().zip(&bounds).enumerate() {
         if let (Some((sp, cost)), Some((lo, hi))) = (s, b) {
             for j in *lo..*hi {
-                cand.push((pos(sp.signal[j]) / (*cost).max(1) as f64, i, j));
+                cand.push((energy_of(sp.signal[j]) / (*cost).max(1) as f64, i, j));
             }
         }
     }
@@ -378,7 +389,7 @@ pub fn global_ranks(
             break;
         }
         let sp = spectra[i].as_ref().map(|s| s.0).expect("a candidate has a spectrum");
-        kept += pos(sp.signal[j]);
+        kept += energy_of(sp.signal[j]);
         ks[i] = Some(j + 1);
     }
     ks
