@@ -10,25 +10,24 @@
 #          256 tokens of Macbeth.
 # Configurations (CONFIGS, default all, in this order):
 #   lora16    --method lora --rank 16 (alpha 32, scale 2)
-#   grit      --method grit, default flags (initial rank 16)
+#   grit      --method grit, default flags (rank 16; the Fisher cut, first at 70 % of the run)
 #   loram     --method lora at the uniform rank whose parameter count is nearest GRIT's final
 #             count on the same task, same scale 2 (alpha = 2·rank); needs grit's run
+#   grit-reg  GRIT with the curvature regularizer as a drift control (--lambda-k 3e-3)
+#   grit-input GRIT with the input-signal cut (--rank-signal input): Σ_a's eigenvectors
 #   grit-nopc GRIT without preconditioning (--ng-warmup beyond the run)
-#   grit-noreg GRIT without the regularizers (--lambda-k 0 --lambda-r 0)
 #   grit-nocut GRIT without rank cuts (--rank-start beyond the run: fixed rank 16)
-#   grit-early GRIT with the first cut at 20 % of the run (--first-cut 0.2: step 30 of 150,
-#             the earlier default)
-#   grit-run  GRIT with the run budget (--rank-budget run: later cuts do not ratchet)
-#   grit-output GRIT with the output-energy rank rule (--rank-signal output --rank-budget run)
-#   grit-wide GRIT started at twice the rank (--rank 32 --alpha 64: the same scale 2) with the
-#             first cut at 70 % of the run
-#   grit-wide85 GRIT started at rank 32 (alpha 64), τ = 0.85
+#   grit-half GRIT with the first cut at half the run (--first-cut 0.5)
+#   grit-early GRIT with the first cut at 20 % of the run (--first-cut 0.2: step 30 of 150)
+#   grit-prev GRIT's earlier defaults (input signal, first cut at half the run, λ_K 1e-5)
+#   grit-wide GRIT started at twice the rank (--rank 32 --alpha 64: the same scale 2)
 #   lora32    --method lora --rank 32 --alpha 64 (the control for starting wider)
-#   loram-wide LoRA parameter-matched (as loram) to grit-wide's final count; needs grit-wide
-#   grit-wide-t85 grit-wide with τ = 0.85 (--rank-energy 0.85)
-#   loram-wide-t85 LoRA parameter-matched to grit-wide-t85's final count
-#   grit-fisher GRIT with the Fisher cut (--rank-signal fisher)
-#   grit-global GRIT with the Fisher cut and one budget for the adapter (--rank-scope global)
+#   grit-wide-t85 the earlier wide setting: input signal from rank 32, τ = 0.85, first cut at
+#             70 %, λ_K 1e-5
+#   grit-global GRIT with one Fisher budget for the adapter (--rank-scope global)
+#   grit-run  GRIT with the run budget and the input signal (--rank-budget run: later cuts do
+#             not ratchet)
+#   grit-output GRIT with the output-energy rank rule (--rank-signal output --rank-budget run)
 #   loram-X   LoRA parameter-matched (as loram) to grit-X's final count, for any run grit-X
 # Gain = step-0 eval loss − final eval loss (in-training eval, same tokens for every row).
 #   STEPS=150 THREADS=2 bench/grit_vs_lora.sh           (RUNS=dir keeps the runs there)
@@ -46,7 +45,7 @@ SEQ=${SEQ:-128}
 THREADS=${THREADS:-$(nproc)}
 RUNS=${RUNS:-$(mktemp -d)}
 TASKS=${TASKS:-plays chat}
-CONFIGS=${CONFIGS:-lora16 grit loram grit-nopc grit-noreg grit-nocut grit-early grit-run grit-output grit-wide grit-wide85 lora32 loram-wide grit-wide-t85 loram-wide-t85 grit-fisher loram-fisher grit-global}
+CONFIGS=${CONFIGS:-lora16 grit loram grit-reg grit-input grit-nopc grit-nocut grit-half grit-prev loram-prev grit-wide lora32 loram-wide}
 mkdir -p "$RUNS"
 $GRIT fetch >/dev/null
 PLAYS=$($GRIT fetch | awk '/^plays/ {print $2}')
@@ -88,18 +87,19 @@ run() { # task config
       r=$(python3 -c "import sys; print(max(1, round(int(sys.argv[1]) / int(sys.argv[2]))))" "$final" "$per")
       extra="--method lora --rank $r --alpha $((2 * r))"
       ;;
+    grit-reg) extra="--method grit --lambda-k 3e-3" ;;
+    grit-input) extra="--method grit --rank-signal input" ;;
     grit-nopc) extra="--method grit --ng-warmup $((STEPS + 1))" ;;
-    grit-noreg) extra="--method grit --lambda-k 0 --lambda-r 0" ;;
     grit-nocut) extra="--method grit --rank-start $((STEPS + 1))" ;;
+    grit-half) extra="--method grit --first-cut 0.5" ;;
     grit-early) extra="--method grit --first-cut 0.2" ;;
-    grit-run) extra="--method grit --rank-budget run" ;;
-    grit-output) extra="--method grit --rank-signal output --rank-budget run" ;;
-    grit-wide) extra="--method grit --rank 32 --alpha 64 --first-cut 0.7" ;;
-    grit-wide85) extra="--method grit --rank 32 --alpha 64 --rank-energy 0.85" ;;
+    grit-prev) extra="--method grit --rank-signal input --first-cut 0.5 --lambda-k 1e-5" ;;
+    grit-wide) extra="--method grit --rank 32 --alpha 64" ;;
     lora32) extra="--method lora --rank 32 --alpha 64" ;;
-    grit-wide-t85) extra="--method grit --rank 32 --alpha 64 --first-cut 0.7 --rank-energy 0.85" ;;
-    grit-fisher) extra="--method grit --rank-signal fisher" ;;
-    grit-global) extra="--method grit --rank-signal fisher --rank-scope global" ;;
+    grit-wide-t85) extra="--method grit --rank 32 --alpha 64 --rank-signal input --rank-energy 0.85 --lambda-k 1e-5" ;;
+    grit-global) extra="--method grit --rank-scope global" ;;
+    grit-run) extra="--method grit --rank-signal input --rank-budget run" ;;
+    grit-output) extra="--method grit --rank-signal output --rank-budget run" ;;
     *)
       echo "unknown configuration $cfg" >&2
       return 1

@@ -109,7 +109,9 @@ fn train(model: &Path, out: &Path, extra: &[&str]) {
 
 /// GRIT flags for a short run with real rank cuts: `steps` steps, statistics every step,
 /// inversions every 2, reprojections every `every` steps from step `every` (rank start
-/// `every`), τ 0.5 down to rank 1.
+/// `every`), τ 0.5 down to rank 1, on Σ_a's spectrum (`--rank-signal input`: on the tiny
+/// model it leaves modules at different ranks, which the export must carry; the default Fisher
+/// signal keeps one direction of each).
 fn grit_with_cuts(steps: u32, every: u32) -> Vec<String> {
     let (steps, every) = (steps.to_string(), every.to_string());
     [
@@ -131,6 +133,8 @@ fn grit_with_cuts(steps: u32, every: u32) -> Vec<String> {
         "0.5",
         "--rank-min",
         "1",
+        "--rank-signal",
+        "input",
     ]
     .map(String::from)
     .to_vec()

@@ -49,6 +49,10 @@ fn train_args(model: &Path, out: &Path) -> Vec<String> {
         "4",
         "--rank-energy",
         "0.5",
+        // Σ_a's spectrum: on this tiny model τ = 0.5 then leaves modules at different ranks
+        // (the Fisher default keeps one direction of each).
+        "--rank-signal",
+        "input",
         "--rank-min",
         "1",
         "--reg-warmup",
@@ -195,7 +199,7 @@ fn grit_soft_cut_with_accumulation_and_reference_options() {
 }
 
 /// Without `--reproject-warmup`/`--rank-start`, the first reprojection and rank cut come at
-/// `--first-cut` × the run's steps (default half the run); explicit steps still win.
+/// `--first-cut` × the run's steps (default 0.7 of the run); explicit steps still win.
 #[test]
 fn the_first_cut_comes_at_a_share_of_the_run() {
     let dir = tempfile::tempdir().unwrap();
@@ -203,8 +207,8 @@ fn the_first_cut_comes_at_a_share_of_the_run() {
     let first_reprojection = |name: &str, share: Option<&str>| {
         let out = dir.path().join(name);
         let mut args = train_args(&model, &out);
-        // Drop the explicit first-cut steps (flag and value).
-        for flag in ["--reproject-warmup", "--rank-start"] {
+        // Drop the explicit first-cut steps (flag and value), and run the default signal.
+        for flag in ["--reproject-warmup", "--rank-start", "--rank-signal"] {
             let i = args.iter().position(|a| a == flag).unwrap();
             args.drain(i..i + 2);
         }
@@ -215,8 +219,14 @@ fn the_first_cut_comes_at_a_share_of_the_run() {
         rows(&out).iter().find(|r| r["event"] == "reproject").map(|r| r["step"].as_u64().unwrap())
     };
     // 10 steps, --reproject-every 4: the first event at max(4, share × 10).
-    assert_eq!(first_reprojection("half", None), Some(5));
-    assert_eq!(first_reprojection("late", Some("0.8")), Some(8));
+    assert_eq!(first_reprojection("default", None), Some(7));
+    // The default Fisher cut shrank the adapter (τ = 0.5, rank-min 1 from rank 8).
+    let s: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("default/summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(s["trainable_params_final"].as_u64() < s["trainable_params_initial"].as_u64(), "{s}");
+    assert_eq!(first_reprojection("half", Some("0.5")), Some(5));
     let o = grit()
         .args(["train", "--method", "grit", "--first-cut", "1.5", "--dry-run", "--data", "x.txt"])
         .output()

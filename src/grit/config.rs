@@ -73,15 +73,14 @@ pub enum RankSignal {
     /// nothing; while B is still zero nothing is cut.
     Output,
     /// Σ_a's eigenvalue λ_j alone (the method as first written: the input seen through A).
-    /// The default: side by side on the plays task it gained as much with fewer parameters
-    /// (docs/GRIT.md §5).
-    #[default]
     Input,
     /// The K-FAC Fisher estimate of what dropping a direction costs in loss: the directions
     /// are the singular vectors of Σ_g^½·Σ_a^½ (the update B·A in the Fisher metric), each
     /// weighted by its squared singular value, and the cut is the best rank-k update in that
     /// metric (not Σ_a's eigenvectors). In loss units, so comparable across modules
-    /// ([`RankScope::Global`]).
+    /// ([`RankScope::Global`]). The default: side by side with the input signal it gained as
+    /// much with fewer parameters on both benchmark tasks, and drifted more (docs/GRIT.md §5).
+    #[default]
     Fisher,
 }
 
@@ -156,9 +155,14 @@ pub struct GritConfig {
     pub ng_warmup: usize,
 
     // ---- regularizers (§4)
-    /// λ_K of the curvature term Σ_m [tr(Σ_a·A·Aᵀ) + tr(Σ_g·Bᵀ·B)] (reference 1e-5).
+    /// λ_K of the curvature term Σ_m [tr(Σ_a·A·Aᵀ) + tr(Σ_g·Bᵀ·B)] (reference 1e-5). Off (0)
+    /// by default, by measurement: at 1e-5 its gradient was ~1e-3 of the loss's and gain and
+    /// drift with and without it agreed; at 1e-3..1e-2 it is a drift control, KL on other
+    /// text falling with λ_K, but it costs gain, and the default already drifts less than
+    /// LoRA r16 without it (docs/GRIT.md §4).
     pub lambda_k: f64,
     /// λ_R of the projection term Σ_m [‖(I − P_a)·A‖²_F + ‖B·(I − P_g)‖²_F] (reference 1e-4).
+    /// Only soft cuts keep a projector: after a hard cut P = I and the term is 0.
     pub lambda_r: f64,
     /// Both terms ramp in linearly over this many steps (placeholder 30).
     pub reg_warmup: usize,
@@ -174,12 +178,14 @@ pub struct GritConfig {
     pub rank_start: Option<usize>,
     /// The first reprojection and rank cut as a share of the run's optimizer steps:
     /// [`GritConfig::resolve_first_cut`] fills the unset `reproject_warmup` and `rank_start`
-    /// with round(share × steps) once the run's length is known. Default 0.5: A has learned
-    /// its directions by then, so the cut keeps what training found; cut at step 30 of 150,
-    /// most modules fell to `rank_min` and the run lost 8 % of LoRA r16's gain (docs/GRIT.md §5).
+    /// with round(share × steps) once the run's length is known. Default 0.7: A has learned
+    /// its directions by then, so the cut keeps what training found (cut at step 30 of 150,
+    /// most modules fell to `rank_min` and the run lost 8 % of LoRA r16's gain; at half the run
+    /// the Fisher cut kept less than at 0.7, docs/GRIT.md §5).
     pub first_cut: f64,
-    /// τ: keep the fewest directions whose eigenvalues of Σ_a hold this share of the energy
-    /// (placeholder 0.9; the reference's 0.99 cut only 7–10 % on the default model).
+    /// τ: keep the fewest directions whose rank signal holds this share of the total (0.9; with
+    /// Σ_a's eigenvalues the reference's 0.99 cut only 7–10 % on the default model; the Fisher
+    /// signal is so concentrated that `rank_min` sets the size).
     pub rank_energy: f64,
     /// Smallest rank a module is cut to (reference 4).
     pub rank_min: usize,
@@ -218,18 +224,18 @@ impl Default for GritConfig {
             factor_norm: FactorNorm::Trace,
             graft: true,
             ng_warmup: 0,
-            lambda_k: 1e-5,
+            lambda_k: 0.0,
             lambda_r: 1e-4,
             reg_warmup: 30,
             reproject_every: 30,
             reproject_warmup: None,
             rank_start: None,
-            first_cut: 0.5,
+            first_cut: 0.7,
             rank_energy: 0.9,
             rank_min: 4,
             rank_max: None,
             rank_cut: RankCut::Hard,
-            rank_signal: RankSignal::Input,
+            rank_signal: RankSignal::Fisher,
             rank_budget: RankBudget::Event,
             rank_scope: RankScope::Module,
             two_sided: true,
@@ -247,6 +253,13 @@ pub struct GritConfigError {
 }
 
 impl GritConfig {
+    /// Whether the regularizers can be non-zero, so the step graph needs their loss node: the
+    /// curvature term whenever λ_K > 0, the projection term only with soft cuts (after a hard
+    /// cut the kept basis is the whole rank space and the term is identically 0).
+    pub fn regularized(&self) -> bool {
+        self.lambda_k > 0.0 || (self.lambda_r > 0.0 && self.rank_cut == RankCut::Soft)
+    }
+
     /// λ_abs as used: the explicit value, or the mode's default (absolute 1e-3, relative 0).
     pub fn lambda_abs(&self) -> f64 {
         self.damping_abs.unwrap_or(match self.damping {
@@ -320,8 +333,8 @@ impl GritConfig {
         if self.rank_signal == RankSignal::Fisher && self.rank_cut == RankCut::Soft {
             return err(
                 "rank_signal",
-                "the Fisher signal cuts to its own basis, which a soft cut cannot keep (use a \
-                 hard cut)"
+                "the Fisher signal (the default) cuts to its own basis, which a soft cut \
+                 cannot keep (use --rank-cut hard, or --rank-signal input with a soft cut)"
                     .into(),
             );
         }
@@ -359,7 +372,7 @@ mod tests {
     fn the_first_cut_is_a_share_of_the_run_unless_steps_are_given() {
         let mut c = GritConfig::default();
         c.resolve_first_cut(150);
-        assert_eq!((c.reproject_warmup(), c.rank_start()), (75, 75));
+        assert_eq!((c.reproject_warmup(), c.rank_start()), (105, 105));
         let mut c = GritConfig { first_cut: 0.2, rank_start: Some(40), ..GritConfig::default() };
         c.resolve_first_cut(1000);
         assert_eq!((c.reproject_warmup(), c.rank_start()), (200, 40));
@@ -393,8 +406,12 @@ mod tests {
         );
         assert_eq!(
             (c.lambda_k, c.lambda_r, c.rank_cut, c.two_sided),
-            (1e-5, 1e-4, RankCut::Hard, true)
+            (0.0, 1e-4, RankCut::Hard, true)
         );
+        assert_eq!((c.rank_signal, c.first_cut), (RankSignal::Fisher, 0.7));
+        assert!(!c.regularized(), "λ_R alone does nothing with hard cuts");
+        assert!(GritConfig { rank_cut: RankCut::Soft, ..c.clone() }.regularized());
+        assert!(GritConfig { lambda_k: 3e-3, ..c.clone() }.regularized());
         c.validate().unwrap();
         let t = toml::to_string(&c).unwrap();
         assert_eq!(toml::from_str::<GritConfig>(&t).unwrap(), c);

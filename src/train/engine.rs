@@ -215,7 +215,7 @@ impl<'g> StepGraph<'g> {
             GraphOptions { outputs: Outputs::Rows(n_rows), loss: true, dropout, backward: true },
         );
         let loss = train.loss.expect("training graph has a loss");
-        let reg = grit.filter(|g| g.lambda_k > 0.0 || g.lambda_r > 0.0).map(|_| {
+        let reg = grit.filter(|g| g.regularized()).map(|_| {
             let reg = crate::grit::RegGraph::build(ctx, lora);
             reg.loss.set_loss();
             train.graph.build_forward_expand(reg.loss);
