@@ -277,6 +277,30 @@ impl<'a> Tensor<'a> {
         }
     }
 
+    /// Turns this node into a copy of the custom op node `template` (its op, parameters and
+    /// sources), in place; the template itself stays out of every graph.
+    ///
+    /// # Safety
+    /// As for [`Tensor::rewrite_as_mul_mat`]: the template's kernel must write exactly this
+    /// node's type and shape, and its sources must live as long as the node.
+    pub(crate) unsafe fn rewrite_as_copy_of(self, template: Tensor<'a>) {
+        assert!(
+            template.op() == sys::GGML_OP_CUSTOM
+                && template.ty() == self.ty()
+                && template.ne() == self.ne()
+                && self.is_contiguous(),
+            "rewrite as a copy of {template:?}: does not give {self:?}"
+        );
+        // SAFETY: the caller guarantees exclusivity (and the shapes, checked above); op
+        // parameters and source pointers are plain data copied from a live node.
+        unsafe {
+            let (t, s) = (&mut *self.raw(), &*template.raw());
+            t.op = s.op;
+            t.op_params = s.op_params;
+            t.src = s.src;
+        }
+    }
+
     /// Turns this node into `add(a, b)` in place (same contract as
     /// [`Tensor::rewrite_as_mul_mat`]: the node must have `a`'s F32 type and shape, equal to
     /// `b`'s).

@@ -45,6 +45,7 @@ mod gguf_write;
 pub mod passes;
 pub mod profile;
 mod sparse_ce;
+mod tiled;
 mod transient;
 
 pub use backend::{

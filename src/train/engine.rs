@@ -475,6 +475,7 @@ pub fn categorize(n: &crate::ggml::profile::NodeInfo) -> String {
         (s.ends_with(".weight")
             || s.ends_with(".weight.q8")
             || s.ends_with(".weight.q4_0")
+            || s.ends_with(".weight.amx")
             || s.ends_with(".q4_1_offsets"))
             && !s.contains("lora")
             && !s.contains("norm")
@@ -507,7 +508,43 @@ pub fn categorize(n: &crate::ggml::profile::NodeInfo) -> String {
         "OPT_STEP_ADAMW" | "SQRT" | "CLAMP" | "DIV" => "optimizer".into(),
         "CPY" if frozen(s0) || output(s0) => "transient dequantization".into(),
         "CUSTOM" if n.name.starts_with("attn_fused") => "attention (fused CPU kernels)".into(),
+        "CUSTOM" if s0.ends_with(".q4_1_offsets") => "frozen matmuls: forward".into(),
+        "CUSTOM" if lora(s0) || lora(s1) || n.name.ends_with("(tiled)") => "LoRA matmuls".into(),
         "CUSTOM" | "MAP_CUSTOM1" => "transposes (tiled CPU copies)".into(),
         op => format!("other: {}", op.to_lowercase()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::categorize;
+    use crate::ggml::profile::NodeInfo;
+
+    fn node(op: &str, name: &str, src0: &str, src1: &str) -> NodeInfo {
+        let s = |x: &str| x.to_string();
+        NodeInfo { op: s(op), name: s(name), src0_name: s(src0), src1_name: s(src1), ne: [1; 4] }
+    }
+
+    #[test]
+    fn the_profile_names_each_kind_of_matmul() {
+        let cases = [
+            (node("MUL_MAT", "", "blk.3.ffn_up.weight.amx", "x"), "frozen matmuls: forward"),
+            (node("MUL_MAT", "", "blk.3.ffn_up.weight.q4_0", "x"), "frozen matmuls: forward"),
+            (
+                node("MUL_MAT", "", "blk.3.ffn_up.weight.T", "g"),
+                "frozen matmuls: backward (copies)",
+            ),
+            (node("MUL_MAT", "", "output.weight.amx", "x"), "output layer: forward"),
+            (node("MUL_MAT", "", "output.weight.T", "g"), "output layer: backward"),
+            (node("MUL_MAT", "node_5", "blk.3.ffn_up.lora_a", "x"), "LoRA matmuls"),
+            (node("MUL_MAT", "kq", "k", "q"), "attention matmuls"),
+            (node("CUSTOM", "node_7", "blk.3.ffn_up.lora_b (T)", "u"), "LoRA matmuls"),
+            (node("CUSTOM", "node_9 (tiled)", "node_4", "node_5"), "LoRA matmuls"),
+            (node("CUSTOM", "node_8", "blk.3.ffn_up.q4_1_offsets", "s"), "frozen matmuls: forward"),
+            (node("MAP_CUSTOM1", "x (T)", "x", ""), "transposes (tiled CPU copies)"),
+        ];
+        for (n, want) in cases {
+            assert_eq!(categorize(&n), want, "{n:?}");
+        }
     }
 }

@@ -15,8 +15,9 @@
 //!
 //! On the CPU backend ([`FrozenMap::cpu_kernels`]) the rebuild also swaps in kernels that
 //! ggml's autodiff cannot choose: attention fused into two custom ops
-//! ([`crate::ggml::attention`]), products with a small inner dimension as outer-product sums
-//! ([`small_inner`]), and transposes by a tiled copy ([`Context::cont_cpu`]).
+//! ([`crate::ggml::attention`]), products with a small inner dimension by a register-tiled
+//! kernel ([`small_inner`], [`Context::out_prod_tiled`]), and transposes by a tiled copy
+//! ([`Context::cont_cpu`]).
 
 use std::collections::{HashMap, HashSet};
 
@@ -24,6 +25,7 @@ use llama_cpp_sys_2 as sys;
 
 use super::recompute::Segments;
 use crate::ggml::context::{Context, Graph, Tensor, Type};
+use crate::ggml::tiled;
 
 /// How ∂L/∂x = Wᵀ·∂L/∂y is computed for one frozen weight.
 #[derive(Debug, Clone, Copy)]
@@ -48,8 +50,8 @@ pub struct FrozenMap<'a> {
     /// Q4_1 weights split the same way with the Q4_0 half made inside the graph, right before
     /// the product (CPU kernels; `--weight-copies none`): weight → its resident offsets Cᵀ.
     transient_split: HashMap<usize, Tensor<'a>>,
-    /// The graph runs on the CPU backend: products with a small inner dimension become
-    /// outer-product sums (see [`small_inner`]).
+    /// The graph runs on the CPU backend: products with a small inner dimension run on the
+    /// small-k kernel (see [`small_inner`]).
     pub cpu_kernels: bool,
     /// With `cpu_kernels`: fuse attention (see [`super::attention`]). Default on.
     pub fuse_attention: bool,
@@ -77,7 +79,7 @@ impl<'a> FrozenMap<'a> {
     }
     /// Computes `w·x` as `w0·x + C·s` wherever the forward multiplies by `w`, with s the sums
     /// of x over blocks of 32 inputs: `w0` has w's shape, `ct` = Cᵀ is F32 [d_out, d_in/32]
-    /// (C·s is an outer-product sum over the d_in/32 blocks, see [`small_inner`]).
+    /// (C·s is a small-k product over the d_in/32 blocks, see [`small_inner`]).
     pub fn insert_forward_split(&mut self, w: Tensor<'a>, w0: Tensor<'a>, ct: Tensor<'a>) {
         let ne = w.ne();
         assert!(
@@ -143,19 +145,31 @@ fn transposed<'a>(ctx: &'a Context, t: Tensor<'a>, cpu: bool) -> Tensor<'a> {
     tt.set_name(&format!("{name} (T)"))
 }
 
-/// Inner dimensions up to which a product runs as an outer-product sum on the CPU (at 48:
-/// 1.3–1.4× faster than the matmul kernel, `bench/small_k.rs`).
+/// Inner dimensions up to which a product runs on the small-k kernel on the CPU (ggml's
+/// out_prod was 1.3–1.4× faster than its matmul kernel at 48, `bench/small_k.rs`).
 const SMALL_INNER: i64 = 48;
 
 /// True when `mul_mat(a [k, m], b [k, n])` (F32, 2-D) has a small inner dimension k and a
 /// long output column m: LoRA's B·u (k = rank), Aᵀ·∂u, the Q4_1 split's offsets (k = d_in/32).
 /// ggml's matmul kernels compute each output as a dot product of length k, which at k ≤ 32
-/// is mostly per-output overhead; the same product as `out_prod(aᵀ [m, k], bᵀ [n, k])`
-/// streams whole output columns (k multiply-adds of length m each) and ran 1.3–2.8× faster
-/// on the training shapes here (`bench/small_k.rs`, 2 threads, 2026-11-29).
+/// is mostly per-output overhead; ggml's `out_prod(aᵀ [m, k], bᵀ [n, k])` streams whole
+/// output columns (k multiply-adds of length m each) and ran 1.3–2.8× faster on the training
+/// shapes here, and [`Context::out_prod_tiled`] (the same operands, the output kept in
+/// registers while k is walked) faster still (`bench/small_k.rs`, 2 threads).
 fn small_inner(k: i64, m: i64) -> bool {
     k <= SMALL_INNER && m >= 64
 }
+
+/// Marks a node rewritten onto the tiled kernel in its name (for `--profile`, which sorts
+/// the products by the names they read and would otherwise see a custom op).
+fn tiled_name(node: Tensor<'_>) {
+    let name: String = node.name().chars().take(48).collect();
+    node.set_name(&format!("{name} (tiled)"));
+}
+
+/// Output rows up to which an F32 `mul_mat(w [k, m], x [k, n])` runs on the tiled kernel
+/// (LoRA's u = A·x, m = rank): ggml's matmul kernels reach ~40 GFLOP/s on it here.
+const SHORT_OUTPUT: i64 = 64;
 
 /// A batched `out_prod(a [n, k, B_a], transpose(g) [p, k, B])` (F32, 3-D) whose left factor
 /// is much smaller than the gradient it multiplies: cheaper as `mul_mat(aᵀ, g)`.
@@ -432,11 +446,39 @@ impl<'a> Rewriter<'_, 'a> {
         {
             self.split_forward(node, x, self.ctx.q4_1_split_q4_0(w), c);
         } else if cpu && flat(w) && flat(x) && flat(node) && small_inner(w.ne()[0], w.ne()[1]) {
-            // LoRA's B·u and the like: an outer-product sum (see `small_inner`).
-            let wt = self.transpose_of(w); // [m, k]
-                                           // SAFETY: OUT_PROD(wᵀ [m, k], xᵀ [n, k]) is F32 [m, n] like the node; the graph
-                                           // is not allocated while rebuilt.
-            unsafe { node.rewrite_as_out_prod(wt, self.ctx.transpose(x)) };
+            // LoRA's B·u and the like: a small-k product (see `small_inner`).
+            let xt = self.ctx.transpose(x); // [n, k]
+            if tiled::TILED_SIMD && w.ne()[0] * w.ne()[1] <= tiled::GATHER_MAX {
+                // wᵀ read through a view (the kernel copies it per thread: no small copy
+                // for the graph to keep).
+                let prod = self.ctx.out_prod_tiled(self.ctx.transpose(w), xt);
+                // SAFETY: Σ_k wᵀ[:, k]·x[k, :] is F32 [m, n] like the node; the graph is not
+                // allocated while rebuilt.
+                unsafe { node.rewrite_as_copy_of(prod) };
+                tiled_name(node);
+            } else {
+                let wt = self.transpose_of(w); // [m, k]
+                                               // SAFETY: OUT_PROD(wᵀ [m, k], xᵀ [n, k]) is F32 [m, n] like the node; the
+                                               // graph is not allocated while rebuilt.
+                unsafe { node.rewrite_as_out_prod(wt, xt) };
+            }
+            self.stats.outer += 1;
+        } else if cpu
+            && tiled::TILED_SIMD
+            && flat(w)
+            && flat(x)
+            && flat(node)
+            && w.ne()[1] <= SHORT_OUTPUT
+            && w.ne()[0] * w.ne()[1] <= tiled::GATHER_MAX
+        {
+            // LoRA's u = A·x: few outputs per token (the rank), a long inner dimension; the
+            // tiled kernel with Aᵀ (small, copied per thread) as the left factor, x read in
+            // place.
+            let prod = self.ctx.out_prod_tiled(self.ctx.transpose(w), self.ctx.transpose(x));
+            // SAFETY: Σ_k wᵀ[:, k]·x[k, :] is F32 [m, n] like the node; the graph is not
+            // allocated while rebuilt.
+            unsafe { node.rewrite_as_copy_of(prod) };
+            tiled_name(node);
             self.stats.outer += 1;
         }
     }
@@ -459,7 +501,11 @@ impl<'a> Rewriter<'_, 'a> {
         });
         // C·s [d_out, T] from Cᵀ [d_out, d_in/32].
         let cs = if self.frozen.cpu_kernels && small_inner(ne[0] / 32, c.ne()[0]) {
-            ctx.out_prod(c, ctx.transpose(s))
+            if tiled::TILED_SIMD {
+                ctx.out_prod_tiled(c, ctx.transpose(s))
+            } else {
+                ctx.out_prod(c, ctx.transpose(s))
+            }
         } else {
             ctx.mul_mat(transposed(ctx, c, false), s)
         };
@@ -571,16 +617,39 @@ impl<'a> Rewriter<'_, 'a> {
             return;
         };
         let cpu = self.frozen.cpu_kernels;
-        // A 2-D outer-product sum out_prod(a [n, k], b [p, k]) = Σ_k a[:, k]·b[:, k]ᵀ [n, p]
-        // (the weight gradients of the LoRA matmuls) equals mul_mat(aᵀ, bᵀ); ggml's matmul
-        // kernels run it several times faster than its out_prod loop, transposes included
-        // (measured 2026-11-29: keeping out_prod for ∂B alone, which needs the big transpose
-        // of ∂L/∂y, costs 0.3 s more per step than the transpose saves; so does ∂B as
-        // transpose(out_prod(∂L/∂y, s·u)), whose vectors are long: +0.2 s). Attention's
-        // batched products were tried too: 0.04 s/step faster, eaten by the transposes they
-        // need. With a small inner dimension (LoRA's A·∂u: k = rank) the outer-product sum is
-        // the faster form already (see `small_inner`): kept.
         let all_flat = flat(a) && flat(b) && flat(node);
+        // A 2-D outer-product sum out_prod(a [n, k], b [p, k]) = Σ_k a[:, k]·b[:, k]ᵀ [n, p]:
+        // the LoRA matmuls' weight gradients ∂A = out_prod(x, ∂u) (k = tokens) and
+        // ∂B = out_prod(s·u, ∂L/∂y), and their input gradient A·∂u (k = rank). On x86 CPUs the
+        // tiled kernel reads them as stored, in the orientation whose output columns are long
+        // (∂B as (out_prod(∂L/∂y, s·u))ᵀ), 3–4× faster than ggml's out_prod at k = rank
+        // (`bench/small_k.rs`) and without the transposed copies of x and ∂L/∂y that ggml's
+        // matmul kernels needed for the weight gradients.
+        if cpu && all_flat && tiled::TILED_SIMD {
+            let prod = if a.nb()[0] == 4 && (a.ne()[0] >= b.ne()[0] || b.nb()[0] != 4) {
+                Some(self.ctx.out_prod_tiled(a, b))
+            } else if b.nb()[0] == 4 {
+                Some(self.ctx.out_prod_tiled_t(b, a))
+            } else {
+                None
+            };
+            if let Some(prod) = prod {
+                // SAFETY: the same sum as the node's out_prod, F32 [n, p] (the transposed form
+                // writes (Σ_k b[:, k]·a[:, k]ᵀ)ᵀ, the same values); the graph is not allocated
+                // while rebuilt.
+                unsafe { node.rewrite_as_copy_of(prod) };
+                tiled_name(node);
+                self.stats.outer += 1;
+                return;
+            }
+        }
+        // Elsewhere: ggml's matmul kernels run out_prod(a, b) as mul_mat(aᵀ, bᵀ) several times
+        // faster than its out_prod loop, transposes included (measured 2026-11-29: keeping
+        // out_prod for ∂B alone, which needs the big transpose of ∂L/∂y, costs 0.3 s more per
+        // step than the transpose saves; so does ∂B as transpose(out_prod(∂L/∂y, s·u)), whose
+        // vectors are long: +0.2 s). Attention's batched products were tried too: 0.04 s/step
+        // faster, eaten by the transposes they need. With a small inner dimension (LoRA's
+        // A·∂u: k = rank) ggml's out_prod is the faster form (see `small_inner`): kept.
         let keep = cpu && a.nb()[0] == 4 && small_inner(a.ne()[1], a.ne()[0]);
         if all_flat && !keep {
             let at = self.transpose_of(a); // [k, n]
