@@ -10,7 +10,8 @@
 #          256 tokens of Macbeth.
 # Configurations (CONFIGS, default all, in this order):
 #   lora16    --method lora --rank 16 (alpha 32, scale 2)
-#   grit      --method grit, default flags (rank 16; the Fisher cut, first at 70 % of the run)
+#   grit      --method grit, default flags (rank 16; the Fisher cut, first at 70 % of the run,
+#             to rank 3)
 #   loram     --method lora at the uniform rank whose parameter count is nearest GRIT's final
 #             count on the same task, same scale 2 (alpha = 2·rank); needs grit's run
 #   grit-reg  GRIT with the curvature regularizer as a drift control (--lambda-k 3e-3)
@@ -19,7 +20,9 @@
 #   grit-nocut GRIT without rank cuts (--rank-start beyond the run: fixed rank 16)
 #   grit-half GRIT with the first cut at half the run (--first-cut 0.5)
 #   grit-early GRIT with the first cut at 20 % of the run (--first-cut 0.2: step 30 of 150)
-#   grit-prev GRIT's earlier defaults (input signal, first cut at half the run, λ_K 1e-5)
+#   grit-rmin4 GRIT with the previous floor (--rank-min 4)
+#   grit-prev GRIT's earlier defaults (input signal, first cut at half the run, λ_K 1e-5,
+#             rank-min 4)
 #   grit-wide GRIT started at twice the rank (--rank 32 --alpha 64: the same scale 2)
 #   lora32    --method lora --rank 32 --alpha 64 (the control for starting wider)
 #   grit-wide-t85 the earlier wide setting: input signal from rank 32, τ = 0.85, first cut at
@@ -45,7 +48,7 @@ SEQ=${SEQ:-128}
 THREADS=${THREADS:-$(nproc)}
 RUNS=${RUNS:-$(mktemp -d)}
 TASKS=${TASKS:-plays chat}
-CONFIGS=${CONFIGS:-lora16 grit loram grit-reg grit-input grit-nopc grit-nocut grit-half grit-prev loram-prev grit-wide lora32 loram-wide}
+CONFIGS=${CONFIGS:-lora16 grit loram grit-reg grit-input grit-nopc grit-nocut grit-half grit-rmin4 loram-rmin4 grit-prev loram-prev grit-wide lora32 loram-wide}
 mkdir -p "$RUNS"
 $GRIT fetch >/dev/null
 PLAYS=$($GRIT fetch | awk '/^plays/ {print $2}')
@@ -93,7 +96,8 @@ run() { # task config
     grit-nocut) extra="--method grit --rank-start $((STEPS + 1))" ;;
     grit-half) extra="--method grit --first-cut 0.5" ;;
     grit-early) extra="--method grit --first-cut 0.2" ;;
-    grit-prev) extra="--method grit --rank-signal input --first-cut 0.5 --lambda-k 1e-5" ;;
+    grit-rmin4) extra="--method grit --rank-min 4" ;;
+    grit-prev) extra="--method grit --rank-signal input --first-cut 0.5 --lambda-k 1e-5 --rank-min 4" ;;
     grit-wide) extra="--method grit --rank 32 --alpha 64" ;;
     lora32) extra="--method lora --rank 32 --alpha 64" ;;
     grit-wide-t85) extra="--method grit --rank 32 --alpha 64 --rank-signal input --rank-energy 0.85 --lambda-k 1e-5" ;;

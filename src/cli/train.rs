@@ -213,7 +213,7 @@ pub struct TrainArgs {
     /// GRIT: ranks may change from step N on (instead of --first-cut) [default: the first cut].
     #[arg(long, help_heading = "GRIT")]
     pub rank_start: Option<usize>,
-    /// GRIT: smallest rank of a module [default: 4].
+    /// GRIT: smallest rank of a module [default: 3].
     #[arg(long, help_heading = "GRIT")]
     pub rank_min: Option<usize>,
     /// GRIT: largest rank of a module [default: --rank].

@@ -187,7 +187,9 @@ pub struct GritConfig {
     /// Σ_a's eigenvalues the reference's 0.99 cut only 7–10 % on the default model; the Fisher
     /// signal is so concentrated that `rank_min` sets the size).
     pub rank_energy: f64,
-    /// Smallest rank a module is cut to (reference 4).
+    /// Smallest rank a module is cut to (reference 4; 3 here: the Fisher cut sends nearly every
+    /// module to the floor, and at 3 it kept the gain of 4 with three quarters of the
+    /// parameters on both benchmark tasks over two seeds, docs/GRIT.md §5).
     pub rank_min: usize,
     /// Largest rank a module may have (None: its initial rank). A module above it is cut to it.
     /// (Growing a module back above its current rank is not implemented.)
@@ -232,7 +234,7 @@ impl Default for GritConfig {
             rank_start: None,
             first_cut: 0.7,
             rank_energy: 0.9,
-            rank_min: 4,
+            rank_min: 3,
             rank_max: None,
             rank_cut: RankCut::Hard,
             rank_signal: RankSignal::Fisher,
@@ -398,7 +400,7 @@ mod tests {
                 c.rank_start(),
                 c.rank_min
             ),
-            (5, 10, 30, 30, 30, 4)
+            (5, 10, 30, 30, 30, 3)
         );
         assert_eq!(
             (c.kfac_beta, c.kfac_stats, c.damping, c.kfac_pairing, c.ng_warmup),
