@@ -152,6 +152,10 @@ unsafe fn tile(
     }
 }
 
+#[cfg(not(all(
+    target_arch = "x86_64",
+    any(target_feature = "avx512f", all(target_feature = "avx2", target_feature = "fma"))
+)))]
 /// `a·b + c`, fused where the target has FMA (without it `mul_add` is a library call).
 #[inline(always)]
 fn madd(a: f32, b: f32, c: f32) -> f32 {
@@ -223,36 +227,67 @@ unsafe extern "C" fn tiled_kernel(
         let (m, k, n) = ((*a).ne[0] as usize, (*a).ne[1] as usize, (*b).ne[0] as usize);
         let (a0, a1) = ((*a).nb[0] / 4, (*a).nb[1] / 4);
         let (b0, b1) = ((*b).nb[0] / 4, (*b).nb[1] / 4);
-        // a with contiguous columns is read in place, else copied to [k][m] first.
+        let (src_a, bp) = ((*a).data as *const f32, (*b).data as *const f32);
+        let cp = (*dst).data as *mut f32;
+        let (tiles_i, tiles_j) = (m.div_ceil(TI), n.div_ceil(TJ));
+        // Every tile runs the full TI × TJ micro-kernel; rows of a and of b beyond m and n
+        // come from zero-padded copies and their outputs are not stored (ranks of 3–5 after a
+        // GRIT cut make most tiles ragged).
+        // a: read in place when its columns are contiguous, else copied to [k][m rounded up
+        // to TI] first; a ragged last row of tiles of an in-place a is copied to [k][TI].
+        let m_pad = tiles_i * TI;
         let a_copy: Vec<f32> = if a0 == 1 {
             Vec::new()
         } else {
-            let src = (*a).data as *const f32;
-            (0..k).flat_map(|kk| (0..m).map(move |i| *src.add(i * a0 + kk * a1))).collect()
+            (0..k)
+                .flat_map(|kk| {
+                    (0..m_pad).map(move |i| if i < m { *src_a.add(i * a0 + kk * a1) } else { 0.0 })
+                })
+                .collect()
         };
-        let (ap, lda) = if a0 == 1 { ((*a).data as *const f32, a1) } else { (a_copy.as_ptr(), m) };
-        let bp = (*b).data as *const f32;
-        let cp = (*dst).data as *mut f32;
-        // Output (i, j) of the product: C[i + j·m], or Cᵀ[j + i·n].
-        let at =
-            |i: usize, j: usize| if transposed { cp.add(j + i * n) } else { cp.add(i + j * m) };
-        let (tiles_i, tiles_j) = (m.div_ceil(TI), n.div_ceil(TJ));
-        let (start, end) = thread_share(tiles_i * tiles_j, ith, nth);
+        let (ap, lda) = if a0 == 1 { (src_a, a1) } else { (a_copy.as_ptr(), m_pad) };
+        let i_last = (tiles_i - 1) * TI;
+        let a_tail: Vec<f32> = if a0 == 1 && m % TI != 0 {
+            (0..k)
+                .flat_map(|kk| {
+                    (0..TI).map(move |ii| {
+                        if i_last + ii < m {
+                            *src_a.add(i_last + ii + kk * a1)
+                        } else {
+                            0.0
+                        }
+                    })
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         // b is read in place when it is contiguous along k (a transpose view of u or ∂u), else
         // copied to [n][k] once per thread when small (∂u itself, for ∂A), else (large and
         // strided) TJ rows at a time when the column of tiles changes. With b whole, jobs run
         // along a row of tiles (the k column slices of a just read stay in cache for the next
         // tile: ∂A reads x [d_in, tokens] this way once per thread instead of once per column
         // of tiles); otherwise down a column (the output is written in order; measured
-        // faster for B·u).
+        // faster for B·u). A ragged last column of tiles of an in-place b is copied to [TJ][k].
         let direct = b1 == 1;
         let whole = !direct && (n * k) as i64 <= GATHER_MAX;
         let rows_first = whole;
+        let b_row = |j: usize, kk: usize| if j < n { *bp.add(j * b0 + kk * b1) } else { 0.0 };
         let mut bt: Vec<f32> = if whole {
-            (0..n).flat_map(|j| (0..k).map(move |kk| *bp.add(j * b0 + kk * b1))).collect()
+            (0..tiles_j * TJ).flat_map(|j| (0..k).map(move |kk| b_row(j, kk))).collect()
         } else {
             vec![0f32; if direct { 0 } else { TJ * k }]
         };
+        let j_last = (tiles_j - 1) * TJ;
+        let b_tail: Vec<f32> = if direct && n % TJ != 0 {
+            (j_last..j_last + TJ).flat_map(|j| (0..k).map(move |kk| b_row(j, kk))).collect()
+        } else {
+            Vec::new()
+        };
+        // Output (i, j) of the product: C[i + j·m], or Cᵀ[j + i·n].
+        let at =
+            |i: usize, j: usize| if transposed { cp.add(j + i * n) } else { cp.add(i + j * m) };
+        let (start, end) = thread_share(tiles_i * tiles_j, ith, nth);
         let mut gathered = usize::MAX;
         let mut acc = [[0f32; TI]; TJ];
         for job in start..end {
@@ -264,33 +299,25 @@ unsafe extern "C" fn tiled_kernel(
             let (i0, j0) = (ti * TI, tj * TJ);
             let (ni, nj) = ((m - i0).min(TI), (n - j0).min(TJ));
             if !direct && !whole && gathered != tj {
-                for jj in 0..nj {
+                for jj in 0..TJ {
                     for kk in 0..k {
-                        bt[jj * k + kk] = *bp.add((j0 + jj) * b0 + kk * b1);
+                        bt[jj * k + kk] = b_row(j0 + jj, kk);
                     }
                 }
                 gathered = tj;
             }
-            let (bt, bs) = if direct {
+            let (bt, bs) = if direct && nj < TJ {
+                (b_tail.as_ptr(), k)
+            } else if direct {
                 (bp.add(j0 * b0), b0)
             } else if whole {
                 (bt.as_ptr().add(j0 * k), k)
             } else {
                 (bt.as_ptr(), k)
             };
-            if ni == TI && nj == TJ {
-                tile(ap.add(i0), lda, bt, bs, k, &mut acc);
-            } else {
-                for (jj, row) in acc.iter_mut().enumerate().take(nj) {
-                    for (ii, o) in row.iter_mut().enumerate().take(ni) {
-                        let mut s = 0f32;
-                        for kk in 0..k {
-                            s = madd(*ap.add(kk * lda + i0 + ii), *bt.add(jj * bs + kk), s);
-                        }
-                        *o = s;
-                    }
-                }
-            }
+            let (a_tile, lda) =
+                if a0 == 1 && ni < TI { (a_tail.as_ptr(), TI) } else { (ap.add(i0), lda) };
+            tile(a_tile, lda, bt, bs, k, &mut acc);
             if !transposed && ni == TI {
                 for (jj, out) in acc.iter().enumerate().take(nj) {
                     std::ptr::copy_nonoverlapping(out.as_ptr(), at(i0, j0 + jj), TI);

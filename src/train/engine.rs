@@ -498,6 +498,9 @@ pub fn categorize(n: &crate::ggml::profile::NodeInfo) -> String {
             "frozen matmuls: backward (transient)".into()
         }
         "MUL_MAT" | "OUT_PROD" if lora(s0) || lora(s1) || lora(&n.name) => "LoRA matmuls".into(),
+        "MUL_MAT" if s0.contains(".grit_p") || s1.contains(".grit_p") => {
+            "GRIT preconditioning".into()
+        }
         "OUT_PROD" if s0.ends_with(".q4_1_offsets") => "frozen matmuls: forward".into(),
         "OUT_PROD" if frozen(s0) || output(s0) => {
             "frozen matmuls: backward (stock out_prod)".into()
@@ -538,6 +541,7 @@ mod tests {
             (node("MUL_MAT", "", "output.weight.T", "g"), "output layer: backward"),
             (node("MUL_MAT", "node_5", "blk.3.ffn_up.lora_a", "x"), "LoRA matmuls"),
             (node("MUL_MAT", "kq", "k", "q"), "attention matmuls"),
+            (node("MUL_MAT", "node_6", "blk.3.ffn_up.grit_pb", "g"), "GRIT preconditioning"),
             (node("CUSTOM", "node_7", "blk.3.ffn_up.lora_b (T)", "u"), "LoRA matmuls"),
             (node("CUSTOM", "node_9 (tiled)", "node_4", "node_5"), "LoRA matmuls"),
             (node("CUSTOM", "node_8", "blk.3.ffn_up.q4_1_offsets", "s"), "frozen matmuls: forward"),
