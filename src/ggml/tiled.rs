@@ -229,6 +229,9 @@ unsafe extern "C" fn tiled_kernel(
         let (b0, b1) = ((*b).nb[0] / 4, (*b).nb[1] / 4);
         let (src_a, bp) = ((*a).data as *const f32, (*b).data as *const f32);
         let cp = (*dst).data as *mut f32;
+        if m == 0 || n == 0 {
+            return;
+        }
         let (tiles_i, tiles_j) = (m.div_ceil(TI), n.div_ceil(TJ));
         // Every tile runs the full TI × TJ micro-kernel; rows of a and of b beyond m and n
         // come from zero-padded copies and their outputs are not stored (ranks of 3–5 after a
