@@ -484,14 +484,16 @@ pub fn categorize(n: &crate::ggml::profile::NodeInfo) -> String {
     let lora = |s: &str| s.contains("lora");
     let (s0, s1) = (n.src0_name.as_str(), n.src1_name.as_str());
     let transient = |s: &str| s.ends_with(".T (transient)");
+    // A persistent transposed copy, or a view of one (chunks of the inner dimension).
+    let copy_t = |s: &str| s.ends_with(".T") || s.ends_with(".T (view)");
     match n.op.as_str() {
         "MUL_MAT" if transient(s0) && output(s0) => "output layer: backward".into(),
         "MUL_MAT" if transient(s0) => "frozen matmuls: backward (transient)".into(),
         "CUSTOM" if transient(&n.name) || n.name.ends_with(".q4_0") => {
             "transient dequantization".into()
         }
-        "MUL_MAT" if s0.ends_with(".T") && output(s0) => "output layer: backward".into(),
-        "MUL_MAT" if s0.ends_with(".T") => "frozen matmuls: backward (copies)".into(),
+        "MUL_MAT" if copy_t(s0) && output(s0) => "output layer: backward".into(),
+        "MUL_MAT" if copy_t(s0) => "frozen matmuls: backward (copies)".into(),
         "MUL_MAT" if output(s0) => "output layer: forward".into(),
         "MUL_MAT" if frozen(s0) => "frozen matmuls: forward".into(),
         "MUL_MAT" if n.name.is_empty() || s0.contains("(copy") => {
@@ -539,6 +541,7 @@ mod tests {
             ),
             (node("MUL_MAT", "", "output.weight.amx", "x"), "output layer: forward"),
             (node("MUL_MAT", "", "output.weight.T", "g"), "output layer: backward"),
+            (node("MUL_MAT", "", "output.weight.T (view)", "g (view)"), "output layer: backward"),
             (node("MUL_MAT", "node_5", "blk.3.ffn_up.lora_a", "x"), "LoRA matmuls"),
             (node("MUL_MAT", "kq", "k", "q"), "attention matmuls"),
             (node("MUL_MAT", "node_6", "blk.3.ffn_up.grit_pb", "g"), "GRIT preconditioning"),

@@ -167,6 +167,38 @@ fn tiled_name(node: Tensor<'_>) {
     node.set_name(&format!("{name} (tiled)"));
 }
 
+/// `mul_mat(t [k, m], dy [k, n])` as the products of chunks of `chunk` inner rows (a
+/// multiple of t's block size), whose sum is the product: views of whole blocks of t's rows
+/// and of dy's rows.
+fn inner_chunk_products<'a>(
+    ctx: &'a Context,
+    t: Tensor<'a>,
+    dy: Tensor<'a>,
+    chunk: i64,
+) -> Vec<Tensor<'a>> {
+    let (k, n) = (t.ne()[0], dy.ne()[1]);
+    assert!(
+        chunk % t.ty().block_size() as i64 == 0 && k % t.ty().block_size() as i64 == 0,
+        "inner chunks of {t:?}: {chunk} rows"
+    );
+    let row = |rows: i64| t.ty().row_size(rows as usize).expect("whole blocks");
+    (0..k)
+        .step_by(chunk as usize)
+        .map(|c0| {
+            let c = chunk.min(k - c0);
+            let tc = ctx.view_2d(t, c, t.ne()[1], t.nb()[1], row(c0)); // [c, m]
+            let dyc = ctx.view_2d(dy, c, n, dy.nb()[1], c0 as usize * dy.nb()[0]); // [c, n]
+            ctx.mul_mat(tc, dyc)
+        })
+        .collect()
+}
+
+/// Inner rows per chunk of a frozen backward product split along its inner dimension (see
+/// `Rewriter::inner_chunks`).
+const INNER_CHUNK: i64 = 4096;
+/// Bytes of ∂L/∂y (F32) from which such a product is split.
+const INNER_SPLIT_BYTES: i64 = 64 << 20;
+
 /// Output rows up to which an F32 `mul_mat(w [k, m], x [k, n])` runs on the tiled kernel
 /// (LoRA's u = A·x, m = rank): ggml's matmul kernels reach ~40 GFLOP/s on it here.
 const SHORT_OUTPUT: i64 = 64;
@@ -534,11 +566,19 @@ impl<'a> Rewriter<'_, 'a> {
         match how {
             FrozenGrad::Transposed(t) => {
                 self.stats.persistent += 1;
-                // SAFETY: `node` is an OUT_PROD node of a graph in `ctx` whose result is F32
-                // [d_in, T]; MUL_MAT(wt [d_out, d_in], dy [d_out, T]) has exactly that type and
-                // shape, so rewriting op and sources in place keeps every consumer valid. No
-                // computation holds the graph while it is rebuilt.
-                unsafe { node.rewrite_as_mul_mat(t, dy) };
+                if let Some(parts) = self.inner_chunks(t, dy) {
+                    let (last, rest) = parts.split_last().expect("at least two chunks");
+                    let acc = rest.iter().copied().reduce(|acc, p| self.ctx.add(acc, p));
+                    // SAFETY: Σ_c Wᵀ_c·∂L/∂y_c is F32 [d_in, T] like the node; the graph is not
+                    // allocated while rebuilt.
+                    unsafe { node.rewrite_as_add(acc.expect("at least two chunks"), *last) };
+                } else {
+                    // SAFETY: `node` is an OUT_PROD node of a graph in `ctx` whose result is
+                    // F32 [d_in, T]; MUL_MAT(wt [d_out, d_in], dy [d_out, T]) has exactly that
+                    // type and shape, so rewriting op and sources in place keeps every
+                    // consumer valid. No computation holds the graph while it is rebuilt.
+                    unsafe { node.rewrite_as_mul_mat(t, dy) };
+                }
             }
             FrozenGrad::Transient(ty) => {
                 self.stats.transient += 1;
@@ -546,6 +586,29 @@ impl<'a> Rewriter<'_, 'a> {
             }
         }
         assert_eq!(node.ne()[0], w.ne()[0]);
+    }
+
+    /// The products Wᵀ_c·∂L/∂y_c over chunks c of the inner dimension d_out, when Wᵀ·∂L/∂y
+    /// has a long one and many tokens (the output layer: d_out = the vocabulary): ggml's
+    /// kernels walk the whole inner dimension per output tile, and at 1024 tokens the 8-bit
+    /// copy of ∂L/∂y they make (53 MB) is read from memory for every tile: the output layer's
+    /// backward took 11× its time at 256 tokens on the AVX2 path. In chunks of
+    /// [`INNER_CHUNK`] rows each product's operands stay in cache. CPU only, and only for a
+    /// copy in ggml's row layout (not in a repacking buffer such as AMX's, whose kernels are
+    /// fast there anyway).
+    fn inner_chunks(&self, t: Tensor<'a>, dy: Tensor<'a>) -> Option<Vec<Tensor<'a>>> {
+        let (k, tokens) = (t.ne()[0], dy.ne()[1]);
+        if !self.frozen.cpu_kernels
+            || t.has_backend_extra()
+            || k <= INNER_CHUNK
+            || k * tokens * 4 < INNER_SPLIT_BYTES
+            || k % t.ty().block_size() as i64 != 0
+            || dy.ne()[2] != 1
+            || dy.ne()[3] != 1
+        {
+            return None;
+        }
+        Some(inner_chunk_products(self.ctx, t, dy, INNER_CHUNK))
     }
 
     /// ∂L/∂x = Wᵀ·∂L/∂y with W dequantized and transposed into `ty` inside the backward.
@@ -799,4 +862,44 @@ fn last_dependency(t: Tensor<'_>, index: &HashMap<usize, usize>) -> Option<usize
         }
     }
     best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ggml::{Backend, Capacity};
+
+    /// The chunked product of a Q8_0 Wᵀ (views at whole blocks of its rows, the last chunk
+    /// shorter) equals the product in one piece, up to the order of the sums.
+    #[test]
+    fn inner_chunks_sum_to_the_product() {
+        let mut backend = Backend::cpu(2).unwrap();
+        let (k, m, n) = (320i64, 48i64, 7i64);
+        let ctx = Context::new(Capacity::graph(32, 32, false)).unwrap();
+        let t = ctx.new_tensor(Type::Q8_0, &[k, m]).set_input();
+        let dy = ctx.new_f32("dy", &[k, n]).set_input();
+        let whole = ctx.mul_mat(t, dy).set_output();
+        let parts = inner_chunk_products(&ctx, t, dy, 128);
+        assert_eq!(parts.len(), 3);
+        let sum = parts.into_iter().reduce(|a, p| ctx.add(a, p)).unwrap().set_output();
+        let mut g = ctx.new_graph(32, false);
+        g.build_forward_expand(whole);
+        g.build_forward_expand(sum);
+        let mut c = backend.compute(&g).unwrap();
+        // Q8_0 blocks: an f16 scale, then 32 int8 values.
+        let blocks = (k * m / 32) as usize;
+        let mut bytes = Vec::with_capacity(blocks * 34);
+        for b in 0..blocks {
+            bytes.extend_from_slice(&half::f16::from_f32(0.01 + b as f32 * 1e-4).to_le_bytes());
+            bytes.extend((0..32).map(|i| ((b * 31 + i * 7) % 255) as u8));
+        }
+        c.write_bytes(t, &bytes).unwrap();
+        let v: Vec<f32> = (0..k * n).map(|i| ((i * 13 % 97) as f32 / 97.0) - 0.5).collect();
+        c.write_f32(dy, &v).unwrap();
+        c.run().unwrap();
+        let (x, y) = (c.read_f32(whole).unwrap(), c.read_f32(sum).unwrap());
+        let scale = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let err = x.iter().zip(&y).fold(0f32, |a, (p, q)| a.max((p - q).abs()));
+        assert!(scale > 0.1 && err < 1e-5 * scale, "max |Δ| {err} at scale {scale}");
+    }
 }
