@@ -238,33 +238,16 @@ unsafe extern "C" fn tiled_kernel(
         // GRIT cut make most tiles ragged).
         // a: read in place when its columns are contiguous, else copied to [k][m rounded up
         // to TI] first; a ragged last row of tiles of an in-place a is copied to [k][TI].
+        // Rows i0..i0 + rows of a as [k][rows], zero beyond m.
+        let a_at = |i: usize, kk: usize| if i < m { *src_a.add(i * a0 + kk * a1) } else { 0.0 };
+        let copy_a = |i0: usize, rows: usize| -> Vec<f32> {
+            (0..k).flat_map(|kk| (0..rows).map(move |ii| a_at(i0 + ii, kk))).collect()
+        };
         let m_pad = tiles_i * TI;
-        let a_copy: Vec<f32> = if a0 == 1 {
-            Vec::new()
-        } else {
-            (0..k)
-                .flat_map(|kk| {
-                    (0..m_pad).map(move |i| if i < m { *src_a.add(i * a0 + kk * a1) } else { 0.0 })
-                })
-                .collect()
-        };
+        let a_copy = if a0 == 1 { Vec::new() } else { copy_a(0, m_pad) };
         let (ap, lda) = if a0 == 1 { (src_a, a1) } else { (a_copy.as_ptr(), m_pad) };
-        let i_last = (tiles_i - 1) * TI;
-        let a_tail: Vec<f32> = if a0 == 1 && m % TI != 0 {
-            (0..k)
-                .flat_map(|kk| {
-                    (0..TI).map(move |ii| {
-                        if i_last + ii < m {
-                            *src_a.add(i_last + ii + kk * a1)
-                        } else {
-                            0.0
-                        }
-                    })
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let a_tail =
+            if a0 == 1 && m % TI != 0 { copy_a((tiles_i - 1) * TI, TI) } else { Vec::new() };
         // b is read in place when it is contiguous along k (a transpose view of u or ∂u), else
         // copied to [n][k] once per thread when small (∂u itself, for ∂A), else (large and
         // strided) TJ rows at a time when the column of tiles changes. With b whole, jobs run
@@ -276,17 +259,17 @@ unsafe extern "C" fn tiled_kernel(
         let whole = !direct && (n * k) as i64 <= GATHER_MAX;
         let rows_first = whole;
         let b_row = |j: usize, kk: usize| if j < n { *bp.add(j * b0 + kk * b1) } else { 0.0 };
-        let mut bt: Vec<f32> = if whole {
-            (0..tiles_j * TJ).flat_map(|j| (0..k).map(move |kk| b_row(j, kk))).collect()
+        // Rows j0..j0 + rows of b as [rows][k], zero beyond n.
+        let copy_b = |j0: usize, rows: usize| -> Vec<f32> {
+            (j0..j0 + rows).flat_map(|j| (0..k).map(move |kk| b_row(j, kk))).collect()
+        };
+        let mut bt = if whole {
+            copy_b(0, tiles_j * TJ)
         } else {
             vec![0f32; if direct { 0 } else { TJ * k }]
         };
-        let j_last = (tiles_j - 1) * TJ;
-        let b_tail: Vec<f32> = if direct && n % TJ != 0 {
-            (j_last..j_last + TJ).flat_map(|j| (0..k).map(move |kk| b_row(j, kk))).collect()
-        } else {
-            Vec::new()
-        };
+        let b_tail =
+            if direct && n % TJ != 0 { copy_b((tiles_j - 1) * TJ, TJ) } else { Vec::new() };
         // Output (i, j) of the product: C[i + j·m], or Cᵀ[j + i·n].
         let at =
             |i: usize, j: usize| if transposed { cp.add(j + i * n) } else { cp.add(i + j * m) };

@@ -51,7 +51,7 @@ pub struct FrozenMap<'a> {
     /// the product (CPU kernels; `--weight-copies none`): weight → its resident offsets Cᵀ.
     transient_split: HashMap<usize, Tensor<'a>>,
     /// The graph runs on the CPU backend: products with a small inner dimension run on the
-    /// small-k kernel (see [`small_inner`]).
+    /// tiled kernel where the build has one (see [`small_inner`]).
     pub cpu_kernels: bool,
     /// With `cpu_kernels`: fuse attention (see [`super::attention`]). Default on.
     pub fuse_attention: bool,
@@ -79,7 +79,8 @@ impl<'a> FrozenMap<'a> {
     }
     /// Computes `w·x` as `w0·x + C·s` wherever the forward multiplies by `w`, with s the sums
     /// of x over blocks of 32 inputs: `w0` has w's shape, `ct` = Cᵀ is F32 [d_out, d_in/32]
-    /// (C·s is a small-k product over the d_in/32 blocks, see [`small_inner`]).
+    /// (C·s is a product with a small inner dimension, the d_in/32 blocks, see
+    /// [`small_inner`]).
     pub fn insert_forward_split(&mut self, w: Tensor<'a>, w0: Tensor<'a>, ct: Tensor<'a>) {
         let ne = w.ne();
         assert!(
@@ -145,7 +146,7 @@ fn transposed<'a>(ctx: &'a Context, t: Tensor<'a>, cpu: bool) -> Tensor<'a> {
     tt.set_name(&format!("{name} (T)"))
 }
 
-/// Inner dimensions up to which a product runs on the small-k kernel on the CPU (ggml's
+/// Inner dimensions up to which a product runs on the tiled kernel on the CPU (ggml's
 /// out_prod was 1.3–1.4× faster than its matmul kernel at 48, `bench/small_k.rs`).
 const SMALL_INNER: i64 = 48;
 
@@ -160,22 +161,36 @@ fn small_inner(k: i64, m: i64) -> bool {
     k <= SMALL_INNER && m >= 64
 }
 
-/// Marks a node rewritten onto the tiled kernel in its name (for `--profile`, which sorts
-/// the products by the names they read and would otherwise see a custom op).
-fn tiled_name(node: Tensor<'_>) {
-    let name: String = node.name().chars().take(48).collect();
-    node.set_name(&format!("{name} (tiled)"));
+/// Turns `node` (F32 [m, n], an OUT_PROD of the frozen backward) into Σ_i mul_mat(a_i, b_i)
+/// over `parts` (each product F32 [m, n]): MUL_MAT itself for one part, else ADD(Σ earlier
+/// parts, last part).
+fn rewrite_as_sum_of_products<'a>(
+    ctx: &'a Context,
+    node: Tensor<'a>,
+    mut parts: Vec<(Tensor<'a>, Tensor<'a>)>,
+) {
+    let (last_a, last_b) = parts.pop().expect("at least one part");
+    let acc = parts.into_iter().map(|(a, b)| ctx.mul_mat(a, b)).reduce(|acc, p| ctx.add(acc, p));
+    // SAFETY: `node` is an OUT_PROD node of a graph in `ctx` whose result is F32 [m, n]; each
+    // product and their sum have exactly that type and shape, so rewriting op and sources in
+    // place keeps every consumer valid. No computation holds the graph while it is rebuilt.
+    unsafe {
+        match acc {
+            None => node.rewrite_as_mul_mat(last_a, last_b),
+            Some(acc) => node.rewrite_as_add(acc, ctx.mul_mat(last_a, last_b)),
+        }
+    }
 }
 
-/// `mul_mat(t [k, m], dy [k, n])` as the products of chunks of `chunk` inner rows (a
-/// multiple of t's block size), whose sum is the product: views of whole blocks of t's rows
-/// and of dy's rows.
+/// The operands of `mul_mat(t [k, m], dy [k, n])` in chunks of `chunk` inner rows (a
+/// multiple of t's block size), whose products sum to the product: views of whole blocks of
+/// t's rows and of dy's rows.
 fn inner_chunk_products<'a>(
     ctx: &'a Context,
     t: Tensor<'a>,
     dy: Tensor<'a>,
     chunk: i64,
-) -> Vec<Tensor<'a>> {
+) -> Vec<(Tensor<'a>, Tensor<'a>)> {
     let (k, n) = (t.ne()[0], dy.ne()[1]);
     assert!(
         chunk % t.ty().block_size() as i64 == 0 && k % t.ty().block_size() as i64 == 0,
@@ -188,7 +203,7 @@ fn inner_chunk_products<'a>(
             let c = chunk.min(k - c0);
             let tc = ctx.view_2d(t, c, t.ne()[1], t.nb()[1], row(c0)); // [c, m]
             let dyc = ctx.view_2d(dy, c, n, dy.nb()[1], c0 as usize * dy.nb()[0]); // [c, n]
-            ctx.mul_mat(tc, dyc)
+            (tc, dyc)
         })
         .collect()
 }
@@ -477,42 +492,40 @@ impl<'a> Rewriter<'_, 'a> {
             self.frozen.transient_split.get(&(w.raw() as usize)).filter(|_| cpu)
         {
             self.split_forward(node, x, self.ctx.q4_1_split_q4_0(w), c);
-        } else if cpu && flat(w) && flat(x) && flat(node) && small_inner(w.ne()[0], w.ne()[1]) {
-            // LoRA's B·u and the like: a small-k product (see `small_inner`).
+        } else if cpu
+            && flat(w)
+            && flat(x)
+            && flat(node)
+            && (small_inner(w.ne()[0], w.ne()[1]) || tiled::TILED_SIMD && w.ne()[1] <= SHORT_OUTPUT)
+        {
+            // LoRA's B·u and the like (a small inner dimension, see `small_inner`) and LoRA's
+            // u = A·x (few outputs per token, the rank, and a long inner dimension). On the
+            // tiled kernel wᵀ is read through a view (the kernel copies it per thread: no
+            // small copy for the graph to keep) and x in place.
             let xt = self.ctx.transpose(x); // [n, k]
             if tiled::TILED_SIMD && w.ne()[0] * w.ne()[1] <= tiled::GATHER_MAX {
-                // wᵀ read through a view (the kernel copies it per thread: no small copy
-                // for the graph to keep).
-                let prod = self.ctx.out_prod_tiled(self.ctx.transpose(w), xt);
-                // SAFETY: Σ_k wᵀ[:, k]·x[k, :] is F32 [m, n] like the node; the graph is not
-                // allocated while rebuilt.
-                unsafe { node.rewrite_as_copy_of(prod) };
-                tiled_name(node);
-            } else {
+                // Σ_k wᵀ[:, k]·x[k, :] is F32 [m, n] like the node.
+                self.rewrite_tiled(node, self.ctx.out_prod_tiled(self.ctx.transpose(w), xt));
+            } else if small_inner(w.ne()[0], w.ne()[1]) {
                 let wt = self.transpose_of(w); // [m, k]
                                                // SAFETY: OUT_PROD(wᵀ [m, k], xᵀ [n, k]) is F32 [m, n] like the node; the
                                                // graph is not allocated while rebuilt.
                 unsafe { node.rewrite_as_out_prod(wt, xt) };
+                self.stats.outer += 1;
             }
-            self.stats.outer += 1;
-        } else if cpu
-            && tiled::TILED_SIMD
-            && flat(w)
-            && flat(x)
-            && flat(node)
-            && w.ne()[1] <= SHORT_OUTPUT
-            && w.ne()[0] * w.ne()[1] <= tiled::GATHER_MAX
-        {
-            // LoRA's u = A·x: few outputs per token (the rank), a long inner dimension; the
-            // tiled kernel with Aᵀ (small, copied per thread) as the left factor, x read in
-            // place.
-            let prod = self.ctx.out_prod_tiled(self.ctx.transpose(w), self.ctx.transpose(x));
-            // SAFETY: Σ_k wᵀ[:, k]·x[k, :] is F32 [m, n] like the node; the graph is not
-            // allocated while rebuilt.
-            unsafe { node.rewrite_as_copy_of(prod) };
-            tiled_name(node);
-            self.stats.outer += 1;
         }
+    }
+
+    /// Turns `node` into a copy of `prod`, a tiled-kernel node of its type and shape, and
+    /// marks the name (`--profile` sorts products by the names they read and would otherwise
+    /// see a custom op).
+    fn rewrite_tiled(&mut self, node: Tensor<'a>, prod: Tensor<'a>) {
+        // SAFETY: callers pass a product with the node's values, type and shape; the graph is
+        // not allocated while rebuilt.
+        unsafe { node.rewrite_as_copy_of(prod) };
+        let name: String = node.name().chars().take(48).collect();
+        node.set_name(&format!("{name} (tiled)"));
+        self.stats.outer += 1;
     }
 
     /// `W·x` as `W₀·x + C·s` for a 2-D x (see [`FrozenMap::insert_forward_split`]).
@@ -566,19 +579,9 @@ impl<'a> Rewriter<'_, 'a> {
         match how {
             FrozenGrad::Transposed(t) => {
                 self.stats.persistent += 1;
-                if let Some(parts) = self.inner_chunks(t, dy) {
-                    let (last, rest) = parts.split_last().expect("at least two chunks");
-                    let acc = rest.iter().copied().reduce(|acc, p| self.ctx.add(acc, p));
-                    // SAFETY: Σ_c Wᵀ_c·∂L/∂y_c is F32 [d_in, T] like the node; the graph is not
-                    // allocated while rebuilt.
-                    unsafe { node.rewrite_as_add(acc.expect("at least two chunks"), *last) };
-                } else {
-                    // SAFETY: `node` is an OUT_PROD node of a graph in `ctx` whose result is
-                    // F32 [d_in, T]; MUL_MAT(wt [d_out, d_in], dy [d_out, T]) has exactly that
-                    // type and shape, so rewriting op and sources in place keeps every
-                    // consumer valid. No computation holds the graph while it is rebuilt.
-                    unsafe { node.rewrite_as_mul_mat(t, dy) };
-                }
+                // Wᵀ·∂L/∂y, in one piece or as Σ_c Wᵀ_c·∂L/∂y_c.
+                let parts = self.inner_chunks(t, dy).unwrap_or_else(|| vec![(t, dy)]);
+                rewrite_as_sum_of_products(self.ctx, node, parts);
             }
             FrozenGrad::Transient(ty) => {
                 self.stats.transient += 1;
@@ -596,7 +599,7 @@ impl<'a> Rewriter<'_, 'a> {
     /// [`INNER_CHUNK`] rows each product's operands stay in cache. CPU only, and only for a
     /// copy in ggml's row layout (not in a repacking buffer such as AMX's, whose kernels are
     /// fast there anyway).
-    fn inner_chunks(&self, t: Tensor<'a>, dy: Tensor<'a>) -> Option<Vec<Tensor<'a>>> {
+    fn inner_chunks(&self, t: Tensor<'a>, dy: Tensor<'a>) -> Option<Vec<(Tensor<'a>, Tensor<'a>)>> {
         let (k, tokens) = (t.ne()[0], dy.ne()[1]);
         if !self.frozen.cpu_kernels
             || t.has_backend_extra()
@@ -657,17 +660,7 @@ impl<'a> Rewriter<'_, 'a> {
             parts.push((wt, dyc));
             r0 += n;
         }
-        let (last_w, last_dy) = parts.pop().expect("at least one chunk");
-        let acc =
-            parts.into_iter().map(|(a, b)| ctx.mul_mat(a, b)).reduce(|acc, p| ctx.add(acc, p));
-        // SAFETY: as in `frozen_input_grad`; with chunks the node becomes ADD(Σ earlier
-        // chunks, last chunk), F32 [d_in, T] as well.
-        unsafe {
-            match acc {
-                None => node.rewrite_as_mul_mat(last_w, last_dy),
-                Some(acc) => node.rewrite_as_add(acc, ctx.mul_mat(last_w, last_dy)),
-            }
-        }
+        rewrite_as_sum_of_products(ctx, node, parts);
     }
 
     /// The remaining OUT_PROD nodes (LoRA's weight gradients, attention's batched products)
@@ -697,12 +690,9 @@ impl<'a> Rewriter<'_, 'a> {
                 None
             };
             if let Some(prod) = prod {
-                // SAFETY: the same sum as the node's out_prod, F32 [n, p] (the transposed form
-                // writes (Σ_k b[:, k]·a[:, k]ᵀ)ᵀ, the same values); the graph is not allocated
-                // while rebuilt.
-                unsafe { node.rewrite_as_copy_of(prod) };
-                tiled_name(node);
-                self.stats.outer += 1;
+                // The same sum as the node's out_prod, F32 [n, p] (the transposed form writes
+                // (Σ_k b[:, k]·a[:, k]ᵀ)ᵀ, the same values).
+                self.rewrite_tiled(node, prod);
                 return;
             }
         }
@@ -881,7 +871,8 @@ mod tests {
         let whole = ctx.mul_mat(t, dy).set_output();
         let parts = inner_chunk_products(&ctx, t, dy, 128);
         assert_eq!(parts.len(), 3);
-        let sum = parts.into_iter().reduce(|a, p| ctx.add(a, p)).unwrap().set_output();
+        let products = parts.into_iter().map(|(a, b)| ctx.mul_mat(a, b));
+        let sum = products.reduce(|a, p| ctx.add(a, p)).unwrap().set_output();
         let mut g = ctx.new_graph(32, false);
         g.build_forward_expand(whole);
         g.build_forward_expand(sum);
